@@ -1,0 +1,783 @@
+//! The emulated guest_memfd: in-place shared/private conversion on any Linux.
+//!
+//! Memory is one sparse memfd. The attributes belong to the file ([`AttributeStore`]), so
+//! they survive punch-hole and outlive any mapping. Host mappings are `MAP_SHARED` views of
+//! the memfd in which private pages are *revoked*: any access raises a real SIGBUS, delivered by
+//! the kernel, with no signal handler installed by gmem. Two revocation mechanisms exist (see
+//! DESIGN.md for the measurements that chose between them):
+//!
+//! - [`Revocation::Poison`] (default): every mapping is registered with the file's userfaultfd
+//!   in write-protect mode, which produces no missing/minor events (so there is no service
+//!   thread and a fresh or re-shared page faults in like any shmem page). To-private zaps the
+//!   PTEs (`MADV_DONTNEED`) and installs `UFFDIO_POISON` markers; to-shared zaps the markers
+//!   (`MADV_DONTNEED`). Markers survive punch-hole and split no VMA, so the worst-case
+//!   alternating pattern over 1 GiB costs no `vm.max_map_count` entries.
+//! - [`Revocation::Remap`] (fallback when userfaultfd is unavailable): private runs are
+//!   replaced by `MAP_FIXED` mappings of an empty memfd (an access past its end is SIGBUS) and
+//!   re-mapped to the memory file when shared. One VMA per run, so bounded by
+//!   `vm.max_map_count`.
+//!
+//! The guest's view is an internal full mapping of the memfd that sees private and shared pages
+//! alike; it is reachable only inside the crate (memslots, the conformance suite's guest).
+//!
+//! Locking: [`State`] sits behind one `RwLock`, the kernel's invalidate lock. Conversion and
+//! punch-hole take it exclusively; safe accessors, guest accesses and pins take it shared.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::attributes::AttributeStore;
+use crate::backend::{BackendKind, GuestMemfd, GuestMemfdBackend, GuestMemfdStat, PinGuard};
+use crate::error::{AccessError, Errno, KernelResult};
+use crate::mapping::{HostMapping, MapKind, MappingRegistry};
+use crate::sys::{self, Mmap, PoisonError, PoisonFd, PAGE_SIZE};
+use crate::uapi::{
+    flag_names, kvm_memory_attributes2, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
+    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_MEMORY_ATTRIBUTE_PRIVATE,
+};
+
+/// The flags the emulated backend accepts.
+pub const EMULATED_SUPPORTED_FLAGS: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+
+/// How private pages are made inaccessible in host mappings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Revocation {
+    /// Poison markers if userfaultfd is available, else remapping.
+    #[default]
+    Auto,
+    /// userfaultfd (write-protect registration) + `UFFDIO_POISON`.
+    Poison,
+    /// `MAP_FIXED` of an empty memfd over private runs.
+    Remap,
+}
+
+impl Revocation {
+    /// The mechanism's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Revocation::Auto => "auto",
+            Revocation::Poison => "poison",
+            Revocation::Remap => "remap",
+        }
+    }
+}
+
+/// Options of the emulated backend.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EmulatedOptions {
+    /// Revocation mechanism for private pages in host mappings.
+    pub revocation: Revocation,
+}
+
+/// The emulated backend: creates [`EmulatedGuestMemfd`] files.
+#[derive(Debug, Clone, Default)]
+pub struct EmulatedBackend {
+    options: EmulatedOptions,
+}
+
+impl EmulatedBackend {
+    /// A backend with these options.
+    pub fn new(options: EmulatedOptions) -> Self {
+        EmulatedBackend { options }
+    }
+}
+
+impl GuestMemfdBackend for EmulatedBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Emulated
+    }
+
+    fn supported_flags(&self) -> u64 {
+        EMULATED_SUPPORTED_FLAGS
+    }
+
+    fn conversion_support(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn create(&self, size: u64, flags: u64) -> KernelResult<Arc<dyn GuestMemfd>> {
+        Ok(Arc::new(EmulatedGuestMemfd::create_with(
+            size,
+            flags,
+            self.options,
+        )?))
+    }
+}
+
+enum Mechanism {
+    Poison(PoisonFd),
+    Remap { hole: OwnedFd },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct MappingEntry {
+    id: u64,
+    addr: usize,
+    len: usize,
+    file_offset: u64,
+}
+
+impl MappingEntry {
+    /// The part of file range `[start, end)` this mapping covers, as (address, length).
+    fn window(&self, start: u64, end: u64) -> Option<(*mut u8, usize)> {
+        let m_end = self.file_offset + self.len as u64;
+        let (s, e) = (start.max(self.file_offset), end.min(m_end));
+        if s >= e {
+            return None;
+        }
+        // Both differences are below `self.len`, a usize.
+        #[allow(clippy::cast_possible_truncation)]
+        let (off, len) = ((s - self.file_offset) as usize, (e - s) as usize);
+        Some(((self.addr + off) as *mut u8, len))
+    }
+}
+
+struct State {
+    attrs: AttributeStore,
+    mappings: Vec<MappingEntry>,
+}
+
+/// Pins: id → page ranges still attached to the file (punch-hole detaches pages).
+type Pins = BTreeMap<u64, Vec<(u64, u64)>>;
+
+struct Inner {
+    memfd: OwnedFd,
+    size: u64,
+    flags: u64,
+    ino: u64,
+    mechanism: Mechanism,
+    state: RwLock<State>,
+    pins: Mutex<Pins>,
+    next_id: AtomicI64,
+    guest_view: OnceLock<Result<Mmap, Errno>>,
+    /// Fault injection: the number of mapping operations that may still succeed (< 0: off).
+    fail_after: AtomicI64,
+}
+
+/// One emulated guest_memfd file. Cloning gives another handle to the same file.
+#[derive(Clone)]
+pub struct EmulatedGuestMemfd {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for EmulatedGuestMemfd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmulatedGuestMemfd")
+            .field("size", &self.inner.size)
+            .field("flags", &flag_names(self.inner.flags))
+            .field("revocation", &self.revocation())
+            .finish()
+    }
+}
+
+fn pages(offset: u64, len: u64) -> (u64, u64) {
+    (
+        offset / PAGE_SIZE,
+        offset.saturating_add(len).div_ceil(PAGE_SIZE),
+    )
+}
+
+impl EmulatedGuestMemfd {
+    /// `KVM_CREATE_GUEST_MEMFD(size, flags)` with default options.
+    pub fn create(size: u64, flags: u64) -> KernelResult<Self> {
+        Self::create_with(size, flags, EmulatedOptions::default())
+    }
+
+    /// `KVM_CREATE_GUEST_MEMFD(size, flags)`: EINVAL for a zero, unaligned or negative size
+    /// and for any flag outside [`EMULATED_SUPPORTED_FLAGS`].
+    pub fn create_with(size: u64, flags: u64, options: EmulatedOptions) -> KernelResult<Self> {
+        if flags & !EMULATED_SUPPORTED_FLAGS != 0 {
+            return Err(Errno::EINVAL);
+        }
+        if size == 0 || size % PAGE_SIZE != 0 || i64::try_from(size).is_err() {
+            return Err(Errno::EINVAL);
+        }
+        let memfd = sys::memfd_create(c"gmem")?;
+        sys::ftruncate(memfd.as_fd(), size).map_err(|e| {
+            if e == Errno(libc::EFBIG) {
+                Errno::EINVAL
+            } else {
+                e
+            }
+        })?;
+        let ino = sys::fstat(memfd.as_fd())?.st_ino;
+        let mechanism = match options.revocation {
+            Revocation::Poison => Mechanism::Poison(PoisonFd::new()?),
+            Revocation::Remap => Mechanism::Remap {
+                hole: sys::memfd_create(c"gmem-hole")?,
+            },
+            Revocation::Auto => match PoisonFd::new() {
+                Ok(p) => Mechanism::Poison(p),
+                Err(_) => Mechanism::Remap {
+                    hole: sys::memfd_create(c"gmem-hole")?,
+                },
+            },
+        };
+        let private = flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0;
+        Ok(EmulatedGuestMemfd {
+            inner: Arc::new(Inner {
+                memfd,
+                size,
+                flags,
+                ino,
+                mechanism,
+                state: RwLock::new(State {
+                    attrs: AttributeStore::new(size / PAGE_SIZE, private),
+                    mappings: Vec::new(),
+                }),
+                pins: Mutex::new(BTreeMap::new()),
+                next_id: AtomicI64::new(1),
+                guest_view: OnceLock::new(),
+                fail_after: AtomicI64::new(-1),
+            }),
+        })
+    }
+
+    /// The revocation mechanism in use.
+    pub fn revocation(&self) -> Revocation {
+        match self.inner.mechanism {
+            Mechanism::Poison(_) => Revocation::Poison,
+            Mechanism::Remap { .. } => Revocation::Remap,
+        }
+    }
+
+    /// Bytes of metadata the file keeps for its attributes.
+    pub fn metadata_bytes(&self) -> usize {
+        self.read_state().attrs.metadata_bytes()
+    }
+
+    /// Number of runs of equal attributes.
+    pub fn fragments(&self) -> usize {
+        self.read_state().attrs.fragments()
+    }
+
+    /// Testing hook: after `ops` more successful host-mapping operations (revoke or restore
+    /// of one run in one mapping), the next one fails with ENOMEM, as if the kernel refused
+    /// the mapping change. Lets a test drive the ENOMEM path of `set_attributes`.
+    #[doc(hidden)]
+    pub fn inject_mapping_failure(&self, ops: u32) {
+        self.inner
+            .fail_after
+            .store(i64::from(ops), Ordering::SeqCst);
+    }
+
+    /// The memory file (for binding the guest's view as a memslot).
+    pub(crate) fn memfd(&self) -> &OwnedFd {
+        &self.inner.memfd
+    }
+
+    /// The guest's view: a full mapping of the file in which private pages are accessible.
+    pub(crate) fn guest_view(&self) -> KernelResult<&Mmap> {
+        let view = self.inner.guest_view.get_or_init(|| {
+            let len = usize::try_from(self.inner.size).map_err(|_| Errno::ENOMEM)?;
+            Mmap::new(
+                Some(self.inner.memfd.as_fd()),
+                0,
+                len,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+            )
+        });
+        view.as_ref().map_err(|e| *e)
+    }
+
+    /// A guest read through the guest's view (private and shared pages alike).
+    pub(crate) fn guest_read(&self, offset: u64, buf: &mut [u8]) -> KernelResult<()> {
+        let view = self.guest_view()?;
+        let off = self.guest_range(offset, buf.len())?;
+        let _lock = self.read_state();
+        // SAFETY: the range is inside the guest view (checked), which lives as long as self.
+        unsafe {
+            crate::mapping::volatile_copy(view.as_ptr().add(off), buf.as_mut_ptr(), buf.len())
+        };
+        Ok(())
+    }
+
+    /// A guest write through the guest's view.
+    pub(crate) fn guest_write(&self, offset: u64, data: &[u8]) -> KernelResult<()> {
+        let view = self.guest_view()?;
+        let off = self.guest_range(offset, data.len())?;
+        let _lock = self.read_state();
+        // SAFETY: as in `guest_read`.
+        unsafe { crate::mapping::volatile_copy(data.as_ptr(), view.as_ptr().add(off), data.len()) };
+        Ok(())
+    }
+
+    fn guest_range(&self, offset: u64, len: usize) -> KernelResult<usize> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.inner.size => {
+                usize::try_from(offset).map_err(|_| Errno::EFAULT)
+            }
+            _ => Err(Errno::EFAULT),
+        }
+    }
+
+    fn read_state(&self) -> RwLockReadGuard<'_, State> {
+        self.inner
+            .state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write_state(&self) -> RwLockWriteGuard<'_, State> {
+        self.inner
+            .state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The first pinned page in `[first, end)`.
+    fn first_pinned(&self, first: u64, end: u64) -> Option<u64> {
+        let pins = self
+            .inner
+            .pins
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        pins.values()
+            .flatten()
+            .filter(|(s, e)| *s < end && *e > first)
+            .map(|(s, _)| (*s).max(first))
+            .min()
+    }
+
+    fn injected_failure(&self) -> KernelResult<()> {
+        let left = self.inner.fail_after.load(Ordering::SeqCst);
+        if left < 0 {
+            return Ok(());
+        }
+        if left == 0 {
+            self.inner.fail_after.store(-1, Ordering::SeqCst);
+            return Err(Errno::ENOMEM);
+        }
+        self.inner.fail_after.store(left - 1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Makes file range `[start, end)` (bytes) inaccessible in mapping `m`.
+    fn revoke(&self, m: &MappingEntry, start: u64, end: u64) -> KernelResult<()> {
+        let Some((addr, len)) = m.window(start, end) else {
+            return Ok(());
+        };
+        self.injected_failure()?;
+        match &self.inner.mechanism {
+            Mechanism::Poison(uffd) => {
+                let mut done = 0usize;
+                let mut contended = 0u32;
+                while done < len {
+                    // SAFETY: the window lies inside a live registered mapping (entries are
+                    // removed before unmap, under the lock we hold).
+                    let at = unsafe { addr.add(done) };
+                    // SAFETY: as above.
+                    unsafe { sys::madvise_raw(at, len - done, libc::MADV_DONTNEED)? };
+                    match uffd.poison(at, len - done) {
+                        Ok(()) => break,
+                        // A concurrent access re-faulted a page between the zap and the
+                        // marker: zap again from there.
+                        Err(PoisonError::Exists { done: d }) => {
+                            done += usize::try_from(d).map_err(|_| Errno::EFAULT)?;
+                            contended += 1;
+                            if contended > 10_000 {
+                                return Err(Errno::EAGAIN);
+                            }
+                        }
+                        Err(PoisonError::Failed(e)) => return Err(e),
+                    }
+                }
+                Ok(())
+            }
+            Mechanism::Remap { hole } => {
+                // SAFETY: the window lies inside a live registered mapping.
+                unsafe { sys::mmap_fixed_raw(addr, len, hole.as_fd(), 0) }
+            }
+        }
+    }
+
+    /// Makes file range `[start, end)` (bytes) accessible again in mapping `m`.
+    fn restore(&self, m: &MappingEntry, start: u64, end: u64) -> KernelResult<()> {
+        let Some((addr, len)) = m.window(start, end) else {
+            return Ok(());
+        };
+        self.injected_failure()?;
+        match &self.inner.mechanism {
+            // SAFETY: the window lies inside a live registered mapping; DONTNEED on a shared
+            // mapping drops PTEs and markers only, never file contents.
+            Mechanism::Poison(_) => unsafe { sys::madvise_raw(addr, len, libc::MADV_DONTNEED) },
+            Mechanism::Remap { .. } => {
+                let file_off = start.max(m.file_offset);
+                // SAFETY: the window lies inside a live registered mapping.
+                unsafe { sys::mmap_fixed_raw(addr, len, self.inner.memfd.as_fd(), file_off) }
+            }
+        }
+    }
+
+    /// Applies `op` to every run in every mapping; on failure, undoes what was done with
+    /// `undo` and returns the error.
+    fn apply_all(
+        &self,
+        st: &State,
+        runs: &[(u64, u64)],
+        op: fn(&Self, &MappingEntry, u64, u64) -> KernelResult<()>,
+        undo: fn(&Self, &MappingEntry, u64, u64) -> KernelResult<()>,
+    ) -> KernelResult<()> {
+        for (i, m) in st.mappings.iter().enumerate() {
+            for (j, &(s, e)) in runs.iter().enumerate() {
+                if let Err(err) = op(self, m, s, e) {
+                    // Roll back: every run of the mappings before this one, and this
+                    // mapping's runs up to and including the failed one (which may be half
+                    // done). Best effort: a failing undo leaves the page revoked, never
+                    // exposed, for to-private.
+                    for done in &st.mappings[..i] {
+                        for &(s, e) in runs {
+                            let _ = undo(self, done, s, e);
+                        }
+                    }
+                    for &(s, e) in &runs[..=j] {
+                        let _ = undo(self, m, s, e);
+                    }
+                    return Err(err);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_attributes(&self, a: &kvm_memory_attributes2) -> KernelResult<()> {
+        // kernel-spec §2.3, in order. Steps 1 (ENOTTY) and 2 (EFAULT) cannot happen here.
+        if a.flags != 0 || a.reserved.iter().any(|&r| r != 0) {
+            return Err(Errno::EINVAL);
+        }
+        if a.attributes & !KVM_MEMORY_ATTRIBUTE_PRIVATE != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let end = match a.offset.checked_add(a.size) {
+            Some(end) if a.size != 0 => end,
+            _ => return Err(Errno::EINVAL),
+        };
+        if a.offset % PAGE_SIZE != 0 || a.size % PAGE_SIZE != 0 {
+            return Err(Errno::EINVAL);
+        }
+        if a.offset >= self.inner.size || end > self.inner.size {
+            return Err(Errno::EINVAL);
+        }
+        Ok(())
+    }
+
+    fn register_mapping(&self, map: &Mmap, file_offset: u64) -> KernelResult<u64> {
+        let mut st = self.write_state();
+        let id = u64::try_from(self.inner.next_id.fetch_add(1, Ordering::Relaxed))
+            .map_err(|_| Errno::ENOMEM)?;
+        let entry = MappingEntry {
+            id,
+            addr: map.as_ptr() as usize,
+            len: map.len(),
+            file_offset,
+        };
+        if let Mechanism::Poison(uffd) = &self.inner.mechanism {
+            uffd.register(map.as_ptr(), map.len())?;
+        }
+        let file_end = file_offset
+            .saturating_add(map.len() as u64)
+            .min(self.inner.size);
+        let (first, end) = pages(file_offset, file_end.saturating_sub(file_offset));
+        for (s, e, private) in st.attrs.runs(first, end) {
+            if private {
+                self.revoke(&entry, s * PAGE_SIZE, e * PAGE_SIZE)?;
+            }
+        }
+        st.mappings.push(entry);
+        Ok(id)
+    }
+}
+
+impl MappingRegistry for Inner {
+    fn unregister(&self, id: u64) {
+        let mut st = self
+            .state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        st.mappings.retain(|m| m.id != id);
+    }
+}
+
+struct PinHold {
+    inner: Arc<Inner>,
+    id: u64,
+}
+
+impl Drop for PinHold {
+    fn drop(&mut self) {
+        let mut pins = self
+            .inner
+            .pins
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        pins.remove(&self.id);
+    }
+}
+
+impl GuestMemfd for EmulatedGuestMemfd {
+    fn backend(&self) -> BackendKind {
+        BackendKind::Emulated
+    }
+
+    fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    fn flags(&self) -> u64 {
+        self.inner.flags
+    }
+
+    fn stat(&self) -> KernelResult<GuestMemfdStat> {
+        Ok(GuestMemfdStat {
+            size: self.inner.size,
+            blksize: PAGE_SIZE,
+            ino: self.inner.ino,
+        })
+    }
+
+    fn set_attributes(&self, a: &mut kvm_memory_attributes2) -> KernelResult<()> {
+        self.validate_attributes(a)?;
+        let to_private = a.attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0;
+        let (first, end) = pages(a.offset, a.size);
+        let mut st = self.write_state();
+        // Early return: the whole range already has the attributes (§2.4 step 1).
+        if st.attrs.range_is(first, end, to_private) {
+            return Ok(());
+        }
+        // The runs whose attribute changes; only they are revoked or restored, which keeps
+        // rollback exact for mixed ranges.
+        let changing: Vec<(u64, u64)> = st
+            .attrs
+            .runs(first, end)
+            .into_iter()
+            .filter(|r| r.2 != to_private)
+            .map(|(s, e, _)| (s * PAGE_SIZE, e * PAGE_SIZE))
+            .collect();
+        if to_private {
+            // Safety check (§2.4 step 3b): an outstanding pin anywhere in the range, already
+            // private pages included, fails the whole request.
+            if let Some(page) = self.first_pinned(first, end) {
+                a.error_offset = a.offset.max(page * PAGE_SIZE);
+                return Err(Errno::EAGAIN);
+            }
+            if let Err(e) = self.apply_all(&st, &changing, Self::revoke, Self::restore) {
+                a.error_offset = a.offset;
+                return Err(if e == Errno::EAGAIN {
+                    Errno::EAGAIN
+                } else {
+                    Errno::ENOMEM
+                });
+            }
+        } else if self
+            .apply_all(&st, &changing, Self::restore, Self::revoke)
+            .is_err()
+        {
+            a.error_offset = a.offset;
+            return Err(Errno::ENOMEM);
+        }
+        // Point of no return: record the new attributes.
+        st.attrs.set_range(first, end, to_private);
+        Ok(())
+    }
+
+    fn fallocate(&self, mode: u32, offset: u64, len: u64) -> KernelResult<()> {
+        // vfs_fallocate's own checks, then guest_memfd's (kernel-spec §2.5).
+        if i64::try_from(offset).is_err() || len == 0 || i64::try_from(len).is_err() {
+            return Err(Errno::EINVAL);
+        }
+        if mode & !(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE) != 0
+            || mode & FALLOC_FL_KEEP_SIZE == 0
+        {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        if offset
+            .checked_add(len)
+            .and_then(|e| i64::try_from(e).ok())
+            .is_none()
+        {
+            return Err(Errno(libc::EFBIG));
+        }
+        if offset % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let size = self.inner.size;
+        if mode & FALLOC_FL_PUNCH_HOLE != 0 {
+            let _st = self.write_state();
+            let end = (offset + len).min(size);
+            if offset >= end {
+                return Ok(());
+            }
+            sys::fallocate(
+                self.inner.memfd.as_fd(),
+                FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                offset,
+                end - offset,
+            )?;
+            // The punched pages leave the file: pins on them no longer hold file pages.
+            let (first, last) = pages(offset, end - offset);
+            let mut pins = self
+                .inner
+                .pins
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for ranges in pins.values_mut() {
+                *ranges = ranges
+                    .iter()
+                    .flat_map(|&(s, e)| [(s, e.min(first)), (s.max(last), e)])
+                    .filter(|(s, e)| s < e)
+                    .collect();
+            }
+            Ok(())
+        } else {
+            if offset + len > size {
+                return Err(Errno::EINVAL);
+            }
+            let _st = self.read_state();
+            sys::fallocate(self.inner.memfd.as_fd(), FALLOC_FL_KEEP_SIZE, offset, len)
+        }
+    }
+
+    fn mmap(&self, offset: u64, len: usize, kind: MapKind) -> KernelResult<HostMapping> {
+        if self.inner.flags & GUEST_MEMFD_FLAG_MMAP == 0 {
+            return Err(Errno::ENODEV);
+        }
+        if kind == MapKind::Private || len == 0 || offset % PAGE_SIZE != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let map = Mmap::new(
+            Some(self.inner.memfd.as_fd()),
+            offset,
+            len,
+            libc::MAP_SHARED,
+        )?;
+        let id = self.register_mapping(&map, offset)?;
+        let registry: Arc<dyn MappingRegistry> = self.inner.clone();
+        Ok(HostMapping::new(map, offset, Some((registry, id))))
+    }
+
+    fn pin(&self, offset: u64, len: u64) -> KernelResult<PinGuard> {
+        let end = offset.checked_add(len).ok_or(Errno::EFAULT)?;
+        if len == 0 {
+            return Err(Errno::EINVAL);
+        }
+        if self.inner.flags & GUEST_MEMFD_FLAG_MMAP == 0 || end > self.inner.size {
+            return Err(Errno::EFAULT);
+        }
+        let (first, last) = pages(offset, len);
+        let st = self.read_state();
+        if st.attrs.first_with(first, last, true).is_some() {
+            return Err(Errno::EFAULT);
+        }
+        // GUP faults the pages in.
+        sys::fallocate(
+            self.inner.memfd.as_fd(),
+            FALLOC_FL_KEEP_SIZE,
+            first * PAGE_SIZE,
+            (last - first) * PAGE_SIZE,
+        )?;
+        let id = u64::try_from(self.inner.next_id.fetch_add(1, Ordering::Relaxed))
+            .map_err(|_| Errno::ENOMEM)?;
+        self.inner
+            .pins
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id, vec![(first, last)]);
+        drop(st);
+        let hold = PinHold {
+            inner: self.inner.clone(),
+            id,
+        };
+        Ok(PinGuard::new(Box::new(hold), offset, len))
+    }
+
+    fn attributes(&self, offset: u64) -> KernelResult<u64> {
+        if offset >= self.inner.size {
+            return Err(Errno::EINVAL);
+        }
+        Ok(self.read_state().attrs.get(offset / PAGE_SIZE))
+    }
+
+    fn attribute_runs(&self, offset: u64, len: u64) -> KernelResult<Vec<(u64, u64, u64)>> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.inner.size => {}
+            _ => return Err(Errno::EINVAL),
+        }
+        let (first, end) = pages(offset, len);
+        Ok(self
+            .read_state()
+            .attrs
+            .runs(first, end)
+            .into_iter()
+            .map(|(s, e, p)| {
+                (
+                    s * PAGE_SIZE,
+                    (e - s) * PAGE_SIZE,
+                    if p { KVM_MEMORY_ATTRIBUTE_PRIVATE } else { 0 },
+                )
+            })
+            .collect())
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), AccessError> {
+        let st = self.check_access(offset, buf.len())?;
+        sys::pread_exact(self.inner.memfd.as_fd(), buf, offset).map_err(|_| {
+            AccessError::OutOfBounds {
+                offset,
+                len: buf.len() as u64,
+                size: self.inner.size,
+            }
+        })?;
+        drop(st);
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), AccessError> {
+        let st = self.check_access(offset, data.len())?;
+        sys::pwrite_all(self.inner.memfd.as_fd(), data, offset).map_err(|_| {
+            AccessError::OutOfBounds {
+                offset,
+                len: data.len() as u64,
+                size: self.inner.size,
+            }
+        })?;
+        drop(st);
+        Ok(())
+    }
+}
+
+impl EmulatedGuestMemfd {
+    /// Checks a host access and returns the shared lock that keeps it valid.
+    fn check_access(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> Result<RwLockReadGuard<'_, State>, AccessError> {
+        let size = self.inner.size;
+        let out_of_bounds = AccessError::OutOfBounds {
+            offset,
+            len: len as u64,
+            size,
+        };
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= size => {}
+            _ => return Err(out_of_bounds),
+        }
+        if self.inner.flags & GUEST_MEMFD_FLAG_MMAP == 0 {
+            return Err(AccessError::NotMappable {
+                flags: flag_names(self.inner.flags),
+            });
+        }
+        let st = self.read_state();
+        if len > 0 {
+            let (first, end) = pages(offset, len as u64);
+            if let Some(page) = st.attrs.first_with(first, end, true) {
+                return Err(AccessError::Private {
+                    offset: offset.max(page * PAGE_SIZE),
+                });
+            }
+        }
+        Ok(st)
+    }
+}

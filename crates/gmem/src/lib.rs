@@ -1,0 +1,23 @@
+//! gmem: the shared/private memory model of Linux `guest_memfd` with in-place conversion.
+//!
+//! - [`uapi`]: the kernel interface under its upstream names;
+//! - [`attributes`]: the per-file shared/private store;
+//! - [`GuestMemfd`]: one file, whatever backs it; [`emulated`] is the backend that works on
+//!   any Linux;
+//! - [`mapping`]: host mappings, on which private pages raise a real SIGBUS.
+//!
+//! See DESIGN.md for the state machines and the choices made where the kernel series is silent.
+
+pub mod attributes;
+pub mod backend;
+pub mod emulated;
+pub mod error;
+pub mod mapping;
+pub mod sys;
+pub mod uapi;
+
+pub use backend::{BackendKind, GuestMemfd, GuestMemfdBackend, GuestMemfdStat, PinGuard};
+pub use emulated::{EmulatedBackend, EmulatedGuestMemfd, EmulatedOptions, Revocation};
+pub use error::{AccessError, Errno, KernelResult};
+pub use mapping::{HostMapping, MapKind, Probe};
+pub use sys::PAGE_SIZE;

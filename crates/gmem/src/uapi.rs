@@ -1,0 +1,270 @@
+//! The guest_memfd uAPI, under its upstream names.
+//!
+//! What `kvm-bindings` 0.14 already has is re-exported from it; what it lacks (the
+//! `GUEST_MEMFD_FLAG_*` flags, `KVM_CAP_GUEST_MEMFD_FLAGS`, and everything from the unmerged
+//! in-place conversion series such as `struct kvm_memory_attributes2`) is defined here with the
+//! upstream name and value. Sources: `kernel-spec.md` §1 (v7 with the v8 deltas).
+//!
+//! Capability numbers of unmerged series move between revisions, so they are not loose
+//! constants: [`SeriesRevision`] is the one table that maps a revision to its numbers.
+
+#![allow(non_camel_case_types)]
+
+pub use kvm_bindings::{
+    kvm_create_guest_memfd, kvm_memory_attributes, kvm_pre_fault_memory,
+    kvm_userspace_memory_region2, KVM_CAP_EXIT_HYPERCALL, KVM_CAP_GUEST_MEMFD,
+    KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_MEMORY_FAULT_INFO, KVM_CAP_PRE_FAULT_MEMORY,
+    KVM_CAP_USER_MEMORY2, KVM_CAP_VM_TYPES, KVM_EXIT_HYPERCALL, KVM_EXIT_MEMORY_FAULT,
+    KVM_EXIT_MMIO, KVM_MEM_GUEST_MEMFD, KVM_X86_DEFAULT_VM, KVM_X86_SEV_ES_VM, KVM_X86_SEV_VM,
+    KVM_X86_SNP_VM, KVM_X86_SW_PROTECTED_VM, KVM_X86_TDX_VM,
+};
+
+/// The KVM ioctl type byte.
+pub const KVMIO: u32 = 0xAE;
+
+/// `KVM_CAP_GUEST_MEMFD_FLAGS`: the mask of flags `KVM_CREATE_GUEST_MEMFD` accepts (upstream).
+pub const KVM_CAP_GUEST_MEMFD_FLAGS: u32 = 244;
+/// `KVM_CAP_NR_MEMSLOTS`.
+pub const KVM_CAP_NR_MEMSLOTS: u32 = 10;
+
+/// The only memory attribute: the page is private to the guest.
+pub const KVM_MEMORY_ATTRIBUTE_PRIVATE: u64 = 1 << 3;
+
+/// The file may be mmap()ed by host userspace.
+pub const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
+/// Every page starts shared (otherwise private).
+pub const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
+/// Remove the file's pages from the host kernel's direct map (series v8–v12 value).
+pub const GUEST_MEMFD_FLAG_NO_DIRECT_MAP: u64 = 1 << 2;
+
+/// `KVM_MEMORY_EXIT_FLAG_PRIVATE`: the faulting access was private.
+pub const KVM_MEMORY_EXIT_FLAG_PRIVATE: u64 = 1 << 3;
+
+/// x86 hypercall number of `KVM_HC_MAP_GPA_RANGE`.
+pub const KVM_HC_MAP_GPA_RANGE: u64 = 12;
+/// `KVM_MAP_GPA_RANGE_PAGE_SZ_4K`.
+pub const KVM_MAP_GPA_RANGE_PAGE_SZ_4K: u64 = 0;
+/// `KVM_MAP_GPA_RANGE_PAGE_SZ_2M`.
+pub const KVM_MAP_GPA_RANGE_PAGE_SZ_2M: u64 = 1 << 0;
+/// `KVM_MAP_GPA_RANGE_PAGE_SZ_1G`.
+pub const KVM_MAP_GPA_RANGE_PAGE_SZ_1G: u64 = 1 << 1;
+/// `KVM_MAP_GPA_RANGE_ENCRYPTED`: map the range private.
+pub const KVM_MAP_GPA_RANGE_ENCRYPTED: u64 = 1 << 4;
+/// `KVM_MAP_GPA_RANGE_DECRYPTED`: map the range shared.
+pub const KVM_MAP_GPA_RANGE_DECRYPTED: u64 = 0;
+
+/// `FALLOC_FL_KEEP_SIZE`.
+pub const FALLOC_FL_KEEP_SIZE: u32 = 0x01;
+/// `FALLOC_FL_PUNCH_HOLE`.
+pub const FALLOC_FL_PUNCH_HOLE: u32 = 0x02;
+
+/// `struct kvm_memory_attributes2`: the guest_memfd ioctl's argument (v7 09/42 + 10/42).
+///
+/// The first four fields share their layout with [`kvm_memory_attributes`]; the kernel asserts
+/// that at build time and so does [`tests`](self#tests) here.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct kvm_memory_attributes2 {
+    /// Byte offset into the guest_memfd (`address` in the VM-ioctl layout).
+    pub offset: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// 0 (shared) or [`KVM_MEMORY_ATTRIBUTE_PRIVATE`].
+    pub attributes: u64,
+    /// Must be 0.
+    pub flags: u64,
+    /// Out: the offending offset when the ioctl fails with EAGAIN or ENOMEM.
+    pub error_offset: u64,
+    /// Must be 0.
+    pub reserved: [u64; 11],
+}
+
+impl kvm_memory_attributes2 {
+    /// A request to give `[offset, offset + size)` the attributes `attributes`.
+    pub fn new(offset: u64, size: u64, attributes: u64) -> Self {
+        Self {
+            offset,
+            size,
+            attributes,
+            ..Self::default()
+        }
+    }
+}
+
+/// `_IOC` as the kernel computes it.
+pub const fn ioc(dir: u32, nr: u32, size: usize) -> u32 {
+    // The `as` is lossless: every struct here is far below the 14-bit size field.
+    #[allow(clippy::cast_possible_truncation)]
+    let size = size as u32;
+    (dir << 30) | (size << 16) | (KVMIO << 8) | nr
+}
+const IOC_WRITE: u32 = 1;
+const IOC_READ: u32 = 2;
+
+/// `KVM_CREATE_GUEST_MEMFD` (VM ioctl).
+pub const KVM_CREATE_GUEST_MEMFD: u32 = ioc(
+    IOC_READ | IOC_WRITE,
+    0xd4,
+    std::mem::size_of::<kvm_create_guest_memfd>(),
+);
+/// `KVM_SET_USER_MEMORY_REGION2` (VM ioctl).
+pub const KVM_SET_USER_MEMORY_REGION2: u32 = ioc(
+    IOC_WRITE,
+    0x49,
+    std::mem::size_of::<kvm_userspace_memory_region2>(),
+);
+/// `KVM_SET_MEMORY_ATTRIBUTES` (VM ioctl).
+pub const KVM_SET_MEMORY_ATTRIBUTES: u32 = ioc(
+    IOC_WRITE,
+    0xd2,
+    std::mem::size_of::<kvm_memory_attributes>(),
+);
+/// `KVM_SET_MEMORY_ATTRIBUTES2` (guest_memfd ioctl, new in the in-place series).
+pub const KVM_SET_MEMORY_ATTRIBUTES2: u32 = ioc(
+    IOC_READ | IOC_WRITE,
+    0xd2,
+    std::mem::size_of::<kvm_memory_attributes2>(),
+);
+/// `KVM_PRE_FAULT_MEMORY` (vCPU ioctl).
+pub const KVM_PRE_FAULT_MEMORY: u32 = ioc(
+    IOC_READ | IOC_WRITE,
+    0xd5,
+    std::mem::size_of::<kvm_pre_fault_memory>(),
+);
+
+/// A revision of the unmerged "guest_memfd: In-place conversion support" series, and the
+/// numbers it assigns. One table, so that a new revision is one new row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SeriesRevision {
+    /// v7, posted 2026-05-22 (42 patches).
+    V7,
+    /// v8, posted 2026-06-18 (46 patches).
+    V8,
+}
+
+impl SeriesRevision {
+    /// Every known revision, oldest first.
+    pub const ALL: [SeriesRevision; 2] = [SeriesRevision::V7, SeriesRevision::V8];
+
+    /// `KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES` in this revision.
+    pub const fn cap_guest_memfd_memory_attributes(self) -> u32 {
+        match self {
+            SeriesRevision::V7 => 249,
+            SeriesRevision::V8 => 250,
+        }
+    }
+
+    /// The kvm module parameter that switches in-place conversion on.
+    pub const fn module_parameter(self) -> &'static str {
+        match self {
+            // Inverted sense: in-place when false.
+            SeriesRevision::V7 => "vm_memory_attributes",
+            SeriesRevision::V8 => "gmem_in_place_conversion",
+        }
+    }
+
+    /// The revision's short name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            SeriesRevision::V7 => "v7",
+            SeriesRevision::V8 => "v8",
+        }
+    }
+}
+
+/// The guest_memfd creation flags by name, in bit order.
+pub const GUEST_MEMFD_FLAG_NAMES: [(u64, &str); 3] = [
+    (GUEST_MEMFD_FLAG_MMAP, "mmap"),
+    (GUEST_MEMFD_FLAG_INIT_SHARED, "init_shared"),
+    (GUEST_MEMFD_FLAG_NO_DIRECT_MAP, "no_direct_map"),
+];
+
+/// Renders a flag mask as `mmap|init_shared` (unknown bits as hex; `0` for none).
+pub fn flag_names(flags: u64) -> String {
+    let mut parts = Vec::new();
+    let mut rest = flags;
+    for (bit, name) in GUEST_MEMFD_FLAG_NAMES {
+        if flags & bit != 0 {
+            parts.push(name.to_string());
+            rest &= !bit;
+        }
+    }
+    if rest != 0 {
+        parts.push(format!("{rest:#x}"));
+    }
+    if parts.is_empty() {
+        "0".to_string()
+    } else {
+        parts.join("|")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{offset_of, size_of};
+
+    #[test]
+    fn struct_sizes_match_the_kernel() {
+        assert_eq!(size_of::<kvm_create_guest_memfd>(), 64);
+        assert_eq!(size_of::<kvm_userspace_memory_region2>(), 160);
+        assert_eq!(size_of::<kvm_memory_attributes>(), 32);
+        assert_eq!(size_of::<kvm_memory_attributes2>(), 128);
+        assert_eq!(size_of::<kvm_pre_fault_memory>(), 64);
+    }
+
+    #[test]
+    fn attributes2_prefix_matches_attributes() {
+        assert_eq!(
+            offset_of!(kvm_memory_attributes2, offset),
+            offset_of!(kvm_memory_attributes, address)
+        );
+        assert_eq!(
+            offset_of!(kvm_memory_attributes2, size),
+            offset_of!(kvm_memory_attributes, size)
+        );
+        assert_eq!(
+            offset_of!(kvm_memory_attributes2, attributes),
+            offset_of!(kvm_memory_attributes, attributes)
+        );
+        assert_eq!(
+            offset_of!(kvm_memory_attributes2, flags),
+            offset_of!(kvm_memory_attributes, flags)
+        );
+        assert_eq!(offset_of!(kvm_memory_attributes2, error_offset), 32);
+        assert_eq!(offset_of!(kvm_memory_attributes2, reserved), 40);
+    }
+
+    #[test]
+    fn ioctl_numbers_match_the_spec() {
+        assert_eq!(KVM_CREATE_GUEST_MEMFD, 0xC040_AED4);
+        assert_eq!(KVM_SET_USER_MEMORY_REGION2, 0x40A0_AE49);
+        assert_eq!(KVM_SET_MEMORY_ATTRIBUTES, 0x4020_AED2);
+        assert_eq!(KVM_SET_MEMORY_ATTRIBUTES2, 0xC080_AED2);
+        assert_eq!(KVM_PRE_FAULT_MEMORY, 0xC040_AED5);
+    }
+
+    #[test]
+    fn constants_agree_with_kvm_bindings() {
+        assert_eq!(
+            KVM_MEMORY_ATTRIBUTE_PRIVATE,
+            u64::from(kvm_bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        );
+        assert_eq!(
+            KVM_MEMORY_EXIT_FLAG_PRIVATE,
+            u64::from(kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE)
+        );
+        assert_eq!(KVM_MEM_GUEST_MEMFD, 4);
+        assert_eq!(KVM_EXIT_MEMORY_FAULT, 39);
+        assert_eq!(KVM_X86_SW_PROTECTED_VM, 1);
+    }
+
+    #[test]
+    fn series_table() {
+        assert_eq!(SeriesRevision::V7.cap_guest_memfd_memory_attributes(), 249);
+        assert_eq!(SeriesRevision::V8.cap_guest_memfd_memory_attributes(), 250);
+        assert_eq!(flag_names(3), "mmap|init_shared");
+        assert_eq!(flag_names(0), "0");
+        assert_eq!(flag_names(1 << 9), "0x200");
+    }
+}
