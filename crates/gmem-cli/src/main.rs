@@ -1,1 +1,35 @@
-fn main() {}
+//! The `gmem` command: one subcommand per module.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod demo;
+
+/// gmem: the shared/private memory model of Linux guest_memfd with in-place conversion.
+#[derive(Debug, Parser)]
+#[command(name = "gmem", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Walk through the emulated guest_memfd: conversion, SIGBUS, punch-hole, pins.
+    Demo(demo::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo(args) => demo::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("gmem: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -278,7 +278,7 @@ extern "C" fn probe_child(arg: *mut libc::c_void) -> libc::c_int {
     unsafe {
         libc::dup2(a.report_fd, PROBE_REPORT_FD);
         let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = probe_fault_handler as usize;
+        sa.sa_sigaction = probe_fault_handler as *const () as usize;
         sa.sa_flags = libc::SA_SIGINFO;
         libc::sigemptyset(&mut sa.sa_mask);
         libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());

@@ -1,0 +1,62 @@
+//! `gmem demo`: a walk through the emulated guest_memfd.
+
+use std::process::ExitCode;
+
+use gmem::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
+use gmem::{EmulatedGuestMemfd, GuestMemfd, Probe, PAGE_SIZE};
+
+/// Arguments of `gmem demo`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// File size in pages.
+    #[arg(long, default_value_t = 4)]
+    pages: u64,
+}
+
+pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let f = EmulatedGuestMemfd::create(
+        args.pages * PAGE_SIZE,
+        GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+    )?;
+    println!("created {f:?}");
+    let m = f.mmap_all()?;
+    m.write_volatile(0, &[0xaa; 16])?;
+    println!("host wrote 0xaa at 0 through its mapping");
+    f.set_private(0, PAGE_SIZE).map_err(|(e, _)| e)?;
+    println!("page 0 converted to private");
+    match m.probe_read(0, 1)? {
+        Probe::Fault(fault) => println!(
+            "host read of page 0: signal {} at offset {}",
+            fault.signal, fault.addr
+        ),
+        Probe::Done(b) => return Err(format!("host read a private page: {b:?}").into()),
+    }
+    if let Err(e) = f.read_at(0, &mut [0u8; 1]) {
+        println!("safe accessor: {e}");
+    }
+    f.set_shared(0, PAGE_SIZE).map_err(|(e, _)| e)?;
+    let mut b = [0u8; 1];
+    f.read_at(0, &mut b)?;
+    println!(
+        "converted back to shared: host reads {:#x} (content preserved)",
+        b[0]
+    );
+    let pin = f.pin(PAGE_SIZE, PAGE_SIZE)?;
+    match f.set_private(0, 2 * PAGE_SIZE) {
+        Err((e, a)) => println!(
+            "to private with page 1 pinned: {} error_offset={:#x}",
+            e.name(),
+            a.error_offset
+        ),
+        Ok(()) => return Err("conversion succeeded despite a pin".into()),
+    }
+    drop(pin);
+    f.punch_hole(0, PAGE_SIZE)?;
+    f.read_at(0, &mut b)?;
+    println!(
+        "after punch-hole page 0 reads {:#x}, attributes {:#x}",
+        b[0],
+        f.attributes(0)?
+    );
+    Ok(ExitCode::SUCCESS)
+}
