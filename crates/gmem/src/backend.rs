@@ -178,6 +178,18 @@ pub trait GuestMemfd: Send + Sync + fmt::Debug {
     fn mmappable(&self) -> bool {
         self.flags() & GUEST_MEMFD_FLAG_MMAP != 0
     }
+
+    /// The emulated file behind this handle, if it is one (for crate-internal guest access).
+    #[doc(hidden)]
+    fn as_emulated(&self) -> Option<&crate::emulated::EmulatedGuestMemfd> {
+        None
+    }
+
+    /// The kernel file behind this handle, if it is one (for binding memslots).
+    #[doc(hidden)]
+    fn as_kernel(&self) -> Option<&crate::kernel::KernelGuestMemfd> {
+        None
+    }
 }
 
 /// Something that creates guest_memfd files: one per backend (and, for the kernel backend,

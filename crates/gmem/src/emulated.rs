@@ -521,6 +521,10 @@ impl GuestMemfd for EmulatedGuestMemfd {
         BackendKind::Emulated
     }
 
+    fn as_emulated(&self) -> Option<&EmulatedGuestMemfd> {
+        Some(self)
+    }
+
     fn size(&self) -> u64 {
         self.inner.size
     }

@@ -10,14 +10,18 @@
 
 pub mod attributes;
 pub mod backend;
+pub mod conformance;
 pub mod emulated;
 pub mod error;
+pub mod kernel;
 pub mod mapping;
+pub mod probe;
 pub mod sys;
 pub mod uapi;
 
 pub use backend::{BackendKind, GuestMemfd, GuestMemfdBackend, GuestMemfdStat, PinGuard};
 pub use emulated::{EmulatedBackend, EmulatedGuestMemfd, EmulatedOptions, Revocation};
 pub use error::{AccessError, Errno, KernelResult};
+pub use kernel::{ConversionUnsupported, KernelBackend, KernelGuestMemfd};
 pub use mapping::{HostMapping, MapKind, Probe};
 pub use sys::PAGE_SIZE;

@@ -1,0 +1,76 @@
+//! The conformance cases (`gmem::conformance`) against the emulated backend, one test per
+//! case. A case the backend cannot run is `#[ignore]`d with its reason (and, were it reached,
+//! would fail the test rather than pass it).
+
+use gmem::conformance::{cases, Ctx, Outcome};
+use gmem::{EmulatedOptions, Revocation};
+
+/// Runs case `name` with both revocation mechanisms.
+fn run(name: &str) {
+    let case = cases()
+        .into_iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no case named {name}"));
+    for revocation in [Revocation::Poison, Revocation::Remap] {
+        match Ctx::emulated_with(EmulatedOptions { revocation }).run(&case) {
+            Outcome::Pass => {}
+            Outcome::Skip(reason) => {
+                panic!("{name} ({revocation:?}) skipped ({reason}); skips must not count as passes")
+            }
+            Outcome::Fail(reason) => panic!("{name} ({revocation:?}) failed: {reason}"),
+        }
+    }
+}
+
+macro_rules! cases {
+    ($($name:ident),* $(,)?) => {
+        $(#[test] fn $name() { run(stringify!($name)); })*
+
+        #[test]
+        fn every_case_has_a_test() {
+            let listed = [$(stringify!($name)),*, "forked_accesses"];
+            for c in cases() {
+                assert!(listed.contains(&c.name), "case {} has no test", c.name);
+            }
+        }
+    };
+}
+
+cases!(
+    flags,
+    create_multiple,
+    invalid_sizes,
+    file_size,
+    mmap_supported,
+    mmap_not_supported,
+    mmap_cow,
+    fault_overflow,
+    fault_private,
+    fallocate,
+    invalid_punch_hole,
+    init_private,
+    init_shared,
+    indexing,
+    before_allocation_shared,
+    before_allocation_private,
+    unallocated_folios,
+    truncate,
+    elevated_refcount,
+    set_attributes_invalid,
+    early_return,
+);
+
+#[test]
+#[ignore = "the emulated backend revokes private pages only in this process's mappings, not in a forked child's"]
+fn forked_accesses() {
+    run("forked_accesses");
+}
+
+#[test]
+fn forked_accesses_is_a_skip_on_emulated() {
+    let case = cases()
+        .into_iter()
+        .find(|c| c.name == "forked_accesses")
+        .expect("case exists");
+    assert!(matches!(Ctx::emulated().run(&case), Outcome::Skip(r) if r.contains("forked child")));
+}
