@@ -1,0 +1,258 @@
+//! Emulated-backend properties beyond the selftest cases: atomicity under injected failures,
+//! several mappings, sparse sizes, the worst-case fragment pattern, safe accessors.
+
+use gmem::uapi::*;
+use gmem::*;
+
+const PS: u64 = PAGE_SIZE;
+const SHARED: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+
+fn both() -> [EmulatedOptions; 2] {
+    [Revocation::Poison, Revocation::Remap].map(|revocation| EmulatedOptions { revocation })
+}
+
+fn sigbus_at(m: &HostMapping, off: u64) -> bool {
+    m.probe_read(off as usize, 1).unwrap().is_sigbus()
+}
+
+#[test]
+fn enomem_from_a_refused_mapping_change_changes_nothing() {
+    for opts in both() {
+        let f = EmulatedGuestMemfd::create_with(8 * PS, SHARED, opts).unwrap();
+        let maps: Vec<_> = (0..3).map(|_| f.mmap_all().unwrap()).collect();
+        maps[0].write_volatile(0, &[7u8; 8 * PS as usize]).unwrap();
+        // Pages 2..4 private first, so the request below is mixed.
+        f.set_private(2 * PS, 2 * PS).unwrap();
+        for fail_after in 0..6 {
+            f.inject_mapping_failure(fail_after);
+            let mut a = kvm_memory_attributes2::new(PS, 6 * PS, KVM_MEMORY_ATTRIBUTE_PRIVATE);
+            a.error_offset = 0xdead;
+            let r = f.set_attributes(&mut a);
+            assert_eq!(r, Err(Errno::ENOMEM), "{opts:?} fail_after {fail_after}");
+            assert_eq!(
+                a.error_offset, PS,
+                "ENOMEM reports the start of the request"
+            );
+            // Nothing changed: attributes, and accessibility in every mapping.
+            let runs = f.attribute_runs(0, 8 * PS).unwrap();
+            assert_eq!(
+                runs,
+                vec![
+                    (0, 2 * PS, 0),
+                    (2 * PS, 2 * PS, KVM_MEMORY_ATTRIBUTE_PRIVATE),
+                    (4 * PS, 4 * PS, 0)
+                ]
+            );
+            for m in &maps {
+                for p in 0..8 {
+                    assert_eq!(
+                        sigbus_at(m, p * PS),
+                        (2..4).contains(&p),
+                        "{opts:?} page {p} after failed conversion"
+                    );
+                }
+            }
+        }
+        // The other direction: restore fails part-way, private pages stay revoked.
+        f.inject_mapping_failure(1);
+        let r = f.set_shared(0, 8 * PS);
+        assert!(matches!(r, Err((Errno::ENOMEM, a)) if a.error_offset == 0));
+        for m in &maps {
+            for p in 0..8 {
+                assert_eq!(
+                    sigbus_at(m, p * PS),
+                    (2..4).contains(&p),
+                    "{opts:?} page {p} after failed to-shared"
+                );
+            }
+        }
+        // And the content survived everything.
+        f.set_shared(0, 8 * PS).unwrap();
+        let mut buf = vec![0u8; 8 * PS as usize];
+        f.read_at(0, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 7));
+    }
+}
+
+#[test]
+fn every_mapping_sees_one_memory_and_one_attribute_state() {
+    for opts in both() {
+        let f = EmulatedGuestMemfd::create_with(16 * PS, SHARED, opts).unwrap();
+        let a = f.mmap_all().unwrap();
+        let b = f.mmap(4 * PS, 8 * PS as usize, MapKind::Shared).unwrap();
+        a.write_volatile(5 * PS as usize, b"hello").unwrap();
+        let mut got = [0u8; 5];
+        b.read_volatile(PS as usize, &mut got).unwrap();
+        assert_eq!(&got, b"hello", "an offset mapping sees the same page");
+        f.set_private(5 * PS, PS).unwrap();
+        assert!(sigbus_at(&a, 5 * PS) && sigbus_at(&b, PS));
+        // A mapping created while the page is private starts revoked.
+        let c = f.mmap_all().unwrap();
+        assert!(sigbus_at(&c, 5 * PS));
+        assert!(!sigbus_at(&c, 6 * PS));
+        drop(b);
+        f.set_shared(5 * PS, PS).unwrap();
+        assert_eq!(
+            c.probe_read(5 * PS as usize, 5).unwrap(),
+            Probe::Done(b"hello".to_vec())
+        );
+        assert_eq!(
+            a.probe_read(5 * PS as usize, 5).unwrap(),
+            Probe::Done(b"hello".to_vec())
+        );
+    }
+}
+
+#[test]
+fn a_one_tib_file_is_sparse() {
+    let before = resident_kib();
+    let f = EmulatedGuestMemfd::create(1 << 40, SHARED).unwrap();
+    f.set_private(1 << 39, 1 << 30).unwrap();
+    f.write_at((1 << 40) - PS, &[1]).unwrap();
+    assert!(
+        f.metadata_bytes() < 4096,
+        "{} bytes of metadata",
+        f.metadata_bytes()
+    );
+    assert!(
+        resident_kib() < before + 8 * 1024,
+        "creating a 1 TiB file made memory resident"
+    );
+    assert_eq!(f.stat().unwrap().size, 1 << 40);
+}
+
+fn resident_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+fn map_count() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .count()
+}
+
+#[test]
+fn worst_case_alternating_pattern_over_one_gib() {
+    // Every other page private: 131,072 private fragments, beyond vm.max_map_count (65,530)
+    // were each one a VMA. The poison mechanism adds no VMA.
+    let size = 1u64 << 30;
+    let f = EmulatedGuestMemfd::create_with(
+        size,
+        SHARED,
+        EmulatedOptions {
+            revocation: Revocation::Poison,
+        },
+    )
+    .unwrap();
+    let m = f.mmap_all().unwrap();
+    let maps_before = map_count();
+    for p in (0..size / PS).step_by(2) {
+        f.set_private(p * PS, PS).unwrap();
+    }
+    assert_eq!(f.fragments() as u64, size / PS);
+    assert!(
+        f.metadata_bytes() <= 512 * 1024,
+        "{} bytes",
+        f.metadata_bytes()
+    );
+    assert!(
+        map_count() <= maps_before + 1,
+        "conversions split the mapping"
+    );
+    for p in [0, 1, 2, 99_999, 262_142, 262_143] {
+        assert_eq!(sigbus_at(&m, p * PS), p % 2 == 0, "page {p}");
+    }
+    // A new mapping starts with the same pattern.
+    let m2 = f.mmap_all().unwrap();
+    assert!(sigbus_at(&m2, 4 * PS) && !sigbus_at(&m2, 5 * PS));
+    f.set_shared(0, size).unwrap();
+    assert_eq!(f.fragments(), 1);
+    assert!(!sigbus_at(&m, 0) && !sigbus_at(&m2, 0));
+}
+
+#[test]
+fn safe_accessors_name_the_offset() {
+    let f = EmulatedGuestMemfd::create(4 * PS, SHARED).unwrap();
+    f.write_at(10, b"abc").unwrap();
+    f.set_private(2 * PS, PS).unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        f.read_at(2 * PS - 4, &mut buf),
+        Err(AccessError::Private { offset: 2 * PS })
+    );
+    assert_eq!(
+        f.write_at(2 * PS + 100, b"x"),
+        Err(AccessError::Private {
+            offset: 2 * PS + 100
+        })
+    );
+    assert_eq!(
+        f.read_at(4 * PS - 1, &mut buf),
+        Err(AccessError::OutOfBounds {
+            offset: 4 * PS - 1,
+            len: 8,
+            size: 4 * PS
+        })
+    );
+    let msg = f.read_at(2 * PS, &mut buf).unwrap_err().to_string();
+    assert!(msg.contains("0x2000") && msg.contains("private"), "{msg}");
+    f.read_at(8, &mut buf[..5]).unwrap();
+    assert_eq!(&buf[2..5], b"abc");
+    let nommap = EmulatedGuestMemfd::create(PS, GUEST_MEMFD_FLAG_INIT_SHARED).unwrap();
+    assert!(matches!(
+        nommap.read_at(0, &mut buf),
+        Err(AccessError::NotMappable { .. })
+    ));
+}
+
+#[test]
+fn pins_are_detached_by_punch_hole_and_refuse_private_pages() {
+    let f = EmulatedGuestMemfd::create(4 * PS, SHARED).unwrap();
+    let pin = f.pin(PS, 2 * PS).unwrap();
+    assert!(matches!(f.set_private(0, 4 * PS), Err((Errno::EAGAIN, a)) if a.error_offset == PS));
+    // Punching page 1 frees it from the file: only page 2 is still held.
+    f.punch_hole(PS, PS).unwrap();
+    assert!(
+        matches!(f.set_private(0, 4 * PS), Err((Errno::EAGAIN, a)) if a.error_offset == 2 * PS)
+    );
+    f.set_private(0, 2 * PS).unwrap();
+    assert_eq!(
+        f.pin(0, PS).unwrap_err(),
+        Errno::EFAULT,
+        "GUP of a private page fails"
+    );
+    assert_eq!(
+        f.pin(3 * PS, 2 * PS).unwrap_err(),
+        Errno::EFAULT,
+        "beyond the file"
+    );
+    drop(pin);
+    f.set_private(0, 4 * PS).unwrap();
+}
+
+#[test]
+fn create_validates_size_and_flags() {
+    assert_eq!(EmulatedGuestMemfd::create(0, 0).unwrap_err(), Errno::EINVAL);
+    assert_eq!(
+        EmulatedGuestMemfd::create(PS + 1, 0).unwrap_err(),
+        Errno::EINVAL
+    );
+    assert_eq!(
+        EmulatedGuestMemfd::create(1 << 63, 0).unwrap_err(),
+        Errno::EINVAL
+    );
+    assert_eq!(
+        EmulatedGuestMemfd::create(PS, GUEST_MEMFD_FLAG_NO_DIRECT_MAP).unwrap_err(),
+        Errno::EINVAL
+    );
+    assert_eq!(
+        EmulatedGuestMemfd::create(PS, 1 << 40).unwrap_err(),
+        Errno::EINVAL
+    );
+}
