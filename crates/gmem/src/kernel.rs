@@ -1,0 +1,590 @@
+//! The kernel backend: guest_memfd files created by KVM on `/dev/kvm`.
+//!
+//! [`KernelBackend`] owns `/dev/kvm` and one VM (type [`KVM_X86_DEFAULT_VM`] unless another is
+//! chosen); every [`KernelGuestMemfd`] it creates belongs to that VM and keeps it alive.
+//! Every operation is the kernel's own: `KVM_CREATE_GUEST_MEMFD`, `mmap` (private pages raise
+//! the kernel's SIGBUS), `fallocate`, `fstat`, and `KVM_SET_MEMORY_ATTRIBUTES2` on the
+//! guest_memfd for conversion. Errnos are whatever the kernel answered.
+//!
+//! Conversion needs `KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES` (249 in series v7, 250 in v8,
+//! [`SeriesRevision`]) advertising [`KVM_MEMORY_ATTRIBUTE_PRIVATE`]. Without it the ioctl is
+//! still issued and its answer (ENOTTY on kernels without the series) is returned: there is
+//! never a silent fallback to emulation. [`GuestMemfdBackend::conversion_support`] then names
+//! the missing capability and what the kernel answered ([`ConversionUnsupported`]).
+//!
+//! The kernel has no attribute query, so each file keeps a mirror ([`AttributeStore`]) updated
+//! by its successful `set_attributes` calls; [`GuestMemfd::attributes`], `attribute_runs`,
+//! `read_at` and `write_at` use it.
+//!
+//! Pins are real: [`GuestMemfd::pin`] vmsplices the pages of the file's host view into a pipe
+//! that is never read (as the v7 selftest did), so the kernel holds a reference on each page
+//! until the [`PinGuard`] is dropped and the pipe closed.
+
+use std::fmt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use kvm_ioctls::{Kvm, VmFd};
+
+use crate::attributes::AttributeStore;
+use crate::backend::{BackendKind, GuestMemfd, GuestMemfdBackend, GuestMemfdStat, PinGuard};
+use crate::error::{AccessError, Errno, KernelResult};
+use crate::mapping::{volatile_copy, HostMapping, MapKind};
+use crate::sys::{self, Mmap, PAGE_SIZE};
+use crate::uapi::{
+    flag_names, kvm_create_guest_memfd, kvm_memory_attributes2, SeriesRevision,
+    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_CAP_GUEST_MEMFD_FLAGS,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_SET_MEMORY_ATTRIBUTES2, KVM_X86_DEFAULT_VM,
+};
+
+/// Why the kernel backend cannot convert: no revision of
+/// `KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES` advertises `KVM_MEMORY_ATTRIBUTE_PRIVATE`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "in-place conversion unsupported: KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES ({caps}) does not \
+     advertise KVM_MEMORY_ATTRIBUTE_PRIVATE ({private:#x}) on this VM (type {vm_type}); \
+     KVM_SET_MEMORY_ATTRIBUTES2 on a guest_memfd answered {answer}",
+    caps = render_caps(.cap_values),
+    private = KVM_MEMORY_ATTRIBUTE_PRIVATE
+)]
+pub struct ConversionUnsupported {
+    /// The VM type the capability was checked on.
+    pub vm_type: u64,
+    /// `(revision, capability number, KVM_CHECK_EXTENSION value)` for every known revision.
+    pub cap_values: Vec<(SeriesRevision, u32, i32)>,
+    /// What `KVM_SET_MEMORY_ATTRIBUTES2` answered on a scratch guest_memfd (`Ok` would mean
+    /// the ioctl exists without its capability).
+    pub answer: String,
+}
+
+fn render_caps(values: &[(SeriesRevision, u32, i32)]) -> String {
+    values
+        .iter()
+        .map(|(rev, cap, v)| format!("{cap} in {} = {v}", rev.name()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The VM that the backend and all its files share.
+struct Vm {
+    kvm: Kvm,
+    vm: VmFd,
+    vm_type: u64,
+    supported_flags: u64,
+    /// The revision whose capability advertises PRIVATE, if any.
+    revision: Option<SeriesRevision>,
+    /// Filled on first use when `revision` is `None`.
+    unsupported: OnceLock<ConversionUnsupported>,
+}
+
+/// The kernel backend: `/dev/kvm` and one VM whose guest_memfd files it creates.
+///
+/// Cloning gives another handle to the same VM.
+#[derive(Clone)]
+pub struct KernelBackend {
+    vm: Arc<Vm>,
+}
+
+impl fmt::Debug for KernelBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KernelBackend")
+            .field("vm_type", &self.vm.vm_type)
+            .field("supported_flags", &flag_names(self.vm.supported_flags))
+            .field("revision", &self.vm.revision.map(SeriesRevision::name))
+            .finish()
+    }
+}
+
+/// `KVM_CHECK_EXTENSION` on the VM; negative answers (errors) count as 0.
+fn vm_cap(vm: &VmFd, cap: u32) -> i32 {
+    vm.check_extension_raw(libc::c_ulong::from(cap)).max(0)
+}
+
+impl KernelBackend {
+    /// Opens `/dev/kvm` and creates a VM of type [`KVM_X86_DEFAULT_VM`]. Fails with the
+    /// kernel's errno (ENOENT without `/dev/kvm`, EACCES without permission).
+    pub fn new() -> KernelResult<Self> {
+        Self::with_vm_type(u64::from(KVM_X86_DEFAULT_VM))
+    }
+
+    /// Opens `/dev/kvm` and creates a VM of type `vm_type` (`KVM_X86_*_VM`).
+    pub fn with_vm_type(vm_type: u64) -> KernelResult<Self> {
+        let kvm = Kvm::new()?;
+        let vm = kvm.create_vm_with_type(vm_type)?;
+        let supported_flags = u64::try_from(vm_cap(&vm, KVM_CAP_GUEST_MEMFD_FLAGS)).unwrap_or(0);
+        let revision = SeriesRevision::ALL.into_iter().find(|rev| {
+            let v = vm_cap(&vm, rev.cap_guest_memfd_memory_attributes());
+            u64::try_from(v).is_ok_and(|v| v & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0)
+        });
+        Ok(KernelBackend {
+            vm: Arc::new(Vm {
+                kvm,
+                vm,
+                vm_type,
+                supported_flags,
+                revision,
+                unsupported: OnceLock::new(),
+            }),
+        })
+    }
+
+    /// `/dev/kvm`.
+    pub fn kvm(&self) -> &Kvm {
+        &self.vm.kvm
+    }
+
+    /// The VM the files belong to: bind their ranges with `KVM_SET_USER_MEMORY_REGION2` on
+    /// it, and create vCPUs from it. Keep a clone of the backend to keep the VM alive.
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm.vm
+    }
+
+    /// The VM type the backend was created with.
+    pub fn vm_type(&self) -> u64 {
+        self.vm.vm_type
+    }
+
+    /// The series revision whose `KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES` advertises PRIVATE
+    /// on this VM, if any.
+    pub fn conversion_revision(&self) -> Option<SeriesRevision> {
+        self.vm.revision
+    }
+
+    /// Why conversion is unsupported, or `None` when it is. The first call issues
+    /// `KVM_SET_MEMORY_ATTRIBUTES2` on a scratch one-page guest_memfd to record the kernel's
+    /// answer.
+    pub fn conversion_unsupported(&self) -> Option<&ConversionUnsupported> {
+        if self.vm.revision.is_some() {
+            return None;
+        }
+        Some(self.vm.unsupported.get_or_init(|| {
+            let cap_values = SeriesRevision::ALL
+                .iter()
+                .map(|rev| {
+                    let cap = rev.cap_guest_memfd_memory_attributes();
+                    (*rev, cap, vm_cap(&self.vm.vm, cap))
+                })
+                .collect();
+            ConversionUnsupported {
+                vm_type: self.vm.vm_type,
+                cap_values,
+                answer: self.scratch_conversion_answer(),
+            }
+        }))
+    }
+
+    /// Issues a no-op conversion (a private page to private) on a fresh file and renders the
+    /// answer.
+    fn scratch_conversion_answer(&self) -> String {
+        let file = match self.create_guest_memfd(PAGE_SIZE, 0) {
+            Ok(f) => f,
+            Err(e) => return format!("nothing: KVM_CREATE_GUEST_MEMFD failed with {e}"),
+        };
+        let mut a = kvm_memory_attributes2::new(0, PAGE_SIZE, KVM_MEMORY_ATTRIBUTE_PRIVATE);
+        match file.attributes2_ioctl(&mut a) {
+            Ok(()) => "success".to_string(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// `KVM_CREATE_GUEST_MEMFD(size, flags)` on this backend's VM, as the concrete type (the
+    /// VM code needs its fd and host view to bind memslots).
+    pub fn create_guest_memfd(&self, size: u64, flags: u64) -> KernelResult<KernelGuestMemfd> {
+        let raw = self.vm.vm.create_guest_memfd(kvm_create_guest_memfd {
+            size,
+            flags,
+            reserved: [0; 6],
+        })?;
+        // SAFETY: the kernel just returned this descriptor and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let private = flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0;
+        Ok(KernelGuestMemfd {
+            inner: Arc::new(Inner {
+                fd,
+                size,
+                flags,
+                vm: self.vm.clone(),
+                attrs: RwLock::new(AttributeStore::new(size / PAGE_SIZE, private)),
+                host_view: OnceLock::new(),
+            }),
+        })
+    }
+}
+
+impl GuestMemfdBackend for KernelBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Kernel
+    }
+
+    fn supported_flags(&self) -> u64 {
+        self.vm.supported_flags
+    }
+
+    fn conversion_support(&self) -> Result<(), String> {
+        match self.conversion_unsupported() {
+            None => Ok(()),
+            Some(why) => Err(why.to_string()),
+        }
+    }
+
+    fn create(&self, size: u64, flags: u64) -> KernelResult<Arc<dyn GuestMemfd>> {
+        Ok(Arc::new(self.create_guest_memfd(size, flags)?))
+    }
+}
+
+struct Inner {
+    fd: OwnedFd,
+    size: u64,
+    flags: u64,
+    vm: Arc<Vm>,
+    /// Mirror of the attributes the kernel holds, updated after each successful conversion.
+    /// Held exclusively across the conversion ioctl, shared across host accesses.
+    attrs: RwLock<AttributeStore>,
+    host_view: OnceLock<Result<Mmap, Errno>>,
+}
+
+/// One guest_memfd file created by KVM. Cloning gives another handle to the same file.
+#[derive(Clone)]
+pub struct KernelGuestMemfd {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for KernelGuestMemfd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KernelGuestMemfd")
+            .field("fd", &self.inner.fd.as_raw_fd())
+            .field("size", &self.inner.size)
+            .field("flags", &flag_names(self.inner.flags))
+            .finish()
+    }
+}
+
+fn pages(offset: u64, len: u64) -> (u64, u64) {
+    (
+        offset / PAGE_SIZE,
+        offset.saturating_add(len).div_ceil(PAGE_SIZE),
+    )
+}
+
+impl KernelGuestMemfd {
+    /// The guest_memfd descriptor: `guest_memfd` of `struct kvm_userspace_memory_region2`
+    /// when binding a memslot with `KVM_MEM_GUEST_MEMFD`.
+    #[allow(dead_code)] // For the VM code (memslot binding).
+    pub(crate) fn guest_memfd_fd(&self) -> BorrowedFd<'_> {
+        self.inner.fd.as_fd()
+    }
+
+    /// A full `MAP_SHARED` mapping of the file (offset 0, `size` bytes), made on first use and
+    /// kept for the file's lifetime. Its address is the `userspace_addr` to bind a memslot
+    /// with (the kernel routes emulated guest accesses through `userspace_addr`, so it must be
+    /// this mapping, host.md). Private pages in it raise SIGBUS, like any host mapping; the
+    /// safe accessors check the attribute mirror first. Fails with the kernel's mmap errno
+    /// (ENODEV for a file created without `GUEST_MEMFD_FLAG_MMAP`).
+    pub(crate) fn host_view(&self) -> KernelResult<&Mmap> {
+        let view = self.inner.host_view.get_or_init(|| {
+            let len = usize::try_from(self.inner.size).map_err(|_| Errno::ENOMEM)?;
+            Mmap::new(Some(self.inner.fd.as_fd()), 0, len, libc::MAP_SHARED)
+        });
+        view.as_ref().map_err(|e| *e)
+    }
+
+    /// The VM this file belongs to (a memslot can bind it only on this VM).
+    #[allow(dead_code)] // For the VM code (memslot binding).
+    pub(crate) fn vm_fd(&self) -> &VmFd {
+        &self.inner.vm.vm
+    }
+
+    /// Whether this file was created by `backend`'s VM.
+    pub fn belongs_to(&self, backend: &KernelBackend) -> bool {
+        Arc::ptr_eq(&self.inner.vm, &backend.vm)
+    }
+
+    /// `KVM_SET_MEMORY_ATTRIBUTES2` as is: no validation, no mirror update. The kernel writes
+    /// the struct back (`error_offset`).
+    fn attributes2_ioctl(&self, a: &mut kvm_memory_attributes2) -> KernelResult<()> {
+        // SAFETY: the ioctl reads and writes one `struct kvm_memory_attributes2` (its size is
+        // encoded in the request number), which `a` is, exclusively borrowed for the call.
+        let ret = unsafe {
+            libc::ioctl(
+                self.inner.fd.as_raw_fd(),
+                libc::c_ulong::from(KVM_SET_MEMORY_ATTRIBUTES2),
+                std::ptr::from_mut(a),
+            )
+        };
+        if ret < 0 {
+            Err(Errno::last())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn read_attrs(&self) -> RwLockReadGuard<'_, AttributeStore> {
+        self.inner
+            .attrs
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write_attrs(&self) -> RwLockWriteGuard<'_, AttributeStore> {
+        self.inner
+            .attrs
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Checks a host access and returns the host view's offset, the view and the shared lock
+    /// that keeps the pages shared during the copy.
+    fn check_access(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> Result<(&Mmap, RwLockReadGuard<'_, AttributeStore>), AccessError> {
+        let size = self.inner.size;
+        let out_of_bounds = AccessError::OutOfBounds {
+            offset,
+            len: len as u64,
+            size,
+        };
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= size => {}
+            _ => return Err(out_of_bounds),
+        }
+        if self.inner.flags & GUEST_MEMFD_FLAG_MMAP == 0 {
+            return Err(AccessError::NotMappable {
+                flags: flag_names(self.inner.flags),
+            });
+        }
+        let attrs = self.read_attrs();
+        if len > 0 {
+            let (first, end) = pages(offset, len as u64);
+            if let Some(page) = attrs.first_with(first, end, true) {
+                return Err(AccessError::Private {
+                    offset: offset.max(page * PAGE_SIZE),
+                });
+            }
+        }
+        // The mapping exists for any MMAP file unless the kernel refuses it; a refusal is
+        // reported as the access being impossible.
+        let view = self.host_view().map_err(|_| out_of_bounds)?;
+        Ok((view, attrs))
+    }
+}
+
+/// The pipes a [`PinGuard`] of the kernel backend holds: each has the pinned pages spliced in
+/// and is never read, so the kernel keeps a reference on every page until they are closed.
+struct PipePin {
+    _pipes: Vec<(OwnedFd, OwnedFd)>,
+}
+
+fn pipe() -> KernelResult<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: both descriptors were just returned by the kernel and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Vmsplices `[addr, addr + len)` into pipes that are never read; returns them.
+///
+/// # Safety
+/// The range must lie inside a live mapping of this process.
+unsafe fn vmsplice_pin(addr: *mut u8, len: usize) -> KernelResult<Vec<(OwnedFd, OwnedFd)>> {
+    let mut pipes = Vec::new();
+    let mut done = 0usize;
+    while done < len {
+        let (r, w) = pipe()?;
+        // Grow the pipe to hold the rest (one slot per page); the kernel may cap it
+        // (fs.pipe-max-size), in which case more pipes follow.
+        let want = libc::c_int::try_from((len - done).next_power_of_two()).unwrap_or(i32::MAX);
+        // SAFETY: F_SETPIPE_SZ on our own pipe; the result is only a size.
+        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, want) };
+        let mut in_this_pipe = 0usize;
+        while done < len {
+            let iov = libc::iovec {
+                // SAFETY: done < len, inside the caller's range.
+                iov_base: unsafe { addr.add(done) }.cast(),
+                iov_len: len - done,
+            };
+            // SAFETY: one iovec over memory the caller vouches is mapped; vmsplice takes page
+            // references and never writes the memory.
+            let n = unsafe { libc::vmsplice(w.as_raw_fd(), &iov, 1, libc::SPLICE_F_NONBLOCK) };
+            if n > 0 {
+                done += n.unsigned_abs();
+                in_this_pipe += n.unsigned_abs();
+                continue;
+            }
+            let e = Errno::last();
+            if (e == Errno::EAGAIN || n == 0) && in_this_pipe > 0 {
+                break; // This pipe is full: next pipe.
+            }
+            return Err(if n == 0 { Errno::EFAULT } else { e });
+        }
+        pipes.push((r, w));
+    }
+    Ok(pipes)
+}
+
+impl GuestMemfd for KernelGuestMemfd {
+    fn backend(&self) -> BackendKind {
+        BackendKind::Kernel
+    }
+
+    fn as_kernel(&self) -> Option<&KernelGuestMemfd> {
+        Some(self)
+    }
+
+    fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    fn flags(&self) -> u64 {
+        self.inner.flags
+    }
+
+    fn stat(&self) -> KernelResult<GuestMemfdStat> {
+        let st = sys::fstat(self.inner.fd.as_fd())?;
+        Ok(GuestMemfdStat {
+            size: u64::try_from(st.st_size).map_err(|_| Errno(libc::EOVERFLOW))?,
+            blksize: u64::try_from(st.st_blksize).map_err(|_| Errno(libc::EOVERFLOW))?,
+            ino: st.st_ino,
+        })
+    }
+
+    fn set_attributes(&self, a: &mut kvm_memory_attributes2) -> KernelResult<()> {
+        // Exclusive across the ioctl so that the mirror changes atomically with the kernel's
+        // state as far as this process's accessors can tell.
+        let mut attrs = self.write_attrs();
+        self.attributes2_ioctl(a)?;
+        let (first, end) = pages(a.offset, a.size);
+        attrs.set_range(first, end, a.attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0);
+        Ok(())
+    }
+
+    fn fallocate(&self, mode: u32, offset: u64, len: u64) -> KernelResult<()> {
+        sys::fallocate(self.inner.fd.as_fd(), mode, offset, len)
+    }
+
+    fn mmap(&self, offset: u64, len: usize, kind: MapKind) -> KernelResult<HostMapping> {
+        let flags = match kind {
+            MapKind::Shared => libc::MAP_SHARED,
+            MapKind::Private => libc::MAP_PRIVATE,
+        };
+        let map = Mmap::new(Some(self.inner.fd.as_fd()), offset, len, flags)?;
+        Ok(HostMapping::new(map, offset, None))
+    }
+
+    fn pin(&self, offset: u64, len: u64) -> KernelResult<PinGuard> {
+        if len == 0 {
+            return Err(Errno::EINVAL);
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= self.inner.size => {}
+            _ => return Err(Errno::EFAULT),
+        }
+        // Without a host mapping there is nothing GUP could pin: the kernel's answer to
+        // vmsplice of an unmapped address is EFAULT.
+        let view = self.host_view().map_err(|_| Errno::EFAULT)?;
+        let (first, end) = pages(offset, len);
+        let start = usize::try_from(first * PAGE_SIZE).map_err(|_| Errno::EFAULT)?;
+        let span = usize::try_from((end - first) * PAGE_SIZE).map_err(|_| Errno::EFAULT)?;
+        // Held shared so that no conversion of ours runs while the pages are taken.
+        let _attrs = self.read_attrs();
+        // SAFETY: `[start, start + span)` is inside the host view (the range is inside the
+        // file, checked above), which lives as long as `self`.
+        let pipes = unsafe { vmsplice_pin(view.as_ptr().add(start), span)? };
+        Ok(PinGuard::new(
+            Box::new(PipePin { _pipes: pipes }),
+            offset,
+            len,
+        ))
+    }
+
+    fn attributes(&self, offset: u64) -> KernelResult<u64> {
+        if offset >= self.inner.size {
+            return Err(Errno::EINVAL);
+        }
+        Ok(self.read_attrs().get(offset / PAGE_SIZE))
+    }
+
+    fn attribute_runs(&self, offset: u64, len: u64) -> KernelResult<Vec<(u64, u64, u64)>> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.inner.size => {}
+            _ => return Err(Errno::EINVAL),
+        }
+        let (first, end) = pages(offset, len);
+        Ok(self
+            .read_attrs()
+            .runs(first, end)
+            .into_iter()
+            .map(|(s, e, p)| {
+                (
+                    s * PAGE_SIZE,
+                    (e - s) * PAGE_SIZE,
+                    if p { KVM_MEMORY_ATTRIBUTE_PRIVATE } else { 0 },
+                )
+            })
+            .collect())
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), AccessError> {
+        let (view, attrs) = self.check_access(offset, buf.len())?;
+        // `check_access` bounded the range by the file size, which is the view's length.
+        #[allow(clippy::cast_possible_truncation)]
+        let off = offset as usize;
+        // SAFETY: `[off, off + len)` is inside the view and every page of it is shared (the
+        // mirror says so and no conversion can run while `attrs` is held), so the copy cannot
+        // fault; volatile copies tolerate a concurrent guest.
+        unsafe { volatile_copy(view.as_ptr().add(off), buf.as_mut_ptr(), buf.len()) };
+        drop(attrs);
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), AccessError> {
+        let (view, attrs) = self.check_access(offset, data.len())?;
+        // As in `read_at`.
+        #[allow(clippy::cast_possible_truncation)]
+        let off = offset as usize;
+        // SAFETY: as in `read_at`; the destination pages are shared and inside the view.
+        unsafe { volatile_copy(data.as_ptr(), view.as_ptr().add(off), data.len()) };
+        drop(attrs);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pipes of a pin really hold the pages: FIONREAD counts every pinned byte.
+    #[test]
+    fn vmsplice_pin_fills_pipes_with_the_pages() {
+        let backend = match KernelBackend::new() {
+            Ok(b) => b,
+            Err(e) => {
+                println!("skipped: /dev/kvm is unusable: {e}");
+                return;
+            }
+        };
+        let f = backend
+            .create_guest_memfd(
+                512 * PAGE_SIZE,
+                GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+            )
+            .unwrap();
+        let view = f.host_view().unwrap();
+        let len = view.len();
+        // SAFETY: the whole view is a live mapping owned by `f`.
+        let pipes = unsafe { vmsplice_pin(view.as_ptr(), len) }.unwrap();
+        let mut queued = 0usize;
+        for (r, _) in &pipes {
+            let mut n: libc::c_int = 0;
+            // SAFETY: FIONREAD on our own pipe writes one int, `n`.
+            let ret = unsafe { libc::ioctl(r.as_raw_fd(), libc::FIONREAD, &mut n) };
+            assert_eq!(ret, 0);
+            queued += usize::try_from(n).unwrap();
+        }
+        assert_eq!(queued, len, "{} pipes", pipes.len());
+    }
+}
