@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod probe;
 
 /// gmem: the shared/private memory model of Linux guest_memfd with in-place conversion.
 #[derive(Debug, Parser)]
@@ -18,12 +19,15 @@ struct Cli {
 enum Command {
     /// Walk through the emulated guest_memfd: conversion, SIGBUS, punch-hole, pins.
     Demo(demo::Args),
+    /// Report what this host offers guest_memfd and which backend provides each feature.
+    Probe(probe::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
+        Command::Probe(args) => probe::run(&args),
     };
     match result {
         Ok(code) => code,

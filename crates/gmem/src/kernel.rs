@@ -20,8 +20,11 @@
 //! that is never read (as the v7 selftest did), so the kernel holds a reference on each page
 //! until the [`PinGuard`] is dropped and the pipe closed.
 
+use std::ffi::CString;
 use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use kvm_ioctls::{Kvm, VmFd};
@@ -109,7 +112,14 @@ impl KernelBackend {
 
     /// Opens `/dev/kvm` and creates a VM of type `vm_type` (`KVM_X86_*_VM`).
     pub fn with_vm_type(vm_type: u64) -> KernelResult<Self> {
-        let kvm = Kvm::new()?;
+        Self::open(Path::new("/dev/kvm"), vm_type)
+    }
+
+    /// Opens the KVM device at `path` (normally `/dev/kvm`) and creates a VM of type
+    /// `vm_type`.
+    pub fn open(path: &Path, vm_type: u64) -> KernelResult<Self> {
+        let path = CString::new(path.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
+        let kvm = Kvm::new_with_path(path.as_c_str())?;
         let vm = kvm.create_vm_with_type(vm_type)?;
         let supported_flags = u64::try_from(vm_cap(&vm, KVM_CAP_GUEST_MEMFD_FLAGS)).unwrap_or(0);
         let revision = SeriesRevision::ALL.into_iter().find(|rev| {

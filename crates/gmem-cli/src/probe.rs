@@ -1,0 +1,224 @@
+//! `gmem probe`: what this host offers guest_memfd, and which backend provides each feature.
+//!
+//! `--json` prints one object with the keys `kernel_release`, `kvm`, `userfaultfd`,
+//! `shmem_thp`, `nr_hugepages`, `max_map_count` and `features`; see [`to_json`].
+
+use std::process::ExitCode;
+
+use gmem::probe::{Availability, HostReport};
+use serde_json::{json, Value};
+
+/// Arguments of `gmem probe`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let report = gmem::probe::probe();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&to_json(&report))?);
+    } else {
+        print_text(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn availability(a: &Availability) -> Value {
+    json!({ "available": a.available, "detail": a.detail })
+}
+
+/// The report as JSON:
+///
+/// - `kvm`: `dev_kvm`, `error`, `flavour` (`VMX`/`SVM`/`PVM`/`unknown`/null), `modules`,
+///   `cpu_flags`, `api_version`, `vm_types` (`mask`, `names`), `vm_type_checks` (per type:
+///   `vm_type`, `name`, `advertised`, `create_error`), `capability_scope` (`vm`/`system`),
+///   `capabilities` (array of `number`, `name`, `value`, `decoded`), `conversion` (per series
+///   revision: `revision`, `capability`, `value`, `private`), `conversion_support` (null when
+///   supported, else the reason), `guest_memfd_create_error`;
+/// - `userfaultfd`: `available`, `error`, `features`, `feature_names`, `dev_userfaultfd`,
+///   `unprivileged_userfaultfd`;
+/// - `features`: array of `feature`, `description`, `emulated` and `kernel` (each `available`,
+///   `detail`).
+pub fn to_json(r: &HostReport) -> Value {
+    let k = &r.kvm;
+    let u = &r.userfaultfd;
+    json!({
+        "kernel_release": r.kernel_release,
+        "kvm": {
+            "dev_kvm": k.dev_kvm,
+            "error": k.error,
+            "flavour": k.flavour.map(|f| f.name()),
+            "modules": k.modules,
+            "cpu_flags": k.cpu_flags,
+            "api_version": k.api_version,
+            "vm_types": k.vm_types.map(|mask| json!({
+                "mask": mask,
+                "names": gmem::probe::VM_TYPE_NAMES
+                    .iter()
+                    .filter(|(t, _)| mask & (1u64 << t) != 0)
+                    .map(|(_, n)| *n)
+                    .collect::<Vec<_>>(),
+            })),
+            "vm_type_checks": k.vm_type_checks.iter().map(|c| json!({
+                "vm_type": c.vm_type,
+                "name": c.name,
+                "advertised": c.advertised,
+                "create_error": c.create_error.map(|e| e.name()),
+            })).collect::<Vec<_>>(),
+            "capability_scope": k.capability_scope,
+            "capabilities": k.capabilities.iter().map(|c| json!({
+                "number": c.number,
+                "name": c.name,
+                "value": c.value,
+                "decoded": c.decoded,
+            })).collect::<Vec<_>>(),
+            "conversion": k.conversion.iter().map(|c| json!({
+                "revision": c.revision.name(),
+                "capability": c.number,
+                "value": c.value,
+                "private": c.private,
+            })).collect::<Vec<_>>(),
+            "conversion_support": k.conversion_support.as_ref().err(),
+            "guest_memfd_create_error": k.guest_memfd_create_error,
+        },
+        "userfaultfd": {
+            "available": u.available,
+            "error": u.error,
+            "features": u.features,
+            "feature_names": u.feature_names,
+            "dev_userfaultfd": u.dev_userfaultfd,
+            "unprivileged_userfaultfd": u.unprivileged_userfaultfd,
+        },
+        "shmem_thp": r.shmem_thp,
+        "nr_hugepages": r.nr_hugepages,
+        "max_map_count": r.max_map_count,
+        "features": r.features.iter().map(|f| json!({
+            "feature": f.feature,
+            "description": f.description,
+            "emulated": availability(&f.emulated),
+            "kernel": availability(&f.kernel),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "unreadable".to_string(), |v| v.to_string())
+}
+
+fn print_text(r: &HostReport) {
+    let k = &r.kvm;
+    println!("kernel            {}", opt(r.kernel_release.as_deref()));
+    println!(
+        "/dev/kvm          {}",
+        if k.dev_kvm { "present" } else { "missing" }
+    );
+    if let Some(f) = k.flavour {
+        println!(
+            "flavour           {} (modules: {}; cpu flags: {})",
+            f.name(),
+            join_or_none(&k.modules),
+            join_or_none(&k.cpu_flags)
+        );
+    }
+    if let Some(e) = &k.error {
+        println!("kvm error         {e}");
+    }
+    if let Some(v) = k.api_version {
+        println!("api version       {v}");
+    }
+    for c in &k.vm_type_checks {
+        println!(
+            "vm type {}         {:<24} advertised {:<5} KVM_CREATE_VM {}",
+            c.vm_type,
+            c.name,
+            c.advertised,
+            c.create_error.map_or("ok".to_string(), |e| e.name())
+        );
+    }
+    if !k.capabilities.is_empty() {
+        println!("\ncapabilities (checked on the {}):", k.capability_scope);
+        for c in &k.capabilities {
+            println!(
+                "  {:>3} {:<28} {:>6}  {}",
+                c.number,
+                c.name,
+                c.value,
+                c.decoded.as_deref().unwrap_or("")
+            );
+        }
+        for c in &k.conversion {
+            println!(
+                "  {:>3} {:<28} {:>6}  series {}{}",
+                c.number,
+                "GUEST_MEMFD_MEMORY_ATTRIBUTES",
+                c.value,
+                c.revision.name(),
+                if c.private { ", PRIVATE" } else { "" }
+            );
+        }
+    }
+    match &k.conversion_support {
+        Ok(()) => println!("kernel conversion supported"),
+        Err(why) => println!("kernel conversion: {why}"),
+    }
+    let u = &r.userfaultfd;
+    println!();
+    if u.available {
+        println!(
+            "userfaultfd       available, features {:#x}: {}",
+            u.features,
+            u.feature_names.join(" ")
+        );
+    } else {
+        println!(
+            "userfaultfd       unavailable: {}",
+            u.error.as_deref().unwrap_or("?")
+        );
+    }
+    println!(
+        "/dev/userfaultfd  {}; vm.unprivileged_userfaultfd = {}",
+        if u.dev_userfaultfd {
+            "present"
+        } else {
+            "missing"
+        },
+        opt(u.unprivileged_userfaultfd)
+    );
+    println!("shmem THP         {}", opt(r.shmem_thp.as_deref()));
+    println!("nr_hugepages      {}", opt(r.nr_hugepages));
+    println!("max_map_count     {}", opt(r.max_map_count));
+    println!("\nfeature             emulated  kernel");
+    for f in &r.features {
+        println!(
+            "{:<19} {:<9} {}",
+            f.feature,
+            yes_no(&f.emulated),
+            yes_no(&f.kernel)
+        );
+    }
+    println!("\nwhy:");
+    for f in &r.features {
+        println!("  {} ({})", f.feature, f.description);
+        println!("    emulated: {}", f.emulated.detail);
+        println!("    kernel:   {}", f.kernel.detail);
+    }
+}
+
+fn yes_no(a: &Availability) -> &'static str {
+    if a.available {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn join_or_none(v: &[String]) -> String {
+    if v.is_empty() {
+        "none".to_string()
+    } else {
+        v.join(", ")
+    }
+}
