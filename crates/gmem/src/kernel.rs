@@ -597,4 +597,68 @@ mod tests {
         }
         assert_eq!(queued, len, "{} pipes", pipes.len());
     }
+
+    /// The crate-internal accessors are what a memslot needs: KVM accepts the guest_memfd and
+    /// its host view in KVM_SET_USER_MEMORY_REGION2 with KVM_MEM_GUEST_MEMFD. Also checks
+    /// the fd-level errnos host.md lists.
+    #[test]
+    fn accessors_bind_a_memslot_and_the_fd_refuses_file_io() {
+        let backend = match KernelBackend::new() {
+            Ok(b) => b,
+            Err(e) => {
+                println!("skipped: /dev/kvm is unusable: {e}");
+                return;
+            }
+        };
+        let f = backend
+            .create_guest_memfd(
+                16 * PAGE_SIZE,
+                GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+            )
+            .unwrap();
+        let fd = f.guest_memfd_fd().as_raw_fd();
+        let view = f.host_view().unwrap();
+        assert!(
+            std::ptr::eq(view, f.host_view().unwrap()),
+            "one view per file"
+        );
+        assert_eq!(view.len() as u64, 16 * PAGE_SIZE);
+        let region = kvm_bindings::kvm_userspace_memory_region2 {
+            slot: 0,
+            flags: crate::uapi::KVM_MEM_GUEST_MEMFD,
+            guest_phys_addr: 0x10_0000,
+            memory_size: 16 * PAGE_SIZE,
+            userspace_addr: view.as_ptr() as u64,
+            guest_memfd_offset: 0,
+            guest_memfd: u32::try_from(fd).unwrap(),
+            ..Default::default()
+        };
+        assert!(std::ptr::eq(f.vm_fd(), backend.vm_fd()));
+        // SAFETY: the region is the file's host view, which outlives the VM's use of it here
+        // (the slot is deleted below, before `f` is dropped).
+        unsafe { f.vm_fd().set_user_memory_region2(region) }.unwrap();
+        let delete = kvm_bindings::kvm_userspace_memory_region2 {
+            memory_size: 0,
+            ..region
+        };
+        // SAFETY: deleting the slot created above.
+        unsafe { f.vm_fd().set_user_memory_region2(delete) }.unwrap();
+
+        let mut b = [0u8; 8];
+        // SAFETY: plain syscalls on our own descriptor with a valid 8-byte buffer.
+        let (read, pread, pwrite, lseek, ftruncate) = unsafe {
+            (
+                (libc::read(fd, b.as_mut_ptr().cast(), 8), Errno::last()),
+                (libc::pread(fd, b.as_mut_ptr().cast(), 8, 0), Errno::last()),
+                (libc::pwrite(fd, b.as_ptr().cast(), 8, 0), Errno::last()),
+                (libc::lseek(fd, 0, libc::SEEK_SET), Errno::last()),
+                (libc::ftruncate(fd, 0), Errno::last()),
+            )
+        };
+        assert_eq!(read, (-1, Errno::EINVAL));
+        assert_eq!(pread, (-1, Errno::ESPIPE));
+        assert_eq!(pwrite, (-1, Errno::ESPIPE));
+        assert_eq!(lseek, (-1, Errno::ESPIPE));
+        assert_eq!(ftruncate, (-1, Errno::EINVAL));
+    }
 }

@@ -304,3 +304,29 @@ fn files_belong_to_their_vm_and_keep_it_alive() {
     f.read_at(0, &mut buf).unwrap();
     assert_eq!(buf, [1, 2, 3]);
 }
+
+/// The backend-generic conformance cases on the real guest_memfd: every case passes or is
+/// skipped for a capability this host lacks (conversion, a guest); none fails.
+#[test]
+fn conformance_cases_pass_or_skip_with_the_missing_capability() {
+    use gmem::conformance::{cases, Ctx, Outcome};
+    let b = backend_or_skip!();
+    let convert = b.conversion_support();
+    let ctx = Ctx {
+        backend: std::sync::Arc::new(b),
+        guest: None,
+    };
+    let mut passed = 0;
+    for case in cases() {
+        match ctx.run(&case) {
+            Outcome::Pass => passed += 1,
+            Outcome::Skip(why) => println!("skipped: {} ({why})", case.name),
+            Outcome::Fail(why) => panic!("{} failed on the kernel backend: {why}", case.name),
+        }
+    }
+    // The guest_memfd_test cases that need neither conversion nor a guest.
+    assert!(passed >= 11, "only {passed} cases passed");
+    if let Err(why) = convert {
+        println!("kernel conversion: {why}");
+    }
+}
