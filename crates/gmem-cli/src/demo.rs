@@ -22,7 +22,7 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let m = f.mmap_all()?;
     m.write_volatile(0, &[0xaa; 16])?;
     println!("host wrote 0xaa at 0 through its mapping");
-    f.set_private(0, PAGE_SIZE).map_err(|(e, _)| e)?;
+    f.set_private(0, PAGE_SIZE).map_err(|e| e.errno)?;
     println!("page 0 converted to private");
     match m.probe_read(0, 1)? {
         Probe::Fault(fault) => println!(
@@ -34,7 +34,7 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if let Err(e) = f.read_at(0, &mut [0u8; 1]) {
         println!("safe accessor: {e}");
     }
-    f.set_shared(0, PAGE_SIZE).map_err(|(e, _)| e)?;
+    f.set_shared(0, PAGE_SIZE).map_err(|e| e.errno)?;
     let mut b = [0u8; 1];
     f.read_at(0, &mut b)?;
     println!(
@@ -43,10 +43,10 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     );
     let pin = f.pin(PAGE_SIZE, PAGE_SIZE)?;
     match f.set_private(0, 2 * PAGE_SIZE) {
-        Err((e, a)) => println!(
+        Err(e) => println!(
             "to private with page 1 pinned: {} error_offset={:#x}",
-            e.name(),
-            a.error_offset
+            e.errno.name(),
+            e.error_offset
         ),
         Ok(()) => return Err("conversion succeeded despite a pin".into()),
     }

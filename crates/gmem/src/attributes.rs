@@ -147,7 +147,15 @@ impl AttributeStore {
         if start >= end {
             return;
         }
-        set(&mut self.root, 0, self.root_shift, start, end, private);
+        set(
+            &mut self.root,
+            0,
+            self.root_shift,
+            start,
+            end,
+            private,
+            self.npages,
+        );
     }
 
     /// Whether every page of `[start, end)` has the attribute `private`.
@@ -207,13 +215,28 @@ impl AttributeStore {
     }
 }
 
-fn set(slot: &mut Slot, base: u64, shift: u32, start: u64, end: u64, private: bool) {
+/// Sets `[start, end)` in `slot` (which covers `[base, base + 2^shift)`); pages at or past
+/// `limit` (the file's end) do not exist, so a slot whose existing pages are all covered
+/// becomes uniform.
+/// Indices of the children of a slot at `base` (children of `2^child_shift` pages) that
+/// `[s, e)` touches; `s < e`, both inside the slot.
+fn child_range(base: u64, child_shift: u32, s: u64, e: u64) -> std::ops::RangeInclusive<usize> {
+    // Both quotients are below FAN (64): the casts are lossless.
+    #[allow(clippy::cast_possible_truncation)]
+    let (a, b) = (
+        ((s - base) >> child_shift) as usize,
+        ((e - 1 - base) >> child_shift) as usize,
+    );
+    a..=b
+}
+
+fn set(slot: &mut Slot, base: u64, shift: u32, start: u64, end: u64, private: bool, limit: u64) {
     let span_end = base.saturating_add(1u64 << shift);
     let (s, e) = (start.max(base), end.min(span_end));
     if s >= e {
         return;
     }
-    if s == base && e == span_end {
+    if s == base && e >= span_end.min(limit) {
         *slot = Slot::uniform(private);
         return;
     }
@@ -233,9 +256,12 @@ fn set(slot: &mut Slot, base: u64, shift: u32, start: u64, end: u64, private: bo
                 }
                 true
             });
-            if bits.iter().all(|&w| w == 0) {
+            // Bits of pages past the file's end are don't-care.
+            let valid = limit.saturating_sub(base).min(1 << LEAF_SHIFT);
+            let uniform_as = |v: u64| for_words(0, valid, |w, m| bits[w] & m == v & m);
+            if uniform_as(0) {
                 *slot = Slot::Shared;
-            } else if bits.iter().all(|&w| w == u64::MAX) {
+            } else if uniform_as(u64::MAX) {
                 *slot = Slot::Private;
             }
         }
@@ -246,12 +272,32 @@ fn set(slot: &mut Slot, base: u64, shift: u32, start: u64, end: u64, private: bo
     }
     if let Slot::Inner(children) = slot {
         let child_shift = shift - FAN_SHIFT;
-        for (i, child) in children.iter_mut().enumerate() {
+        let touched = child_range(base, child_shift, s, e);
+        for i in touched.clone() {
             let child_base = base + ((i as u64) << child_shift);
-            set(child, child_base, child_shift, s, e, private);
+            set(
+                &mut children[i],
+                child_base,
+                child_shift,
+                s,
+                e,
+                private,
+                limit,
+            );
         }
+        // Collapse only if what was touched is now uniform (cheap test first).
+        if touched
+            .clone()
+            .any(|i| children[i].as_uniform() != Some(private))
+        {
+            return;
+        }
+        // Children wholly past the file's end are don't-care.
+        let live = usize::try_from(limit.saturating_sub(base).div_ceil(1u64 << child_shift))
+            .unwrap_or(FAN)
+            .min(FAN);
         let first = children[0].as_uniform();
-        if first.is_some() && children.iter().all(|c| c.as_uniform() == first) {
+        if first.is_some() && children[..live].iter().all(|c| c.as_uniform() == first) {
             *slot = Slot::uniform(first == Some(true));
         }
     }
@@ -280,9 +326,9 @@ fn first(slot: &Slot, base: u64, shift: u32, start: u64, end: u64, private: bool
         }
         Slot::Inner(children) => {
             let child_shift = shift - FAN_SHIFT;
-            children.iter().enumerate().find_map(|(i, child)| {
+            child_range(base, child_shift, s, e).find_map(|i| {
                 let child_base = base + ((i as u64) << child_shift);
-                first(child, child_base, child_shift, s, e, private)
+                first(&children[i], child_base, child_shift, s, e, private)
             })
         }
     }
@@ -318,9 +364,9 @@ fn runs(
         }
         Slot::Inner(children) => {
             let child_shift = shift - FAN_SHIFT;
-            for (i, child) in children.iter().enumerate() {
+            for i in child_range(base, child_shift, s, e) {
                 let child_base = base + ((i as u64) << child_shift);
-                runs(child, child_base, child_shift, s, e, out);
+                runs(&children[i], child_base, child_shift, s, e, out);
             }
         }
     }
@@ -377,7 +423,7 @@ mod tests {
                 *x = p;
             }
             check(&s, &m);
-            assert_eq!(s.range_is(a, b, p), true);
+            assert!(s.range_is(a, b, p));
         }
         assert_eq!(s.fragments(), 1);
         assert_eq!(
@@ -431,7 +477,7 @@ mod tests {
                 let len = if rnd(4) == 0 {
                     rnd(n - a) + 1
                 } else {
-                    rnd(100).min(n - a) + 1
+                    (rnd(100) + 1).min(n - a)
                 };
                 let p = rnd(2) == 1;
                 s.set_range(a, a + len, p);

@@ -7,7 +7,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::error::{AccessError, KernelResult};
+use crate::error::{AccessError, ConversionError, KernelResult};
 use crate::mapping::{HostMapping, MapKind};
 use crate::uapi::{
     kvm_memory_attributes2, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_MMAP,
@@ -153,25 +153,24 @@ pub trait GuestMemfd: Send + Sync + fmt::Debug {
         self.mmap(0, len, MapKind::Shared)
     }
 
-    /// Converts `[offset, offset + len)` to private; the full struct is returned on failure
-    /// so that `error_offset` can be read.
-    fn set_private(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> Result<(), (crate::Errno, kvm_memory_attributes2)> {
+    /// Converts `[offset, offset + len)` to private.
+    fn set_private(&self, offset: u64, len: u64) -> Result<(), ConversionError> {
         let mut a = kvm_memory_attributes2::new(offset, len, KVM_MEMORY_ATTRIBUTE_PRIVATE);
-        self.set_attributes(&mut a).map_err(|e| (e, a))
+        self.set_attributes(&mut a)
+            .map_err(|errno| ConversionError {
+                errno,
+                error_offset: a.error_offset,
+            })
     }
 
     /// Converts `[offset, offset + len)` to shared.
-    fn set_shared(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> Result<(), (crate::Errno, kvm_memory_attributes2)> {
+    fn set_shared(&self, offset: u64, len: u64) -> Result<(), ConversionError> {
         let mut a = kvm_memory_attributes2::new(offset, len, 0);
-        self.set_attributes(&mut a).map_err(|e| (e, a))
+        self.set_attributes(&mut a)
+            .map_err(|errno| ConversionError {
+                errno,
+                error_offset: a.error_offset,
+            })
     }
 
     /// Whether host userspace may mmap the file.

@@ -65,10 +65,44 @@ impl Revocation {
 }
 
 /// Options of the emulated backend.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct EmulatedOptions {
     /// Revocation mechanism for private pages in host mappings.
     pub revocation: Revocation,
+    /// With [`Revocation::Poison`]: private runs of at least this many bytes are revoked by
+    /// a hole mapping (one VMA, constant cost) instead of per-page markers (~0.1 µs a page).
+    /// `u64::MAX` disables holes.
+    pub hole_min_bytes: u64,
+    /// With [`Revocation::Poison`]: the most hole mappings one host mapping may hold; past
+    /// it, further private runs get markers. Holes are never split (a partial restore
+    /// rebuilds the hole as markers), so a mapping never has more hole VMAs than this.
+    pub hole_budget: usize,
+}
+
+impl Default for EmulatedOptions {
+    fn default() -> Self {
+        EmulatedOptions {
+            revocation: Revocation::Auto,
+            hole_min_bytes: DEFAULT_HOLE_MIN_BYTES,
+            hole_budget: DEFAULT_HOLE_BUDGET,
+        }
+    }
+}
+
+/// Default [`EmulatedOptions::hole_min_bytes`]: where a hole mapping becomes cheaper than
+/// markers (measured; DESIGN.md).
+pub const DEFAULT_HOLE_MIN_BYTES: u64 = 128 * 1024;
+/// Default [`EmulatedOptions::hole_budget`].
+pub const DEFAULT_HOLE_BUDGET: usize = 1024;
+
+impl EmulatedOptions {
+    /// Default options with this revocation mechanism.
+    pub fn with_revocation(revocation: Revocation) -> Self {
+        EmulatedOptions {
+            revocation,
+            ..Self::default()
+        }
+    }
 }
 
 /// The emulated backend: creates [`EmulatedGuestMemfd`] files.
@@ -108,15 +142,18 @@ impl GuestMemfdBackend for EmulatedBackend {
 
 enum Mechanism {
     Poison(PoisonFd),
-    Remap { hole: OwnedFd },
+    Remap,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct MappingEntry {
     id: u64,
     addr: usize,
     len: usize,
     file_offset: u64,
+    /// File ranges `[start, end)` currently replaced by the hole file (coalesced; adjacent
+    /// holes are one VMA because the hole file is mapped at the same offset).
+    holes: BTreeMap<u64, u64>,
 }
 
 impl MappingEntry {
@@ -132,6 +169,49 @@ impl MappingEntry {
         let (off, len) = ((s - self.file_offset) as usize, (e - s) as usize);
         Some(((self.addr + off) as *mut u8, len))
     }
+
+    /// The hole pieces overlapping `[start, end)`, clipped to it.
+    fn holes_in(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        self.holes
+            .range(..end)
+            .filter(|(_, &e)| e > start)
+            .map(|(&s, &e)| (s.max(start), e.min(end)))
+            .collect()
+    }
+
+    /// Records `[start, end)` as a hole, merging neighbours.
+    fn add_hole(&mut self, mut start: u64, mut end: u64) {
+        let overlapping: Vec<(u64, u64)> = self
+            .holes
+            .range(..=end)
+            .filter(|(_, &e)| e >= start)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        for (s, e) in overlapping {
+            self.holes.remove(&s);
+            start = start.min(s);
+            end = end.max(e);
+        }
+        self.holes.insert(start, end);
+    }
+
+    /// Forgets `[start, end)` as a hole, splitting entries.
+    fn remove_hole(&mut self, start: u64, end: u64) {
+        for (s, e) in self.holes_in(start, end) {
+            let (full_s, full_e) = self
+                .holes
+                .range(..=s)
+                .next_back()
+                .map_or((s, e), |(&a, &b)| (a, b));
+            self.holes.remove(&full_s);
+            if full_s < s {
+                self.holes.insert(full_s, s);
+            }
+            if e < full_e {
+                self.holes.insert(e, full_e);
+            }
+        }
+    }
 }
 
 struct State {
@@ -144,10 +224,13 @@ type Pins = BTreeMap<u64, Vec<(u64, u64)>>;
 
 struct Inner {
     memfd: OwnedFd,
+    /// The empty file whose mappings stand in for private runs.
+    hole: OwnedFd,
     size: u64,
     flags: u64,
     ino: u64,
     mechanism: Mechanism,
+    options: EmulatedOptions,
     state: RwLock<State>,
     pins: Mutex<Pins>,
     next_id: AtomicI64,
@@ -169,6 +252,28 @@ impl std::fmt::Debug for EmulatedGuestMemfd {
             .field("flags", &flag_names(self.inner.flags))
             .field("revocation", &self.revocation())
             .finish()
+    }
+}
+
+/// `UFFDIO_POISON` over a range that may span several VMAs (one call must stay inside one
+/// VMA, else ENOENT; adjacent VMAs of the memory file do not always merge after remaps):
+/// halves the range at each ENOENT, so a boundary costs O(log n) calls.
+fn poison_split(uffd: &PoisonFd, addr: *mut u8, len: usize) -> Result<(), PoisonError> {
+    match uffd.poison(addr, len) {
+        Err(PoisonError::Failed(Errno::ENOENT)) if len > PAGE_SIZE as usize => {
+            let half = (len / 2) & !(PAGE_SIZE as usize - 1);
+            let half = half.max(PAGE_SIZE as usize);
+            poison_split(uffd, addr, half)?;
+            // SAFETY: `half < len`: still inside the caller's range.
+            let rest = unsafe { addr.add(half) };
+            poison_split(uffd, rest, len - half).map_err(|e| match e {
+                PoisonError::Exists { done } => PoisonError::Exists {
+                    done: done + half as u64,
+                },
+                other => other,
+            })
+        }
+        other => other,
     }
 }
 
@@ -205,24 +310,21 @@ impl EmulatedGuestMemfd {
         let ino = sys::fstat(memfd.as_fd())?.st_ino;
         let mechanism = match options.revocation {
             Revocation::Poison => Mechanism::Poison(PoisonFd::new()?),
-            Revocation::Remap => Mechanism::Remap {
-                hole: sys::memfd_create(c"gmem-hole")?,
-            },
-            Revocation::Auto => match PoisonFd::new() {
-                Ok(p) => Mechanism::Poison(p),
-                Err(_) => Mechanism::Remap {
-                    hole: sys::memfd_create(c"gmem-hole")?,
-                },
-            },
+            Revocation::Remap => Mechanism::Remap,
+            Revocation::Auto => PoisonFd::new().map_or(Mechanism::Remap, Mechanism::Poison),
         };
+        // An empty file: every access to a mapping of it is past its end, i.e. SIGBUS.
+        let hole = sys::memfd_create(c"gmem-hole")?;
         let private = flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0;
         Ok(EmulatedGuestMemfd {
             inner: Arc::new(Inner {
                 memfd,
+                hole,
                 size,
                 flags,
                 ino,
                 mechanism,
+                options,
                 state: RwLock::new(State {
                     attrs: AttributeStore::new(size / PAGE_SIZE, private),
                     mappings: Vec::new(),
@@ -239,7 +341,7 @@ impl EmulatedGuestMemfd {
     pub fn revocation(&self) -> Revocation {
         match self.inner.mechanism {
             Mechanism::Poison(_) => Revocation::Poison,
-            Mechanism::Remap { .. } => Revocation::Remap,
+            Mechanism::Remap => Revocation::Remap,
         }
     }
 
@@ -261,11 +363,6 @@ impl EmulatedGuestMemfd {
         self.inner
             .fail_after
             .store(i64::from(ops), Ordering::SeqCst);
-    }
-
-    /// The memory file (for binding the guest's view as a memslot).
-    pub(crate) fn memfd(&self) -> &OwnedFd {
-        &self.inner.memfd
     }
 
     /// The guest's view: a full mapping of the file in which private pages are accessible.
@@ -354,86 +451,194 @@ impl EmulatedGuestMemfd {
         Ok(())
     }
 
-    /// Makes file range `[start, end)` (bytes) inaccessible in mapping `m`.
-    fn revoke(&self, m: &MappingEntry, start: u64, end: u64) -> KernelResult<()> {
+    /// Makes file range `[start, end)` (bytes), currently shared, inaccessible in mapping
+    /// `m`: a hole mapping for a long run (or always, with [`Revocation::Remap`]; or when
+    /// `force_hole`), poison markers otherwise.
+    fn revoke_with(
+        &self,
+        m: &mut MappingEntry,
+        start: u64,
+        end: u64,
+        force_hole: bool,
+    ) -> KernelResult<()> {
         let Some((addr, len)) = m.window(start, end) else {
             return Ok(());
         };
         self.injected_failure()?;
-        match &self.inner.mechanism {
-            Mechanism::Poison(uffd) => {
-                let mut done = 0usize;
-                let mut contended = 0u32;
-                while done < len {
-                    // SAFETY: the window lies inside a live registered mapping (entries are
-                    // removed before unmap, under the lock we hold).
-                    let at = unsafe { addr.add(done) };
-                    // SAFETY: as above.
-                    unsafe { sys::madvise_raw(at, len - done, libc::MADV_DONTNEED)? };
-                    match uffd.poison(at, len - done) {
-                        Ok(()) => break,
-                        // A concurrent access re-faulted a page between the zap and the
-                        // marker: zap again from there.
-                        Err(PoisonError::Exists { done: d }) => {
-                            done += usize::try_from(d).map_err(|_| Errno::EFAULT)?;
-                            contended += 1;
-                            if contended > 10_000 {
-                                return Err(Errno::EAGAIN);
-                            }
-                        }
-                        Err(PoisonError::Failed(e)) => return Err(e),
+        let opts = &self.inner.options;
+        let uffd = match &self.inner.mechanism {
+            Mechanism::Poison(uffd)
+                if !force_hole
+                    && ((len as u64) < opts.hole_min_bytes
+                        || m.holes.len() >= opts.hole_budget) =>
+            {
+                uffd
+            }
+            Mechanism::Poison(_) | Mechanism::Remap => {
+                let s = start.max(m.file_offset);
+                // SAFETY: the window lies inside a live registered mapping (entries are
+                // removed before unmap, under the lock we hold). The hole file is empty, so
+                // every access to the new mapping is past its end: SIGBUS.
+                unsafe { sys::mmap_fixed_raw(addr, len, self.inner.hole.as_fd(), s)? };
+                m.add_hole(s, s + len as u64);
+                return self.reregister(m);
+            }
+        };
+        // Markers go only on empty PTEs. Poison optimistically (an unpopulated range needs
+        // this one call); at the first present PTE, zap from there and retry. A concurrent
+        // access can re-fault a page between the zap and the marker; the loop then zaps again
+        // from that page.
+        let mut done = 0usize;
+        let mut zaps = 0u32;
+        while done < len {
+            // SAFETY: as above.
+            let at = unsafe { addr.add(done) };
+            match poison_split(uffd, at, len - done) {
+                Ok(()) => break,
+                Err(PoisonError::Exists { done: d }) => {
+                    done += usize::try_from(d).map_err(|_| Errno::EFAULT)?;
+                    zaps += 1;
+                    if zaps > 10_000 {
+                        return Err(Errno::EAGAIN);
                     }
+                    // SAFETY: as above.
+                    unsafe { sys::madvise_raw(addr.add(done), len - done, libc::MADV_DONTNEED)? };
                 }
-                Ok(())
+                Err(PoisonError::Failed(e)) => return Err(e),
             }
-            Mechanism::Remap { hole } => {
-                // SAFETY: the window lies inside a live registered mapping.
-                unsafe { sys::mmap_fixed_raw(addr, len, hole.as_fd(), 0) }
+        }
+        Ok(())
+    }
+
+    fn revoke(&self, m: &mut MappingEntry, start: u64, end: u64) -> KernelResult<()> {
+        self.revoke_with(m, start, end, false)
+    }
+
+    /// Undoes a partial restore: a hole over the whole run works whatever mix of holes,
+    /// markers and restored pages it holds.
+    fn revoke_forced(&self, m: &mut MappingEntry, start: u64, end: u64) -> KernelResult<()> {
+        self.revoke_with(m, start, end, true)
+    }
+
+    /// Makes file range `[start, end)` (bytes), currently private, accessible again in
+    /// mapping `m`: markers are zapped; a hole inside the range is replaced by the memory
+    /// file; a hole that reaches beyond the range is rebuilt as markers (never split, so
+    /// restores add no VMA).
+    fn restore(&self, m: &mut MappingEntry, start: u64, end: u64) -> KernelResult<()> {
+        let Some((addr, len)) = m.window(start, end) else {
+            return Ok(());
+        };
+        self.injected_failure()?;
+        let s = start.max(m.file_offset);
+        let e = s + len as u64;
+        let holes = m.holes_in(s, e);
+        let covered: u64 = holes.iter().map(|(a, b)| b - a).sum();
+        if let Mechanism::Poison(_) = self.inner.mechanism {
+            if covered < e - s {
+                // SAFETY: the window lies inside a live registered mapping; DONTNEED on a
+                // shared mapping drops PTEs and markers only, never file contents.
+                unsafe { sys::madvise_raw(addr, len, libc::MADV_DONTNEED)? };
             }
+        }
+        for (ps, pe) in holes {
+            let (hs, he) = m
+                .holes
+                .range(..=ps)
+                .next_back()
+                .map_or((ps, pe), |(&a, &b)| (a, b));
+            match &self.inner.mechanism {
+                Mechanism::Poison(uffd) if hs < ps || pe < he => {
+                    self.rebuild_hole(uffd, m, (hs, he), (ps, pe))?
+                }
+                _ => self.unhole(m, ps, pe)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Maps the memory file over hole piece `[hs, he)` of `m` (and registers it).
+    fn unhole(&self, m: &mut MappingEntry, hs: u64, he: u64) -> KernelResult<()> {
+        let Some((addr, len)) = m.window(hs, he) else {
+            return Ok(());
+        };
+        // SAFETY: the window lies inside a live registered mapping.
+        unsafe { sys::mmap_fixed_raw(addr, len, self.inner.memfd.as_fd(), hs)? };
+        m.remove_hole(hs, he);
+        self.reregister(m)
+    }
+
+    /// Registers the whole of mapping `m` with the userfaultfd again. Replacing part of a
+    /// mapping (`MAP_FIXED`, `mremap`) can leave neighbouring VMAs of the memory file without
+    /// their registration (seen on 6.18; a poison there then fails with ENOENT), so every
+    /// operation that changes the layout ends here. Registering a registered range with the
+    /// same userfaultfd is allowed; hole VMAs (shmem too) are registered harmlessly.
+    fn reregister(&self, m: &MappingEntry) -> KernelResult<()> {
+        match &self.inner.mechanism {
+            Mechanism::Poison(uffd) => uffd.register(m.addr as *mut u8, m.len),
+            Mechanism::Remap => Ok(()),
         }
     }
 
-    /// Makes file range `[start, end)` (bytes) accessible again in mapping `m`.
-    fn restore(&self, m: &MappingEntry, start: u64, end: u64) -> KernelResult<()> {
-        let Some((addr, len)) = m.window(start, end) else {
+    /// Replaces hole `[hs, he)` of `m` by the memory file with markers on every page but
+    /// `[ps, pe)`, atomically: the replacement is built at a fresh address and moved over the
+    /// hole with `mremap`, so no access ever sees a private page of it exposed.
+    fn rebuild_hole(
+        &self,
+        uffd: &PoisonFd,
+        m: &mut MappingEntry,
+        (hs, he): (u64, u64),
+        (ps, pe): (u64, u64),
+    ) -> KernelResult<()> {
+        let Some((dest, len)) = m.window(hs, he) else {
             return Ok(());
         };
-        self.injected_failure()?;
-        match &self.inner.mechanism {
-            // SAFETY: the window lies inside a live registered mapping; DONTNEED on a shared
-            // mapping drops PTEs and markers only, never file contents.
-            Mechanism::Poison(_) => unsafe { sys::madvise_raw(addr, len, libc::MADV_DONTNEED) },
-            Mechanism::Remap { .. } => {
-                let file_off = start.max(m.file_offset);
-                // SAFETY: the window lies inside a live registered mapping.
-                unsafe { sys::mmap_fixed_raw(addr, len, self.inner.memfd.as_fd(), file_off) }
+        let fresh = Mmap::new(Some(self.inner.memfd.as_fd()), hs, len, libc::MAP_SHARED)?;
+        uffd.register(fresh.as_ptr(), len)?;
+        for (a, b) in [(hs, ps), (pe, he)] {
+            if a < b {
+                // Both differences are below `len`, a usize.
+                #[allow(clippy::cast_possible_truncation)]
+                let (off, n) = ((a - hs) as usize, (b - a) as usize);
+                // SAFETY: inside `fresh`, which nothing else knows of: its PTEs are all none.
+                let at = unsafe { fresh.as_ptr().add(off) };
+                poison_split(uffd, at, n).map_err(|p| match p {
+                    PoisonError::Failed(e) => e,
+                    PoisonError::Exists { .. } => Errno::EAGAIN,
+                })?;
             }
         }
+        // SAFETY: `fresh` is ours and `dest` is inside a live registered mapping; after the
+        // move `fresh`'s range is gone, so it is released without unmapping.
+        unsafe { sys::mremap_fixed_raw(fresh.as_ptr(), dest, len)? };
+        let _ = fresh.into_raw();
+        // The move drops the userfaultfd registration (the markers stay): register again.
+        m.remove_hole(hs, he);
+        self.reregister(m)
     }
 
     /// Applies `op` to every run in every mapping; on failure, undoes what was done with
     /// `undo` and returns the error.
     fn apply_all(
         &self,
-        st: &State,
+        st: &mut State,
         runs: &[(u64, u64)],
-        op: fn(&Self, &MappingEntry, u64, u64) -> KernelResult<()>,
-        undo: fn(&Self, &MappingEntry, u64, u64) -> KernelResult<()>,
+        op: fn(&Self, &mut MappingEntry, u64, u64) -> KernelResult<()>,
+        undo: fn(&Self, &mut MappingEntry, u64, u64) -> KernelResult<()>,
     ) -> KernelResult<()> {
-        for (i, m) in st.mappings.iter().enumerate() {
+        for i in 0..st.mappings.len() {
             for (j, &(s, e)) in runs.iter().enumerate() {
-                if let Err(err) = op(self, m, s, e) {
+                if let Err(err) = op(self, &mut st.mappings[i], s, e) {
                     // Roll back: every run of the mappings before this one, and this
                     // mapping's runs up to and including the failed one (which may be half
-                    // done). Best effort: a failing undo leaves the page revoked, never
-                    // exposed, for to-private.
-                    for done in &st.mappings[..i] {
+                    // done). Best effort: a failing undo of a to-private conversion leaves a
+                    // page revoked, never exposed.
+                    for done in &mut st.mappings[..i] {
                         for &(s, e) in runs {
                             let _ = undo(self, done, s, e);
                         }
                     }
                     for &(s, e) in &runs[..=j] {
-                        let _ = undo(self, m, s, e);
+                        let _ = undo(self, &mut st.mappings[i], s, e);
                     }
                     return Err(err);
                 }
@@ -467,11 +672,12 @@ impl EmulatedGuestMemfd {
         let mut st = self.write_state();
         let id = u64::try_from(self.inner.next_id.fetch_add(1, Ordering::Relaxed))
             .map_err(|_| Errno::ENOMEM)?;
-        let entry = MappingEntry {
+        let mut entry = MappingEntry {
             id,
             addr: map.as_ptr() as usize,
             len: map.len(),
             file_offset,
+            holes: BTreeMap::new(),
         };
         if let Mechanism::Poison(uffd) = &self.inner.mechanism {
             uffd.register(map.as_ptr(), map.len())?;
@@ -482,7 +688,7 @@ impl EmulatedGuestMemfd {
         let (first, end) = pages(file_offset, file_end.saturating_sub(file_offset));
         for (s, e, private) in st.attrs.runs(first, end) {
             if private {
-                self.revoke(&entry, s * PAGE_SIZE, e * PAGE_SIZE)?;
+                self.revoke(&mut entry, s * PAGE_SIZE, e * PAGE_SIZE)?;
             }
         }
         st.mappings.push(entry);
@@ -546,12 +752,9 @@ impl GuestMemfd for EmulatedGuestMemfd {
         let to_private = a.attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0;
         let (first, end) = pages(a.offset, a.size);
         let mut st = self.write_state();
-        // Early return: the whole range already has the attributes (§2.4 step 1).
-        if st.attrs.range_is(first, end, to_private) {
-            return Ok(());
-        }
         // The runs whose attribute changes; only they are revoked or restored, which keeps
-        // rollback exact for mixed ranges.
+        // rollback exact for mixed ranges. None: the whole range already has the attributes,
+        // and the request returns at once (§2.4 step 1).
         let changing: Vec<(u64, u64)> = st
             .attrs
             .runs(first, end)
@@ -559,6 +762,9 @@ impl GuestMemfd for EmulatedGuestMemfd {
             .filter(|r| r.2 != to_private)
             .map(|(s, e, _)| (s * PAGE_SIZE, e * PAGE_SIZE))
             .collect();
+        if changing.is_empty() {
+            return Ok(());
+        }
         if to_private {
             // Safety check (§2.4 step 3b): an outstanding pin anywhere in the range, already
             // private pages included, fails the whole request.
@@ -566,7 +772,7 @@ impl GuestMemfd for EmulatedGuestMemfd {
                 a.error_offset = a.offset.max(page * PAGE_SIZE);
                 return Err(Errno::EAGAIN);
             }
-            if let Err(e) = self.apply_all(&st, &changing, Self::revoke, Self::restore) {
+            if let Err(e) = self.apply_all(&mut st, &changing, Self::revoke, Self::restore) {
                 a.error_offset = a.offset;
                 return Err(if e == Errno::EAGAIN {
                     Errno::EAGAIN
@@ -575,7 +781,7 @@ impl GuestMemfd for EmulatedGuestMemfd {
                 });
             }
         } else if self
-            .apply_all(&st, &changing, Self::restore, Self::revoke)
+            .apply_all(&mut st, &changing, Self::restore, Self::revoke_forced)
             .is_err()
         {
             a.error_offset = a.offset;

@@ -146,3 +146,15 @@ pub enum AccessError {
         flags: String,
     },
 }
+
+/// A failed conversion through [`GuestMemfd::set_private`](crate::GuestMemfd::set_private) /
+/// [`GuestMemfd::set_shared`](crate::GuestMemfd::set_shared): the errno and, for EAGAIN and
+/// ENOMEM, the `error_offset` the kernel reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("conversion failed: {errno} (error_offset {error_offset:#x})")]
+pub struct ConversionError {
+    /// What `KVM_SET_MEMORY_ATTRIBUTES2` returned.
+    pub errno: Errno,
+    /// `error_offset` after the call (meaningful for EAGAIN and ENOMEM).
+    pub error_offset: u64,
+}

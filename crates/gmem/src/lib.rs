@@ -10,6 +10,7 @@
 
 pub mod attributes;
 pub mod backend;
+pub mod bench;
 pub mod conformance;
 pub mod emulated;
 pub mod error;
@@ -21,7 +22,7 @@ pub mod uapi;
 
 pub use backend::{BackendKind, GuestMemfd, GuestMemfdBackend, GuestMemfdStat, PinGuard};
 pub use emulated::{EmulatedBackend, EmulatedGuestMemfd, EmulatedOptions, Revocation};
-pub use error::{AccessError, Errno, KernelResult};
+pub use error::{AccessError, ConversionError, Errno, KernelResult};
 pub use kernel::{ConversionUnsupported, KernelBackend, KernelGuestMemfd};
 pub use mapping::{HostMapping, MapKind, Probe};
 pub use sys::PAGE_SIZE;

@@ -93,6 +93,30 @@ pub unsafe fn mmap_fixed_raw(
     }
 }
 
+/// Moves the pages of `[from, from + len)` onto `[to, to + len)` (`mremap(MREMAP_FIXED)`),
+/// replacing whatever was mapped there in one step: no access can see the range unmapped.
+///
+/// # Safety
+/// Both ranges must be mappings this process owns with no Rust reference into them; `from`
+/// is unmapped afterwards and must not be unmapped again.
+pub unsafe fn mremap_fixed_raw(from: *mut u8, to: *mut u8, len: usize) -> KernelResult<()> {
+    // SAFETY: the caller vouches for both ranges.
+    let p = unsafe {
+        libc::mremap(
+            from.cast(),
+            len,
+            len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            to.cast::<libc::c_void>(),
+        )
+    };
+    if p == libc::MAP_FAILED {
+        Err(Errno::last())
+    } else {
+        Ok(())
+    }
+}
+
 /// `pread` until `buf` is full (a hole reads zeros).
 pub fn pread_exact(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> KernelResult<()> {
     let mut done = 0usize;
@@ -216,6 +240,14 @@ impl Mmap {
             Some(end) if end <= self.len => Ok(()),
             _ => Err(Errno::EINVAL),
         }
+    }
+}
+
+impl Mmap {
+    /// Gives up ownership of the range (after it was moved away with `mremap`).
+    pub fn into_raw(self) -> (*mut u8, usize) {
+        let me = std::mem::ManuallyDrop::new(self);
+        (me.ptr.as_ptr(), me.len)
     }
 }
 

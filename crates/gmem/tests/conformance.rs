@@ -5,14 +5,25 @@
 use gmem::conformance::{cases, Ctx, Outcome};
 use gmem::{EmulatedOptions, Revocation};
 
-/// Runs case `name` with both revocation mechanisms.
+/// Runs case `name` with both revocation mechanisms, and with poison markers replaced by
+/// hole mappings for every run.
 fn run(name: &str) {
     let case = cases()
         .into_iter()
         .find(|c| c.name == name)
         .unwrap_or_else(|| panic!("no case named {name}"));
-    for revocation in [Revocation::Poison, Revocation::Remap] {
-        match Ctx::emulated_with(EmulatedOptions { revocation }).run(&case) {
+    let holes = EmulatedOptions {
+        hole_min_bytes: gmem::PAGE_SIZE,
+        ..EmulatedOptions::with_revocation(Revocation::Poison)
+    };
+    let configs = [
+        EmulatedOptions::with_revocation(Revocation::Poison),
+        EmulatedOptions::with_revocation(Revocation::Remap),
+        holes,
+    ];
+    for opts in configs {
+        let revocation = opts;
+        match Ctx::emulated_with(opts).run(&case) {
             Outcome::Pass => {}
             Outcome::Skip(reason) => {
                 panic!("{name} ({revocation:?}) skipped ({reason}); skips must not count as passes")

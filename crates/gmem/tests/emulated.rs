@@ -8,7 +8,7 @@ const PS: u64 = PAGE_SIZE;
 const SHARED: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
 
 fn both() -> [EmulatedOptions; 2] {
-    [Revocation::Poison, Revocation::Remap].map(|revocation| EmulatedOptions { revocation })
+    [Revocation::Poison, Revocation::Remap].map(EmulatedOptions::with_revocation)
 }
 
 fn sigbus_at(m: &HostMapping, off: u64) -> bool {
@@ -56,7 +56,9 @@ fn enomem_from_a_refused_mapping_change_changes_nothing() {
         // The other direction: restore fails part-way, private pages stay revoked.
         f.inject_mapping_failure(1);
         let r = f.set_shared(0, 8 * PS);
-        assert!(matches!(r, Err((Errno::ENOMEM, a)) if a.error_offset == 0));
+        assert!(
+            matches!(r, Err(ConversionError { errno: Errno::ENOMEM, error_offset: eo }) if eo == 0)
+        );
         for m in &maps {
             for p in 0..8 {
                 assert_eq!(
@@ -145,9 +147,7 @@ fn worst_case_alternating_pattern_over_one_gib() {
     let f = EmulatedGuestMemfd::create_with(
         size,
         SHARED,
-        EmulatedOptions {
-            revocation: Revocation::Poison,
-        },
+        EmulatedOptions::with_revocation(Revocation::Poison),
     )
     .unwrap();
     let m = f.mmap_all().unwrap();
@@ -215,11 +215,13 @@ fn safe_accessors_name_the_offset() {
 fn pins_are_detached_by_punch_hole_and_refuse_private_pages() {
     let f = EmulatedGuestMemfd::create(4 * PS, SHARED).unwrap();
     let pin = f.pin(PS, 2 * PS).unwrap();
-    assert!(matches!(f.set_private(0, 4 * PS), Err((Errno::EAGAIN, a)) if a.error_offset == PS));
+    assert!(
+        matches!(f.set_private(0, 4 * PS), Err(ConversionError { errno: Errno::EAGAIN, error_offset: eo }) if eo == PS)
+    );
     // Punching page 1 frees it from the file: only page 2 is still held.
     f.punch_hole(PS, PS).unwrap();
     assert!(
-        matches!(f.set_private(0, 4 * PS), Err((Errno::EAGAIN, a)) if a.error_offset == 2 * PS)
+        matches!(f.set_private(0, 4 * PS), Err(ConversionError { errno: Errno::EAGAIN, error_offset: eo }) if eo == 2 * PS)
     );
     f.set_private(0, 2 * PS).unwrap();
     assert_eq!(
@@ -255,4 +257,37 @@ fn create_validates_size_and_flags() {
         EmulatedGuestMemfd::create(PS, 1 << 40).unwrap_err(),
         Errno::EINVAL
     );
+}
+
+#[test]
+fn hole_mappings_stay_within_their_budget() {
+    // Holes for every run (hole_min = one page), at most 64 per mapping. Converting every
+    // other page back to shared inside one big private hole must not split it page by page:
+    // the first partial restore rebuilds the hole as markers.
+    let size = 64 * 1024 * PS;
+    let opts = EmulatedOptions {
+        revocation: Revocation::Poison,
+        hole_min_bytes: PS,
+        hole_budget: 64,
+    };
+    let f = EmulatedGuestMemfd::create_with(size, SHARED, opts).unwrap();
+    let m = f.mmap_all().unwrap();
+    m.write_volatile(0, &[9u8; 4096]).unwrap();
+    let before = map_count();
+    f.set_private(0, size).unwrap();
+    assert!(sigbus_at(&m, 0) && sigbus_at(&m, size - PS));
+    for p in (1..2000).step_by(2) {
+        f.set_shared(p * PS, PS).unwrap();
+    }
+    assert!(
+        map_count() <= before + 2 * 64 + 2,
+        "{} VMAs more",
+        map_count() - before
+    );
+    for p in 0..2002 {
+        assert_eq!(sigbus_at(&m, p * PS), p % 2 == 0 || p >= 2000, "page {p}");
+    }
+    f.set_shared(0, size).unwrap();
+    assert_eq!(m.probe_read(0, 1).unwrap(), Probe::Done(vec![9]));
+    assert!(map_count() <= before + 1);
 }

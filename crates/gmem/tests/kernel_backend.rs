@@ -235,11 +235,11 @@ fn conversion_returns_the_kernels_answer() {
         return;
     }
     // This host: no conversion ioctl. The kernel's answer comes back, nothing is emulated.
-    let (e, a) = f.set_private(0, PAGE).unwrap_err();
-    assert_eq!(e, Errno::ENOTTY);
-    assert_eq!(a.error_offset, 0);
+    let e = f.set_private(0, PAGE).unwrap_err();
+    assert_eq!(e.errno, Errno::ENOTTY);
+    assert_eq!(e.error_offset, 0);
     assert_eq!(f.attributes(0).unwrap(), 0, "the mirror did not change");
-    assert_eq!(f.set_shared(0, PAGE).unwrap_err().0, Errno::ENOTTY);
+    assert_eq!(f.set_shared(0, PAGE).unwrap_err().errno, Errno::ENOTTY);
     let why = support.unwrap_err();
     for needle in [
         "KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES",
@@ -265,10 +265,10 @@ fn pins_are_real_vmsplice_references() {
     assert_eq!(big.len(), 1024 * PAGE);
     // Here a pin blocks nothing: conversion is ENOTTY either way, punch-hole works.
     if b.conversion_revision().is_none() {
-        assert_eq!(f.set_private(PAGE, PAGE).unwrap_err().0, Errno::ENOTTY);
+        assert_eq!(f.set_private(PAGE, PAGE).unwrap_err().errno, Errno::ENOTTY);
     } else {
-        let (e, a) = f.set_private(0, 2 * PAGE).unwrap_err();
-        assert_eq!((e, a.error_offset), (Errno::EAGAIN, 0));
+        let e = f.set_private(0, 2 * PAGE).unwrap_err();
+        assert_eq!((e.errno, e.error_offset), (Errno::EAGAIN, 0));
     }
     f.write_at(PAGE, &[0x77; 4]).unwrap();
     f.punch_hole(2 * PAGE, PAGE).unwrap();

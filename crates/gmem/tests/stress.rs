@@ -43,6 +43,11 @@ fn rng(seed: u64) -> impl FnMut(u64) -> u64 {
 }
 
 fn stress(revocation: Revocation) {
+    stress_with(EmulatedOptions::with_revocation(revocation));
+}
+
+fn stress_with(opts: EmulatedOptions) {
+    let revocation = opts;
     let secs: u64 = std::env::var("GMEM_STRESS_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -51,7 +56,7 @@ fn stress(revocation: Revocation) {
         EmulatedGuestMemfd::create_with(
             NPAGES * PS,
             GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
-            EmulatedOptions { revocation },
+            opts,
         )
         .unwrap(),
     );
@@ -198,4 +203,14 @@ fn stress_poison() {
 #[test]
 fn stress_remap() {
     stress(Revocation::Remap);
+}
+
+#[test]
+fn stress_poison_with_holes() {
+    // Every run becomes a hole, and a budget of 4 forces constant demotion to markers.
+    stress_with(EmulatedOptions {
+        revocation: Revocation::Poison,
+        hole_min_bytes: PS,
+        hole_budget: 4,
+    });
 }

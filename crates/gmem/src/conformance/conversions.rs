@@ -3,7 +3,7 @@
 
 use super::{ensure, host_read, host_rmw, host_write, Case, CaseResult, Ctx, Need};
 use crate::backend::GuestMemfd;
-use crate::error::Errno;
+use crate::error::{ConversionError, Errno};
 use crate::mapping::HostMapping;
 use crate::sys::PAGE_SIZE;
 use crate::uapi::{
@@ -124,7 +124,7 @@ impl<'a> Fixture<'a> {
     fn convert_to_private(&self, p: u64, s: u8, w: u8) -> CaseResult {
         self.f
             .set_private(p * PS, PS)
-            .map_err(|(e, _)| format!("convert page {p} to private: {e}"))?;
+            .map_err(|e| format!("convert page {p} to private: {e}"))?;
         self.test_private(p, s, w)
     }
 
@@ -141,7 +141,7 @@ impl<'a> Fixture<'a> {
     fn convert_to_shared(&self, p: u64, s: u8, hw: u8, w: u8) -> CaseResult {
         self.f
             .set_shared(p * PS, PS)
-            .map_err(|(e, _)| format!("convert page {p} to shared: {e}"))?;
+            .map_err(|e| format!("convert page {p} to shared: {e}"))?;
         self.test_shared(p, s, hw, w)
     }
 }
@@ -210,7 +210,7 @@ fn unallocated_folios(ctx: &Ctx) -> CaseResult {
         if test_page != SECOND {
             host_rmw(&t.m, SECOND, 0, b'A')?;
         }
-        t.f.set_private(0, N * PS).map_err(|(e, _)| {
+        t.f.set_private(0, N * PS).map_err(|e| {
             format!("bulk private over a mix of allocated and unallocated pages: {e}")
         })?;
         for i in 0..N {
@@ -279,7 +279,7 @@ fn elevated_refcount(ctx: &Ctx) -> CaseResult {
         }
         drop(pin);
         t.f.set_private(0, N * PS)
-            .map_err(|(e, _)| format!("bulk private after unpin: {e}"))?;
+            .map_err(|e| format!("bulk private after unpin: {e}"))?;
         for i in 0..N {
             t.test_private(i, if i == test_page { b'B' } else { b'C' }, b'D')?;
         }
@@ -480,14 +480,14 @@ fn early_return(ctx: &Ctx) -> CaseResult {
     let t = Fixture::new(ctx, 2, SHARED)?;
     let pin = t.f.pin(0, PS).map_err(|e| format!("pin: {e}"))?;
     t.f.set_shared(0, 2 * PS)
-        .map_err(|(e, _)| format!("to shared on an all-shared, pinned range: {e}"))?;
+        .map_err(|e| format!("to shared on an all-shared, pinned range: {e}"))?;
     t.f.set_private(PS, PS)
-        .map_err(|(e, _)| format!("page 1 to private: {e}"))?;
+        .map_err(|e| format!("page 1 to private: {e}"))?;
     t.f.set_private(PS, PS)
-        .map_err(|(e, _)| format!("page 1 to private again (already private): {e}"))?;
+        .map_err(|e| format!("page 1 to private again (already private): {e}"))?;
     let r = t.f.set_private(0, 2 * PS);
     ensure(
-        matches!(r, Err((Errno::EAGAIN, a)) if a.error_offset == 0),
+        matches!(r, Err(ConversionError { errno: Errno::EAGAIN, error_offset: eo }) if eo == 0),
         || format!("partly private range with pinned page 0: expected EAGAIN at 0, got {r:?}"),
     )?;
     drop(pin);
