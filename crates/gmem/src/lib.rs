@@ -19,6 +19,7 @@ pub mod mapping;
 pub mod probe;
 pub mod sys;
 pub mod uapi;
+pub mod vm;
 
 pub use backend::{BackendKind, GuestMemfd, GuestMemfdBackend, GuestMemfdStat, PinGuard};
 pub use emulated::{EmulatedBackend, EmulatedGuestMemfd, EmulatedOptions, Revocation};
