@@ -71,35 +71,34 @@ pub fn sizes(quick: bool) -> Vec<(&'static str, u64, usize)> {
     v
 }
 
-/// Floor figures for `len` bytes: (madvise DONTNEED populated, mprotect populated, DONTNEED
-/// unpopulated), medians in µs.
-fn floors(len: u64, samples: usize) -> KernelResult<(f64, f64, f64)> {
+/// Floor figures for `len` bytes, medians in µs: (madvise DONTNEED populated, mprotect
+/// populated, DONTNEED unpopulated, mprotect unpopulated).
+fn floors(len: u64, samples: usize) -> KernelResult<(f64, f64, f64, f64)> {
     let fd = sys::memfd_create(c"gmem-floor")?;
     sys::ftruncate(fd.as_fd(), len)?;
     let n = usize::try_from(len).map_err(|_| Errno::ENOMEM)?;
     let map = Mmap::new(Some(fd.as_fd()), 0, n, libc::MAP_SHARED)?;
-    let (mut dontneed, mut mprotect, mut empty) = (Vec::new(), Vec::new(), Vec::new());
+    let protect = |prot: libc::c_int| {
+        // SAFETY: the range is exactly this live mapping; nothing accesses it while it is
+        // PROT_NONE.
+        match unsafe { libc::mprotect(map.as_ptr().cast(), n, prot) } {
+            0 => Ok(()),
+            _ => Err(Errno::last()),
+        }
+    };
+    let mut v: [Vec<f64>; 4] = Default::default();
     for _ in 0..samples {
         map.madvise(0, n, libc::MADV_POPULATE_WRITE)?;
-        dontneed.push(time_us(|| map.madvise(0, n, libc::MADV_DONTNEED))?);
-        empty.push(time_us(|| map.madvise(0, n, libc::MADV_DONTNEED))?);
+        v[0].push(time_us(|| map.madvise(0, n, libc::MADV_DONTNEED))?);
+        v[2].push(time_us(|| map.madvise(0, n, libc::MADV_DONTNEED))?);
+        v[3].push(time_us(|| protect(libc::PROT_NONE))?);
+        protect(libc::PROT_READ | libc::PROT_WRITE)?;
         map.madvise(0, n, libc::MADV_POPULATE_WRITE)?;
-        mprotect.push(time_us(|| {
-            // SAFETY: the range is exactly this live mapping; nothing accesses it until the
-            // protection is restored below.
-            match unsafe { libc::mprotect(map.as_ptr().cast(), n, libc::PROT_NONE) } {
-                0 => Ok(()),
-                _ => Err(Errno::last()),
-            }
-        })?);
-        // SAFETY: as above; restores read/write.
-        unsafe { libc::mprotect(map.as_ptr().cast(), n, libc::PROT_READ | libc::PROT_WRITE) };
+        v[1].push(time_us(|| protect(libc::PROT_NONE))?);
+        protect(libc::PROT_READ | libc::PROT_WRITE)?;
     }
-    Ok((
-        median(&mut dontneed),
-        median(&mut mprotect),
-        median(&mut empty),
-    ))
+    let [a, b, c, d] = v.map(|mut x| median(&mut x));
+    Ok((a, b, c, d))
 }
 
 /// Median latencies of one `set_attributes` to private and back, for `len` bytes, with the
@@ -139,7 +138,7 @@ pub fn conversion_latency(
     let mut figures = Vec::new();
     for (label, len, samples) in sizes(quick) {
         progress(label);
-        let (dontneed, mprotect, empty) = floors(len, samples)?;
+        let (dontneed, mprotect, empty, mprotect_empty) = floors(len, samples)?;
         let [pp, sp, pu, su] = conversions(len, samples, revocation)?;
         let fig = |name: String, median_us: f64, baseline: &str, baseline_median_us: f64| Figure {
             name,
@@ -159,24 +158,19 @@ pub fn conversion_latency(
             "mprotect(PROT_NONE) populated",
             mprotect,
         ));
-        figures.push(fig(
-            format!("to_shared {label} populated"),
-            sp,
-            "madvise(DONTNEED) unpopulated",
-            empty,
-        ));
-        figures.push(fig(
-            format!("to_private {label} unpopulated"),
-            pu,
-            "madvise(DONTNEED) unpopulated",
-            empty,
-        ));
-        figures.push(fig(
-            format!("to_shared {label} unpopulated"),
-            su,
-            "madvise(DONTNEED) unpopulated",
-            empty,
-        ));
+        for (name, v) in [
+            (format!("to_shared {label} populated"), sp),
+            (format!("to_private {label} unpopulated"), pu),
+            (format!("to_shared {label} unpopulated"), su),
+        ] {
+            figures.push(fig(name.clone(), v, "madvise(DONTNEED) unpopulated", empty));
+            figures.push(fig(
+                name,
+                v,
+                "mprotect(PROT_NONE) unpopulated",
+                mprotect_empty,
+            ));
+        }
     }
     Ok(figures)
 }

@@ -154,6 +154,13 @@ struct MappingEntry {
     /// File ranges `[start, end)` currently replaced by the hole file (coalesced; adjacent
     /// holes are one VMA because the hole file is mapped at the same offset).
     holes: BTreeMap<u64, u64>,
+    /// Whether the last optimistic revocation in this mapping found present PTEs: if so,
+    /// the next ones zap before poisoning instead of trying the marker first. A zap-first
+    /// revocation cannot tell whether PTEs were there, so every 8th one is optimistic again
+    /// to re-learn. A wrong guess costs one extra system call.
+    expect_populated: bool,
+    /// Zap-first revocations since the last optimistic one.
+    zap_first_streak: u8,
 }
 
 impl MappingEntry {
@@ -355,6 +362,11 @@ impl EmulatedGuestMemfd {
         self.read_state().attrs.fragments()
     }
 
+    /// Bytes of memory allocated to the file (`st_blocks` × 512 of the memfd).
+    pub fn allocated_bytes(&self) -> KernelResult<u64> {
+        crate::model::allocated_bytes(self.inner.memfd.as_fd())
+    }
+
     /// Testing hook: after `ops` more successful host-mapping operations (revoke or restore
     /// of one run in one mapping), the next one fails with ENOMEM, as if the kernel refused
     /// the mapping change. Lets a test drive the ENOMEM path of `set_attributes`.
@@ -481,21 +493,33 @@ impl EmulatedGuestMemfd {
                 // every access to the new mapping is past its end: SIGBUS.
                 unsafe { sys::mmap_fixed_raw(addr, len, self.inner.hole.as_fd(), s)? };
                 m.add_hole(s, s + len as u64);
-                return self.reregister(m);
+                return Ok(());
             }
         };
-        // Markers go only on empty PTEs. Poison optimistically (an unpopulated range needs
-        // this one call); at the first present PTE, zap from there and retry. A concurrent
-        // access can re-fault a page between the zap and the marker; the loop then zaps again
-        // from that page.
+        // Markers go only on empty PTEs. Unless the last revocation here found the mapping
+        // populated, poison optimistically (an unpopulated range needs this one call); at the
+        // first present PTE, zap from there and retry. A concurrent access can re-fault a page
+        // between the zap and the marker; the loop then zaps again from that page.
         let mut done = 0usize;
         let mut zaps = 0u32;
+        let zap_first = m.expect_populated && m.zap_first_streak < 8;
+        if zap_first {
+            m.zap_first_streak += 1;
+            // SAFETY: the window lies inside a live registered mapping (entries are removed
+            // before unmap, under the lock we hold).
+            unsafe { sys::madvise_raw(addr, len, libc::MADV_DONTNEED)? };
+        } else {
+            m.zap_first_streak = 0;
+        }
+        let mut found_present = false;
+        let mut registered = false;
         while done < len {
             // SAFETY: as above.
             let at = unsafe { addr.add(done) };
             match poison_split(uffd, at, len - done) {
                 Ok(()) => break,
                 Err(PoisonError::Exists { done: d }) => {
+                    found_present = true;
                     done += usize::try_from(d).map_err(|_| Errno::EFAULT)?;
                     zaps += 1;
                     if zaps > 10_000 {
@@ -504,8 +528,17 @@ impl EmulatedGuestMemfd {
                     // SAFETY: as above.
                     unsafe { sys::madvise_raw(addr.add(done), len - done, libc::MADV_DONTNEED)? };
                 }
+                // Part of the mapping is not registered (memory-file VMAs are registered
+                // lazily, see `reregister`): register it all and try again, once.
+                Err(PoisonError::Failed(Errno::ENOENT)) if !registered => {
+                    registered = true;
+                    self.reregister(m)?;
+                }
                 Err(PoisonError::Failed(e)) => return Err(e),
             }
+        }
+        if !zap_first {
+            m.expect_populated = found_present;
         }
         Ok(())
     }
@@ -563,15 +596,19 @@ impl EmulatedGuestMemfd {
         };
         // SAFETY: the window lies inside a live registered mapping.
         unsafe { sys::mmap_fixed_raw(addr, len, self.inner.memfd.as_fd(), hs)? };
+        // Not registered yet: the next poison here registers the mapping (`reregister`).
         m.remove_hole(hs, he);
-        self.reregister(m)
+        Ok(())
     }
 
-    /// Registers the whole of mapping `m` with the userfaultfd again. Replacing part of a
-    /// mapping (`MAP_FIXED`, `mremap`) can leave neighbouring VMAs of the memory file without
-    /// their registration (seen on 6.18; a poison there then fails with ENOENT), so every
-    /// operation that changes the layout ends here. Registering a registered range with the
-    /// same userfaultfd is allowed; hole VMAs (shmem too) are registered harmlessly.
+    /// Registers the whole of mapping `m` with the userfaultfd again. Registration is only
+    /// needed by `UFFDIO_POISON` (markers act without it), and layout changes lose it: a
+    /// memory-file VMA mapped over a hole starts unregistered, and `mremap` merges the moved
+    /// VMA with an equal registered neighbour first and only then drops the userfaultfd
+    /// context of the (merged) result, neighbour included (seen on 6.18). So registration is
+    /// lazy: a poison that fails with ENOENT registers the mapping and retries. Registering a
+    /// registered range with the same userfaultfd is allowed; hole VMAs (shmem too) are
+    /// registered harmlessly.
     fn reregister(&self, m: &MappingEntry) -> KernelResult<()> {
         match &self.inner.mechanism {
             Mechanism::Poison(uffd) => uffd.register(m.addr as *mut u8, m.len),
@@ -611,9 +648,10 @@ impl EmulatedGuestMemfd {
         // move `fresh`'s range is gone, so it is released without unmapping.
         unsafe { sys::mremap_fixed_raw(fresh.as_ptr(), dest, len)? };
         let _ = fresh.into_raw();
-        // The move drops the userfaultfd registration (the markers stay): register again.
+        // The move drops the userfaultfd registration (the markers stay, and a marker raises
+        // SIGBUS with or without it); the next poison here registers the mapping again.
         m.remove_hole(hs, he);
-        self.reregister(m)
+        Ok(())
     }
 
     /// Applies `op` to every run in every mapping; on failure, undoes what was done with
@@ -678,6 +716,8 @@ impl EmulatedGuestMemfd {
             len: map.len(),
             file_offset,
             holes: BTreeMap::new(),
+            expect_populated: false,
+            zap_first_streak: 0,
         };
         if let Mechanism::Poison(uffd) = &self.inner.mechanism {
             uffd.register(map.as_ptr(), map.len())?;
