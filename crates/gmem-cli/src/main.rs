@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod demo;
 mod probe;
+mod run;
 
 /// gmem: the shared/private memory model of Linux guest_memfd with in-place conversion.
 #[derive(Debug, Parser)]
@@ -21,6 +22,8 @@ enum Command {
     Demo(demo::Args),
     /// Report what this host offers guest_memfd and which backend provides each feature.
     Probe(probe::Args),
+    /// Boot vCPUs on gmem memory and run the private_mem_conversions workload.
+    Run(run::Args),
 }
 
 fn main() -> ExitCode {
@@ -28,6 +31,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Probe(args) => probe::run(&args),
+        Command::Run(args) => run::run(&args),
     };
     match result {
         Ok(code) => code,

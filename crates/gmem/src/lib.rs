@@ -20,6 +20,7 @@ pub mod probe;
 pub mod sys;
 pub mod uapi;
 pub mod vm;
+pub mod workload;
 
 pub use backend::{BackendKind, GuestMemfd, GuestMemfdBackend, GuestMemfdStat, PinGuard};
 pub use emulated::{EmulatedBackend, EmulatedGuestMemfd, EmulatedOptions, Revocation};

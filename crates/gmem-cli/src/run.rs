@@ -1,0 +1,153 @@
+//! `gmem run`: boot vCPUs on gmem memory and run the private_mem_conversions workload.
+
+use std::process::ExitCode;
+
+use clap::ValueEnum;
+use serde_json::{json, Value};
+
+use gmem::workload::{self, Config, Report, TARGET_RATIO};
+use gmem::BackendKind;
+
+/// Backends `gmem run` accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// gmem's userspace emulation (converts on any Linux).
+    Emulated,
+    /// The kernel's guest_memfd (needs the in-place conversion capability).
+    Kernel,
+}
+
+/// `gmem run` options.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// vCPUs, one 2 MiB + 4 KiB window each.
+    #[arg(long, default_value_t = 2)]
+    vcpus: usize,
+    /// gmem memory in MiB (4 MiB per vCPU at least).
+    #[arg(long = "mem-mib", default_value_t = 64)]
+    mem_mib: u64,
+    /// Backend of the gmem file.
+    #[arg(long, value_enum, default_value_t = Backend::Emulated)]
+    backend: Backend,
+    /// Memslots the file is split into (conversions are split across them).
+    #[arg(long, default_value_t = 1)]
+    memslots: u64,
+    /// Samples per round-trip measurement.
+    #[arg(long, default_value_t = 400)]
+    samples: u64,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn to_json(r: &Report) -> Value {
+    json!({
+        "backend": r.backend,
+        "mode": r.mode,
+        "request_path": r.request_path,
+        "hypercall_probe": r.hypercall_probe,
+        "vcpus": r.vcpus,
+        "mem_mib": r.mem_mib,
+        "memslots": r.memslots,
+        "exits": r.exits,
+        "conversions_to_private": r.conversions_to_private,
+        "conversions_to_shared": r.conversions_to_shared,
+        "pages_converted": r.pages_converted,
+        "punches": r.punches,
+        "host_verified_bytes": r.host_verified_bytes,
+        "guest_verified_bytes": r.guest_verified_bytes,
+        "verified_bytes": r.host_verified_bytes + r.guest_verified_bytes,
+        "private_probes": r.private_probes,
+        "mismatches": r.mismatches,
+        "mismatch_details": r.mismatch_details,
+        "exit_round_trip_us": r.exit_round_trip_us,
+        "conversion_round_trip_us": r.conversion_round_trip_us,
+        "conversion_4k_us": r.conversion_4k_us,
+        "ratio": r.ratio,
+        "target_ratio": TARGET_RATIO,
+        "ratio_ok": r.ratio.map(|x| x <= TARGET_RATIO),
+        "samples": r.samples,
+    })
+}
+
+fn print_summary(r: &Report) {
+    println!(
+        "gmem run: private_mem_conversions on {} vCPU(s), {} MiB, {} backend, {} memslot(s)",
+        r.vcpus, r.mem_mib, r.backend, r.memslots
+    );
+    println!("  mode                  {}", r.mode);
+    println!("  conversion requests   {}", r.request_path);
+    println!("  MAP_GPA_RANGE probe   {}", r.hypercall_probe);
+    println!("  exits                 {}", r.exits);
+    println!(
+        "  conversions           {} to private, {} to shared ({} pages)",
+        r.conversions_to_private, r.conversions_to_shared, r.pages_converted
+    );
+    println!("  punch-hole requests   {}", r.punches);
+    println!(
+        "  verified bytes        {} (host {}, guest {}); {} private-page SIGBUS probes",
+        r.host_verified_bytes + r.guest_verified_bytes,
+        r.host_verified_bytes,
+        r.guest_verified_bytes,
+        r.private_probes
+    );
+    println!("  mismatches            {}", r.mismatches);
+    for m in &r.mismatch_details {
+        println!("    {m}");
+    }
+    match (r.exit_round_trip_us, r.ratio) {
+        (Some(exit), Some(ratio)) => {
+            println!("  round trips (median of {} samples, same run)", r.samples);
+            println!("    bare exit           {exit:8.2} µs   (guest out -> host -> re-enter)");
+            println!(
+                "    4 KiB conversion    {:8.2} µs   (host call alone)",
+                r.conversion_4k_us
+            );
+            println!(
+                "    conversion          {:8.2} µs   (exit -> convert 4 KiB -> re-enter)",
+                r.conversion_round_trip_us
+            );
+            println!(
+                "    ratio               {ratio:8.2}      conversion / (exit + 4 KiB conversion), \
+                 target <= {TARGET_RATIO}: {}",
+                if ratio <= TARGET_RATIO {
+                    "met"
+                } else {
+                    "MISSED"
+                }
+            );
+        }
+        _ => println!(
+            "  4 KiB conversion      {:.2} µs (host-driven; no exit round trip without /dev/kvm)",
+            r.conversion_4k_us
+        ),
+    }
+}
+
+/// Runs `gmem run`.
+pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let config = Config {
+        vcpus: args.vcpus,
+        mem_mib: args.mem_mib,
+        backend: match args.backend {
+            Backend::Emulated => BackendKind::Emulated,
+            Backend::Kernel => BackendKind::Kernel,
+        },
+        memslots: args.memslots,
+        samples: args.samples,
+    };
+    let report = workload::run(&config)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&to_json(&report))?);
+    } else {
+        if report.mode != "kvm" {
+            println!("no /dev/kvm: running the same workload with host-driven conversions");
+        }
+        print_summary(&report);
+    }
+    Ok(if report.mismatches == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,710 @@
+//! The private_mem_conversions workload (kernel-spec §4.3) on real vCPUs.
+//!
+//! Each vCPU owns a window of 2 MiB + 4 KiB (spaced 4 MiB apart, `align_up(2M + 4K, 2M)` as in
+//! the selftest) and runs, as guest code generated at run time and executed at CPL3:
+//!
+//! 1. `guest_test_explicit_conversion(do_fallocate = false, then true)`;
+//! 2. `guest_test_punch_hole(precise = false, then true)`;
+//! 3. the timing phase: bare exits, then timed 4 KiB conversions, in the same run.
+//!
+//! The host checks shared content at every shared sync and that private pages are not
+//! accessible from its mapping (a SIGBUS probe) at every private sync. Without `/dev/kvm`
+//! the same operations run with host-driven conversions: the guest's reads and writes go
+//! through the emulated file's guest view.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::backend::{BackendKind, GuestMemfd};
+use crate::emulated::EmulatedGuestMemfd;
+use crate::error::Errno;
+use crate::kernel::KernelBackend;
+use crate::mapping::HostMapping;
+use crate::sys::PAGE_SIZE;
+use crate::uapi::{
+    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_MEMORY_ATTRIBUTE_PRIVATE,
+};
+use crate::vm::guest::DATA_GPA;
+use crate::vm::{
+    ConvertRequest, Event, GuestFile, GuestProgram, RequestPath, Vm, VmError,
+    REQUEST_FLAG_FALLOCATE,
+};
+
+/// Bytes of a vCPU's window.
+pub const WINDOW_SIZE: u64 = (2 << 20) + 4096;
+/// Distance between windows.
+pub const WINDOW_STRIDE: u64 = 4 << 20;
+/// The selftest's ranges, (offset, size) in the window.
+pub const RANGES: [(u64, u64); 5] = [
+    (0, 4096),
+    (0, 2 << 20),
+    (4096, 4096),
+    (4096, 2 << 20),
+    (2 << 20, 4096),
+];
+const INIT: u8 = 0xaa;
+const DEF: u8 = 0xcc;
+const P1: u8 = 0x11;
+const P2: u8 = 0x22;
+const P3: u8 = 0x33;
+const P4: u8 = 0x44;
+
+/// Options of [`run`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// vCPUs (one window each).
+    pub vcpus: usize,
+    /// gmem memory in MiB.
+    pub mem_mib: u64,
+    /// Backend of the gmem file.
+    pub backend: BackendKind,
+    /// Memslots the file is split into.
+    pub memslots: u64,
+    /// Samples per round-trip measurement.
+    pub samples: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            vcpus: 2,
+            mem_mib: 64,
+            backend: BackendKind::Emulated,
+            memslots: 1,
+            samples: 400,
+        }
+    }
+}
+
+/// Why the workload could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    /// Bad configuration.
+    #[error("{0}")]
+    Config(String),
+    /// The kernel backend cannot convert on this host.
+    #[error(
+        "the kernel backend cannot run the conversion workload on this host: {0}. \
+         Use --backend emulated (the default), which converts in userspace"
+    )]
+    KernelCannotConvert(String),
+    /// A VM-level failure.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// A kernel call failed.
+    #[error("{op} failed: {errno}")]
+    Kernel {
+        /// What was attempted.
+        op: &'static str,
+        /// The answer.
+        errno: Errno,
+    },
+}
+
+/// What the workload measured and found.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// `emulated` or `kernel`.
+    pub backend: String,
+    /// `kvm` (real vCPUs) or `host-driven` (no /dev/kvm).
+    pub mode: String,
+    /// How guests asked for conversions (`port`), and why.
+    pub request_path: String,
+    /// Whether the MAP_GPA_RANGE hypercall reaches userspace here, and what happened.
+    pub hypercall_probe: String,
+    /// vCPUs.
+    pub vcpus: usize,
+    /// Memory in MiB.
+    pub mem_mib: u64,
+    /// Memslots.
+    pub memslots: u64,
+    /// vCPU exits.
+    pub exits: u64,
+    /// Conversions to private.
+    pub conversions_to_private: u64,
+    /// Conversions to shared.
+    pub conversions_to_shared: u64,
+    /// Pages converted.
+    pub pages_converted: u64,
+    /// Punch-hole requests served.
+    pub punches: u64,
+    /// Bytes the host verified.
+    pub host_verified_bytes: u64,
+    /// Bytes the guest verified.
+    pub guest_verified_bytes: u64,
+    /// Private pages the host probed (each must SIGBUS).
+    pub private_probes: u64,
+    /// Mismatches (host or guest).
+    pub mismatches: u64,
+    /// The first mismatches, described.
+    pub mismatch_details: Vec<String>,
+    /// Median bare exit round trip (µs).
+    pub exit_round_trip_us: Option<f64>,
+    /// Median conversion round trip: exit → convert 4 KiB → re-enter (µs).
+    pub conversion_round_trip_us: f64,
+    /// Median 4 KiB conversion alone (µs).
+    pub conversion_4k_us: f64,
+    /// conversion_rt / (exit_rt + conversion_4k).
+    pub ratio: Option<f64>,
+    /// Samples behind each median.
+    pub samples: usize,
+}
+
+/// The ratio target.
+pub const TARGET_RATIO: f64 = 1.5;
+
+/// A guest operation, compiled to machine code (KVM) or executed by the host (no KVM).
+#[derive(Debug, Clone, PartialEq)]
+enum Op {
+    Fill(u64, u64, u8),
+    Verify(u64, u64, u8),
+    Convert {
+        gpa: u64,
+        len: u64,
+        private: bool,
+        fallocate: bool,
+    },
+    Punch(u64, u64),
+    Sync(u32),
+    NopLoop(u64),
+    ConversionLoop(u64, u64),
+}
+
+/// What the host does at a sync.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum HostStep {
+    Shared {
+        gpa: u64,
+        len: u64,
+        expect: u8,
+        write: Option<u8>,
+    },
+    Private {
+        gpa: u64,
+    },
+}
+
+struct Script {
+    ops: Vec<Op>,
+    steps: Vec<HostStep>,
+}
+
+impl Script {
+    fn sync(&mut self, step: HostStep) {
+        self.ops.push(Op::Sync(self.steps.len() as u32));
+        self.steps.push(step);
+    }
+}
+
+/// The PMCT guest flows for the window at `base`.
+fn script(base: u64, samples: u64) -> Script {
+    let mut s = Script {
+        ops: Vec::new(),
+        steps: Vec::new(),
+    };
+    for fallocate in [false, true] {
+        // guest_test_explicit_conversion
+        s.ops.push(Op::Fill(base, WINDOW_SIZE, INIT));
+        s.sync(HostStep::Shared {
+            gpa: base,
+            len: WINDOW_SIZE,
+            expect: INIT,
+            write: Some(DEF),
+        });
+        s.ops.push(Op::Verify(base, WINDOW_SIZE, DEF));
+        for (off, size) in RANGES {
+            let gpa = base + off;
+            s.ops.push(Op::Fill(gpa, size, P1));
+            s.ops.push(Op::Convert {
+                gpa,
+                len: size,
+                private: true,
+                fallocate,
+            });
+            if size <= PAGE_SIZE {
+                s.ops.push(Op::Fill(gpa, size, P2));
+                s.sync(HostStep::Private { gpa });
+                s.ops.push(Op::Verify(gpa, size, P2));
+                if off > 0 {
+                    s.ops.push(Op::Verify(base, off, DEF));
+                }
+                let rest = off + size;
+                if rest < WINDOW_SIZE {
+                    s.ops.push(Op::Verify(base + rest, WINDOW_SIZE - rest, DEF));
+                }
+            } else {
+                s.ops.push(Op::Fill(gpa, PAGE_SIZE, P2));
+                s.sync(HostStep::Private { gpa });
+            }
+            s.ops.push(Op::Convert {
+                gpa,
+                len: size,
+                private: false,
+                fallocate,
+            });
+            s.ops.push(Op::Fill(gpa, size, P3));
+            s.sync(HostStep::Shared {
+                gpa,
+                len: size,
+                expect: P3,
+                write: Some(P4),
+            });
+            s.ops.push(Op::Verify(gpa, size, P4));
+            s.ops.push(Op::Punch(base, WINDOW_SIZE));
+            s.ops.push(Op::Fill(base, WINDOW_SIZE, DEF));
+        }
+    }
+    for precise in [false, true] {
+        // guest_test_punch_hole
+        s.ops.push(Op::Convert {
+            gpa: base,
+            len: WINDOW_SIZE,
+            private: true,
+            fallocate: false,
+        });
+        for (off, size) in RANGES {
+            let gpa = base + off;
+            s.ops.push(Op::Punch(base, WINDOW_SIZE));
+            if precise {
+                s.ops.push(Op::Fill(gpa, size, DEF));
+                s.ops.push(Op::Verify(gpa, size, DEF));
+            } else {
+                s.ops.push(Op::Fill(base, WINDOW_SIZE, DEF));
+                s.ops.push(Op::Verify(base, WINDOW_SIZE, DEF));
+            }
+            s.ops.push(Op::Punch(gpa, size));
+            s.ops.push(Op::Verify(gpa, size, 0));
+        }
+        s.sync(HostStep::Private { gpa: base });
+        s.ops.push(Op::Convert {
+            gpa: base,
+            len: WINDOW_SIZE,
+            private: false,
+            fallocate: false,
+        });
+    }
+    // Timing: bare exits, then 4 KiB conversions (an even count: the page ends shared).
+    s.ops.push(Op::Fill(base, PAGE_SIZE, DEF));
+    s.ops.push(Op::NopLoop(samples + 1));
+    s.ops.push(Op::ConversionLoop(base, 2 * (samples / 2 + 1)));
+    s.sync(HostStep::Shared {
+        gpa: base,
+        len: PAGE_SIZE,
+        expect: DEF,
+        write: None,
+    });
+    s
+}
+
+fn compile(vcpu: usize, ops: &[Op]) -> Result<crate::vm::Program, VmError> {
+    let mut p = GuestProgram::new(vcpu, RequestPath::Port);
+    for op in ops {
+        match *op {
+            Op::Fill(g, l, b) => p.fill(g, l, b),
+            Op::Verify(g, l, b) => p.verify(g, l, b),
+            Op::Convert {
+                gpa,
+                len,
+                private,
+                fallocate,
+            } => p.convert(
+                gpa,
+                len,
+                private,
+                if fallocate { REQUEST_FLAG_FALLOCATE } else { 0 },
+            ),
+            Op::Punch(g, l) => p.punch_hole(g, l),
+            Op::Sync(id) => p.sync(id),
+            Op::NopLoop(n) => p.nop_loop(n),
+            Op::ConversionLoop(g, n) => p.conversion_loop(g, n),
+        }
+    }
+    p.done();
+    p.finish()
+}
+
+fn guest_verified(ops: &[Op]) -> u64 {
+    ops.iter()
+        .map(|op| match op {
+            Op::Verify(_, l, _) => *l,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Per-vCPU host results.
+#[derive(Debug, Default)]
+struct Tally {
+    host_verified: u64,
+    guest_verified: u64,
+    probes: u64,
+    mismatches: Vec<String>,
+    exit_rt: Vec<u64>,
+    conv_rt: Vec<u64>,
+    conv: Vec<u64>,
+}
+
+/// The host's side of a sync, on the file at offset `gpa - DATA_GPA`.
+fn host_step(file: &dyn GuestMemfd, map: &HostMapping, step: HostStep, t: &mut Tally) {
+    match step {
+        HostStep::Shared {
+            gpa,
+            len,
+            expect,
+            write,
+        } => {
+            let off = gpa - DATA_GPA;
+            match file.attribute_runs(off, len) {
+                Ok(runs) if runs.iter().all(|r| r.2 & KVM_MEMORY_ATTRIBUTE_PRIVATE == 0) => {}
+                other => {
+                    t.mismatches.push(format!(
+                        "host: [{gpa:#x}, +{len:#x}) should be shared, attributes {other:?}"
+                    ));
+                    return;
+                }
+            }
+            let mut buf = vec![0u8; len as usize];
+            if let Err(e) = map.read_volatile(off as usize, &mut buf) {
+                t.mismatches
+                    .push(format!("host: read of [{gpa:#x}, +{len:#x}) failed: {e}"));
+                return;
+            }
+            t.host_verified += len;
+            if let Some(i) = buf.iter().position(|&b| b != expect) {
+                t.mismatches.push(format!(
+                    "host: {:#x} holds {:#04x}, expected {expect:#04x}",
+                    gpa + i as u64,
+                    buf[i]
+                ));
+            }
+            if let Some(w) = write {
+                let data = vec![w; len as usize];
+                if let Err(e) = map.write_volatile(off as usize, &data) {
+                    t.mismatches
+                        .push(format!("host: write of [{gpa:#x}, +{len:#x}) failed: {e}"));
+                }
+            }
+        }
+        HostStep::Private { gpa } => {
+            let off = (gpa - DATA_GPA) as usize;
+            t.probes += 1;
+            match map.probe_read(off, 1) {
+                Ok(p) if p.is_sigbus() => {}
+                other => t.mismatches.push(format!(
+                    "host: private page at {gpa:#x} did not SIGBUS from the host mapping ({other:?})"
+                )),
+            }
+        }
+    }
+}
+
+fn median(v: &mut [u64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_unstable();
+    v[v.len() / 2] as f64 / 1000.0
+}
+
+/// Runs the workload.
+pub fn run(config: &Config) -> Result<Report, WorkloadError> {
+    let need = WINDOW_STRIDE * config.vcpus as u64;
+    let size = config.mem_mib << 20;
+    if config.vcpus == 0 || config.vcpus > crate::vm::guest::MAX_VCPUS {
+        return Err(WorkloadError::Config(format!(
+            "--vcpus {}: allowed 1..={}",
+            config.vcpus,
+            crate::vm::guest::MAX_VCPUS
+        )));
+    }
+    if size < need || size > crate::vm::guest::MAX_DATA_SIZE {
+        return Err(WorkloadError::Config(format!(
+            "--mem-mib {}: {} vCPUs need at least {} MiB (4 MiB per vCPU window); at most {} MiB",
+            config.mem_mib,
+            config.vcpus,
+            need >> 20,
+            crate::vm::guest::MAX_DATA_SIZE >> 20
+        )));
+    }
+    if config.memslots == 0 || size % (config.memslots * (2 << 20)) != 0 {
+        return Err(WorkloadError::Config(format!(
+            "--memslots {}: must divide the memory into whole 2 MiB pieces",
+            config.memslots
+        )));
+    }
+    let kvm = crate::vm::kvm_available();
+    let flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+    match config.backend {
+        BackendKind::Kernel => {
+            let backend = KernelBackend::new().map_err(|errno| WorkloadError::Kernel {
+                op: "opening /dev/kvm for the kernel backend",
+                errno,
+            })?;
+            if let Some(why) = backend.conversion_unsupported() {
+                return Err(WorkloadError::KernelCannotConvert(why.to_string()));
+            }
+            let file =
+                backend
+                    .create_guest_memfd(size, flags)
+                    .map_err(|errno| WorkloadError::Kernel {
+                        op: "KVM_CREATE_GUEST_MEMFD",
+                        errno,
+                    })?;
+            let vm = Vm::on_kernel_backend(&backend, config.vcpus)?;
+            run_kvm(config, &vm, GuestFile::Kernel(file), kvm_probe())
+        }
+        BackendKind::Emulated => {
+            let file =
+                EmulatedGuestMemfd::create(size, flags).map_err(|errno| WorkloadError::Kernel {
+                    op: "creating the emulated guest_memfd",
+                    errno,
+                })?;
+            match kvm {
+                Ok(()) => {
+                    let vm = Vm::new(config.vcpus)?;
+                    run_kvm(config, &vm, GuestFile::Emulated(file), kvm_probe())
+                }
+                Err(why) => run_host_driven(config, &file, why),
+            }
+        }
+    }
+}
+
+fn kvm_probe() -> String {
+    match Vm::probe_hypercall_exit(std::time::Duration::from_millis(300)) {
+        Ok(()) => "KVM_HC_MAP_GPA_RANGE reaches userspace as KVM_EXIT_HYPERCALL".into(),
+        Err(why) => format!("KVM_HC_MAP_GPA_RANGE does not reach userspace: {why}"),
+    }
+}
+
+fn run_kvm(
+    config: &Config,
+    vm: &Vm,
+    file: GuestFile,
+    probe: String,
+) -> Result<Report, WorkloadError> {
+    let size = config.mem_mib << 20;
+    let piece = size / config.memslots;
+    for i in 0..config.memslots {
+        vm.bind(DATA_GPA + i * piece, &file, i * piece, piece)?;
+    }
+    let map = file
+        .gmem()
+        .mmap_all()
+        .map_err(|errno| WorkloadError::Kernel {
+            op: "mmap of the gmem file",
+            errno,
+        })?;
+    let mut vcpus = Vec::new();
+    let mut scripts = Vec::new();
+    for i in 0..config.vcpus {
+        let sc = script(DATA_GPA + WINDOW_STRIDE * i as u64, config.samples);
+        vcpus.push(vm.create_vcpu(i, compile(i, &sc.ops)?)?);
+        scripts.push(sc);
+    }
+    let scripts = Arc::new(scripts);
+    let results = vm.run_vcpus(vcpus, |vm, mut vcpu| {
+        let sc = &scripts[vcpu.index()];
+        let mut t = Tally {
+            guest_verified: guest_verified(&sc.ops),
+            ..Tally::default()
+        };
+        loop {
+            match vcpu.run(vm)? {
+                Event::Sync(id) => match sc.steps.get(id as usize) {
+                    Some(step) => host_step(file.gmem(), &map, *step, &mut t),
+                    None => t
+                        .mismatches
+                        .push(format!("guest synced with unknown id {id}")),
+                },
+                Event::Fail { id, rdi } => {
+                    let what = vcpu.checks().get(id as usize).cloned().unwrap_or_default();
+                    t.mismatches.push(format!(
+                        "vCPU {}: {what} failed (rdi {rdi:#x})",
+                        vcpu.index()
+                    ));
+                }
+                Event::Done => break,
+            }
+        }
+        let tm = vcpu.timings();
+        t.exit_rt = tm.exit_rt_ns.clone();
+        t.conv_rt = tm.conversion_rt_ns.clone();
+        t.conv = tm.conversion_ns.clone();
+        Ok(t)
+    });
+    let mut all = Tally::default();
+    for r in results {
+        let t = r?;
+        all.host_verified += t.host_verified;
+        all.guest_verified += t.guest_verified;
+        all.probes += t.probes;
+        all.mismatches.extend(t.mismatches);
+        all.exit_rt.extend(t.exit_rt);
+        all.conv_rt.extend(t.conv_rt);
+        all.conv.extend(t.conv);
+    }
+    let stats = vm.stats();
+    let exit_rt = median(&mut all.exit_rt);
+    let conv_rt = median(&mut all.conv_rt);
+    let conv = median(&mut all.conv);
+    Ok(Report {
+        backend: file.gmem().backend().name().into(),
+        mode: "kvm".into(),
+        request_path: "port (out to 0xe4 with MAP_GPA_RANGE arguments in the vCPU mailbox): the \
+                       hypercall does not exit to userspace under PVM"
+            .into(),
+        hypercall_probe: probe,
+        vcpus: config.vcpus,
+        mem_mib: config.mem_mib,
+        memslots: config.memslots,
+        exits: stats.exits,
+        conversions_to_private: stats.conversions_to_private,
+        conversions_to_shared: stats.conversions_to_shared,
+        pages_converted: stats.pages_converted,
+        punches: stats.punches,
+        host_verified_bytes: all.host_verified,
+        guest_verified_bytes: all.guest_verified,
+        private_probes: all.probes,
+        mismatches: all.mismatches.len() as u64,
+        mismatch_details: all.mismatches.into_iter().take(20).collect(),
+        exit_round_trip_us: Some(exit_rt),
+        conversion_round_trip_us: conv_rt,
+        conversion_4k_us: conv,
+        ratio: Some(conv_rt / (exit_rt + conv)),
+        samples: all.conv_rt.len().min(all.exit_rt.len()),
+    })
+}
+
+/// No /dev/kvm: the same operations, with the guest's accesses through the guest view and
+/// conversions called by the host.
+fn run_host_driven(
+    config: &Config,
+    file: &EmulatedGuestMemfd,
+    why: String,
+) -> Result<Report, WorkloadError> {
+    let map = file.mmap_all().map_err(|errno| WorkloadError::Kernel {
+        op: "mmap of the gmem file",
+        errno,
+    })?;
+    let mut t = Tally::default();
+    let (mut to_private, mut to_shared, mut pages, mut punches) = (0u64, 0u64, 0u64, 0u64);
+    let kerr = |op: &'static str| move |errno: Errno| WorkloadError::Kernel { op, errno };
+    for i in 0..config.vcpus {
+        let sc = script(DATA_GPA + WINDOW_STRIDE * i as u64, config.samples);
+        for op in &sc.ops {
+            match *op {
+                Op::Fill(g, l, b) => file
+                    .guest_write(g - DATA_GPA, &vec![b; l as usize])
+                    .map_err(kerr("guest write"))?,
+                Op::Verify(g, l, b) => {
+                    let mut buf = vec![0u8; l as usize];
+                    file.guest_read(g - DATA_GPA, &mut buf)
+                        .map_err(kerr("guest read"))?;
+                    t.guest_verified += l;
+                    if let Some(k) = buf.iter().position(|&x| x != b) {
+                        t.mismatches.push(format!(
+                            "guest: {:#x} holds {:#04x}, expected {b:#04x}",
+                            g + k as u64,
+                            buf[k]
+                        ));
+                    }
+                }
+                Op::Convert {
+                    gpa,
+                    len,
+                    private,
+                    fallocate,
+                } => {
+                    let req = ConvertRequest {
+                        gpa,
+                        size: len,
+                        to_private: private,
+                    };
+                    let off = req.gpa - DATA_GPA;
+                    let mut a = crate::uapi::kvm_memory_attributes2::new(
+                        off,
+                        len,
+                        if private {
+                            KVM_MEMORY_ATTRIBUTE_PRIVATE
+                        } else {
+                            0
+                        },
+                    );
+                    file.set_attributes(&mut a)
+                        .map_err(kerr("KVM_SET_MEMORY_ATTRIBUTES2"))?;
+                    if fallocate {
+                        if private {
+                            file.allocate(off, len).map_err(kerr("fallocate"))?;
+                        } else {
+                            file.punch_hole(off, len).map_err(kerr("punch hole"))?;
+                        }
+                    }
+                    if private {
+                        to_private += 1;
+                    } else {
+                        to_shared += 1;
+                    }
+                    pages += len / PAGE_SIZE;
+                }
+                Op::Punch(g, l) => {
+                    file.punch_hole(g - DATA_GPA, l)
+                        .map_err(kerr("punch hole"))?;
+                    punches += 1;
+                }
+                Op::Sync(id) => host_step(file, &map, sc.steps[id as usize], &mut t),
+                Op::NopLoop(_) => {}
+                Op::ConversionLoop(g, n) => {
+                    for k in 0..n {
+                        let attrs = if k % 2 == 0 {
+                            KVM_MEMORY_ATTRIBUTE_PRIVATE
+                        } else {
+                            0
+                        };
+                        let mut a = crate::uapi::kvm_memory_attributes2::new(
+                            g - DATA_GPA,
+                            PAGE_SIZE,
+                            attrs,
+                        );
+                        let start = Instant::now();
+                        file.set_attributes(&mut a)
+                            .map_err(kerr("KVM_SET_MEMORY_ATTRIBUTES2"))?;
+                        t.conv
+                            .push(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
+                        if k % 2 == 0 {
+                            to_private += 1;
+                        } else {
+                            to_shared += 1;
+                        }
+                        pages += 1;
+                    }
+                }
+            }
+        }
+    }
+    let conv = median(&mut t.conv);
+    Ok(Report {
+        backend: "emulated".into(),
+        mode: "host-driven".into(),
+        request_path: format!("none: {why}; conversions are called by the host"),
+        hypercall_probe: "not run (no /dev/kvm)".into(),
+        vcpus: config.vcpus,
+        mem_mib: config.mem_mib,
+        memslots: config.memslots,
+        exits: 0,
+        conversions_to_private: to_private,
+        conversions_to_shared: to_shared,
+        pages_converted: pages,
+        punches,
+        host_verified_bytes: t.host_verified,
+        guest_verified_bytes: t.guest_verified,
+        private_probes: t.probes,
+        mismatches: t.mismatches.len() as u64,
+        mismatch_details: t.mismatches.into_iter().take(20).collect(),
+        exit_round_trip_us: None,
+        conversion_round_trip_us: conv,
+        conversion_4k_us: conv,
+        ratio: None,
+        samples: t.conv.len(),
+    })
+}
