@@ -111,3 +111,197 @@ fn init_shared_flow_with_a_real_vcpu() {
     let s = vm.stats();
     assert_eq!((s.conversions_to_private, s.conversions_to_shared), (1, 1));
 }
+
+/// Bad conversion requests answer -EINVAL, change nothing, and the VM keeps running: unaligned
+/// GPA, zero pages, outside every memslot, unknown attribute bits, invalid page-size hint.
+#[test]
+fn bad_requests_answer_einval_and_the_vm_keeps_running() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let (f, g) = emulated(4);
+    let vm = Vm::new(1).unwrap();
+    vm.bind(DATA_GPA, &g, 0, 4 * PS).unwrap();
+    let einval = -libc::EINVAL;
+    let enc = KVM_MAP_GPA_RANGE_ENCRYPTED;
+    let mut p = GuestProgram::new(0, RequestPath::Port);
+    p.map_gpa_range(DATA_GPA + 1, 1, enc, 0, einval); // unaligned
+    p.map_gpa_range(DATA_GPA, 0, enc, 0, einval); // zero pages
+    p.map_gpa_range(DATA_GPA + 8 * PS, 1, enc, 0, einval); // outside every memslot
+    p.map_gpa_range(DATA_GPA + 3 * PS, 2, enc, 0, einval); // runs past the memslot
+    p.map_gpa_range(DATA_GPA, 1, enc | (1 << 7), 0, einval); // unknown attribute bit
+    p.map_gpa_range(DATA_GPA, 1, enc | 3, 0, einval); // page size 3 does not exist
+    p.map_gpa_range(DATA_GPA, u64::MAX / PS, enc, 0, einval); // overflow
+    p.sync(1);
+    // Still running: a good request works.
+    p.map_gpa_range(DATA_GPA, 1, enc, 0, 0);
+    p.done();
+    let mut vcpu = vm.create_vcpu(0, p.finish().unwrap()).unwrap();
+    assert_eq!(next(&vm, &mut vcpu), Event::Sync(1));
+    assert!(f.attribute_runs(0, 4 * PS).unwrap().iter().all(|r| r.2 == 0), "nothing changed");
+    assert_eq!(vm.stats().requests_rejected, 7);
+    assert_eq!(next(&vm, &mut vcpu), Event::Done);
+    assert_eq!(f.attributes(0).unwrap(), gmem::uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE);
+}
+
+/// A conversion blocked by a VMM pin (EAGAIN) succeeds after the VMM drops its pins; a pin the
+/// VMM does not know about is reported to the guest as -EAGAIN and nothing changes.
+#[test]
+fn eagain_is_retried_after_dropping_vmm_pins() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let (f, g) = emulated(4);
+    let vm = Vm::new(1).unwrap();
+    vm.bind(DATA_GPA, &g, 0, 4 * PS).unwrap();
+    vm.pin(DATA_GPA + PS, PS).unwrap();
+    let foreign = f.pin(3 * PS, PS).unwrap();
+    let enc = KVM_MAP_GPA_RANGE_ENCRYPTED;
+    let mut p = GuestProgram::new(0, RequestPath::Port);
+    p.map_gpa_range(DATA_GPA, 2, enc, 0, 0); // pinned by the VMM: retried, succeeds
+    p.map_gpa_range(DATA_GPA + 2 * PS, 2, enc, 0, -libc::EAGAIN); // foreign pin
+    p.sync(1);
+    p.map_gpa_range(DATA_GPA + 2 * PS, 2, enc, 0, 0);
+    p.done();
+    let mut vcpu = vm.create_vcpu(0, p.finish().unwrap()).unwrap();
+    assert_eq!(next(&vm, &mut vcpu), Event::Sync(1));
+    let s = vm.stats();
+    assert_eq!((s.eagain_retries, s.pins_dropped, vm.pins_held()), (1, 1, 0));
+    let runs = f.attribute_runs(0, 4 * PS).unwrap();
+    assert_eq!(runs, vec![(0, 2 * PS, 8), (2 * PS, 2 * PS, 0)]);
+    drop(foreign);
+    assert_eq!(next(&vm, &mut vcpu), Event::Done);
+    assert!(f.attribute_runs(0, 4 * PS).unwrap().iter().all(|r| r.2 == 8));
+}
+
+/// One request split across two memslots backed by two files; a request straddling a hole
+/// between memslots is refused whole.
+#[test]
+fn a_request_is_split_across_memslots_and_files() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let (f1, g1) = emulated(2);
+    let (f2, g2) = emulated(2);
+    let vm = Vm::new(1).unwrap();
+    vm.bind(DATA_GPA, &g1, 0, 2 * PS).unwrap();
+    vm.bind(DATA_GPA + 2 * PS, &g2, 0, 2 * PS).unwrap();
+    let enc = KVM_MAP_GPA_RANGE_ENCRYPTED;
+    let mut p = GuestProgram::new(0, RequestPath::Port);
+    p.fill(DATA_GPA, 4 * PS, 0x5a);
+    p.map_gpa_range(DATA_GPA + PS, 2, enc, 0, 0);
+    p.sync(1);
+    p.verify(DATA_GPA, 4 * PS, 0x5a);
+    p.map_gpa_range(DATA_GPA + PS, 2, 0, 0, 0);
+    p.done();
+    let mut vcpu = vm.create_vcpu(0, p.finish().unwrap()).unwrap();
+    assert_eq!(next(&vm, &mut vcpu), Event::Sync(1));
+    assert_eq!(f1.attribute_runs(0, 2 * PS).unwrap(), vec![(0, PS, 0), (PS, PS, 8)]);
+    assert_eq!(f2.attribute_runs(0, 2 * PS).unwrap(), vec![(0, PS, 8), (PS, PS, 0)]);
+    assert!(host_sigbus(&f1, PS) && host_sigbus(&f2, 0));
+    assert_eq!(next(&vm, &mut vcpu), Event::Done);
+    assert_eq!(host_read(&f2, 0), 0x5a);
+    assert_eq!(vm.stats().pages_converted, 4);
+}
+
+/// The MAP_GPA_RANGE hypercall: decoding and answers (exercised on synthetic exits, since
+/// this host's PVM never exits to userspace for it), and the probe that says so.
+#[test]
+fn map_gpa_range_hypercall_decoding_and_probe() {
+    use gmem::vm::ConvertRequest;
+    let enc = KVM_MAP_GPA_RANGE_ENCRYPTED;
+    assert_eq!(
+        ConvertRequest::from_map_gpa_range(DATA_GPA, 2, enc | 1),
+        Ok(ConvertRequest { gpa: DATA_GPA, size: 2 * PS, to_private: true })
+    );
+    assert!(ConvertRequest::from_map_gpa_range(DATA_GPA + 8, 1, 0).is_err());
+    assert!(ConvertRequest::from_map_gpa_range(DATA_GPA, 0, 0).is_err());
+    assert!(ConvertRequest::from_map_gpa_range(DATA_GPA, 1, 1 << 5).is_err());
+    assert_eq!(
+        ConvertRequest::from_memory_fault(8, DATA_GPA + 5, 1),
+        Ok(ConvertRequest { gpa: DATA_GPA, size: PS, to_private: true })
+    );
+    assert!(ConvertRequest::from_memory_fault(1 << 40, DATA_GPA, PS).is_err());
+    assert_eq!(gmem::vm::hypercall_ret(Err(gmem::Errno::EINVAL)), (-22i64) as u64);
+    if !kvm_or_skip() {
+        return;
+    }
+    // Synthetic hypercall exits through the VMM's handler.
+    let (f, g) = emulated(2);
+    let vm = Vm::new(1).unwrap();
+    vm.bind(DATA_GPA, &g, 0, 2 * PS).unwrap();
+    assert_eq!(vm.map_gpa_range(DATA_GPA, 2, enc, false), 0);
+    assert_eq!(vm.map_gpa_range(DATA_GPA, 3, enc, false), (-22i64) as u64);
+    assert!(vm.memory_fault(0, DATA_GPA + PS, PS).is_ok());
+    assert_eq!(f.attribute_runs(0, 2 * PS).unwrap(), vec![(0, PS, 8), (PS, PS, 0)]);
+    // Where the hypercall reaches userspace, the guest's vmcall path is used for real.
+    match Vm::probe_hypercall_exit(Duration::from_millis(200)) {
+        Ok(()) => {
+            let mut p = GuestProgram::new(0, RequestPath::Hypercall);
+            p.map_gpa_range(DATA_GPA + PS, 1, enc, 0, 0);
+            p.done();
+            let mut vcpu = vm.create_vcpu(0, p.finish().unwrap()).unwrap();
+            assert_eq!(next(&vm, &mut vcpu), Event::Done);
+            assert_eq!(f.attributes(PS).unwrap(), 8);
+        }
+        Err(why) => println!("hypercall path not exercised by a guest here: {why}"),
+    }
+}
+
+/// guest_memfd_test's `test_guest_memfd_guest` on the kernel backend: a one-page guest_memfd
+/// at 4 GiB; the host writes 0xaa, the guest checks it and writes 0xff, the host reads 0xff.
+#[test]
+fn test_guest_memfd_guest_on_the_kernel_backend() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let backend = match gmem::KernelBackend::new() {
+        Ok(b) => b,
+        Err(e) => {
+            println!("skipped: the kernel backend cannot open a VM ({e})");
+            return;
+        }
+    };
+    let flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+    if backend.supported_flags() & flags != flags {
+        println!("skipped: KVM_CAP_GUEST_MEMFD_FLAGS lacks MMAP|INIT_SHARED");
+        return;
+    }
+    use gmem::GuestMemfdBackend;
+    let file = backend.create_guest_memfd(PS, flags).unwrap();
+    let vm = Vm::on_kernel_backend(&backend, 1).unwrap();
+    vm.bind(DATA_GPA, &GuestFile::Kernel(file.clone()), 0, PS).unwrap();
+    {
+        let m = file.mmap_all().unwrap();
+        m.write_volatile(0, &[0xaa; PS as usize]).unwrap();
+    }
+    let mut p = GuestProgram::new(0, RequestPath::Port);
+    p.verify(DATA_GPA, PS, 0xaa);
+    p.fill(DATA_GPA, PS, 0xff);
+    p.done();
+    let mut vcpu = vm.create_vcpu(0, p.finish().unwrap()).unwrap();
+    assert_eq!(next(&vm, &mut vcpu), Event::Done);
+    let m = file.mmap_all().unwrap();
+    let mut buf = vec![0u8; PS as usize];
+    m.read_volatile(0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0xff));
+}
+
+/// `gmem run`'s workload, small: no mismatches, conversions in both directions.
+#[test]
+fn private_mem_conversions_workload() {
+    let config = gmem::workload::Config {
+        vcpus: 2,
+        mem_mib: 8,
+        samples: 20,
+        memslots: 2,
+        ..Default::default()
+    };
+    let r = gmem::workload::run(&config).unwrap();
+    if r.mode != "kvm" {
+        println!("skipped: no /dev/kvm; ran host-driven ({})", r.request_path);
+    }
+    assert_eq!(r.mismatches, 0, "{:#?}", r.mismatch_details);
+    assert!(r.conversions_to_private > 0 && r.conversions_to_shared > 0);
+    assert!(r.private_probes > 0);
+}
