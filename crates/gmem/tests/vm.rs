@@ -138,10 +138,19 @@ fn bad_requests_answer_einval_and_the_vm_keeps_running() {
     p.done();
     let mut vcpu = vm.create_vcpu(0, p.finish().unwrap()).unwrap();
     assert_eq!(next(&vm, &mut vcpu), Event::Sync(1));
-    assert!(f.attribute_runs(0, 4 * PS).unwrap().iter().all(|r| r.2 == 0), "nothing changed");
+    assert!(
+        f.attribute_runs(0, 4 * PS)
+            .unwrap()
+            .iter()
+            .all(|r| r.2 == 0),
+        "nothing changed"
+    );
     assert_eq!(vm.stats().requests_rejected, 7);
     assert_eq!(next(&vm, &mut vcpu), Event::Done);
-    assert_eq!(f.attributes(0).unwrap(), gmem::uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE);
+    assert_eq!(
+        f.attributes(0).unwrap(),
+        gmem::uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE
+    );
 }
 
 /// A conversion blocked by a VMM pin (EAGAIN) succeeds after the VMM drops its pins; a pin the
@@ -166,12 +175,19 @@ fn eagain_is_retried_after_dropping_vmm_pins() {
     let mut vcpu = vm.create_vcpu(0, p.finish().unwrap()).unwrap();
     assert_eq!(next(&vm, &mut vcpu), Event::Sync(1));
     let s = vm.stats();
-    assert_eq!((s.eagain_retries, s.pins_dropped, vm.pins_held()), (1, 1, 0));
+    assert_eq!(
+        (s.eagain_retries, s.pins_dropped, vm.pins_held()),
+        (1, 1, 0)
+    );
     let runs = f.attribute_runs(0, 4 * PS).unwrap();
     assert_eq!(runs, vec![(0, 2 * PS, 8), (2 * PS, 2 * PS, 0)]);
     drop(foreign);
     assert_eq!(next(&vm, &mut vcpu), Event::Done);
-    assert!(f.attribute_runs(0, 4 * PS).unwrap().iter().all(|r| r.2 == 8));
+    assert!(f
+        .attribute_runs(0, 4 * PS)
+        .unwrap()
+        .iter()
+        .all(|r| r.2 == 8));
 }
 
 /// One request split across two memslots backed by two files; a request straddling a hole
@@ -196,8 +212,14 @@ fn a_request_is_split_across_memslots_and_files() {
     p.done();
     let mut vcpu = vm.create_vcpu(0, p.finish().unwrap()).unwrap();
     assert_eq!(next(&vm, &mut vcpu), Event::Sync(1));
-    assert_eq!(f1.attribute_runs(0, 2 * PS).unwrap(), vec![(0, PS, 0), (PS, PS, 8)]);
-    assert_eq!(f2.attribute_runs(0, 2 * PS).unwrap(), vec![(0, PS, 8), (PS, PS, 0)]);
+    assert_eq!(
+        f1.attribute_runs(0, 2 * PS).unwrap(),
+        vec![(0, PS, 0), (PS, PS, 8)]
+    );
+    assert_eq!(
+        f2.attribute_runs(0, 2 * PS).unwrap(),
+        vec![(0, PS, 8), (PS, PS, 0)]
+    );
     assert!(host_sigbus(&f1, PS) && host_sigbus(&f2, 0));
     assert_eq!(next(&vm, &mut vcpu), Event::Done);
     assert_eq!(host_read(&f2, 0), 0x5a);
@@ -212,17 +234,28 @@ fn map_gpa_range_hypercall_decoding_and_probe() {
     let enc = KVM_MAP_GPA_RANGE_ENCRYPTED;
     assert_eq!(
         ConvertRequest::from_map_gpa_range(DATA_GPA, 2, enc | 1),
-        Ok(ConvertRequest { gpa: DATA_GPA, size: 2 * PS, to_private: true })
+        Ok(ConvertRequest {
+            gpa: DATA_GPA,
+            size: 2 * PS,
+            to_private: true
+        })
     );
     assert!(ConvertRequest::from_map_gpa_range(DATA_GPA + 8, 1, 0).is_err());
     assert!(ConvertRequest::from_map_gpa_range(DATA_GPA, 0, 0).is_err());
     assert!(ConvertRequest::from_map_gpa_range(DATA_GPA, 1, 1 << 5).is_err());
     assert_eq!(
         ConvertRequest::from_memory_fault(8, DATA_GPA + 5, 1),
-        Ok(ConvertRequest { gpa: DATA_GPA, size: PS, to_private: true })
+        Ok(ConvertRequest {
+            gpa: DATA_GPA,
+            size: PS,
+            to_private: true
+        })
     );
     assert!(ConvertRequest::from_memory_fault(1 << 40, DATA_GPA, PS).is_err());
-    assert_eq!(gmem::vm::hypercall_ret(Err(gmem::Errno::EINVAL)), (-22i64) as u64);
+    assert_eq!(
+        gmem::vm::hypercall_ret(Err(gmem::Errno::EINVAL)),
+        (-22i64) as u64
+    );
     if !kvm_or_skip() {
         return;
     }
@@ -233,7 +266,10 @@ fn map_gpa_range_hypercall_decoding_and_probe() {
     assert_eq!(vm.map_gpa_range(DATA_GPA, 2, enc, false), 0);
     assert_eq!(vm.map_gpa_range(DATA_GPA, 3, enc, false), (-22i64) as u64);
     assert!(vm.memory_fault(0, DATA_GPA + PS, PS).is_ok());
-    assert_eq!(f.attribute_runs(0, 2 * PS).unwrap(), vec![(0, PS, 8), (PS, PS, 0)]);
+    assert_eq!(
+        f.attribute_runs(0, 2 * PS).unwrap(),
+        vec![(0, PS, 8), (PS, PS, 0)]
+    );
     // Where the hypercall reaches userspace, the guest's vmcall path is used for real.
     match Vm::probe_hypercall_exit(Duration::from_millis(200)) {
         Ok(()) => {
@@ -270,7 +306,8 @@ fn test_guest_memfd_guest_on_the_kernel_backend() {
     use gmem::GuestMemfdBackend;
     let file = backend.create_guest_memfd(PS, flags).unwrap();
     let vm = Vm::on_kernel_backend(&backend, 1).unwrap();
-    vm.bind(DATA_GPA, &GuestFile::Kernel(file.clone()), 0, PS).unwrap();
+    vm.bind(DATA_GPA, &GuestFile::Kernel(file.clone()), 0, PS)
+        .unwrap();
     {
         let m = file.mmap_all().unwrap();
         m.write_volatile(0, &[0xaa; PS as usize]).unwrap();

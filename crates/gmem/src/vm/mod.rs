@@ -597,7 +597,7 @@ impl Vm {
             0
         };
         // The attributes before, to restore them if a later piece fails.
-        let mut before: Vec<(GuestFile, Vec<(u64, u64, u64)>)> = Vec::new();
+        let mut before: Vec<(GuestFile, Vec<AttributeRun>)> = Vec::new();
         for (file, off, gpa, len) in &segs {
             let runs = file.gmem().attribute_runs(*off, *len)?;
             let mut a = kvm_memory_attributes2::new(*off, *len, attributes);
@@ -759,7 +759,10 @@ impl Vm {
     }
 }
 
-fn restore_runs(file: &GuestFile, runs: &[(u64, u64, u64)]) {
+/// `(offset, len, attributes)`, as [`GuestMemfd::attribute_runs`] returns them.
+type AttributeRun = (u64, u64, u64);
+
+fn restore_runs(file: &GuestFile, runs: &[AttributeRun]) {
     for &(off, len, attrs) in runs {
         let mut a = kvm_memory_attributes2::new(off, len, attrs);
         let _ = file.gmem().set_attributes(&mut a);
