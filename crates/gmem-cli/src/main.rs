@@ -4,7 +4,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod conformance;
 mod demo;
+mod io;
 mod probe;
 mod run;
 
@@ -22,6 +24,10 @@ enum Command {
     Demo(demo::Args),
     /// Report what this host offers guest_memfd and which backend provides each feature.
     Probe(probe::Args),
+    /// Run the conformance suite on a backend (or both, and the differential check).
+    Conformance(conformance::Args),
+    /// Run guest_memfd operations one command a line, in the manner of xfs_io.
+    Io(io::Args),
     /// Boot vCPUs on gmem memory and run the private_mem_conversions workload.
     Run(run::Args),
 }
@@ -31,6 +37,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Probe(args) => probe::run(&args),
+        Command::Conformance(args) => conformance::run(&args),
+        Command::Io(args) => io::run(&args),
         Command::Run(args) => run::run(&args),
     };
     match result {

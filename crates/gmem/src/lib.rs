@@ -14,6 +14,7 @@ pub mod bench;
 pub mod conformance;
 pub mod emulated;
 pub mod error;
+pub mod io;
 pub mod kernel;
 pub mod mapping;
 pub mod model;

@@ -39,7 +39,8 @@ macro_rules! cases {
 
         #[test]
         fn every_case_has_a_test() {
-            let listed = [$(stringify!($name)),*, "forked_accesses"];
+            let listed = [$(stringify!($name)),*, "forked_accesses", "file_read_write",
+                "private_access_memslot_deleted", "private_access_memslot_not_private"];
             for c in cases() {
                 assert!(listed.contains(&c.name), "case {} has no test", c.name);
             }
@@ -69,6 +70,10 @@ cases!(
     elevated_refcount,
     set_attributes_invalid,
     early_return,
+    explicit_conversion,
+    explicit_conversion_fallocate,
+    punch_hole,
+    punch_hole_precise,
 );
 
 #[test]
@@ -84,4 +89,25 @@ fn forked_accesses_is_a_skip_on_emulated() {
         .find(|c| c.name == "forked_accesses")
         .expect("case exists");
     assert!(matches!(Ctx::emulated().run(&case), Outcome::Skip(r) if r.contains("forked child")));
+}
+
+/// Cases the emulated backend cannot run are skips naming what is missing, never passes.
+#[test]
+fn cases_without_their_capability_skip_on_emulated() {
+    for (name, why) in [
+        ("file_read_write", "no guest_memfd descriptor"),
+        ("private_access_memslot_deleted", "no VM"),
+        ("private_access_memslot_not_private", "no VM"),
+    ] {
+        let case = cases()
+            .into_iter()
+            .find(|c| c.name == name)
+            .expect("case exists");
+        let out = Ctx::emulated().run(&case);
+        assert!(
+            matches!(&out, Outcome::Skip(r) if r.contains(why)),
+            "{name}: {out:?}"
+        );
+        println!("skipped: {name} ({})", out.reason());
+    }
 }

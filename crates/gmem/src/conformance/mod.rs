@@ -10,7 +10,12 @@
 //! handler in the test process.
 
 mod conversions;
+pub mod differential;
+mod file_io;
 mod guest_memfd_test;
+mod kvm_exits;
+mod private_mem_conversions;
+pub mod runner;
 
 use std::fmt;
 use std::panic::AssertUnwindSafe;
@@ -34,6 +39,14 @@ pub enum Need {
     Guest,
     /// Revocation of private pages in every process that maps the file (forked children).
     CrossProcess,
+    /// A VM whose vCPUs run guest code on the file through a memslot ([`VmPort`]).
+    Vm,
+    /// Per-VM attribute tracking (`KVM_SET_MEMORY_ATTRIBUTES` on the VM): the mode before the
+    /// in-place series, which gmem does not model.
+    VmAttributes,
+    /// A guest_memfd file descriptor on which `read(2)`, `write(2)`, `pread(2)`, ... can be
+    /// tried.
+    Fd,
 }
 
 /// The result of one case on one backend.
@@ -75,6 +88,58 @@ pub trait GuestPort: Send + Sync + fmt::Debug {
     fn read(&self, file: &dyn GuestMemfd, offset: u64, len: usize) -> Result<Vec<u8>, String>;
     /// Writes `data` at file offset `offset` as the guest.
     fn write(&self, file: &dyn GuestMemfd, offset: u64, data: &[u8]) -> Result<(), String>;
+
+    /// A VM that runs real guest code on the files, if this guest has one (cases that need
+    /// [`Need::Vm`]).
+    fn vm(&self) -> Option<&dyn VmPort> {
+        None
+    }
+}
+
+/// What a vCPU's access ended with ([`VmPort::guest_read_u64`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmAccess {
+    /// The access completed and read this value.
+    Value(u64),
+    /// `KVM_EXIT_MEMORY_FAULT` (KVM_RUN returned -1/EFAULT).
+    MemoryFault {
+        /// `memory_fault.flags` (`KVM_MEMORY_EXIT_FLAG_PRIVATE`).
+        flags: u64,
+        /// `memory_fault.gpa`.
+        gpa: u64,
+        /// `memory_fault.size`.
+        size: u64,
+    },
+    /// `KVM_EXIT_MMIO`: the access was emulated as MMIO.
+    Mmio {
+        /// `mmio.phys_addr`.
+        phys_addr: u64,
+        /// `mmio.len`.
+        len: u32,
+        /// `mmio.is_write`.
+        is_write: bool,
+    },
+    /// Any other exit, described.
+    Other(String),
+}
+
+/// A VM with memslots over guest_memfd files and a vCPU that runs guest code (kernel-spec
+/// §4.4). Provided by a [`GuestPort`] through [`GuestPort::vm`].
+pub trait VmPort: Send + Sync + fmt::Debug {
+    /// Binds `[offset, offset + size)` of `file` at guest physical address `gpa`; returns the
+    /// memslot.
+    fn bind(
+        &self,
+        file: &Arc<dyn GuestMemfd>,
+        gpa: u64,
+        offset: u64,
+        size: u64,
+    ) -> Result<u32, String>;
+    /// Deletes memslot `slot`.
+    fn unbind(&self, slot: u32) -> Result<(), String>;
+    /// Runs a vCPU that loads 8 bytes at `gpa` (a private access where the page is private),
+    /// and reports how the access ended.
+    fn guest_read_u64(&self, gpa: u64) -> Result<VmAccess, String>;
 }
 
 /// The guest played through the emulated file's internal guest view (no vCPU).
@@ -135,7 +200,10 @@ pub struct Ctx {
 /// All cases, in selftest order.
 pub fn cases() -> Vec<Case> {
     let mut all = guest_memfd_test::cases();
+    all.extend(file_io::cases());
     all.extend(conversions::cases());
+    all.extend(private_mem_conversions::cases());
+    all.extend(kvm_exits::cases());
     all
 }
 
@@ -156,6 +224,22 @@ impl Ctx {
         }
     }
 
+    /// A context for the kernel backend: a VM of type `vm_type` on `/dev/kvm`
+    /// (`KVM_X86_DEFAULT_VM` = 0, `KVM_X86_SW_PROTECTED_VM` = 1). Nothing plays the guest yet
+    /// (cases needing [`Need::Guest`] skip); `Err` says why the backend is unavailable.
+    pub fn kernel(vm_type: u64) -> Result<Ctx, String> {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            return Err("/dev/kvm is missing: the kernel backend needs KVM".to_string());
+        }
+        let backend = crate::kernel::KernelBackend::with_vm_type(vm_type).map_err(|e| {
+            format!("/dev/kvm is unusable: creating a VM of type {vm_type} failed: {e}")
+        })?;
+        Ok(Ctx {
+            backend: Arc::new(backend),
+            guest: None,
+        })
+    }
+
     /// Why this context cannot run a case needing `need`, if it cannot.
     pub fn missing(&self, need: Need) -> Option<String> {
         let flags = self.backend.supported_flags();
@@ -172,6 +256,18 @@ impl Ctx {
             )),
             Need::Conversion => self.backend.conversion_support().err(),
             Need::Guest if self.guest.is_none() => Some(format!("nothing plays the guest on the {} backend", self.backend.kind())),
+            Need::Vm if self.guest.as_ref().and_then(|g| g.vm()).is_none() => Some(format!(
+                "no VM runs guest code on the {} backend here: the case needs a vCPU and memslots (a GuestPort with a VmPort)",
+                self.backend.kind()
+            )),
+            Need::VmAttributes => Some(
+                "per-VM attribute tracking (KVM_SET_MEMORY_ATTRIBUTES on the VM) is not modelled: with in-place conversion attributes live in the guest_memfd, where a private GPA without a guest_memfd cannot be reached (kernel-spec §4.4)"
+                    .to_string(),
+            ),
+            Need::Fd if self.backend.kind() == BackendKind::Emulated => Some(
+                "the emulated file exposes no guest_memfd descriptor: read(2)/write(2) cannot reach it"
+                    .to_string(),
+            ),
             Need::CrossProcess if self.backend.kind() == BackendKind::Emulated => Some(
                 "the emulated backend revokes private pages only in this process's mappings; a forked child's copy of the mapping is not revoked"
                     .to_string(),

@@ -1,0 +1,155 @@
+//! `gmem conformance`: the conformance suite on one backend or both, and the differential
+//! check between them.
+//!
+//! Prints a table (backend, case, result, reason) and the closing line
+//! `N passed, N failed, N skipped`; exits non-zero if anything failed. `--json` prints, per
+//! backend, `{"backend", "passed", "failed", "skipped", "cases": [{"name", "result",
+//! "reason"}]}` (an array of them for `--backend all`, whose third entry is the differential
+//! check, backend `differential`).
+
+use std::process::ExitCode;
+
+use gmem::conformance::runner::{run_cases, unavailable, BackendReport};
+use gmem::conformance::{differential, Ctx};
+use serde_json::{json, Value};
+
+/// Arguments of `gmem conformance`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Which backend to run the suite on; `all` runs both and the differential check.
+    #[arg(long, value_enum, default_value = "all")]
+    backend: BackendArg,
+    /// VM type of the kernel backend's VM: `default` (0), `sw_protected` (1), or a number.
+    #[arg(long, default_value = "default", value_parser = parse_vm_type)]
+    vm_type: u64,
+    /// Run only the cases whose name contains PATTERN (`*` matches any run of characters;
+    /// differential scripts are named `diff/<script>`).
+    #[arg(long, value_name = "PATTERN")]
+    filter: Option<String>,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `--backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendArg {
+    /// gmem's emulated guest_memfd.
+    Emulated,
+    /// The kernel's guest_memfd on /dev/kvm.
+    Kernel,
+    /// Both, and the differential check between them.
+    All,
+}
+
+/// The VM types `--vm-type` knows by name.
+const VM_TYPES: [(&str, u64); 2] = [("default", 0), ("sw_protected", 1)];
+
+impl BackendArg {
+    /// The name of a VM type (`default`, `sw_protected`, or `type N`).
+    pub fn vm_type_name(t: u64) -> String {
+        VM_TYPES
+            .iter()
+            .find(|(_, v)| *v == t)
+            .map_or_else(|| format!("type {t}"), |(n, _)| (*n).to_string())
+    }
+}
+
+/// Parses `--vm-type`: a name or a number.
+pub fn parse_vm_type(s: &str) -> Result<u64, String> {
+    if let Some((_, v)) = VM_TYPES.iter().find(|(n, _)| n.eq_ignore_ascii_case(s)) {
+        return Ok(*v);
+    }
+    s.parse::<u64>().map_err(|_| {
+        format!(
+            "bad VM type {s:?}: expected default, sw_protected (KVM_X86_SW_PROTECTED_VM) or a number"
+        )
+    })
+}
+
+pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let filter = args.filter.as_deref();
+    let kernel = || Ctx::kernel(args.vm_type);
+    let mut reports = Vec::new();
+    if args.backend != BackendArg::Kernel {
+        reports.push(run_cases(&Ctx::emulated(), filter));
+    }
+    if args.backend != BackendArg::Emulated {
+        match kernel() {
+            Ok(k) => {
+                reports.push(run_cases(&k, filter));
+                if args.backend == BackendArg::All {
+                    reports.push(differential::run(&Ctx::emulated(), &k, filter));
+                }
+            }
+            Err(why) => {
+                reports.push(unavailable("kernel", &why, filter));
+                if args.backend == BackendArg::All {
+                    reports.push(differential::unavailable(&why, filter));
+                }
+            }
+        }
+    }
+    if args.json {
+        let values: Vec<Value> = reports.iter().map(to_json).collect();
+        let out = if args.backend == BackendArg::All {
+            Value::Array(values)
+        } else {
+            values.into_iter().next().unwrap_or(Value::Null)
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print_table(&reports);
+    }
+    let failed: usize = reports.iter().map(BackendReport::failed).sum();
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn to_json(r: &BackendReport) -> Value {
+    json!({
+        "backend": r.backend,
+        "passed": r.passed(),
+        "failed": r.failed(),
+        "skipped": r.skipped(),
+        "cases": r.cases.iter().map(|c| json!({
+            "name": c.name,
+            "result": c.outcome.label(),
+            "reason": c.outcome.reason(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_table(reports: &[BackendReport]) {
+    let name_w = reports
+        .iter()
+        .flat_map(|r| r.cases.iter().map(|c| c.name.len()))
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!(
+        "{:<12} {:<name_w$} {:<6} reason",
+        "backend", "case", "result"
+    );
+    for r in reports {
+        for c in &r.cases {
+            println!(
+                "{:<12} {:<name_w$} {:<6} {}",
+                r.backend,
+                c.name,
+                c.outcome.label(),
+                c.outcome.reason()
+            );
+        }
+    }
+    let sum = |f: fn(&BackendReport) -> usize| reports.iter().map(f).sum::<usize>();
+    println!(
+        "{} passed, {} failed, {} skipped",
+        sum(BackendReport::passed),
+        sum(BackendReport::failed),
+        sum(BackendReport::skipped)
+    );
+}
