@@ -560,6 +560,7 @@ impl Session {
     }
 
     fn map_range(&self, off: u64, len: u64) -> Result<(&HostMapping, usize, usize), IoError> {
+        self.file()?;
         let m = self.map.as_ref().ok_or(IoError::NoMapping)?;
         let outside = IoError::OutsideMapping {
             offset: off,

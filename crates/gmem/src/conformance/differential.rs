@@ -288,7 +288,7 @@ pub fn scripts() -> Vec<Script> {
             "mapping_after_conversion",
             "kernel-spec §2.5",
             CONV,
-            "create 16k mmap|init_shared\nmwrite 0 4k\nconvert private 4k 8k\nmmap\nmread 0 16k\nmwrite 0 4k 0x7\n\
+            "create 16k mmap|init_shared\nmmap\nmwrite 0 16k 0x3\nmunmap\nconvert private 4k 8k\nmmap\nmread 0 16k\nmwrite 0 4k 0x7\n\
              mread 0 4k\nmread 12k 4k\nmunmap\nconvert shared 8k 4k\nmmap\nmread 0 16k\nmread 8k 4k",
         ),
     ]
