@@ -35,6 +35,9 @@ pub struct Args {
     /// Samples per round-trip measurement.
     #[arg(long, default_value_t = 400)]
     samples: u64,
+    /// Stop the vCPUs with an error after this many seconds.
+    #[arg(long = "timeout-secs", default_value_t = 120)]
+    timeout_secs: u64,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -135,6 +138,7 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         },
         memslots: args.memslots,
         samples: args.samples,
+        timeout: std::time::Duration::from_secs(args.timeout_secs),
     };
     let report = workload::run(&config)?;
     if args.json {

@@ -62,6 +62,8 @@ pub struct Config {
     pub memslots: u64,
     /// Samples per round-trip measurement.
     pub samples: u64,
+    /// Limit on the vCPUs' run time; vCPUs still running are stopped with an error.
+    pub timeout: std::time::Duration,
 }
 
 impl Default for Config {
@@ -72,6 +74,7 @@ impl Default for Config {
             backend: BackendKind::Emulated,
             memslots: 1,
             samples: 400,
+            timeout: std::time::Duration::from_secs(120),
         }
     }
 }
@@ -470,10 +473,16 @@ pub fn run(config: &Config) -> Result<Report, WorkloadError> {
     }
 }
 
-fn kvm_probe() -> String {
+fn kvm_probe() -> (bool, String) {
     match Vm::probe_hypercall_exit(std::time::Duration::from_millis(300)) {
-        Ok(()) => "KVM_HC_MAP_GPA_RANGE reaches userspace as KVM_EXIT_HYPERCALL".into(),
-        Err(why) => format!("KVM_HC_MAP_GPA_RANGE does not reach userspace: {why}"),
+        Ok(()) => (
+            true,
+            "KVM_HC_MAP_GPA_RANGE reaches userspace as KVM_EXIT_HYPERCALL".into(),
+        ),
+        Err(why) => (
+            false,
+            format!("KVM_HC_MAP_GPA_RANGE does not reach userspace: {why}"),
+        ),
     }
 }
 
@@ -481,7 +490,7 @@ fn run_kvm(
     config: &Config,
     vm: &Vm,
     file: GuestFile,
-    probe: String,
+    (hypercall_works, probe): (bool, String),
 ) -> Result<Report, WorkloadError> {
     let size = config.mem_mib << 20;
     let piece = size / config.memslots;
@@ -503,7 +512,7 @@ fn run_kvm(
         scripts.push(sc);
     }
     let scripts = Arc::new(scripts);
-    let results = vm.run_vcpus(vcpus, |vm, mut vcpu| {
+    let results = vm.run_vcpus(vcpus, config.timeout, |vm, mut vcpu| {
         let sc = &scripts[vcpu.index()];
         let mut t = Tally {
             guest_verified: guest_verified(&sc.ops),
@@ -551,9 +560,16 @@ fn run_kvm(
     Ok(Report {
         backend: file.gmem().backend().name().into(),
         mode: "kvm".into(),
-        request_path: "port (out to 0xe4 with MAP_GPA_RANGE arguments in the vCPU mailbox): the \
-                       hypercall does not exit to userspace under PVM"
-            .into(),
+        request_path: format!(
+            "port: out to {:#x} with the MAP_GPA_RANGE arguments in the vCPU mailbox, one exit \
+             per request{}",
+            crate::vm::guest::PORT_MAP_GPA_RANGE,
+            if hypercall_works {
+                " (the hypercall also works here but costs two more exits, to enter and leave CPL0)"
+            } else {
+                "; the MAP_GPA_RANGE hypercall does not reach userspace on this host"
+            }
+        ),
         hypercall_probe: probe,
         vcpus: config.vcpus,
         mem_mib: config.mem_mib,

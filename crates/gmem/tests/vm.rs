@@ -342,3 +342,45 @@ fn private_mem_conversions_workload() {
     assert!(r.conversions_to_private > 0 && r.conversions_to_shared > 0);
     assert!(r.private_probes > 0);
 }
+
+/// A guest check that fails is reported with its description and the guest continues; a
+/// guest that never exits is stopped at the deadline with a timeout error.
+#[test]
+fn guest_failures_are_reported_and_hung_guests_time_out() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let (f, g) = emulated(1);
+    let vm = Vm::new(2).unwrap();
+    vm.bind(DATA_GPA, &g, 0, PS).unwrap();
+    host_write(&f, 0, 0x77);
+    let mut p = GuestProgram::new(0, RequestPath::Port);
+    p.verify(DATA_GPA, PS, 0x78);
+    p.done();
+    let mut vcpu = vm.create_vcpu(0, p.finish().unwrap()).unwrap();
+    match vcpu.run(&vm).unwrap() {
+        Event::Fail { id, rdi } => {
+            assert!(vcpu.checks()[id as usize].contains("holds 0x78"));
+            assert_eq!(rdi, DATA_GPA + 8, "stops past the first differing word");
+        }
+        e => panic!("expected a failed check, got {e:?}"),
+    }
+    assert_eq!(vcpu.run(&vm).unwrap(), Event::Done);
+
+    let mut p = GuestProgram::new(1, RequestPath::Port);
+    let a = p.asm();
+    let top = a.label();
+    a.bind(top);
+    a.jmp(top);
+    let hung = vm.create_vcpu(1, p.finish().unwrap()).unwrap();
+    let start = std::time::Instant::now();
+    let r = vm.run_vcpus(vec![hung], Duration::from_millis(100), |vm, mut v| {
+        v.run(vm)
+    });
+    assert!(
+        matches!(r[0], Err(gmem::vm::VmError::Timeout { vcpu: 1, .. })),
+        "{:?}",
+        r[0]
+    );
+    assert!(start.elapsed() < Duration::from_secs(5));
+}

@@ -290,6 +290,8 @@ pub struct Vm {
     pins: Mutex<Vec<VmmPin>>,
     counters: Counters,
     hypercall_exit: Result<(), Errno>,
+    stop: std::sync::atomic::AtomicBool,
+    timeout_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for Vm {
@@ -370,6 +372,8 @@ impl Vm {
             pins: Mutex::new(Vec::new()),
             counters: Counters::default(),
             hypercall_exit,
+            stop: std::sync::atomic::AtomicBool::new(false),
+            timeout_ms: AtomicU64::new(0),
         };
         guest::write_page_tables(&vm)?;
         Ok(vm)
@@ -722,20 +726,59 @@ impl Vm {
     }
 
     /// Runs one thread per vCPU, each calling `f` with its vCPU; returns the results in vCPU
-    /// order.
-    pub fn run_vcpus<T, F>(&self, vcpus: Vec<Vcpu>, f: F) -> Vec<Result<T, VmError>>
+    /// order. After `timeout`, vCPUs still running are kicked out of `KVM_RUN` (a signal with
+    /// a no-op handler) and their next [`Vcpu::run`] fails with [`VmError::Timeout`].
+    pub fn run_vcpus<T, F>(
+        &self,
+        vcpus: Vec<Vcpu>,
+        timeout: Duration,
+        f: F,
+    ) -> Vec<Result<T, VmError>>
     where
         T: Send,
         F: Fn(&Vm, Vcpu) -> Result<T, VmError> + Sync,
     {
+        vcpu::install_kick_handler();
+        self.stop.store(false, Ordering::SeqCst);
+        self.timeout_ms.store(
+            u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            Ordering::SeqCst,
+        );
+        let deadline = std::time::Instant::now() + timeout;
         std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let n = vcpus.len();
             let handles: Vec<_> = vcpus
                 .into_iter()
-                .map(|v| {
+                .enumerate()
+                .map(|(i, v)| {
                     let f = &f;
-                    s.spawn(move || f(self, v))
+                    let tx = tx.clone();
+                    s.spawn(move || {
+                        // SAFETY: pthread_self has no preconditions.
+                        let _ = tx.send((i, unsafe { libc::pthread_self() }));
+                        drop(tx);
+                        f(self, v)
+                    })
                 })
                 .collect();
+            drop(tx);
+            let mut tids: Vec<(usize, libc::pthread_t)> = rx.iter().take(n).collect();
+            tids.sort_by_key(|t| t.0);
+            let tids: Vec<libc::pthread_t> = tids.into_iter().map(|t| t.1).collect();
+            while handles.iter().any(|h| !h.is_finished()) {
+                if std::time::Instant::now() >= deadline {
+                    self.stop.store(true, Ordering::SeqCst);
+                    for (h, &t) in handles.iter().zip(&tids) {
+                        if !h.is_finished() {
+                            // SAFETY: the thread is not joined yet (joining happens below),
+                            // so its id is valid; the signal has a no-op handler.
+                            unsafe { libc::pthread_kill(t, vcpu::kick_signal()) };
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
             handles
                 .into_iter()
                 .enumerate()
@@ -749,6 +792,16 @@ impl Vm {
                 })
                 .collect()
         })
+    }
+
+    /// Whether [`Vm::run_vcpus`] ran out of time.
+    pub(crate) fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// The limit [`Vm::run_vcpus`] was given.
+    pub(crate) fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms.load(Ordering::SeqCst))
     }
 
     /// Whether a `KVM_HC_MAP_GPA_RANGE` hypercall issued by the guest at CPL0 reaches

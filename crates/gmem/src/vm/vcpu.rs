@@ -237,6 +237,12 @@ impl Vcpu {
                 });
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                if vm.stopping() {
+                    return Err(VmError::Timeout {
+                        vcpu: index,
+                        timeout: vm.timeout(),
+                    });
+                }
                 return Ok(Step::Continue);
             }
             Err(e) => {
@@ -324,13 +330,13 @@ impl Vcpu {
 }
 
 /// The signal that kicks a vCPU thread out of KVM_RUN (no-op handler, never SIGBUS).
-fn kick_signal() -> libc::c_int {
+pub(crate) fn kick_signal() -> libc::c_int {
     libc::SIGRTMIN() + 4
 }
 
 extern "C" fn kick_handler(_: libc::c_int) {}
 
-fn install_kick_handler() {
+pub(crate) fn install_kick_handler() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // SAFETY: installs a no-op handler for a real-time signal this module owns; the
