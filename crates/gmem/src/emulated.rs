@@ -32,14 +32,29 @@ use crate::attributes::AttributeStore;
 use crate::backend::{BackendKind, GuestMemfd, GuestMemfdBackend, GuestMemfdStat, PinGuard};
 use crate::error::{AccessError, Errno, KernelResult};
 use crate::mapping::{HostMapping, MapKind, MappingRegistry};
+use crate::platform::{
+    HookCall, HookSet, LaunchMeasurement, PageRef, PageType, Platform, PlatformKind,
+    PlatformReport, PAGE,
+};
 use crate::sys::{self, Mmap, PoisonError, PoisonFd, PAGE_SIZE};
 use crate::uapi::{
     flag_names, kvm_memory_attributes2, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
-    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
 };
 
-/// The flags the emulated backend accepts.
+/// The flags the emulated backend accepts on every platform.
 pub const EMULATED_SUPPORTED_FLAGS: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+
+/// The flags the emulated backend accepts for files of `platform`: NO_DIRECT_MAP only where
+/// the platform offers it (kernel-spec §3.1).
+pub fn supported_flags(platform: PlatformKind) -> u64 {
+    if platform.supports_no_direct_map() {
+        EMULATED_SUPPORTED_FLAGS | GUEST_MEMFD_FLAG_NO_DIRECT_MAP
+    } else {
+        EMULATED_SUPPORTED_FLAGS
+    }
+}
 
 /// How private pages are made inaccessible in host mappings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -77,6 +92,8 @@ pub struct EmulatedOptions {
     /// it, further private runs get markers. Holes are never split (a partial restore
     /// rebuilds the hole as markers), so a mapping never has more hole VMAs than this.
     pub hole_budget: usize,
+    /// The platform model under the file (hooks, content rules, NO_DIRECT_MAP support).
+    pub platform: PlatformKind,
 }
 
 impl Default for EmulatedOptions {
@@ -85,6 +102,7 @@ impl Default for EmulatedOptions {
             revocation: Revocation::Auto,
             hole_min_bytes: DEFAULT_HOLE_MIN_BYTES,
             hole_budget: DEFAULT_HOLE_BUDGET,
+            platform: PlatformKind::SoftwareProtected,
         }
     }
 }
@@ -100,6 +118,14 @@ impl EmulatedOptions {
     pub fn with_revocation(revocation: Revocation) -> Self {
         EmulatedOptions {
             revocation,
+            ..Self::default()
+        }
+    }
+
+    /// Default options on this platform.
+    pub fn with_platform(platform: PlatformKind) -> Self {
+        EmulatedOptions {
+            platform,
             ..Self::default()
         }
     }
@@ -124,7 +150,7 @@ impl GuestMemfdBackend for EmulatedBackend {
     }
 
     fn supported_flags(&self) -> u64 {
-        EMULATED_SUPPORTED_FLAGS
+        supported_flags(self.options.platform)
     }
 
     fn conversion_support(&self) -> Result<(), String> {
@@ -244,6 +270,72 @@ struct Inner {
     guest_view: OnceLock<Result<Mmap, Errno>>,
     /// Fault injection: the number of mapping operations that may still succeed (< 0: off).
     fail_after: AtomicI64,
+    /// The platform model and the hooks it implements.
+    platform: Box<dyn Platform>,
+    hooks: HookSet,
+    /// Per-page bits (up to date, removed from the direct map). Taken after `state`.
+    pages: Mutex<PageBits>,
+    /// gmem's own view of the file (the "direct map"): zeroing, populate copies and the hooks'
+    /// [`PageRef`]s go through it; with NO_DIRECT_MAP, handed-out pages are removed from it.
+    direct_map: OnceLock<Result<Mmap, Errno>>,
+    /// Hook calls, when recording ([`EmulatedGuestMemfd::record_hooks`]).
+    hook_log: OnceLock<Arc<Mutex<Vec<HookCall>>>>,
+}
+
+/// A sparse set of page indices (64-page words; only non-empty words are stored), so a
+/// sparse 1 TiB file costs nothing.
+#[derive(Debug, Default)]
+struct PageSet {
+    words: BTreeMap<u64, u64>,
+}
+
+impl PageSet {
+    fn contains(&self, page: u64) -> bool {
+        self.words
+            .get(&(page / 64))
+            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
+
+    fn insert(&mut self, page: u64) {
+        *self.words.entry(page / 64).or_insert(0) |= 1 << (page % 64);
+    }
+
+    /// Removes and returns the members of `[first, end)`.
+    fn take_range(&mut self, first: u64, end: u64) -> Vec<u64> {
+        let mut out = Vec::new();
+        if first >= end {
+            return out;
+        }
+        let keys: Vec<u64> = self
+            .words
+            .range(first / 64..=(end - 1) / 64)
+            .map(|(&k, _)| k)
+            .collect();
+        for k in keys {
+            let Some(w) = self.words.get_mut(&k) else {
+                continue;
+            };
+            for bit in 0..64 {
+                let p = k * 64 + bit;
+                if p >= first && p < end && *w & (1 << bit) != 0 {
+                    *w &= !(1 << bit);
+                    out.push(p);
+                }
+            }
+            if *w == 0 {
+                self.words.remove(&k);
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Default)]
+struct PageBits {
+    /// Zeroed once (or known to hold zero-filled or host-written data); cleared by punch-hole.
+    uptodate: PageSet,
+    /// Removed from the direct map (NO_DIRECT_MAP); set only after the removal succeeded.
+    removed: PageSet,
 }
 
 /// One emulated guest_memfd file. Cloning gives another handle to the same file.
@@ -298,9 +390,9 @@ impl EmulatedGuestMemfd {
     }
 
     /// `KVM_CREATE_GUEST_MEMFD(size, flags)`: EINVAL for a zero, unaligned or negative size
-    /// and for any flag outside [`EMULATED_SUPPORTED_FLAGS`].
+    /// and for any flag outside [`supported_flags`] of the options' platform.
     pub fn create_with(size: u64, flags: u64, options: EmulatedOptions) -> KernelResult<Self> {
-        if flags & !EMULATED_SUPPORTED_FLAGS != 0 {
+        if flags & !supported_flags(options.platform) != 0 {
             return Err(Errno::EINVAL);
         }
         if size == 0 || size % PAGE_SIZE != 0 || i64::try_from(size).is_err() {
@@ -323,6 +415,13 @@ impl EmulatedGuestMemfd {
         // An empty file: every access to a mapping of it is past its end, i.e. SIGBUS.
         let hole = sys::memfd_create(c"gmem-hole")?;
         let private = flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0;
+        // A per-VM key for models that encrypt (SNP); only needs to differ between files.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let vm_key = ino.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ^ u64::from(std::process::id()) << 32
+            ^ u64::from(nanos);
         Ok(EmulatedGuestMemfd {
             inner: Arc::new(Inner {
                 memfd,
@@ -340,6 +439,11 @@ impl EmulatedGuestMemfd {
                 next_id: AtomicI64::new(1),
                 guest_view: OnceLock::new(),
                 fail_after: AtomicI64::new(-1),
+                platform: options.platform.model(vm_key),
+                hooks: options.platform.hooks(),
+                pages: Mutex::new(PageBits::default()),
+                direct_map: OnceLock::new(),
+                hook_log: OnceLock::new(),
             }),
         })
     }
@@ -391,11 +495,13 @@ impl EmulatedGuestMemfd {
         view.as_ref().map_err(|e| *e)
     }
 
-    /// A guest read through the guest's view (private and shared pages alike).
+    /// A guest read through the guest's view (private and shared pages alike). Each page
+    /// touched is a guest fault first ([`EmulatedGuestMemfd::guest_fault`]).
     pub(crate) fn guest_read(&self, offset: u64, buf: &mut [u8]) -> KernelResult<()> {
         let view = self.guest_view()?;
         let off = self.guest_range(offset, buf.len())?;
-        let _lock = self.read_state();
+        let lock = self.read_state();
+        self.inner.fault_range(&lock, offset, buf.len() as u64)?;
         // SAFETY: the range is inside the guest view (checked), which lives as long as self.
         unsafe {
             crate::mapping::volatile_copy(view.as_ptr().add(off), buf.as_mut_ptr(), buf.len())
@@ -403,11 +509,12 @@ impl EmulatedGuestMemfd {
         Ok(())
     }
 
-    /// A guest write through the guest's view.
+    /// A guest write through the guest's view, after a guest fault of each page touched.
     pub(crate) fn guest_write(&self, offset: u64, data: &[u8]) -> KernelResult<()> {
         let view = self.guest_view()?;
         let off = self.guest_range(offset, data.len())?;
-        let _lock = self.read_state();
+        let lock = self.read_state();
+        self.inner.fault_range(&lock, offset, data.len() as u64)?;
         // SAFETY: as in `guest_read`.
         unsafe { crate::mapping::volatile_copy(data.as_ptr(), view.as_ptr().add(off), data.len()) };
         Ok(())
@@ -829,6 +936,11 @@ impl GuestMemfd for EmulatedGuestMemfd {
         }
         // Point of no return: record the new attributes.
         st.attrs.set_range(first, end, to_private);
+        // §2.4 step 4b: the platform takes back each present page of a range made shared.
+        // Platforms without the hook do no per-page work here.
+        if !to_private && self.inner.hooks.make_shared {
+            self.inner.make_shared_range(first, end);
+        }
         Ok(())
     }
 
@@ -859,6 +971,9 @@ impl GuestMemfd for EmulatedGuestMemfd {
             if offset >= end {
                 return Ok(());
             }
+            // The pages leave the file: restore the direct map, reclaim, forget "up to date".
+            let (first, last) = pages(offset, end - offset);
+            self.inner.free_pages(first, last);
             sys::fallocate(
                 self.inner.memfd.as_fd(),
                 FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
@@ -913,6 +1028,10 @@ impl GuestMemfd for EmulatedGuestMemfd {
             return Err(Errno::EINVAL);
         }
         if self.inner.flags & GUEST_MEMFD_FLAG_MMAP == 0 || end > self.inner.size {
+            return Err(Errno::EFAULT);
+        }
+        // GUP refuses AS_NO_DIRECT_MAP mappings (kernel-spec §3.2).
+        if self.inner.no_direct_map() {
             return Err(Errno::EFAULT);
         }
         let (first, last) = pages(offset, len);
@@ -972,6 +1091,7 @@ impl GuestMemfd for EmulatedGuestMemfd {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), AccessError> {
         let st = self.check_access(offset, buf.len())?;
+        self.inner.hand_out(offset, buf.len() as u64)?;
         sys::pread_exact(self.inner.memfd.as_fd(), buf, offset).map_err(|_| {
             AccessError::OutOfBounds {
                 offset,
@@ -985,6 +1105,7 @@ impl GuestMemfd for EmulatedGuestMemfd {
 
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), AccessError> {
         let st = self.check_access(offset, data.len())?;
+        self.inner.hand_out(offset, data.len() as u64)?;
         sys::pwrite_all(self.inner.memfd.as_fd(), data, offset).map_err(|_| {
             AccessError::OutOfBounds {
                 offset,
@@ -1029,5 +1150,387 @@ impl EmulatedGuestMemfd {
             }
         }
         Ok(st)
+    }
+}
+
+/// Why [`EmulatedGuestMemfd::populate`] and the launch calls refuse a source buffer.
+fn source_page(source: Option<&[u8]>, i: u64) -> KernelResult<Option<&[u8]>> {
+    match source {
+        None => Ok(None),
+        Some(src) => {
+            let at = usize::try_from(i).map_err(|_| Errno::EFAULT)? * PAGE;
+            src.get(at..at + PAGE).map(Some).ok_or(Errno::EFAULT)
+        }
+    }
+}
+
+impl EmulatedGuestMemfd {
+    /// The platform model under the file.
+    pub fn platform(&self) -> PlatformKind {
+        self.inner.platform.kind()
+    }
+
+    /// The platform model's state and counters (SNP: guest-assigned pages and refused gmem
+    /// writes to them).
+    pub fn platform_report(&self) -> PlatformReport {
+        self.inner.platform.report()
+    }
+
+    /// Starts recording hook calls (and gmem's zeroing and direct-map changes) in the
+    /// returned log, which outlives the file (release is recorded too).
+    pub fn record_hooks(&self) -> Arc<Mutex<Vec<HookCall>>> {
+        self.inner
+            .hook_log
+            .get_or_init(|| Arc::new(Mutex::new(Vec::new())))
+            .clone()
+    }
+
+    /// Whether page `index` is currently removed from the direct map (NO_DIRECT_MAP).
+    pub fn direct_map_removed(&self, index: u64) -> bool {
+        self.inner.bits().removed.contains(index)
+    }
+
+    /// Whether page `index` is up to date (zeroed once since it was last freed).
+    pub fn page_uptodate(&self, index: u64) -> bool {
+        self.inner.bits().uptodate.contains(index)
+    }
+
+    /// A guest fault (`kvm_gmem_get_pfn`) on every page of `[offset, offset + len)`, as a vCPU
+    /// touching them would cause: the VMM calls it for pages its vCPUs access through a
+    /// memslot, which the emulated backend does not see (like `KVM_PRE_FAULT_MEMORY`).
+    pub fn guest_fault(&self, offset: u64, len: u64) -> KernelResult<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.inner.size => {}
+            _ => return Err(Errno::EFAULT),
+        }
+        let st = self.read_state();
+        self.inner.fault_range(&st, offset, len)
+    }
+
+    /// `kvm_gmem_populate` (kernel-spec §2.7) over `npages` pages from `offset`: each page
+    /// must be private (EINVAL otherwise); a page not up to date is zeroed first; with a
+    /// `source` (`npages` pages) its page is copied in (the legacy flow), without one the
+    /// page is its own source (the in-place flow of seed 000); then the platform's
+    /// post-populate hook runs. `cancel` is polled before each page (a pending signal).
+    /// Returns the pages done if any, else the error (EINTR when cancelled).
+    pub fn populate(
+        &self,
+        offset: u64,
+        source: Option<&[u8]>,
+        npages: u64,
+        cancel: &dyn Fn() -> bool,
+    ) -> KernelResult<u64> {
+        self.populate_each(offset, source, npages, cancel, &mut |_, _| Ok(()))
+    }
+
+    /// `KVM_SEV_SNP_LAUNCH_UPDATE` / `KVM_TDX_INIT_MEM_REGION`: [`Self::populate`] of pages
+    /// at guest physical `gpa`, each extending `measurement` with (gpa, type, contents).
+    /// ENOTTY on a platform without a launch flow.
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch_populate(
+        &self,
+        gpa: u64,
+        offset: u64,
+        source: Option<&[u8]>,
+        npages: u64,
+        ty: PageType,
+        measurement: &mut LaunchMeasurement,
+        cancel: &dyn Fn() -> bool,
+    ) -> KernelResult<u64> {
+        if !self.platform().has_launch_populate() {
+            return Err(Errno::ENOTTY);
+        }
+        let first = offset / PAGE_SIZE;
+        self.populate_each(offset, source, npages, cancel, &mut |index, page| {
+            measurement.extend(gpa + (index - first) * PAGE_SIZE, ty, &page.read());
+            Ok(())
+        })
+    }
+
+    fn populate_each(
+        &self,
+        offset: u64,
+        source: Option<&[u8]>,
+        npages: u64,
+        cancel: &dyn Fn() -> bool,
+        each: &mut dyn FnMut(u64, &PageRef<'_>) -> KernelResult<()>,
+    ) -> KernelResult<u64> {
+        let end = npages
+            .checked_mul(PAGE_SIZE)
+            .and_then(|l| offset.checked_add(l));
+        if npages == 0 || offset % PAGE_SIZE != 0 || end.is_none_or(|e| e > self.inner.size) {
+            return Err(Errno::EINVAL);
+        }
+        if source.is_some_and(|s| (s.len() as u64) < npages * PAGE_SIZE) {
+            return Err(Errno::EFAULT);
+        }
+        let first = offset / PAGE_SIZE;
+        let mut done = 0u64;
+        let result = (|| {
+            for i in 0..npages {
+                if cancel() {
+                    return Err(Errno::EINTR);
+                }
+                let src = source_page(source, i)?;
+                let index = first + i;
+                // The invalidate lock, exclusively, per page (§2.7).
+                let st = self.write_state();
+                if st.attrs.get(index) & KVM_MEMORY_ATTRIBUTE_PRIVATE == 0 {
+                    return Err(Errno::EINVAL);
+                }
+                let mut bits = self.inner.bits();
+                self.inner.make_uptodate(&mut bits, index)?;
+                if let Some(src) = src {
+                    self.inner.gmem_write(&bits, index, Some(src))?;
+                }
+                let page = self.inner.page_ref(&bits, index)?;
+                if self.inner.hooks.post_populate {
+                    self.inner.log(HookCall::PostPopulate(index));
+                    self.inner.platform.post_populate(&page, src.is_some())?;
+                }
+                each(index, &page)?;
+                drop(bits);
+                drop(st);
+                done += 1;
+            }
+            Ok(())
+        })();
+        match result {
+            Err(e) if done == 0 => Err(e),
+            _ => Ok(done),
+        }
+    }
+}
+
+impl Inner {
+    fn bits(&self) -> std::sync::MutexGuard<'_, PageBits> {
+        self.pages
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn no_direct_map(&self) -> bool {
+        self.flags & GUEST_MEMFD_FLAG_NO_DIRECT_MAP != 0
+    }
+
+    fn log(&self, call: HookCall) {
+        if let Some(log) = self.hook_log.get() {
+            log.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(call);
+        }
+    }
+
+    fn direct_map(&self) -> KernelResult<&Mmap> {
+        let view = self.direct_map.get_or_init(|| {
+            let len = usize::try_from(self.size).map_err(|_| Errno::ENOMEM)?;
+            Mmap::new(
+                Some(self.memfd.as_fd()),
+                0,
+                len,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+            )
+        });
+        view.as_ref().map_err(|e| *e)
+    }
+
+    /// Address of page `index` in the direct map.
+    fn dm_page(&self, index: u64) -> KernelResult<*mut u8> {
+        let dm = self.direct_map()?;
+        let off = usize::try_from(index * PAGE_SIZE).map_err(|_| Errno::EFAULT)?;
+        if off >= dm.len() {
+            return Err(Errno::EFAULT);
+        }
+        // SAFETY: `off` is inside the direct map (checked).
+        Ok(unsafe { dm.as_ptr().add(off) })
+    }
+
+    /// A hook's handle on page `index`; EFAULT if the page is removed from the direct map
+    /// (gmem never touches a removed page).
+    fn page_ref(&self, bits: &PageBits, index: u64) -> KernelResult<PageRef<'_>> {
+        if bits.removed.contains(index) {
+            return Err(Errno::EFAULT);
+        }
+        let ptr = self.dm_page(index)?;
+        // SAFETY: a page of the direct map, which lives as long as `self`, and is mapped: its
+        // removed mark is clear, and marks change only under the `pages` lock the caller holds.
+        Ok(unsafe { PageRef::new(index, ptr) })
+    }
+
+    /// gmem's own write of page `index` (`None`: zeroes) through the direct map: refused
+    /// for a removed page, and checked with the platform (SNP, TDX: never a guest-owned page).
+    fn gmem_write(&self, bits: &PageBits, index: u64, data: Option<&[u8]>) -> KernelResult<()> {
+        if bits.removed.contains(index) {
+            return Err(Errno::EFAULT);
+        }
+        self.platform.gmem_write(index)?;
+        let ptr = self.dm_page(index)?;
+        let zeros = [0u8; PAGE];
+        let data = data.unwrap_or(&zeros);
+        // SAFETY: a mapped page of the direct map (not removed, checked under the lock);
+        // at most a page is written.
+        unsafe { crate::mapping::volatile_copy(data.as_ptr(), ptr, data.len().min(PAGE)) };
+        Ok(())
+    }
+
+    fn page_present(&self, index: u64) -> KernelResult<bool> {
+        let off = index * PAGE_SIZE;
+        Ok(!sys::data_runs(self.memfd.as_fd(), off, off + PAGE_SIZE)?.is_empty())
+    }
+
+    /// Present pages of `[first, end)`.
+    fn present_pages(&self, first: u64, end: u64) -> Vec<u64> {
+        let runs = sys::data_runs(self.memfd.as_fd(), first * PAGE_SIZE, end * PAGE_SIZE)
+            .unwrap_or_default();
+        runs.into_iter()
+            .flat_map(|(s, e)| s / PAGE_SIZE..e.div_ceil(PAGE_SIZE))
+            .collect()
+    }
+
+    /// Zero-once (§2.6): a page not up to date is zeroed through the direct map and marked.
+    /// A page the memfd already holds is only marked: shmem zero-filled it when it was
+    /// allocated, by fallocate or by a host or vCPU fault the emulated backend does not see
+    /// (which in the kernel would have zeroed and marked it then).
+    fn make_uptodate(&self, bits: &mut PageBits, index: u64) -> KernelResult<()> {
+        if bits.uptodate.contains(index) {
+            return Ok(());
+        }
+        if !self.page_present(index)? {
+            self.gmem_write(bits, index, None)?;
+            self.log(HookCall::Zero(index));
+        }
+        bits.uptodate.insert(index);
+        Ok(())
+    }
+
+    /// The guest fault of every page of `[offset, offset + len)`, under the shared lock `st`.
+    fn fault_range(&self, st: &State, offset: u64, len: u64) -> KernelResult<()> {
+        let (first, end) = pages(offset, len);
+        for index in first..end {
+            self.fault_page(st, index)?;
+        }
+        Ok(())
+    }
+
+    /// `kvm_gmem_get_pfn` of one page (§2.6, §3.2): zero if not up to date; make-private if
+    /// the page is private (every time: the hook is idempotent); with NO_DIRECT_MAP, remove
+    /// it from the direct map, marking it only once that succeeded.
+    fn fault_page(&self, st: &State, index: u64) -> KernelResult<()> {
+        let mut bits = self.bits();
+        self.make_uptodate(&mut bits, index)?;
+        if self.hooks.make_private && st.attrs.get(index) & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0 {
+            let page = self.page_ref(&bits, index)?;
+            self.log(HookCall::MakePrivate(index));
+            self.platform.make_private(&page)?;
+        }
+        if self.no_direct_map() && !bits.removed.contains(index) {
+            self.remove_from_direct_map(index)?;
+            bits.removed.insert(index);
+            self.log(HookCall::DirectMapRemove(index));
+        }
+        Ok(())
+    }
+
+    /// A host hand-out gmem sees (the safe accessors): with NO_DIRECT_MAP, each page is made
+    /// up to date and removed from the direct map. A failed removal marks nothing.
+    fn hand_out(&self, offset: u64, len: u64) -> Result<(), AccessError> {
+        if !self.no_direct_map() || len == 0 {
+            return Ok(());
+        }
+        let (first, end) = pages(offset, len);
+        let mut bits = self.bits();
+        for index in first..end {
+            let err = |errno| AccessError::DirectMap {
+                offset: index * PAGE_SIZE,
+                errno,
+            };
+            if bits.removed.contains(index) {
+                continue;
+            }
+            self.make_uptodate(&mut bits, index).map_err(err)?;
+            self.remove_from_direct_map(index).map_err(err)?;
+            bits.removed.insert(index);
+            self.log(HookCall::DirectMapRemove(index));
+        }
+        Ok(())
+    }
+
+    fn injected_failure(&self) -> KernelResult<()> {
+        let left = self.fail_after.load(Ordering::SeqCst);
+        if left < 0 {
+            return Ok(());
+        }
+        if left == 0 {
+            self.fail_after.store(-1, Ordering::SeqCst);
+            return Err(Errno::ENOMEM);
+        }
+        self.fail_after.store(left - 1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Makes page `index` inaccessible in the direct map: the empty hole file is mapped over
+    /// it, so a stray access raises SIGBUS (a backstop: gmem checks the mark first).
+    fn remove_from_direct_map(&self, index: u64) -> KernelResult<()> {
+        self.injected_failure()?;
+        let addr = self.dm_page(index)?;
+        // SAFETY: one page inside the direct map, which only gmem accesses, always under the
+        // `pages` lock the caller holds.
+        unsafe { sys::mmap_fixed_raw(addr, PAGE, self.hole.as_fd(), index * PAGE_SIZE) }
+    }
+
+    /// Maps the memory file back at page `index` of the direct map.
+    fn restore_direct_map(&self, index: u64) -> KernelResult<()> {
+        let addr = self.dm_page(index)?;
+        // SAFETY: as in `remove_from_direct_map`.
+        unsafe { sys::mmap_fixed_raw(addr, PAGE, self.memfd.as_fd(), index * PAGE_SIZE) }
+    }
+
+    /// §2.4 step 4b: make-shared on every present page of `[first, end)`.
+    fn make_shared_range(&self, first: u64, end: u64) {
+        let bits = self.bits();
+        for index in self.present_pages(first, end) {
+            // A removed page cannot occur: platforms with make-shared do not offer
+            // NO_DIRECT_MAP.
+            if let Ok(page) = self.page_ref(&bits, index) {
+                self.log(HookCall::MakeShared(index));
+                self.platform.make_shared(&page);
+            }
+        }
+    }
+
+    /// Pages `[first, end)` leave the file (punch-hole, release): restore the direct map of
+    /// removed pages, then reclaim present pages (the kernel's `free_folio` order, §3.2),
+    /// and forget that they were up to date. No per-page work without NO_DIRECT_MAP or a
+    /// reclaim hook.
+    fn free_pages(&self, first: u64, end: u64) {
+        let mut bits = self.bits();
+        if self.no_direct_map() {
+            for index in bits.removed.take_range(first, end) {
+                if self.restore_direct_map(index).is_ok() {
+                    self.log(HookCall::DirectMapRestore(index));
+                } else {
+                    // The kernel WARNs; the page stays marked and is never touched.
+                    bits.removed.insert(index);
+                }
+            }
+        }
+        if self.hooks.reclaim {
+            for index in self.present_pages(first, end) {
+                if let Ok(page) = self.page_ref(&bits, index) {
+                    self.log(HookCall::Reclaim(index));
+                    self.platform.reclaim(&page);
+                }
+            }
+        }
+        bits.uptodate.take_range(first, end);
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Release: the memory leaves with the last reference to the file.
+        if self.no_direct_map() || self.hooks.reclaim {
+            self.free_pages(0, self.size / PAGE_SIZE);
+        }
     }
 }

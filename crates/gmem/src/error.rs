@@ -145,6 +145,15 @@ pub enum AccessError {
         /// The file's flags, by name.
         flags: String,
     },
+    /// With `GUEST_MEMFD_FLAG_NO_DIRECT_MAP`: the page could not be removed from the direct
+    /// map when it was handed out (nothing was accessed or marked).
+    #[error("removing the page at offset {offset:#x} from the direct map failed: {errno}")]
+    DirectMap {
+        /// Byte offset of the page.
+        offset: u64,
+        /// The failure.
+        errno: Errno,
+    },
 }
 
 /// A failed conversion through [`GuestMemfd::set_private`](crate::GuestMemfd::set_private) /

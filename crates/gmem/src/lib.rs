@@ -18,6 +18,7 @@ pub mod io;
 pub mod kernel;
 pub mod mapping;
 pub mod model;
+pub mod platform;
 pub mod probe;
 pub mod sys;
 pub mod twobacking;

@@ -167,6 +167,38 @@ pub fn pwrite_all(fd: BorrowedFd<'_>, data: &[u8], offset: u64) -> KernelResult<
     Ok(())
 }
 
+/// The data runs (allocated, `[start, end)` byte offsets) of `fd` inside `[start, end)`,
+/// found with `lseek(SEEK_DATA)` / `lseek(SEEK_HOLE)`: one pair of calls per run.
+pub fn data_runs(fd: BorrowedFd<'_>, start: u64, end: u64) -> KernelResult<Vec<(u64, u64)>> {
+    let seek = |off: u64, whence: libc::c_int| -> KernelResult<Option<u64>> {
+        let o = libc::off_t::try_from(off).map_err(|_| Errno::EINVAL)?;
+        // SAFETY: lseek takes integers only; it moves the descriptor's offset, which gmem
+        // never uses (every access is positional).
+        let r = unsafe { libc::lseek(fd.as_raw_fd(), o, whence) };
+        if r >= 0 {
+            Ok(Some(r.unsigned_abs()))
+        } else if Errno::last() == Errno(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(Errno::last())
+        }
+    };
+    let mut runs = Vec::new();
+    let mut at = start;
+    while at < end {
+        let Some(data) = seek(at, libc::SEEK_DATA)? else {
+            break;
+        };
+        if data >= end {
+            break;
+        }
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        runs.push((data, hole));
+        at = hole;
+    }
+    Ok(runs)
+}
+
 /// An owned mapping; unmapped on drop.
 #[derive(Debug)]
 pub struct Mmap {

@@ -97,7 +97,11 @@ fn page_span(off: u64, len: u64) -> (u64, u64) {
 impl Model {
     fn create(&mut self, pages: u64, flags: u64) -> R {
         let size = pages * PS;
-        if flags & !(GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED) != 0 || size == 0 {
+        // NO_DIRECT_MAP is accepted: the emulated backend's default (software-protected)
+        // platform offers it (DESIGN.md, Platforms).
+        let known =
+            GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED | GUEST_MEMFD_FLAG_NO_DIRECT_MAP;
+        if flags & !known != 0 || size == 0 {
             return R::Err(Errno::EINVAL);
         }
         *self = Model {

@@ -212,5 +212,6 @@ fn stress_poison_with_holes() {
         revocation: Revocation::Poison,
         hole_min_bytes: PS,
         hole_budget: 4,
+        ..EmulatedOptions::default()
     });
 }

@@ -62,7 +62,20 @@ pub const KNOWN_DEVIATIONS: &[Deviation] = &[
         kernel: "ok",
         why: MMAP_LEN,
     },
+    Deviation {
+        script: "flags",
+        command: "create 0x1000 no_direct_map",
+        emulated: "ok",
+        kernel: "EINVAL",
+        why: NO_DIRECT_MAP,
+    },
 ];
+
+const NO_DIRECT_MAP: &str =
+    "The emulated backend's default platform (software-protected) offers \
+     GUEST_MEMFD_FLAG_NO_DIRECT_MAP as the v10 series does for x86 VMs other than TDX \
+     (kernel-spec §3.1); a kernel without that series does not advertise it in \
+     KVM_CAP_GUEST_MEMFD_FLAGS and refuses it. The emulated SNP and TDX platforms refuse it too.";
 
 const MMAP_LEN: &str =
     "mmap(2) rounds a length up to whole pages; the emulated backend registers each \
