@@ -250,3 +250,81 @@ fn every_script_is_well_formed() {
         }
     }
 }
+
+/// A random `gmem io` command without conversion (this host's kernel cannot convert):
+/// offsets and lengths around page boundaries and the file's end.
+fn random_command() -> impl Strategy<Value = String> {
+    let off = prop_oneof![
+        Just("0".to_string()),
+        Just("4k".to_string()),
+        Just("8k".to_string()),
+        Just("12k".to_string()),
+        Just("16k".to_string()),
+        Just("1".to_string()),
+        Just("4095".to_string()),
+        Just("0x7ffffffffffff000".to_string()),
+    ];
+    let len = prop_oneof![
+        Just("1".to_string()),
+        Just("4k".to_string()),
+        Just("8k".to_string()),
+        Just("16k".to_string()),
+        Just("0".to_string()),
+        Just("4097".to_string()),
+    ];
+    let byte = any::<u8>().prop_map(|b| b.to_string());
+    prop_oneof![
+        1 => prop_oneof![
+            Just("mmap|init_shared"),
+            Just("mmap"),
+            Just("0"),
+            Just("init_shared")
+        ]
+        .prop_map(|f| format!("create 16k {f}")),
+        1 => Just("mmap".to_string()),
+        1 => Just("mmap 32k".to_string()),
+        3 => (0..16u64, 1..8192u64).prop_map(|(o, l)| format!("mread {} {l}", o * 1024)),
+        2 => (0..16u64, 1..8192u64, byte).prop_map(|(o, l, b)| format!("mwrite {} {l} {b}", o * 1024)),
+        2 => (off.clone(), len.clone()).prop_map(|(o, l)| format!("falloc {o} {l}")),
+        2 => (off.clone(), len.clone()).prop_map(|(o, l)| format!("fpunch {o} {l}")),
+        1 => (off.clone(), len.clone()).prop_map(|(o, l)| format!("pin {o} {l}")),
+        1 => (off, len).prop_map(|(o, l)| format!("attrs {o} {l}")),
+        1 => Just("stat".to_string()),
+    ]
+}
+
+fn random_cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: random_cases(), ..ProptestConfig::default() })]
+
+    /// Random scripts print the same lines on the emulated backend and on this host's kernel,
+    /// up to the known deviations (usage errors, e.g. an access outside the mapping, must
+    /// agree too). Needs /dev/kvm.
+    #[test]
+    fn random_scripts_agree_with_the_kernel(
+        create in prop_oneof![Just("mmap|init_shared"), Just("mmap"), Just("0")],
+        cmds in prop::collection::vec(random_command(), 1..24),
+    ) {
+        let kernel = match Ctx::kernel(0) {
+            Ok(k) => k,
+            Err(why) => {
+                println!("skipped: {why}");
+                return Ok(());
+            }
+        };
+        let script = format!("create 16k {create}\nmmap\n{}", cmds.join("\n"));
+        let run = |ctx: &Ctx| Session::new(ctx.backend.clone(), None).run_script(&script);
+        let (e, k) = (run(&Ctx::emulated()), run(&kernel));
+        prop_assert_eq!(e.len(), k.len());
+        for (a, b) in e.iter().zip(&k) {
+            let ok = a == b || differential::known("*", a, b).is_some();
+            prop_assert!(ok, "emulated `{}`, kernel `{}`\nscript:\n{}", a, b, script);
+        }
+    }
+}
