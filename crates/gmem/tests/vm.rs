@@ -384,3 +384,49 @@ fn guest_failures_are_reported_and_hung_guests_time_out() {
     );
     assert!(start.elapsed() < Duration::from_secs(5));
 }
+
+/// Every conformance case (guest_memfd_test, guest_memfd_conversions_test,
+/// private_mem_conversions_test, private_mem_kvm_exits_test) on the emulated backend with the
+/// guest's part played by a real vCPU; on the kernel backend, the cases it can run.
+#[test]
+fn conformance_cases_with_a_real_vcpu_as_the_guest() {
+    use gmem::conformance::{cases, Ctx, Outcome};
+    use gmem::vm::port::VcpuGuest;
+    use std::sync::Arc;
+    if !kvm_or_skip() {
+        return;
+    }
+    let ctx = Ctx {
+        backend: Arc::new(gmem::EmulatedBackend::default()),
+        guest: Some(VcpuGuest::emulated().unwrap()),
+    };
+    let mut passed = 0;
+    for case in cases() {
+        match ctx.run(&case) {
+            Outcome::Pass => passed += 1,
+            Outcome::Skip(why) => println!("{}: skipped ({why})", case.name),
+            Outcome::Fail(why) => panic!("{} failed with a vCPU guest: {why}", case.name),
+        }
+    }
+    println!("emulated backend, vCPU guest: {passed} cases passed");
+    let backend = gmem::KernelBackend::new().unwrap();
+    let ctx = Ctx {
+        backend: Arc::new(backend.clone()),
+        guest: Some(VcpuGuest::kernel(&backend).unwrap()),
+    };
+    for case in cases() {
+        let o = ctx.run(&case);
+        println!(
+            "kernel backend, vCPU guest: {}: {} {}",
+            case.name,
+            o.label(),
+            o.reason()
+        );
+        assert!(
+            !matches!(o, Outcome::Fail(_)),
+            "{} failed on the kernel backend: {}",
+            case.name,
+            o.reason()
+        );
+    }
+}

@@ -137,6 +137,11 @@ impl Asm {
         self.bytes(&[0xF3, REX_W, 0xAB]);
     }
 
+    /// `rep movsb`: copies rcx bytes from `[rsi]` to `[rdi]`.
+    pub fn rep_movsb(&mut self) {
+        self.bytes(&[0xF3, 0xA4]);
+    }
+
     /// `repe scasq`: compares rax with `[rdi]` while equal, at most rcx times.
     pub fn repe_scasq(&mut self) {
         self.bytes(&[0xF3, REX_W, 0xAF]);

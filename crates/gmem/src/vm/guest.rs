@@ -75,6 +75,15 @@ pub fn mailbox_gpa(i: usize) -> u64 {
     MAILBOX_BASE + MAILBOX_SIZE * i as u64
 }
 
+/// GPA of vCPU `i`'s bounce buffer (the upper half of its code area), for copies between
+/// the host and gmem memory made by the guest.
+pub fn bounce_gpa(i: usize) -> u64 {
+    code_gpa(i) + CODE_SIZE / 2
+}
+
+/// Size of a bounce buffer.
+pub const BOUNCE_SIZE: u64 = CODE_SIZE / 2;
+
 /// GPA of vCPU `i`'s code.
 pub fn code_gpa(i: usize) -> u64 {
     CODE_BASE + CODE_SIZE * i as u64
@@ -188,6 +197,21 @@ impl GuestProgram {
             Cond::Equal,
             format!("guest: [{gpa:#x}, +{len:#x}) holds {byte:#04x}"),
         );
+    }
+
+    /// Copies `len` bytes from `src` to `dst` (`rep movsb`).
+    pub fn copy(&mut self, src: u64, dst: u64, len: u64) {
+        let a = &mut self.asm;
+        a.mov_imm(Reg::Rsi, src);
+        a.mov_imm(Reg::Rdi, dst);
+        a.mov_imm(Reg::Rcx, len);
+        a.rep_movsb();
+    }
+
+    /// Loads the 8 bytes at `gpa` into rax.
+    pub fn load_u64(&mut self, gpa: u64) {
+        self.asm.mov_imm(Reg::Rdi, gpa);
+        self.asm.load(Reg::Rax, Reg::Rdi, 0);
     }
 
     /// Exits to the host with sync id `id`.

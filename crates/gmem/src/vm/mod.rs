@@ -22,6 +22,7 @@
 
 pub mod asm;
 pub mod guest;
+pub mod port;
 mod vcpu;
 
 use std::os::fd::AsRawFd;
@@ -45,7 +46,7 @@ use crate::uapi::{
 
 pub use asm::{Asm, AsmError, Cond, Label, Reg};
 pub use guest::{GuestProgram, Program, RequestPath};
-pub use vcpu::{Event, Vcpu, VcpuTimings};
+pub use vcpu::{Event, Stop, Vcpu, VcpuTimings};
 
 /// `KVM_MAP_GPA_RANGE_PAGE_SZ_*` mask (bits 0-1).
 const MAP_GPA_RANGE_PAGE_SZ_MASK: u64 = KVM_MAP_GPA_RANGE_PAGE_SZ_2M | KVM_MAP_GPA_RANGE_PAGE_SZ_1G;
@@ -292,6 +293,7 @@ pub struct Vm {
     hypercall_exit: Result<(), Errno>,
     stop: std::sync::atomic::AtomicBool,
     timeout_ms: AtomicU64,
+    memory_fault_conversion: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Vm {
@@ -374,6 +376,7 @@ impl Vm {
             hypercall_exit,
             stop: std::sync::atomic::AtomicBool::new(false),
             timeout_ms: AtomicU64::new(0),
+            memory_fault_conversion: std::sync::atomic::AtomicBool::new(true),
         };
         guest::write_page_tables(&vm)?;
         Ok(vm)
@@ -400,6 +403,21 @@ impl Vm {
         // volatile byte copies are used.
         unsafe {
             crate::mapping::volatile_copy(data.as_ptr(), self.system.as_ptr().add(off), data.len())
+        };
+        Ok(())
+    }
+
+    /// Reads system memory at guest physical `gpa` into `buf`.
+    pub(crate) fn read_system(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError> {
+        let off = self.system_range(gpa, buf.len())?;
+        // SAFETY: the range is inside the system mapping (checked); volatile because the
+        // guest writes it.
+        unsafe {
+            crate::mapping::volatile_copy(
+                self.system.as_ptr().add(off),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
         };
         Ok(())
     }
@@ -792,6 +810,46 @@ impl Vm {
                 })
                 .collect()
         })
+    }
+
+    /// Whether `KVM_EXIT_MEMORY_FAULT` is served by converting to the access's type (the
+    /// default, QEMU's and Cloud Hypervisor's policy) or reported as [`Stop::MemoryFault`].
+    pub fn set_memory_fault_conversion(&self, convert: bool) {
+        self.memory_fault_conversion
+            .store(convert, Ordering::SeqCst);
+    }
+
+    pub(crate) fn memory_fault_conversion(&self) -> bool {
+        self.memory_fault_conversion.load(Ordering::SeqCst)
+    }
+
+    /// Deletes memslot `slot` (the file handle it held is released).
+    pub fn unbind(&self, slot: u32) -> Result<(), VmError> {
+        let mut slots = self
+            .slots
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let i = slots
+            .iter()
+            .position(|s| s.slot == slot)
+            .ok_or_else(|| VmError::Binding {
+                gpa: 0,
+                size: 0,
+                offset: 0,
+                why: format!("memslot {slot} is not bound"),
+            })?;
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: slots[i].gpa,
+            memory_size: 0,
+            userspace_addr: 0,
+        };
+        // SAFETY: deleting a slot this Vm created; no memory is handed to KVM.
+        unsafe { self.vm_fd().set_user_memory_region(region) }
+            .map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION (delete)"))?;
+        slots.remove(i);
+        Ok(())
     }
 
     /// Whether [`Vm::run_vcpus`] ran out of time.

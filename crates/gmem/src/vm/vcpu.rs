@@ -31,6 +31,33 @@ pub enum Event {
     Done,
 }
 
+/// Why [`Vcpu::run_until_stop`] returned: an [`Event`], or an exit the caller observes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// A guest event.
+    Event(Event),
+    /// An access went to guest physical memory that no memslot backs (`KVM_EXIT_MMIO`);
+    /// reads get zeros.
+    Mmio {
+        /// `mmio.phys_addr`.
+        phys_addr: u64,
+        /// `mmio.len`.
+        len: u32,
+        /// `mmio.is_write`.
+        is_write: bool,
+    },
+    /// `KVM_EXIT_MEMORY_FAULT`, reported instead of served when the VM's memory-fault
+    /// conversion is off ([`Vm::set_memory_fault_conversion`]).
+    MemoryFault {
+        /// `memory_fault.flags`.
+        flags: u64,
+        /// `memory_fault.gpa`.
+        gpa: u64,
+        /// `memory_fault.size`.
+        size: u64,
+    },
+}
+
 /// Round-trip samples of one vCPU, in nanoseconds.
 #[derive(Debug, Clone, Default)]
 pub struct VcpuTimings {
@@ -158,7 +185,7 @@ impl Vm {
 
 enum Step {
     Continue,
-    Event(Event),
+    Stop(Stop),
 }
 
 impl Vcpu {
@@ -177,6 +204,31 @@ impl Vcpu {
         &self.timings
     }
 
+    /// Replaces the program and restarts the vCPU at its first instruction, at CPL3.
+    pub fn load(&mut self, vm: &Vm, program: Program) -> Result<(), VmError> {
+        if program.code.len() as u64 > guest::CODE_SIZE {
+            return Err(VmError::ProgramTooLarge {
+                len: program.code.len(),
+                max: guest::CODE_SIZE as usize,
+            });
+        }
+        vm.write_system(guest::code_gpa(self.index), &program.code)?;
+        self.fd
+            .set_sregs(&self.ring3)
+            .map_err(VmError::kvm("KVM_SET_SREGS"))?;
+        let regs = kvm_regs {
+            rip: guest::code_gpa(self.index),
+            rflags: RFLAGS,
+            rsp: guest::code_gpa(self.index) + guest::CODE_SIZE,
+            ..Default::default()
+        };
+        self.fd
+            .set_regs(&regs)
+            .map_err(VmError::kvm("KVM_SET_REGS"))?;
+        self.program = program;
+        Ok(())
+    }
+
     /// `KVM_GET_REGS`.
     pub fn regs(&self) -> Result<kvm_regs, VmError> {
         self.fd.get_regs().map_err(VmError::kvm("KVM_GET_REGS"))
@@ -185,10 +237,21 @@ impl Vcpu {
     /// Runs until the guest needs the caller; conversion, punch-hole and CPL-switch requests,
     /// hypercalls and memory faults are served here.
     pub fn run(&mut self, vm: &Vm) -> Result<Event, VmError> {
+        match self.run_until_stop(vm)? {
+            Stop::Event(e) => Ok(e),
+            other => Err(VmError::UnexpectedExit {
+                vcpu: self.index,
+                what: format!("{other:?}"),
+            }),
+        }
+    }
+
+    /// Runs until a guest event or an MMIO / unserved memory-fault exit.
+    pub fn run_until_stop(&mut self, vm: &Vm) -> Result<Stop, VmError> {
         loop {
             match self.run_once(vm)? {
                 Step::Continue => {}
-                Step::Event(e) => return Ok(e),
+                Step::Stop(s) => return Ok(s),
             }
         }
     }
@@ -215,6 +278,29 @@ impl Vcpu {
                 *h.ret = ret;
                 self.last = (now, Last::Other);
                 return Ok(Step::Continue);
+            }
+            Ok(VcpuExit::MemoryFault { flags, gpa, size }) if !vm.memory_fault_conversion() => {
+                self.last = (now, Last::Other);
+                return Ok(Step::Stop(Stop::MemoryFault { flags, gpa, size }));
+            }
+            Ok(VcpuExit::MmioRead(phys_addr, data)) => {
+                data.fill(0);
+                let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+                self.last = (now, Last::Other);
+                return Ok(Step::Stop(Stop::Mmio {
+                    phys_addr,
+                    len,
+                    is_write: false,
+                }));
+            }
+            Ok(VcpuExit::MmioWrite(phys_addr, data)) => {
+                let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+                self.last = (now, Last::Other);
+                return Ok(Step::Stop(Stop::Mmio {
+                    phys_addr,
+                    len,
+                    is_write: true,
+                }));
             }
             Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
                 vm.memory_fault(flags, gpa, size)
@@ -309,12 +395,12 @@ impl Vcpu {
                     .map_err(VmError::kvm("KVM_SET_SREGS (ring 3)"))?;
                 Step::Continue
             }
-            PORT_SYNC => Step::Event(Event::Sync(value)),
+            PORT_SYNC => Step::Stop(Stop::Event(Event::Sync(value))),
             PORT_FAIL => {
                 let rdi = self.regs()?.rdi;
-                Step::Event(Event::Fail { id: value, rdi })
+                Step::Stop(Stop::Event(Event::Fail { id: value, rdi }))
             }
-            PORT_DONE => Step::Event(Event::Done),
+            PORT_DONE => Step::Stop(Stop::Event(Event::Done)),
             _ => {
                 return Err(VmError::UnexpectedExit {
                     vcpu: index,
@@ -380,14 +466,14 @@ pub(crate) fn probe_hypercall_exit(timeout: Duration) -> Result<(), String> {
                 }
                 let before = vm.stats().exits;
                 match vcpu.run_once(&vm) {
-                    Ok(Step::Event(Event::Done)) => {
+                    Ok(Step::Stop(Stop::Event(Event::Done))) => {
                         return if vm.stats().requests_rejected > 0 {
                             Ok(())
                         } else {
                             Err("the program ended without a hypercall".to_string())
                         }
                     }
-                    Ok(Step::Event(Event::Fail { .. })) => {
+                    Ok(Step::Stop(Stop::Event(Event::Fail { .. }))) => {
                         return Err("the hypercall's answer was not -EINVAL".to_string())
                     }
                     Ok(_) => {
