@@ -322,6 +322,17 @@ fn test_guest_memfd_guest_on_the_kernel_backend() {
     let mut buf = vec![0u8; PS as usize];
     m.read_volatile(0, &mut buf).unwrap();
     assert!(buf.iter().all(|&b| b == 0xff));
+    // A second Vm on the same kernel VM (after the first is gone) gets fresh vCPU ids.
+    drop(vcpu);
+    drop(vm);
+    let vm = Vm::on_kernel_backend(&backend, 1).unwrap();
+    vm.bind(DATA_GPA, &GuestFile::Kernel(file.clone()), 0, PS)
+        .unwrap();
+    let mut p = GuestProgram::new(0, RequestPath::Port);
+    p.verify(DATA_GPA, PS, 0xff);
+    p.done();
+    let mut vcpu = vm.create_vcpu(0, p.finish().unwrap()).unwrap();
+    assert_eq!(next(&vm, &mut vcpu), Event::Done);
 }
 
 /// `gmem run`'s workload, small: no mismatches, conversions in both directions.

@@ -294,6 +294,7 @@ pub struct Vm {
     stop: std::sync::atomic::AtomicBool,
     timeout_ms: AtomicU64,
     memory_fault_conversion: std::sync::atomic::AtomicBool,
+    vcpu_id_base: u64,
 }
 
 impl std::fmt::Debug for Vm {
@@ -366,6 +367,15 @@ impl Vm {
             ..Default::default()
         };
         let hypercall_exit = handle.fd().enable_cap(&cap).map_err(|e| Errno(e.errno()));
+        // KVM cannot destroy a vCPU before its VM, and the kernel backend's VM outlives this
+        // Vm: give each Vm on it fresh vCPU ids.
+        let vcpu_id_base = match handle {
+            VmHandle::Own { .. } => 0,
+            VmHandle::Kernel(_) => {
+                static NEXT: AtomicU64 = AtomicU64::new(0);
+                NEXT.fetch_add(vcpus as u64, Ordering::Relaxed)
+            }
+        };
         let vm = Vm {
             handle,
             system,
@@ -377,6 +387,7 @@ impl Vm {
             stop: std::sync::atomic::AtomicBool::new(false),
             timeout_ms: AtomicU64::new(0),
             memory_fault_conversion: std::sync::atomic::AtomicBool::new(true),
+            vcpu_id_base,
         };
         guest::write_page_tables(&vm)?;
         Ok(vm)
@@ -390,6 +401,11 @@ impl Vm {
     /// The number of vCPUs the VM was laid out for.
     pub fn vcpus(&self) -> usize {
         self.vcpus
+    }
+
+    /// The KVM vCPU id of vCPU `index`.
+    pub(crate) fn vcpu_id(&self, index: usize) -> u64 {
+        self.vcpu_id_base + index as u64
     }
 
     pub(crate) fn vm_fd(&self) -> &VmFd {

@@ -142,7 +142,7 @@ impl Vm {
         self.write_system(guest::code_gpa(index), &program.code)?;
         let fd = self
             .vm_fd()
-            .create_vcpu(index as u64)
+            .create_vcpu(self.vcpu_id(index))
             .map_err(VmError::kvm("KVM_CREATE_VCPU"))?;
         let mut sregs = fd.get_sregs().map_err(VmError::kvm("KVM_GET_SREGS"))?;
         sregs.cr3 = guest::PML4_GPA;
@@ -461,7 +461,9 @@ pub(crate) fn probe_hypercall_exit(timeout: Duration) -> Result<(), String> {
                     return Err(format!(
                         "the guest's vmcall at CPL0 did not exit to userspace within \
                          {timeout:?} (vCPU stuck at rip {rip:#x}, code starts at {code:#x}; \
-                         {hypercalls} KVM_EXIT_HYPERCALL seen)"
+                         {hypercalls} KVM_EXIT_HYPERCALL seen). Where CPL0 code is emulated \
+                         (PVM), KVM's instruction emulator handles vmcall as a hypercall \
+                         instruction to patch and re-execute, never as a hypercall"
                     ));
                 }
                 let before = vm.stats().exits;
