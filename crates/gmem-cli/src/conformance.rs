@@ -22,6 +22,11 @@ pub struct Args {
     /// VM type of the kernel backend's VM: `default` (0), `sw_protected` (1), or a number.
     #[arg(long, default_value = "default", value_parser = parse_vm_type)]
     vm_type: u64,
+    /// Who plays the guest: `auto` (the emulated file's internal view on the emulated backend,
+    /// a real vCPU on the kernel backend when one can be made), `internal` (no guest on the
+    /// kernel backend), or `vcpu` (a real vCPU on both).
+    #[arg(long, value_enum, default_value = "auto")]
+    guest: GuestArg,
     /// Run only the cases whose name contains PATTERN (`*` matches any run of characters;
     /// differential scripts are named `diff/<script>`).
     #[arg(long, value_name = "PATTERN")]
@@ -40,6 +45,17 @@ pub enum BackendArg {
     Kernel,
     /// Both, and the differential check between them.
     All,
+}
+
+/// `--guest`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GuestArg {
+    /// Internal view on emulated, a vCPU on kernel when possible.
+    Auto,
+    /// Internal view on emulated, nothing on kernel.
+    Internal,
+    /// A real vCPU on both backends.
+    Vcpu,
 }
 
 /// The VM types `--vm-type` knows by name.
@@ -69,13 +85,29 @@ pub fn parse_vm_type(s: &str) -> Result<u64, String> {
 
 pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let filter = args.filter.as_deref();
-    let kernel = || Ctx::kernel(args.vm_type);
     let mut reports = Vec::new();
     if args.backend != BackendArg::Kernel {
-        reports.push(run_cases(&Ctx::emulated(), filter));
+        let emulated = match args.guest {
+            GuestArg::Vcpu => Ctx::emulated_with_vcpu()?,
+            GuestArg::Auto | GuestArg::Internal => Ctx::emulated(),
+        };
+        reports.push(run_cases(&emulated, filter));
     }
     if args.backend != BackendArg::Emulated {
-        match kernel() {
+        let kernel = match args.guest {
+            GuestArg::Internal => Ctx::kernel(args.vm_type),
+            GuestArg::Auto | GuestArg::Vcpu => {
+                Ctx::kernel_with_vcpu(args.vm_type).and_then(|(ctx, no_vcpu)| match no_vcpu {
+                    Some(why) if args.guest == GuestArg::Vcpu => Err(why),
+                    Some(why) => {
+                        eprintln!("gmem conformance: {why}; cases needing a guest skip");
+                        Ok(ctx)
+                    }
+                    None => Ok(ctx),
+                })
+            }
+        };
+        match kernel {
             Ok(k) => {
                 reports.push(run_cases(&k, filter));
                 if args.backend == BackendArg::All {

@@ -71,8 +71,7 @@ pub const KNOWN_DEVIATIONS: &[Deviation] = &[
     },
 ];
 
-const NO_DIRECT_MAP: &str =
-    "The emulated backend's default platform (software-protected) offers \
+const NO_DIRECT_MAP: &str = "The emulated backend's default platform (software-protected) offers \
      GUEST_MEMFD_FLAG_NO_DIRECT_MAP as the v10 series does for x86 VMs other than TDX \
      (kernel-spec §3.1); a kernel without that series does not advertise it in \
      KVM_CAP_GUEST_MEMFD_FLAGS and refuses it. The emulated SNP and TDX platforms refuse it too.";

@@ -228,15 +228,43 @@ impl Ctx {
     /// (`KVM_X86_DEFAULT_VM` = 0, `KVM_X86_SW_PROTECTED_VM` = 1). Nothing plays the guest yet
     /// (cases needing [`Need::Guest`] skip); `Err` says why the backend is unavailable.
     pub fn kernel(vm_type: u64) -> Result<Ctx, String> {
-        if !std::path::Path::new("/dev/kvm").exists() {
-            return Err("/dev/kvm is missing: the kernel backend needs KVM".to_string());
-        }
-        let backend = crate::kernel::KernelBackend::with_vm_type(vm_type).map_err(|e| {
-            format!("/dev/kvm is unusable: creating a VM of type {vm_type} failed: {e}")
-        })?;
         Ok(Ctx {
-            backend: Arc::new(backend),
+            backend: Arc::new(kernel_backend(vm_type)?),
             guest: None,
+        })
+    }
+
+    /// A context for the kernel backend whose guest is a real vCPU in the backend's VM
+    /// ([`crate::vm::port::VcpuGuest`]), so the cases needing [`Need::Guest`] or [`Need::Vm`]
+    /// run against the kernel too. If no vCPU can be made, the guest is absent and the second
+    /// value says why; `Err` says why the backend itself is unavailable.
+    pub fn kernel_with_vcpu(vm_type: u64) -> Result<(Ctx, Option<String>), String> {
+        let backend = kernel_backend(vm_type)?;
+        let (guest, why): (Option<Arc<dyn GuestPort>>, _) =
+            match crate::vm::port::VcpuGuest::kernel(&backend) {
+                Ok(g) => (Some(g), None),
+                Err(e) => (
+                    None,
+                    Some(format!("no vCPU guest on the kernel backend: {e}")),
+                ),
+            };
+        Ok((
+            Ctx {
+                backend: Arc::new(backend),
+                guest,
+            },
+            why,
+        ))
+    }
+
+    /// A context for the emulated backend whose guest is a real vCPU
+    /// ([`crate::vm::port::VcpuGuest`]) instead of the internal view.
+    pub fn emulated_with_vcpu() -> Result<Ctx, String> {
+        let g = crate::vm::port::VcpuGuest::emulated()
+            .map_err(|e| format!("no vCPU guest on the emulated backend: {e}"))?;
+        Ok(Ctx {
+            backend: Arc::new(crate::emulated::EmulatedBackend::default()),
+            guest: Some(g),
         })
     }
 
@@ -321,6 +349,15 @@ impl Ctx {
         })?;
         g.write(f, p * PAGE_SIZE, &[write])
     }
+}
+
+/// The kernel backend on a VM of type `vm_type`, or why there is none.
+fn kernel_backend(vm_type: u64) -> Result<crate::kernel::KernelBackend, String> {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        return Err("/dev/kvm is missing: the kernel backend needs KVM".to_string());
+    }
+    crate::kernel::KernelBackend::with_vm_type(vm_type)
+        .map_err(|e| format!("/dev/kvm is unusable: creating a VM of type {vm_type} failed: {e}"))
 }
 
 /// `Err(msg())` unless `cond`.
