@@ -38,6 +38,10 @@ pub struct Args {
     /// Stop the vCPUs with an error after this many seconds.
     #[arg(long = "timeout-secs", default_value_t = 120)]
     timeout_secs: u64,
+    /// Platform model of the emulated file: sw, snp, tdx or pkvm. The content checks across
+    /// conversions follow its rules (preserved, zeroed or scrambled).
+    #[arg(long, default_value = "sw")]
+    platform: gmem::platform::PlatformKind,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -46,6 +50,8 @@ pub struct Args {
 fn to_json(r: &Report) -> Value {
     json!({
         "backend": r.backend,
+        "platform": r.platform,
+        "content_checks": r.content_checks,
         "mode": r.mode,
         "request_path": r.request_path,
         "hypercall_probe": r.hypercall_probe,
@@ -78,6 +84,7 @@ fn print_summary(r: &Report) {
         "gmem run: private_mem_conversions on {} vCPU(s), {} MiB, {} backend, {} memslot(s)",
         r.vcpus, r.mem_mib, r.backend, r.memslots
     );
+    println!("  platform              {}", r.platform);
     println!("  mode                  {}", r.mode);
     println!("  conversion requests   {}", r.request_path);
     println!("  MAP_GPA_RANGE probe   {}", r.hypercall_probe);
@@ -93,6 +100,10 @@ fn print_summary(r: &Report) {
         r.host_verified_bytes,
         r.guest_verified_bytes,
         r.private_probes
+    );
+    println!(
+        "  content-rule checks   {} (across conversions and punch-holes)",
+        r.content_checks
     );
     println!("  mismatches            {}", r.mismatches);
     for m in &r.mismatch_details {
@@ -139,6 +150,8 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         memslots: args.memslots,
         samples: args.samples,
         timeout: std::time::Duration::from_secs(args.timeout_secs),
+        platform: args.platform,
+        expect_rules_of: None,
     };
     let report = workload::run(&config)?;
     if args.json {

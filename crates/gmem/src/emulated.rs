@@ -1403,23 +1403,39 @@ impl Inner {
         Ok(())
     }
 
-    /// The guest fault of every page of `[offset, offset + len)`, under the shared lock `st`.
+    /// The guest fault (`kvm_gmem_get_pfn`, §2.6, §3.2) of every page of
+    /// `[offset, offset + len)`, under the shared lock `st`, page by page: zero if not up to
+    /// date; make-private if the page is private (every time: the hook is idempotent); with
+    /// NO_DIRECT_MAP, remove it from the direct map, marking it only once that succeeded.
     fn fault_range(&self, st: &State, offset: u64, len: u64) -> KernelResult<()> {
         let (first, end) = pages(offset, len);
+        let mut bits = self.bits();
+        // Pages not up to date: one presence scan (SEEK_DATA) for all of them.
+        let stale: Vec<u64> = (first..end)
+            .filter(|&i| !bits.uptodate.contains(i))
+            .collect();
+        let present = match (stale.first(), stale.last()) {
+            (Some(&lo), Some(&hi)) => self.present_pages(lo, hi + 1),
+            _ => Vec::new(),
+        };
+        let mut stale = stale.into_iter().peekable();
         for index in first..end {
-            self.fault_page(st, index)?;
+            if stale.next_if_eq(&index).is_some() {
+                if present.binary_search(&index).is_err() {
+                    self.gmem_write(&bits, index, None)?;
+                    self.log(HookCall::Zero(index));
+                }
+                bits.uptodate.insert(index);
+            }
+            self.fault_page(st, &mut bits, index)?;
         }
         Ok(())
     }
 
-    /// `kvm_gmem_get_pfn` of one page (§2.6, §3.2): zero if not up to date; make-private if
-    /// the page is private (every time: the hook is idempotent); with NO_DIRECT_MAP, remove
-    /// it from the direct map, marking it only once that succeeded.
-    fn fault_page(&self, st: &State, index: u64) -> KernelResult<()> {
-        let mut bits = self.bits();
-        self.make_uptodate(&mut bits, index)?;
+    /// The rest of the guest fault of one page, once it is up to date.
+    fn fault_page(&self, st: &State, bits: &mut PageBits, index: u64) -> KernelResult<()> {
         if self.hooks.make_private && st.attrs.get(index) & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0 {
-            let page = self.page_ref(&bits, index)?;
+            let page = self.page_ref(bits, index)?;
             self.log(HookCall::MakePrivate(index));
             self.platform.make_private(&page)?;
         }

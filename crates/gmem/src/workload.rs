@@ -20,6 +20,7 @@ use crate::emulated::EmulatedGuestMemfd;
 use crate::error::Errno;
 use crate::kernel::KernelBackend;
 use crate::mapping::HostMapping;
+use crate::platform::{ContentRule, Direction, PlatformKind};
 use crate::sys::PAGE_SIZE;
 use crate::uapi::{
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_MEMORY_ATTRIBUTE_PRIVATE,
@@ -64,6 +65,11 @@ pub struct Config {
     pub samples: u64,
     /// Limit on the vCPUs' run time; vCPUs still running are stopped with an error.
     pub timeout: std::time::Duration,
+    /// The platform model of the (emulated) file; the content checks follow its rules.
+    pub platform: PlatformKind,
+    /// The platform whose content rules the checks assume, if not `platform`: a negative
+    /// control (a run whose file does not follow these rules must report mismatches).
+    pub expect_rules_of: Option<PlatformKind>,
 }
 
 impl Default for Config {
@@ -75,6 +81,8 @@ impl Default for Config {
             memslots: 1,
             samples: 400,
             timeout: std::time::Duration::from_secs(120),
+            platform: PlatformKind::SoftwareProtected,
+            expect_rules_of: None,
         }
     }
 }
@@ -109,6 +117,10 @@ pub enum WorkloadError {
 pub struct Report {
     /// `emulated` or `kernel`.
     pub backend: String,
+    /// The platform model (`sw`, `snp`, `tdx`, `pkvm`) and its content rules.
+    pub platform: String,
+    /// Content-rule checks made across conversions and punch-holes.
+    pub content_checks: u64,
     /// `kvm` (real vCPUs) or `host-driven` (no /dev/kvm).
     pub mode: String,
     /// How guests asked for conversions (`port`), and why.
@@ -185,6 +197,22 @@ enum HostStep {
     Private {
         gpa: u64,
     },
+    /// What the guest reads of `[gpa, +len)` (through the guest path, i.e. after its guest
+    /// fault) must follow `rule` from `before`.
+    GuestSees {
+        gpa: u64,
+        len: u64,
+        before: u8,
+        rule: ContentRule,
+    },
+    /// What the host reads of `[gpa, +len)` through its mapping must follow `rule` from
+    /// `before`.
+    HostSees {
+        gpa: u64,
+        len: u64,
+        before: u8,
+        rule: ContentRule,
+    },
 }
 
 struct Script {
@@ -199,8 +227,14 @@ impl Script {
     }
 }
 
-/// The PMCT guest flows for the window at `base`.
-fn script(base: u64, samples: u64) -> Script {
+/// The PMCT guest flows for the window at `base`, with content checks after each conversion
+/// and punch-hole that follow `platform`'s rules (kernel-spec §2.8): the selftest assumes
+/// the software-protected rule (preserved both ways) and writes after each conversion, so
+/// these checks are added, and the one check it makes across a transition (a punched private
+/// page reads zeros) is made by the host through the guest path where the rule scrambles.
+fn script(base: u64, samples: u64, platform: PlatformKind) -> Script {
+    let to_private = platform.content_rule(Direction::ToPrivate);
+    let to_shared = platform.content_rule(Direction::ToShared);
     let mut s = Script {
         ops: Vec::new(),
         steps: Vec::new(),
@@ -224,6 +258,13 @@ fn script(base: u64, samples: u64) -> Script {
                 private: true,
                 fallocate,
             });
+            // The guest's first read after the conversion: the rule of to-private.
+            s.sync(HostStep::GuestSees {
+                gpa,
+                len: size,
+                before: P1,
+                rule: to_private,
+            });
             if size <= PAGE_SIZE {
                 s.ops.push(Op::Fill(gpa, size, P2));
                 s.sync(HostStep::Private { gpa });
@@ -244,6 +285,18 @@ fn script(base: u64, samples: u64) -> Script {
                 len: size,
                 private: false,
                 fallocate,
+            });
+            // The host's first read of the page the guest wrote while private: the rule of
+            // to-shared, or zeros after the punch that the fallocate variant adds.
+            s.sync(HostStep::HostSees {
+                gpa,
+                len: PAGE_SIZE,
+                before: P2,
+                rule: if fallocate {
+                    ContentRule::Zeroed
+                } else {
+                    to_shared
+                },
             });
             s.ops.push(Op::Fill(gpa, size, P3));
             s.sync(HostStep::Shared {
@@ -276,7 +329,18 @@ fn script(base: u64, samples: u64) -> Script {
                 s.ops.push(Op::Verify(base, WINDOW_SIZE, DEF));
             }
             s.ops.push(Op::Punch(gpa, size));
-            s.ops.push(Op::Verify(gpa, size, 0));
+            // A punched private page is a fresh zero page, which the guest sees through the
+            // to-private rule (zeros, except under SNP's key).
+            if to_private == ContentRule::Scrambled {
+                s.sync(HostStep::GuestSees {
+                    gpa,
+                    len: size,
+                    before: 0,
+                    rule: to_private,
+                });
+            } else {
+                s.ops.push(Op::Verify(gpa, size, 0));
+            }
         }
         s.sync(HostStep::Private { gpa: base });
         s.ops.push(Op::Convert {
@@ -341,6 +405,7 @@ struct Tally {
     host_verified: u64,
     guest_verified: u64,
     probes: u64,
+    content_checks: u64,
     mismatches: Vec<String>,
     exit_rt: Vec<u64>,
     conv_rt: Vec<u64>,
@@ -398,6 +463,50 @@ fn host_step(file: &dyn GuestMemfd, map: &HostMapping, step: HostStep, t: &mut T
                 )),
             }
         }
+        HostStep::GuestSees {
+            gpa,
+            len,
+            before,
+            rule,
+        } => {
+            // The guest path exists on the emulated backend only (the kernel backend runs the
+            // software-protected rule, which the guest's own checks cover).
+            let Some(f) = file.as_emulated() else {
+                return;
+            };
+            let mut buf = vec![0u8; len as usize];
+            if let Err(e) = f.guest_read(gpa - DATA_GPA, &mut buf) {
+                t.mismatches
+                    .push(format!("guest: read of [{gpa:#x}, +{len:#x}) failed: {e}"));
+                return;
+            }
+            t.content_checks += 1;
+            t.guest_verified += len;
+            if let Err(e) = rule.check(&vec![before; len as usize], &buf) {
+                t.mismatches.push(format!(
+                    "guest: [{gpa:#x}, +{len:#x}) after to-private: {e}"
+                ));
+            }
+        }
+        HostStep::HostSees {
+            gpa,
+            len,
+            before,
+            rule,
+        } => {
+            let mut buf = vec![0u8; len as usize];
+            if let Err(e) = map.read_volatile((gpa - DATA_GPA) as usize, &mut buf) {
+                t.mismatches
+                    .push(format!("host: read of [{gpa:#x}, +{len:#x}) failed: {e}"));
+                return;
+            }
+            t.content_checks += 1;
+            t.host_verified += len;
+            if let Err(e) = rule.check(&vec![before; len as usize], &buf) {
+                t.mismatches
+                    .push(format!("host: [{gpa:#x}, +{len:#x}) after to-shared: {e}"));
+            }
+        }
     }
 }
 
@@ -435,6 +544,13 @@ pub fn run(config: &Config) -> Result<Report, WorkloadError> {
             config.memslots
         )));
     }
+    if config.backend == BackendKind::Kernel && config.platform != PlatformKind::SoftwareProtected {
+        return Err(WorkloadError::Config(format!(
+            "--platform {}: platform models exist on the emulated backend only; the kernel \
+             backend runs this host's VM type (use --platform sw, or --backend emulated)",
+            config.platform
+        )));
+    }
     let kvm = crate::vm::kvm_available();
     let flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
     match config.backend {
@@ -457,11 +573,15 @@ pub fn run(config: &Config) -> Result<Report, WorkloadError> {
             run_kvm(config, &vm, GuestFile::Kernel(file), kvm_probe())
         }
         BackendKind::Emulated => {
-            let file =
-                EmulatedGuestMemfd::create(size, flags).map_err(|errno| WorkloadError::Kernel {
-                    op: "creating the emulated guest_memfd",
-                    errno,
-                })?;
+            let file = EmulatedGuestMemfd::create_with(
+                size,
+                flags,
+                crate::emulated::EmulatedOptions::with_platform(config.platform),
+            )
+            .map_err(|errno| WorkloadError::Kernel {
+                op: "creating the emulated guest_memfd",
+                errno,
+            })?;
             match kvm {
                 Ok(()) => {
                     let vm = Vm::new(config.vcpus)?;
@@ -507,7 +627,11 @@ fn run_kvm(
     let mut vcpus = Vec::new();
     let mut scripts = Vec::new();
     for i in 0..config.vcpus {
-        let sc = script(DATA_GPA + WINDOW_STRIDE * i as u64, config.samples);
+        let sc = script(
+            DATA_GPA + WINDOW_STRIDE * i as u64,
+            config.samples,
+            config.expect_rules_of.unwrap_or(config.platform),
+        );
         vcpus.push(vm.create_vcpu(i, compile(i, &sc.ops)?)?);
         scripts.push(sc);
     }
@@ -548,6 +672,7 @@ fn run_kvm(
         all.host_verified += t.host_verified;
         all.guest_verified += t.guest_verified;
         all.probes += t.probes;
+        all.content_checks += t.content_checks;
         all.mismatches.extend(t.mismatches);
         all.exit_rt.extend(t.exit_rt);
         all.conv_rt.extend(t.conv_rt);
@@ -559,6 +684,8 @@ fn run_kvm(
     let conv = median(&mut all.conv);
     Ok(Report {
         backend: file.gmem().backend().name().into(),
+        platform: platform_label(config.platform),
+        content_checks: all.content_checks,
         mode: "kvm".into(),
         request_path: format!(
             "port: out to {:#x} with the MAP_GPA_RANGE arguments in the vCPU mailbox, one exit \
@@ -607,7 +734,11 @@ fn run_host_driven(
     let (mut to_private, mut to_shared, mut pages, mut punches) = (0u64, 0u64, 0u64, 0u64);
     let kerr = |op: &'static str| move |errno: Errno| WorkloadError::Kernel { op, errno };
     for i in 0..config.vcpus {
-        let sc = script(DATA_GPA + WINDOW_STRIDE * i as u64, config.samples);
+        let sc = script(
+            DATA_GPA + WINDOW_STRIDE * i as u64,
+            config.samples,
+            config.expect_rules_of.unwrap_or(config.platform),
+        );
         for op in &sc.ops {
             match *op {
                 Op::Fill(g, l, b) => file
@@ -701,6 +832,8 @@ fn run_host_driven(
     let conv = median(&mut t.conv);
     Ok(Report {
         backend: "emulated".into(),
+        platform: platform_label(config.platform),
+        content_checks: t.content_checks,
         mode: "host-driven".into(),
         request_path: format!("none: {why}; conversions are called by the host"),
         hypercall_probe: "not run (no /dev/kvm)".into(),
@@ -723,4 +856,50 @@ fn run_host_driven(
         ratio: None,
         samples: t.conv.len(),
     })
+}
+
+/// `snp (to private: Scrambled, to shared: Scrambled)`.
+fn platform_label(p: PlatformKind) -> String {
+    format!(
+        "{p} (content to private: {:?}, to shared: {:?})",
+        p.content_rule(Direction::ToPrivate),
+        p.content_rule(Direction::ToShared)
+    )
+}
+
+#[cfg(test)]
+mod platform_tests {
+    use super::*;
+
+    fn host_driven(platform: PlatformKind, expect: Option<PlatformKind>) -> Report {
+        let config = Config {
+            vcpus: 1,
+            mem_mib: 4,
+            samples: 4,
+            platform,
+            expect_rules_of: expect,
+            ..Config::default()
+        };
+        let file = EmulatedGuestMemfd::create_with(
+            4 << 20,
+            GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+            crate::emulated::EmulatedOptions::with_platform(platform),
+        )
+        .unwrap();
+        run_host_driven(&config, &file, "test".into()).unwrap()
+    }
+
+    /// Host-driven mode (no /dev/kvm): the checks follow the platform, and fail on another
+    /// platform's rules.
+    #[test]
+    fn host_driven_checks_follow_the_platform() {
+        // tests/platforms.rs runs all four through `run` (real vCPUs where /dev/kvm works);
+        // here the host-driven path, on the platform with the most hooks, and a negative
+        // control.
+        let r = host_driven(PlatformKind::Snp, None);
+        assert_eq!(r.mismatches, 0, "{:?}", r.mismatch_details);
+        assert!(r.content_checks >= 20, "{}", r.content_checks);
+        let r = host_driven(PlatformKind::Snp, Some(PlatformKind::SoftwareProtected));
+        assert!(r.mismatches > 0, "SNP checked with SW rules passed");
+    }
 }

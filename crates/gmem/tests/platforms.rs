@@ -386,3 +386,36 @@ fn content_rule_names() {
         ContentRule::Zeroed
     );
 }
+
+/// `gmem run --platform X` as a library call: real vCPUs when /dev/kvm works, else
+/// host-driven. Each platform passes its own content rules and fails another platform's.
+#[test]
+fn workload_follows_each_platform() {
+    use gmem::workload::{run, Config};
+    let config = |platform, expect| Config {
+        vcpus: 1,
+        mem_mib: 4,
+        samples: 4,
+        platform,
+        expect_rules_of: expect,
+        ..Config::default()
+    };
+    for p in PlatformKind::ALL {
+        let r = run(&config(p, None)).unwrap();
+        assert_eq!(r.mismatches, 0, "{p}: {:?}", r.mismatch_details);
+        assert!(r.content_checks >= 20, "{p}");
+    }
+    let r = run(&config(
+        PlatformKind::Snp,
+        Some(PlatformKind::SoftwareProtected),
+    ))
+    .unwrap();
+    assert!(r.mismatches > 0, "SNP content checked with SW rules passed");
+    // Platform models need the emulated backend.
+    let k = Config {
+        backend: gmem::BackendKind::Kernel,
+        ..config(PlatformKind::Snp, None)
+    };
+    let e = run(&k).unwrap_err().to_string();
+    assert!(e.contains("--platform snp"), "{e}");
+}
