@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod conformance;
 mod demo;
 mod io;
@@ -20,6 +21,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// In-place conversion against the two-backing model, and kernel against emulated.
+    Bench(bench::Args),
     /// Walk through the emulated guest_memfd: conversion, SIGBUS, punch-hole, pins.
     Demo(demo::Args),
     /// Report what this host offers guest_memfd and which backend provides each feature.
@@ -35,6 +38,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Bench(args) => bench::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Probe(args) => probe::run(&args),
         Command::Conformance(args) => conformance::run(&args),

@@ -11,6 +11,7 @@
 pub mod attributes;
 pub mod backend;
 pub mod bench;
+pub mod comparison;
 pub mod conformance;
 pub mod emulated;
 pub mod error;
