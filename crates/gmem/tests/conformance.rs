@@ -74,6 +74,11 @@ cases!(
     explicit_conversion_fallocate,
     punch_hole,
     punch_hole_precise,
+    pkvm_preserves_on_conversion_scrubs_on_punch,
+    snp_never_writes_assigned_make_shared_only_to_shared,
+    tdx_zeroes_on_conversion_to_shared,
+    populate_in_place_and_copying,
+    no_direct_map_removal_and_restore,
 );
 
 #[test]

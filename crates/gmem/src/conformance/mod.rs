@@ -14,6 +14,7 @@ pub mod differential;
 mod file_io;
 mod guest_memfd_test;
 mod kvm_exits;
+mod platforms;
 mod private_mem_conversions;
 pub mod runner;
 
@@ -47,6 +48,8 @@ pub enum Need {
     /// A guest_memfd file descriptor on which `read(2)`, `write(2)`, `pread(2)`, ... can be
     /// tried.
     Fd,
+    /// The platform models (SW, SNP, TDX, pKVM) of [`crate::platform`]: the emulated backend.
+    PlatformModels,
 }
 
 /// The result of one case on one backend.
@@ -204,6 +207,7 @@ pub fn cases() -> Vec<Case> {
     all.extend(conversions::cases());
     all.extend(private_mem_conversions::cases());
     all.extend(kvm_exits::cases());
+    all.extend(platforms::cases());
     all
 }
 
@@ -292,6 +296,10 @@ impl Ctx {
                 "per-VM attribute tracking (KVM_SET_MEMORY_ATTRIBUTES on the VM) is not modelled: with in-place conversion attributes live in the guest_memfd, where a private GPA without a guest_memfd cannot be reached (kernel-spec §4.4)"
                     .to_string(),
             ),
+            Need::PlatformModels if self.backend.kind() != BackendKind::Emulated => Some(format!(
+                "the platform models (sw, snp, tdx, pkvm) exist on the emulated backend; the {} backend runs this host's VM type",
+                self.backend.kind()
+            )),
             Need::Fd if self.backend.kind() == BackendKind::Emulated => Some(
                 "the emulated file exposes no guest_memfd descriptor: read(2)/write(2) cannot reach it"
                     .to_string(),
