@@ -806,6 +806,7 @@ fn human_us(us: f64) -> String {
 }
 
 fn human_bytes(b: f64) -> String {
+    let b = b * 1.000_001;
     if b >= f64::from(1u32 << 30) {
         format!("{:.0} GiB", b / f64::from(1u32 << 30))
     } else if b >= f64::from(1u32 << 20) {
