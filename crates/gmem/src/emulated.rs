@@ -1011,6 +1011,10 @@ impl GuestMemfd for EmulatedGuestMemfd {
         if kind == MapKind::Private || len == 0 || offset % PAGE_SIZE != 0 {
             return Err(Errno::EINVAL);
         }
+        // mmap(2) maps whole pages: a length is rounded up, as the kernel does.
+        let len = len
+            .checked_next_multiple_of(PAGE_SIZE as usize)
+            .ok_or(Errno::ENOMEM)?;
         let map = Mmap::new(
             Some(self.inner.memfd.as_fd()),
             offset,

@@ -47,40 +47,18 @@ pub struct Deviation {
 
 /// The accepted deviations; DESIGN.md, "Known deviations (differential check)", lists the
 /// same rows.
-pub const KNOWN_DEVIATIONS: &[Deviation] = &[
-    Deviation {
-        script: "mmap_lengths",
-        command: "mmap 0x1",
-        emulated: "EINVAL",
-        kernel: "ok",
-        why: MMAP_LEN,
-    },
-    Deviation {
-        script: "mmap_lengths",
-        command: "mmap 0x1001",
-        emulated: "EINVAL",
-        kernel: "ok",
-        why: MMAP_LEN,
-    },
-    Deviation {
-        script: "flags",
-        command: "create 0x1000 no_direct_map",
-        emulated: "ok",
-        kernel: "EINVAL",
-        why: NO_DIRECT_MAP,
-    },
-];
+pub const KNOWN_DEVIATIONS: &[Deviation] = &[Deviation {
+    script: "flags",
+    command: "create 0x1000 no_direct_map",
+    emulated: "ok",
+    kernel: "EINVAL",
+    why: NO_DIRECT_MAP,
+}];
 
 const NO_DIRECT_MAP: &str = "The emulated backend's default platform (software-protected) offers \
      GUEST_MEMFD_FLAG_NO_DIRECT_MAP as the v10 series does for x86 VMs other than TDX \
      (kernel-spec §3.1); a kernel without that series does not advertise it in \
      KVM_CAP_GUEST_MEMFD_FLAGS and refuses it. The emulated SNP and TDX platforms refuse it too.";
-
-const MMAP_LEN: &str =
-    "mmap(2) rounds a length up to whole pages; the emulated backend registers each \
-     host mapping with its userfaultfd using the unrounded length, which UFFDIO_REGISTER refuses \
-     (EINVAL). A bug of the emulated backend, to be fixed by rounding there; callers that map \
-     whole pages (every selftest) are unaffected.";
 
 const PS: u64 = crate::sys::PAGE_SIZE;
 const CONV: &[Need] = &[Need::Mmap, Need::InitShared, Need::Conversion];
