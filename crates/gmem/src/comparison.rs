@@ -5,9 +5,12 @@
 //! 1. conversion latency for 4 KiB … 1 GiB, populated and unpopulated, in-place against
 //!    two-backing with and without content preservation;
 //! 2. the full round trip (to private, guest touches, to shared, host touches);
-//! 3. the guest-driven 4 KiB conversion round trip through a real vCPU (in-place only: the VM
-//!    code binds [`crate::vm::GuestFile`]s, which the two-backing model is not);
-//! 4. the `gmem run` workload end to end (in-place only, same reason);
+//! 3. guest-driven round trips through a real vCPU for both models (the guest exits, the VMM
+//!    converts, the guest writes the range, the VMM converts back and touches it): in-place
+//!    binds the emulated file with [`crate::vm::Vm::bind`], two-backing binds its composite
+//!    guest view as a plain memslot; plus the `gmem run` workload's 4 KiB port-exit round trip;
+//! 4. the `gmem run` workload end to end (in-place only: the workload binds
+//!    [`crate::vm::GuestFile`]s and probes private pages for SIGBUS);
 //! 5. memory footprint of a 1 GiB guest half shared in 2 MiB and in 4 KiB fragments;
 //! 6. operations both backends have, kernel against emulated (needs `/dev/kvm`).
 //!
@@ -577,16 +580,21 @@ pub fn run(options: Options, progress: Progress<'_>) -> Result<Report, BenchErro
         }
     }
 
-    // 3./4. through real vCPUs (in-place only)
-    step("vCPU conversion round trip (gmem run workload)");
+    // 3. guest-driven round trips through a real vCPU, both models
+    step("vCPU round trips");
+    match vcpu_round_trips(options.quick) {
+        Ok(lines) => report.lines.extend(lines),
+        Err(why) => report.skipped.push(format!("vCPU round trips: {why}")),
+    }
+    // 4. the gmem run workload (in-place only)
     match vcpu_section(options.quick) {
         Ok(lines) => report.lines.extend(lines),
         Err(why) => report.skipped.push(why),
     }
     report.skipped.push(
-        "vcpu/workload two-backing: pending — the VM code (crate::vm) binds GuestFile \
-         (emulated or kernel guest_memfd) and the workload probes private pages for SIGBUS, \
-         which the two-backing model has no equivalent of; figures are in-place only"
+        "workload two-backing: pending — `gmem run` binds vm::GuestFile (a GuestMemfd) and \
+         its checks probe private pages for SIGBUS, which the two-backing model has no \
+         equivalent of; the workload line is in-place only"
             .to_string(),
     );
     step("workload end to end");
@@ -622,6 +630,135 @@ pub fn run(options: Options, progress: Progress<'_>) -> Result<Report, BenchErro
     }
     report.lines.extend(kernel_lines);
     Ok(report)
+}
+
+/// Deletes a memslot added outside [`crate::vm::Vm::bind`] (before its memory goes).
+struct SlotGuard<'a> {
+    vm: &'a crate::vm::Vm,
+    slot: u32,
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: self.slot,
+            ..Default::default()
+        };
+        // SAFETY: deleting a slot this guard's creator added; no memory is handed to KVM.
+        let _ = unsafe { self.vm.vm_fd().set_user_memory_region(region) };
+    }
+}
+
+/// Median guest-driven round trip through a real vCPU: the guest exits (sync), the VMM
+/// converts the range to private, the guest writes all of it (`rep stosq`) and exits, the VMM
+/// converts it to shared and the host touches every page, the guest exits again.
+fn vcpu_round_trip(kind: ModelKind, len: u64, reps: usize) -> Result<f64, String> {
+    use crate::vm::guest::DATA_GPA;
+    use crate::vm::{Event, GuestFile, GuestProgram, RequestPath, Vm};
+    let s = |e: &dyn std::fmt::Display| e.to_string();
+    let vm = Vm::new(1).map_err(|e| s(&e))?;
+    let model: Box<dyn ConversionModel>;
+    let _slot: Option<SlotGuard<'_>>;
+    match kind {
+        ModelKind::InPlace => {
+            let m = InPlaceModel::new(len, false).map_err(|e| s(&e))?;
+            vm.bind(DATA_GPA, &GuestFile::Emulated(m.file().clone()), 0, len)
+                .map_err(|e| s(&e))?;
+            model = Box::new(m);
+            _slot = None;
+        }
+        ModelKind::TwoBacking { preserve_content } => {
+            let m = TwoBackingGuestMemfd::new(len, false, TwoBackingOptions { preserve_content })
+                .map_err(|e| s(&e))?;
+            let view = m.guest_view().map_err(|e| s(&e))?.as_ptr() as u64;
+            const SLOT: u32 = 4000;
+            let region = kvm_bindings::kvm_userspace_memory_region {
+                slot: SLOT,
+                flags: 0,
+                guest_phys_addr: DATA_GPA,
+                memory_size: len,
+                userspace_addr: view,
+            };
+            // SAFETY: the composite view lives in `model`, which is dropped after `_slot`
+            // (declared later, dropped first), whose Drop deletes the slot.
+            unsafe { vm.vm_fd().set_user_memory_region(region) }
+                .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {}", Errno(e.errno())))?;
+            model = Box::new(m);
+            _slot = Some(SlotGuard {
+                vm: &vm,
+                slot: SLOT,
+            });
+        }
+    }
+    model.host_touch(0, len, 0).map_err(|e| s(&e))?;
+    let mut p = GuestProgram::new(0, RequestPath::Port);
+    for r in 0..=reps {
+        let id = u32::try_from(2 * r).map_err(|e| s(&e))?;
+        p.sync(id);
+        p.fill(DATA_GPA, len, (r % 250) as u8 + 1);
+        p.sync(id + 1);
+    }
+    p.sync(u32::MAX);
+    p.done();
+    let mut vcpu = vm
+        .create_vcpu(0, p.finish().map_err(|e| s(&e))?)
+        .map_err(|e| s(&e))?;
+    let mut run = |expect: Event| -> Result<(), String> {
+        match vcpu.run(&vm) {
+            Ok(ev) if ev == expect => Ok(()),
+            Ok(ev) => Err(format!("expected {expect:?}, got {ev:?}")),
+            Err(e) => Err(s(&e)),
+        }
+    };
+    run(Event::Sync(0))?;
+    let mut v = Vec::new();
+    for r in 0..=reps {
+        let id = u32::try_from(2 * r).map_err(|e| s(&e))?;
+        let t = Instant::now();
+        model.set_private(0, len).map_err(|e| s(&e))?;
+        run(Event::Sync(id + 1))?;
+        model.set_shared(0, len).map_err(|e| s(&e))?;
+        model.host_touch(0, len, 7).map_err(|e| s(&e))?;
+        run(Event::Sync(if r == reps { u32::MAX } else { id + 2 }))?;
+        if r > 0 {
+            v.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    run(Event::Done)?;
+    Ok(median(&mut v))
+}
+
+/// The guest-driven round trips, in-place against both two-backing variants.
+fn vcpu_round_trips(quick: bool) -> Result<Vec<Measurement>, String> {
+    crate::vm::kvm_available()?;
+    let mut out = Vec::new();
+    let sizes: [(&str, u64, usize); 2] = [
+        ("4KiB", PAGE_SIZE, if quick { 51 } else { 201 }),
+        ("2MiB", 2 << 20, if quick { 7 } else { 21 }),
+    ];
+    for (label, len, reps) in sizes {
+        // One vCPU per model, run back to back: in-place runs first and last (bracketing the
+        // two-backing runs in time) and the mean of its two medians is reported.
+        let a = vcpu_round_trip(ModelKind::InPlace, len, reps)?;
+        let d = vcpu_round_trip(KINDS[1], len, reps)?;
+        let c = vcpu_round_trip(KINDS[2], len, reps)?;
+        let b = vcpu_round_trip(ModelKind::InPlace, len, reps)?;
+        let inplace = (a + b) / 2.0;
+        for (x, preserve) in [(c, "preserving"), (d, "destructive")] {
+            out.push(Measurement {
+                group: "vcpu",
+                figure: fig(
+                    format!("in-place vCPU round trip {label} (guest writes all)"),
+                    inplace,
+                    format!("two-backing {preserve}"),
+                    x,
+                ),
+                unit: Unit::Micros,
+                samples: reps,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// The workload's guest-driven conversion round trip (in-place, emulated backend) and its

@@ -31,7 +31,7 @@
 
 use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::attributes::AttributeStore;
 use crate::error::{AccessError, ConversionError, Errno, KernelResult};
@@ -84,6 +84,9 @@ pub struct TwoBackingGuestMemfd {
     size: u64,
     options: TwoBackingOptions,
     attrs: RwLock<AttributeStore>,
+    /// The guest's composite view for a KVM memslot, made on first use: each page mapped
+    /// from the side its attribute selects, re-mapped on conversion.
+    guest_view: OnceLock<Result<Mmap, Errno>>,
 }
 
 impl fmt::Debug for TwoBackingGuestMemfd {
@@ -176,6 +179,7 @@ impl TwoBackingGuestMemfd {
             size,
             options,
             attrs: RwLock::new(AttributeStore::new(size / PAGE_SIZE, private)),
+            guest_view: OnceLock::new(),
         })
     }
 
@@ -190,6 +194,50 @@ impl TwoBackingGuestMemfd {
             allocated_bytes(self.private_fd.as_fd())?,
             allocated_bytes(self.shared_fd.as_fd())?,
         ))
+    }
+
+    /// The guest's composite view, for binding a plain KVM memslot: one mapping of the
+    /// whole guest in which each page maps the private store or the shared memfd, as its
+    /// attribute selects, re-mapped (`MAP_FIXED`) by every later conversion of it. It stands
+    /// for KVM's memslot, which takes private pages from the guest_memfd and shared ones from
+    /// `userspace_addr`; the re-map is the stand-in for the stage-2 invalidation that makes the
+    /// guest fault the page in from its new backing. Made on first use (it costs one VMA per
+    /// run of equal attributes, so a guest fragmented past `vm.max_map_count` cannot have one).
+    pub(crate) fn guest_view(&self) -> KernelResult<&Mmap> {
+        if let Some(v) = self.guest_view.get() {
+            return v.as_ref().map_err(|e| *e);
+        }
+        let attrs = self.write_attrs();
+        let v = self.guest_view.get_or_init(|| {
+            let len = usize::try_from(self.size).map_err(|_| Errno::ENOMEM)?;
+            let view = Mmap::new(
+                Some(self.shared_fd.as_fd()),
+                0,
+                len,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+            )?;
+            for (s, e, private) in attrs.runs(0, self.size / PAGE_SIZE) {
+                if private {
+                    Self::remap(&view, self.private_fd.as_fd(), s * PAGE_SIZE, e * PAGE_SIZE)?;
+                }
+            }
+            Ok(view)
+        });
+        v.as_ref().map_err(|e| *e)
+    }
+
+    /// Maps `[start, end)` of `fd` over the same range of `view` (which maps the whole file).
+    fn remap(view: &Mmap, fd: BorrowedFd<'_>, start: u64, end: u64) -> KernelResult<()> {
+        let (off, len) = (
+            usize::try_from(start).map_err(|_| Errno::EINVAL)?,
+            usize::try_from(end - start).map_err(|_| Errno::EINVAL)?,
+        );
+        if off.checked_add(len).is_none_or(|e| e > view.len()) {
+            return Err(Errno::EINVAL);
+        }
+        // SAFETY: the range lies inside `view` (checked), a mapping this object owns; no Rust
+        // reference into it exists (all accesses are raw and volatile).
+        unsafe { sys::mmap_fixed_raw(view.as_ptr().add(off), len, fd, start) }
     }
 
     fn read_attrs(&self) -> RwLockReadGuard<'_, AttributeStore> {
@@ -236,6 +284,17 @@ impl TwoBackingGuestMemfd {
                     error_offset: start,
                 })?;
             attrs.set_range(s, e, to_private);
+            if let Some(Ok(view)) = self.guest_view.get() {
+                let dst = if to_private {
+                    self.private_fd.as_fd()
+                } else {
+                    self.shared_fd.as_fd()
+                };
+                Self::remap(view, dst, start, stop).map_err(|errno| ConversionError {
+                    errno,
+                    error_offset: start,
+                })?;
+            }
         }
         Ok(())
     }
@@ -622,6 +681,35 @@ mod tests {
             byte_guest(&m, P),
             7,
             "the guest's shared accesses use the shared RAM"
+        );
+    }
+
+    #[test]
+    fn composite_guest_view_follows_attributes() {
+        let m = two(true);
+        m.host_write(0, &[0xaa; 8]).unwrap();
+        m.set_private(P, P).unwrap();
+        m.guest_write(P, &[0xbb; 8]).unwrap();
+        let view = m.guest_view().unwrap().as_ptr();
+        let at = |off: u64| {
+            // SAFETY: inside the 16-page view, which maps existing file ranges.
+            unsafe { view.add(off as usize).read_volatile() }
+        };
+        assert_eq!((at(0), at(P)), (0xaa, 0xbb));
+        m.set_shared(P, P).unwrap();
+        m.set_private(0, P).unwrap();
+        assert_eq!(
+            (at(0), at(P)),
+            (0xaa, 0xbb),
+            "contents followed across the re-map"
+        );
+        // SAFETY: page 0 is private: the view maps the private store there.
+        unsafe { view.write_volatile(0xcc) };
+        m.set_shared(0, P).unwrap();
+        assert_eq!(
+            byte_host(&m, 0),
+            0xcc,
+            "a write through the view reached the private store"
         );
     }
 
