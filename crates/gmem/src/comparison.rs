@@ -10,7 +10,8 @@
 //!    binds the emulated file with [`crate::vm::Vm::bind`], two-backing binds its composite
 //!    guest view as a plain memslot; plus the `gmem run` workload's 4 KiB port-exit round trip;
 //! 4. the `gmem run` workload end to end (in-place only: the workload binds
-//!    [`crate::vm::GuestFile`]s and probes private pages for SIGBUS);
+//!    [`crate::vm::GuestFile`]s and probes private pages for SIGBUS), and a checked conversion
+//!    workload on real vCPUs (the private_mem_conversions ranges) end to end for both models;
 //! 5. memory footprint of a 1 GiB guest half shared in 2 MiB and in 4 KiB fragments;
 //! 6. operations both backends have, kernel against emulated (needs `/dev/kvm`).
 //!
@@ -586,10 +587,14 @@ pub fn run(options: Options, progress: Progress<'_>) -> Result<Report, BenchErro
         Ok(lines) => report.lines.extend(lines),
         Err(why) => report.skipped.push(format!("vCPU round trips: {why}")),
     }
-    // 4. the gmem run workload (in-place only)
+    // 4. `gmem run` (in-place only), and a conversion workload end to end on both models
     match vcpu_section(options.quick) {
         Ok(lines) => report.lines.extend(lines),
         Err(why) => report.skipped.push(why),
+    }
+    match workload_lines(options.quick) {
+        Ok(lines) => report.lines.extend(lines),
+        Err(why) => report.skipped.push(format!("conversion workload: {why}")),
     }
     report.skipped.push(
         "workload two-backing: pending — `gmem run` binds vm::GuestFile (a GuestMemfd) and \
@@ -726,6 +731,174 @@ fn vcpu_round_trip(kind: ModelKind, len: u64, reps: usize) -> Result<f64, String
     }
     run(Event::Done)?;
     Ok(median(&mut v))
+}
+
+/// The private_mem_conversions flow on `vcpus` real vCPUs, one 4 MiB window each, over the
+/// selftest's five ranges, `iters` times, with every conversion done by the VMM on the model
+/// and every byte checked on both sides: at each range the host writes `A` while shared,
+/// the VMM converts to private, the guest checks it reads `A` (0 on a destructive model),
+/// writes `B`, the VMM converts to shared and the host checks `B` (0 on a destructive model).
+/// Returns the wall time in µs.
+fn conversion_workload(kind: ModelKind, vcpus: usize, iters: usize) -> Result<f64, String> {
+    use crate::vm::guest::DATA_GPA;
+    use crate::vm::{Event, GuestFile, GuestProgram, RequestPath, Vm};
+    use crate::workload::{RANGES, WINDOW_STRIDE};
+    let s = |e: &dyn std::fmt::Display| e.to_string();
+    let len = WINDOW_STRIDE * vcpus as u64;
+    let vm = Vm::new(vcpus).map_err(|e| s(&e))?;
+    let model: Box<dyn ConversionModel>;
+    let _slot: Option<SlotGuard<'_>>;
+    match kind {
+        ModelKind::InPlace => {
+            let m = InPlaceModel::new(len, false).map_err(|e| s(&e))?;
+            vm.bind(DATA_GPA, &GuestFile::Emulated(m.file().clone()), 0, len)
+                .map_err(|e| s(&e))?;
+            model = Box::new(m);
+            _slot = None;
+        }
+        ModelKind::TwoBacking { preserve_content } => {
+            let m = TwoBackingGuestMemfd::new(len, false, TwoBackingOptions { preserve_content })
+                .map_err(|e| s(&e))?;
+            let view = m.guest_view().map_err(|e| s(&e))?.as_ptr() as u64;
+            const SLOT: u32 = 4001;
+            let region = kvm_bindings::kvm_userspace_memory_region {
+                slot: SLOT,
+                flags: 0,
+                guest_phys_addr: DATA_GPA,
+                memory_size: len,
+                userspace_addr: view,
+            };
+            // SAFETY: the composite view lives in `model`, which is dropped after `_slot`
+            // (declared later, dropped first), whose Drop deletes the slot.
+            unsafe { vm.vm_fd().set_user_memory_region(region) }
+                .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {}", Errno(e.errno())))?;
+            model = Box::new(m);
+            _slot = Some(SlotGuard {
+                vm: &vm,
+                slot: SLOT,
+            });
+        }
+    }
+    let preserved = kind
+        != ModelKind::TwoBacking {
+            preserve_content: false,
+        };
+    let (a, b) = (0x5au8, 0xa5u8);
+    let steps: Vec<(u64, u64)> = (0..iters).flat_map(|_| RANGES).collect();
+    let mut cpus = Vec::new();
+    for i in 0..vcpus {
+        let base = DATA_GPA + WINDOW_STRIDE * i as u64;
+        let mut p = GuestProgram::new(i, RequestPath::Port);
+        for (k, &(off, size)) in steps.iter().enumerate() {
+            let id = u32::try_from(2 * k).map_err(|e| s(&e))?;
+            p.sync(id);
+            p.verify(base + off, size, if preserved { a } else { 0 });
+            p.fill(base + off, size, b);
+            p.sync(id + 1);
+        }
+        p.done();
+        cpus.push(
+            vm.create_vcpu(i, p.finish().map_err(|e| s(&e))?)
+                .map_err(|e| s(&e))?,
+        );
+    }
+    let model = &*model;
+    let vm_ref = &vm;
+    let steps = &steps;
+    let t = Instant::now();
+    let results: Vec<Result<(), String>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = cpus
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut vcpu)| {
+                sc.spawn(move || -> Result<(), String> {
+                    let base = WINDOW_STRIDE * i as u64;
+                    loop {
+                        match vcpu.run(vm_ref).map_err(|e| s(&e))? {
+                            Event::Done => return Ok(()),
+                            Event::Sync(id) => {
+                                let (off, size) = steps[id as usize / 2];
+                                let off = base + off;
+                                if id % 2 == 0 {
+                                    let data = vec![a; size as usize];
+                                    model.host_write(off, &data).map_err(|e| s(&e))?;
+                                    model.set_private(off, size).map_err(|e| s(&e))?;
+                                } else {
+                                    model.set_shared(off, size).map_err(|e| s(&e))?;
+                                    let mut buf = vec![0u8; size as usize];
+                                    model.host_read(off, &mut buf).map_err(|e| s(&e))?;
+                                    let want = if preserved { b } else { 0 };
+                                    if let Some(p) = buf.iter().position(|&x| x != want) {
+                                        return Err(format!(
+                                            "vCPU {i}: host read {:#x} at {:#x}, expected {want:#x}",
+                                            buf[p],
+                                            off + p as u64
+                                        ));
+                                    }
+                                }
+                            }
+                            Event::Fail { id, rdi } => {
+                                return Err(format!("vCPU {i}: guest check {id} failed at {rdi:#x}"))
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("vCPU thread panicked".into()))
+            })
+            .collect()
+    });
+    let us = t.elapsed().as_secs_f64() * 1e6;
+    for r in results {
+        r?;
+    }
+    Ok(us)
+}
+
+/// The conversion workload end to end, in-place against both two-backing variants.
+fn workload_lines(quick: bool) -> Result<Vec<Measurement>, String> {
+    crate::vm::kvm_available()?;
+    let (vcpus, iters, reps) = (2usize, if quick { 2 } else { 5 }, 5usize);
+    let mut t: [Vec<f64>; 3] = Default::default();
+    for _ in 0..reps {
+        for (k, v) in KINDS.iter().zip(t.iter_mut()) {
+            v.push(conversion_workload(*k, vcpus, iters)?);
+        }
+    }
+    let [mut a, mut d, mut c] = t;
+    let inplace = median(&mut a);
+    let name = format!(
+        "in-place conversion workload, {vcpus} vCPUs x {iters} x 5 selftest ranges, checked"
+    );
+    Ok(vec![
+        Measurement {
+            group: "workload",
+            figure: fig(
+                name.clone(),
+                inplace,
+                "two-backing preserving".into(),
+                median(&mut c),
+            ),
+            unit: Unit::Micros,
+            samples: reps,
+        },
+        Measurement {
+            group: "workload",
+            figure: fig(
+                name,
+                inplace,
+                "two-backing destructive".into(),
+                median(&mut d),
+            ),
+            unit: Unit::Micros,
+            samples: reps,
+        },
+    ])
 }
 
 /// The guest-driven round trips, in-place against both two-backing variants.
