@@ -706,7 +706,9 @@ fn features(r: &HostReport) -> Vec<FeatureRow> {
         .unwrap_or(0);
     // Whether the hypercall really reaches userspace: a guest issues it (once, ~0.3 s at most).
     let delivered = if no_vm.is_none() && hypercall & (1 << KVM_HC_MAP_GPA_RANGE) != 0 {
-        Some(crate::vm::Vm::probe_hypercall_exit(std::time::Duration::from_millis(300)))
+        Some(crate::vm::Vm::probe_hypercall_exit(
+            std::time::Duration::from_millis(300),
+        ))
     } else {
         None
     };
