@@ -8,9 +8,11 @@
 //!
 //! - [`Revocation::Poison`] (default): every mapping is registered with the file's userfaultfd
 //!   in write-protect mode, which produces no missing/minor events (so there is no service
-//!   thread and a fresh or re-shared page faults in like any shmem page). To-private zaps the
-//!   PTEs (`MADV_DONTNEED`) and installs `UFFDIO_POISON` markers; to-shared zaps the markers
-//!   (`MADV_DONTNEED`). Markers survive punch-hole and split no VMA, so the worst-case
+//!   thread and a fresh or re-shared page faults in like any shmem page). NO_DIRECT_MAP files
+//!   are the exception: their mappings are also registered in missing + minor mode and one
+//!   service thread per file hands each host-faulted page out (`FaultService`). To-private
+//!   zaps the PTEs (`MADV_DONTNEED`) and installs `UFFDIO_POISON` markers; to-shared zaps the
+//!   markers (`MADV_DONTNEED`). Markers survive punch-hole and split no VMA, so the worst-case
 //!   alternating pattern over 1 GiB costs no `vm.max_map_count` entries.
 //! - [`Revocation::Remap`] (fallback when userfaultfd is unavailable): private runs are
 //!   replaced by `MAP_FIXED` mappings of an empty memfd (an access past its end is SIGBUS) and
@@ -23,10 +25,10 @@
 //! Locking: [`State`] sits behind one `RwLock`, the kernel's invalidate lock. Conversion and
 //! punch-hole take it exclusively; safe accessors, guest accesses and pins take it shared.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 use crate::attributes::AttributeStore;
 use crate::backend::{BackendKind, GuestMemfd, GuestMemfdBackend, GuestMemfdStat, PinGuard};
@@ -36,7 +38,7 @@ use crate::platform::{
     HookCall, HookSet, LaunchMeasurement, PageRef, PageType, Platform, PlatformKind,
     PlatformReport, PAGE,
 };
-use crate::sys::{self, Mmap, PoisonError, PoisonFd, PAGE_SIZE};
+use crate::sys::{self, EventFd, Mmap, PoisonError, PoisonFd, PAGE_SIZE};
 use crate::uapi::{
     flag_names, kvm_memory_attributes2, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
@@ -280,6 +282,125 @@ struct Inner {
     direct_map: OnceLock<Result<Mmap, Errno>>,
     /// Hook calls, when recording ([`EmulatedGuestMemfd::record_hooks`]).
     hook_log: OnceLock<Arc<Mutex<Vec<HookCall>>>>,
+    /// NO_DIRECT_MAP files only: the thread that serves host-mapping faults (hand-out).
+    faults: OnceLock<FaultService>,
+}
+
+/// A host mapping as the fault service sees it: (id, address, length, file offset).
+type MapWindow = (u64, usize, usize, u64);
+
+/// The host-fault service of a NO_DIRECT_MAP file: its host mappings are registered with the
+/// file's userfaultfd in missing + minor (+ write-protect) mode, so every host fault on a page
+/// without a PTE is an event; one thread per file reads them and runs the host hand-out
+/// (zero if not up to date, remove from the direct map, mark) before mapping the page
+/// (`UFFDIO_CONTINUE`). A failed removal installs a poison marker instead: the faulting access
+/// raises SIGBUS and nothing is marked. Private pages carry markers or holes, which raise
+/// SIGBUS with no event. The thread holds only a `Weak` on the file and is stopped (eventfd)
+/// and joined when the file is dropped.
+struct FaultService {
+    /// The userfaultfd the mappings are registered with (a `dup` of the mechanism's).
+    uffd: PoisonFd,
+    /// Host mappings of the file. A separate small lock (not `state`), so serving a fault
+    /// never waits for a conversion or punch-hole, nor for a thread that holds `state` while
+    /// it faults on a host mapping.
+    maps: Mutex<Vec<MapWindow>>,
+    /// (page, mapping id) of poison markers left by failed hand-outs on shared pages: zapped
+    /// by punch-hole and dropped by conversion (which zaps or re-poisons them itself).
+    sigbus: Mutex<BTreeSet<(u64, u64)>>,
+    stop: Arc<EventFd>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FaultService {
+    fn start(file: Weak<Inner>, uffd: PoisonFd) -> KernelResult<FaultService> {
+        let stop = Arc::new(EventFd::new()?);
+        let events = uffd.try_clone()?;
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("gmem-faults".into())
+            .spawn(move || serve_faults(&file, &events, &stop2))
+            .map_err(|_| Errno::EAGAIN)?;
+        Ok(FaultService {
+            uffd,
+            maps: Mutex::new(Vec::new()),
+            sigbus: Mutex::new(BTreeSet::new()),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn maps(&self) -> std::sync::MutexGuard<'_, Vec<MapWindow>> {
+        self.maps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn sigbus(&self) -> std::sync::MutexGuard<'_, BTreeSet<(u64, u64)>> {
+        self.sigbus
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The mapping holding `addr` and the file offset of its page.
+    fn lookup(&self, addr: u64) -> Option<(u64, u64)> {
+        self.maps().iter().find_map(|&(id, start, len, off)| {
+            let a = usize::try_from(addr).ok()?;
+            (a >= start && a < start + len).then(|| (id, off + (a - start) as u64))
+        })
+    }
+
+    /// Forgets the failure markers of pages `[first, end)`, returning them.
+    fn take_sigbus(&self, first: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut set = self.sigbus();
+        let taken: Vec<(u64, u64)> = set.range((first, 0)..(end, 0)).copied().collect();
+        for k in &taken {
+            set.remove(k);
+        }
+        taken
+    }
+}
+
+impl Drop for FaultService {
+    fn drop(&mut self) {
+        let _ = self.stop.signal();
+        if let Some(t) = self.thread.take() {
+            // The service thread itself may drop the last handle on the file: it then leaves
+            // its loop at the next poll (the eventfd is readable) instead of joining itself.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// The service thread: waits for fault events or the stop signal (no timeout, no busy loop).
+fn serve_faults(file: &Weak<Inner>, uffd: &PoisonFd, stop: &EventFd) {
+    loop {
+        let Ok((events, stopped)) = sys::poll_two(uffd.as_fd(), stop.as_fd()) else {
+            return;
+        };
+        if stopped {
+            return;
+        }
+        if !events {
+            continue;
+        }
+        loop {
+            match uffd.read_fault() {
+                Ok(Some(ev)) => {
+                    let page = ev.address & !(PAGE_SIZE - 1);
+                    match file.upgrade() {
+                        Some(inner) => inner.serve_fault(uffd, page),
+                        None => {
+                            let _ = uffd.wake(page, PAGE_SIZE);
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => return,
+            }
+        }
+    }
 }
 
 /// A sparse set of page indices (64-page words; only non-empty words are stored), so a
@@ -407,10 +528,26 @@ impl EmulatedGuestMemfd {
             }
         })?;
         let ino = sys::fstat(memfd.as_fd())?.st_ino;
+        // NO_DIRECT_MAP: the userfaultfd also delivers missing and minor faults, served by
+        // the file's fault service (host-fault hand-out); other files have no service thread.
+        let no_direct_map = flags & GUEST_MEMFD_FLAG_NO_DIRECT_MAP != 0;
+        let open_uffd = || {
+            if no_direct_map {
+                PoisonFd::with_fault_events()
+            } else {
+                PoisonFd::new()
+            }
+        };
         let mechanism = match options.revocation {
-            Revocation::Poison => Mechanism::Poison(PoisonFd::new()?),
+            Revocation::Poison => Mechanism::Poison(open_uffd()?),
             Revocation::Remap => Mechanism::Remap,
-            Revocation::Auto => PoisonFd::new().map_or(Mechanism::Remap, Mechanism::Poison),
+            Revocation::Auto => open_uffd().map_or(Mechanism::Remap, Mechanism::Poison),
+        };
+        let fault_uffd = match (&mechanism, no_direct_map) {
+            (_, false) => None,
+            (Mechanism::Poison(uffd), true) => Some(uffd.try_clone()?),
+            // Without userfaultfd at all, host-mapping faults stay unseen (see DESIGN.md).
+            (Mechanism::Remap, true) => PoisonFd::with_fault_events().ok(),
         };
         // An empty file: every access to a mapping of it is past its end, i.e. SIGBUS.
         let hole = sys::memfd_create(c"gmem-hole")?;
@@ -422,30 +559,41 @@ impl EmulatedGuestMemfd {
         let vm_key = ino.wrapping_mul(0x9e37_79b9_7f4a_7c15)
             ^ u64::from(std::process::id()) << 32
             ^ u64::from(nanos);
-        Ok(EmulatedGuestMemfd {
-            inner: Arc::new(Inner {
-                memfd,
-                hole,
-                size,
-                flags,
-                ino,
-                mechanism,
-                options,
-                state: RwLock::new(State {
-                    attrs: AttributeStore::new(size / PAGE_SIZE, private),
-                    mappings: Vec::new(),
-                }),
-                pins: Mutex::new(BTreeMap::new()),
-                next_id: AtomicI64::new(1),
-                guest_view: OnceLock::new(),
-                fail_after: AtomicI64::new(-1),
-                platform: options.platform.model(vm_key),
-                hooks: options.platform.hooks(),
-                pages: Mutex::new(PageBits::default()),
-                direct_map: OnceLock::new(),
-                hook_log: OnceLock::new(),
+        let inner = Arc::new(Inner {
+            memfd,
+            hole,
+            size,
+            flags,
+            ino,
+            mechanism,
+            options,
+            state: RwLock::new(State {
+                attrs: AttributeStore::new(size / PAGE_SIZE, private),
+                mappings: Vec::new(),
             }),
-        })
+            pins: Mutex::new(BTreeMap::new()),
+            next_id: AtomicI64::new(1),
+            guest_view: OnceLock::new(),
+            fail_after: AtomicI64::new(-1),
+            platform: options.platform.model(vm_key),
+            hooks: options.platform.hooks(),
+            pages: Mutex::new(PageBits::default()),
+            direct_map: OnceLock::new(),
+            hook_log: OnceLock::new(),
+            faults: OnceLock::new(),
+        });
+        if let Some(uffd) = fault_uffd {
+            let service = FaultService::start(Arc::downgrade(&inner), uffd)?;
+            let _ = inner.faults.set(service);
+        }
+        Ok(EmulatedGuestMemfd { inner })
+    }
+
+    /// Whether the file has a host-fault service thread (NO_DIRECT_MAP files with
+    /// userfaultfd; every other file has none).
+    #[doc(hidden)]
+    pub fn has_fault_service(&self) -> bool {
+        self.inner.faults.get().is_some()
     }
 
     /// The revocation mechanism in use.
@@ -693,6 +841,12 @@ impl EmulatedGuestMemfd {
                 _ => self.unhole(m, ps, pe)?,
             }
         }
+        // NO_DIRECT_MAP: a memory-file VMA mapped over a hole, or moved by `rebuild_hole`,
+        // starts unregistered and its faults would not be seen: register the mapping again
+        // now (not lazily), so the host hand-out covers every shared page.
+        if let Some(service) = self.inner.faults.get() {
+            service.uffd.register(m.addr as *mut u8, m.len)?;
+        }
         Ok(())
     }
 
@@ -829,13 +983,24 @@ impl EmulatedGuestMemfd {
         if let Mechanism::Poison(uffd) = &self.inner.mechanism {
             uffd.register(map.as_ptr(), map.len())?;
         }
+        if let Some(service) = self.inner.faults.get() {
+            // NO_DIRECT_MAP: host faults become events (a no-op re-registration when the
+            // mechanism's userfaultfd is the service's).
+            service.uffd.register(map.as_ptr(), map.len())?;
+            service
+                .maps()
+                .push((id, entry.addr, entry.len, entry.file_offset));
+        }
         let file_end = file_offset
             .saturating_add(map.len() as u64)
             .min(self.inner.size);
         let (first, end) = pages(file_offset, file_end.saturating_sub(file_offset));
         for (s, e, private) in st.attrs.runs(first, end) {
             if private {
-                self.revoke(&mut entry, s * PAGE_SIZE, e * PAGE_SIZE)?;
+                if let Err(e) = self.revoke(&mut entry, s * PAGE_SIZE, e * PAGE_SIZE) {
+                    self.inner.forget_mapping(id);
+                    return Err(e);
+                }
             }
         }
         st.mappings.push(entry);
@@ -850,6 +1015,8 @@ impl MappingRegistry for Inner {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         st.mappings.retain(|m| m.id != id);
+        drop(st);
+        self.forget_mapping(id);
     }
 }
 
@@ -936,6 +1103,13 @@ impl GuestMemfd for EmulatedGuestMemfd {
         }
         // Point of no return: record the new attributes.
         st.attrs.set_range(first, end, to_private);
+        // Failure markers of the changed pages were zapped (to shared) or are private
+        // markers now (to private).
+        if let Some(service) = self.inner.faults.get() {
+            for &(s, e) in &changing {
+                service.take_sigbus(s / PAGE_SIZE, e / PAGE_SIZE);
+            }
+        }
         // §2.4 step 4b: the platform takes back each present page of a range made shared.
         // Platforms without the hook do no per-page work here.
         if !to_private && self.inner.hooks.make_shared {
@@ -966,7 +1140,7 @@ impl GuestMemfd for EmulatedGuestMemfd {
         }
         let size = self.inner.size;
         if mode & FALLOC_FL_PUNCH_HOLE != 0 {
-            let _st = self.write_state();
+            let st = self.write_state();
             let end = (offset + len).min(size);
             if offset >= end {
                 return Ok(());
@@ -974,6 +1148,24 @@ impl GuestMemfd for EmulatedGuestMemfd {
             // The pages leave the file: restore the direct map, reclaim, forget "up to date".
             let (first, last) = pages(offset, end - offset);
             self.inner.free_pages(first, last);
+            // NO_DIRECT_MAP: a failed host-fault hand-out left a SIGBUS marker on a shared
+            // page; the page leaves the file, so the next access faults afresh.
+            if let Some(service) = self.inner.faults.get() {
+                for (page, id) in service.take_sigbus(first, last) {
+                    let shared = st.attrs.get(page) & KVM_MEMORY_ATTRIBUTE_PRIVATE == 0;
+                    let window = st
+                        .mappings
+                        .iter()
+                        .find(|m| m.id == id)
+                        .and_then(|m| m.window(page * PAGE_SIZE, (page + 1) * PAGE_SIZE));
+                    if let (true, Some((addr, len))) = (shared, window) {
+                        // SAFETY: one page of a live registered mapping (entries are removed
+                        // before unmap, under the lock we hold); DONTNEED on a shared mapping
+                        // drops PTEs and markers only.
+                        let _ = unsafe { sys::madvise_raw(addr, len, libc::MADV_DONTNEED) };
+                    }
+                }
+            }
             sys::fallocate(
                 self.inner.memfd.as_fd(),
                 FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
@@ -1394,7 +1586,8 @@ impl Inner {
     /// Zero-once (§2.6): a page not up to date is zeroed through the direct map and marked.
     /// A page the memfd already holds is only marked: shmem zero-filled it when it was
     /// allocated, by fallocate or by a host or vCPU fault the emulated backend does not see
-    /// (which in the kernel would have zeroed and marked it then).
+    /// (host faults are seen on NO_DIRECT_MAP files only), which in the kernel would have
+    /// zeroed and marked it then.
     fn make_uptodate(&self, bits: &mut PageBits, index: u64) -> KernelResult<()> {
         if bits.uptodate.contains(index) {
             return Ok(());
@@ -1451,8 +1644,9 @@ impl Inner {
         Ok(())
     }
 
-    /// A host hand-out gmem sees (the safe accessors): with NO_DIRECT_MAP, each page is made
-    /// up to date and removed from the direct map. A failed removal marks nothing.
+    /// A host hand-out (the safe accessors; a host-mapping fault, served by the fault
+    /// service): with NO_DIRECT_MAP, each page is made up to date and removed from the direct
+    /// map. A failed removal marks nothing.
     fn hand_out(&self, offset: u64, len: u64) -> Result<(), AccessError> {
         if !self.no_direct_map() || len == 0 {
             return Ok(());
@@ -1473,6 +1667,44 @@ impl Inner {
             self.log(HookCall::DirectMapRemove(index));
         }
         Ok(())
+    }
+
+    /// Serves one host fault at page address `addr` (service thread): the host hand-out of
+    /// the page, then `UFFDIO_CONTINUE` (the hand-out leaves the page in the page cache, so a
+    /// missing fault is resolved the same way: `UFFDIO_ZEROPAGE` would fail with EEXIST).
+    /// Any other outcome (EEXIST: a PTE or marker is already there, e.g. a conversion to
+    /// private raced; EFAULT: a concurrent punch-hole took the page) wakes the faulter, whose
+    /// retry faults again or hits the marker. A failed hand-out (e.g. the direct-map removal
+    /// failed) installs a poison marker and wakes the faulter: its access raises SIGBUS and
+    /// nothing is marked.
+    fn serve_fault(&self, uffd: &PoisonFd, addr: u64) {
+        let Some(service) = self.faults.get() else {
+            let _ = uffd.wake(addr, PAGE_SIZE);
+            return;
+        };
+        let Some((id, offset)) = service.lookup(addr) else {
+            // The mapping is going away: the retry finds it unmapped.
+            let _ = uffd.wake(addr, PAGE_SIZE);
+            return;
+        };
+        if offset < self.size && self.hand_out(offset, PAGE_SIZE).is_err() {
+            service.sigbus().insert((offset / PAGE_SIZE, id));
+            // A pointer for the ioctl only; the kernel checks the range is registered.
+            let _ = uffd.poison(addr as *mut u8, PAGE);
+            let _ = uffd.wake(addr, PAGE_SIZE);
+            return;
+        }
+        if uffd.continue_page(addr, PAGE_SIZE).is_err() {
+            let _ = uffd.wake(addr, PAGE_SIZE);
+        }
+    }
+
+    /// The fault service forgets mapping `id` (unregistered or never completed).
+    fn forget_mapping(&self, id: u64) {
+        if let Some(service) = self.faults.get() {
+            service.maps().retain(|m| m.0 != id);
+            service.sigbus().retain(|k| k.1 != id);
+        }
     }
 
     fn injected_failure(&self) -> KernelResult<()> {
@@ -1548,6 +1780,8 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        // Stop and join the fault service first (no mapping is left: each holds the file).
+        drop(self.faults.take());
         // Release: the memory leaves with the last reference to the file.
         if self.no_direct_map() || self.hooks.reclaim {
             self.free_pages(0, self.size / PAGE_SIZE);

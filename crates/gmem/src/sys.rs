@@ -295,7 +295,12 @@ const UFFD_API: u64 = 0xAA;
 const UFFD_USER_MODE_ONLY: libc::c_int = 1;
 const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 const UFFD_FEATURE_POISON: u64 = 1 << 14;
+const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+const UFFDIO_REGISTER_MODE_MINOR: u64 = 1 << 2;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 
 #[repr(C)]
 #[derive(Default)]
@@ -328,19 +333,60 @@ struct UffdioPoison {
     updated: i64,
 }
 
+#[repr(C)]
+#[derive(Default)]
+struct UffdioContinue {
+    range: UffdioRange,
+    mode: u64,
+    mapped: i64,
+}
+
+/// `struct uffd_msg` (packed, 32 bytes): the event byte, then for a page fault the flags at
+/// byte 8 and the address at byte 16.
+#[repr(C)]
+#[derive(Default)]
+struct UffdMsg {
+    event: u8,
+    reserved: [u8; 7],
+    flags: u64,
+    address: u64,
+    feat: u64,
+}
+
 const fn uffd_iowr(nr: u64, size: usize) -> libc::c_ulong {
     ((3u64 << 30) | ((size as u64) << 16) | (0xAA << 8) | nr) as libc::c_ulong
 }
+const fn uffd_ior(nr: u64, size: usize) -> libc::c_ulong {
+    ((2u64 << 30) | ((size as u64) << 16) | (0xAA << 8) | nr) as libc::c_ulong
+}
+const UFFDIO_WAKE: libc::c_ulong = uffd_ior(0x02, std::mem::size_of::<UffdioRange>());
+const UFFDIO_CONTINUE: libc::c_ulong = uffd_iowr(0x07, std::mem::size_of::<UffdioContinue>());
 const UFFDIO_API: libc::c_ulong = uffd_iowr(0x3F, std::mem::size_of::<UffdioApi>());
 const UFFDIO_REGISTER: libc::c_ulong = uffd_iowr(0x00, std::mem::size_of::<UffdioRegister>());
 const UFFDIO_POISON: libc::c_ulong = uffd_iowr(0x08, std::mem::size_of::<UffdioPoison>());
 
-/// A userfaultfd used only for poison markers: mappings are registered in write-protect mode
-/// (which delivers no missing or minor events, so no service thread is needed) and
-/// `UFFDIO_POISON` installs markers that make any access raise SIGBUS.
+/// A userfaultfd for poison markers: `UFFDIO_POISON` installs markers that make any access
+/// raise SIGBUS. [`PoisonFd::new`] registers mappings in write-protect mode only, which
+/// delivers no missing or minor events, so no service thread is needed.
+/// [`PoisonFd::with_fault_events`] also registers them in missing and minor mode: every fault
+/// on a page without a PTE becomes an event that a service thread must resolve
+/// ([`PoisonFd::read_fault`], [`PoisonFd::continue_page`], [`PoisonFd::wake`]).
 #[derive(Debug)]
 pub struct PoisonFd {
     fd: OwnedFd,
+    /// `UFFDIO_REGISTER` modes used by [`PoisonFd::register`].
+    modes: u64,
+}
+
+/// One page-fault event read from a [`PoisonFd`] opened with fault events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultEvent {
+    /// Faulting address (not page-aligned).
+    pub address: u64,
+    /// Whether the page was in the page cache (a minor fault).
+    pub minor: bool,
+    /// Whether the access was a write.
+    pub write: bool,
 }
 
 /// Outcome of one `UFFDIO_POISON`.
@@ -356,11 +402,35 @@ impl PoisonFd {
     /// Opens a userfaultfd (user-mode faults only, so no privilege is needed) with the
     /// features gmem needs.
     pub fn new() -> KernelResult<PoisonFd> {
+        Self::open(
+            UFFD_USER_MODE_ONLY,
+            UFFD_FEATURE_POISON | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+            UFFDIO_REGISTER_MODE_WP,
+        )
+    }
+
+    /// Like [`PoisonFd::new`], but mappings are registered in missing, minor and write-protect
+    /// mode (shmem supports the three together), so every fault on a page without a PTE is
+    /// an event. Kernel-mode faults (a system call reading or writing a registered range) are
+    /// events too where this process may have them (root, CAP_SYS_PTRACE or
+    /// `vm.unprivileged_userfaultfd`); elsewhere the descriptor is user-mode only and such a
+    /// system call fails with EFAULT on a page not yet mapped.
+    pub fn with_fault_events() -> KernelResult<PoisonFd> {
+        let features = UFFD_FEATURE_POISON
+            | UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+            | UFFD_FEATURE_MISSING_SHMEM
+            | UFFD_FEATURE_MINOR_SHMEM;
+        let modes =
+            UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR | UFFDIO_REGISTER_MODE_WP;
+        Self::open(0, features, modes).or_else(|_| Self::open(UFFD_USER_MODE_ONLY, features, modes))
+    }
+
+    fn open(extra: libc::c_int, features: u64, modes: u64) -> KernelResult<PoisonFd> {
         // SAFETY: plain syscall with integer arguments.
         let fd = unsafe {
             libc::syscall(
                 libc::SYS_userfaultfd,
-                libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY,
+                libc::O_CLOEXEC | libc::O_NONBLOCK | extra,
             )
         };
         if fd < 0 {
@@ -371,22 +441,84 @@ impl PoisonFd {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let mut api = UffdioApi {
             api: UFFD_API,
-            features: UFFD_FEATURE_POISON | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+            features,
             ioctls: 0,
         };
         // SAFETY: UFFDIO_API reads and writes a `struct uffdio_api`, which `api` is.
         check(unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) })?;
-        Ok(PoisonFd { fd })
+        Ok(PoisonFd { fd, modes })
     }
 
-    /// Registers `[addr, addr + len)` (a MAP_SHARED shmem mapping) in write-protect mode.
+    /// Another descriptor of the same userfaultfd (`dup`): events, registrations and
+    /// resolutions are shared.
+    pub fn try_clone(&self) -> KernelResult<PoisonFd> {
+        let fd = self.fd.try_clone().map_err(|_| Errno::last())?;
+        Ok(PoisonFd {
+            fd,
+            modes: self.modes,
+        })
+    }
+
+    /// The descriptor, for `poll`.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
+
+    /// Reads one event without blocking: `None` if there is none (or it is not a page fault).
+    pub fn read_fault(&self) -> KernelResult<Option<FaultEvent>> {
+        let mut msg = UffdMsg::default();
+        let want = std::mem::size_of::<UffdMsg>();
+        // SAFETY: reads at most `want` bytes into `msg`, a plain struct of that size.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), (&mut msg as *mut UffdMsg).cast(), want) };
+        if n < 0 {
+            let e = Errno::last();
+            return if e == Errno::EAGAIN || e == Errno::EINTR {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        if n.unsigned_abs() != want || msg.event != UFFD_EVENT_PAGEFAULT {
+            return Ok(None);
+        }
+        Ok(Some(FaultEvent {
+            address: msg.address,
+            minor: msg.flags & 4 != 0,
+            write: msg.flags & 1 != 0,
+        }))
+    }
+
+    /// `UFFDIO_CONTINUE`: maps the page-cache pages of `[addr, addr + len)` and wakes the
+    /// faulters. EEXIST if a PTE (or marker) is already there; EFAULT if a page is not in the
+    /// page cache.
+    pub fn continue_page(&self, addr: u64, len: u64) -> KernelResult<()> {
+        let mut c = UffdioContinue {
+            range: UffdioRange { start: addr, len },
+            mode: 0,
+            mapped: 0,
+        };
+        // SAFETY: UFFDIO_CONTINUE reads and writes a `struct uffdio_continue`; the kernel
+        // checks that the range belongs to a registered mapping.
+        check(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_CONTINUE, &mut c) }).map(drop)
+    }
+
+    /// `UFFDIO_WAKE`: the faulters waiting on `[addr, addr + len)` retry their access.
+    pub fn wake(&self, addr: u64, len: u64) -> KernelResult<()> {
+        let mut r = UffdioRange { start: addr, len };
+        // SAFETY: UFFDIO_WAKE reads a `struct uffdio_range`; it only wakes waiters.
+        check(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE, &mut r) }).map(drop)
+    }
+
+    /// Registers `[addr, addr + len)` (a MAP_SHARED shmem mapping) in this descriptor's modes
+    /// (write-protect only, or missing + minor + write-protect).
     pub fn register(&self, addr: *mut u8, len: usize) -> KernelResult<()> {
         let mut reg = UffdioRegister {
             range: UffdioRange {
                 start: addr as u64,
                 len: len as u64,
             },
-            mode: UFFDIO_REGISTER_MODE_WP,
+            mode: self.modes,
             ioctls: 0,
         };
         // SAFETY: UFFDIO_REGISTER reads and writes a `struct uffdio_register`; it does not
@@ -415,6 +547,67 @@ impl PoisonFd {
             (_, Ok(done)) if done > 0 => Err(PoisonError::Exists { done }),
             (Errno::EEXIST, _) => Err(PoisonError::Exists { done: 0 }),
             (e, _) => Err(PoisonError::Failed(e)),
+        }
+    }
+}
+
+/// An eventfd, used to stop a thread that polls it with other descriptors.
+#[derive(Debug)]
+pub struct EventFd {
+    fd: OwnedFd,
+}
+
+impl EventFd {
+    /// `eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)`.
+    pub fn new() -> KernelResult<EventFd> {
+        // SAFETY: plain syscall with integer arguments.
+        let fd = check(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+        // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(EventFd { fd })
+    }
+
+    /// Makes the eventfd readable (for good: it is never read).
+    pub fn signal(&self) -> KernelResult<()> {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes the 8 bytes of `one`.
+        let n = unsafe { libc::write(self.fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        if n < 0 {
+            Err(Errno::last())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The descriptor, for `poll`.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
+}
+
+/// Blocks until `a` or `b` is readable (or has an error); returns which.
+pub fn poll_two(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> KernelResult<(bool, bool)> {
+    let mut fds = [
+        libc::pollfd {
+            fd: a.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: b.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` holds two valid `pollfd`s for the duration of the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r >= 0 {
+            return Ok((fds[0].revents != 0, fds[1].revents != 0));
+        }
+        if Errno::last() != Errno::EINTR {
+            return Err(Errno::last());
         }
     }
 }

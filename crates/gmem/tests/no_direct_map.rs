@@ -1,0 +1,189 @@
+//! NO_DIRECT_MAP host-fault hand-out: host faults through a mapping of a NO_DIRECT_MAP file
+//! are served by the file's fault service thread, which removes the page from gmem's direct
+//! map before mapping it; a failed removal gives SIGBUS with nothing marked. Files without
+//! the flag have no service thread.
+
+use gmem::platform::{HookCall, PlatformKind};
+use gmem::uapi::{
+    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
+};
+use gmem::{
+    EmulatedGuestMemfd, EmulatedOptions, GuestMemfd, MapKind, Probe, Revocation, PAGE_SIZE,
+};
+
+const PS: u64 = PAGE_SIZE;
+const PAGE: usize = PAGE_SIZE as usize;
+const NDM: u64 =
+    GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED | GUEST_MEMFD_FLAG_NO_DIRECT_MAP;
+
+fn file(p: PlatformKind, npages: u64, flags: u64, revocation: Revocation) -> EmulatedGuestMemfd {
+    let options = EmulatedOptions {
+        revocation,
+        ..EmulatedOptions::with_platform(p)
+    };
+    EmulatedGuestMemfd::create_with(npages * PS, flags, options).unwrap()
+}
+
+#[test]
+fn host_fault_hands_out_and_punch_restores() {
+    use HookCall::*;
+    for (p, rev) in [
+        (PlatformKind::SoftwareProtected, Revocation::Poison),
+        (PlatformKind::SoftwareProtected, Revocation::Remap),
+        (PlatformKind::Pkvm, Revocation::Auto),
+    ] {
+        let f = file(p, 4, NDM, rev);
+        assert!(f.has_fault_service(), "{p} {rev:?}");
+        let log = f.record_hooks();
+        let m = f.mmap(0, 4 * PAGE, MapKind::Shared).unwrap();
+        assert!(!f.direct_map_removed(1));
+        // A host write (missing fault, in a probe child) zeroes, removes and marks.
+        assert_eq!(m.probe_write(PAGE, 16, 0x5a).unwrap(), Probe::Done(()));
+        assert!(f.direct_map_removed(1), "{p} {rev:?}");
+        assert!(!f.direct_map_removed(0));
+        let mut buf = [0u8; 16];
+        f.read_at(PS, &mut buf).unwrap();
+        assert_eq!(buf, [0x5a; 16]);
+        // A host read of a page allocated behind the mapping (minor fault) removes it too.
+        f.allocate(2 * PS, PS).unwrap();
+        assert_eq!(m.probe_read(2 * PAGE, 8).unwrap(), Probe::Done(vec![0; 8]));
+        assert!(f.direct_map_removed(2));
+        // A fault in this thread is served as well, and the content is kept.
+        let mut got = [0u8; 4];
+        m.read_volatile(PAGE, &mut got).unwrap();
+        assert_eq!(got, [0x5a; 4]);
+        assert_eq!(
+            std::mem::take(&mut *log.lock().unwrap()),
+            vec![Zero(1), DirectMapRemove(1), Zero(2), DirectMapRemove(2)],
+            "{p} {rev:?}"
+        );
+        // Private pages still raise SIGBUS with no event (a marker or a hole).
+        f.set_private(0, PS).unwrap();
+        let r = m.probe_read(0, 1).unwrap();
+        assert!(r.is_sigbus(), "{p} {rev:?}: {r:?}");
+        assert!(!f.direct_map_removed(0));
+        // Re-sharing zaps the marker: the next access is an event, served by the thread.
+        f.set_shared(0, PS).unwrap();
+        assert_eq!(m.probe_write(0, 8, 1).unwrap(), Probe::Done(()));
+        assert!(f.direct_map_removed(0), "{p} {rev:?}");
+        // Punch restores; the next access hands the fresh page out again.
+        f.punch_hole(PS, PS).unwrap();
+        assert!(!f.direct_map_removed(1));
+        assert_eq!(m.probe_read(PAGE, 8).unwrap(), Probe::Done(vec![0; 8]));
+        assert!(f.direct_map_removed(1), "{p} {rev:?}");
+        drop(m);
+        drop(f);
+    }
+}
+
+#[test]
+fn host_fault_through_a_hole_and_a_large_reshare() {
+    // 64 pages with holes from 4 pages on: a large private run is a hole mapping; re-sharing
+    // maps the memory file back, and its faults must still reach the service.
+    let options = EmulatedOptions {
+        revocation: Revocation::Poison,
+        hole_min_bytes: 4 * PS,
+        ..EmulatedOptions::with_platform(PlatformKind::SoftwareProtected)
+    };
+    let f = EmulatedGuestMemfd::create_with(64 * PS, NDM, options).unwrap();
+    let m = f.mmap(0, 64 * PAGE, MapKind::Shared).unwrap();
+    f.set_private(8 * PS, 32 * PS).unwrap();
+    assert!(m.probe_read(20 * PAGE, 1).unwrap().is_sigbus());
+    // A partial restore of the hole (rebuilt as markers by mremap) and a full one.
+    f.set_shared(10 * PS, PS).unwrap();
+    assert_eq!(m.probe_write(10 * PAGE, 8, 3).unwrap(), Probe::Done(()));
+    assert!(f.direct_map_removed(10));
+    assert!(m.probe_read(11 * PAGE, 1).unwrap().is_sigbus());
+    f.set_shared(8 * PS, 32 * PS).unwrap();
+    for page in [8u64, 20, 39] {
+        assert_eq!(
+            m.probe_write(page as usize * PAGE, 8, 4).unwrap(),
+            Probe::Done(())
+        );
+        assert!(f.direct_map_removed(page), "page {page}");
+    }
+}
+
+#[test]
+fn host_fault_failed_removal_is_sigbus_and_marks_nothing() {
+    let f = file(PlatformKind::SoftwareProtected, 4, NDM, Revocation::Auto);
+    let m = f.mmap(0, 4 * PAGE, MapKind::Shared).unwrap();
+    f.inject_mapping_failure(0);
+    let r = m.probe_write(2 * PAGE + 8, 8, 9).unwrap();
+    let fault = r.fault().expect("SIGBUS");
+    assert!(fault.is_sigbus(), "{fault:?}");
+    assert_eq!(fault.addr, 2 * PS + 8, "{fault:?}");
+    assert!(!f.direct_map_removed(2));
+    // The marker stays until the page leaves the file or is converted; injection is off now.
+    assert!(m.probe_read(2 * PAGE, 1).unwrap().is_sigbus());
+    assert!(!f.direct_map_removed(2));
+    f.punch_hole(2 * PS, PS).unwrap();
+    assert_eq!(m.probe_write(2 * PAGE, 8, 9).unwrap(), Probe::Done(()));
+    assert!(f.direct_map_removed(2));
+    // Same through a conversion round trip.
+    f.inject_mapping_failure(0);
+    assert!(m.probe_read(3 * PAGE, 1).unwrap().is_sigbus());
+    assert!(!f.direct_map_removed(3));
+    f.set_private(3 * PS, PS).unwrap();
+    f.set_shared(3 * PS, PS).unwrap();
+    assert_eq!(m.probe_read(3 * PAGE, 1).unwrap(), Probe::Done(vec![0]));
+    assert!(f.direct_map_removed(3));
+}
+
+#[test]
+fn only_no_direct_map_files_have_a_service_thread() {
+    for rev in [Revocation::Auto, Revocation::Poison, Revocation::Remap] {
+        let flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+        let f = file(PlatformKind::SoftwareProtected, 2, flags, rev);
+        let m = f.mmap(0, 2 * PAGE, MapKind::Shared).unwrap();
+        assert_eq!(m.probe_write(0, 8, 1).unwrap(), Probe::Done(()));
+        assert!(!f.has_fault_service(), "{rev:?}");
+        // No hand-out at host faults without the flag, and no service needed to serve them.
+        assert!(!f.direct_map_removed(0));
+    }
+    let f = file(PlatformKind::SoftwareProtected, 2, NDM, Revocation::Auto);
+    assert!(f.has_fault_service());
+    let m = f.mmap(0, PAGE, MapKind::Shared).unwrap();
+    assert_eq!(m.probe_write(0, 8, 1).unwrap(), Probe::Done(()));
+    // The thread (named once it runs, so after it served a fault) is joined when the file
+    // goes (several files, dropped in turn).
+    let named = || {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|c| c.trim() == "gmem-faults")
+            .count()
+    };
+    assert!(named() >= 1);
+    for _ in 0..3 {
+        let g = file(PlatformKind::SoftwareProtected, 2, NDM, Revocation::Auto);
+        let m = g.mmap(0, PAGE, MapKind::Shared).unwrap();
+        assert_eq!(m.probe_write(0, 8, 1).unwrap(), Probe::Done(()));
+        // The mapping holds the file; the file (and its thread) goes with the last handle.
+        drop(g);
+        drop(m);
+    }
+}
+
+#[test]
+fn kernel_mode_fault_on_a_host_mapping_is_served() {
+    // `read_at` into a buffer that is an unfaulted page of a host mapping of the same file:
+    // the copy faults in the kernel while `read_at` holds the invalidate lock (shared); the
+    // service does not need that lock, so the fault is served (as root, kernel-mode faults
+    // are events; a user-mode-only descriptor would give EFAULT instead).
+    let f = file(PlatformKind::SoftwareProtected, 4, NDM, Revocation::Auto);
+    f.write_at(0, &[0x77; PAGE]).unwrap();
+    let m = f.mmap(0, 4 * PAGE, MapKind::Shared).unwrap();
+    // SAFETY: page 1 of the live mapping `m`, shared, not otherwise referenced while `dst`
+    // lives; faulting it is what this test is about.
+    let dst = unsafe { std::slice::from_raw_parts_mut(m.as_ptr().add(PAGE), PAGE) };
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    match f.read_at(0, dst) {
+        Ok(()) => {
+            assert_eq!(dst, &[0x77; PAGE][..]);
+            assert!(f.direct_map_removed(1));
+        }
+        Err(e) => assert!(!root, "{e}"),
+    }
+}
