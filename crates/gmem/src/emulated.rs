@@ -1462,12 +1462,28 @@ impl EmulatedGuestMemfd {
         }
         let first = offset / PAGE_SIZE;
         let mut done = 0u64;
+        // The source page is read before any lock is taken, as the kernel GUPs it before
+        // taking the invalidate lock (§2.7): a source that is itself an unfaulted page of a
+        // host mapping (of this very file, with NO_DIRECT_MAP: served by the fault service,
+        // which needs the page bits) then faults in without waiting on us.
+        let mut staged = vec![0u8; PAGE];
         let result = (|| {
             for i in 0..npages {
                 if cancel() {
                     return Err(Errno::EINTR);
                 }
-                let src = source_page(source, i)?;
+                let src = match source_page(source, i)? {
+                    Some(page) => {
+                        // SAFETY: both ranges are PAGE bytes long and valid (`source_page`
+                        // checked the source slice; `staged` is ours); volatile reads make no
+                        // assumption about concurrent writers of a shared source.
+                        unsafe {
+                            crate::mapping::volatile_copy(page.as_ptr(), staged.as_mut_ptr(), PAGE)
+                        };
+                        Some(staged.as_slice())
+                    }
+                    None => None,
+                };
                 let index = first + i;
                 // The invalidate lock, exclusively, per page (§2.7).
                 let st = self.write_state();

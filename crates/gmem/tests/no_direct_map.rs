@@ -187,3 +187,36 @@ fn kernel_mode_fault_on_a_host_mapping_is_served() {
         Err(e) => assert!(!root, "{e}"),
     }
 }
+
+#[test]
+fn populate_from_an_unfaulted_page_of_the_same_file_does_not_deadlock() {
+    // The source is a shared page of a host mapping of the same NO_DIRECT_MAP file, not yet
+    // faulted in that mapping: reading it is a host fault that the file's service thread
+    // serves. A detached thread owns the file and the mapping, so a deadlock fails the test
+    // (timeout) instead of hanging it.
+    let f = std::sync::Arc::new(file(
+        PlatformKind::SoftwareProtected,
+        4,
+        NDM,
+        Revocation::Poison,
+    ));
+    let m = std::sync::Arc::new(f.mmap(0, 4 * PAGE, MapKind::Shared).unwrap());
+    f.write_at(2 * PS, &[0x3c; PAGE]).unwrap();
+    f.set_private(0, PS).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (f2, m2) = (f.clone(), m.clone());
+    std::thread::spawn(move || {
+        // SAFETY: page 2 of the mapping (kept alive by `m2`) is shared; the slice is only
+        // read, and nothing writes the page while it is borrowed.
+        let src = unsafe { std::slice::from_raw_parts(m2.as_ptr().add(2 * PAGE), PAGE) };
+        let _ = tx.send(f2.populate(0, Some(src), 1, &|| false));
+    });
+    let r = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("populate deadlocked");
+    assert_eq!(r, Ok(1));
+    f.set_shared(0, PS).unwrap();
+    let mut got = [0u8; 8];
+    f.read_at(0, &mut got).unwrap();
+    assert_eq!(got, [0x3c; 8]);
+}
