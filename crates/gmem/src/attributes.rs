@@ -13,7 +13,9 @@
 //!
 //! Only `KVM_MEMORY_ATTRIBUTE_PRIVATE` exists, so a page's attributes are one bit.
 
-use crate::uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE;
+use crate::error::{AccessError, Errno, KernelResult};
+use crate::sys::PAGE_SIZE;
+use crate::uapi::{flag_names, GUEST_MEMFD_FLAG_MMAP, KVM_MEMORY_ATTRIBUTE_PRIVATE};
 
 /// log2 of the pages a leaf bitmap covers.
 const LEAF_SHIFT: u32 = 12;
@@ -193,6 +195,46 @@ impl AttributeStore {
         out
     }
 
+    /// `Err(AccessError::Private)` naming the first private byte of `[offset, offset + len)`.
+    pub fn check_shared(&self, offset: u64, len: u64) -> Result<(), AccessError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let (first, end) = pages_of(offset, len);
+        match self.first_with(first, end, true) {
+            Some(page) => Err(AccessError::Private {
+                offset: offset.max(page * PAGE_SIZE),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The runs of `[offset, offset + len)` in bytes, as `(offset, len, attributes)`; EINVAL if
+    /// the range leaves a file of `size` bytes.
+    pub fn byte_runs(
+        &self,
+        offset: u64,
+        len: u64,
+        size: u64,
+    ) -> KernelResult<Vec<(u64, u64, u64)>> {
+        match offset.checked_add(len) {
+            Some(end) if end <= size => {}
+            _ => return Err(Errno::EINVAL),
+        }
+        let (first, end) = pages_of(offset, len);
+        Ok(self
+            .runs(first, end)
+            .into_iter()
+            .map(|(s, e, p)| {
+                (
+                    s * PAGE_SIZE,
+                    (e - s) * PAGE_SIZE,
+                    if p { KVM_MEMORY_ATTRIBUTE_PRIVATE } else { 0 },
+                )
+            })
+            .collect())
+    }
+
     /// Number of runs of equal attributes over the whole file (the kernel's maple-tree
     /// entries).
     pub fn fragments(&self) -> usize {
@@ -228,6 +270,42 @@ fn child_range(base: u64, child_shift: u32, s: u64, e: u64) -> std::ops::RangeIn
         ((e - 1 - base) >> child_shift) as usize,
     );
     a..=b
+}
+
+/// The pages `[first, end)` that bytes `[offset, offset + len)` touch.
+pub fn pages_of(offset: u64, len: u64) -> (u64, u64) {
+    (
+        offset / PAGE_SIZE,
+        offset.saturating_add(len).div_ceil(PAGE_SIZE),
+    )
+}
+
+/// The checks of a host access that need no attribute: the range must lie inside the file
+/// (`size` bytes) and the file must have `GUEST_MEMFD_FLAG_MMAP` (else the host has no access
+/// at all). Every backend's safe accessors run this, then [`AttributeStore::check_shared`]
+/// under their lock.
+pub fn check_host_access(
+    offset: u64,
+    len: usize,
+    size: u64,
+    flags: u64,
+) -> Result<(), AccessError> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= size => {}
+        _ => {
+            return Err(AccessError::OutOfBounds {
+                offset,
+                len: len as u64,
+                size,
+            })
+        }
+    }
+    if flags & GUEST_MEMFD_FLAG_MMAP == 0 {
+        return Err(AccessError::NotMappable {
+            flags: flag_names(flags),
+        });
+    }
+    Ok(())
 }
 
 fn set(slot: &mut Slot, base: u64, shift: u32, start: u64, end: u64, private: bool, limit: u64) {

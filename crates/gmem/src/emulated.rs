@@ -30,7 +30,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
-use crate::attributes::AttributeStore;
+use crate::attributes::{check_host_access, pages_of, AttributeStore};
 use crate::backend::{BackendKind, GuestMemfd, GuestMemfdBackend, GuestMemfdStat, PinGuard};
 use crate::error::{AccessError, Errno, KernelResult};
 use crate::mapping::{HostMapping, MapKind, MappingRegistry};
@@ -495,13 +495,6 @@ fn poison_split(uffd: &PoisonFd, addr: *mut u8, len: usize) -> Result<(), Poison
         }
         other => other,
     }
-}
-
-fn pages(offset: u64, len: u64) -> (u64, u64) {
-    (
-        offset / PAGE_SIZE,
-        offset.saturating_add(len).div_ceil(PAGE_SIZE),
-    )
 }
 
 impl EmulatedGuestMemfd {
@@ -994,7 +987,7 @@ impl EmulatedGuestMemfd {
         let file_end = file_offset
             .saturating_add(map.len() as u64)
             .min(self.inner.size);
-        let (first, end) = pages(file_offset, file_end.saturating_sub(file_offset));
+        let (first, end) = pages_of(file_offset, file_end.saturating_sub(file_offset));
         for (s, e, private) in st.attrs.runs(first, end) {
             if private {
                 if let Err(e) = self.revoke(&mut entry, s * PAGE_SIZE, e * PAGE_SIZE) {
@@ -1064,7 +1057,7 @@ impl GuestMemfd for EmulatedGuestMemfd {
     fn set_attributes(&self, a: &mut kvm_memory_attributes2) -> KernelResult<()> {
         self.validate_attributes(a)?;
         let to_private = a.attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0;
-        let (first, end) = pages(a.offset, a.size);
+        let (first, end) = pages_of(a.offset, a.size);
         let mut st = self.write_state();
         // The runs whose attribute changes; only they are revoked or restored, which keeps
         // rollback exact for mixed ranges. None: the whole range already has the attributes,
@@ -1146,7 +1139,7 @@ impl GuestMemfd for EmulatedGuestMemfd {
                 return Ok(());
             }
             // The pages leave the file: restore the direct map, reclaim, forget "up to date".
-            let (first, last) = pages(offset, end - offset);
+            let (first, last) = pages_of(offset, end - offset);
             self.inner.free_pages(first, last);
             // NO_DIRECT_MAP: a failed host-fault hand-out left a SIGBUS marker on a shared
             // page; the page leaves the file, so the next access faults afresh.
@@ -1173,7 +1166,7 @@ impl GuestMemfd for EmulatedGuestMemfd {
                 end - offset,
             )?;
             // The punched pages leave the file: pins on them no longer hold file pages.
-            let (first, last) = pages(offset, end - offset);
+            let (first, last) = pages_of(offset, end - offset);
             let mut pins = self
                 .inner
                 .pins
@@ -1230,7 +1223,7 @@ impl GuestMemfd for EmulatedGuestMemfd {
         if self.inner.no_direct_map() {
             return Err(Errno::EFAULT);
         }
-        let (first, last) = pages(offset, len);
+        let (first, last) = pages_of(offset, len);
         let st = self.read_state();
         if st.attrs.first_with(first, last, true).is_some() {
             return Err(Errno::EFAULT);
@@ -1265,24 +1258,9 @@ impl GuestMemfd for EmulatedGuestMemfd {
     }
 
     fn attribute_runs(&self, offset: u64, len: u64) -> KernelResult<Vec<(u64, u64, u64)>> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.inner.size => {}
-            _ => return Err(Errno::EINVAL),
-        }
-        let (first, end) = pages(offset, len);
-        Ok(self
-            .read_state()
+        self.read_state()
             .attrs
-            .runs(first, end)
-            .into_iter()
-            .map(|(s, e, p)| {
-                (
-                    s * PAGE_SIZE,
-                    (e - s) * PAGE_SIZE,
-                    if p { KVM_MEMORY_ATTRIBUTE_PRIVATE } else { 0 },
-                )
-            })
-            .collect())
+            .byte_runs(offset, len, self.inner.size)
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), AccessError> {
@@ -1321,30 +1299,9 @@ impl EmulatedGuestMemfd {
         offset: u64,
         len: usize,
     ) -> Result<RwLockReadGuard<'_, State>, AccessError> {
-        let size = self.inner.size;
-        let out_of_bounds = AccessError::OutOfBounds {
-            offset,
-            len: len as u64,
-            size,
-        };
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= size => {}
-            _ => return Err(out_of_bounds),
-        }
-        if self.inner.flags & GUEST_MEMFD_FLAG_MMAP == 0 {
-            return Err(AccessError::NotMappable {
-                flags: flag_names(self.inner.flags),
-            });
-        }
+        check_host_access(offset, len, self.inner.size, self.inner.flags)?;
         let st = self.read_state();
-        if len > 0 {
-            let (first, end) = pages(offset, len as u64);
-            if let Some(page) = st.attrs.first_with(first, end, true) {
-                return Err(AccessError::Private {
-                    offset: offset.max(page * PAGE_SIZE),
-                });
-            }
-        }
+        st.attrs.check_shared(offset, len as u64)?;
         Ok(st)
     }
 }
@@ -1621,7 +1578,7 @@ impl Inner {
     /// date; make-private if the page is private (every time: the hook is idempotent); with
     /// NO_DIRECT_MAP, remove it from the direct map, marking it only once that succeeded.
     fn fault_range(&self, st: &State, offset: u64, len: u64) -> KernelResult<()> {
-        let (first, end) = pages(offset, len);
+        let (first, end) = pages_of(offset, len);
         let mut bits = self.bits();
         // Pages not up to date: one presence scan (SEEK_DATA) for all of them.
         let stale: Vec<u64> = (first..end)
@@ -1667,7 +1624,7 @@ impl Inner {
         if !self.no_direct_map() || len == 0 {
             return Ok(());
         }
-        let (first, end) = pages(offset, len);
+        let (first, end) = pages_of(offset, len);
         let mut bits = self.bits();
         for index in first..end {
             let err = |errno| AccessError::DirectMap {

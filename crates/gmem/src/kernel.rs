@@ -29,15 +29,15 @@ use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use kvm_ioctls::{Kvm, VmFd};
 
-use crate::attributes::AttributeStore;
+use crate::attributes::{check_host_access, pages_of, AttributeStore};
 use crate::backend::{BackendKind, GuestMemfd, GuestMemfdBackend, GuestMemfdStat, PinGuard};
 use crate::error::{AccessError, Errno, KernelResult};
 use crate::mapping::{volatile_copy, HostMapping, MapKind};
 use crate::sys::{self, Mmap, PAGE_SIZE};
 use crate::uapi::{
     flag_names, kvm_create_guest_memfd, kvm_memory_attributes2, SeriesRevision,
-    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_CAP_GUEST_MEMFD_FLAGS,
-    KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_SET_MEMORY_ATTRIBUTES2, KVM_X86_DEFAULT_VM,
+    GUEST_MEMFD_FLAG_INIT_SHARED, KVM_CAP_GUEST_MEMFD_FLAGS, KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_SET_MEMORY_ATTRIBUTES2, KVM_X86_DEFAULT_VM,
 };
 
 /// Why the kernel backend cannot convert: no revision of
@@ -269,13 +269,6 @@ impl fmt::Debug for KernelGuestMemfd {
     }
 }
 
-fn pages(offset: u64, len: u64) -> (u64, u64) {
-    (
-        offset / PAGE_SIZE,
-        offset.saturating_add(len).div_ceil(PAGE_SIZE),
-    )
-}
-
 impl KernelGuestMemfd {
     /// The guest_memfd descriptor: `guest_memfd` of `struct kvm_userspace_memory_region2`
     /// when binding a memslot with `KVM_MEM_GUEST_MEMFD`.
@@ -349,33 +342,16 @@ impl KernelGuestMemfd {
         offset: u64,
         len: usize,
     ) -> Result<(&Mmap, RwLockReadGuard<'_, AttributeStore>), AccessError> {
-        let size = self.inner.size;
-        let out_of_bounds = AccessError::OutOfBounds {
-            offset,
-            len: len as u64,
-            size,
-        };
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= size => {}
-            _ => return Err(out_of_bounds),
-        }
-        if self.inner.flags & GUEST_MEMFD_FLAG_MMAP == 0 {
-            return Err(AccessError::NotMappable {
-                flags: flag_names(self.inner.flags),
-            });
-        }
+        check_host_access(offset, len, self.inner.size, self.inner.flags)?;
         let attrs = self.read_attrs();
-        if len > 0 {
-            let (first, end) = pages(offset, len as u64);
-            if let Some(page) = attrs.first_with(first, end, true) {
-                return Err(AccessError::Private {
-                    offset: offset.max(page * PAGE_SIZE),
-                });
-            }
-        }
+        attrs.check_shared(offset, len as u64)?;
         // The mapping exists for any MMAP file unless the kernel refuses it; a refusal is
         // reported as the access being impossible.
-        let view = self.host_view().map_err(|_| out_of_bounds)?;
+        let view = self.host_view().map_err(|_| AccessError::OutOfBounds {
+            offset,
+            len: len as u64,
+            size: self.inner.size,
+        })?;
         Ok((view, attrs))
     }
 }
@@ -467,7 +443,7 @@ impl GuestMemfd for KernelGuestMemfd {
         // state as far as this process's accessors can tell.
         let mut attrs = self.write_attrs();
         self.attributes2_ioctl(a)?;
-        let (first, end) = pages(a.offset, a.size);
+        let (first, end) = pages_of(a.offset, a.size);
         attrs.set_range(first, end, a.attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0);
         Ok(())
     }
@@ -496,7 +472,7 @@ impl GuestMemfd for KernelGuestMemfd {
         // Without a host mapping there is nothing GUP could pin: the kernel's answer to
         // vmsplice of an unmapped address is EFAULT.
         let view = self.host_view().map_err(|_| Errno::EFAULT)?;
-        let (first, end) = pages(offset, len);
+        let (first, end) = pages_of(offset, len);
         let start = usize::try_from(first * PAGE_SIZE).map_err(|_| Errno::EFAULT)?;
         let span = usize::try_from((end - first) * PAGE_SIZE).map_err(|_| Errno::EFAULT)?;
         // Held shared so that no conversion of ours runs while the pages are taken.
@@ -519,23 +495,7 @@ impl GuestMemfd for KernelGuestMemfd {
     }
 
     fn attribute_runs(&self, offset: u64, len: u64) -> KernelResult<Vec<(u64, u64, u64)>> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.inner.size => {}
-            _ => return Err(Errno::EINVAL),
-        }
-        let (first, end) = pages(offset, len);
-        Ok(self
-            .read_attrs()
-            .runs(first, end)
-            .into_iter()
-            .map(|(s, e, p)| {
-                (
-                    s * PAGE_SIZE,
-                    (e - s) * PAGE_SIZE,
-                    if p { KVM_MEMORY_ATTRIBUTE_PRIVATE } else { 0 },
-                )
-            })
-            .collect())
+        self.read_attrs().byte_runs(offset, len, self.inner.size)
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), AccessError> {
@@ -566,6 +526,7 @@ impl GuestMemfd for KernelGuestMemfd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::uapi::GUEST_MEMFD_FLAG_MMAP;
 
     /// The pipes of a pin really hold the pages: FIONREAD counts every pinned byte.
     #[test]
