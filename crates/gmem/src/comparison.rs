@@ -29,6 +29,7 @@ use crate::model::{ConversionModel, InPlaceModel, ModelKind};
 use crate::sys::PAGE_SIZE;
 use crate::twobacking::{TwoBackingGuestMemfd, TwoBackingOptions};
 use crate::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_MEM_GUEST_MEMFD};
+use crate::vm::GuestFile;
 
 /// Unit of a measurement's two figures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -436,7 +437,7 @@ fn kernel_section(
 /// Medians (first touch, re-touch) of a vCPU filling 2 MiB of gmem, kernel then emulated.
 fn guest_access(backend: &KernelBackend, reps: usize) -> Result<([f64; 2], [f64; 2]), String> {
     use crate::vm::guest::DATA_GPA;
-    use crate::vm::{Event, GuestFile, GuestProgram, RequestPath, Vm};
+    use crate::vm::{Event, GuestProgram, RequestPath, Vm};
     let len: u64 = 2 << 20;
     let flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
     let mut out = [[0.0; 2]; 2];
@@ -654,47 +655,66 @@ impl Drop for SlotGuard<'_> {
     }
 }
 
-/// Median guest-driven round trip through a real vCPU: the guest exits (sync), the VMM
-/// converts the range to private, the guest writes all of it (`rep stosq`) and exits, the VMM
-/// converts it to shared and the host touches every page, the guest exits again.
-fn vcpu_round_trip(kind: ModelKind, len: u64, reps: usize) -> Result<f64, String> {
+/// A model whose guest memory is bound at `DATA_GPA` of a VM. Fields drop in order: the
+/// memslot (if any) is deleted before the model's memory goes away.
+struct BoundModel<'a> {
+    _slot: Option<SlotGuard<'a>>,
+    model: Box<dyn ConversionModel>,
+}
+
+/// Creates a `len`-byte model of `kind` and binds its guest memory at `DATA_GPA` of `vm`: the
+/// in-place file through `Vm::bind`, the two-backing composite view as plain memslot `slot`.
+fn bind_model(
+    vm: &crate::vm::Vm,
+    kind: ModelKind,
+    len: u64,
+    slot: u32,
+) -> Result<BoundModel<'_>, String> {
     use crate::vm::guest::DATA_GPA;
-    use crate::vm::{Event, GuestFile, GuestProgram, RequestPath, Vm};
     let s = |e: &dyn std::fmt::Display| e.to_string();
-    let vm = Vm::new(1).map_err(|e| s(&e))?;
-    let model: Box<dyn ConversionModel>;
-    let _slot: Option<SlotGuard<'_>>;
     match kind {
         ModelKind::InPlace => {
             let m = InPlaceModel::new(len, false).map_err(|e| s(&e))?;
             vm.bind(DATA_GPA, &GuestFile::Emulated(m.file().clone()), 0, len)
                 .map_err(|e| s(&e))?;
-            model = Box::new(m);
-            _slot = None;
+            Ok(BoundModel {
+                _slot: None,
+                model: Box::new(m),
+            })
         }
         ModelKind::TwoBacking { preserve_content } => {
             let m = TwoBackingGuestMemfd::new(len, false, TwoBackingOptions { preserve_content })
                 .map_err(|e| s(&e))?;
             let view = m.guest_view().map_err(|e| s(&e))?.as_ptr() as u64;
-            const SLOT: u32 = 4000;
             let region = kvm_bindings::kvm_userspace_memory_region {
-                slot: SLOT,
+                slot,
                 flags: 0,
                 guest_phys_addr: DATA_GPA,
                 memory_size: len,
                 userspace_addr: view,
             };
-            // SAFETY: the composite view lives in `model`, which is dropped after `_slot`
-            // (declared later, dropped first), whose Drop deletes the slot.
+            // SAFETY: the composite view lives in the returned `model`, which `BoundModel`
+            // drops after `_slot`, whose Drop deletes the slot.
             unsafe { vm.vm_fd().set_user_memory_region(region) }
                 .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {}", Errno(e.errno())))?;
-            model = Box::new(m);
-            _slot = Some(SlotGuard {
-                vm: &vm,
-                slot: SLOT,
-            });
+            Ok(BoundModel {
+                _slot: Some(SlotGuard { vm, slot }),
+                model: Box::new(m),
+            })
         }
     }
+}
+
+/// Median guest-driven round trip through a real vCPU: the guest exits (sync), the VMM
+/// converts the range to private, the guest writes all of it (`rep stosq`) and exits, the VMM
+/// converts it to shared and the host touches every page, the guest exits again.
+fn vcpu_round_trip(kind: ModelKind, len: u64, reps: usize) -> Result<f64, String> {
+    use crate::vm::guest::DATA_GPA;
+    use crate::vm::{Event, GuestProgram, RequestPath, Vm};
+    let s = |e: &dyn std::fmt::Display| e.to_string();
+    let vm = Vm::new(1).map_err(|e| s(&e))?;
+    let bound = bind_model(&vm, kind, len, 4000)?;
+    let model: &dyn ConversionModel = bound.model.as_ref();
     model.host_touch(0, len, 0).map_err(|e| s(&e))?;
     let mut p = GuestProgram::new(0, RequestPath::Port);
     for r in 0..=reps {
@@ -741,44 +761,13 @@ fn vcpu_round_trip(kind: ModelKind, len: u64, reps: usize) -> Result<f64, String
 /// Returns the wall time in µs.
 fn conversion_workload(kind: ModelKind, vcpus: usize, iters: usize) -> Result<f64, String> {
     use crate::vm::guest::DATA_GPA;
-    use crate::vm::{Event, GuestFile, GuestProgram, RequestPath, Vm};
+    use crate::vm::{Event, GuestProgram, RequestPath, Vm};
     use crate::workload::{RANGES, WINDOW_STRIDE};
     let s = |e: &dyn std::fmt::Display| e.to_string();
     let len = WINDOW_STRIDE * vcpus as u64;
     let vm = Vm::new(vcpus).map_err(|e| s(&e))?;
-    let model: Box<dyn ConversionModel>;
-    let _slot: Option<SlotGuard<'_>>;
-    match kind {
-        ModelKind::InPlace => {
-            let m = InPlaceModel::new(len, false).map_err(|e| s(&e))?;
-            vm.bind(DATA_GPA, &GuestFile::Emulated(m.file().clone()), 0, len)
-                .map_err(|e| s(&e))?;
-            model = Box::new(m);
-            _slot = None;
-        }
-        ModelKind::TwoBacking { preserve_content } => {
-            let m = TwoBackingGuestMemfd::new(len, false, TwoBackingOptions { preserve_content })
-                .map_err(|e| s(&e))?;
-            let view = m.guest_view().map_err(|e| s(&e))?.as_ptr() as u64;
-            const SLOT: u32 = 4001;
-            let region = kvm_bindings::kvm_userspace_memory_region {
-                slot: SLOT,
-                flags: 0,
-                guest_phys_addr: DATA_GPA,
-                memory_size: len,
-                userspace_addr: view,
-            };
-            // SAFETY: the composite view lives in `model`, which is dropped after `_slot`
-            // (declared later, dropped first), whose Drop deletes the slot.
-            unsafe { vm.vm_fd().set_user_memory_region(region) }
-                .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {}", Errno(e.errno())))?;
-            model = Box::new(m);
-            _slot = Some(SlotGuard {
-                vm: &vm,
-                slot: SLOT,
-            });
-        }
-    }
+    let bound = bind_model(&vm, kind, len, 4001)?;
+    let model: &dyn ConversionModel = bound.model.as_ref();
     let preserved = kind
         != ModelKind::TwoBacking {
             preserve_content: false,
@@ -802,7 +791,6 @@ fn conversion_workload(kind: ModelKind, vcpus: usize, iters: usize) -> Result<f6
                 .map_err(|e| s(&e))?,
         );
     }
-    let model = &*model;
     let vm_ref = &vm;
     let steps = &steps;
     let t = Instant::now();
