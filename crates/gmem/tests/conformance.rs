@@ -22,13 +22,12 @@ fn run(name: &str) {
         holes,
     ];
     for opts in configs {
-        let revocation = opts;
         match Ctx::emulated_with(opts).run(&case) {
             Outcome::Pass => {}
             Outcome::Skip(reason) => {
-                panic!("{name} ({revocation:?}) skipped ({reason}); skips must not count as passes")
+                panic!("{name} ({opts:?}) skipped ({reason}); skips must not count as passes")
             }
-            Outcome::Fail(reason) => panic!("{name} ({revocation:?}) failed: {reason}"),
+            Outcome::Fail(reason) => panic!("{name} ({opts:?}) failed: {reason}"),
         }
     }
 }

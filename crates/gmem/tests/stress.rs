@@ -47,7 +47,6 @@ fn stress(revocation: Revocation) {
 }
 
 fn stress_with(opts: EmulatedOptions) {
-    let revocation = opts;
     let secs: u64 = std::env::var("GMEM_STRESS_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -188,7 +187,9 @@ fn stress_with(opts: EmulatedOptions) {
     }
     let strict = s.strict_checks.load(SeqCst);
     let faults = s.faults_seen.load(SeqCst);
-    println!("{revocation:?}: {conversions} conversions, {strict} strictly checked accesses, {faults} faults");
+    println!(
+        "{opts:?}: {conversions} conversions, {strict} strictly checked accesses, {faults} faults"
+    );
     assert!(
         conversions > 100 && strict > 100 && faults > 10,
         "too little happened to mean anything"

@@ -88,21 +88,10 @@ pub fn scripts() -> Vec<Script> {
         }
         invalid_sizes.push_str(&format!("create 0 {flags}\ncreate {} {flags}\n", PS + 1));
     }
-    let punch = [
-        (0, 1),
-        (0, PS - 1),
-        (0, PS + 1),
-        (1, 1),
-        (1, PS - 1),
-        (1, PS),
-        (1, PS + 1),
-        (PS, 1),
-        (PS, PS - 1),
-        (PS, PS + 1),
-    ]
-    .iter()
-    .map(|(o, l)| format!("fpunch {o} {l}\n"))
-    .collect::<String>();
+    let punch = super::guest_memfd_test::INVALID_PUNCH_HOLES
+        .iter()
+        .map(|(o, l)| format!("fpunch {o} {l}\n"))
+        .collect::<String>();
     vec![
         Script {
             name: "flags",

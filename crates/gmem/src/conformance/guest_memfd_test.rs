@@ -314,22 +314,24 @@ fn fallocate(ctx: &Ctx) -> CaseResult {
     )
 }
 
+/// The (offset, len) pairs of `test_invalid_punch_hole`: every one is EINVAL.
+pub(super) const INVALID_PUNCH_HOLES: [(u64, u64); 10] = [
+    (0, 1),
+    (0, PS - 1),
+    (0, PS + 1),
+    (1, 1),
+    (1, PS - 1),
+    (1, PS),
+    (1, PS + 1),
+    (PS, 1),
+    (PS, PS - 1),
+    (PS, PS + 1),
+];
+
 /// `test_invalid_punch_hole`.
 fn invalid_punch_hole(ctx: &Ctx) -> CaseResult {
     let f = ctx.create(4, 0)?;
-    let cases = [
-        (0, 1),
-        (0, PS - 1),
-        (0, PS + 1),
-        (1, 1),
-        (1, PS - 1),
-        (1, PS),
-        (1, PS + 1),
-        (PS, 1),
-        (PS, PS - 1),
-        (PS, PS + 1),
-    ];
-    for (off, len) in cases {
+    for (off, len) in INVALID_PUNCH_HOLES {
         expect_errno(
             &format!("punch ({off}, {len})"),
             f.punch_hole(off, len),
