@@ -8,10 +8,9 @@
 //! 3. guest-driven round trips through a real vCPU for both models (the guest exits, the VMM
 //!    converts, the guest writes the range, the VMM converts back and touches it): in-place
 //!    binds the emulated file with [`crate::vm::Vm::bind`], two-backing binds its composite
-//!    guest view as a plain memslot; plus the `gmem run` workload's 4 KiB port-exit round trip;
-//! 4. the `gmem run` workload end to end (in-place only: the workload binds
-//!    [`crate::vm::GuestFile`]s and probes private pages for SIGBUS), and a checked conversion
-//!    workload on real vCPUs (the private_mem_conversions ranges) end to end for both models;
+//!    guest view as a plain memslot;
+//! 4. the `gmem run` workload end to end on each model (`workload::Config::model`), and its
+//!    4 KiB guest-driven conversion round trip;
 //! 5. memory footprint of a 1 GiB guest half shared in 2 MiB and in 4 KiB fragments;
 //! 6. operations both backends have, kernel against emulated (needs `/dev/kvm`).
 //!
@@ -478,7 +477,7 @@ fn guest_access(backend: &KernelBackend, reps: usize) -> Result<([f64; 2], [f64;
             if !matches!(ev, Event::Sync(_)) {
                 return Err(format!("unexpected {ev:?}"));
             }
-            file.gmem().punch_hole(0, len).map_err(|e| e.to_string())?;
+            file.punch_hole(0, len).map_err(|e| e.to_string())?;
             let t = Instant::now();
             vcpu.run(&vm).map_err(|e| e.to_string())?;
             let t1 = t.elapsed().as_secs_f64() * 1e6;
@@ -588,21 +587,11 @@ pub fn run(options: Options, progress: Progress<'_>) -> Result<Report, BenchErro
         Ok(lines) => report.lines.extend(lines),
         Err(why) => report.skipped.push(format!("vCPU round trips: {why}")),
     }
-    // 4. `gmem run` (in-place only), and a conversion workload end to end on both models
-    match vcpu_section(options.quick) {
-        Ok(lines) => report.lines.extend(lines),
-        Err(why) => report.skipped.push(why),
-    }
+    // 4. `gmem run` end to end on each model
     match workload_lines(options.quick) {
         Ok(lines) => report.lines.extend(lines),
-        Err(why) => report.skipped.push(format!("conversion workload: {why}")),
+        Err(why) => report.skipped.push(format!("gmem run workload: {why}")),
     }
-    report.skipped.push(
-        "workload two-backing: pending — `gmem run` binds vm::GuestFile (a GuestMemfd) and \
-         its checks probe private pages for SIGBUS, which the two-backing model has no \
-         equivalent of; the workload line is in-place only"
-            .to_string(),
-    );
     step("workload end to end");
 
     // 5. footprint
@@ -753,142 +742,6 @@ fn vcpu_round_trip(kind: ModelKind, len: u64, reps: usize) -> Result<f64, String
     Ok(median(&mut v))
 }
 
-/// The private_mem_conversions flow on `vcpus` real vCPUs, one 4 MiB window each, over the
-/// selftest's five ranges, `iters` times, with every conversion done by the VMM on the model
-/// and every byte checked on both sides: at each range the host writes `A` while shared,
-/// the VMM converts to private, the guest checks it reads `A` (0 on a destructive model),
-/// writes `B`, the VMM converts to shared and the host checks `B` (0 on a destructive model).
-/// Returns the wall time in µs.
-fn conversion_workload(kind: ModelKind, vcpus: usize, iters: usize) -> Result<f64, String> {
-    use crate::vm::guest::DATA_GPA;
-    use crate::vm::{Event, GuestProgram, RequestPath, Vm};
-    use crate::workload::{RANGES, WINDOW_STRIDE};
-    let s = |e: &dyn std::fmt::Display| e.to_string();
-    let len = WINDOW_STRIDE * vcpus as u64;
-    let vm = Vm::new(vcpus).map_err(|e| s(&e))?;
-    let bound = bind_model(&vm, kind, len, 4001)?;
-    let model: &dyn ConversionModel = bound.model.as_ref();
-    let preserved = kind
-        != ModelKind::TwoBacking {
-            preserve_content: false,
-        };
-    let (a, b) = (0x5au8, 0xa5u8);
-    let steps: Vec<(u64, u64)> = (0..iters).flat_map(|_| RANGES).collect();
-    let mut cpus = Vec::new();
-    for i in 0..vcpus {
-        let base = DATA_GPA + WINDOW_STRIDE * i as u64;
-        let mut p = GuestProgram::new(i, RequestPath::Port);
-        for (k, &(off, size)) in steps.iter().enumerate() {
-            let id = u32::try_from(2 * k).map_err(|e| s(&e))?;
-            p.sync(id);
-            p.verify(base + off, size, if preserved { a } else { 0 });
-            p.fill(base + off, size, b);
-            p.sync(id + 1);
-        }
-        p.done();
-        cpus.push(
-            vm.create_vcpu(i, p.finish().map_err(|e| s(&e))?)
-                .map_err(|e| s(&e))?,
-        );
-    }
-    let vm_ref = &vm;
-    let steps = &steps;
-    let t = Instant::now();
-    let results: Vec<Result<(), String>> = std::thread::scope(|sc| {
-        let handles: Vec<_> = cpus
-            .into_iter()
-            .enumerate()
-            .map(|(i, mut vcpu)| {
-                sc.spawn(move || -> Result<(), String> {
-                    let base = WINDOW_STRIDE * i as u64;
-                    loop {
-                        match vcpu.run(vm_ref).map_err(|e| s(&e))? {
-                            Event::Done => return Ok(()),
-                            Event::Sync(id) => {
-                                let (off, size) = steps[id as usize / 2];
-                                let off = base + off;
-                                if id % 2 == 0 {
-                                    let data = vec![a; size as usize];
-                                    model.host_write(off, &data).map_err(|e| s(&e))?;
-                                    model.set_private(off, size).map_err(|e| s(&e))?;
-                                } else {
-                                    model.set_shared(off, size).map_err(|e| s(&e))?;
-                                    let mut buf = vec![0u8; size as usize];
-                                    model.host_read(off, &mut buf).map_err(|e| s(&e))?;
-                                    let want = if preserved { b } else { 0 };
-                                    if let Some(p) = buf.iter().position(|&x| x != want) {
-                                        return Err(format!(
-                                            "vCPU {i}: host read {:#x} at {:#x}, expected {want:#x}",
-                                            buf[p],
-                                            off + p as u64
-                                        ));
-                                    }
-                                }
-                            }
-                            Event::Fail { id, rdi } => {
-                                return Err(format!("vCPU {i}: guest check {id} failed at {rdi:#x}"))
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err("vCPU thread panicked".into()))
-            })
-            .collect()
-    });
-    let us = t.elapsed().as_secs_f64() * 1e6;
-    for r in results {
-        r?;
-    }
-    Ok(us)
-}
-
-/// The conversion workload end to end, in-place against both two-backing variants.
-fn workload_lines(quick: bool) -> Result<Vec<Measurement>, String> {
-    crate::vm::kvm_available()?;
-    let (vcpus, iters, reps) = (2usize, if quick { 2 } else { 5 }, 5usize);
-    let mut t: [Vec<f64>; 3] = Default::default();
-    for _ in 0..reps {
-        for (k, v) in KINDS.iter().zip(t.iter_mut()) {
-            v.push(conversion_workload(*k, vcpus, iters)?);
-        }
-    }
-    let [mut a, mut d, mut c] = t;
-    let inplace = median(&mut a);
-    let name = format!(
-        "in-place conversion workload, {vcpus} vCPUs x {iters} x 5 selftest ranges, checked"
-    );
-    Ok(vec![
-        Measurement {
-            group: "workload",
-            figure: fig(
-                name.clone(),
-                inplace,
-                "two-backing preserving".into(),
-                median(&mut c),
-            ),
-            unit: Unit::Micros,
-            samples: reps,
-        },
-        Measurement {
-            group: "workload",
-            figure: fig(
-                name,
-                inplace,
-                "two-backing destructive".into(),
-                median(&mut d),
-            ),
-            unit: Unit::Micros,
-            samples: reps,
-        },
-    ])
-}
-
 /// The guest-driven round trips, in-place against both two-backing variants.
 fn vcpu_round_trips(quick: bool) -> Result<Vec<Measurement>, String> {
     crate::vm::kvm_available()?;
@@ -922,55 +775,89 @@ fn vcpu_round_trips(quick: bool) -> Result<Vec<Measurement>, String> {
     Ok(out)
 }
 
-/// The workload's guest-driven conversion round trip (in-place, emulated backend) and its
-/// end-to-end time.
-fn vcpu_section(quick: bool) -> Result<Vec<Measurement>, String> {
-    crate::vm::kvm_available()?;
-    let config = crate::workload::Config {
+/// `gmem run` on each model, interleaved, five times: its end-to-end wall time, and (on real
+/// vCPUs) its 4 KiB guest-driven conversion round trip, in-place against both two-backing
+/// variants and against a bare exit plus a 4 KiB conversion.
+fn workload_lines(quick: bool) -> Result<Vec<Measurement>, String> {
+    use crate::workload::{run, Config, Report};
+    let reps = 5;
+    let config = |model| Config {
         samples: if quick { 100 } else { 400 },
-        ..crate::workload::Config::default()
+        probe_hypercall: false,
+        model,
+        ..Config::default()
     };
-    let mut ends = Vec::new();
-    let mut last = None;
-    for _ in 0..5 {
-        let t = Instant::now();
-        let r = crate::workload::run(&config).map_err(|e| format!("gmem run workload: {e}"))?;
-        ends.push(t.elapsed().as_secs_f64() * 1e6);
-        if r.mismatches != 0 {
-            return Err(format!(
-                "gmem run workload: {} mismatches: {:?}",
-                r.mismatches, r.mismatch_details
-            ));
+    let mut runs: [Vec<Report>; 3] = Default::default();
+    for _ in 0..reps {
+        for (k, v) in KINDS.iter().zip(runs.iter_mut()) {
+            let r = run(&config(*k)).map_err(|e| format!("gmem run --model {k}: {e}"))?;
+            if r.mismatches != 0 {
+                return Err(format!(
+                    "gmem run --model {k}: {} mismatches: {:?}",
+                    r.mismatches, r.mismatch_details
+                ));
+            }
+            v.push(r);
         }
-        last = Some(r);
     }
-    let r = last.ok_or_else(|| "no workload run".to_string())?;
-    let mut v = vec![Measurement {
+    let med = |v: &[Report], f: &dyn Fn(&Report) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        median(&mut x)
+    };
+    let c = config(ModelKind::InPlace);
+    let mode = runs[0].first().map_or("", |r| r.mode.as_str()).to_string();
+    let baselines = [
+        (2usize, "two-backing preserving"),
+        (1, "two-backing destructive"),
+    ];
+    let mut out = Vec::new();
+    for (b, name) in baselines {
+        out.push(Measurement {
+            group: "workload",
+            figure: fig(
+                format!(
+                    "in-place gmem run end to end ({mode}, {} vCPUs, {} MiB, {} samples)",
+                    c.vcpus, c.mem_mib, c.samples
+                ),
+                med(&runs[0], &|r| r.elapsed_us),
+                name.into(),
+                med(&runs[b], &|r| r.elapsed_us),
+            ),
+            unit: Unit::Micros,
+            samples: reps,
+        });
+    }
+    if mode != "kvm" {
+        return Ok(out);
+    }
+    let rt = |r: &Report| r.conversion_round_trip_us;
+    out.push(Measurement {
         group: "vcpu",
         figure: fig(
-            "in-place vCPU 4KiB conversion round trip".into(),
-            r.conversion_round_trip_us,
+            "in-place gmem run vCPU 4KiB conversion round trip".into(),
+            med(&runs[0], &rt),
             "bare exit round trip + 4KiB conversion".into(),
-            r.exit_round_trip_us.unwrap_or(0.0) + r.conversion_4k_us,
+            med(&runs[0], &|r| {
+                r.exit_round_trip_us.unwrap_or(0.0) + r.conversion_4k_us
+            }),
         ),
         unit: Unit::Micros,
-        samples: r.samples,
-    }];
-    v.push(Measurement {
-        group: "workload",
-        figure: fig(
-            format!(
-                "in-place gmem run workload end to end ({} vCPUs, {} MiB, {} samples)",
-                config.vcpus, config.mem_mib, config.samples
-            ),
-            median(&mut ends),
-            "two-backing: pending (see skipped)".into(),
-            0.0,
-        ),
-        unit: Unit::Micros,
-        samples: 5,
+        samples: reps,
     });
-    Ok(v)
+    for (b, name) in baselines {
+        out.push(Measurement {
+            group: "vcpu",
+            figure: fig(
+                "in-place gmem run vCPU 4KiB conversion round trip".into(),
+                med(&runs[0], &rt),
+                name.into(),
+                med(&runs[b], &rt),
+            ),
+            unit: Unit::Micros,
+            samples: reps,
+        });
+    }
+    Ok(out)
 }
 
 /// Conversion latency curves as an SVG (log-log).

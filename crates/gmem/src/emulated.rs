@@ -1096,6 +1096,19 @@ impl GuestMemfd for EmulatedGuestMemfd {
         }
         // Point of no return: record the new attributes.
         st.attrs.set_range(first, end, to_private);
+        // The guest's mappings of the changed pages go, as the kernel invalidates KVM's
+        // (stage-2) mappings of a converted range: a guest view bound as a memslot has
+        // KVM's MMU notifier zap its entries, and the guest's next access faults again.
+        if let Some(Ok(view)) = self.inner.guest_view.get() {
+            for &(s, e) in &changing {
+                // Within the view (the runs are inside the file it maps whole). Zapping
+                // PTEs of a valid range of our own shared mapping does not fail; if it did,
+                // the guest would keep a mapping of the same page, which holds the same data.
+                if let (Ok(off), Ok(len)) = (usize::try_from(s), usize::try_from(e - s)) {
+                    let _ = view.madvise(off, len, libc::MADV_DONTNEED);
+                }
+            }
+        }
         // Failure markers of the changed pages were zapped (to shared) or are private
         // markers now (to private).
         if let Some(service) = self.inner.faults.get() {

@@ -143,9 +143,10 @@ pub(crate) unsafe fn touch_pages(base: *mut u8, off: u64, len: u64, value: u8) {
 /// (the VMM's), in which private pages raise SIGBUS. The guest reaches every page through the
 /// file's guest view.
 ///
-/// Each conversion also zaps the guest view's PTEs of the range, standing for KVM's
-/// invalidation of its own mappings (stage-2/shadow) that both models pay on a real host: the
-/// guest's next touch re-faults the same page, as a stage-2 fault would.
+/// Each conversion also zaps the guest view's PTEs of the range (the emulated file does this
+/// for every conversion once a guest view exists), standing for KVM's invalidation of its own
+/// mappings (stage-2/shadow) that both models pay on a real host: the guest's next touch
+/// re-faults the same page, as a stage-2 fault would.
 ///
 /// A model-wide lock orders conversions (exclusive) against guest and host accesses
 /// (shared), so a host access checked as shared cannot meet a page revoked under it.
@@ -179,6 +180,8 @@ impl InPlaceModel {
         };
         let file = EmulatedGuestMemfd::create_with(size, flags, options)?;
         let host = file.mmap_all()?;
+        // The guest view exists from the start, so every conversion pays its invalidation.
+        file.guest_view()?;
         Ok(InPlaceModel {
             file,
             host,
@@ -206,20 +209,6 @@ impl InPlaceModel {
         self.lock
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Zaps the guest view's PTEs of a range (the stage-2 invalidation stand-in).
-    fn invalidate_guest(&self, offset: u64, len: u64) -> Result<(), ConversionError> {
-        let fail = |errno| ConversionError {
-            errno,
-            error_offset: offset,
-        };
-        let view = self.file.guest_view().map_err(fail)?;
-        let (off, n) = (
-            usize::try_from(offset).map_err(|_| fail(Errno::EINVAL))?,
-            usize::try_from(len).map_err(|_| fail(Errno::EINVAL))?,
-        );
-        view.madvise(off, n, libc::MADV_DONTNEED).map_err(fail)
     }
 
     fn check_host(&self, offset: u64, len: u64) -> Result<(), AccessError> {
@@ -255,14 +244,12 @@ impl ConversionModel for InPlaceModel {
 
     fn set_private(&self, offset: u64, len: u64) -> Result<(), ConversionError> {
         let _g = self.write();
-        self.file.set_private(offset, len)?;
-        self.invalidate_guest(offset, len)
+        self.file.set_private(offset, len)
     }
 
     fn set_shared(&self, offset: u64, len: u64) -> Result<(), ConversionError> {
         let _g = self.write();
-        self.file.set_shared(offset, len)?;
-        self.invalidate_guest(offset, len)
+        self.file.set_shared(offset, len)
     }
 
     fn is_private(&self, offset: u64) -> bool {

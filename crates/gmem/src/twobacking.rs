@@ -39,7 +39,7 @@ use crate::mapping::volatile_copy;
 use crate::model::ModelKind;
 use crate::model::{allocated_bytes, check_bounds, touch_pages, ConversionModel, Footprint};
 use crate::sys::{self, Mmap, PAGE_SIZE};
-use crate::uapi::{FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE};
+use crate::uapi::{FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KVM_MEMORY_ATTRIBUTE_PRIVATE};
 
 /// Options of the two-backing model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -194,6 +194,56 @@ impl TwoBackingGuestMemfd {
             allocated_bytes(self.private_fd.as_fd())?,
             allocated_bytes(self.shared_fd.as_fd())?,
         ))
+    }
+
+    /// The attributes of `[offset, offset + len)` as runs `(offset, len, attributes)`, as
+    /// [`crate::GuestMemfd::attribute_runs`] gives them (EINVAL past the end).
+    pub fn attribute_runs(&self, offset: u64, len: u64) -> KernelResult<Vec<(u64, u64, u64)>> {
+        let end = offset.checked_add(len).ok_or(Errno::EINVAL)?;
+        if end > self.size {
+            return Err(Errno::EINVAL);
+        }
+        let (first, last) = pages(offset, len);
+        Ok(self
+            .read_attrs()
+            .runs(first, last)
+            .into_iter()
+            .map(|(s, e, private)| {
+                let (a, b) = ((s * PAGE_SIZE).max(offset), (e * PAGE_SIZE).min(end));
+                (a, b - a, u64::from(private) * KVM_MEMORY_ATTRIBUTE_PRIVATE)
+            })
+            .collect())
+    }
+
+    /// Allocates the active side of every page of `[offset, offset + len)`
+    /// (`fallocate(KEEP_SIZE)` on the private store for private runs, on the shared memfd
+    /// for shared ones): what a VMM does when the guest's PMCT `fallocate` request comes.
+    pub fn allocate(&self, offset: u64, len: u64) -> KernelResult<()> {
+        if offset % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || len == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let end = offset.checked_add(len).ok_or(Errno::EINVAL)?;
+        if end > self.size {
+            return Err(Errno::EINVAL);
+        }
+        let attrs = self.write_attrs();
+        let (first, last) = pages(offset, len);
+        for (s, e, private) in attrs.runs(first, last) {
+            let fd = if private {
+                self.private_fd.as_fd()
+            } else {
+                self.shared_fd.as_fd()
+            };
+            sys::fallocate(fd, FALLOC_FL_KEEP_SIZE, s * PAGE_SIZE, (e - s) * PAGE_SIZE)?;
+        }
+        Ok(())
+    }
+
+    /// Which pages of `[offset, offset + len)` the shared memfd holds: a private page's
+    /// shared copy must have been discarded by its conversion.
+    pub fn shared_resident(&self, offset: u64, len: u64) -> KernelResult<Vec<bool>> {
+        let end = offset.checked_add(len).ok_or(Errno::EINVAL)?;
+        resident(&self.shared_view, offset, end)
     }
 
     /// The guest's composite view, for binding a plain KVM memslot: one mapping of the

@@ -15,13 +15,15 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::{BackendKind, GuestMemfd};
+use crate::backend::BackendKind;
 use crate::emulated::EmulatedGuestMemfd;
-use crate::error::Errno;
+use crate::error::{AccessError, Errno};
 use crate::kernel::KernelBackend;
 use crate::mapping::HostMapping;
+use crate::model::{ConversionModel, ModelKind};
 use crate::platform::{ContentRule, Direction, PlatformKind};
 use crate::sys::PAGE_SIZE;
+use crate::twobacking::{TwoBackingGuestMemfd, TwoBackingOptions};
 use crate::uapi::{
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_MEMORY_ATTRIBUTE_PRIVATE,
 };
@@ -67,9 +69,17 @@ pub struct Config {
     pub timeout: std::time::Duration,
     /// The platform model of the (emulated) file; the content checks follow its rules.
     pub platform: PlatformKind,
-    /// The platform whose content rules the checks assume, if not `platform`: a negative
-    /// control (a run whose file does not follow these rules must report mismatches).
+    /// The platform whose content rules the checks assume, if not `platform` (or the
+    /// model's): a negative control (a run whose memory does not follow these rules must
+    /// report mismatches).
     pub expect_rules_of: Option<PlatformKind>,
+    /// The conversion model: gmem's in-place file (on `backend`), or the two-backing model
+    /// production VMMs ship, destructive or content-preserving (emulated backend only; its
+    /// content rule is the model's: zeroed, or preserved).
+    pub model: ModelKind,
+    /// Whether to probe, before the workload, if the MAP_GPA_RANGE hypercall reaches
+    /// userspace here (up to 300 ms on a host where it does not).
+    pub probe_hypercall: bool,
 }
 
 impl Default for Config {
@@ -83,6 +93,8 @@ impl Default for Config {
             timeout: std::time::Duration::from_secs(120),
             platform: PlatformKind::SoftwareProtected,
             expect_rules_of: None,
+            model: ModelKind::InPlace,
+            probe_hypercall: true,
         }
     }
 }
@@ -115,8 +127,11 @@ pub enum WorkloadError {
 /// What the workload measured and found.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
-    /// `emulated` or `kernel`.
+    /// `emulated` or `kernel` (the in-place model's backend), or the two-backing model's
+    /// name (its two memfds are no guest_memfd backend).
     pub backend: String,
+    /// `in-place`, `two-backing` or `two-backing+copy`.
+    pub model: String,
     /// The platform model (`sw`, `snp`, `tdx`, `pkvm`) and its content rules.
     pub platform: String,
     /// Content-rule checks made across conversions and punch-holes.
@@ -147,7 +162,9 @@ pub struct Report {
     pub host_verified_bytes: u64,
     /// Bytes the guest verified.
     pub guest_verified_bytes: u64,
-    /// Private pages the host probed (each must SIGBUS).
+    /// Private pages the host checked: in place, each must SIGBUS from the host mapping; in
+    /// the two-backing model (no SIGBUS), each must be refused by the VMM's bookkeeping and
+    /// have no shared copy left.
     pub private_probes: u64,
     /// Mismatches (host or guest).
     pub mismatches: u64,
@@ -163,6 +180,9 @@ pub struct Report {
     pub ratio: Option<f64>,
     /// Samples behind each median.
     pub samples: usize,
+    /// Wall time of the whole workload in µs: memory creation, binding, every guest flow
+    /// and host check, the timing phase; not the hypercall probe.
+    pub elapsed_us: f64,
 }
 
 /// The ratio target.
@@ -227,14 +247,30 @@ impl Script {
     }
 }
 
+/// The content rules the checks assume.
+#[derive(Debug, Clone, Copy)]
+struct Rules {
+    /// What the guest reads first after a conversion to private.
+    to_private: ContentRule,
+    /// What the host reads first after a conversion to shared.
+    to_shared: ContentRule,
+    /// What round trips with no access in between leave: in place, the platform's rules act
+    /// when the page is next used (acceptance, the key it is read under), so such round trips
+    /// preserve it; the two-backing model discards at each conversion.
+    untouched: ContentRule,
+}
+
 /// The PMCT guest flows for the window at `base`, with content checks after each conversion
-/// and punch-hole that follow `platform`'s rules (kernel-spec §2.8): the selftest assumes
+/// and punch-hole that follow the content rules (to private, to shared) (kernel-spec §2.8): the selftest assumes
 /// the software-protected rule (preserved both ways) and writes after each conversion, so
 /// these checks are added, and the one check it makes across a transition (a punched private
 /// page reads zeros) is made by the host through the guest path where the rule scrambles.
-fn script(base: u64, samples: u64, platform: PlatformKind) -> Script {
-    let to_private = platform.content_rule(Direction::ToPrivate);
-    let to_shared = platform.content_rule(Direction::ToShared);
+fn script(base: u64, samples: u64, rules: Rules) -> Script {
+    let Rules {
+        to_private,
+        to_shared,
+        untouched,
+    } = rules;
     let mut s = Script {
         ops: Vec::new(),
         steps: Vec::new(),
@@ -354,12 +390,21 @@ fn script(base: u64, samples: u64, platform: PlatformKind) -> Script {
     s.ops.push(Op::Fill(base, PAGE_SIZE, DEF));
     s.ops.push(Op::NopLoop(samples + 1));
     s.ops.push(Op::ConversionLoop(base, 2 * (samples / 2 + 1)));
-    s.sync(HostStep::Shared {
-        gpa: base,
-        len: PAGE_SIZE,
-        expect: DEF,
-        write: None,
-    });
+    // Round trips with no access in between leave the page as `untouched` says.
+    match untouched {
+        ContentRule::Preserved => s.sync(HostStep::Shared {
+            gpa: base,
+            len: PAGE_SIZE,
+            expect: DEF,
+            write: None,
+        }),
+        rule => s.sync(HostStep::HostSees {
+            gpa: base,
+            len: PAGE_SIZE,
+            before: DEF,
+            rule,
+        }),
+    }
     s
 }
 
@@ -412,8 +457,78 @@ struct Tally {
     conv: Vec<u64>,
 }
 
-/// The host's side of a sync, on the file at offset `gpa - DATA_GPA`.
-fn host_step(file: &dyn GuestMemfd, map: &HostMapping, step: HostStep, t: &mut Tally) {
+/// The VMM's own access to guest memory, for the host's side of the syncs.
+enum HostView {
+    /// A guest_memfd and the VMM's mapping of it: private pages SIGBUS.
+    Mapped(HostMapping),
+    /// The two-backing model: the VMM reads and writes its shared memfd; a private page has
+    /// no SIGBUS, so the VMM's bookkeeping refuses it, and its shared copy must be gone.
+    TwoBacking(Arc<TwoBackingGuestMemfd>),
+}
+
+impl HostView {
+    fn new(file: &GuestFile) -> Result<HostView, WorkloadError> {
+        match (file, file.gmem()) {
+            (GuestFile::TwoBacking(m), _) => Ok(HostView::TwoBacking(Arc::clone(m))),
+            (_, Some(f)) => {
+                f.mmap_all()
+                    .map(HostView::Mapped)
+                    .map_err(|errno| WorkloadError::Kernel {
+                        op: "mmap of the gmem file",
+                        errno,
+                    })
+            }
+            (_, None) => Err(WorkloadError::Config(format!("no host view of {file:?}"))),
+        }
+    }
+
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), String> {
+        match self {
+            HostView::Mapped(map) => usize::try_from(off)
+                .map_err(|e| e.to_string())
+                .and_then(|o| map.read_volatile(o, buf).map_err(|e| e.to_string())),
+            HostView::TwoBacking(m) => m.host_read(off, buf).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn write(&self, off: u64, data: &[u8]) -> Result<(), String> {
+        match self {
+            HostView::Mapped(map) => usize::try_from(off)
+                .map_err(|e| e.to_string())
+                .and_then(|o| map.write_volatile(o, data).map_err(|e| e.to_string())),
+            HostView::TwoBacking(m) => m.host_write(off, data).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Checks that the host cannot reach the private page at `off`.
+    fn check_private(&self, off: u64) -> Result<(), String> {
+        match self {
+            HostView::Mapped(map) => {
+                let o = usize::try_from(off).map_err(|e| e.to_string())?;
+                match map.probe_read(o, 1) {
+                    Ok(p) if p.is_sigbus() => Ok(()),
+                    other => Err(format!("did not SIGBUS from the host mapping ({other:?})")),
+                }
+            }
+            HostView::TwoBacking(m) => {
+                let mut b = [0u8; 1];
+                match m.host_read(off, &mut b) {
+                    Err(AccessError::Private { offset }) if offset == off => {}
+                    other => {
+                        return Err(format!("was not refused to the host ({other:?})"));
+                    }
+                }
+                match m.shared_resident(off, PAGE_SIZE) {
+                    Ok(r) if r.iter().all(|&x| !x) => Ok(()),
+                    other => Err(format!("still has a shared copy ({other:?})")),
+                }
+            }
+        }
+    }
+}
+
+/// The host's side of a sync, on the memory at offset `gpa - DATA_GPA`.
+fn host_step(file: &GuestFile, host: &HostView, step: HostStep, t: &mut Tally) {
     match step {
         HostStep::Shared {
             gpa,
@@ -432,7 +547,7 @@ fn host_step(file: &dyn GuestMemfd, map: &HostMapping, step: HostStep, t: &mut T
                 }
             }
             let mut buf = vec![0u8; len as usize];
-            if let Err(e) = map.read_volatile(off as usize, &mut buf) {
+            if let Err(e) = host.read(off, &mut buf) {
                 t.mismatches
                     .push(format!("host: read of [{gpa:#x}, +{len:#x}) failed: {e}"));
                 return;
@@ -446,21 +561,17 @@ fn host_step(file: &dyn GuestMemfd, map: &HostMapping, step: HostStep, t: &mut T
                 ));
             }
             if let Some(w) = write {
-                let data = vec![w; len as usize];
-                if let Err(e) = map.write_volatile(off as usize, &data) {
+                if let Err(e) = host.write(off, &vec![w; len as usize]) {
                     t.mismatches
                         .push(format!("host: write of [{gpa:#x}, +{len:#x}) failed: {e}"));
                 }
             }
         }
         HostStep::Private { gpa } => {
-            let off = (gpa - DATA_GPA) as usize;
             t.probes += 1;
-            match map.probe_read(off, 1) {
-                Ok(p) if p.is_sigbus() => {}
-                other => t.mismatches.push(format!(
-                    "host: private page at {gpa:#x} did not SIGBUS from the host mapping ({other:?})"
-                )),
+            if let Err(e) = host.check_private(gpa - DATA_GPA) {
+                t.mismatches
+                    .push(format!("host: private page at {gpa:#x} {e}"));
             }
         }
         HostStep::GuestSees {
@@ -469,13 +580,14 @@ fn host_step(file: &dyn GuestMemfd, map: &HostMapping, step: HostStep, t: &mut T
             before,
             rule,
         } => {
-            // The guest path exists on the emulated backend only (the kernel backend runs the
-            // software-protected rule, which the guest's own checks cover).
-            let Some(f) = file.as_emulated() else {
+            // The guest path exists on the emulated backend and the two-backing model (the
+            // kernel backend runs the software-protected rule, which the guest's own checks
+            // cover).
+            if matches!(file, GuestFile::Kernel(_)) {
                 return;
-            };
+            }
             let mut buf = vec![0u8; len as usize];
-            if let Err(e) = f.guest_read(gpa - DATA_GPA, &mut buf) {
+            if let Err(e) = file.guest_read(gpa - DATA_GPA, &mut buf) {
                 t.mismatches
                     .push(format!("guest: read of [{gpa:#x}, +{len:#x}) failed: {e}"));
                 return;
@@ -495,7 +607,7 @@ fn host_step(file: &dyn GuestMemfd, map: &HostMapping, step: HostStep, t: &mut T
             rule,
         } => {
             let mut buf = vec![0u8; len as usize];
-            if let Err(e) = map.read_volatile((gpa - DATA_GPA) as usize, &mut buf) {
+            if let Err(e) = host.read(gpa - DATA_GPA, &mut buf) {
                 t.mismatches
                     .push(format!("host: read of [{gpa:#x}, +{len:#x}) failed: {e}"));
                 return;
@@ -520,6 +632,14 @@ fn median(v: &mut [u64]) -> f64 {
 
 /// Runs the workload.
 pub fn run(config: &Config) -> Result<Report, WorkloadError> {
+    let start = Instant::now();
+    let mut r = run_inner(config)?;
+    r.elapsed_us = start.elapsed().as_secs_f64() * 1e6 - r.elapsed_us;
+    Ok(r)
+}
+
+/// [`run`], with the hypercall probe's own time in `elapsed_us`.
+fn run_inner(config: &Config) -> Result<Report, WorkloadError> {
     let need = WINDOW_STRIDE * config.vcpus as u64;
     let size = config.mem_mib << 20;
     if config.vcpus == 0 || config.vcpus > crate::vm::guest::MAX_VCPUS {
@@ -551,10 +671,39 @@ pub fn run(config: &Config) -> Result<Report, WorkloadError> {
             config.platform
         )));
     }
+    if let ModelKind::TwoBacking { .. } = config.model {
+        if config.backend != BackendKind::Emulated {
+            return Err(WorkloadError::Config(format!(
+                "--backend {} with --model {}: the two-backing model is two memfds, not a \
+                 guest_memfd; use --backend emulated (the default)",
+                config.backend, config.model
+            )));
+        }
+        if config.platform != PlatformKind::SoftwareProtected {
+            return Err(WorkloadError::Config(format!(
+                "--platform {} with --model {}: platform models are hooks of gmem's in-place \
+                 file; the two-backing model's content rule is its own (two-backing: zeroed, \
+                 two-backing+copy: preserved); use --platform sw (the default)",
+                config.platform, config.model
+            )));
+        }
+    }
     let kvm = crate::vm::kvm_available();
     let flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
-    match config.backend {
-        BackendKind::Kernel => {
+    match (config.model, config.backend) {
+        (ModelKind::TwoBacking { preserve_content }, _) => {
+            let m = TwoBackingGuestMemfd::new(size, false, TwoBackingOptions { preserve_content })
+                .map_err(|e| WorkloadError::Config(e.to_string()))?;
+            let file = GuestFile::TwoBacking(Arc::new(m));
+            match kvm {
+                Ok(()) => {
+                    let vm = Vm::new(config.vcpus)?;
+                    run_kvm(config, &vm, file, kvm_probe(config))
+                }
+                Err(why) => run_host_driven(config, &file, why),
+            }
+        }
+        (ModelKind::InPlace, BackendKind::Kernel) => {
             let backend = KernelBackend::new().map_err(|errno| WorkloadError::Kernel {
                 op: "opening /dev/kvm for the kernel backend",
                 errno,
@@ -570,9 +719,9 @@ pub fn run(config: &Config) -> Result<Report, WorkloadError> {
                         errno,
                     })?;
             let vm = Vm::on_kernel_backend(&backend, config.vcpus)?;
-            run_kvm(config, &vm, GuestFile::Kernel(file), kvm_probe())
+            run_kvm(config, &vm, GuestFile::Kernel(file), kvm_probe(config))
         }
-        BackendKind::Emulated => {
+        (ModelKind::InPlace, BackendKind::Emulated) => {
             let file = EmulatedGuestMemfd::create_with(
                 size,
                 flags,
@@ -582,10 +731,11 @@ pub fn run(config: &Config) -> Result<Report, WorkloadError> {
                 op: "creating the emulated guest_memfd",
                 errno,
             })?;
+            let file = GuestFile::Emulated(file);
             match kvm {
                 Ok(()) => {
                     let vm = Vm::new(config.vcpus)?;
-                    run_kvm(config, &vm, GuestFile::Emulated(file), kvm_probe())
+                    run_kvm(config, &vm, file, kvm_probe(config))
                 }
                 Err(why) => run_host_driven(config, &file, why),
             }
@@ -593,8 +743,59 @@ pub fn run(config: &Config) -> Result<Report, WorkloadError> {
     }
 }
 
-fn kvm_probe() -> (bool, String) {
-    match Vm::probe_hypercall_exit(std::time::Duration::from_millis(300)) {
+/// The content rules the checks assume: the negative control's platform if set, else the
+/// memory's own (the platform's in place; the two-backing model's).
+fn content_rules(config: &Config) -> Rules {
+    let of = |p: PlatformKind| Rules {
+        to_private: p.content_rule(Direction::ToPrivate),
+        to_shared: p.content_rule(Direction::ToShared),
+        untouched: ContentRule::Preserved,
+    };
+    match (config.expect_rules_of, config.model) {
+        (Some(p), _) => of(p),
+        (None, ModelKind::InPlace) => of(config.platform),
+        (None, ModelKind::TwoBacking { preserve_content }) => {
+            let r = if preserve_content {
+                ContentRule::Preserved
+            } else {
+                ContentRule::Zeroed
+            };
+            Rules {
+                to_private: r,
+                to_shared: r,
+                untouched: r,
+            }
+        }
+    }
+}
+
+/// What the report says of the memory's platform and content rules.
+fn memory_label(config: &Config) -> String {
+    let Rules {
+        to_private: p,
+        to_shared: s,
+        ..
+    } = content_rules(&Config {
+        expect_rules_of: None,
+        ..config.clone()
+    });
+    match config.model {
+        ModelKind::InPlace => format!(
+            "{} (content to private: {p:?}, to shared: {s:?})",
+            config.platform
+        ),
+        m => format!("none: {m} model (content to private: {p:?}, to shared: {s:?})"),
+    }
+}
+
+/// Whether the MAP_GPA_RANGE hypercall reaches userspace, what happened, and the µs the
+/// probe took.
+fn kvm_probe(config: &Config) -> (bool, String, f64) {
+    if !config.probe_hypercall {
+        return (false, "not run".into(), 0.0);
+    }
+    let start = Instant::now();
+    let (works, what) = match Vm::probe_hypercall_exit(std::time::Duration::from_millis(300)) {
         Ok(()) => (
             true,
             "KVM_HC_MAP_GPA_RANGE reaches userspace as KVM_EXIT_HYPERCALL".into(),
@@ -603,35 +804,27 @@ fn kvm_probe() -> (bool, String) {
             false,
             format!("KVM_HC_MAP_GPA_RANGE does not reach userspace: {why}"),
         ),
-    }
+    };
+    (works, what, start.elapsed().as_secs_f64() * 1e6)
 }
 
 fn run_kvm(
     config: &Config,
     vm: &Vm,
     file: GuestFile,
-    (hypercall_works, probe): (bool, String),
+    (hypercall_works, probe, probe_us): (bool, String, f64),
 ) -> Result<Report, WorkloadError> {
     let size = config.mem_mib << 20;
     let piece = size / config.memslots;
     for i in 0..config.memslots {
         vm.bind(DATA_GPA + i * piece, &file, i * piece, piece)?;
     }
-    let map = file
-        .gmem()
-        .mmap_all()
-        .map_err(|errno| WorkloadError::Kernel {
-            op: "mmap of the gmem file",
-            errno,
-        })?;
+    let host = HostView::new(&file)?;
+    let rules = content_rules(config);
     let mut vcpus = Vec::new();
     let mut scripts = Vec::new();
     for i in 0..config.vcpus {
-        let sc = script(
-            DATA_GPA + WINDOW_STRIDE * i as u64,
-            config.samples,
-            config.expect_rules_of.unwrap_or(config.platform),
-        );
+        let sc = script(DATA_GPA + WINDOW_STRIDE * i as u64, config.samples, rules);
         vcpus.push(vm.create_vcpu(i, compile(i, &sc.ops)?)?);
         scripts.push(sc);
     }
@@ -645,7 +838,7 @@ fn run_kvm(
         loop {
             match vcpu.run(vm)? {
                 Event::Sync(id) => match sc.steps.get(id as usize) {
-                    Some(step) => host_step(file.gmem(), &map, *step, &mut t),
+                    Some(step) => host_step(&file, &host, *step, &mut t),
                     None => t
                         .mismatches
                         .push(format!("guest synced with unknown id {id}")),
@@ -683,8 +876,12 @@ fn run_kvm(
     let conv_rt = median(&mut all.conv_rt);
     let conv = median(&mut all.conv);
     Ok(Report {
-        backend: file.gmem().backend().name().into(),
-        platform: platform_label(config.platform),
+        backend: file
+            .gmem()
+            .map_or(config.model.name(), |f| f.backend().name())
+            .into(),
+        model: config.model.name().into(),
+        platform: memory_label(config),
         content_checks: all.content_checks,
         mode: "kvm".into(),
         request_path: format!(
@@ -716,6 +913,8 @@ fn run_kvm(
         conversion_4k_us: conv,
         ratio: Some(conv_rt / (exit_rt + conv)),
         samples: all.conv_rt.len().min(all.exit_rt.len()),
+        // The probe's time, which `run` takes off the wall time.
+        elapsed_us: probe_us,
     })
 }
 
@@ -723,22 +922,16 @@ fn run_kvm(
 /// conversions called by the host.
 fn run_host_driven(
     config: &Config,
-    file: &EmulatedGuestMemfd,
+    file: &GuestFile,
     why: String,
 ) -> Result<Report, WorkloadError> {
-    let map = file.mmap_all().map_err(|errno| WorkloadError::Kernel {
-        op: "mmap of the gmem file",
-        errno,
-    })?;
+    let host = HostView::new(file)?;
+    let rules = content_rules(config);
     let mut t = Tally::default();
     let (mut to_private, mut to_shared, mut pages, mut punches) = (0u64, 0u64, 0u64, 0u64);
     let kerr = |op: &'static str| move |errno: Errno| WorkloadError::Kernel { op, errno };
     for i in 0..config.vcpus {
-        let sc = script(
-            DATA_GPA + WINDOW_STRIDE * i as u64,
-            config.samples,
-            config.expect_rules_of.unwrap_or(config.platform),
-        );
+        let sc = script(DATA_GPA + WINDOW_STRIDE * i as u64, config.samples, rules);
         for op in &sc.ops {
             match *op {
                 Op::Fill(g, l, b) => file
@@ -799,7 +992,7 @@ fn run_host_driven(
                         .map_err(kerr("punch hole"))?;
                     punches += 1;
                 }
-                Op::Sync(id) => host_step(file, &map, sc.steps[id as usize], &mut t),
+                Op::Sync(id) => host_step(file, &host, sc.steps[id as usize], &mut t),
                 Op::NopLoop(_) => {}
                 Op::ConversionLoop(g, n) => {
                     for k in 0..n {
@@ -831,8 +1024,12 @@ fn run_host_driven(
     }
     let conv = median(&mut t.conv);
     Ok(Report {
-        backend: "emulated".into(),
-        platform: platform_label(config.platform),
+        backend: file
+            .gmem()
+            .map_or(config.model.name(), |f| f.backend().name())
+            .into(),
+        model: config.model.name().into(),
+        platform: memory_label(config),
         content_checks: t.content_checks,
         mode: "host-driven".into(),
         request_path: format!("none: {why}; conversions are called by the host"),
@@ -855,16 +1052,8 @@ fn run_host_driven(
         conversion_4k_us: conv,
         ratio: None,
         samples: t.conv.len(),
+        elapsed_us: 0.0,
     })
-}
-
-/// `snp (to private: Scrambled, to shared: Scrambled)`.
-fn platform_label(p: PlatformKind) -> String {
-    format!(
-        "{p} (content to private: {:?}, to shared: {:?})",
-        p.content_rule(Direction::ToPrivate),
-        p.content_rule(Direction::ToShared)
-    )
 }
 
 #[cfg(test)]
@@ -886,7 +1075,7 @@ mod platform_tests {
             crate::emulated::EmulatedOptions::with_platform(platform),
         )
         .unwrap();
-        run_host_driven(&config, &file, "test".into()).unwrap()
+        run_host_driven(&config, &GuestFile::Emulated(file), "test".into()).unwrap()
     }
 
     /// Host-driven mode (no /dev/kvm): the checks follow the platform, and fail on another
@@ -901,5 +1090,49 @@ mod platform_tests {
         assert!(r.content_checks >= 20, "{}", r.content_checks);
         let r = host_driven(PlatformKind::Snp, Some(PlatformKind::SoftwareProtected));
         assert!(r.mismatches > 0, "SNP checked with SW rules passed");
+    }
+
+    /// Host-driven mode on the two-backing model: its own rule passes, the other fails.
+    #[test]
+    fn host_driven_two_backing_follows_its_rule() {
+        for preserve_content in [false, true] {
+            let config = Config {
+                vcpus: 1,
+                mem_mib: 4,
+                samples: 4,
+                model: ModelKind::TwoBacking { preserve_content },
+                ..Config::default()
+            };
+            let file = || {
+                GuestFile::TwoBacking(Arc::new(
+                    TwoBackingGuestMemfd::new(
+                        4 << 20,
+                        false,
+                        TwoBackingOptions { preserve_content },
+                    )
+                    .unwrap(),
+                ))
+            };
+            let r = run_host_driven(&config, &file(), "test".into()).unwrap();
+            assert_eq!(
+                r.mismatches, 0,
+                "{preserve_content}: {:?}",
+                r.mismatch_details
+            );
+            assert!(r.private_probes > 0 && r.content_checks >= 20);
+            let other = Config {
+                expect_rules_of: Some(if preserve_content {
+                    PlatformKind::Tdx
+                } else {
+                    PlatformKind::SoftwareProtected
+                }),
+                ..config
+            };
+            let r = run_host_driven(&other, &file(), "test".into()).unwrap();
+            assert!(
+                r.mismatches > 0,
+                "{preserve_content}: the other rule passed"
+            );
+        }
     }
 }

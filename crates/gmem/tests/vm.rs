@@ -354,6 +354,73 @@ fn private_mem_conversions_workload() {
     assert!(r.private_probes > 0);
 }
 
+/// `gmem run --model two-backing[+copy]`: the same workload on the two-backing model, its
+/// checks following the model's own content rule (zeroed, preserved); checked against the
+/// other rule, it must report mismatches. Configurations the model cannot take are refused
+/// naming the option.
+#[test]
+fn private_mem_conversions_workload_on_the_two_backing_model() {
+    use gmem::model::ModelKind;
+    use gmem::platform::PlatformKind;
+    use gmem::workload::{run, Config};
+    let config = |preserve_content, expect| Config {
+        vcpus: 2,
+        mem_mib: 8,
+        samples: 20,
+        memslots: 2,
+        model: ModelKind::TwoBacking { preserve_content },
+        expect_rules_of: expect,
+        ..Default::default()
+    };
+    for preserve in [false, true] {
+        let r = run(&config(preserve, None)).unwrap();
+        if r.mode != "kvm" {
+            println!("skipped: no /dev/kvm; ran host-driven ({})", r.request_path);
+        }
+        assert_eq!(r.mismatches, 0, "{preserve}: {:#?}", r.mismatch_details);
+        assert_eq!(
+            r.model,
+            ModelKind::TwoBacking {
+                preserve_content: preserve
+            }
+            .name()
+        );
+        assert!(r.conversions_to_private > 0 && r.conversions_to_shared > 0);
+        assert!(r.private_probes > 0 && r.content_checks >= 20);
+        // The other rule: preserved content checked as zeroed, zeroed as preserved.
+        let other = if preserve {
+            PlatformKind::Tdx
+        } else {
+            PlatformKind::SoftwareProtected
+        };
+        let r = run(&config(preserve, Some(other))).unwrap();
+        assert!(
+            r.mismatches > 0,
+            "{preserve}: checked with {other}'s rules passed"
+        );
+    }
+    let e = run(&Config {
+        backend: gmem::BackendKind::Kernel,
+        ..config(true, None)
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("--backend kernel") && e.contains("two-backing+copy"),
+        "{e}"
+    );
+    let e = run(&Config {
+        platform: PlatformKind::Snp,
+        ..config(false, None)
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("--platform snp") && e.contains("--platform sw"),
+        "{e}"
+    );
+}
+
 /// A guest check that fails is reported with its description and the guest continues; a
 /// guest that never exits is stopped at the deadline with a timeout error.
 #[test]

@@ -48,7 +48,7 @@ mod vcpu;
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, kvm_userspace_memory_region2};
@@ -58,7 +58,9 @@ use crate::backend::{GuestMemfd, PinGuard};
 use crate::emulated::EmulatedGuestMemfd;
 use crate::error::{Errno, KernelResult};
 use crate::kernel::{KernelBackend, KernelGuestMemfd};
+use crate::model::ConversionModel;
 use crate::sys::{Mmap, PAGE_SIZE};
+use crate::twobacking::TwoBackingGuestMemfd;
 use crate::uapi::{
     kvm_memory_attributes2, KVM_CAP_EXIT_HYPERCALL, KVM_HC_MAP_GPA_RANGE,
     KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MAP_GPA_RANGE_PAGE_SZ_1G, KVM_MAP_GPA_RANGE_PAGE_SZ_2M,
@@ -215,23 +217,128 @@ impl VmError {
     }
 }
 
-/// A guest_memfd file a [`Vm`] can bind: the concrete type decides the memslot kind.
+/// Guest memory a [`Vm`] can bind: a guest_memfd file (the concrete type decides the memslot
+/// kind) or, for comparison, the two-backing model's memory.
 #[derive(Debug, Clone)]
 pub enum GuestFile {
     /// An emulated file: an ordinary memslot over its guest view.
     Emulated(EmulatedGuestMemfd),
     /// A kernel guest_memfd: a `KVM_MEM_GUEST_MEMFD` memslot.
     Kernel(KernelGuestMemfd),
+    /// The two-backing model (a private store and a shared memfd, not a guest_memfd): an
+    /// ordinary memslot over its composite guest view, in which each page maps the side its
+    /// attribute selects. Conversions copy (with `preserve_content`) and discard; there are
+    /// no pins and no SIGBUS.
+    TwoBacking(Arc<TwoBackingGuestMemfd>),
 }
 
 impl GuestFile {
-    /// The file as the backend-neutral interface.
-    pub fn gmem(&self) -> &dyn GuestMemfd {
+    /// The file as the backend-neutral guest_memfd interface; `None` for the two-backing
+    /// model, which is not a guest_memfd.
+    pub fn gmem(&self) -> Option<&dyn GuestMemfd> {
         match self {
-            GuestFile::Emulated(f) => f,
-            GuestFile::Kernel(f) => f,
+            GuestFile::Emulated(f) => Some(f),
+            GuestFile::Kernel(f) => Some(f),
+            GuestFile::TwoBacking(_) => None,
         }
     }
+
+    /// Bytes of guest memory.
+    pub fn size(&self) -> u64 {
+        match self {
+            GuestFile::Emulated(f) => f.size(),
+            GuestFile::Kernel(f) => f.size(),
+            GuestFile::TwoBacking(m) => m.size(),
+        }
+    }
+
+    /// `(offset, len, attributes)` runs of `[offset, offset + len)`.
+    pub fn attribute_runs(&self, offset: u64, len: u64) -> KernelResult<Vec<AttributeRun>> {
+        match self.memory() {
+            Memory::TwoBacking(m) => m.attribute_runs(offset, len),
+            Memory::File(f) => f.attribute_runs(offset, len),
+        }
+    }
+
+    /// `KVM_SET_MEMORY_ATTRIBUTES2` on a guest_memfd; on the two-backing model, its
+    /// conversion (record, copy if preserving, discard), with the failing run's start in
+    /// `error_offset`.
+    pub fn set_attributes(&self, attrs: &mut kvm_memory_attributes2) -> KernelResult<()> {
+        match self.memory() {
+            Memory::TwoBacking(m) => {
+                let r = if attrs.attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0 {
+                    m.set_private(attrs.offset, attrs.size)
+                } else {
+                    m.set_shared(attrs.offset, attrs.size)
+                };
+                r.map_err(|e| {
+                    attrs.error_offset = e.error_offset;
+                    e.errno
+                })
+            }
+            Memory::File(f) => f.set_attributes(attrs),
+        }
+    }
+
+    /// `fallocate(KEEP_SIZE)`; on the two-backing model, of each page's active side.
+    pub fn allocate(&self, offset: u64, len: u64) -> KernelResult<()> {
+        match self.memory() {
+            Memory::TwoBacking(m) => m.allocate(offset, len),
+            Memory::File(f) => f.allocate(offset, len),
+        }
+    }
+
+    /// `fallocate(PUNCH_HOLE | KEEP_SIZE)`; on the two-backing model, of both sides.
+    pub fn punch_hole(&self, offset: u64, len: u64) -> KernelResult<()> {
+        match self.memory() {
+            Memory::TwoBacking(m) => m.punch_hole(offset, len),
+            Memory::File(f) => f.punch_hole(offset, len),
+        }
+    }
+
+    /// A long-term pin (EFAULT on private pages). The two-backing model has no pins that
+    /// block conversion (its VMMs discard regardless): ENOTTY.
+    pub fn pin(&self, offset: u64, len: u64) -> KernelResult<PinGuard> {
+        match self.memory() {
+            Memory::TwoBacking(_) => Err(Errno::ENOTTY),
+            Memory::File(f) => f.pin(offset, len),
+        }
+    }
+
+    /// A guest read of `[offset, +buf.len())` through the memory the guest sees (the
+    /// emulated file's guest view, the two-backing model's active sides); ENOTTY on the
+    /// kernel backend, whose private pages only KVM reaches.
+    pub fn guest_read(&self, offset: u64, buf: &mut [u8]) -> KernelResult<()> {
+        match self {
+            GuestFile::Emulated(f) => f.guest_read(offset, buf),
+            GuestFile::TwoBacking(m) => m.guest_read(offset, buf),
+            GuestFile::Kernel(_) => Err(Errno::ENOTTY),
+        }
+    }
+
+    /// A guest write, as [`GuestFile::guest_read`].
+    pub fn guest_write(&self, offset: u64, data: &[u8]) -> KernelResult<()> {
+        match self {
+            GuestFile::Emulated(f) => f.guest_write(offset, data),
+            GuestFile::TwoBacking(m) => m.guest_write(offset, data),
+            GuestFile::Kernel(_) => Err(Errno::ENOTTY),
+        }
+    }
+
+    /// What kind of memory this is, for dispatch.
+    fn memory(&self) -> Memory<'_> {
+        match self {
+            GuestFile::Emulated(f) => Memory::File(f),
+            GuestFile::Kernel(f) => Memory::File(f),
+            GuestFile::TwoBacking(m) => Memory::TwoBacking(m),
+        }
+    }
+}
+
+/// [`GuestFile`] split into what its operations dispatch on.
+enum Memory<'a> {
+    File(&'a dyn GuestMemfd),
+    TwoBacking(&'a TwoBackingGuestMemfd),
 }
 
 /// One binding of a file range at a guest physical address.
@@ -498,7 +605,7 @@ impl Vm {
         if gpa % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 || offset % PAGE_SIZE != 0 || size == 0 {
             return Err(bad("not page-aligned or empty".into()));
         }
-        let fsize = file.gmem().size();
+        let fsize = file.size();
         if offset.checked_add(size).is_none_or(|e| e > fsize) {
             return Err(bad(format!("past the end of the file (size {fsize:#x})")));
         }
@@ -537,6 +644,25 @@ impl Vm {
                 };
                 // SAFETY: the guest view lives as long as the file, which the memslot entry
                 // holds (a clone) until the slot is deleted in Drop.
+                unsafe { self.vm_fd().set_user_memory_region(region) }
+                    .map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+            }
+            GuestFile::TwoBacking(m) => {
+                let view = m.guest_view().map_err(|errno| VmError::Kvm {
+                    op: "mmap of the two-backing composite view",
+                    errno,
+                })?;
+                let region = kvm_userspace_memory_region {
+                    slot,
+                    flags: 0,
+                    guest_phys_addr: gpa,
+                    memory_size: size,
+                    // In bounds: offset + size <= size of the guest = view length.
+                    userspace_addr: view.as_ptr() as u64 + off_usize as u64,
+                };
+                // SAFETY: the composite view lives as long as the model, which the memslot
+                // entry holds (an Arc) until the slot is deleted in Drop; conversions re-map
+                // parts of it in place (MAP_FIXED), never unmap it.
                 unsafe { self.vm_fd().set_user_memory_region(region) }
                     .map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
             }
@@ -658,13 +784,13 @@ impl Vm {
         // The attributes before, to restore them if a later piece fails.
         let mut before: Vec<(GuestFile, Vec<AttributeRun>)> = Vec::new();
         for (file, off, gpa, len) in &segs {
-            let runs = file.gmem().attribute_runs(*off, *len)?;
+            let runs = file.attribute_runs(*off, *len)?;
             let mut a = kvm_memory_attributes2::new(*off, *len, attributes);
-            let mut r = file.gmem().set_attributes(&mut a);
+            let mut r = file.set_attributes(&mut a);
             if r == Err(Errno::EAGAIN) && self.drop_pins(*gpa, *len) > 0 {
                 self.counters.eagain_retries.fetch_add(1, Ordering::Relaxed);
                 let mut a = kvm_memory_attributes2::new(*off, *len, attributes);
-                r = file.gmem().set_attributes(&mut a);
+                r = file.set_attributes(&mut a);
             }
             if let Err(e) = r {
                 for (file, runs) in &before {
@@ -677,9 +803,9 @@ impl Vm {
         if fallocate {
             for (file, off, _, len) in &segs {
                 if req.to_private {
-                    file.gmem().allocate(*off, *len)?;
+                    file.allocate(*off, *len)?;
                 } else {
-                    file.gmem().punch_hole(*off, *len)?;
+                    file.punch_hole(*off, *len)?;
                 }
             }
         }
@@ -712,7 +838,7 @@ impl Vm {
             return Err(Errno::EINVAL);
         }
         for (file, off, _, len) in self.segments(gpa, size)? {
-            file.gmem().punch_hole(off, len)?;
+            file.punch_hole(off, len)?;
         }
         self.counters.punches.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -727,7 +853,7 @@ impl Vm {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (file, off, g, l) in segs {
-            let guard = file.gmem().pin(off, l)?;
+            let guard = file.pin(off, l)?;
             pins.push(VmmPin {
                 gpa: g,
                 len: l,
@@ -913,7 +1039,7 @@ type AttributeRun = (u64, u64, u64);
 fn restore_runs(file: &GuestFile, runs: &[AttributeRun]) {
     for &(off, len, attrs) in runs {
         let mut a = kvm_memory_attributes2::new(off, len, attrs);
-        let _ = file.gmem().set_attributes(&mut a);
+        let _ = file.set_attributes(&mut a);
     }
 }
 
