@@ -208,21 +208,70 @@ fn conversion_medians(len: u64, reps: usize) -> KernelResult<Vec<[f64; 4]>> {
         .collect())
 }
 
+/// The floor of any in-place round trip on this host: one memfd with a host and a guest
+/// mapping, no attributes and no conversion; "to private" only zaps the range's PTEs in both
+/// mappings (the host's must go; KVM's stage-2 entries go), "to shared" only zaps the guest's,
+/// and the touches re-fault the same pages. No in-place implementation does less.
+struct RoundTripFloor {
+    _fd: std::os::fd::OwnedFd,
+    host: crate::sys::Mmap,
+    guest: crate::sys::Mmap,
+}
+
+impl RoundTripFloor {
+    fn new(len: u64) -> KernelResult<Self> {
+        use std::os::fd::AsFd;
+        let fd = crate::sys::memfd_create(c"gmem-floor")?;
+        crate::sys::ftruncate(fd.as_fd(), len)?;
+        let n = usize::try_from(len).map_err(|_| Errno::ENOMEM)?;
+        let map = || {
+            crate::sys::Mmap::new(
+                Some(fd.as_fd()),
+                0,
+                n,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+            )
+        };
+        let (host, guest) = (map()?, map()?);
+        Ok(RoundTripFloor {
+            _fd: fd,
+            host,
+            guest,
+        })
+    }
+
+    fn round_trip(&self, touched: u64, v: u8) -> KernelResult<()> {
+        let n = self.host.len();
+        self.host.madvise(0, n, libc::MADV_DONTNEED)?;
+        self.guest.madvise(0, n, libc::MADV_DONTNEED)?;
+        // SAFETY: `touched` <= the length of both mappings, which map a memfd of that size
+        // (no SIGBUS) and live as long as self.
+        unsafe { crate::model::touch_pages(self.guest.as_ptr(), 0, touched, v) };
+        self.guest.madvise(0, n, libc::MADV_DONTNEED)?;
+        // SAFETY: as above.
+        unsafe { crate::model::touch_pages(self.host.as_ptr(), 0, touched, v) };
+        Ok(())
+    }
+}
+
 /// Median round trip per model: to private, guest touches, to shared, host touches (every
-/// page of the range, or only its first page).
+/// page of the range, or only its first page); then the same for [`RoundTripFloor`].
 fn round_trip_medians(len: u64, reps: usize, every_page: bool) -> KernelResult<Vec<f64>> {
     let touched = if every_page { len } else { PAGE_SIZE };
     let models = KINDS
         .iter()
         .map(|&k| create_model(k, len))
         .collect::<KernelResult<Vec<_>>>()?;
-    let mut samples: Vec<Vec<f64>> = models.iter().map(|_| Vec::new()).collect();
+    let floor = RoundTripFloor::new(len)?;
+    let mut samples: Vec<Vec<f64>> = (0..=models.len()).map(|_| Vec::new()).collect();
     for m in &models {
         m.host_touch(0, len, 0).map_err(acc)?;
     }
+    // SAFETY: inside the floor's host mapping of `len` bytes.
+    unsafe { crate::model::touch_pages(floor.host.as_ptr(), 0, len, 0) };
     for rep in 0..reps + 2 {
+        let v = (rep % 250) as u8 + 1;
         for (m, s) in models.iter().zip(samples.iter_mut()) {
-            let v = (rep % 250) as u8 + 1;
             let t = time_us(|| {
                 m.set_private(0, len).map_err(conv)?;
                 m.guest_touch(0, touched, v)?;
@@ -232,6 +281,10 @@ fn round_trip_medians(len: u64, reps: usize, every_page: bool) -> KernelResult<V
             if rep >= 2 {
                 s.push(t);
             }
+        }
+        let t = time_us(|| floor.round_trip(touched, v))?;
+        if rep >= 2 {
+            samples[models.len()].push(t);
         }
     }
     Ok(samples.into_iter().map(|mut v| median(&mut v)).collect())
@@ -578,6 +631,18 @@ pub fn run(options: Options, progress: Progress<'_>) -> Result<Report, BenchErro
                     samples: reps,
                 });
             }
+            // The best any in-place round trip can do here: zaps and re-faults alone.
+            report.lines.push(Measurement {
+                group: "round-trip",
+                figure: fig(
+                    format!("floor round trip {label}, {how} (zaps + re-faults, no conversion)"),
+                    med[3],
+                    "two-backing preserving".into(),
+                    med[2],
+                ),
+                unit: Unit::Micros,
+                samples: reps,
+            });
         }
     }
 
