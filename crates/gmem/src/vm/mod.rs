@@ -7,7 +7,10 @@
 //!   view, a full `MAP_SHARED` mapping of the memfd in which private pages stay accessible;
 //! - kernel backend: `KVM_SET_USER_MEMORY_REGION2` with `KVM_MEM_GUEST_MEMFD`, the guest_memfd
 //!   and its offset, and `userspace_addr` equal to the file's own mapping (host.md: emulated
-//!   accesses go through `userspace_addr`, so it must be that mapping).
+//!   accesses go through `userspace_addr`, so it must be that mapping);
+//! - the two-backing model ([`GuestFile::TwoBacking`], for comparison): an ordinary memslot over
+//!   its composite view, in which each page maps the private store or the shared memfd as its
+//!   attribute selects.
 //!
 //! Guest memory below 4 GiB is the VM's *system* memory (page tables, mailboxes, code), an
 //! anonymous mapping bound at GPA 0. gmem memory starts at [`guest::DATA_GPA`] (4 GiB), as in the
