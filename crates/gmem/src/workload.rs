@@ -640,10 +640,18 @@ pub fn run(config: &Config) -> Result<Report, WorkloadError> {
     let start = Instant::now();
     let mut r = run_inner(config)?;
     r.elapsed_us = start.elapsed().as_secs_f64() * 1e6 - r.elapsed_us;
+    r.backend = match config.model {
+        ModelKind::InPlace => config.backend.name(),
+        m => m.name(),
+    }
+    .into();
+    r.model = config.model.name().into();
+    r.platform = memory_label(config);
     Ok(r)
 }
 
-/// [`run`], with the hypercall probe's own time in `elapsed_us`.
+/// [`run`] without the labels `run` adds (backend, model, platform), and with the hypercall
+/// probe's own time in `elapsed_us`.
 fn run_inner(config: &Config) -> Result<Report, WorkloadError> {
     let need = WINDOW_STRIDE * config.vcpus as u64;
     let size = config.mem_mib << 20;
@@ -881,12 +889,6 @@ fn run_kvm(
     let conv_rt = median(&mut all.conv_rt);
     let conv = median(&mut all.conv);
     Ok(Report {
-        backend: file
-            .gmem()
-            .map_or(config.model.name(), |f| f.backend().name())
-            .into(),
-        model: config.model.name().into(),
-        platform: memory_label(config),
         content_checks: all.content_checks,
         mode: "kvm".into(),
         request_path: format!(
@@ -920,6 +922,7 @@ fn run_kvm(
         samples: all.conv_rt.len().min(all.exit_rt.len()),
         // The probe's time, which `run` takes off the wall time.
         elapsed_us: probe_us,
+        ..Report::default()
     })
 }
 
@@ -1029,12 +1032,6 @@ fn run_host_driven(
     }
     let conv = median(&mut t.conv);
     Ok(Report {
-        backend: file
-            .gmem()
-            .map_or(config.model.name(), |f| f.backend().name())
-            .into(),
-        model: config.model.name().into(),
-        platform: memory_label(config),
         content_checks: t.content_checks,
         mode: "host-driven".into(),
         request_path: format!("none: {why}; conversions are called by the host"),
@@ -1058,6 +1055,7 @@ fn run_host_driven(
         ratio: None,
         samples: t.conv.len(),
         elapsed_us: 0.0,
+        ..Report::default()
     })
 }
 

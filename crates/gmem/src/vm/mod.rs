@@ -631,73 +631,62 @@ impl Vm {
         }
         let slot = slots.iter().map(|s| s.slot).max().unwrap_or(0) + 1;
         let off_usize = usize::try_from(offset).map_err(|_| bad("offset too large".into()))?;
-        match file {
-            GuestFile::Emulated(f) => {
-                let view = f.guest_view().map_err(|errno| VmError::Kvm {
-                    op: "mmap of the guest view",
-                    errno,
-                })?;
-                let region = kvm_userspace_memory_region {
-                    slot,
-                    flags: 0,
-                    guest_phys_addr: gpa,
-                    memory_size: size,
-                    // In bounds: offset + size <= file size = view length.
-                    userspace_addr: view.as_ptr() as u64 + off_usize as u64,
-                };
-                // SAFETY: the guest view lives as long as the file, which the memslot entry
-                // holds (a clone) until the slot is deleted in Drop.
-                unsafe { self.vm_fd().set_user_memory_region(region) }
-                    .map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
-            }
-            GuestFile::TwoBacking(m) => {
-                let view = m.guest_view().map_err(|errno| VmError::Kvm {
-                    op: "mmap of the two-backing composite view",
-                    errno,
-                })?;
-                let region = kvm_userspace_memory_region {
-                    slot,
-                    flags: 0,
-                    guest_phys_addr: gpa,
-                    memory_size: size,
-                    // In bounds: offset + size <= size of the guest = view length.
-                    userspace_addr: view.as_ptr() as u64 + off_usize as u64,
-                };
-                // SAFETY: the composite view lives as long as the model, which the memslot
-                // entry holds (an Arc) until the slot is deleted in Drop; conversions re-map
-                // parts of it in place (MAP_FIXED), never unmap it.
-                unsafe { self.vm_fd().set_user_memory_region(region) }
-                    .map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
-            }
-            GuestFile::Kernel(f) => {
-                if !std::ptr::eq(f.vm_fd(), self.vm_fd()) {
-                    return Err(VmError::WrongFile(
-                        "the kernel guest_memfd belongs to another VM; create the Vm with \
+        // The plain-memslot kinds: the emulated file's guest view, the two-backing model's
+        // composite view. Either lives as long as its owner, which the memslot entry holds
+        // (a clone, an Arc) until the slot is deleted in Drop; conversions zap or re-map
+        // parts of it in place, never unmap it.
+        let plain = match file {
+            GuestFile::Emulated(f) => Some(f.guest_view().map_err(|errno| VmError::Kvm {
+                op: "mmap of the guest view",
+                errno,
+            })),
+            GuestFile::TwoBacking(m) => Some(m.guest_view().map_err(|errno| VmError::Kvm {
+                op: "mmap of the two-backing composite view",
+                errno,
+            })),
+            GuestFile::Kernel(_) => None,
+        };
+        if let Some(view) = plain {
+            let view = view?;
+            let region = kvm_userspace_memory_region {
+                slot,
+                flags: 0,
+                guest_phys_addr: gpa,
+                memory_size: size,
+                // In bounds: offset + size <= guest memory size = view length.
+                userspace_addr: view.as_ptr() as u64 + off_usize as u64,
+            };
+            // SAFETY: the view outlives the slot (see above).
+            unsafe { self.vm_fd().set_user_memory_region(region) }
+                .map_err(VmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        } else if let GuestFile::Kernel(f) = file {
+            if !std::ptr::eq(f.vm_fd(), self.vm_fd()) {
+                return Err(VmError::WrongFile(
+                    "the kernel guest_memfd belongs to another VM; create the Vm with \
                          Vm::on_kernel_backend on the file's backend"
-                            .into(),
-                    ));
-                }
-                let view = f.host_view().map_err(|errno| VmError::Kvm {
-                    op: "mmap of the guest_memfd",
-                    errno,
-                })?;
-                let region = kvm_userspace_memory_region2 {
-                    slot,
-                    flags: KVM_MEM_GUEST_MEMFD,
-                    guest_phys_addr: gpa,
-                    memory_size: size,
-                    userspace_addr: view.as_ptr() as u64 + off_usize as u64,
-                    guest_memfd_offset: offset,
-                    guest_memfd: u32::try_from(f.guest_memfd_fd().as_raw_fd())
-                        .map_err(|_| bad("negative fd".into()))?,
-                    ..Default::default()
-                };
-                // SAFETY: the mapping and the fd live as long as the file, which the memslot
-                // entry holds until the slot is deleted in Drop.
-                unsafe { self.vm_fd().set_user_memory_region2(region) }.map_err(VmError::kvm(
-                    "KVM_SET_USER_MEMORY_REGION2(KVM_MEM_GUEST_MEMFD)",
-                ))?;
+                        .into(),
+                ));
             }
+            let view = f.host_view().map_err(|errno| VmError::Kvm {
+                op: "mmap of the guest_memfd",
+                errno,
+            })?;
+            let region = kvm_userspace_memory_region2 {
+                slot,
+                flags: KVM_MEM_GUEST_MEMFD,
+                guest_phys_addr: gpa,
+                memory_size: size,
+                userspace_addr: view.as_ptr() as u64 + off_usize as u64,
+                guest_memfd_offset: offset,
+                guest_memfd: u32::try_from(f.guest_memfd_fd().as_raw_fd())
+                    .map_err(|_| bad("negative fd".into()))?,
+                ..Default::default()
+            };
+            // SAFETY: the mapping and the fd live as long as the file, which the memslot
+            // entry holds until the slot is deleted in Drop.
+            unsafe { self.vm_fd().set_user_memory_region2(region) }.map_err(VmError::kvm(
+                "KVM_SET_USER_MEMORY_REGION2(KVM_MEM_GUEST_MEMFD)",
+            ))?;
         }
         slots.push(Memslot {
             slot,
