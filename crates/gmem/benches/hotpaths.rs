@@ -86,15 +86,7 @@ fn main() {
 
     println!("4 KiB conversion of a populated page (to private + to shared), median:");
     let reps = if quick { 201 } else { 2001 };
-    let kinds = [
-        ModelKind::InPlace,
-        ModelKind::TwoBacking {
-            preserve_content: false,
-        },
-        ModelKind::TwoBacking {
-            preserve_content: true,
-        },
-    ];
+    let kinds = ModelKind::ALL;
     let models: Vec<_> = match kinds
         .iter()
         .map(|&k| create_model(k, 16 * PAGE_SIZE))

@@ -15,15 +15,7 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let len = 2u64 << 20;
-    let kinds = [
-        ModelKind::InPlace,
-        ModelKind::TwoBacking {
-            preserve_content: false,
-        },
-        ModelKind::TwoBacking {
-            preserve_content: true,
-        },
-    ];
+    let kinds = ModelKind::ALL;
     println!("2 MiB round trip, µs (median of 30)");
     println!(
         "{:<18} {:>10} {:>12} {:>10} {:>11} {:>8}",

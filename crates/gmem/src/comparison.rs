@@ -141,15 +141,7 @@ fn round_trip_sizes(quick: bool) -> Vec<(&'static str, u64, usize)> {
     ]
 }
 
-const KINDS: [ModelKind; 3] = [
-    ModelKind::InPlace,
-    ModelKind::TwoBacking {
-        preserve_content: false,
-    },
-    ModelKind::TwoBacking {
-        preserve_content: true,
-    },
-];
+const KINDS: [ModelKind; 3] = ModelKind::ALL;
 
 /// A guest of `size` bytes in model `kind`, all shared.
 pub fn create_model(kind: ModelKind, size: u64) -> KernelResult<Box<dyn ConversionModel>> {

@@ -32,6 +32,17 @@ pub enum ModelKind {
 }
 
 impl ModelKind {
+    /// Every model, in-place first: the order `gmem bench` measures and reports them in.
+    pub const ALL: [ModelKind; 3] = [
+        ModelKind::InPlace,
+        ModelKind::TwoBacking {
+            preserve_content: false,
+        },
+        ModelKind::TwoBacking {
+            preserve_content: true,
+        },
+    ];
+
     /// `in-place`, `two-backing` or `two-backing+copy`.
     pub fn name(self) -> &'static str {
         match self {

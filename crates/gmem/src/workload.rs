@@ -20,7 +20,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::BackendKind;
+use crate::backend::{BackendKind, GuestMemfd};
 use crate::emulated::EmulatedGuestMemfd;
 use crate::error::{AccessError, Errno};
 use crate::kernel::KernelBackend;
@@ -473,17 +473,18 @@ enum HostView {
 
 impl HostView {
     fn new(file: &GuestFile) -> Result<HostView, WorkloadError> {
-        match (file, file.gmem()) {
-            (GuestFile::TwoBacking(m), _) => Ok(HostView::TwoBacking(Arc::clone(m))),
-            (_, Some(f)) => {
-                f.mmap_all()
-                    .map(HostView::Mapped)
-                    .map_err(|errno| WorkloadError::Kernel {
-                        op: "mmap of the gmem file",
-                        errno,
-                    })
-            }
-            (_, None) => Err(WorkloadError::Config(format!("no host view of {file:?}"))),
+        let map = |f: &dyn GuestMemfd| {
+            f.mmap_all()
+                .map(HostView::Mapped)
+                .map_err(|errno| WorkloadError::Kernel {
+                    op: "mmap of the gmem file",
+                    errno,
+                })
+        };
+        match file {
+            GuestFile::TwoBacking(m) => Ok(HostView::TwoBacking(Arc::clone(m))),
+            GuestFile::Emulated(f) => map(f),
+            GuestFile::Kernel(f) => map(f),
         }
     }
 
@@ -756,18 +757,20 @@ fn run_inner(config: &Config) -> Result<Report, WorkloadError> {
     }
 }
 
-/// The content rules the checks assume: the negative control's platform if set, else the
-/// memory's own (the platform's in place; the two-backing model's).
-fn content_rules(config: &Config) -> Rules {
-    let of = |p: PlatformKind| Rules {
+/// The content rules of a platform's in-place file.
+fn platform_rules(p: PlatformKind) -> Rules {
+    Rules {
         to_private: p.content_rule(Direction::ToPrivate),
         to_shared: p.content_rule(Direction::ToShared),
         untouched: ContentRule::Preserved,
-    };
-    match (config.expect_rules_of, config.model) {
-        (Some(p), _) => of(p),
-        (None, ModelKind::InPlace) => of(config.platform),
-        (None, ModelKind::TwoBacking { preserve_content }) => {
+    }
+}
+
+/// The memory's own content rules: the platform's in place; the two-backing model's.
+fn own_rules(config: &Config) -> Rules {
+    match config.model {
+        ModelKind::InPlace => platform_rules(config.platform),
+        ModelKind::TwoBacking { preserve_content } => {
             let r = if preserve_content {
                 ContentRule::Preserved
             } else {
@@ -782,16 +785,21 @@ fn content_rules(config: &Config) -> Rules {
     }
 }
 
+/// The content rules the checks assume: the negative control's platform if set, else the
+/// memory's own.
+fn content_rules(config: &Config) -> Rules {
+    config
+        .expect_rules_of
+        .map_or_else(|| own_rules(config), platform_rules)
+}
+
 /// What the report says of the memory's platform and content rules.
 fn memory_label(config: &Config) -> String {
     let Rules {
         to_private: p,
         to_shared: s,
         ..
-    } = content_rules(&Config {
-        expect_rules_of: None,
-        ..config.clone()
-    });
+    } = own_rules(config);
     match config.model {
         ModelKind::InPlace => format!(
             "{} (content to private: {p:?}, to shared: {s:?})",
