@@ -1,11 +1,11 @@
 //! `gmem bench`: in-place conversion against the two-backing model (and the kernel backend
-//! against the emulated one), side by side in one run. See `gmem::comparison`.
+//! against the emulated one), side by side in one run. See `gmem_bench::comparison`.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use gmem::comparison::{self, Measurement, Options, Report, Unit};
+use gmem_bench::comparison::{self, Measurement, Options, Report, Unit};
 use serde_json::{json, Value};
 
 /// Arguments of `gmem bench`.

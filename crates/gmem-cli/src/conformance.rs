@@ -9,8 +9,8 @@
 
 use std::process::ExitCode;
 
-use gmem::conformance::runner::{run_cases, unavailable, BackendReport};
-use gmem::conformance::{differential, Ctx};
+use gmem_check::conformance::runner::{run_cases, unavailable, BackendReport};
+use gmem_check::conformance::{differential, Ctx};
 use serde_json::{json, Value};
 
 /// Arguments of `gmem conformance`.

@@ -1,15 +1,15 @@
 //! `gmem io`: guest_memfd operations one command a line, in the manner of `xfs_io`.
 //!
-//! The interpreter is [`gmem::io::Session`]; this module only feeds it the `-c` commands and
+//! The interpreter is [`gmem_check::script::Session`]; this module only feeds it the `-c` commands and
 //! the `-f` script lines, in that order, and prints one line per command. The exit status is
 //! non-zero if any line was a usage error (bad command or argument, missing file or mapping).
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use gmem::conformance::InternalGuest;
-use gmem::io::Session;
 use gmem::{EmulatedBackend, KernelBackend};
+use gmem_check::conformance::InternalGuest;
+use gmem_check::script::Session;
 
 use crate::conformance::{parse_vm_type, BackendArg};
 

@@ -5,7 +5,7 @@
 
 use std::process::ExitCode;
 
-use gmem::probe::{Availability, HostReport};
+use gmem_check::host_report::{Availability, HostReport};
 use serde_json::{json, Value};
 
 /// Arguments of `gmem probe`.
@@ -17,7 +17,7 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let report = gmem::probe::probe();
+    let report = gmem_check::host_report::probe();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&to_json(&report))?);
     } else {
@@ -56,7 +56,7 @@ pub fn to_json(r: &HostReport) -> Value {
             "api_version": k.api_version,
             "vm_types": k.vm_types.map(|mask| json!({
                 "mask": mask,
-                "names": gmem::probe::VM_TYPE_NAMES
+                "names": gmem_check::host_report::VM_TYPE_NAMES
                     .iter()
                     .filter(|(t, _)| mask & (1u64 << t) != 0)
                     .map(|(_, n)| *n)

@@ -5,9 +5,9 @@ use std::process::ExitCode;
 use clap::ValueEnum;
 use serde_json::{json, Value};
 
-use gmem::model::ModelKind;
-use gmem::workload::{self, Config, Report, TARGET_RATIO};
 use gmem::BackendKind;
+use gmem_check::workload::{self, Config, Report, TARGET_RATIO};
+use gmem_vmm::backing::BackingKind;
 
 /// Backends `gmem run` accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -169,30 +169,40 @@ fn print_summary(r: &Report) {
     }
 }
 
+/// The memory `--backend` and `--model` select.
+fn memory(args: &Args) -> Result<BackingKind, Box<dyn std::error::Error>> {
+    let backend = match args.backend {
+        Backend::Emulated => BackendKind::Emulated,
+        Backend::Kernel => BackendKind::Kernel,
+    };
+    let preserve_content = match args.model {
+        Model::InPlace => return Ok(BackingKind::InPlace(backend)),
+        Model::TwoBacking => false,
+        Model::TwoBackingCopy => true,
+    };
+    let memory = BackingKind::TwoBacking { preserve_content };
+    if backend != BackendKind::Emulated {
+        return Err(format!(
+            "--backend {backend} with --model {memory}: the two-backing model is two memfds, \
+             not a guest_memfd; use --backend emulated (the default)"
+        )
+        .into());
+    }
+    Ok(memory)
+}
+
 /// Runs `gmem run`.
 pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let config = Config {
         vcpus: args.vcpus,
         mem_mib: args.mem_mib,
-        backend: match args.backend {
-            Backend::Emulated => BackendKind::Emulated,
-            Backend::Kernel => BackendKind::Kernel,
-        },
         memslots: args.memslots,
         samples: args.samples,
         timeout: std::time::Duration::from_secs(args.timeout_secs),
         platform: args.platform,
         expect_rules_of: None,
         probe_hypercall: true,
-        model: match args.model {
-            Model::InPlace => ModelKind::InPlace,
-            Model::TwoBacking => ModelKind::TwoBacking {
-                preserve_content: false,
-            },
-            Model::TwoBackingCopy => ModelKind::TwoBacking {
-                preserve_content: true,
-            },
-        },
+        memory: memory(args)?,
     };
     let report = workload::run(&config)?;
     if args.json {

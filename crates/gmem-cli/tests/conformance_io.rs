@@ -2,8 +2,8 @@
 
 use std::process::{Command, Output};
 
-use gmem::conformance::differential::{scripts, KNOWN_DEVIATIONS};
-use gmem::conformance::Need;
+use gmem_check::conformance::differential::{scripts, KNOWN_DEVIATIONS};
+use gmem_check::conformance::Need;
 use serde_json::Value;
 
 fn gmem(args: &[&str]) -> Output {

@@ -167,3 +167,31 @@ pub struct ConversionError {
     /// `error_offset` after the call (meaningful for EAGAIN and ENOMEM).
     pub error_offset: u64,
 }
+
+/// Why the kernel backend cannot convert: no revision of
+/// `KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES` advertises `KVM_MEMORY_ATTRIBUTE_PRIVATE`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "in-place conversion unsupported: KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES ({caps}) does not \
+     advertise KVM_MEMORY_ATTRIBUTE_PRIVATE ({private:#x}) on this VM (type {vm_type}); \
+     KVM_SET_MEMORY_ATTRIBUTES2 on a guest_memfd answered {answer}",
+    caps = render_caps(.cap_values),
+    private = crate::uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE
+)]
+pub struct ConversionUnsupported {
+    /// The VM type the capability was checked on.
+    pub vm_type: u64,
+    /// `(revision, capability number, KVM_CHECK_EXTENSION value)` for every known revision.
+    pub cap_values: Vec<(crate::uapi::SeriesRevision, u32, i32)>,
+    /// What `KVM_SET_MEMORY_ATTRIBUTES2` answered on a scratch guest_memfd (`Ok` would mean
+    /// the ioctl exists without its capability).
+    pub answer: String,
+}
+
+fn render_caps(values: &[(crate::uapi::SeriesRevision, u32, i32)]) -> String {
+    values
+        .iter()
+        .map(|(rev, cap, v)| format!("{cap} in {} = {v}", rev.name()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -22,7 +22,7 @@
 
 use std::ffi::CString;
 use std::fmt;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -30,8 +30,8 @@ use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use kvm_ioctls::{Kvm, VmFd};
 
 use crate::attributes::{check_host_access, pages_of, AttributeStore};
-use crate::backend::{BackendKind, GuestMemfd, GuestMemfdBackend, GuestMemfdStat, PinGuard};
-use crate::error::{AccessError, Errno, KernelResult};
+use crate::error::{AccessError, ConversionUnsupported, Errno, KernelResult};
+use crate::file::{BackendKind, GuestMemfd, GuestMemfdBackend, GuestMemfdStat, PinGuard};
 use crate::mapping::{volatile_copy, HostMapping, MapKind};
 use crate::sys::{self, Mmap, PAGE_SIZE};
 use crate::uapi::{
@@ -39,34 +39,6 @@ use crate::uapi::{
     GUEST_MEMFD_FLAG_INIT_SHARED, KVM_CAP_GUEST_MEMFD_FLAGS, KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_SET_MEMORY_ATTRIBUTES2, KVM_X86_DEFAULT_VM,
 };
-
-/// Why the kernel backend cannot convert: no revision of
-/// `KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES` advertises `KVM_MEMORY_ATTRIBUTE_PRIVATE`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "in-place conversion unsupported: KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES ({caps}) does not \
-     advertise KVM_MEMORY_ATTRIBUTE_PRIVATE ({private:#x}) on this VM (type {vm_type}); \
-     KVM_SET_MEMORY_ATTRIBUTES2 on a guest_memfd answered {answer}",
-    caps = render_caps(.cap_values),
-    private = KVM_MEMORY_ATTRIBUTE_PRIVATE
-)]
-pub struct ConversionUnsupported {
-    /// The VM type the capability was checked on.
-    pub vm_type: u64,
-    /// `(revision, capability number, KVM_CHECK_EXTENSION value)` for every known revision.
-    pub cap_values: Vec<(SeriesRevision, u32, i32)>,
-    /// What `KVM_SET_MEMORY_ATTRIBUTES2` answered on a scratch guest_memfd (`Ok` would mean
-    /// the ioctl exists without its capability).
-    pub answer: String,
-}
-
-fn render_caps(values: &[(SeriesRevision, u32, i32)]) -> String {
-    values
-        .iter()
-        .map(|(rev, cap, v)| format!("{cap} in {} = {v}", rev.name()))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
 
 /// The VM that the backend and all its files share.
 struct Vm {
@@ -230,10 +202,10 @@ impl GuestMemfdBackend for KernelBackend {
         self.vm.supported_flags
     }
 
-    fn conversion_support(&self) -> Result<(), String> {
+    fn conversion_support(&self) -> Result<(), ConversionUnsupported> {
         match self.conversion_unsupported() {
             None => Ok(()),
-            Some(why) => Err(why.to_string()),
+            Some(why) => Err(why.clone()),
         }
     }
 
@@ -270,13 +242,6 @@ impl fmt::Debug for KernelGuestMemfd {
 }
 
 impl KernelGuestMemfd {
-    /// The guest_memfd descriptor: `guest_memfd` of `struct kvm_userspace_memory_region2`
-    /// when binding a memslot with `KVM_MEM_GUEST_MEMFD`.
-    #[allow(dead_code)] // For the VM code (memslot binding).
-    pub(crate) fn guest_memfd_fd(&self) -> BorrowedFd<'_> {
-        self.inner.fd.as_fd()
-    }
-
     /// A full `MAP_SHARED` mapping of the file (offset 0, `size` bytes), made on first use and
     /// kept for the file's lifetime. Its address is the `userspace_addr` to bind a memslot
     /// with (the kernel routes emulated guest accesses through `userspace_addr`, so it must be
@@ -289,12 +254,6 @@ impl KernelGuestMemfd {
             Mmap::new(Some(self.inner.fd.as_fd()), 0, len, libc::MAP_SHARED)
         });
         view.as_ref().map_err(|e| *e)
-    }
-
-    /// The VM this file belongs to (a memslot can bind it only on this VM).
-    #[allow(dead_code)] // For the VM code (memslot binding).
-    pub(crate) fn vm_fd(&self) -> &VmFd {
-        &self.inner.vm.vm
     }
 
     /// Whether this file was created by `backend`'s VM.
@@ -417,8 +376,25 @@ impl GuestMemfd for KernelGuestMemfd {
         BackendKind::Kernel
     }
 
-    fn as_kernel(&self) -> Option<&KernelGuestMemfd> {
-        Some(self)
+    fn clone_arc(&self) -> Arc<dyn GuestMemfd> {
+        Arc::new(self.clone())
+    }
+
+    fn memslot_source(&self) -> KernelResult<crate::file::MemslotSource<'_>> {
+        let view = self.host_view()?;
+        Ok(crate::file::MemslotSource::GuestMemfd {
+            fd: self.inner.fd.as_fd(),
+            vm: &self.inner.vm.vm,
+            userspace_addr: view.as_ptr() as u64,
+        })
+    }
+
+    fn allocated_bytes(&self) -> KernelResult<u64> {
+        sys::allocated_bytes(self.inner.fd.as_fd())
+    }
+
+    fn guest_memfd_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(self.inner.fd.as_fd())
     }
 
     fn size(&self) -> u64 {
@@ -577,7 +553,7 @@ mod tests {
                 GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
             )
             .unwrap();
-        let fd = f.guest_memfd_fd().as_raw_fd();
+        let fd = f.guest_memfd_fd().unwrap().as_raw_fd();
         let view = f.host_view().unwrap();
         assert!(
             std::ptr::eq(view, f.host_view().unwrap()),
@@ -594,16 +570,21 @@ mod tests {
             guest_memfd: u32::try_from(fd).unwrap(),
             ..Default::default()
         };
-        assert!(std::ptr::eq(f.vm_fd(), backend.vm_fd()));
+        match f.memslot_source().unwrap() {
+            crate::MemslotSource::GuestMemfd { vm, .. } => {
+                assert!(std::ptr::eq(vm, backend.vm_fd()))
+            }
+            other => panic!("a kernel file binds as {other:?}"),
+        }
         // SAFETY: the region is the file's host view, which outlives the VM's use of it here
         // (the slot is deleted below, before `f` is dropped).
-        unsafe { f.vm_fd().set_user_memory_region2(region) }.unwrap();
+        unsafe { backend.vm_fd().set_user_memory_region2(region) }.unwrap();
         let delete = kvm_bindings::kvm_userspace_memory_region2 {
             memory_size: 0,
             ..region
         };
         // SAFETY: deleting the slot created above.
-        unsafe { f.vm_fd().set_user_memory_region2(delete) }.unwrap();
+        unsafe { backend.vm_fd().set_user_memory_region2(delete) }.unwrap();
 
         let mut b = [0u8; 8];
         // SAFETY: plain syscalls on our own descriptor with a valid 8-byte buffer.

@@ -9,27 +9,20 @@
 //! See DESIGN.md for the state machines and the choices made where the kernel series is silent.
 
 pub mod attributes;
-pub mod backend;
-pub mod bench;
-pub mod comparison;
-pub mod conformance;
 pub mod emulated;
 pub mod error;
-pub mod io;
+pub mod file;
 pub mod kernel;
 pub mod mapping;
-pub mod model;
 pub mod platform;
-pub mod probe;
 pub mod sys;
-pub mod twobacking;
 pub mod uapi;
-pub mod vm;
-pub mod workload;
 
-pub use backend::{BackendKind, GuestMemfd, GuestMemfdBackend, GuestMemfdStat, PinGuard};
 pub use emulated::{EmulatedBackend, EmulatedGuestMemfd, EmulatedOptions, Revocation};
-pub use error::{AccessError, ConversionError, Errno, KernelResult};
-pub use kernel::{ConversionUnsupported, KernelBackend, KernelGuestMemfd};
+pub use error::{AccessError, ConversionError, ConversionUnsupported, Errno, KernelResult};
+pub use file::{
+    BackendKind, GuestMemfd, GuestMemfdBackend, GuestMemfdStat, MemslotSource, PinGuard,
+};
+pub use kernel::{KernelBackend, KernelGuestMemfd};
 pub use mapping::{HostMapping, MapKind, Probe};
 pub use sys::PAGE_SIZE;

@@ -84,7 +84,8 @@ impl HostMapping {
         self.file_offset
     }
 
-    pub(crate) fn mmap(&self) -> &Mmap {
+    /// The underlying mapping.
+    pub fn mmap(&self) -> &Mmap {
         &self.map
     }
 
@@ -115,6 +116,19 @@ impl HostMapping {
         self.check(off, data.len())?;
         // SAFETY: as in `read_volatile`; the destination is inside the live mapping.
         unsafe { volatile_copy(data.as_ptr(), self.as_ptr().add(off), data.len()) };
+        Ok(())
+    }
+
+    /// Writes `value` to the first byte of every page of `[off, off + len)` (faulting them in).
+    /// SIGBUS on a private page, as [`HostMapping::read_volatile`].
+    pub fn touch_pages(&self, off: usize, len: usize, value: u8) -> KernelResult<()> {
+        self.check(off, len)?;
+        let mut p = off;
+        while p < off + len {
+            // SAFETY: inside this live mapping (checked); volatile so it is not elided.
+            unsafe { self.as_ptr().add(p).write_volatile(value) };
+            p += crate::sys::PAGE_SIZE as usize;
+        }
         Ok(())
     }
 
@@ -152,7 +166,7 @@ impl Drop for HostMapping {
 ///
 /// # Safety
 /// Both ranges must be valid for `len` bytes and not overlap.
-pub(crate) unsafe fn volatile_copy(src: *const u8, dst: *mut u8, len: usize) {
+pub unsafe fn volatile_copy(src: *const u8, dst: *mut u8, len: usize) {
     let mut i = 0;
     if (src as usize) % 8 == (dst as usize) % 8 {
         while i < len && (src as usize + i) % 8 != 0 {

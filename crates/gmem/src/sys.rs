@@ -44,6 +44,12 @@ pub fn fallocate(fd: BorrowedFd<'_>, mode: u32, offset: u64, len: u64) -> Kernel
     check(unsafe { libc::fallocate(fd.as_raw_fd(), mode, offset, len) }).map(drop)
 }
 
+/// Bytes of file pages allocated to `fd` (`st_blocks` × 512).
+pub fn allocated_bytes(fd: BorrowedFd<'_>) -> KernelResult<u64> {
+    let st = fstat(fd)?;
+    Ok(u64::try_from(st.st_blocks).unwrap_or(0) * 512)
+}
+
 /// `fstat(fd)`.
 pub fn fstat(fd: BorrowedFd<'_>) -> KernelResult<libc::stat> {
     // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
@@ -257,6 +263,27 @@ impl Mmap {
     /// Always false: a mapping has at least one byte.
     pub fn is_empty(&self) -> bool {
         false
+    }
+
+    /// Writes `value` to the first byte of every page of `[off, off + len)` (faulting them
+    /// in); EFAULT outside the mapping. A page that cannot be faulted in raises SIGBUS, as
+    /// any access to the mapping would.
+    pub fn touch_pages(&self, off: u64, len: u64, value: u8) -> KernelResult<()> {
+        let end = off.checked_add(len).ok_or(Errno::EFAULT)?;
+        if end > self.len as u64 {
+            return Err(Errno::EFAULT);
+        }
+        let mut p = off;
+        while p < end {
+            // In bounds (checked), so it fits in usize.
+            #[allow(clippy::cast_possible_truncation)]
+            // SAFETY: inside this live mapping; volatile so the touch is not elided.
+            unsafe {
+                self.ptr.as_ptr().add(p as usize).write_volatile(value)
+            };
+            p += PAGE_SIZE;
+        }
+        Ok(())
     }
 
     /// `madvise` on `[off, off + len)` of this mapping.

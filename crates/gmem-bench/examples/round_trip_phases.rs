@@ -1,0 +1,56 @@
+//! Where the 2 MiB round trip's time goes, per model: to private, guest touches every page,
+//! to shared, host touches every page (medians of 30 repetitions after 3 warm-ups). It is
+//! the evidence behind DESIGN.md's "what limits the 2 MiB round trip".
+//! `cargo run --release -p gmem --example round_trip_phases`
+
+use std::time::Instant;
+
+use gmem_bench::comparison::create_backing;
+use gmem_vmm::backing::BackingKind;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let len = 2u64 << 20;
+    let kinds = BackingKind::ALL;
+    println!("2 MiB round trip, µs (median of 30)");
+    println!(
+        "{:<18} {:>10} {:>12} {:>10} {:>11} {:>8}",
+        "model", "to private", "guest touch", "to shared", "host touch", "total"
+    );
+    for kind in kinds {
+        let m = create_backing(kind, len, false)?;
+        m.host_touch(0, len, 0)?;
+        let mut s: [Vec<f64>; 4] = Default::default();
+        for rep in 0..33u8 {
+            let v = rep + 1;
+            let t0 = Instant::now();
+            m.set_private(0, len)?;
+            let t1 = Instant::now();
+            m.guest_touch(0, len, v)?;
+            let t2 = Instant::now();
+            m.set_shared(0, len)?;
+            let t3 = Instant::now();
+            m.host_touch(0, len, v)?;
+            let t4 = Instant::now();
+            if rep >= 3 {
+                for (i, (a, b)) in [(t0, t1), (t1, t2), (t2, t3), (t3, t4)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    s[i].push((b - a).as_secs_f64() * 1e6);
+                }
+            }
+        }
+        let [a, b, c, d] = s.map(|mut v| median(&mut v));
+        println!(
+            "{:<18} {a:>10.0} {b:>12.0} {c:>10.0} {d:>11.0} {:>8.0}",
+            kind.name(),
+            a + b + c + d
+        );
+    }
+    Ok(())
+}

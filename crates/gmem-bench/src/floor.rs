@@ -1,0 +1,188 @@
+//! Conversion-latency measurements of the emulated backend against the single-syscall floor,
+//! all measured in the same run (medians of several repetitions). Used by
+//! `cargo bench --bench conversion` and `gmem bench`.
+//!
+//! A to-private conversion must remove the page from every host page table, so its floor is
+//! one `madvise(MADV_DONTNEED)` of the same range on a plain memfd mapping (the primary
+//! baseline); `mprotect(PROT_NONE)`, which changes protection bits without zapping, is
+//! reported beside it. A to-shared conversion's floor is the same DONTNEED on an unpopulated
+//! range.
+
+use std::os::fd::AsFd;
+use std::time::Instant;
+
+use gmem::emulated::{EmulatedGuestMemfd, EmulatedOptions, Revocation};
+use gmem::error::{Errno, KernelResult};
+use gmem::file::GuestMemfd;
+use gmem::sys::{self, Mmap, PAGE_SIZE};
+use gmem::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
+
+/// One measured figure beside its baseline.
+#[derive(Debug, Clone)]
+pub struct Figure {
+    /// What was measured.
+    pub name: String,
+    /// Median, microseconds.
+    pub median_us: f64,
+    /// What it is compared against.
+    pub baseline: String,
+    /// The baseline's median, microseconds, same run.
+    pub baseline_median_us: f64,
+}
+
+impl Figure {
+    /// `median / baseline`.
+    pub fn ratio(&self) -> f64 {
+        if self.baseline_median_us > 0.0 {
+            self.median_us / self.baseline_median_us
+        } else {
+            f64::INFINITY
+        }
+    }
+}
+
+/// The median of `v` (sorted in place).
+pub fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn time_us(f: impl FnOnce() -> KernelResult<()>) -> KernelResult<f64> {
+    let t = Instant::now();
+    f()?;
+    Ok(t.elapsed().as_secs_f64() * 1e6)
+}
+
+/// Sizes measured: (label, bytes, samples).
+pub fn sizes(quick: bool) -> Vec<(&'static str, u64, usize)> {
+    let mut v = vec![
+        ("4KiB", PAGE_SIZE, if quick { 51 } else { 401 }),
+        ("2MiB", 2 << 20, if quick { 11 } else { 51 }),
+    ];
+    v.push(("1GiB", 1 << 30, if quick { 3 } else { 5 }));
+    v
+}
+
+/// Floor figures for `len` bytes, medians in µs: (madvise DONTNEED populated, mprotect
+/// populated, DONTNEED unpopulated, mprotect unpopulated).
+fn floors(len: u64, samples: usize) -> KernelResult<(f64, f64, f64, f64)> {
+    let fd = sys::memfd_create(c"gmem-floor")?;
+    sys::ftruncate(fd.as_fd(), len)?;
+    let n = usize::try_from(len).map_err(|_| Errno::ENOMEM)?;
+    let map = Mmap::new(Some(fd.as_fd()), 0, n, libc::MAP_SHARED)?;
+    let protect = |prot: libc::c_int| {
+        // SAFETY: the range is exactly this live mapping; nothing accesses it while it is
+        // PROT_NONE.
+        match unsafe { libc::mprotect(map.as_ptr().cast(), n, prot) } {
+            0 => Ok(()),
+            _ => Err(Errno::last()),
+        }
+    };
+    let mut v: [Vec<f64>; 4] = Default::default();
+    for _ in 0..samples {
+        map.madvise(0, n, libc::MADV_POPULATE_WRITE)?;
+        v[0].push(time_us(|| map.madvise(0, n, libc::MADV_DONTNEED))?);
+        v[2].push(time_us(|| map.madvise(0, n, libc::MADV_DONTNEED))?);
+        v[3].push(time_us(|| protect(libc::PROT_NONE))?);
+        protect(libc::PROT_READ | libc::PROT_WRITE)?;
+        map.madvise(0, n, libc::MADV_POPULATE_WRITE)?;
+        v[1].push(time_us(|| protect(libc::PROT_NONE))?);
+        protect(libc::PROT_READ | libc::PROT_WRITE)?;
+    }
+    let [a, b, c, d] = v.map(|mut x| median(&mut x));
+    Ok((a, b, c, d))
+}
+
+/// Median latencies of one `set_attributes` to private and back, for `len` bytes, with the
+/// pages populated (allocated and mapped in the host mapping) or not: returns
+/// (to_private_populated, to_shared_populated, to_private_unpopulated, to_shared_unpopulated).
+fn conversions(len: u64, samples: usize, revocation: Revocation) -> KernelResult<[f64; 4]> {
+    let f = EmulatedGuestMemfd::create_with(
+        len,
+        GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+        EmulatedOptions::with_revocation(revocation),
+    )?;
+    let m = f.mmap_all()?;
+    let n = m.len();
+    let mut out: [Vec<f64>; 4] = Default::default();
+    let err = |e: gmem::error::ConversionError| e.errno;
+    // Populated: the pages stay allocated across samples, as in the floor measurement.
+    for _ in 0..samples {
+        m.mmap().madvise(0, n, libc::MADV_POPULATE_WRITE)?;
+        out[0].push(time_us(|| f.set_private(0, len).map_err(err))?);
+        out[1].push(time_us(|| f.set_shared(0, len).map_err(err))?);
+    }
+    f.punch_hole(0, len)?;
+    for _ in 0..samples {
+        out[2].push(time_us(|| f.set_private(0, len).map_err(err))?);
+        out[3].push(time_us(|| f.set_shared(0, len).map_err(err))?);
+    }
+    Ok(out.map(|mut v| median(&mut v)))
+}
+
+/// The conversion-latency figures of the emulated backend (issue: conversion within 2x of
+/// the single-syscall floor for 4 KiB and 2 MiB).
+pub fn conversion_latency(
+    quick: bool,
+    revocation: Revocation,
+    mut progress: impl FnMut(&str),
+) -> KernelResult<Vec<Figure>> {
+    let mut figures = Vec::new();
+    for (label, len, samples) in sizes(quick) {
+        progress(label);
+        let (dontneed, mprotect, empty, mprotect_empty) = floors(len, samples)?;
+        let [pp, sp, pu, su] = conversions(len, samples, revocation)?;
+        let fig = |name: String, median_us: f64, baseline: &str, baseline_median_us: f64| Figure {
+            name,
+            median_us,
+            baseline: baseline.to_string(),
+            baseline_median_us,
+        };
+        figures.push(fig(
+            format!("to_private {label} populated"),
+            pp,
+            "madvise(DONTNEED) populated",
+            dontneed,
+        ));
+        figures.push(fig(
+            format!("to_private {label} populated"),
+            pp,
+            "mprotect(PROT_NONE) populated",
+            mprotect,
+        ));
+        for (name, v) in [
+            (format!("to_shared {label} populated"), sp),
+            (format!("to_private {label} unpopulated"), pu),
+            (format!("to_shared {label} unpopulated"), su),
+        ] {
+            figures.push(fig(name.clone(), v, "madvise(DONTNEED) unpopulated", empty));
+            figures.push(fig(
+                name,
+                v,
+                "mprotect(PROT_NONE) unpopulated",
+                mprotect_empty,
+            ));
+        }
+    }
+    Ok(figures)
+}
+
+/// Metadata of the worst case (every other page private over 1 GiB): (bytes, fragments,
+/// bytes as a fraction of the memory tracked).
+pub fn worst_case_metadata() -> (usize, usize, f64) {
+    let npages = (1u64 << 30) / PAGE_SIZE;
+    let mut store = gmem::attributes::AttributeStore::new(npages, false);
+    for p in (0..npages).step_by(2) {
+        store.set_range(p, p + 1, true);
+    }
+    let bytes = store.metadata_bytes();
+    (bytes, store.fragments(), bytes as f64 / (1u64 << 30) as f64)
+}

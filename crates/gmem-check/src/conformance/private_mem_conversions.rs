@@ -1,0 +1,296 @@
+//! Cases from `tools/testing/selftests/kvm/x86/private_mem_conversions_test.c` with the
+//! in-place changes (kernel-spec §4.3), host-driven: the guest's part is played by the
+//! context's [`GuestPort`](super::GuestPort), the hypercall handler's part (fallocate, then
+//! `KVM_SET_MEMORY_ATTRIBUTES2`) is called directly, and the host syncs read the file's
+//! `MMAP|INIT_SHARED` mapping (a private page must SIGBUS).
+//!
+//! As in the selftest, each "vCPU" works on its own window of 2 MiB + 4 KiB, the windows 4 MiB
+//! apart in one guest_memfd; the vCPUs run concurrently, one thread and one host mapping each.
+
+use std::sync::Arc;
+
+use super::{ensure, Case, CaseResult, Ctx, Need};
+use gmem::file::GuestMemfd;
+use gmem::mapping::{HostMapping, Probe};
+use gmem::sys::PAGE_SIZE;
+use gmem::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
+
+const PS: u64 = PAGE_SIZE;
+const MIB2: u64 = 2 << 20;
+/// `PER_CPU_DATA_SIZE`: what each vCPU tests.
+const WINDOW: u64 = MIB2 + PS;
+/// Window stride: `align_up(PER_CPU_DATA_SIZE, 2 MiB)`.
+const STRIDE: u64 = 2 * MIB2;
+/// vCPUs (the selftest's `-n`).
+const VCPUS: u64 = 2;
+/// `test_ranges`: (offset, size) inside a window.
+const RANGES: [(u64, u64); 5] = [(0, PS), (0, MIB2), (PS, PS), (PS, MIB2), (MIB2, PS)];
+const NEEDS: &[Need] = &[Need::Mmap, Need::InitShared, Need::Conversion, Need::Guest];
+
+pub(super) fn cases() -> Vec<Case> {
+    const SRC: &str = "private_mem_conversions_test.c";
+    vec![
+        Case {
+            name: "explicit_conversion",
+            source: SRC,
+            needs: NEEDS,
+            run: |ctx| per_vcpu(ctx, |w| w.explicit_conversion(false)),
+        },
+        Case {
+            name: "explicit_conversion_fallocate",
+            source: SRC,
+            needs: NEEDS,
+            run: |ctx| per_vcpu(ctx, |w| w.explicit_conversion(true)),
+        },
+        Case {
+            name: "punch_hole",
+            source: SRC,
+            needs: NEEDS,
+            run: |ctx| per_vcpu(ctx, |w| w.punch_hole(false)),
+        },
+        Case {
+            name: "punch_hole_precise",
+            source: SRC,
+            needs: NEEDS,
+            run: |ctx| per_vcpu(ctx, |w| w.punch_hole(true)),
+        },
+    ]
+}
+
+/// One vCPU's window: its base offset in the file and its own host mapping of the file.
+struct Window<'a> {
+    ctx: &'a Ctx,
+    f: &'a Arc<dyn GuestMemfd>,
+    m: HostMapping,
+    base: u64,
+    vcpu: u64,
+}
+
+/// Creates the file, runs `flow` on every window concurrently, then (as the selftest does once
+/// the VM is gone) punches and re-allocates the whole file.
+fn per_vcpu(ctx: &Ctx, flow: fn(&Window<'_>) -> CaseResult) -> CaseResult {
+    let f = ctx.create(
+        STRIDE / PS * VCPUS,
+        GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+    )?;
+    let results: Vec<CaseResult> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..VCPUS)
+            .map(|vcpu| {
+                let f = &f;
+                s.spawn(move || {
+                    let m = f
+                        .mmap_all()
+                        .map_err(|e| format!("vCPU {vcpu}: mmap: {e}"))?;
+                    flow(&Window {
+                        ctx,
+                        f,
+                        m,
+                        base: vcpu * STRIDE,
+                        vcpu,
+                    })
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("a vCPU thread panicked".into()))
+            })
+            .collect()
+    });
+    for r in results {
+        r?;
+    }
+    let size = f.size();
+    f.punch_hole(0, size)
+        .map_err(|e| format!("final punch of the whole file: {e}"))?;
+    f.allocate(0, size)
+        .map_err(|e| format!("final re-allocation of the whole file: {e}"))
+}
+
+fn usize_of(n: u64) -> Result<usize, String> {
+    usize::try_from(n).map_err(|_| format!("{n:#x} does not fit in usize"))
+}
+
+impl Window<'_> {
+    fn err(&self, what: &str) -> String {
+        format!("vCPU {} (window {:#x}): {what}", self.vcpu, self.base)
+    }
+
+    fn guest_fill(&self, off: u64, len: u64, byte: u8) -> CaseResult {
+        let g = self.ctx.guest.as_deref().ok_or("no guest")?;
+        g.write(&**self.f, self.base + off, &vec![byte; usize_of(len)?])
+            .map_err(|e| self.err(&e))
+    }
+
+    fn guest_check(&self, off: u64, len: u64, byte: u8) -> CaseResult {
+        if len == 0 {
+            return Ok(());
+        }
+        let g = self.ctx.guest.as_deref().ok_or("no guest")?;
+        let got = g
+            .read(&**self.f, self.base + off, usize_of(len)?)
+            .map_err(|e| self.err(&e))?;
+        // Slice equality is a memcmp even in debug builds; look for the culprit only on failure.
+        if got == vec![byte; got.len()] {
+            return Ok(());
+        }
+        match got.iter().position(|&b| b != byte) {
+            None => Ok(()),
+            Some(i) => Err(self.err(&format!(
+                "guest read of [{off:#x}, +{len:#x}): expected {byte:#04x}, got {:#04x} at {:#x}",
+                got[i],
+                off + i as u64
+            ))),
+        }
+    }
+
+    /// The host sync of a shared range: reads `expect` everywhere, then writes `write`.
+    fn host_sync_shared(&self, off: u64, len: u64, expect: u8, write: u8) -> CaseResult {
+        let at = usize_of(self.base + off)?;
+        let n = usize_of(len)?;
+        match self
+            .m
+            .probe_read(at, n)
+            .map_err(|e| self.err(&e.to_string()))?
+        {
+            Probe::Done(got) => {
+                let same = got == vec![expect; got.len()];
+                if let Some(i) = (!same)
+                    .then(|| got.iter().position(|&b| b != expect))
+                    .flatten()
+                {
+                    return Err(self.err(&format!(
+                        "host read of shared [{off:#x}, +{len:#x}): expected {expect:#04x}, got {:#04x} at {:#x}",
+                        got[i],
+                        off + i as u64
+                    )));
+                }
+            }
+            Probe::Fault(f) => {
+                return Err(self.err(&format!(
+                    "host read of shared [{off:#x}, +{len:#x}) faulted: {f:?}"
+                )))
+            }
+        }
+        let w = self
+            .m
+            .probe_write(at, n, write)
+            .map_err(|e| self.err(&e.to_string()))?;
+        ensure(w == Probe::Done(()), || {
+            self.err(&format!(
+                "host write of shared [{off:#x}, +{len:#x}): {w:?}"
+            ))
+        })
+    }
+
+    /// The host sync of a private range: with per-guest_memfd attributes the host read must
+    /// SIGBUS at the range's first byte.
+    fn host_sync_private(&self, off: u64, len: u64) -> CaseResult {
+        let at = usize_of(self.base + off)?;
+        let r = self
+            .m
+            .probe_read(at, usize_of(len)?)
+            .map_err(|e| self.err(&e.to_string()))?;
+        ensure(
+            r.is_sigbus() && r.fault().map(|f| f.addr) == Some(self.base + off),
+            || {
+                self.err(&format!(
+                    "host read of private [{off:#x}, +{len:#x}): expected SIGBUS at its start, got {}",
+                    match &r {
+                        Probe::Done(_) => "the data".to_string(),
+                        Probe::Fault(f) => format!("{f:?}"),
+                    }
+                ))
+            },
+        )
+    }
+
+    /// The hypercall handler for a private mapping: allocate if asked, then convert.
+    fn map_private(&self, off: u64, len: u64, fallocate: bool) -> CaseResult {
+        let at = self.base + off;
+        if fallocate {
+            self.f
+                .allocate(at, len)
+                .map_err(|e| self.err(&format!("fallocate [{off:#x}, +{len:#x}): {e}")))?;
+        }
+        self.f
+            .set_private(at, len)
+            .map_err(|e| self.err(&format!("to private [{off:#x}, +{len:#x}): {e}")))
+    }
+
+    /// The hypercall handler for a shared mapping: punch a hole if asked, then convert.
+    fn map_shared(&self, off: u64, len: u64, fallocate: bool) -> CaseResult {
+        let at = self.base + off;
+        if fallocate {
+            self.f
+                .punch_hole(at, len)
+                .map_err(|e| self.err(&format!("punch [{off:#x}, +{len:#x}): {e}")))?;
+        }
+        self.f
+            .set_shared(at, len)
+            .map_err(|e| self.err(&format!("to shared [{off:#x}, +{len:#x}): {e}")))
+    }
+
+    /// `guest_test_explicit_conversion(do_fallocate)`.
+    fn explicit_conversion(&self, fallocate: bool) -> CaseResult {
+        const DEF: u8 = 0xaa;
+        const INIT: u8 = 0xcc;
+        let (p1, p2, p3, p4) = (0x11, 0x22, 0x33, 0x44);
+        // Memory is shared by default.
+        self.guest_fill(0, WINDOW, DEF)?;
+        self.guest_check(0, WINDOW, DEF)?;
+        self.host_sync_shared(0, WINDOW, DEF, INIT)?;
+        self.guest_check(0, WINDOW, INIT)?;
+        for (off, size) in RANGES {
+            self.guest_fill(off, size, p1)?;
+            self.map_private(off, size, fallocate)?;
+            if size > PS {
+                self.guest_fill(off, PS, p2)?;
+            } else {
+                self.guest_fill(off, size, p2)?;
+                self.host_sync_private(off, size)?;
+                self.guest_check(off, size, p2)?;
+                self.guest_check(0, off, INIT)?;
+                self.guest_check(off + size, WINDOW - off - size, INIT)?;
+                // The odd-page loop: with these ranges only page 0 (even) is visited, which is
+                // synced as private again.
+                self.host_sync_private(off, PS)?;
+            }
+            self.map_shared(off, size, fallocate)?;
+            self.guest_fill(off, size, p3)?;
+            self.host_sync_shared(off, size, p3, p4)?;
+            self.guest_check(off, size, p4)?;
+            // Free all memory so the next range starts clean; with in-place conversion the
+            // punch zeroes the shared pages too, so the initial pattern is written after it.
+            self.map_shared(0, WINDOW, true)?;
+            self.guest_check(0, WINDOW, 0)?;
+            self.guest_fill(0, WINDOW, INIT)?;
+        }
+        Ok(())
+    }
+
+    /// `guest_test_punch_hole(precise)`: punching private memory frees it, and the guest's
+    /// next read sees zeroes; the pages stay private throughout.
+    fn punch_hole(&self, precise: bool) -> CaseResult {
+        const INIT: u8 = 0xcc;
+        self.map_private(0, WINDOW, false)?;
+        for (off, size) in RANGES {
+            let punch = |o: u64, l: u64| {
+                self.f
+                    .punch_hole(self.base + o, l)
+                    .map_err(|e| self.err(&format!("punch [{o:#x}, +{l:#x}): {e}")))
+            };
+            punch(0, WINDOW)?;
+            let (fo, fl) = if precise { (off, size) } else { (0, WINDOW) };
+            self.guest_fill(fo, fl, INIT)?;
+            self.guest_check(fo, fl, INIT)?;
+            punch(off, size)?;
+            self.guest_check(off, size, 0)?;
+            // The attribute survives the punch: still private for the host.
+            self.host_sync_private(off, size)?;
+        }
+        Ok(())
+    }
+}

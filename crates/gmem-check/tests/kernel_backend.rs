@@ -1,0 +1,335 @@
+//! The kernel backend against the real guest_memfd of this host (host.md, kernel-spec §2.5).
+//!
+//! Every test needs `/dev/kvm`; without it (or when a VM cannot be created) it prints
+//! `skipped: <reason>` and returns.
+
+use std::path::Path;
+
+use gmem::uapi::*;
+use gmem::*;
+
+const PAGE: u64 = PAGE_SIZE;
+const RW: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+
+fn backend() -> Option<KernelBackend> {
+    if !Path::new("/dev/kvm").exists() {
+        println!("skipped: /dev/kvm is missing");
+        return None;
+    }
+    match KernelBackend::new() {
+        Ok(b) => Some(b),
+        Err(e) => {
+            println!("skipped: /dev/kvm is unusable: {e}");
+            None
+        }
+    }
+}
+
+macro_rules! backend_or_skip {
+    () => {
+        match backend() {
+            Some(b) => b,
+            None => return,
+        }
+    };
+}
+
+fn errno<T: std::fmt::Debug>(r: KernelResult<T>) -> Errno {
+    r.expect_err("the kernel accepted the call")
+}
+
+#[test]
+fn flags_mask_and_unknown_flags() {
+    let b = backend_or_skip!();
+    let supported = b.supported_flags();
+    assert_eq!(
+        supported & RW,
+        RW,
+        "KVM_CAP_GUEST_MEMFD_FLAGS = {supported:#x} lacks MMAP|INIT_SHARED"
+    );
+    // Every combination inside the mask is accepted.
+    for flags in 0..=supported {
+        if flags & !supported == 0 {
+            let f = b.create(PAGE, flags).unwrap();
+            assert_eq!(f.flags(), flags);
+            assert_eq!(f.backend(), BackendKind::Kernel);
+        }
+    }
+    // Every bit outside it is EINVAL, NO_DIRECT_MAP included when not advertised.
+    for bit in 0..64 {
+        let flag = 1u64 << bit;
+        if supported & flag == 0 {
+            assert_eq!(errno(b.create(PAGE, flag)), Errno::EINVAL, "flag bit {bit}");
+        }
+    }
+}
+
+#[test]
+fn invalid_sizes_are_einval() {
+    let b = backend_or_skip!();
+    assert_eq!(errno(b.create(0, 0)), Errno::EINVAL, "size 0");
+    for size in 1..PAGE {
+        assert_eq!(errno(b.create(size, 0)), Errno::EINVAL, "size {size}");
+    }
+    assert_eq!(errno(b.create(PAGE + 1, 0)), Errno::EINVAL);
+    assert_eq!(b.create(PAGE, 0).unwrap().size(), PAGE);
+}
+
+#[test]
+fn mmap_errnos() {
+    let b = backend_or_skip!();
+    let no_mmap = b.create(PAGE, 0).unwrap();
+    assert_eq!(errno(no_mmap.mmap_all()), Errno::ENODEV);
+    let f = b.create(2 * PAGE, RW).unwrap();
+    assert_eq!(
+        errno(f.mmap(0, PAGE as usize, MapKind::Private)),
+        Errno::EINVAL,
+        "MAP_PRIVATE"
+    );
+    let m = f.mmap(PAGE, PAGE as usize, MapKind::Shared).unwrap();
+    assert_eq!(m.file_offset(), PAGE);
+}
+
+#[test]
+fn fault_on_private_is_sigbus_at_the_exact_address() {
+    let b = backend_or_skip!();
+    // MMAP without INIT_SHARED: every page is private, every touch is the kernel's SIGBUS.
+    let f = b.create(4 * PAGE, GUEST_MEMFD_FLAG_MMAP).unwrap();
+    let m = f.mmap_all().unwrap();
+    let off = PAGE as usize + 17;
+    let p = m.probe_read(off, 1).unwrap();
+    let fault = p.fault().expect("a private page was readable");
+    assert!(fault.is_sigbus(), "{fault:?}");
+    assert_eq!(fault.code, libc::BUS_ADRERR, "{fault:?}");
+    assert_eq!(fault.addr, off as u64);
+    let w = m.probe_write(0, 8, 0xaa).unwrap();
+    assert!(w.is_sigbus(), "{w:?}");
+    // The mirror agrees, and the safe accessors refuse with a typed error.
+    assert_eq!(f.attributes(0).unwrap(), KVM_MEMORY_ATTRIBUTE_PRIVATE);
+    assert_eq!(
+        f.read_at(PAGE + 5, &mut [0u8; 4]),
+        Err(AccessError::Private { offset: PAGE + 5 })
+    );
+    assert_eq!(
+        f.attribute_runs(0, 4 * PAGE).unwrap(),
+        vec![(0, 4 * PAGE, KVM_MEMORY_ATTRIBUTE_PRIVATE)]
+    );
+}
+
+#[test]
+fn shared_pages_are_coherent_and_accessors_are_typed() {
+    let b = backend_or_skip!();
+    let f = b.create(4 * PAGE, RW).unwrap();
+    let m = f.mmap_all().unwrap();
+    m.write_volatile(100, &[0xaa; 8]).unwrap();
+    let mut buf = [0u8; 8];
+    f.read_at(100, &mut buf).unwrap();
+    assert_eq!(buf, [0xaa; 8]);
+    f.write_at(3 * PAGE + 10, &[0x11; 4]).unwrap();
+    assert_eq!(
+        m.probe_read(3 * PAGE as usize + 10, 4).unwrap(),
+        Probe::Done(vec![0x11; 4])
+    );
+    assert_eq!(
+        f.read_at(4 * PAGE - 2, &mut buf),
+        Err(AccessError::OutOfBounds {
+            offset: 4 * PAGE - 2,
+            len: 8,
+            size: 4 * PAGE
+        })
+    );
+    let no_mmap = b.create(PAGE, 0).unwrap();
+    assert!(matches!(
+        no_mmap.write_at(0, &[1]),
+        Err(AccessError::NotMappable { .. })
+    ));
+    // A mapping longer than the file: past the end is SIGBUS, the rest keeps its data.
+    let long = f.mmap(0, 8 * PAGE as usize, MapKind::Shared).unwrap();
+    assert!(long.probe_read(4 * PAGE as usize, 1).unwrap().is_sigbus());
+    assert_eq!(long.probe_read(100, 1).unwrap(), Probe::Done(vec![0xaa]));
+}
+
+#[test]
+fn fallocate_errnos_and_punch_hole() {
+    let b = backend_or_skip!();
+    let f = b.create(4 * PAGE, RW).unwrap();
+    const ZERO_RANGE: u32 = 0x10;
+    assert_eq!(errno(f.fallocate(0, 0, PAGE)), Errno::EOPNOTSUPP, "mode 0");
+    assert_eq!(
+        errno(f.fallocate(FALLOC_FL_PUNCH_HOLE, 0, PAGE)),
+        Errno::EOPNOTSUPP,
+        "PUNCH_HOLE without KEEP_SIZE"
+    );
+    assert_eq!(
+        errno(f.fallocate(ZERO_RANGE | FALLOC_FL_KEEP_SIZE, 0, PAGE)),
+        Errno::EOPNOTSUPP,
+        "ZERO_RANGE"
+    );
+    for (off, len) in [
+        (0, 1),
+        (0, PAGE - 1),
+        (1, PAGE),
+        (0, PAGE + 1),
+        (PAGE / 2, PAGE),
+    ] {
+        assert_eq!(
+            errno(f.punch_hole(off, len)),
+            Errno::EINVAL,
+            "punch {off} {len}"
+        );
+        assert_eq!(
+            errno(f.allocate(off, len)),
+            Errno::EINVAL,
+            "alloc {off} {len}"
+        );
+    }
+    assert_eq!(
+        errno(f.allocate(4 * PAGE, PAGE)),
+        Errno::EINVAL,
+        "alloc at the end"
+    );
+    assert_eq!(
+        errno(f.allocate(3 * PAGE, 2 * PAGE)),
+        Errno::EINVAL,
+        "alloc past the end"
+    );
+    f.punch_hole(4 * PAGE, PAGE).unwrap();
+    f.allocate(0, 4 * PAGE).unwrap();
+
+    let m = f.mmap_all().unwrap();
+    m.write_volatile(0, &[0xcc; 2 * PAGE as usize]).unwrap();
+    f.punch_hole(PAGE, PAGE).unwrap();
+    let mut page = vec![0u8; PAGE as usize];
+    m.read_volatile(PAGE as usize, &mut page).unwrap();
+    assert!(page.iter().all(|&b| b == 0), "punched page reads 0");
+    f.read_at(0, &mut page).unwrap();
+    assert!(page.iter().all(|&b| b == 0xcc), "neighbour kept");
+    // Punch-hole keeps the attributes (they belong to the file).
+    assert_eq!(f.attributes(PAGE).unwrap(), 0);
+}
+
+#[test]
+fn stat_reports_size_blksize_and_distinct_inodes() {
+    let b = backend_or_skip!();
+    let f = b.create(3 * PAGE, 0).unwrap();
+    let g = b.create(PAGE, RW).unwrap();
+    let (sf, sg) = (f.stat().unwrap(), g.stat().unwrap());
+    assert_eq!(sf.size, 3 * PAGE);
+    assert_eq!(sf.blksize, PAGE);
+    assert_eq!(sg.size, PAGE);
+    assert_ne!(sf.ino, sg.ino);
+}
+
+#[test]
+fn conversion_returns_the_kernels_answer() {
+    let b = backend_or_skip!();
+    let f = b.create(2 * PAGE, RW).unwrap();
+    let support = b.conversion_support();
+    if b.conversion_revision().is_some() {
+        // A kernel with the series: a real round trip.
+        assert!(support.is_ok(), "{support:?}");
+        f.set_private(0, PAGE).unwrap();
+        assert_eq!(f.attributes(0).unwrap(), KVM_MEMORY_ATTRIBUTE_PRIVATE);
+        assert!(f.mmap_all().unwrap().probe_read(0, 1).unwrap().is_sigbus());
+        f.set_shared(0, PAGE).unwrap();
+        return;
+    }
+    // This host: no conversion ioctl. The kernel's answer comes back, nothing is emulated.
+    let e = f.set_private(0, PAGE).unwrap_err();
+    assert_eq!(e.errno, Errno::ENOTTY);
+    assert_eq!(e.error_offset, 0);
+    assert_eq!(f.attributes(0).unwrap(), 0, "the mirror did not change");
+    assert_eq!(f.set_shared(0, PAGE).unwrap_err().errno, Errno::ENOTTY);
+    let why = support.unwrap_err().to_string();
+    for needle in [
+        "KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES",
+        "249 in v7",
+        "250 in v8",
+        "ENOTTY",
+    ] {
+        assert!(why.contains(needle), "{needle:?} missing from {why:?}");
+    }
+    let u = b.conversion_unsupported().unwrap();
+    assert_eq!(u.cap_values.len(), SeriesRevision::ALL.len());
+}
+
+#[test]
+fn pins_are_real_vmsplice_references() {
+    let b = backend_or_skip!();
+    let f = b.create(1024 * PAGE, RW).unwrap();
+    f.write_at(PAGE, &[0x5a; 16]).unwrap();
+    // One page, and 4 MiB (more than one default-sized pipe holds).
+    let pin = f.pin(PAGE, PAGE).unwrap();
+    assert_eq!((pin.offset(), pin.len()), (PAGE, PAGE));
+    let big = f.pin(0, 1024 * PAGE).unwrap();
+    assert_eq!(big.len(), 1024 * PAGE);
+    // Here a pin blocks nothing: conversion is ENOTTY either way, punch-hole works.
+    if b.conversion_revision().is_none() {
+        assert_eq!(f.set_private(PAGE, PAGE).unwrap_err().errno, Errno::ENOTTY);
+    } else {
+        let e = f.set_private(0, 2 * PAGE).unwrap_err();
+        assert_eq!((e.errno, e.error_offset), (Errno::EAGAIN, 0));
+    }
+    f.write_at(PAGE, &[0x77; 4]).unwrap();
+    f.punch_hole(2 * PAGE, PAGE).unwrap();
+    drop(pin);
+    drop(big);
+
+    // GUP on a private page fails: the kernel answers EFAULT.
+    let private = b.create(2 * PAGE, GUEST_MEMFD_FLAG_MMAP).unwrap();
+    assert_eq!(errno(private.pin(0, PAGE)), Errno::EFAULT);
+    // Without MMAP there is no address to pin.
+    let no_mmap = b.create(PAGE, 0).unwrap();
+    assert_eq!(errno(no_mmap.pin(0, PAGE)), Errno::EFAULT);
+    assert_eq!(
+        errno(f.pin(1024 * PAGE, PAGE)),
+        Errno::EFAULT,
+        "past the end"
+    );
+    assert_eq!(errno(f.pin(0, 0)), Errno::EINVAL);
+}
+
+#[test]
+fn files_belong_to_their_vm_and_keep_it_alive() {
+    let b = backend_or_skip!();
+    let other = KernelBackend::new().unwrap();
+    let f = b.create_guest_memfd(PAGE, RW).unwrap();
+    assert!(f.belongs_to(&b));
+    assert!(!f.belongs_to(&other));
+    let dynf: std::sync::Arc<dyn GuestMemfd> = b.create(PAGE, RW).unwrap();
+    match dynf.memslot_source().unwrap() {
+        gmem::MemslotSource::GuestMemfd { vm, .. } => assert!(std::ptr::eq(vm, b.vm_fd())),
+        other => panic!("a kernel file binds as {other:?}"),
+    }
+    drop(b);
+    f.write_at(0, &[1, 2, 3]).unwrap();
+    let mut buf = [0u8; 3];
+    f.read_at(0, &mut buf).unwrap();
+    assert_eq!(buf, [1, 2, 3]);
+}
+
+/// The backend-generic conformance cases on the real guest_memfd: every case passes or is
+/// skipped for a capability this host lacks (conversion, a guest); none fails.
+#[test]
+fn conformance_cases_pass_or_skip_with_the_missing_capability() {
+    use gmem_check::conformance::{cases, Ctx, Outcome};
+    let b = backend_or_skip!();
+    let convert = b.conversion_support();
+    let ctx = Ctx {
+        backend: std::sync::Arc::new(b),
+        guest: None,
+    };
+    let mut passed = 0;
+    for case in cases() {
+        match ctx.run(&case) {
+            Outcome::Pass => passed += 1,
+            Outcome::Skip(why) => println!("skipped: {} ({why})", case.name),
+            Outcome::Fail(why) => panic!("{} failed on the kernel backend: {why}", case.name),
+        }
+    }
+    // The guest_memfd_test cases that need neither conversion nor a guest.
+    assert!(passed >= 11, "only {passed} cases passed");
+    if let Err(why) = convert {
+        println!("kernel conversion: {why}");
+    }
+}

@@ -1,0 +1,308 @@
+//! How a check drives a guest: [`GuestPort`] (the guest's reads and writes of a file) and
+//! [`VmPort`] (memslots and a vCPU's loads), played by the emulated file's guest view
+//! ([`InternalGuest`]) or by a real vCPU ([`VcpuGuest`]).
+//!
+//! [`VcpuGuest`] owns a one-vCPU [`Vm`]. A guest read or write of a file binds the file (once)
+//! in the upper half of the data window and runs a short program at CPL3 that copies between
+//! the file's pages and a bounce buffer in system memory (`rep movsb`), so every guest access
+//! of a case goes through KVM's memslot and the vCPU's page tables. [`VmPort`] binds at the
+//! GPAs the case chooses and reports how a vCPU's load ended (value, MMIO, memory fault).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use crate::backing::in_place;
+use crate::guest::{self, GuestProgram, RequestPath};
+use crate::{Event, Stop, Vcpu, Vm, VmError};
+use gmem::file::{BackendKind, GuestMemfd};
+use gmem::kernel::KernelBackend;
+use gmem::sys::PAGE_SIZE;
+
+/// Plays the guest's part of a case: accesses that the guest makes, which see private pages.
+pub trait GuestPort: Send + Sync + fmt::Debug {
+    /// Reads `len` bytes at file offset `offset` as the guest.
+    fn read(&self, file: &dyn GuestMemfd, offset: u64, len: usize) -> Result<Vec<u8>, String>;
+    /// Writes `data` at file offset `offset` as the guest.
+    fn write(&self, file: &dyn GuestMemfd, offset: u64, data: &[u8]) -> Result<(), String>;
+
+    /// A VM that runs real guest code on the files, if this guest has one (cases that need
+    /// `Need::Vm`).
+    fn vm(&self) -> Option<&dyn VmPort> {
+        None
+    }
+}
+
+/// What a vCPU's access ended with ([`VmPort::guest_read_u64`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmAccess {
+    /// The access completed and read this value.
+    Value(u64),
+    /// `KVM_EXIT_MEMORY_FAULT` (KVM_RUN returned -1/EFAULT).
+    MemoryFault {
+        /// `memory_fault.flags` (`KVM_MEMORY_EXIT_FLAG_PRIVATE`).
+        flags: u64,
+        /// `memory_fault.gpa`.
+        gpa: u64,
+        /// `memory_fault.size`.
+        size: u64,
+    },
+    /// `KVM_EXIT_MMIO`: the access was emulated as MMIO.
+    Mmio {
+        /// `mmio.phys_addr`.
+        phys_addr: u64,
+        /// `mmio.len`.
+        len: u32,
+        /// `mmio.is_write`.
+        is_write: bool,
+    },
+    /// Any other exit, described.
+    Other(String),
+}
+
+/// A VM with memslots over guest_memfd files and a vCPU that runs guest code (kernel-spec
+/// §4.4). Provided by a [`GuestPort`] through [`GuestPort::vm`].
+pub trait VmPort: Send + Sync + fmt::Debug {
+    /// Binds `[offset, offset + size)` of `file` at guest physical address `gpa`; returns the
+    /// memslot.
+    fn bind(
+        &self,
+        file: &Arc<dyn GuestMemfd>,
+        gpa: u64,
+        offset: u64,
+        size: u64,
+    ) -> Result<u32, String>;
+    /// Deletes memslot `slot`.
+    fn unbind(&self, slot: u32) -> Result<(), String>;
+    /// Runs a vCPU that loads 8 bytes at `gpa` (a private access where the page is private),
+    /// and reports how the access ended.
+    fn guest_read_u64(&self, gpa: u64) -> Result<VmAccess, String>;
+}
+
+/// The guest played through the emulated file's internal guest view (no vCPU).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct InternalGuest;
+
+impl GuestPort for InternalGuest {
+    fn read(&self, file: &dyn GuestMemfd, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+        let mut buf = vec![0u8; len];
+        file.guest_read(offset, &mut buf)
+            .map_err(|e| format!("guest read at {offset:#x}: {e}"))?;
+        Ok(buf)
+    }
+
+    fn write(&self, file: &dyn GuestMemfd, offset: u64, data: &[u8]) -> Result<(), String> {
+        file.guest_write(offset, data)
+            .map_err(|e| format!("guest write at {offset:#x}: {e}"))
+    }
+}
+
+/// Where [`GuestPort`] accesses bind files: the upper half of the data window, clear of the
+/// GPAs cases choose for [`VmPort::bind`].
+const AUTO_BASE: u64 = guest::DATA_GPA + guest::MAX_DATA_SIZE / 2;
+const AUTO_END: u64 = guest::DATA_GPA + guest::MAX_DATA_SIZE;
+
+struct State {
+    vcpu: Vcpu,
+    /// (backend, inode) → (slot, gpa) of files bound for guest accesses.
+    auto: HashMap<(BackendKind, u64), (u32, u64)>,
+    next_gpa: u64,
+}
+
+/// The guest of the conformance cases, played by a real vCPU.
+pub struct VcpuGuest {
+    vm: Vm,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for VcpuGuest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuGuest").field("vm", &self.vm).finish()
+    }
+}
+
+impl VcpuGuest {
+    /// A vCPU guest for emulated files.
+    pub fn emulated() -> Result<Arc<VcpuGuest>, VmError> {
+        Self::with_vm(Vm::new(1)?)
+    }
+
+    /// A vCPU guest for the kernel backend's files (bound in its VM).
+    pub fn kernel(backend: &KernelBackend) -> Result<Arc<VcpuGuest>, VmError> {
+        Self::with_vm(Vm::on_kernel_backend(backend, 1)?)
+    }
+
+    fn with_vm(vm: Vm) -> Result<Arc<VcpuGuest>, VmError> {
+        // Cases observe memory faults; they are not served behind their back.
+        vm.set_memory_fault_conversion(false);
+        let mut p = GuestProgram::new(0, RequestPath::Port);
+        p.done();
+        let vcpu = vm.create_vcpu(0, p.finish()?)?;
+        Ok(Arc::new(VcpuGuest {
+            vm,
+            state: Mutex::new(State {
+                vcpu,
+                auto: HashMap::new(),
+                next_gpa: AUTO_BASE,
+            }),
+        }))
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The GPA of `file`'s offset 0, binding the file first if needed.
+    fn gpa_of(&self, st: &mut State, file: &dyn GuestMemfd) -> Result<u64, String> {
+        let ino = file.stat().map_err(|e| format!("fstat: {e}"))?.ino;
+        let key = (file.backend(), ino);
+        if let Some(&(_, gpa)) = st.auto.get(&key) {
+            return Ok(gpa);
+        }
+        let gf = in_place(file.clone_arc()).map_err(|e| format!("mapping the file: {e}"))?;
+        let size = file.size().div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        if st.next_gpa + size > AUTO_END {
+            // Out of room: release every automatic binding and start over.
+            for (_, (slot, _)) in st.auto.drain() {
+                self.vm.unbind(slot).map_err(|e| e.to_string())?;
+            }
+            st.next_gpa = AUTO_BASE;
+            if st.next_gpa + size > AUTO_END {
+                return Err(format!(
+                    "a file of {size:#x} bytes does not fit the vCPU guest's window of {:#x}",
+                    AUTO_END - AUTO_BASE
+                ));
+            }
+        }
+        let gpa = st.next_gpa;
+        let slot = self.vm.bind(gpa, &gf, 0, size).map_err(|e| e.to_string())?;
+        st.next_gpa += size;
+        st.auto.insert(key, (slot, gpa));
+        Ok(gpa)
+    }
+
+    fn run_program(&self, st: &mut State, p: GuestProgram) -> Result<Stop, String> {
+        let program = p.finish().map_err(|e| e.to_string())?;
+        st.vcpu.load(&self.vm, program).map_err(|e| e.to_string())?;
+        st.vcpu.run_until_stop(&self.vm).map_err(|e| e.to_string())
+    }
+
+    fn copy(
+        &self,
+        file: &dyn GuestMemfd,
+        offset: u64,
+        len: usize,
+        to_file: Option<&[u8]>,
+    ) -> Result<Vec<u8>, String> {
+        let end = offset
+            .checked_add(len as u64)
+            .filter(|&e| e <= file.size())
+            .ok_or_else(|| {
+                format!(
+                    "guest access [{offset:#x}, +{len:#x}) is outside the file (size {:#x})",
+                    file.size()
+                )
+            })?;
+        let mut st = self.lock();
+        let base = self.gpa_of(&mut st, file)?;
+        let bounce = guest::bounce_gpa(0);
+        let mut out = Vec::with_capacity(if to_file.is_some() { 0 } else { len });
+        let mut at = offset;
+        while at < end {
+            let n = (end - at).min(guest::BOUNCE_SIZE);
+            let done = (at - offset) as usize;
+            let chunk = n as usize;
+            let mut p = GuestProgram::new(0, RequestPath::Port);
+            if let Some(data) = to_file {
+                self.vm
+                    .write_system(bounce, &data[done..done + chunk])
+                    .map_err(|e| e.to_string())?;
+                p.copy(bounce, base + at, n);
+            } else {
+                p.copy(base + at, bounce, n);
+            }
+            p.done();
+            match self.run_program(&mut st, p)? {
+                Stop::Event(Event::Done) => {}
+                other => {
+                    return Err(format!(
+                        "guest {} of [{at:#x}, +{n:#x}) ended with {other:?}",
+                        if to_file.is_some() { "write" } else { "read" }
+                    ))
+                }
+            }
+            if to_file.is_none() {
+                let mut buf = vec![0u8; chunk];
+                self.vm
+                    .read_system(bounce, &mut buf)
+                    .map_err(|e| e.to_string())?;
+                out.extend_from_slice(&buf);
+            }
+            at += n;
+        }
+        Ok(out)
+    }
+}
+
+impl GuestPort for VcpuGuest {
+    fn read(&self, file: &dyn GuestMemfd, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+        self.copy(file, offset, len, None)
+    }
+
+    fn write(&self, file: &dyn GuestMemfd, offset: u64, data: &[u8]) -> Result<(), String> {
+        self.copy(file, offset, data.len(), Some(data)).map(|_| ())
+    }
+
+    fn vm(&self) -> Option<&dyn VmPort> {
+        Some(self)
+    }
+}
+
+impl VmPort for VcpuGuest {
+    fn bind(
+        &self,
+        file: &Arc<dyn GuestMemfd>,
+        gpa: u64,
+        offset: u64,
+        size: u64,
+    ) -> Result<u32, String> {
+        let gf = in_place(Arc::clone(file)).map_err(|e| format!("mapping the file: {e}"))?;
+        self.vm
+            .bind(gpa, &gf, offset, size)
+            .map_err(|e| e.to_string())
+    }
+
+    fn unbind(&self, slot: u32) -> Result<(), String> {
+        self.vm.unbind(slot).map_err(|e| e.to_string())
+    }
+
+    fn guest_read_u64(&self, gpa: u64) -> Result<VmAccess, String> {
+        let mut st = self.lock();
+        let mut p = GuestProgram::new(0, RequestPath::Port);
+        p.load_u64(gpa);
+        p.done();
+        Ok(match self.run_program(&mut st, p)? {
+            Stop::Event(Event::Done) => {
+                VmAccess::Value(st.vcpu.regs().map_err(|e| e.to_string())?.rax)
+            }
+            Stop::Mmio {
+                phys_addr,
+                len,
+                is_write,
+            } => VmAccess::Mmio {
+                phys_addr,
+                len,
+                is_write,
+            },
+            Stop::MemoryFault { flags, gpa, size } => VmAccess::MemoryFault { flags, gpa, size },
+            other => VmAccess::Other(format!("{other:?}")),
+        })
+    }
+}
