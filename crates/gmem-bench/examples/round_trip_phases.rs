@@ -7,11 +7,7 @@ use std::time::Instant;
 
 use gmem_bench::comparison::create_backing;
 use gmem_vmm::backing::BackingKind;
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
+use gmem_vmm::stats::median;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let len = 2u64 << 20;

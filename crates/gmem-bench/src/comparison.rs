@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use std::sync::Arc;
 
-use crate::floor::{median, Figure};
+use crate::floor::Figure;
 use gmem::emulated::EmulatedGuestMemfd;
 use gmem::error::{ConversionError, Errno, KernelResult};
 use gmem::file::{BackendKind, GuestMemfd};
@@ -29,6 +29,7 @@ use gmem::kernel::KernelBackend;
 use gmem::sys::PAGE_SIZE;
 use gmem::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_MEM_GUEST_MEMFD};
 use gmem_vmm::backing::{in_place, BackingKind, GuestBacking, InPlace};
+use gmem_vmm::stats::{median, time_us};
 use gmem_vmm::two_backing::{TwoBacking, TwoBackingOptions};
 
 /// Unit of a measurement's two figures.
@@ -166,12 +167,6 @@ pub fn create_backing(
             )?,
         ),
     })
-}
-
-fn time_us(f: impl FnOnce() -> KernelResult<()>) -> KernelResult<f64> {
-    let t = Instant::now();
-    f()?;
-    Ok(t.elapsed().as_secs_f64() * 1e6)
 }
 
 /// Medians per model: [to_private populated, to_shared populated, to_private unpopulated,

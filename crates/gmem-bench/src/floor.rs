@@ -9,13 +9,14 @@
 //! range.
 
 use std::os::fd::AsFd;
-use std::time::Instant;
 
 use gmem::emulated::{EmulatedGuestMemfd, EmulatedOptions, Revocation};
 use gmem::error::{Errno, KernelResult};
 use gmem::file::GuestMemfd;
 use gmem::sys::{self, Mmap, PAGE_SIZE};
 use gmem::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
+pub use gmem_vmm::stats::median;
+use gmem_vmm::stats::time_us;
 
 /// One measured figure beside its baseline.
 #[derive(Debug, Clone)]
@@ -39,26 +40,6 @@ impl Figure {
             f64::INFINITY
         }
     }
-}
-
-/// The median of `v` (sorted in place).
-pub fn median(v: &mut [f64]) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn time_us(f: impl FnOnce() -> KernelResult<()>) -> KernelResult<f64> {
-    let t = Instant::now();
-    f()?;
-    Ok(t.elapsed().as_secs_f64() * 1e6)
 }
 
 /// Sizes measured: (label, bytes, samples).

@@ -31,6 +31,7 @@ use gmem::uapi::{
 };
 use gmem_vmm::backing::{in_place, BackingKind, GuestBacking};
 use gmem_vmm::guest::DATA_GPA;
+use gmem_vmm::stats::median_ns_as_us;
 use gmem_vmm::two_backing::{TwoBacking, TwoBackingOptions};
 use gmem_vmm::{
     ConvertRequest, Event, GuestProgram, RequestPath, Vm, VmError, REQUEST_FLAG_FALLOCATE,
@@ -552,14 +553,6 @@ fn host_step(file: &dyn GuestBacking, step: HostStep, t: &mut Tally) {
     }
 }
 
-fn median(v: &mut [u64]) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_unstable();
-    v[v.len() / 2] as f64 / 1000.0
-}
-
 /// Runs the workload.
 pub fn run(config: &Config) -> Result<Report, WorkloadError> {
     let start = Instant::now();
@@ -818,9 +811,9 @@ fn run_kvm(
         all.conv.extend(t.conv);
     }
     let stats = vm.stats();
-    let exit_rt = median(&mut all.exit_rt);
-    let conv_rt = median(&mut all.conv_rt);
-    let conv = median(&mut all.conv);
+    let exit_rt = median_ns_as_us(&all.exit_rt);
+    let conv_rt = median_ns_as_us(&all.conv_rt);
+    let conv = median_ns_as_us(&all.conv);
     Ok(Report {
         content_checks: all.content_checks,
         mode: "kvm".into(),
@@ -959,7 +952,7 @@ fn run_host_driven(
             }
         }
     }
-    let conv = median(&mut t.conv);
+    let conv = median_ns_as_us(&t.conv);
     Ok(Report {
         content_checks: t.content_checks,
         mode: "host-driven".into(),

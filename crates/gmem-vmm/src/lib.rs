@@ -48,6 +48,7 @@ pub mod asm;
 pub mod backing;
 pub mod guest;
 pub mod port;
+pub mod stats;
 pub mod two_backing;
 mod vcpu;
 
@@ -583,11 +584,7 @@ impl Vm {
 
     /// The pieces `(file, file offset, gpa, len)` of `[gpa, gpa + size)`; EINVAL unless every
     /// byte is bound.
-    fn segments(
-        &self,
-        gpa: u64,
-        size: u64,
-    ) -> KernelResult<Vec<Segment>> {
+    fn segments(&self, gpa: u64, size: u64) -> KernelResult<Vec<Segment>> {
         let end = gpa.checked_add(size).ok_or(Errno::EINVAL)?;
         let slots = self
             .slots
