@@ -732,7 +732,7 @@ fn vcpu_round_trip(kind: BackingKind, len: u64, reps: usize) -> Result<f64, Stri
 
 /// The guest-driven round trips, in-place against both two-backing variants.
 fn vcpu_round_trips(quick: bool) -> Result<Vec<Measurement>, String> {
-    gmem_vmm::kvm_available()?;
+    gmem_vmm::kvm_available().map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     let sizes: [(&str, u64, usize); 2] = [
         ("4KiB", PAGE_SIZE, if quick { 51 } else { 201 }),

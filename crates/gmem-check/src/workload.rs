@@ -626,7 +626,7 @@ fn run_inner(config: &Config) -> Result<Report, WorkloadError> {
                     let vm = Vm::new(config.vcpus)?;
                     run_kvm(config, &vm, file, kvm_probe(config))
                 }
-                Err(why) => run_host_driven(config, &file, why),
+                Err(why) => run_host_driven(config, &file, why.to_string()),
             }
         }
         BackingKind::InPlace(BackendKind::Kernel) => {
@@ -670,7 +670,7 @@ fn run_inner(config: &Config) -> Result<Report, WorkloadError> {
                     let vm = Vm::new(config.vcpus)?;
                     run_kvm(config, &vm, file, kvm_probe(config))
                 }
-                Err(why) => run_host_driven(config, &file, why),
+                Err(why) => run_host_driven(config, &file, why.to_string()),
             }
         }
     }

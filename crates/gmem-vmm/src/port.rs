@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::backing::in_place;
 use crate::guest::{self, GuestProgram, RequestPath};
-use crate::{Event, Stop, Vcpu, Vm, VmError};
+use crate::{Event, PortError, Stop, Vcpu, Vm, VmError};
 use gmem::file::{BackendKind, GuestMemfd};
 use gmem::kernel::KernelBackend;
 use gmem::sys::PAGE_SIZE;
@@ -22,9 +22,9 @@ use gmem::sys::PAGE_SIZE;
 /// Plays the guest's part of a case: accesses that the guest makes, which see private pages.
 pub trait GuestPort: Send + Sync + fmt::Debug {
     /// Reads `len` bytes at file offset `offset` as the guest.
-    fn read(&self, file: &dyn GuestMemfd, offset: u64, len: usize) -> Result<Vec<u8>, String>;
+    fn read(&self, file: &dyn GuestMemfd, offset: u64, len: usize) -> Result<Vec<u8>, PortError>;
     /// Writes `data` at file offset `offset` as the guest.
-    fn write(&self, file: &dyn GuestMemfd, offset: u64, data: &[u8]) -> Result<(), String>;
+    fn write(&self, file: &dyn GuestMemfd, offset: u64, data: &[u8]) -> Result<(), PortError>;
 
     /// A VM that runs real guest code on the files, if this guest has one (cases that need
     /// `Need::Vm`).
@@ -71,12 +71,12 @@ pub trait VmPort: Send + Sync + fmt::Debug {
         gpa: u64,
         offset: u64,
         size: u64,
-    ) -> Result<u32, String>;
+    ) -> Result<u32, PortError>;
     /// Deletes memslot `slot`.
-    fn unbind(&self, slot: u32) -> Result<(), String>;
+    fn unbind(&self, slot: u32) -> Result<(), PortError>;
     /// Runs a vCPU that loads 8 bytes at `gpa` (a private access where the page is private),
     /// and reports how the access ended.
-    fn guest_read_u64(&self, gpa: u64) -> Result<VmAccess, String>;
+    fn guest_read_u64(&self, gpa: u64) -> Result<VmAccess, PortError>;
 }
 
 /// The guest played through the emulated file's internal guest view (no vCPU).
@@ -84,16 +84,24 @@ pub trait VmPort: Send + Sync + fmt::Debug {
 pub struct InternalGuest;
 
 impl GuestPort for InternalGuest {
-    fn read(&self, file: &dyn GuestMemfd, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+    fn read(&self, file: &dyn GuestMemfd, offset: u64, len: usize) -> Result<Vec<u8>, PortError> {
         let mut buf = vec![0u8; len];
         file.guest_read(offset, &mut buf)
-            .map_err(|e| format!("guest read at {offset:#x}: {e}"))?;
+            .map_err(|errno| PortError::Access {
+                op: "read",
+                offset,
+                errno,
+            })?;
         Ok(buf)
     }
 
-    fn write(&self, file: &dyn GuestMemfd, offset: u64, data: &[u8]) -> Result<(), String> {
+    fn write(&self, file: &dyn GuestMemfd, offset: u64, data: &[u8]) -> Result<(), PortError> {
         file.guest_write(offset, data)
-            .map_err(|e| format!("guest write at {offset:#x}: {e}"))
+            .map_err(|errno| PortError::Access {
+                op: "write",
+                offset,
+                errno,
+            })
     }
 }
 
@@ -160,38 +168,42 @@ impl VcpuGuest {
     }
 
     /// The GPA of `file`'s offset 0, binding the file first if needed.
-    fn gpa_of(&self, st: &mut State, file: &dyn GuestMemfd) -> Result<u64, String> {
-        let ino = file.stat().map_err(|e| format!("fstat: {e}"))?.ino;
+    fn gpa_of(&self, st: &mut State, file: &dyn GuestMemfd) -> Result<u64, PortError> {
+        let ino = file
+            .stat()
+            .map_err(|e| PortError::Binding(format!("fstat: {e}")))?
+            .ino;
         let key = (file.backend(), ino);
         if let Some(&(_, gpa)) = st.auto.get(&key) {
             return Ok(gpa);
         }
-        let gf = in_place(file.clone_arc()).map_err(|e| format!("mapping the file: {e}"))?;
+        let gf = in_place(file.clone_arc())
+            .map_err(|e| PortError::Binding(format!("mapping the file: {e}")))?;
         let size = file.size().div_ceil(PAGE_SIZE) * PAGE_SIZE;
         if st.next_gpa + size > AUTO_END {
             // Out of room: release every automatic binding and start over.
             for (_, (slot, _)) in st.auto.drain() {
-                self.vm.unbind(slot).map_err(|e| e.to_string())?;
+                self.vm.unbind(slot).map_err(PortError::from)?;
             }
             st.next_gpa = AUTO_BASE;
             if st.next_gpa + size > AUTO_END {
-                return Err(format!(
+                return Err(PortError::Binding(format!(
                     "a file of {size:#x} bytes does not fit the vCPU guest's window of {:#x}",
                     AUTO_END - AUTO_BASE
-                ));
+                )));
             }
         }
         let gpa = st.next_gpa;
-        let slot = self.vm.bind(gpa, &gf, 0, size).map_err(|e| e.to_string())?;
+        let slot = self.vm.bind(gpa, &gf, 0, size).map_err(PortError::from)?;
         st.next_gpa += size;
         st.auto.insert(key, (slot, gpa));
         Ok(gpa)
     }
 
-    fn run_program(&self, st: &mut State, p: GuestProgram) -> Result<Stop, String> {
-        let program = p.finish().map_err(|e| e.to_string())?;
-        st.vcpu.load(&self.vm, program).map_err(|e| e.to_string())?;
-        st.vcpu.run_until_stop(&self.vm).map_err(|e| e.to_string())
+    fn run_program(&self, st: &mut State, p: GuestProgram) -> Result<Stop, PortError> {
+        let program = p.finish().map_err(PortError::from)?;
+        st.vcpu.load(&self.vm, program).map_err(PortError::from)?;
+        st.vcpu.run_until_stop(&self.vm).map_err(PortError::from)
     }
 
     fn copy(
@@ -200,15 +212,14 @@ impl VcpuGuest {
         offset: u64,
         len: usize,
         to_file: Option<&[u8]>,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Vec<u8>, PortError> {
         let end = offset
             .checked_add(len as u64)
             .filter(|&e| e <= file.size())
-            .ok_or_else(|| {
-                format!(
-                    "guest access [{offset:#x}, +{len:#x}) is outside the file (size {:#x})",
-                    file.size()
-                )
+            .ok_or(PortError::OutOfBounds {
+                offset,
+                len: len as u64,
+                size: file.size(),
             })?;
         let mut st = self.lock();
         let base = self.gpa_of(&mut st, file)?;
@@ -223,7 +234,7 @@ impl VcpuGuest {
             if let Some(data) = to_file {
                 self.vm
                     .write_system(bounce, &data[done..done + chunk])
-                    .map_err(|e| e.to_string())?;
+                    .map_err(PortError::from)?;
                 p.copy(bounce, base + at, n);
             } else {
                 p.copy(base + at, bounce, n);
@@ -232,17 +243,19 @@ impl VcpuGuest {
             match self.run_program(&mut st, p)? {
                 Stop::Event(Event::Done) => {}
                 other => {
-                    return Err(format!(
-                        "guest {} of [{at:#x}, +{n:#x}) ended with {other:?}",
-                        if to_file.is_some() { "write" } else { "read" }
-                    ))
+                    return Err(PortError::UnexpectedStop {
+                        op: if to_file.is_some() { "write" } else { "read" },
+                        gpa: base + at,
+                        len: n,
+                        stop: format!("{other:?}"),
+                    })
                 }
             }
             if to_file.is_none() {
                 let mut buf = vec![0u8; chunk];
                 self.vm
                     .read_system(bounce, &mut buf)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(PortError::from)?;
                 out.extend_from_slice(&buf);
             }
             at += n;
@@ -252,11 +265,11 @@ impl VcpuGuest {
 }
 
 impl GuestPort for VcpuGuest {
-    fn read(&self, file: &dyn GuestMemfd, offset: u64, len: usize) -> Result<Vec<u8>, String> {
+    fn read(&self, file: &dyn GuestMemfd, offset: u64, len: usize) -> Result<Vec<u8>, PortError> {
         self.copy(file, offset, len, None)
     }
 
-    fn write(&self, file: &dyn GuestMemfd, offset: u64, data: &[u8]) -> Result<(), String> {
+    fn write(&self, file: &dyn GuestMemfd, offset: u64, data: &[u8]) -> Result<(), PortError> {
         self.copy(file, offset, data.len(), Some(data)).map(|_| ())
     }
 
@@ -272,25 +285,26 @@ impl VmPort for VcpuGuest {
         gpa: u64,
         offset: u64,
         size: u64,
-    ) -> Result<u32, String> {
-        let gf = in_place(Arc::clone(file)).map_err(|e| format!("mapping the file: {e}"))?;
+    ) -> Result<u32, PortError> {
+        let gf = in_place(Arc::clone(file))
+            .map_err(|e| PortError::Binding(format!("mapping the file: {e}")))?;
         self.vm
             .bind(gpa, &gf, offset, size)
-            .map_err(|e| e.to_string())
+            .map_err(PortError::from)
     }
 
-    fn unbind(&self, slot: u32) -> Result<(), String> {
-        self.vm.unbind(slot).map_err(|e| e.to_string())
+    fn unbind(&self, slot: u32) -> Result<(), PortError> {
+        self.vm.unbind(slot).map_err(PortError::from)
     }
 
-    fn guest_read_u64(&self, gpa: u64) -> Result<VmAccess, String> {
+    fn guest_read_u64(&self, gpa: u64) -> Result<VmAccess, PortError> {
         let mut st = self.lock();
         let mut p = GuestProgram::new(0, RequestPath::Port);
         p.load_u64(gpa);
         p.done();
         Ok(match self.run_program(&mut st, p)? {
             Stop::Event(Event::Done) => {
-                VmAccess::Value(st.vcpu.regs().map_err(|e| e.to_string())?.rax)
+                VmAccess::Value(st.vcpu.regs().map_err(PortError::from)?.rax)
             }
             Stop::Mmio {
                 phys_addr,

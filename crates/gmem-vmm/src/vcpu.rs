@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use crate::error::HypercallExitError;
 use crate::guest::{self, Program, PORT_DONE, PORT_ENTER_CPL0, PORT_ENTER_CPL3, PORT_FAIL};
 use crate::guest::{PORT_MAP_GPA_RANGE, PORT_NOP, PORT_PUNCH_HOLE, PORT_SYNC};
 use crate::{hypercall_ret, Vm, VmError, REQUEST_FLAG_FALLOCATE, REQUEST_FLAG_TIMED};
@@ -436,16 +437,16 @@ pub(crate) fn install_kick_handler() {
     });
 }
 
-pub(crate) fn probe_hypercall_exit(timeout: Duration) -> Result<(), String> {
-    let vm = Vm::new(1).map_err(|e| e.to_string())?;
+pub(crate) fn probe_hypercall_exit(timeout: Duration) -> Result<(), HypercallExitError> {
+    let vm = Vm::new(1)?;
     vm.hypercall_exit_enabled()
-        .map_err(|e| format!("KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL) failed: {e}"))?;
+        .map_err(HypercallExitError::NotEnabled)?;
     let mut p = guest::GuestProgram::new(0, guest::RequestPath::Hypercall);
     // A request outside every memslot: the VMM answers -EINVAL, and nothing changes.
     p.map_gpa_range(guest::DATA_GPA, 1, 0, 0, -libc::EINVAL);
     p.done();
-    let program = p.finish().map_err(|e| e.to_string())?;
-    let mut vcpu = vm.create_vcpu(0, program).map_err(|e| e.to_string())?;
+    let program = p.finish()?;
+    let mut vcpu = vm.create_vcpu(0, program)?;
     install_kick_handler();
     let stop = AtomicBool::new(false);
     let (tx, rx) = mpsc::channel();
@@ -458,13 +459,13 @@ pub(crate) fn probe_hypercall_exit(timeout: Duration) -> Result<(), String> {
                 if stop.load(Ordering::SeqCst) {
                     let rip = vcpu.regs().map(|r| r.rip).unwrap_or(0);
                     let code = guest::code_gpa(0);
-                    return Err(format!(
+                    return Err(HypercallExitError::NotDelivered(format!(
                         "the guest's vmcall at CPL0 did not exit to userspace within \
                          {timeout:?} (vCPU stuck at rip {rip:#x}, code starts at {code:#x}; \
                          {hypercalls} KVM_EXIT_HYPERCALL seen). Where CPL0 code is emulated \
                          (PVM), KVM's instruction emulator handles vmcall as a hypercall \
                          instruction to patch and re-execute, never as a hypercall"
-                    ));
+                    )));
                 }
                 let before = vm.stats().exits;
                 match vcpu.run_once(&vm) {
@@ -472,11 +473,15 @@ pub(crate) fn probe_hypercall_exit(timeout: Duration) -> Result<(), String> {
                         return if vm.stats().requests_rejected > 0 {
                             Ok(())
                         } else {
-                            Err("the program ended without a hypercall".to_string())
+                            Err(HypercallExitError::NotDelivered(
+                                "the program ended without a hypercall".to_string(),
+                            ))
                         }
                     }
                     Ok(Step::Stop(Stop::Event(Event::Fail { .. }))) => {
-                        return Err("the hypercall's answer was not -EINVAL".to_string())
+                        return Err(HypercallExitError::NotDelivered(
+                            "the hypercall's answer was not -EINVAL".to_string(),
+                        ))
                     }
                     Ok(_) => {
                         if vm.stats().requests_rejected > 0 {
@@ -484,7 +489,7 @@ pub(crate) fn probe_hypercall_exit(timeout: Duration) -> Result<(), String> {
                         }
                         let _ = before;
                     }
-                    Err(e) => return Err(format!("{e}")),
+                    Err(e) => return Err(HypercallExitError::Vm(e)),
                 }
             }
         });
@@ -504,7 +509,10 @@ pub(crate) fn probe_hypercall_exit(timeout: Duration) -> Result<(), String> {
                 std::thread::sleep(Duration::from_millis(2));
             }
         }
-        h.join()
-            .unwrap_or_else(|_| Err("vCPU thread panicked".to_string()))
+        h.join().unwrap_or_else(|_| {
+            Err(HypercallExitError::NotDelivered(
+                "vCPU thread panicked".to_string(),
+            ))
+        })
     })
 }

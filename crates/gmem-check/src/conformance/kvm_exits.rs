@@ -34,13 +34,15 @@ pub(super) fn cases() -> Vec<Case> {
 fn private_access_memslot_deleted(ctx: &Ctx) -> CaseResult {
     let vm = ctx.guest.as_ref().and_then(|g| g.vm()).ok_or("no VM")?;
     let f = ctx.create(1, ctx.backend.supported_flags() & GUEST_MEMFD_FLAG_MMAP)?;
-    let slot = vm.bind(&f, TEST_GPA, 0, PAGE_SIZE)?;
-    let before = vm.guest_read_u64(TEST_GPA)?;
+    let slot = vm
+        .bind(&f, TEST_GPA, 0, PAGE_SIZE)
+        .map_err(|e| e.to_string())?;
+    let before = vm.guest_read_u64(TEST_GPA).map_err(|e| e.to_string())?;
     ensure(before == VmAccess::Value(0), || {
         format!("private read through the memslot: expected the value 0, got {before:?}")
     })?;
-    vm.unbind(slot)?;
-    let after = vm.guest_read_u64(TEST_GPA)?;
+    vm.unbind(slot).map_err(|e| e.to_string())?;
+    let after = vm.guest_read_u64(TEST_GPA).map_err(|e| e.to_string())?;
     let want = VmAccess::Mmio {
         phys_addr: TEST_GPA,
         len: 8,

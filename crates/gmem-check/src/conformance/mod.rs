@@ -265,7 +265,7 @@ impl Ctx {
     /// The guest reads the first byte of page `p`, checks it is `expect` and writes `write`.
     pub fn guest_rmw(&self, f: &dyn GuestMemfd, p: u64, expect: u8, write: u8) -> CaseResult {
         let g = self.guest()?;
-        let got = g.read(f, p * PAGE_SIZE, 1)?;
+        let got = g.read(f, p * PAGE_SIZE, 1).map_err(|e| e.to_string())?;
         ensure(got[0] == expect, || {
             format!(
                 "guest read of page {p}: expected {expect:#x}, got {:#x}",
@@ -273,6 +273,7 @@ impl Ctx {
             )
         })?;
         g.write(f, p * PAGE_SIZE, &[write])
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -68,11 +68,15 @@ fn e<T>(what: &str, r: Result<T, impl std::fmt::Display>) -> Result<T, String> {
 }
 
 fn guest_read(f: &EmulatedGuestMemfd, page: u64) -> Result<Vec<u8>, String> {
-    InternalGuest.read(f, page * PS, PAGE)
+    InternalGuest
+        .read(f, page * PS, PAGE)
+        .map_err(|e| e.to_string())
 }
 
 fn guest_write(f: &EmulatedGuestMemfd, page: u64, byte: u8) -> CaseResult {
-    InternalGuest.write(f, page * PS, &[byte; PAGE])
+    InternalGuest
+        .write(f, page * PS, &[byte; PAGE])
+        .map_err(|e| e.to_string())
 }
 
 fn host_read(f: &EmulatedGuestMemfd, page: u64) -> Result<Vec<u8>, String> {

@@ -121,7 +121,7 @@ impl Window<'_> {
     fn guest_fill(&self, off: u64, len: u64, byte: u8) -> CaseResult {
         let g = self.ctx.guest.as_deref().ok_or("no guest")?;
         g.write(&**self.f, self.base + off, &vec![byte; usize_of(len)?])
-            .map_err(|e| self.err(&e))
+            .map_err(|e| self.err(&e.to_string()))
     }
 
     fn guest_check(&self, off: u64, len: u64, byte: u8) -> CaseResult {
@@ -131,7 +131,7 @@ impl Window<'_> {
         let g = self.ctx.guest.as_deref().ok_or("no guest")?;
         let got = g
             .read(&**self.f, self.base + off, usize_of(len)?)
-            .map_err(|e| self.err(&e))?;
+            .map_err(|e| self.err(&e.to_string()))?;
         // Slice equality is a memcmp even in debug builds; look for the culprit only on failure.
         if got == vec![byte; got.len()] {
             return Ok(());
