@@ -11,9 +11,26 @@ mod io;
 mod probe;
 mod run;
 
-/// gmem: the shared/private memory model of Linux guest_memfd with in-place conversion.
+/// The top-level `--help` text after the one-line summary.
+const LONG_ABOUT: &str = "\
+gmem emulates the shared/private memory model of Linux guest_memfd with in-place conversion \
+(KVM_SET_MEMORY_ATTRIBUTES2 on the file), runs KVM guests that convert their memory, checks \
+backends against the kernel selftests, and measures in-place conversion against the \
+two-backing model VMMs ship today.
+
+Without /dev/kvm (or without access to it: add yourself to the kvm group) everything runs on \
+the emulated backend, with host-driven conversions in place of guests.";
+
+/// gmem: Linux guest_memfd in-place shared/private conversion, emulated and on KVM.
 #[derive(Debug, Parser)]
-#[command(name = "gmem", version, about)]
+#[command(
+    name = "gmem",
+    version,
+    about = "gmem: Linux guest_memfd in-place shared/private conversion, emulated and on KVM",
+    long_about = LONG_ABOUT,
+    after_help = "Writing to a closed pipe (gmem probe | head -1) ends gmem quietly, as SIGPIPE \
+                  ends other Unix tools. Exit status: 0 success, 1 failure, 2 usage error."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -35,7 +52,20 @@ enum Command {
     Run(run::Args),
 }
 
+/// Restores the default action of SIGPIPE (the Rust runtime ignores it), so that writing to a
+/// closed pipe ends the process quietly, as it does `cat` or `grep`, instead of making every
+/// `println!` panic with "failed printing to stdout: Broken pipe".
+fn restore_sigpipe() {
+    // SAFETY: signal(2) installs the default disposition, no handler code; it runs first in
+    // main, before any thread is started. gmem's own pipes (pins, forked children) keep both
+    // ends open while they write, so they never raise SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    restore_sigpipe();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench::run(&args),
