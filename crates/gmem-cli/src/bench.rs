@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use gmem::comparison::{self, Measurement, Options, Report, Unit};
 use serde_json::{json, Value};
 
+use crate::usage::UsageError;
+
 /// Arguments of `gmem bench`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -187,6 +189,18 @@ fn print_text(r: &Report, quick: bool) {
 }
 
 pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    // Open the plot's file before the benchmark, so that a bad path fails at once.
+    let mut plot = match &args.plot {
+        Some(path) => Some((
+            path,
+            std::fs::File::create(path).map_err(|source| UsageError::Unwritable {
+                flag: "--plot",
+                path: path.clone(),
+                source,
+            })?,
+        )),
+        None => None,
+    };
     let options = Options { quick: args.quick };
     let tty = std::io::stderr().is_terminal();
     let mut progress = |done: usize, total: usize, what: &str| {
@@ -209,8 +223,8 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         eprint!("\r\x1b[2K");
     }
     let report = report?;
-    if let Some(path) = &args.plot {
-        std::fs::write(path, comparison::svg(&report.curves))
+    if let Some((path, file)) = &mut plot {
+        file.write_all(comparison::svg(&report.curves).as_bytes())
             .map_err(|e| format!("writing the plot to {}: {e}", path.display()))?;
     }
     if args.json {

@@ -8,12 +8,24 @@ use gmem::{EmulatedGuestMemfd, GuestMemfd, Probe, PAGE_SIZE};
 /// Arguments of `gmem demo`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// File size in pages.
+    /// File size in 4 KiB pages (2 to 262144).
     #[arg(long, default_value_t = 4)]
     pages: u64,
 }
 
+/// Fewest pages: the walk converts pages 0 and 1 and pins page 1.
+const MIN_PAGES: u64 = 2;
+/// Most pages (1 GiB).
+const MAX_PAGES: u64 = 1 << 18;
+
 pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    crate::usage::in_range(
+        "--pages",
+        args.pages,
+        MIN_PAGES,
+        MAX_PAGES,
+        "the walk converts pages 0 and 1 and pins page 1; at most 1 GiB",
+    )?;
     let f = EmulatedGuestMemfd::create(
         args.pages * PAGE_SIZE,
         GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,

@@ -10,6 +10,7 @@ mod demo;
 mod io;
 mod probe;
 mod run;
+mod usage;
 
 /// The top-level `--help` text after the one-line summary.
 const LONG_ABOUT: &str = "\
@@ -79,7 +80,11 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("gmem: {e}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<usage::UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -9,6 +9,8 @@ use gmem::model::ModelKind;
 use gmem::workload::{self, Config, Report, TARGET_RATIO};
 use gmem::BackendKind;
 
+use crate::usage::{in_range, UsageError};
+
 /// Backends `gmem run` accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
@@ -169,6 +171,51 @@ fn print_summary(r: &Report) {
     }
 }
 
+/// Most seconds `--timeout-secs` accepts (a day).
+const MAX_TIMEOUT_SECS: u64 = 86_400;
+
+/// Checks every argument before any work starts; the message names the flag, the value and
+/// what is allowed.
+fn validate(args: &Args, config: &Config) -> Result<(), Box<dyn std::error::Error>> {
+    let max_vcpus = gmem::vm::guest::MAX_VCPUS as u64;
+    in_range("--vcpus", args.vcpus as u64, 1, max_vcpus, "")?;
+    let max_mib = gmem::vm::guest::MAX_DATA_SIZE >> 20;
+    let need = 4 * args.vcpus as u64;
+    in_range(
+        "--mem-mib",
+        args.mem_mib,
+        need,
+        max_mib,
+        &format!("{} vCPU(s) need 4 MiB each", args.vcpus),
+    )?;
+    if args.memslots == 0 || args.mem_mib % (2 * args.memslots) != 0 {
+        return Err(UsageError::value(
+            "--memslots",
+            args.memslots,
+            format!(
+                "must split --mem-mib {} into whole 2 MiB pieces (a divisor of {})",
+                args.mem_mib,
+                args.mem_mib / 2
+            ),
+        )
+        .into());
+    }
+    in_range("--timeout-secs", args.timeout_secs, 1, MAX_TIMEOUT_SECS, "")?;
+    let max = workload::max_samples(config)?;
+    in_range(
+        "--samples",
+        args.samples,
+        1,
+        max,
+        &format!(
+            "the timing loop is unrolled in each vCPU's guest program, whose code area of {} \
+             KiB holds at most {max}",
+            gmem::vm::guest::CODE_SIZE >> 10
+        ),
+    )?;
+    Ok(())
+}
+
 /// Runs `gmem run`.
 pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let config = Config {
@@ -194,6 +241,7 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             },
         },
     };
+    validate(args, &config)?;
     let report = workload::run(&config)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&to_json(&report))?);

@@ -68,3 +68,62 @@ fn top_level_help_says_what_gmem_is_and_lists_the_subcommands() {
         );
     }
 }
+
+/// Each bad argument is refused before any work, with status 2 and a message naming the
+/// flag, the value and what is allowed.
+#[test]
+fn bad_arguments_are_refused_up_front_naming_flag_value_and_limit() {
+    for (args, expect) in [
+        (&["run", "--samples", "0"][..], "--samples 0: allowed 1..="),
+        (
+            &["run", "--samples", "4906"],
+            "--samples 4906: allowed 1..=4905",
+        ),
+        (
+            &["run", "--samples", "100000000"],
+            "--samples 100000000: allowed 1..=",
+        ),
+        (&["run", "--vcpus", "0"], "--vcpus 0: allowed 1..=64"),
+        (&["run", "--vcpus", "65"], "--vcpus 65: allowed 1..=64"),
+        (&["run", "--mem-mib", "6"], "--mem-mib 6: allowed 8..=1024"),
+        (&["run", "--memslots", "0"], "--memslots 0:"),
+        (&["run", "--memslots", "3"], "--memslots 3:"),
+        (
+            &["run", "--timeout-secs", "0"],
+            "--timeout-secs 0: allowed 1..=",
+        ),
+        (&["demo", "--pages", "0"], "--pages 0: allowed 2..="),
+        (&["demo", "--pages", "1"], "--pages 1: allowed 2..="),
+        (
+            &["bench", "--plot", "/nonexistent/dir/p.svg"],
+            "--plot /nonexistent/dir/p.svg: cannot be written",
+        ),
+    ] {
+        let start = std::time::Instant::now();
+        let out = gmem(args);
+        let err = common::stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "gmem {args:?}: {err}");
+        assert!(err.contains(expect), "gmem {args:?}: {err}");
+        assert!(out.stdout.is_empty(), "gmem {args:?} printed results");
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "gmem {args:?} worked before refusing"
+        );
+    }
+}
+
+/// The largest `--samples` the limit names is accepted (the limit is the real one).
+#[test]
+fn the_samples_limit_is_accepted() {
+    let out = gmem(&[
+        "run",
+        "--samples",
+        "4905",
+        "--vcpus",
+        "1",
+        "--mem-mib",
+        "4",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+}
