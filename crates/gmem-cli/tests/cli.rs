@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
 
@@ -11,7 +12,11 @@ use common::gmem;
 /// Runs `gmem args` with its stdout on a pipe whose read end is already closed, as in
 /// `gmem ARGS | true` when `true` has exited first.
 fn into_closed_pipe(args: &[&str]) -> std::process::Output {
-    let (reader, writer) = std::io::pipe().expect("pipe");
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) writes two descriptors into `fds`, which has room for them.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe");
+    // SAFETY: both descriptors are new and owned by nothing else.
+    let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     drop(reader);
     Command::new(env!("CARGO_BIN_EXE_gmem"))
         .args(args)
