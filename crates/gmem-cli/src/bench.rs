@@ -16,13 +16,38 @@ pub struct Args {
     /// Fewer repetitions and no 1 GiB conversion (about a minute).
     #[arg(long)]
     quick: bool,
-    /// Print `{"results": [{"name", "median_us", "baseline", "baseline_median_us",
-    /// "ratio"}]}` (plus `unit`, `group`, `samples`; and `targets`, `skipped`).
+    /// Print one JSON object: `version`, `quick`, `results` (`name`, `median_us`, `baseline`,
+    /// `baseline_median_us`, `ratio`, `unit`, `group`, `samples`), `targets`, `skipped`
+    /// (docs/json.md).
     #[arg(long)]
     json: bool,
     /// Also write an SVG of conversion latency against range size (log-log) to this file.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
+    /// Exit with status 1 if any target is not met (for CI); without it an unmet target is
+    /// reported ("[NOT met]") and the exit status stays 0.
+    #[arg(long)]
+    fail_on_unmet: bool,
+}
+
+/// The model names gmem uses everywhere (`in-place`, `two-backing`, `two-backing+copy`) in
+/// place of the library's baseline labels.
+fn vocab(name: &str) -> String {
+    name.replace("two-backing preserving", "two-backing+copy")
+        .replace("two-backing destructive", "two-backing")
+        .replace("two-backing (destructive)", "two-backing")
+        .replace("two-backing (preserving)", "two-backing+copy")
+}
+
+/// The exit status: 1 if `fail_on_unmet` and a target is not met.
+fn exit_code(outcomes: &[TargetOutcome], fail_on_unmet: bool) -> ExitCode {
+    let unmet = outcomes.iter().filter(|t| !t.met).count();
+    if fail_on_unmet && unmet > 0 {
+        eprintln!("gmem bench: {unmet} target(s) not met (--fail-on-unmet)");
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 /// A target of the issue: the line it reads, and the largest ratio that meets it.
@@ -125,9 +150,9 @@ fn targets(r: &Report) -> Vec<TargetOutcome> {
 fn line_json(m: &Measurement) -> Value {
     let f = &m.figure;
     json!({
-        "name": f.name,
+        "name": vocab(&f.name),
         "median_us": f.median_us,
-        "baseline": f.baseline,
+        "baseline": vocab(&f.baseline),
         "baseline_median_us": f.baseline_median_us,
         "ratio": Some(f.ratio()).filter(|r| r.is_finite()),
         "unit": m.unit.name(),
@@ -142,33 +167,59 @@ fn print_text(r: &Report, quick: bool) {
          baseline (< 1: the figure is faster or smaller)",
         if quick { " --quick" } else { "" }
     );
-    let mut group = "";
+    // One section per group, in first-seen order, columns sized to their widest entry.
+    let mut groups: Vec<&str> = Vec::new();
     for m in &r.lines {
-        if m.group != group {
-            group = m.group;
-            println!();
+        if !groups.contains(&m.group) {
+            groups.push(m.group);
+        }
+    }
+    let name_w = r
+        .lines
+        .iter()
+        .map(|m| vocab(&m.figure.name).len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    let base_w = r
+        .lines
+        .iter()
+        .map(|m| vocab(&m.figure.baseline).len())
+        .max()
+        .unwrap_or(8)
+        .max(8);
+    for group in groups {
+        println!();
+        println!("[{group}]");
+        println!(
+            "  {:<name_w$} {:>14} {:<base_w$} {:>14} {:>7} {:>8} {:>4}",
+            "figure", "value", "baseline", "value", "ratio", "speed-up", "n"
+        );
+        for m in r.lines.iter().filter(|m| m.group == group) {
+            let f = &m.figure;
+            let unit = m.unit.name();
+            let ratio = f.ratio();
+            let ratio = if ratio.is_finite() {
+                format!("{ratio:.3}")
+            } else {
+                "-".to_string()
+            };
+            let speed = if m.unit == Unit::Micros && f.median_us > 0.0 && f.baseline_median_us > 0.0
+            {
+                format!("{:.1}x", f.baseline_median_us / f.median_us)
+            } else {
+                "-".to_string()
+            };
             println!(
-                "[{group}] {:<58} {:>14} {:<34} {:>14} {:>7} {:>6}",
-                "figure", "value", "baseline", "value", "ratio", "n"
+                "  {:<name_w$} {:>10.2} {unit:<3} {:<base_w$} {:>10.2} {unit:<3} {ratio:>7} \
+                 {speed:>8} {:>4}",
+                vocab(&f.name),
+                f.median_us,
+                vocab(&f.baseline),
+                f.baseline_median_us,
+                m.samples
             );
         }
-        let f = &m.figure;
-        let unit = m.unit.name();
-        let ratio = f.ratio();
-        let ratio = if ratio.is_finite() {
-            format!("{ratio:.3}")
-        } else {
-            "-".to_string()
-        };
-        let speed = if m.unit == Unit::Micros && f.median_us > 0.0 && f.baseline_median_us > 0.0 {
-            format!(" ({:.1}x)", f.baseline_median_us / f.median_us)
-        } else {
-            String::new()
-        };
-        println!(
-            "  {:<64} {:>10.2} {unit:<3} {:<34} {:>10.2} {unit:<3} {ratio:>7}{speed} {:>5}",
-            f.name, f.median_us, f.baseline, f.baseline_median_us, m.samples
-        );
     }
     println!();
     println!("targets:");
@@ -179,7 +230,7 @@ fn print_text(r: &Report, quick: bool) {
         println!(
             "  [{}] {} (ratio {:.3}{floor})",
             if t.met { "met" } else { "NOT met" },
-            t.what,
+            vocab(t.what),
             t.ratio
         );
     }
@@ -229,9 +280,11 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     }
     if args.json {
         let v = json!({
+            "version": crate::JSON_VERSION,
+            "quick": args.quick,
             "results": report.lines.iter().map(line_json).collect::<Vec<_>>(),
             "targets": targets(&report).iter().map(|t| json!({
-                "target": t.what, "ratio": t.ratio, "met": t.met, "floor_ratio": t.floor,
+                "target": vocab(t.what), "ratio": t.ratio, "met": t.met, "floor_ratio": t.floor,
             })).collect::<Vec<_>>(),
             "skipped": report.skipped,
         });
@@ -242,5 +295,40 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             println!("plot written to {}", path.display());
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(exit_code(&targets(&report), args.fail_on_unmet))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(met: bool) -> TargetOutcome {
+        TargetOutcome {
+            what: "t",
+            ratio: 1.0,
+            met,
+            floor: None,
+        }
+    }
+
+    #[test]
+    fn an_unmet_target_fails_only_with_fail_on_unmet() {
+        let unmet = [outcome(true), outcome(false)];
+        assert_eq!(exit_code(&unmet, false), ExitCode::SUCCESS);
+        assert_eq!(exit_code(&unmet, true), ExitCode::FAILURE);
+        assert_eq!(exit_code(&[outcome(true)], true), ExitCode::SUCCESS);
+    }
+
+    #[test]
+    fn one_vocabulary_for_the_models() {
+        assert_eq!(vocab("two-backing preserving"), "two-backing+copy");
+        assert_eq!(vocab("two-backing destructive"), "two-backing");
+        for t in &TARGETS {
+            let v = vocab(t.what);
+            assert!(
+                !v.contains("preserving)") && !v.contains("destructive"),
+                "{v}"
+            );
+        }
+    }
 }

@@ -12,6 +12,10 @@ mod probe;
 mod run;
 mod usage;
 
+/// The `"version"` of every `--json` object (docs/json.md); raised when a shape changes
+/// incompatibly.
+pub const JSON_VERSION: u64 = 1;
+
 /// The top-level `--help` text after the one-line summary.
 const LONG_ABOUT: &str = "\
 gmem emulates the shared/private memory model of Linux guest_memfd with in-place conversion \
