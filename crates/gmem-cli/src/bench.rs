@@ -1,13 +1,14 @@
 //! `gmem bench`: in-place conversion against the two-backing model (and the kernel backend
 //! against the emulated one), side by side in one run. See `gmem::comparison`.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use gmem::comparison::{self, Measurement, Options, Report, Unit};
 use serde_json::{json, Value};
 
+use crate::progress;
 use crate::usage::UsageError;
 
 /// Arguments of `gmem bench`.
@@ -253,25 +254,15 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         None => None,
     };
     let options = Options { quick: args.quick };
-    let tty = std::io::stderr().is_terminal();
+    let tty = progress::enabled();
     let mut progress = |done: usize, total: usize, what: &str| {
-        if !tty {
-            return;
+        if tty {
+            progress::bar(done, total, what);
         }
-        let width = 30;
-        let filled = (done * width).checked_div(total).unwrap_or(0).min(width);
-        let mut e = std::io::stderr();
-        let _ = write!(
-            e,
-            "\r\x1b[2K[{}{}] {done}/{total} {what}",
-            "#".repeat(filled),
-            " ".repeat(width - filled)
-        );
-        let _ = e.flush();
     };
     let report = comparison::run(options, &mut progress);
     if tty {
-        eprint!("\r\x1b[2K");
+        progress::clear();
     }
     let report = report?;
     if let Some((path, file)) = &mut plot {

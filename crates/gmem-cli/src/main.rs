@@ -8,7 +8,9 @@ mod bench;
 mod conformance;
 mod demo;
 mod io;
+mod kvm_access;
 mod probe;
+mod progress;
 mod run;
 mod usage;
 
@@ -51,7 +53,8 @@ enum Command {
     Probe(probe::Args),
     /// Run the conformance suite on a backend (or both, and the differential check).
     Conformance(conformance::Args),
-    /// Run guest_memfd operations one command a line, in the manner of xfs_io.
+    /// Run guest_memfd operations one command a line, in the manner of xfs_io (errno answers
+    /// are results, exit 0; unusable lines go to stderr with their line, exit 2).
     Io(io::Args),
     /// Boot vCPUs on gmem memory and run the private_mem_conversions workload.
     Run(run::Args),
