@@ -132,3 +132,185 @@ fn the_samples_limit_is_accepted() {
     ]);
     assert!(out.status.success(), "{}", common::stderr(&out));
 }
+
+/// `gmem io`: an errno answer is a result (stdout, status 0); a script line that cannot run
+/// goes to stderr with its script line number, and the status is 2.
+#[test]
+fn io_errno_answers_are_results_and_parse_errors_name_the_script_line() {
+    let out = gmem(&[
+        "io",
+        "-c",
+        "create 16k mmap|init_shared",
+        "-c",
+        "mmap",
+        "-c",
+        "convert private 0 4k",
+        "-c",
+        "mread 0 4k",
+        "-c",
+        "falloc 0 3",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let text = common::stdout(&out);
+    assert!(text.contains("mread 0x0 0x1000 -> SIGBUS at 0x0"), "{text}");
+    assert!(text.contains("-> EINVAL"), "{text}");
+
+    let script = std::env::temp_dir().join(format!("gmem-cli-io-{}.io", std::process::id()));
+    std::fs::write(&script, "create 16k mmap\n# comment\n\nfrob 1 2\nstat\n").unwrap();
+    let out = gmem(&["io", "-f", script.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&script);
+    assert_eq!(out.status.code(), Some(2));
+    let err = common::stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "{}:4: frob 1 2 -> error: unknown command",
+            script.display()
+        )),
+        "{err}"
+    );
+    let text = common::stdout(&out);
+    assert!(!text.contains("frob"), "{text}");
+    assert!(
+        text.contains("stat"),
+        "the lines after a bad one still run: {text}"
+    );
+}
+
+/// `gmem bench --fail-on-unmet` is offered and documented.
+#[test]
+fn bench_documents_fail_on_unmet() {
+    let out = gmem(&["bench", "--help"]);
+    let text = common::stdout(&out);
+    assert!(text.contains("--fail-on-unmet"), "{text}");
+    assert!(text.contains("Exit with status 1"), "{text}");
+}
+
+/// Runs `gmem args` as user nobody (uid/gid 65534, no groups) when the test runs as root, so
+/// that /dev/kvm (root-owned) cannot be opened; `None` when that cannot be arranged.
+fn gmem_without_kvm_access(args: &[&str]) -> Option<std::process::Output> {
+    use std::os::unix::process::CommandExt;
+    let dev = std::path::Path::new("/dev/kvm");
+    if !dev.exists() {
+        return None;
+    }
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gmem"));
+    cmd.args(args);
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        cmd.uid(65534).gid(65534);
+    } else if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dev)
+        .is_ok()
+    {
+        return None; // this user may use /dev/kvm: nothing to simulate
+    }
+    Some(cmd.output().expect("gmem runs"))
+}
+
+/// No device (ENOENT) is told as such (`GMEM_KVM_DEV` points the probe elsewhere).
+#[test]
+fn probe_says_enoent_when_there_is_no_kvm_device() {
+    let out = common::gmem_env(&["probe"], &[("GMEM_KVM_DEV", "/nonexistent/kvm")]);
+    assert!(out.status.success());
+    let text = common::stdout(&out);
+    assert!(
+        text.contains("/nonexistent/kvm does not exist (ENOENT)"),
+        "{text}"
+    );
+    let out = common::gmem_env(
+        &["probe", "--json"],
+        &[("GMEM_KVM_DEV", "/nonexistent/kvm")],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kvm_access"]["problem"], "missing");
+    assert_eq!(v["kvm_access"]["usable"], false);
+}
+
+/// A user who may not open /dev/kvm is told EACCES and how to join the kvm group, in `probe`,
+/// `run` (which then runs host-driven) and `run --backend kernel` (which fails).
+#[test]
+fn no_permission_on_dev_kvm_is_told_precisely() {
+    let Some(out) = gmem_without_kvm_access(&["probe"]) else {
+        eprintln!("skipped: /dev/kvm missing, or usable by this non-root user");
+        return;
+    };
+    let text = common::stdout(&out);
+    assert!(
+        text.contains("/dev/kvm exists but cannot be opened (EACCES)"),
+        "{text}"
+    );
+    assert!(text.contains("usermod -aG kvm"), "{text}");
+    assert!(!text.contains("/dev/kvm          missing"), "{text}");
+
+    let out = gmem_without_kvm_access(&["run", "--vcpus", "1", "--mem-mib", "4", "--samples", "4"])
+        .expect("as above");
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let text = common::stdout(&out);
+    assert!(text.contains("cannot be opened (EACCES)"), "{text}");
+    assert!(text.contains("usermod -aG kvm"), "{text}");
+    assert!(!text.contains("no /dev/kvm"), "{text}");
+
+    let out = gmem_without_kvm_access(&["run", "--json", "--vcpus", "1", "--mem-mib", "4"])
+        .expect("as above");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kvm_problem"], "no_permission");
+    assert_eq!(v["mode"], "host-driven");
+
+    let out = gmem_without_kvm_access(&["run", "--backend", "kernel"]).expect("as above");
+    assert_eq!(out.status.code(), Some(1));
+    let err = common::stderr(&out);
+    assert!(err.contains("cannot be opened (EACCES)"), "{err}");
+}
+
+/// `run` output: no hypervisor internals without --verbose, human units, samples per vCPU,
+/// no progress when piped; `--json` is one versioned object whose platform is a name.
+#[test]
+fn run_output_is_short_human_and_json_is_data() {
+    let out = gmem(&["run", "--samples", "20"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let text = common::stdout(&out);
+    assert!(!text.contains("conversion requests   "), "{text}");
+    assert!(text.contains(" MiB (host "), "{text}");
+    if text.contains("round trips") {
+        assert!(
+            text.contains("median of 20 samples per vCPU, 40 in all"),
+            "{text}"
+        );
+    }
+    assert!(common::stderr(&out).is_empty(), "progress when piped");
+
+    let out = gmem(&["run", "--samples", "20", "--verbose"]);
+    let text = common::stdout(&out);
+    assert!(text.contains("conversion requests"), "{text}");
+
+    let out = gmem(&["run", "--samples", "20", "--json", "--platform", "snp"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(common::stderr(&out).is_empty());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one object");
+    assert_eq!(v["version"], 1);
+    assert_eq!(v["platform"], "snp");
+    assert_eq!(v["model"], "in-place");
+    assert!(v["content_rules"]["to_private"].is_string());
+    assert!(v["notes"]["request_path"].is_string());
+    if v["mode"] == "kvm" {
+        assert_eq!(v["samples_per_vcpu"], 20);
+        assert_eq!(v["samples_total"], 40);
+    }
+}
+
+/// Every `--json` output is an object with `"version"`.
+#[test]
+fn every_json_output_is_a_versioned_object() {
+    for args in [
+        &["probe", "--json"][..],
+        &["conformance", "--json", "--filter", "fault_*"],
+        &["run", "--json", "--samples", "4"],
+    ] {
+        let out = gmem(args);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        assert!(v.is_object(), "gmem {args:?}");
+        assert_eq!(v["version"], 1, "gmem {args:?}");
+    }
+}
