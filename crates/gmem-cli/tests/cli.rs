@@ -314,3 +314,17 @@ fn every_json_output_is_a_versioned_object() {
         assert_eq!(v["version"], 1, "gmem {args:?}");
     }
 }
+
+/// `gmem demo` names signals and prints no `Debug` dump.
+#[test]
+fn demo_says_sigbus_and_prints_no_debug_dump() {
+    let out = gmem(&["demo", "--pages", "2"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let text = common::stdout(&out);
+    assert!(text.contains("SIGBUS at offset 0x0"), "{text}");
+    assert!(!text.contains("signal 7"), "{text}");
+    assert!(
+        !text.contains('{') && !text.contains("EmulatedGuestMemfd"),
+        "{text}"
+    );
+}
