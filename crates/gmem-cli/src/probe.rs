@@ -30,7 +30,7 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         v["kvm_access"] = access_json(&dev, &access);
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        print_text(&report, &access);
+        print_text(&report, &dev, &access);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -128,11 +128,12 @@ fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
     v.map_or_else(|| "unreadable".to_string(), |v| v.to_string())
 }
 
-fn print_text(r: &HostReport, access: &Result<(), KvmProblem>) {
+fn print_text(r: &HostReport, dev: &std::path::Path, access: &Result<(), KvmProblem>) {
     let k = &r.kvm;
     println!("kernel            {}", opt(r.kernel_release.as_deref()));
     println!(
-        "/dev/kvm          {}",
+        "{:<17} {}",
+        dev.display(),
         if k.dev_kvm { "present" } else { "missing" }
     );
     if let Err(why) = access {
