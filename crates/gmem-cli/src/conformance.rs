@@ -15,6 +15,7 @@ use gmem::conformance::{differential, Ctx};
 use serde_json::{json, Value};
 
 use crate::kvm_access;
+use crate::usage::UsageError;
 
 /// Arguments of `gmem conformance`.
 #[derive(Debug, clap::Args)]
@@ -126,6 +127,17 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     reports.push(differential::unavailable(&why, filter));
                 }
             }
+        }
+    }
+    if let Some(pattern) = filter {
+        if reports.iter().all(|r| r.cases.is_empty()) {
+            return Err(UsageError::value(
+                "--filter",
+                pattern,
+                "matches no case (`gmem conformance` lists them; `*` matches any run of \
+                 characters; differential scripts are diff/<script>)",
+            )
+            .into());
         }
     }
     if args.json {

@@ -328,3 +328,45 @@ fn demo_says_sigbus_and_prints_no_debug_dump() {
         "{text}"
     );
 }
+
+/// A `--filter` that matches no case is a usage error, not "0 passed".
+#[test]
+fn conformance_filter_matching_nothing_is_refused() {
+    let out = gmem(&[
+        "conformance",
+        "--backend",
+        "emulated",
+        "--filter",
+        "no_such_case",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        common::stderr(&out).contains("--filter no_such_case: matches no case"),
+        "{}",
+        common::stderr(&out)
+    );
+}
+
+/// On a terminal `gmem run` draws a progress line on stderr (`script` gives it a pty).
+#[test]
+fn run_shows_progress_on_a_terminal() {
+    let Ok(out) = Command::new("script")
+        .args(["-qec"])
+        .arg(format!(
+            "{} run --vcpus 1 --mem-mib 4 --samples 4",
+            env!("CARGO_BIN_EXE_gmem")
+        ))
+        .arg("/dev/null")
+        .output()
+    else {
+        eprintln!("skipped: no script(1) to make a terminal");
+        return;
+    };
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let text = common::stdout(&out);
+    assert!(
+        text.contains("\r\x1b[2Kgmem run: 1 vCPU(s), 4 MiB: 0 s"),
+        "{text:?}"
+    );
+    assert!(text.contains("private_mem_conversions"), "{text}");
+}
