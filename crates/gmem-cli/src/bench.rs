@@ -40,6 +40,16 @@ fn vocab(name: &str) -> String {
         .replace("two-backing (preserving)", "two-backing+copy")
 }
 
+/// A value in its unit, times scaled to µs, ms or s.
+fn human(v: f64, unit: Unit) -> String {
+    match unit {
+        Unit::Micros if v >= 1e6 => format!("{:.2} s", v / 1e6),
+        Unit::Micros if v >= 1e3 => format!("{:.2} ms", v / 1e3),
+        Unit::Micros => format!("{v:.2} µs"),
+        u => format!("{v:.2} {}", u.name()),
+    }
+}
+
 /// The exit status: 1 if `fail_on_unmet` and a target is not met.
 fn exit_code(outcomes: &[TargetOutcome], fail_on_unmet: bool) -> ExitCode {
     let unmet = outcomes.iter().filter(|t| !t.met).count();
@@ -198,7 +208,6 @@ fn print_text(r: &Report, quick: bool) {
         );
         for m in r.lines.iter().filter(|m| m.group == group) {
             let f = &m.figure;
-            let unit = m.unit.name();
             let ratio = f.ratio();
             let ratio = if ratio.is_finite() {
                 format!("{ratio:.3}")
@@ -212,12 +221,11 @@ fn print_text(r: &Report, quick: bool) {
                 "-".to_string()
             };
             println!(
-                "  {:<name_w$} {:>10.2} {unit:<3} {:<base_w$} {:>10.2} {unit:<3} {ratio:>7} \
-                 {speed:>8} {:>4}",
+                "  {:<name_w$} {:>14} {:<base_w$} {:>14} {ratio:>7} {speed:>8} {:>4}",
                 vocab(&f.name),
-                f.median_us,
+                human(f.median_us, m.unit),
                 vocab(&f.baseline),
-                f.baseline_median_us,
+                human(f.baseline_median_us, m.unit),
                 m.samples
             );
         }
@@ -308,6 +316,15 @@ mod tests {
         assert_eq!(exit_code(&unmet, false), ExitCode::SUCCESS);
         assert_eq!(exit_code(&unmet, true), ExitCode::FAILURE);
         assert_eq!(exit_code(&[outcome(true)], true), ExitCode::SUCCESS);
+    }
+
+    #[test]
+    fn values_in_human_units() {
+        assert_eq!(human(6.861, Unit::Micros), "6.86 µs");
+        assert_eq!(human(6886.42, Unit::Micros), "6.89 ms");
+        assert_eq!(human(847_944.69, Unit::Micros), "847.94 ms");
+        assert_eq!(human(2_500_000.0, Unit::Micros), "2.50 s");
+        assert_eq!(human(1024.03, Unit::Mebibytes), "1024.03 MiB");
     }
 
     #[test]
