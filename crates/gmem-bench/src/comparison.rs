@@ -848,6 +848,11 @@ fn workload_lines(quick: bool) -> Result<Vec<Measurement>, String> {
     Ok(out)
 }
 
+/// Where a legend label starts, right of the plot area.
+const LEGEND_TEXT_X: f64 = 40.0;
+/// The widest a legend character is drawn (11 px sans-serif).
+const LEGEND_CHAR_W: f64 = 7.0;
+
 /// Conversion latency curves as an SVG (log-log).
 pub fn svg(curves: &[Curve]) -> String {
     const W: f64 = 760.0;
@@ -884,8 +889,16 @@ pub fn svg(curves: &[Curve]) -> String {
     let (x1, y1) = (x1.max(x0 + 1.0), y1.max(y0 + 1.0));
     let sx = |x: f64| L + (x - x0) / (x1 - x0) * (W - L - R);
     let sy = |y: f64| H - B - (y - y0) / (y1 - y0) * (H - T - B);
+    // The canvas widens so that the longest legend label (11 px sans-serif, at most 7 px a
+    // character) ends inside it.
+    let longest = curves
+        .iter()
+        .map(|c| c.label.chars().count())
+        .max()
+        .unwrap_or(0);
+    let width = W.max(W - R + LEGEND_TEXT_X + LEGEND_CHAR_W * longest as f64 + 10.0);
     let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" \
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{H}\" \
          font-family=\"sans-serif\" font-size=\"11\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
          <text x=\"{}\" y=\"18\" text-anchor=\"middle\" font-size=\"13\">conversion latency \
@@ -957,7 +970,7 @@ pub fn svg(curves: &[Curve]) -> String {
              stroke-width=\"2\"{dash}/><text x=\"{:.1}\" y=\"{:.1}\">{}</text>\n",
             W - R + 10.0,
             W - R + 34.0,
-            W - R + 40.0,
+            W - R + LEGEND_TEXT_X,
             ly + 4.0,
             xml_escape(&c.label)
         );
@@ -1012,5 +1025,30 @@ mod tests {
         assert!(s.contains("a &lt;b&gt;"));
         assert_eq!(s.matches("<polyline").count(), 1);
         assert!(svg(&[]).contains("<svg"));
+    }
+
+    /// Every legend label ends inside the canvas, however long.
+    #[test]
+    fn svg_legend_stays_inside_the_canvas() {
+        let label = "two-backing+copy to_private unpopulated, every page touched".to_string();
+        let curves = vec![Curve {
+            label: label.clone(),
+            points: vec![(4096, 2.0), (1 << 21, 200.0)],
+        }];
+        let s = svg(&curves);
+        let attr = |tag: &str, name: &str| -> f64 {
+            let at = s.find(tag).unwrap();
+            let rest = &s[at..];
+            let v = &rest[rest.find(&format!("{name}=\"")).unwrap() + name.len() + 2..];
+            v[..v.find('"').unwrap()].parse().unwrap()
+        };
+        let width = attr("<svg", "width");
+        // The plot area ends at 760 - 230 = 530; the legend text starts LEGEND_TEXT_X on.
+        let text_x = attr(&format!("<text x=\"{:.1}\"", 530.0 + LEGEND_TEXT_X), "x");
+        assert!(
+            text_x + LEGEND_CHAR_W * label.len() as f64 <= width,
+            "legend ends at {} > width {width}",
+            text_x + LEGEND_CHAR_W * label.len() as f64
+        );
     }
 }

@@ -568,6 +568,25 @@ pub fn run(config: &Config) -> Result<Report, WorkloadError> {
     Ok(r)
 }
 
+/// The most samples ([`Config::samples`]) `config`'s guest programs have room for: the
+/// timing phase's conversion loop is unrolled (two conversions per pair of samples), so the
+/// program grows linearly with the samples until it exceeds its code area
+/// ([`gmem_vmm::guest::CODE_SIZE`]). For checking `--samples` before any work starts.
+pub fn max_samples(config: &Config) -> Result<u64, VmError> {
+    let rules = content_rules(config);
+    let mut max = u64::MAX;
+    for i in [0, config.vcpus.max(1) - 1] {
+        let base = DATA_GPA + WINDOW_STRIDE * i as u64;
+        let len = |samples| compile(i, &script(base, samples, rules).ops).map(|p| p.code.len());
+        let (fixed, two) = (len(0)? as u64, len(2)? as u64);
+        // Samples 2k and 2k + 1 run the same 2(k + 1) conversions.
+        let per_pair = two.saturating_sub(fixed).max(1);
+        let room = gmem_vmm::guest::CODE_SIZE.saturating_sub(fixed);
+        max = max.min(2 * (room / per_pair) + 1);
+    }
+    Ok(max)
+}
+
 /// [`run`] without the labels `run` adds (backend, model, platform), and with the hypercall
 /// probe's own time in `elapsed_us`.
 fn run_inner(config: &Config) -> Result<Report, WorkloadError> {
@@ -1054,6 +1073,32 @@ mod platform_tests {
                 r.mismatches > 0,
                 "{preserve_content}: the other rule passed"
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod max_samples_tests {
+    use super::*;
+
+    /// `max_samples` is exact: its programs fit, one more sample does not.
+    #[test]
+    fn max_samples_is_the_last_count_that_fits() {
+        for vcpus in [1, 2, 64] {
+            let config = Config {
+                vcpus,
+                ..Config::default()
+            };
+            let max = max_samples(&config).unwrap();
+            assert!(max > 1000, "{max}");
+            let i = vcpus - 1;
+            let base = DATA_GPA + WINDOW_STRIDE * i as u64;
+            let rules = content_rules(&config);
+            assert!(compile(i, &script(base, max, rules).ops).is_ok());
+            assert!(matches!(
+                compile(i, &script(base, max + 1, rules).ops),
+                Err(VmError::ProgramTooLarge { .. })
+            ));
         }
     }
 }

@@ -2,16 +2,20 @@
 //! check between them.
 //!
 //! Prints a table (backend, case, result, reason) and the closing line
-//! `N passed, N failed, N skipped`; exits non-zero if anything failed. `--json` prints, per
-//! backend, `{"backend", "passed", "failed", "skipped", "cases": [{"name", "result",
-//! "reason"}]}` (an array of them for `--backend all`, whose third entry is the differential
-//! check, backend `differential`).
+//! `N passed, N failed, N skipped`, then each reason shared by several rows of a backend
+//! once (the rows say `see [N]`); exits non-zero if anything failed. `--json` prints one
+//! object `{"version", "passed", "failed", "skipped", "backends": [{"backend", "passed",
+//! "failed", "skipped", "cases": [{"name", "result", "reason"}]}]}`; with `--backend all` the
+//! third backend is the differential check, `differential` (docs/json.md).
 
 use std::process::ExitCode;
 
 use gmem_check::conformance::runner::{run_cases, unavailable, BackendReport};
 use gmem_check::conformance::{differential, Ctx};
 use serde_json::{json, Value};
+
+use crate::kvm_access;
+use crate::usage::UsageError;
 
 /// Arguments of `gmem conformance`.
 #[derive(Debug, clap::Args)]
@@ -115,6 +119,9 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 }
             }
             Err(why) => {
+                if let Err(access) = kvm_access::check(&kvm_access::kvm_device()) {
+                    eprintln!("gmem conformance: {access}");
+                }
                 reports.push(unavailable("kernel", &why, filter));
                 if args.backend == BackendArg::All {
                     reports.push(differential::unavailable(&why, filter));
@@ -122,13 +129,26 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             }
         }
     }
+    if let Some(pattern) = filter {
+        if reports.iter().all(|r| r.cases.is_empty()) {
+            return Err(UsageError::value(
+                "--filter",
+                pattern,
+                "matches no case (`gmem conformance` lists them; `*` matches any run of \
+                 characters; differential scripts are diff/<script>)",
+            )
+            .into());
+        }
+    }
     if args.json {
-        let values: Vec<Value> = reports.iter().map(to_json).collect();
-        let out = if args.backend == BackendArg::All {
-            Value::Array(values)
-        } else {
-            values.into_iter().next().unwrap_or(Value::Null)
-        };
+        let sum = |f: fn(&BackendReport) -> usize| reports.iter().map(f).sum::<usize>();
+        let out = json!({
+            "version": crate::JSON_VERSION,
+            "passed": sum(BackendReport::passed),
+            "failed": sum(BackendReport::failed),
+            "skipped": sum(BackendReport::skipped),
+            "backends": reports.iter().map(to_json).collect::<Vec<Value>>(),
+        });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         print_table(&reports);
@@ -155,6 +175,8 @@ fn to_json(r: &BackendReport) -> Value {
     })
 }
 
+/// A reason that repeats within a backend is printed once, under the table, and its rows
+/// reference it (`see [1]`).
 fn print_table(reports: &[BackendReport]) {
     let name_w = reports
         .iter()
@@ -162,18 +184,44 @@ fn print_table(reports: &[BackendReport]) {
         .max()
         .unwrap_or(4)
         .max(4);
+    // (backend, reason) of every reason on two rows or more, in first-seen order.
+    let mut notes: Vec<(&str, String)> = Vec::new();
+    for r in reports {
+        for c in &r.cases {
+            let reason = c.outcome.reason();
+            let key = (r.backend.as_str(), reason.to_string());
+            if reason.is_empty() || notes.contains(&key) {
+                continue;
+            }
+            let n = r
+                .cases
+                .iter()
+                .filter(|d| d.outcome.reason() == reason)
+                .count();
+            if n > 1 {
+                notes.push(key);
+            }
+        }
+    }
     println!(
         "{:<12} {:<name_w$} {:<6} reason",
         "backend", "case", "result"
     );
     for r in reports {
         for c in &r.cases {
+            let reason = c.outcome.reason();
+            let note = notes
+                .iter()
+                .position(|(b, n)| *b == r.backend.as_str() && n == reason);
+            let reason = match note {
+                Some(i) => format!("see [{}]", i + 1),
+                None => reason.to_string(),
+            };
             println!(
-                "{:<12} {:<name_w$} {:<6} {}",
+                "{:<12} {:<name_w$} {:<6} {reason}",
                 r.backend,
                 c.name,
                 c.outcome.label(),
-                c.outcome.reason()
             );
         }
     }
@@ -184,4 +232,10 @@ fn print_table(reports: &[BackendReport]) {
         sum(BackendReport::failed),
         sum(BackendReport::skipped)
     );
+    if !notes.is_empty() {
+        println!();
+        for (i, (backend, reason)) in notes.iter().enumerate() {
+            println!("[{}] {backend}: {reason}", i + 1);
+        }
+    }
 }

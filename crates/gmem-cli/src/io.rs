@@ -1,8 +1,14 @@
 //! `gmem io`: guest_memfd operations one command a line, in the manner of `xfs_io`.
 //!
 //! The interpreter is [`gmem_check::script::Session`]; this module only feeds it the `-c` commands and
-//! the `-f` script lines, in that order, and prints one line per command. The exit status is
-//! non-zero if any line was a usage error (bad command or argument, missing file or mapping).
+//! the `-f` script lines, in that order, and prints one line per command on stdout.
+//!
+//! Exit status, as `xfs_io`'s: an operation that answers an errno (`convert ... -> EAGAIN
+//! error_offset=0x2000`, `mread ... -> SIGBUS at 0x0`) is a result, printed on stdout, not a
+//! failure: the status stays 0. A line that cannot run (unknown command, bad argument, no
+//! file or mapping yet) is a usage error: it goes to stderr, prefixed with where it came from
+//! (`-c #2` or `SCRIPT:LINE`), the following lines still run, and the status is 2. A backend
+//! that cannot be opened, or an unreadable script, is status 1.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -47,8 +53,11 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         ),
         IoBackend::Kernel => {
             let b = KernelBackend::with_vm_type(args.vm_type).map_err(|e| {
+                let access = crate::kvm_access::check(std::path::Path::new("/dev/kvm"))
+                    .err()
+                    .map_or_else(String::new, |why| format!("\n  {why}"));
                 format!(
-                    "kernel backend unavailable: {} VM (type {}) on /dev/kvm: {e}",
+                    "kernel backend unavailable: {} VM (type {}) on /dev/kvm: {e}{access}",
                     BackendArg::vm_type_name(args.vm_type),
                     args.vm_type
                 )
@@ -65,15 +74,27 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         return Err("nothing to do: give commands with -c \"CMD ARGS\" or a script with -f SCRIPT (-c help lists the commands)".into());
     }
     let mut usage_errors = 0;
-    for line in args
+    let script_name = args
+        .script
+        .as_ref()
+        .map_or_else(String::new, |p| p.display().to_string());
+    let commands = args
         .commands
         .iter()
-        .map(String::as_str)
-        .chain(script.lines())
-    {
+        .enumerate()
+        .map(|(i, c)| (format!("-c #{}", i + 1), c.as_str()));
+    let lines = script
+        .lines()
+        .enumerate()
+        .map(|(i, l)| (format!("{script_name}:{}", i + 1), l));
+    for (place, line) in commands.chain(lines) {
         if let Some(out) = session.exec(line) {
-            usage_errors += usize::from(out.usage_error);
-            println!("{out}");
+            if out.usage_error {
+                usage_errors += 1;
+                eprintln!("gmem io: {place}: {out}");
+            } else {
+                println!("{out}");
+            }
         }
     }
     Ok(if usage_errors == 0 {

@@ -8,12 +8,36 @@ mod bench;
 mod conformance;
 mod demo;
 mod io;
+mod kvm_access;
 mod probe;
+mod progress;
 mod run;
+mod usage;
 
-/// gmem: the shared/private memory model of Linux guest_memfd with in-place conversion.
+/// The `"version"` of every `--json` object (docs/json.md); raised when a shape changes
+/// incompatibly.
+pub const JSON_VERSION: u64 = 1;
+
+/// The top-level `--help` text after the one-line summary.
+const LONG_ABOUT: &str = "\
+gmem emulates the shared/private memory model of Linux guest_memfd with in-place conversion \
+(KVM_SET_MEMORY_ATTRIBUTES2 on the file), runs KVM guests that convert their memory, checks \
+backends against the kernel selftests, and measures in-place conversion against the \
+two-backing model VMMs ship today.
+
+Without /dev/kvm (or without access to it: add yourself to the kvm group) everything runs on \
+the emulated backend, with host-driven conversions in place of guests.";
+
+/// gmem: Linux guest_memfd in-place shared/private conversion, emulated and on KVM.
 #[derive(Debug, Parser)]
-#[command(name = "gmem", version, about)]
+#[command(
+    name = "gmem",
+    version,
+    about = "gmem: Linux guest_memfd in-place shared/private conversion, emulated and on KVM",
+    long_about = LONG_ABOUT,
+    after_help = "Writing to a closed pipe (gmem probe | head -1) ends gmem quietly, as SIGPIPE \
+                  ends other Unix tools. Exit status: 0 success, 1 failure, 2 usage error."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -29,13 +53,27 @@ enum Command {
     Probe(probe::Args),
     /// Run the conformance suite on a backend (or both, and the differential check).
     Conformance(conformance::Args),
-    /// Run guest_memfd operations one command a line, in the manner of xfs_io.
+    /// Run guest_memfd operations one command a line, in the manner of xfs_io (errno answers
+    /// are results, exit 0; unusable lines go to stderr with their line, exit 2).
     Io(io::Args),
     /// Boot vCPUs on gmem memory and run the private_mem_conversions workload.
     Run(run::Args),
 }
 
+/// Restores the default action of SIGPIPE (the Rust runtime ignores it), so that writing to a
+/// closed pipe ends the process quietly, as it does `cat` or `grep`, instead of making every
+/// `println!` panic with "failed printing to stdout: Broken pipe".
+fn restore_sigpipe() {
+    // SAFETY: signal(2) installs the default disposition, no handler code; it runs first in
+    // main, before any thread is started. gmem's own pipes (pins, forked children) keep both
+    // ends open while they write, so they never raise SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    restore_sigpipe();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench::run(&args),
@@ -49,7 +87,11 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("gmem: {e}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<usage::UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -1,12 +1,16 @@
 //! `gmem probe`: what this host offers guest_memfd, and which backend provides each feature.
 //!
-//! `--json` prints one object with the keys `kernel_release`, `kvm`, `userfaultfd`,
-//! `shmem_thp`, `nr_hugepages`, `max_map_count` and `features`; see [`to_json`].
+//! `--json` prints one object with the keys `version`, `kernel_release`, `kvm`,
+//! `kvm_access`, `userfaultfd`, `shmem_thp`, `nr_hugepages`, `max_map_count` and `features`;
+//! see [`to_json`] and docs/json.md. `GMEM_KVM_DEV` probes another device path than
+//! `/dev/kvm`.
 
 use std::process::ExitCode;
 
 use gmem_check::host_report::{Availability, HostReport};
 use serde_json::{json, Value};
+
+use crate::kvm_access::{self, KvmProblem};
 
 /// Arguments of `gmem probe`.
 #[derive(Debug, clap::Args)]
@@ -17,13 +21,29 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let report = gmem_check::host_report::probe();
+    let dev = kvm_access::kvm_device();
+    let report = gmem_check::host_report::probe_with_kvm_device(&dev);
+    let access = kvm_access::check(&dev);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&to_json(&report))?);
+        let mut v = to_json(&report);
+        v["version"] = json!(crate::JSON_VERSION);
+        v["kvm_access"] = access_json(&dev, &access);
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        print_text(&report);
+        print_text(&report, &dev, &access);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `{"device", "usable", "problem", "message"}`: whether this user can use KVM for
+/// guest_memfd, and if not why (`missing`, `no_permission`, `security_module`, `other`).
+fn access_json(dev: &std::path::Path, access: &Result<(), KvmProblem>) -> Value {
+    json!({
+        "device": dev.display().to_string(),
+        "usable": access.is_ok(),
+        "problem": access.as_ref().err().map(KvmProblem::kind),
+        "message": access.as_ref().err().map(ToString::to_string),
+    })
 }
 
 fn availability(a: &Availability) -> Value {
@@ -108,13 +128,17 @@ fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
     v.map_or_else(|| "unreadable".to_string(), |v| v.to_string())
 }
 
-fn print_text(r: &HostReport) {
+fn print_text(r: &HostReport, dev: &std::path::Path, access: &Result<(), KvmProblem>) {
     let k = &r.kvm;
     println!("kernel            {}", opt(r.kernel_release.as_deref()));
     println!(
-        "/dev/kvm          {}",
+        "{:<17} {}",
+        dev.display(),
         if k.dev_kvm { "present" } else { "missing" }
     );
+    if let Err(why) = access {
+        println!("kvm access        {why}");
+    }
     if let Some(f) = k.flavour {
         println!(
             "flavour           {} (modules: {}; cpu flags: {})",

@@ -5,9 +5,16 @@ use std::process::ExitCode;
 use clap::ValueEnum;
 use serde_json::{json, Value};
 
+use gmem::platform::{ContentRule, Direction};
 use gmem::BackendKind;
 use gmem_check::workload::{self, Config, Report, TARGET_RATIO};
 use gmem_vmm::backing::BackingKind;
+use std::path::Path;
+
+use crate::kvm_access::{self, KvmProblem};
+use crate::progress::Ticker;
+
+use crate::usage::{in_range, UsageError};
 
 /// Backends `gmem run` accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -61,20 +68,63 @@ pub struct Args {
     /// VMM ships (emulated backend and --platform sw only; its content rule is its own).
     #[arg(long, value_enum, default_value_t = Model::InPlace)]
     model: Model,
-    /// Print one JSON object.
+    /// Print one JSON object (docs/json.md); no progress line.
     #[arg(long)]
     json: bool,
+    /// Also print how guests request conversions and what the MAP_GPA_RANGE hypercall probe
+    /// found.
+    #[arg(long, short)]
+    verbose: bool,
 }
 
-fn to_json(r: &Report) -> Value {
+/// The content rule of each direction, as data: `preserved`, `zeroed` or `scrambled`.
+fn content_rules(args: &Args) -> (ContentRule, ContentRule) {
+    match args.model {
+        Model::InPlace => (
+            args.platform.content_rule(Direction::ToPrivate),
+            args.platform.content_rule(Direction::ToShared),
+        ),
+        Model::TwoBacking => (ContentRule::Zeroed, ContentRule::Zeroed),
+        Model::TwoBackingCopy => (ContentRule::Preserved, ContentRule::Preserved),
+    }
+}
+
+fn rule_name(r: ContentRule) -> &'static str {
+    match r {
+        ContentRule::Preserved => "preserved",
+        ContentRule::Zeroed => "zeroed",
+        ContentRule::Scrambled => "scrambled",
+    }
+}
+
+/// Samples behind each median, per vCPU (every vCPU runs the same timing loop).
+fn samples_per_vcpu(r: &Report) -> usize {
+    r.samples / r.vcpus.max(1)
+}
+
+/// Whether the MAP_GPA_RANGE hypercall reached userspace (`None`: not probed).
+fn hypercall_reaches_userspace(r: &Report) -> Option<bool> {
+    if r.mode != "kvm" || r.hypercall_probe.starts_with("not run") {
+        None
+    } else {
+        Some(!r.hypercall_probe.contains("does not reach"))
+    }
+}
+
+/// The report as one JSON object (docs/json.md): data in the fields, prose under `notes`.
+fn to_json(args: &Args, r: &Report, kvm: Option<&KvmProblem>) -> Value {
+    let (to_private, to_shared) = content_rules(args);
     json!({
+        "version": crate::JSON_VERSION,
         "backend": r.backend,
         "model": r.model,
-        "platform": r.platform,
+        "platform": (args.model == Model::InPlace).then(|| args.platform.name()),
+        "content_rules": { "to_private": rule_name(to_private), "to_shared": rule_name(to_shared) },
         "content_checks": r.content_checks,
         "mode": r.mode,
-        "request_path": r.request_path,
-        "hypercall_probe": r.hypercall_probe,
+        "request_path": if r.mode == "kvm" { Some("port") } else { None },
+        "hypercall_reaches_userspace": hypercall_reaches_userspace(r),
+        "kvm_problem": kvm.map(KvmProblem::kind),
         "vcpus": r.vcpus,
         "mem_mib": r.mem_mib,
         "memslots": r.memslots,
@@ -95,32 +145,83 @@ fn to_json(r: &Report) -> Value {
         "ratio": r.ratio,
         "target_ratio": TARGET_RATIO,
         "ratio_ok": r.ratio.map(|x| x <= TARGET_RATIO),
-        "samples": r.samples,
+        "samples_per_vcpu": samples_per_vcpu(r),
+        "samples_total": r.samples,
         "elapsed_us": r.elapsed_us,
+        "notes": {
+            "platform": r.platform,
+            "request_path": r.request_path,
+            "hypercall_probe": r.hypercall_probe,
+            "kvm_problem": kvm.map(ToString::to_string),
+        },
     })
 }
 
-fn print_summary(r: &Report) {
+/// Bytes in MiB (or KiB below one MiB).
+fn human(bytes: u64) -> String {
+    let b = bytes as f64;
+    if bytes >= 1 << 20 {
+        format!("{:.1} MiB", b / f64::from(1u32 << 20))
+    } else {
+        format!("{:.1} KiB", b / 1024.0)
+    }
+}
+
+fn plural(n: impl Into<u64>, what: &str) -> String {
+    let n = n.into();
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
+fn print_summary(args: &Args, r: &Report) {
+    let (to_private, to_shared) = content_rules(args);
     println!(
-        "gmem run: private_mem_conversions on {} vCPU(s), {} MiB, {} model, {} backend, {} \
-         memslot(s)",
-        r.vcpus, r.mem_mib, r.model, r.backend, r.memslots
+        "gmem run: private_mem_conversions on {}, {} MiB, {} model{}, {}",
+        plural(r.vcpus as u64, "vCPU"),
+        r.mem_mib,
+        r.model,
+        if args.model == Model::InPlace {
+            format!(" on the {} backend", r.backend)
+        } else {
+            String::new()
+        },
+        plural(r.memslots, "memslot")
     );
-    println!("  platform              {}", r.platform);
-    println!("  mode                  {}", r.mode);
-    println!("  conversion requests   {}", r.request_path);
-    println!("  MAP_GPA_RANGE probe   {}", r.hypercall_probe);
+    println!(
+        "  platform              {} (content to private: {}, to shared: {})",
+        if args.model == Model::InPlace {
+            args.platform.name()
+        } else {
+            "none"
+        },
+        rule_name(to_private),
+        rule_name(to_shared)
+    );
+    println!(
+        "  mode                  {}",
+        if r.mode == "kvm" {
+            "kvm (real vCPUs, conversions requested by the guests)"
+        } else {
+            "host-driven (no usable /dev/kvm: the host calls the conversions)"
+        }
+    );
+    if args.verbose {
+        println!("  conversion requests   {}", r.request_path);
+        println!("  MAP_GPA_RANGE probe   {}", r.hypercall_probe);
+    }
     println!("  exits                 {}", r.exits);
     println!(
-        "  conversions           {} to private, {} to shared ({} pages)",
-        r.conversions_to_private, r.conversions_to_shared, r.pages_converted
+        "  conversions           {} to private, {} to shared ({} pages, {})",
+        r.conversions_to_private,
+        r.conversions_to_shared,
+        r.pages_converted,
+        human(r.pages_converted * gmem::PAGE_SIZE)
     );
     println!("  punch-hole requests   {}", r.punches);
     println!(
-        "  verified bytes        {} (host {}, guest {}); {} private-page {}",
-        r.host_verified_bytes + r.guest_verified_bytes,
-        r.host_verified_bytes,
-        r.guest_verified_bytes,
+        "  verified              {} (host {}, guest {}); {} private-page {}",
+        human(r.host_verified_bytes + r.guest_verified_bytes),
+        human(r.host_verified_bytes),
+        human(r.guest_verified_bytes),
         r.private_probes,
         if r.model == "in-place" {
             "SIGBUS probes"
@@ -140,9 +241,18 @@ fn print_summary(r: &Report) {
     for m in &r.mismatch_details {
         println!("    {m}");
     }
+    let samples = if r.vcpus > 1 {
+        format!(
+            "median of {} per vCPU, {} in all",
+            plural(samples_per_vcpu(r) as u64, "sample"),
+            r.samples
+        )
+    } else {
+        format!("median of {}", plural(r.samples as u64, "sample"))
+    };
     match (r.exit_round_trip_us, r.ratio) {
         (Some(exit), Some(ratio)) => {
-            println!("  round trips (median of {} samples, same run)", r.samples);
+            println!("  round trips ({samples}, same run)");
             println!("    bare exit           {exit:8.2} µs   (guest out -> host -> re-enter)");
             println!(
                 "    4 KiB conversion    {:8.2} µs   (host call alone)",
@@ -163,14 +273,63 @@ fn print_summary(r: &Report) {
             );
         }
         _ => println!(
-            "  4 KiB conversion      {:.2} µs (host-driven; no exit round trip without /dev/kvm)",
+            "  4 KiB conversion      {:.2} µs ({samples}; host-driven, so no exit round trip)",
             r.conversion_4k_us
         ),
     }
+    if !args.verbose && r.mode == "kvm" {
+        println!("  (--verbose: how guests request conversions, and the MAP_GPA_RANGE probe)");
+    }
 }
 
-/// The memory `--backend` and `--model` select.
-fn memory(args: &Args) -> Result<BackingKind, Box<dyn std::error::Error>> {
+/// Most seconds `--timeout-secs` accepts (a day).
+const MAX_TIMEOUT_SECS: u64 = 86_400;
+
+/// Checks every argument before any work starts; the message names the flag, the value and
+/// what is allowed.
+fn validate(args: &Args, config: &Config) -> Result<(), Box<dyn std::error::Error>> {
+    let max_vcpus = gmem_vmm::guest::MAX_VCPUS as u64;
+    in_range("--vcpus", args.vcpus as u64, 1, max_vcpus, "")?;
+    let max_mib = gmem_vmm::guest::MAX_DATA_SIZE >> 20;
+    let need = 4 * args.vcpus as u64;
+    in_range(
+        "--mem-mib",
+        args.mem_mib,
+        need,
+        max_mib,
+        &format!("{} vCPU(s) need 4 MiB each", args.vcpus),
+    )?;
+    if args.memslots == 0 || args.mem_mib % (2 * args.memslots) != 0 {
+        return Err(UsageError::value(
+            "--memslots",
+            args.memslots,
+            format!(
+                "must split --mem-mib {} into whole 2 MiB pieces (a divisor of {})",
+                args.mem_mib,
+                args.mem_mib / 2
+            ),
+        )
+        .into());
+    }
+    in_range("--timeout-secs", args.timeout_secs, 1, MAX_TIMEOUT_SECS, "")?;
+    let max = workload::max_samples(config)?;
+    in_range(
+        "--samples",
+        args.samples,
+        1,
+        max,
+        &format!(
+            "the timing loop is unrolled in each vCPU's guest program, whose code area of {} \
+             KiB holds at most {max}",
+            gmem_vmm::guest::CODE_SIZE >> 10
+        ),
+    )?;
+    Ok(())
+}
+
+/// The memory `--backend` and `--model` select; the two-backing layout is two memfds, not a
+/// guest_memfd, so it exists on the emulated side only.
+fn memory(args: &Args) -> Result<BackingKind, UsageError> {
     let backend = match args.backend {
         Backend::Emulated => BackendKind::Emulated,
         Backend::Kernel => BackendKind::Kernel,
@@ -182,11 +341,14 @@ fn memory(args: &Args) -> Result<BackingKind, Box<dyn std::error::Error>> {
     };
     let memory = BackingKind::TwoBacking { preserve_content };
     if backend != BackendKind::Emulated {
-        return Err(format!(
-            "--backend {backend} with --model {memory}: the two-backing model is two memfds, \
-             not a guest_memfd; use --backend emulated (the default)"
-        )
-        .into());
+        return Err(UsageError::value(
+            "--backend",
+            backend,
+            format!(
+                "--model {memory} is two memfds, not a guest_memfd; use --backend emulated \
+                 (the default)"
+            ),
+        ));
     }
     Ok(memory)
 }
@@ -204,14 +366,44 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         probe_hypercall: true,
         memory: memory(args)?,
     };
-    let report = workload::run(&config)?;
+    validate(args, &config)?;
+    let ticker = (!args.json).then(|| {
+        Ticker::start(format!(
+            "gmem run: {} vCPU(s), {} MiB",
+            args.vcpus, args.mem_mib
+        ))
+    });
+    let result = workload::run(&config);
+    drop(ticker);
+    let report = match result {
+        Ok(r) => r,
+        // The kernel backend could not be opened: say precisely why, if it is access.
+        Err(e) if args.backend == Backend::Kernel => {
+            return Err(match kvm_access::check(Path::new("/dev/kvm")) {
+                Err(why) => format!("{e}\n  {why}").into(),
+                Ok(()) => e.into(),
+            })
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // Host-driven: the workload found no usable /dev/kvm; say why, precisely.
+    let kvm = (report.mode != "kvm")
+        .then(|| kvm_access::check(Path::new("/dev/kvm")).err())
+        .flatten();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&to_json(&report))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&to_json(args, &report, kvm.as_ref()))?
+        );
     } else {
         if report.mode != "kvm" {
-            println!("no /dev/kvm: running the same workload with host-driven conversions");
+            match &kvm {
+                Some(why) => println!("{why}"),
+                None => println!("/dev/kvm unusable: {}", report.request_path),
+            }
+            println!("running the same workload with host-driven conversions\n");
         }
-        print_summary(&report);
+        print_summary(args, &report);
     }
     Ok(if report.mismatches == 0 {
         ExitCode::SUCCESS

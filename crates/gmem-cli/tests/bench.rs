@@ -20,6 +20,7 @@ fn bench_json_has_every_section_and_both_models() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["version"], 1);
     let results = v["results"].as_array().expect("results");
     let skipped: Vec<&str> = v["skipped"]
         .as_array()
@@ -58,7 +59,7 @@ fn bench_json_has_every_section_and_both_models() {
     for size in ["4KiB", "64KiB", "2MiB", "64MiB"] {
         for what in ["to_private", "to_shared"] {
             for pop in ["populated", "unpopulated"] {
-                for b in ["two-backing destructive", "two-backing preserving"] {
+                for b in ["two-backing", "two-backing+copy"] {
                     let name = format!("in-place {what} {pop} {size}");
                     assert!(has("conversion", &name, b), "missing {name} vs {b}");
                 }
@@ -68,18 +69,12 @@ fn bench_json_has_every_section_and_both_models() {
     // 2. round trips, with their floor.
     for size in ["4KiB", "2MiB"] {
         let name = format!("in-place round trip {size}, every page touched");
-        assert!(has("round-trip", &name, "two-backing preserving"), "{name}");
-        assert!(
-            has("round-trip", &name, "two-backing destructive"),
-            "{name}"
-        );
+        assert!(has("round-trip", &name, "two-backing+copy"), "{name}");
+        assert!(has("round-trip", &name, "two-backing"), "{name}");
         let floor = format!(
             "floor round trip {size}, every page touched (zaps + re-faults, no conversion)"
         );
-        assert!(
-            has("round-trip", &floor, "two-backing preserving"),
-            "{floor}"
-        );
+        assert!(has("round-trip", &floor, "two-backing+copy"), "{floor}");
     }
     // 3. and 6. need /dev/kvm: present, or said why not.
     let kvm = std::path::Path::new("/dev/kvm").exists();
@@ -104,7 +99,7 @@ fn bench_json_has_every_section_and_both_models() {
     // 5. footprint in both fragmentations; deterministic, so its targets are asserted.
     for frag in ["2MiB", "4KiB"] {
         let name = format!("in-place footprint 1GiB, half shared in {frag} fragments");
-        assert!(has("footprint", &name, "two-backing preserving"), "{name}");
+        assert!(has("footprint", &name, "two-backing+copy"), "{name}");
     }
     if kvm && !results.iter().any(|r| r["group"] == "kernel") {
         assert!(skipped.iter().any(|s| s.starts_with("kernel vs emulated")));

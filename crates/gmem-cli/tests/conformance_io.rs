@@ -22,7 +22,18 @@ fn conformance_table_ends_with_the_totals_and_passes_on_emulated() {
     let out = gmem(&["conformance", "--backend", "emulated"]);
     let text = stdout(&out);
     assert!(out.status.success(), "{text}");
-    let last = text.lines().last().expect("output");
+    // The totals, then each reason shared by several rows, once (`[N] backend: reason`).
+    let last = text
+        .lines()
+        .find(|l| l.contains(" passed, "))
+        .expect("totals");
+    let notes: Vec<&str> = text.lines().filter(|l| l.starts_with('[')).collect();
+    for n in &notes {
+        let reason = n.split_once(": ").expect("[N] backend: reason").1;
+        assert_eq!(text.matches(reason).count(), 1, "{reason} repeats");
+        let tag = n.split(' ').next().unwrap();
+        assert!(text.contains(&format!("see {tag}")), "{n} not referenced");
+    }
     let nums: Vec<usize> = last
         .split(", ")
         .map(|part| part.split(' ').next().unwrap().parse().unwrap())
@@ -32,7 +43,7 @@ fn conformance_table_ends_with_the_totals_and_passes_on_emulated() {
         format!("{} passed, 0 failed, {} skipped", nums[0], nums[2])
     );
     assert!(nums[0] >= 25, "{last}");
-    // Skips carry their reason in the table.
+    // Skips carry their reason in the table, or a reference to it.
     assert!(text.contains("forked_accesses") && text.contains("forked child"));
 }
 
@@ -47,7 +58,11 @@ fn conformance_json_per_backend_and_filter() {
         "punch",
     ]);
     assert!(out.status.success());
-    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let top: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(top["version"], 1);
+    let backends = top["backends"].as_array().expect("backends");
+    assert_eq!(backends.len(), 1, "{top}");
+    let v = &backends[0];
     assert_eq!(v["backend"], "emulated");
     let cases = v["cases"].as_array().expect("cases");
     assert!(cases.len() >= 3, "{v}");
@@ -70,10 +85,12 @@ fn conformance_json_per_backend_and_filter() {
         "--filter",
         "fault_*",
     ]);
-    let v: Value = serde_json::from_slice(&all.stdout).expect("JSON");
+    let top: Value = serde_json::from_slice(&all.stdout).expect("JSON");
+    assert_eq!(top["version"], 1);
+    let v = &top["backends"];
     let backends: Vec<&str> = v
         .as_array()
-        .expect("an array for all")
+        .expect("backends, three for all")
         .iter()
         .map(|b| b["backend"].as_str().unwrap())
         .collect();
@@ -108,15 +125,17 @@ fn bad_arguments_are_errors_naming_the_allowed_values() {
         "frob",
     ]);
     assert_eq!(out.status.code(), Some(2));
-    let text = stdout(&out);
+    // Usage errors go to stderr, each with the place it came from.
+    let text = String::from_utf8_lossy(&out.stderr);
     assert!(
-        text.contains("frob -> error: unknown command \"frob\"; allowed: create"),
+        text.contains("gmem io: -c #3: frob -> error: unknown command \"frob\"; allowed: create"),
         "{text}"
     );
     assert!(
-        text.contains("mread 0x0 0x1 -> error: no mapping"),
+        text.contains("gmem io: -c #2: mread 0x0 0x1 -> error: no mapping"),
         "{text}"
     );
+    assert_eq!(stdout(&out), "create 0x1000 mmap -> ok\n");
     let out = gmem(&["io", "--vm-type", "tdx", "-c", "stat"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("sw_protected"));

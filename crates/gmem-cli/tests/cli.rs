@@ -1,0 +1,372 @@
+//! The `gmem` command as a shell user meets it (issue 15): closed pipes, bad arguments,
+//! exit codes, help. Every case here is bounded (debug build, a few seconds at most).
+
+mod common;
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Stdio};
+
+use common::gmem;
+
+/// Runs `gmem args` with its stdout on a pipe whose read end is already closed, as in
+/// `gmem ARGS | true` when `true` has exited first.
+fn into_closed_pipe(args: &[&str]) -> std::process::Output {
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) writes two descriptors into `fds`, which has room for them.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe");
+    // SAFETY: both descriptors are new and owned by nothing else.
+    let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(reader);
+    Command::new(env!("CARGO_BIN_EXE_gmem"))
+        .args(args)
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::piped())
+        .output()
+        .expect("gmem runs")
+}
+
+#[test]
+fn a_closed_pipe_ends_every_command_quietly() {
+    for args in [
+        &["probe"][..],
+        &["probe", "--json"],
+        &[
+            "conformance",
+            "--backend",
+            "emulated",
+            "--filter",
+            "init_shared",
+        ],
+        &["demo"],
+        &["io", "-c", "help"],
+        &["run", "--samples", "4"],
+        &["--help"],
+    ] {
+        let out = into_closed_pipe(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+            "gmem {args:?}: {stderr}"
+        );
+        // Killed by SIGPIPE, as `cat` or `grep` would be (the shell shows 141).
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "gmem {args:?}: {:?} {stderr}",
+            out.status
+        );
+    }
+}
+
+#[test]
+fn top_level_help_says_what_gmem_is_and_lists_the_subcommands() {
+    let out = gmem(&["--help"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("guest_memfd"), "{text}");
+    assert!(!text.contains("The gmem command\n"), "{text}");
+    for sub in ["bench", "demo", "probe", "conformance", "io", "run"] {
+        assert!(
+            text.lines().any(|l| l.trim_start().starts_with(sub)),
+            "no line for {sub}: {text}"
+        );
+    }
+}
+
+/// Each bad argument is refused before any work, with status 2 and a message naming the
+/// flag, the value and what is allowed.
+#[test]
+fn bad_arguments_are_refused_up_front_naming_flag_value_and_limit() {
+    for (args, expect) in [
+        (&["run", "--samples", "0"][..], "--samples 0: allowed 1..="),
+        (
+            &["run", "--samples", "4906"],
+            "--samples 4906: allowed 1..=4905",
+        ),
+        (
+            &["run", "--samples", "100000000"],
+            "--samples 100000000: allowed 1..=",
+        ),
+        (&["run", "--vcpus", "0"], "--vcpus 0: allowed 1..=64"),
+        (&["run", "--vcpus", "65"], "--vcpus 65: allowed 1..=64"),
+        (&["run", "--mem-mib", "6"], "--mem-mib 6: allowed 8..=1024"),
+        (&["run", "--memslots", "0"], "--memslots 0:"),
+        (&["run", "--memslots", "3"], "--memslots 3:"),
+        (
+            &["run", "--timeout-secs", "0"],
+            "--timeout-secs 0: allowed 1..=",
+        ),
+        (&["demo", "--pages", "0"], "--pages 0: allowed 2..="),
+        (&["demo", "--pages", "1"], "--pages 1: allowed 2..="),
+        (
+            &["bench", "--plot", "/nonexistent/dir/p.svg"],
+            "--plot /nonexistent/dir/p.svg: cannot be written",
+        ),
+    ] {
+        let start = std::time::Instant::now();
+        let out = gmem(args);
+        let err = common::stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "gmem {args:?}: {err}");
+        assert!(err.contains(expect), "gmem {args:?}: {err}");
+        assert!(out.stdout.is_empty(), "gmem {args:?} printed results");
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "gmem {args:?} worked before refusing"
+        );
+    }
+}
+
+/// The largest `--samples` the limit names is accepted (the limit is the real one).
+#[test]
+fn the_samples_limit_is_accepted() {
+    let out = gmem(&[
+        "run",
+        "--samples",
+        "4905",
+        "--vcpus",
+        "1",
+        "--mem-mib",
+        "4",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+}
+
+/// `gmem io`: an errno answer is a result (stdout, status 0); a script line that cannot run
+/// goes to stderr with its script line number, and the status is 2.
+#[test]
+fn io_errno_answers_are_results_and_parse_errors_name_the_script_line() {
+    let out = gmem(&[
+        "io",
+        "-c",
+        "create 16k mmap|init_shared",
+        "-c",
+        "mmap",
+        "-c",
+        "convert private 0 4k",
+        "-c",
+        "mread 0 4k",
+        "-c",
+        "falloc 0 3",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let text = common::stdout(&out);
+    assert!(text.contains("mread 0x0 0x1000 -> SIGBUS at 0x0"), "{text}");
+    assert!(text.contains("-> EINVAL"), "{text}");
+
+    let script = std::env::temp_dir().join(format!("gmem-cli-io-{}.io", std::process::id()));
+    std::fs::write(&script, "create 16k mmap\n# comment\n\nfrob 1 2\nstat\n").unwrap();
+    let out = gmem(&["io", "-f", script.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&script);
+    assert_eq!(out.status.code(), Some(2));
+    let err = common::stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "{}:4: frob 1 2 -> error: unknown command",
+            script.display()
+        )),
+        "{err}"
+    );
+    let text = common::stdout(&out);
+    assert!(!text.contains("frob"), "{text}");
+    assert!(
+        text.contains("stat"),
+        "the lines after a bad one still run: {text}"
+    );
+}
+
+/// `gmem bench --fail-on-unmet` is offered and documented.
+#[test]
+fn bench_documents_fail_on_unmet() {
+    let out = gmem(&["bench", "--help"]);
+    let text = common::stdout(&out);
+    assert!(text.contains("--fail-on-unmet"), "{text}");
+    assert!(text.contains("Exit with status 1"), "{text}");
+}
+
+/// Runs `gmem args` as user nobody (uid/gid 65534, no groups) when the test runs as root, so
+/// that /dev/kvm (root-owned) cannot be opened; `None` when that cannot be arranged.
+fn gmem_without_kvm_access(args: &[&str]) -> Option<std::process::Output> {
+    use std::os::unix::process::CommandExt;
+    let dev = std::path::Path::new("/dev/kvm");
+    if !dev.exists() {
+        return None;
+    }
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gmem"));
+    cmd.args(args);
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        cmd.uid(65534).gid(65534);
+    } else if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dev)
+        .is_ok()
+    {
+        return None; // this user may use /dev/kvm: nothing to simulate
+    }
+    Some(cmd.output().expect("gmem runs"))
+}
+
+/// No device (ENOENT) is told as such (`GMEM_KVM_DEV` points the probe elsewhere).
+#[test]
+fn probe_says_enoent_when_there_is_no_kvm_device() {
+    let out = common::gmem_env(&["probe"], &[("GMEM_KVM_DEV", "/nonexistent/kvm")]);
+    assert!(out.status.success());
+    let text = common::stdout(&out);
+    assert!(
+        text.contains("/nonexistent/kvm does not exist (ENOENT)"),
+        "{text}"
+    );
+    let out = common::gmem_env(
+        &["probe", "--json"],
+        &[("GMEM_KVM_DEV", "/nonexistent/kvm")],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kvm_access"]["problem"], "missing");
+    assert_eq!(v["kvm_access"]["usable"], false);
+}
+
+/// A user who may not open /dev/kvm is told EACCES and how to join the kvm group, in `probe`,
+/// `run` (which then runs host-driven) and `run --backend kernel` (which fails).
+#[test]
+fn no_permission_on_dev_kvm_is_told_precisely() {
+    let Some(out) = gmem_without_kvm_access(&["probe"]) else {
+        eprintln!("skipped: /dev/kvm missing, or usable by this non-root user");
+        return;
+    };
+    let text = common::stdout(&out);
+    assert!(
+        text.contains("/dev/kvm exists but cannot be opened (EACCES)"),
+        "{text}"
+    );
+    assert!(text.contains("usermod -aG kvm"), "{text}");
+    assert!(!text.contains("/dev/kvm          missing"), "{text}");
+
+    let out = gmem_without_kvm_access(&["run", "--vcpus", "1", "--mem-mib", "4", "--samples", "4"])
+        .expect("as above");
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let text = common::stdout(&out);
+    assert!(text.contains("cannot be opened (EACCES)"), "{text}");
+    assert!(text.contains("usermod -aG kvm"), "{text}");
+    assert!(!text.contains("no /dev/kvm"), "{text}");
+
+    let out = gmem_without_kvm_access(&["run", "--json", "--vcpus", "1", "--mem-mib", "4"])
+        .expect("as above");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kvm_problem"], "no_permission");
+    assert_eq!(v["mode"], "host-driven");
+
+    let out = gmem_without_kvm_access(&["run", "--backend", "kernel"]).expect("as above");
+    assert_eq!(out.status.code(), Some(1));
+    let err = common::stderr(&out);
+    assert!(err.contains("cannot be opened (EACCES)"), "{err}");
+}
+
+/// `run` output: no hypervisor internals without --verbose, human units, samples per vCPU,
+/// no progress when piped; `--json` is one versioned object whose platform is a name.
+#[test]
+fn run_output_is_short_human_and_json_is_data() {
+    let out = gmem(&["run", "--samples", "20"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let text = common::stdout(&out);
+    assert!(!text.contains("conversion requests   "), "{text}");
+    assert!(text.contains(" MiB (host "), "{text}");
+    if text.contains("round trips") {
+        assert!(
+            text.contains("median of 20 samples per vCPU, 40 in all"),
+            "{text}"
+        );
+    }
+    assert!(common::stderr(&out).is_empty(), "progress when piped");
+
+    let out = gmem(&["run", "--samples", "20", "--verbose"]);
+    let text = common::stdout(&out);
+    assert!(text.contains("conversion requests"), "{text}");
+
+    let out = gmem(&["run", "--samples", "20", "--json", "--platform", "snp"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(common::stderr(&out).is_empty());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one object");
+    assert_eq!(v["version"], 1);
+    assert_eq!(v["platform"], "snp");
+    assert_eq!(v["model"], "in-place");
+    assert!(v["content_rules"]["to_private"].is_string());
+    assert!(v["notes"]["request_path"].is_string());
+    if v["mode"] == "kvm" {
+        assert_eq!(v["samples_per_vcpu"], 20);
+        assert_eq!(v["samples_total"], 40);
+    }
+}
+
+/// Every `--json` output is an object with `"version"`.
+#[test]
+fn every_json_output_is_a_versioned_object() {
+    for args in [
+        &["probe", "--json"][..],
+        &["conformance", "--json", "--filter", "fault_*"],
+        &["run", "--json", "--samples", "4"],
+    ] {
+        let out = gmem(args);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        assert!(v.is_object(), "gmem {args:?}");
+        assert_eq!(v["version"], 1, "gmem {args:?}");
+    }
+}
+
+/// `gmem demo` names signals and prints no `Debug` dump.
+#[test]
+fn demo_says_sigbus_and_prints_no_debug_dump() {
+    let out = gmem(&["demo", "--pages", "2"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let text = common::stdout(&out);
+    assert!(text.contains("SIGBUS at offset 0x0"), "{text}");
+    assert!(!text.contains("signal 7"), "{text}");
+    assert!(
+        !text.contains('{') && !text.contains("EmulatedGuestMemfd"),
+        "{text}"
+    );
+}
+
+/// A `--filter` that matches no case is a usage error, not "0 passed".
+#[test]
+fn conformance_filter_matching_nothing_is_refused() {
+    let out = gmem(&[
+        "conformance",
+        "--backend",
+        "emulated",
+        "--filter",
+        "no_such_case",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        common::stderr(&out).contains("--filter no_such_case: matches no case"),
+        "{}",
+        common::stderr(&out)
+    );
+}
+
+/// On a terminal `gmem run` draws a progress line on stderr (`script` gives it a pty).
+#[test]
+fn run_shows_progress_on_a_terminal() {
+    let Ok(out) = Command::new("script")
+        .args(["-qec"])
+        .arg(format!(
+            "{} run --vcpus 1 --mem-mib 4 --samples 4",
+            env!("CARGO_BIN_EXE_gmem")
+        ))
+        .arg("/dev/null")
+        .output()
+    else {
+        eprintln!("skipped: no script(1) to make a terminal");
+        return;
+    };
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let text = common::stdout(&out);
+    assert!(
+        text.contains("\r\x1b[2Kgmem run: 1 vCPU(s), 4 MiB: 0 s"),
+        "{text:?}"
+    );
+    assert!(text.contains("private_mem_conversions"), "{text}");
+}
