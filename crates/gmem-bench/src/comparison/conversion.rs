@@ -99,6 +99,7 @@ pub(super) fn measure(
                     ),
                     unit: Unit::Micros,
                     samples: reps,
+                    key: None,
                 });
             }
         }

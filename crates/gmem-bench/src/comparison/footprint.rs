@@ -4,7 +4,7 @@
 use gmem::PAGE_SIZE;
 use gmem_vmm::backing::BackingKind;
 
-use super::{create_backing, fig, Baseline, Measurement, Unit, IN_PLACE};
+use super::{create_backing, size_label, Baseline, LineKey, Measurement, Unit, IN_PLACE};
 use crate::error::BenchError;
 
 /// Footprint (MiB) of `kind` for a 1 GiB guest that starts private, is written whole by the
@@ -28,25 +28,23 @@ pub(super) fn measure(
     step: &mut dyn FnMut(&str),
     lines: &mut Vec<Measurement>,
 ) -> Result<(), BenchError> {
-    for (label, frag) in [("2MiB", 2u64 << 20), ("4KiB", PAGE_SIZE)] {
+    for fragment in [2u64 << 20, PAGE_SIZE] {
+        let label = size_label(fragment);
         step(&format!("footprint, half shared in {label} fragments"));
         let mib = BackingKind::ALL
             .iter()
-            .map(|&k| footprint_mib(k, frag))
+            .map(|&k| footprint_mib(k, fragment))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.within(|| format!("footprint {label}")))?;
-        for b in [Baseline::Destructive, Baseline::Preserving] {
-            lines.push(Measurement {
-                group: "footprint",
-                figure: fig(
-                    format!("in-place footprint 1GiB, half shared in {label} fragments"),
-                    mib[IN_PLACE],
-                    b.label().into(),
-                    mib[b.index()],
-                ),
-                unit: Unit::Mebibytes,
-                samples: 1,
-            });
+        for baseline in [Baseline::Destructive, Baseline::Preserving] {
+            let key = LineKey::Footprint { fragment, baseline };
+            lines.push(key.measurement(
+                "footprint",
+                mib[IN_PLACE],
+                mib[baseline.index()],
+                Unit::Mebibytes,
+                1,
+            ));
         }
     }
     Ok(())

@@ -44,6 +44,7 @@ pub(super) fn measure(
             figure: fig(format!("kernel {name}"), k, format!("emulated {name}"), e),
             unit: Unit::Micros,
             samples,
+            key: None,
         });
     };
 

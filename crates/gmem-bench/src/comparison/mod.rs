@@ -35,12 +35,14 @@ mod footprint;
 mod kernel;
 mod plot;
 mod round_trip;
+mod target;
 mod vcpu;
 mod workload;
 
 pub use crate::error::BenchError;
 pub use conversion::conversion_sizes;
 pub use plot::svg;
+pub use target::{targets, Target, TargetOutcome, TARGETS};
 
 /// Unit of a measurement's two figures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +74,9 @@ pub struct Measurement {
     pub unit: Unit,
     /// Repetitions behind each median.
     pub samples: usize,
+    /// What the line measures, typed, for the lines a [`Target`] reads (`None` for the
+    /// others).
+    pub key: Option<LineKey>,
 }
 
 /// One curve of the plot: conversion latency against range size.
@@ -147,6 +152,142 @@ impl Baseline {
             .iter()
             .position(|&k| k == kind)
             .expect("BackingKind::ALL holds both two-backing layouts")
+    }
+}
+
+/// How much of its range a round trip touches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Touch {
+    /// Every page.
+    EveryPage,
+    /// Only the first page.
+    FirstPage,
+}
+
+impl Touch {
+    /// `every page touched` or `first page touched`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Touch::EveryPage => "every page touched",
+            Touch::FirstPage => "first page touched",
+        }
+    }
+}
+
+/// What a line measures, typed: a [`Target`] finds the line it reads by this key, never by
+/// the line's printed name (which [`LineKey::name`] derives from the key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineKey {
+    /// The in-place round trip of `bytes`, against `baseline`.
+    RoundTrip {
+        /// Range size.
+        bytes: u64,
+        /// What the round trip touches.
+        touch: Touch,
+        /// What it is compared against.
+        baseline: Baseline,
+    },
+    /// The same round trip with zaps and re-faults only (the floor of any in-place round
+    /// trip on this host), against `baseline`.
+    RoundTripFloor {
+        /// Range size.
+        bytes: u64,
+        /// What the round trip touches.
+        touch: Touch,
+        /// What it is compared against.
+        baseline: Baseline,
+    },
+    /// The in-place footprint of a 1 GiB guest half shared in `fragment`-byte pieces,
+    /// against `baseline`.
+    Footprint {
+        /// Fragment size.
+        fragment: u64,
+        /// What it is compared against.
+        baseline: Baseline,
+    },
+}
+
+impl LineKey {
+    /// The line's name in the report.
+    pub fn name(self) -> String {
+        match self {
+            LineKey::RoundTrip { bytes, touch, .. } => {
+                format!(
+                    "in-place round trip {}, {}",
+                    size_label(bytes),
+                    touch.label()
+                )
+            }
+            LineKey::RoundTripFloor { bytes, touch, .. } => format!(
+                "floor round trip {}, {} (zaps + re-faults, no conversion)",
+                size_label(bytes),
+                touch.label()
+            ),
+            LineKey::Footprint { fragment, .. } => format!(
+                "in-place footprint 1GiB, half shared in {} fragments",
+                size_label(fragment)
+            ),
+        }
+    }
+
+    /// What the line is compared against.
+    pub fn baseline(self) -> Baseline {
+        match self {
+            LineKey::RoundTrip { baseline, .. }
+            | LineKey::RoundTripFloor { baseline, .. }
+            | LineKey::Footprint { baseline, .. } => baseline,
+        }
+    }
+
+    /// The floor line of a round trip (the same round trip, zaps and re-faults alone,
+    /// against the same baseline): the smallest ratio any in-place implementation could reach
+    /// on this host. `None` for other lines.
+    pub fn floor(self) -> Option<LineKey> {
+        match self {
+            LineKey::RoundTrip {
+                bytes,
+                touch,
+                baseline,
+            } => Some(LineKey::RoundTripFloor {
+                bytes,
+                touch,
+                baseline,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The line: this key's name and baseline with their figures.
+    fn measurement(
+        self,
+        group: &'static str,
+        value: f64,
+        baseline_value: f64,
+        unit: Unit,
+        samples: usize,
+    ) -> Measurement {
+        Measurement {
+            group,
+            figure: fig(
+                self.name(),
+                value,
+                self.baseline().label().into(),
+                baseline_value,
+            ),
+            unit,
+            samples,
+            key: Some(self),
+        }
+    }
+}
+
+/// `4KiB`, `64KiB`, `2MiB`, `1GiB`: a power-of-two size as the report names it.
+pub fn size_label(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}GiB", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}KiB", b >> 10),
+        b => format!("{b}B"),
     }
 }
 

@@ -7,7 +7,9 @@ use gmem::PAGE_SIZE;
 use gmem_vmm::backing::BackingKind;
 use gmem_vmm::stats::{median, time_us};
 
-use super::{create_backing, fig, Baseline, Measurement, Unit, IN_PLACE};
+use super::{create_backing, Baseline, LineKey, Measurement, Touch, Unit, IN_PLACE};
+
+const GROUP: &str = "round-trip";
 use crate::error::BenchError;
 use crate::sys::{self, Mmap};
 
@@ -104,38 +106,39 @@ pub(super) fn measure(
     step: &mut dyn FnMut(&str),
     lines: &mut Vec<Measurement>,
 ) -> Result<(), BenchError> {
-    for (label, len, reps) in round_trip_sizes(quick) {
+    for (label, bytes, reps) in round_trip_sizes(quick) {
         step(&format!("round trip {label}"));
-        for (every, how) in [(true, "every page touched"), (false, "first page touched")] {
-            let med = round_trip_medians(len, reps, every)
+        for touch in [Touch::EveryPage, Touch::FirstPage] {
+            let med = round_trip_medians(bytes, reps, touch == Touch::EveryPage)
                 .map_err(|e| e.within(|| format!("round trip {label}")))?;
-            let floor = med[BackingKind::ALL.len()];
-            for b in [Baseline::Preserving, Baseline::Destructive] {
-                lines.push(Measurement {
-                    group: "round-trip",
-                    figure: fig(
-                        format!("in-place round trip {label}, {how}"),
-                        med[IN_PLACE],
-                        b.label().into(),
-                        med[b.index()],
-                    ),
-                    unit: Unit::Micros,
-                    samples: reps,
-                });
+            for baseline in [Baseline::Preserving, Baseline::Destructive] {
+                let key = LineKey::RoundTrip {
+                    bytes,
+                    touch,
+                    baseline,
+                };
+                lines.push(key.measurement(
+                    GROUP,
+                    med[IN_PLACE],
+                    med[baseline.index()],
+                    Unit::Micros,
+                    reps,
+                ));
             }
             // The best any in-place round trip can do here: zaps and re-faults alone.
-            let b = Baseline::Preserving;
-            lines.push(Measurement {
-                group: "round-trip",
-                figure: fig(
-                    format!("floor round trip {label}, {how} (zaps + re-faults, no conversion)"),
-                    floor,
-                    b.label().into(),
-                    med[b.index()],
-                ),
-                unit: Unit::Micros,
-                samples: reps,
-            });
+            let baseline = Baseline::Preserving;
+            let key = LineKey::RoundTripFloor {
+                bytes,
+                touch,
+                baseline,
+            };
+            lines.push(key.measurement(
+                GROUP,
+                med[BackingKind::ALL.len()],
+                med[baseline.index()],
+                Unit::Micros,
+                reps,
+            ));
         }
     }
     Ok(())

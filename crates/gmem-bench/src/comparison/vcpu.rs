@@ -87,6 +87,7 @@ pub(super) fn round_trips(quick: bool) -> Result<Vec<Measurement>, BenchError> {
                 ),
                 unit: Unit::Micros,
                 samples: reps,
+                key: None,
             });
         }
     }

@@ -56,6 +56,7 @@ pub(super) fn lines(quick: bool) -> Result<Vec<Measurement>, BenchError> {
             ),
             unit: Unit::Micros,
             samples: reps,
+            key: None,
         });
     }
     if mode != "kvm" {
@@ -74,6 +75,7 @@ pub(super) fn lines(quick: bool) -> Result<Vec<Measurement>, BenchError> {
         ),
         unit: Unit::Micros,
         samples: reps,
+        key: None,
     });
     for b in baselines {
         out.push(Measurement {
@@ -86,6 +88,7 @@ pub(super) fn lines(quick: bool) -> Result<Vec<Measurement>, BenchError> {
             ),
             unit: Unit::Micros,
             samples: reps,
+            key: None,
         });
     }
     Ok(out)
