@@ -31,6 +31,21 @@ pub struct Figure {
 }
 
 impl Figure {
+    /// `name` at `median_us`, against `baseline` at `baseline_median_us`.
+    pub fn new(
+        name: impl Into<String>,
+        median_us: f64,
+        baseline: impl Into<String>,
+        baseline_median_us: f64,
+    ) -> Figure {
+        Figure {
+            name: name.into(),
+            median_us,
+            baseline: baseline.into(),
+            baseline_median_us,
+        }
+    }
+
     /// `median / baseline`.
     pub fn ratio(&self) -> f64 {
         if self.baseline_median_us > 0.0 {
@@ -109,12 +124,7 @@ pub fn conversion_latency(
         progress(label);
         let (dontneed, mprotect, empty, mprotect_empty) = floors(len, samples)?;
         let [pp, sp, pu, su] = conversions(len, samples, revocation)?;
-        let fig = |name: String, median_us: f64, baseline: &str, baseline_median_us: f64| Figure {
-            name,
-            median_us,
-            baseline: baseline.to_string(),
-            baseline_median_us,
-        };
+        let fig = Figure::new;
         figures.push(fig(
             format!("to_private {label} populated"),
             pp,

@@ -6,8 +6,9 @@ use gmem::PAGE_SIZE;
 use gmem_vmm::backing::BackingKind;
 use gmem_vmm::stats::{median, time_us};
 
-use super::{create_backing, fig, Baseline, Curve, Measurement, Report, Unit, IN_PLACE};
+use super::{create_backing, Baseline, Curve, Measurement, Report, Unit, IN_PLACE};
 use crate::error::BenchError;
+use crate::floor::Figure;
 
 /// What each conversion median measures, in the order [`conversion_medians`] returns them;
 /// the first two are plotted.
@@ -91,10 +92,10 @@ pub(super) fn measure(
             for b in [Baseline::Destructive, Baseline::Preserving] {
                 report.lines.push(Measurement {
                     group: "conversion",
-                    figure: fig(
+                    figure: Figure::new(
                         format!("in-place {w} {label}"),
                         med[IN_PLACE][j],
-                        b.label().into(),
+                        b.label(),
                         med[b.index()][j],
                     ),
                     unit: Unit::Micros,

@@ -16,8 +16,9 @@ use gmem_vmm::guest::DATA_GPA;
 use gmem_vmm::stats::{median, time_us};
 use gmem_vmm::{Event, GuestProgram, RequestPath, Vm};
 
-use super::{fig, Measurement, Unit};
+use super::{Measurement, Unit};
 use crate::error::BenchError;
+use crate::floor::Figure;
 use crate::sys;
 
 const FLAGS: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
@@ -41,7 +42,7 @@ pub(super) fn measure(
     let mut push = |name: &str, k: f64, e: f64, samples: usize| {
         out.push(Measurement {
             group: "kernel",
-            figure: fig(format!("kernel {name}"), k, format!("emulated {name}"), e),
+            figure: Figure::new(format!("kernel {name}"), k, format!("emulated {name}"), e),
             unit: Unit::Micros,
             samples,
             key: None,

@@ -268,12 +268,7 @@ impl LineKey {
     ) -> Measurement {
         Measurement {
             group,
-            figure: fig(
-                self.name(),
-                value,
-                self.baseline().label().into(),
-                baseline_value,
-            ),
+            figure: Figure::new(self.name(), value, self.baseline().label(), baseline_value),
             unit,
             samples,
             key: Some(self),
@@ -310,15 +305,6 @@ pub fn create_backing(
             TwoBackingOptions { preserve_content },
         )?),
     })
-}
-
-fn fig(name: String, median_us: f64, baseline: String, baseline_median_us: f64) -> Figure {
-    Figure {
-        name,
-        median_us,
-        baseline,
-        baseline_median_us,
-    }
 }
 
 /// Number of progress steps [`run`] reports.

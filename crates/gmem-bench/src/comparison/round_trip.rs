@@ -10,6 +10,9 @@ use gmem_vmm::stats::{median, time_us};
 use super::{create_backing, Baseline, LineKey, Measurement, Touch, Unit, IN_PLACE};
 
 const GROUP: &str = "round-trip";
+
+/// Where [`RoundTripFloor`]'s median stands in [`round_trip_medians`]: after the layouts.
+const FLOOR: usize = BackingKind::ALL.len();
 use crate::error::BenchError;
 use crate::sys::{self, Mmap};
 
@@ -66,8 +69,11 @@ impl RoundTripFloor {
 /// Median round trip per layout of [`BackingKind::ALL`]: to private, guest touches, to
 /// shared, host touches (every page of the range, or only its first page); then, last, the
 /// same for [`RoundTripFloor`].
-fn round_trip_medians(len: u64, reps: usize, every_page: bool) -> Result<Vec<f64>, BenchError> {
-    let touched = if every_page { len } else { PAGE_SIZE };
+fn round_trip_medians(len: u64, reps: usize, touch: Touch) -> Result<Vec<f64>, BenchError> {
+    let touched = match touch {
+        Touch::EveryPage => len,
+        Touch::FirstPage => PAGE_SIZE,
+    };
     let models = BackingKind::ALL
         .iter()
         .map(|&k| create_backing(k, len, false))
@@ -94,7 +100,7 @@ fn round_trip_medians(len: u64, reps: usize, every_page: bool) -> Result<Vec<f64
         }
         let t = time_us(|| floor.round_trip(touched, v))?;
         if rep >= 2 {
-            samples[models.len()].push(t);
+            samples[FLOOR].push(t);
         }
     }
     Ok(samples.into_iter().map(|mut v| median(&mut v)).collect())
@@ -109,36 +115,29 @@ pub(super) fn measure(
     for (label, bytes, reps) in round_trip_sizes(quick) {
         step(&format!("round trip {label}"));
         for touch in [Touch::EveryPage, Touch::FirstPage] {
-            let med = round_trip_medians(bytes, reps, touch == Touch::EveryPage)
+            let med = round_trip_medians(bytes, reps, touch)
                 .map_err(|e| e.within(|| format!("round trip {label}")))?;
-            for baseline in [Baseline::Preserving, Baseline::Destructive] {
+            let in_place = |baseline| {
                 let key = LineKey::RoundTrip {
                     bytes,
                     touch,
                     baseline,
                 };
-                lines.push(key.measurement(
-                    GROUP,
-                    med[IN_PLACE],
-                    med[baseline.index()],
-                    Unit::Micros,
-                    reps,
-                ));
-            }
-            // The best any in-place round trip can do here: zaps and re-faults alone.
-            let baseline = Baseline::Preserving;
-            let key = LineKey::RoundTripFloor {
-                bytes,
-                touch,
-                baseline,
+                (key, med[IN_PLACE])
             };
-            lines.push(key.measurement(
-                GROUP,
-                med[BackingKind::ALL.len()],
-                med[baseline.index()],
-                Unit::Micros,
-                reps,
-            ));
+            // The best any in-place round trip can do here: zaps and re-faults alone.
+            let floor = in_place(Baseline::Preserving)
+                .0
+                .floor()
+                .map(|key| (key, med[FLOOR]));
+            let keyed = [
+                in_place(Baseline::Preserving),
+                in_place(Baseline::Destructive),
+            ];
+            for (key, value) in keyed.into_iter().chain(floor) {
+                let baseline = med[key.baseline().index()];
+                lines.push(key.measurement(GROUP, value, baseline, Unit::Micros, reps));
+            }
         }
     }
     Ok(())

@@ -11,8 +11,9 @@ use gmem_vmm::guest::DATA_GPA;
 use gmem_vmm::stats::median;
 use gmem_vmm::{Event, GuestProgram, RequestPath, Vm};
 
-use super::{create_backing, fig, Baseline, Measurement, Unit, IN_PLACE_KIND};
+use super::{create_backing, Baseline, Measurement, Unit, IN_PLACE_KIND};
 use crate::error::BenchError;
+use crate::floor::Figure;
 
 /// Median guest-driven round trip through a real vCPU: the guest exits (sync), the VMM
 /// converts the range to private, the guest writes all of it (`rep stosq`) and exits, the VMM
@@ -79,10 +80,10 @@ pub(super) fn round_trips(quick: bool) -> Result<Vec<Measurement>, BenchError> {
         for (x, baseline) in [(c, Baseline::Preserving), (d, Baseline::Destructive)] {
             out.push(Measurement {
                 group: "vcpu",
-                figure: fig(
+                figure: Figure::new(
                     format!("in-place vCPU round trip {label} (guest writes all)"),
                     inplace,
-                    baseline.label().into(),
+                    baseline.label(),
                     x,
                 ),
                 unit: Unit::Micros,

@@ -5,8 +5,9 @@ use gmem_check::workload::{run, Config, Report};
 use gmem_vmm::backing::BackingKind;
 use gmem_vmm::stats::median;
 
-use super::{fig, Baseline, Measurement, Unit, IN_PLACE, IN_PLACE_KIND};
+use super::{Baseline, Measurement, Unit, IN_PLACE, IN_PLACE_KIND};
 use crate::error::BenchError;
+use crate::floor::Figure;
 
 /// `gmem run` on each layout, interleaved, five times: its end-to-end wall time, and (on
 /// real vCPUs) its 4 KiB guest-driven conversion round trip, in-place against both
@@ -45,13 +46,13 @@ pub(super) fn lines(quick: bool) -> Result<Vec<Measurement>, BenchError> {
     for b in baselines {
         out.push(Measurement {
             group: "workload",
-            figure: fig(
+            figure: Figure::new(
                 format!(
                     "in-place gmem run end to end ({mode}, {} vCPUs, {} MiB, {} samples)",
                     c.vcpus, c.mem_mib, c.samples
                 ),
                 med(in_place, &|r| r.elapsed_us),
-                b.label().into(),
+                b.label(),
                 med(&runs[b.index()], &|r| r.elapsed_us),
             ),
             unit: Unit::Micros,
@@ -65,10 +66,10 @@ pub(super) fn lines(quick: bool) -> Result<Vec<Measurement>, BenchError> {
     let rt = |r: &Report| r.conversion_round_trip_us;
     out.push(Measurement {
         group: "vcpu",
-        figure: fig(
-            "in-place gmem run vCPU 4KiB conversion round trip".into(),
+        figure: Figure::new(
+            "in-place gmem run vCPU 4KiB conversion round trip",
             med(in_place, &rt),
-            "bare exit round trip + 4KiB conversion".into(),
+            "bare exit round trip + 4KiB conversion",
             med(in_place, &|r| {
                 r.exit_round_trip_us.unwrap_or(0.0) + r.conversion_4k_us
             }),
@@ -80,10 +81,10 @@ pub(super) fn lines(quick: bool) -> Result<Vec<Measurement>, BenchError> {
     for b in baselines {
         out.push(Measurement {
             group: "vcpu",
-            figure: fig(
-                "in-place gmem run vCPU 4KiB conversion round trip".into(),
+            figure: Figure::new(
+                "in-place gmem run vCPU 4KiB conversion round trip",
                 med(in_place, &rt),
-                b.label().into(),
+                b.label(),
                 med(&runs[b.index()], &rt),
             ),
             unit: Unit::Micros,
