@@ -15,8 +15,9 @@ use std::time::Instant;
 use gmem::attributes::AttributeStore;
 use gmem::PAGE_SIZE;
 use gmem_bench::comparison::create_backing;
-use gmem_bench::floor::median;
+use gmem_bench::BenchError;
 use gmem_vmm::backing::BackingKind;
+use gmem_vmm::stats::median;
 
 /// A store of `npages` pages with exactly `fragments` runs.
 fn store_with_fragments(npages: u64, fragments: u64) -> AttributeStore {
@@ -101,14 +102,14 @@ fn main() {
     let mut t: Vec<[Vec<f64>; 2]> = models.iter().map(|_| Default::default()).collect();
     for rep in 0..reps + 10 {
         for (m, v) in models.iter().zip(t.iter_mut()) {
-            let r = (|| -> Result<[f64; 2], String> {
-                m.host_touch(0, PAGE_SIZE, 1).map_err(|e| e.to_string())?;
+            let r = (|| -> Result<[f64; 2], BenchError> {
+                m.host_touch(0, PAGE_SIZE, 1)?;
                 let a = Instant::now();
-                m.set_private(0, PAGE_SIZE).map_err(|e| e.to_string())?;
+                m.set_private(0, PAGE_SIZE)?;
                 let to_private = a.elapsed().as_secs_f64() * 1e6;
-                m.guest_touch(0, PAGE_SIZE, 2).map_err(|e| e.to_string())?;
+                m.guest_touch(0, PAGE_SIZE, 2)?;
                 let a = Instant::now();
-                m.set_shared(0, PAGE_SIZE).map_err(|e| e.to_string())?;
+                m.set_shared(0, PAGE_SIZE)?;
                 Ok([to_private, a.elapsed().as_secs_f64() * 1e6])
             })();
             match r {

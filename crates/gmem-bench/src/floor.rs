@@ -8,15 +8,14 @@
 //! reported beside it. A to-shared conversion's floor is the same DONTNEED on an unpopulated
 //! range.
 
-use std::os::fd::AsFd;
-
 use gmem::emulated::{EmulatedGuestMemfd, EmulatedOptions, Revocation};
-use gmem::error::{Errno, KernelResult};
+use gmem::error::KernelResult;
 use gmem::file::GuestMemfd;
-use gmem::sys::{self, Mmap, PAGE_SIZE};
 use gmem::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
-pub use gmem_vmm::stats::median;
-use gmem_vmm::stats::time_us;
+use gmem::PAGE_SIZE;
+use gmem_vmm::stats::{median, time_us};
+
+use crate::sys;
 
 /// One measured figure beside its baseline.
 #[derive(Debug, Clone)]
@@ -32,6 +31,21 @@ pub struct Figure {
 }
 
 impl Figure {
+    /// `name` at `median_us`, against `baseline` at `baseline_median_us`.
+    pub fn new(
+        name: impl Into<String>,
+        median_us: f64,
+        baseline: impl Into<String>,
+        baseline_median_us: f64,
+    ) -> Figure {
+        Figure {
+            name: name.into(),
+            median_us,
+            baseline: baseline.into(),
+            baseline_median_us,
+        }
+    }
+
     /// `median / baseline`.
     pub fn ratio(&self) -> f64 {
         if self.baseline_median_us > 0.0 {
@@ -55,28 +69,17 @@ pub fn sizes(quick: bool) -> Vec<(&'static str, u64, usize)> {
 /// Floor figures for `len` bytes, medians in µs: (madvise DONTNEED populated, mprotect
 /// populated, DONTNEED unpopulated, mprotect unpopulated).
 fn floors(len: u64, samples: usize) -> KernelResult<(f64, f64, f64, f64)> {
-    let fd = sys::memfd_create(c"gmem-floor")?;
-    sys::ftruncate(fd.as_fd(), len)?;
-    let n = usize::try_from(len).map_err(|_| Errno::ENOMEM)?;
-    let map = Mmap::new(Some(fd.as_fd()), 0, n, libc::MAP_SHARED)?;
-    let protect = |prot: libc::c_int| {
-        // SAFETY: the range is exactly this live mapping; nothing accesses it while it is
-        // PROT_NONE.
-        match unsafe { libc::mprotect(map.as_ptr().cast(), n, prot) } {
-            0 => Ok(()),
-            _ => Err(Errno::last()),
-        }
-    };
+    let fd = sys::memfd(len)?;
+    let map = sys::map_shared(&fd, len, 0)?;
+    let n = map.len();
     let mut v: [Vec<f64>; 4] = Default::default();
     for _ in 0..samples {
         map.madvise(0, n, libc::MADV_POPULATE_WRITE)?;
         v[0].push(time_us(|| map.madvise(0, n, libc::MADV_DONTNEED))?);
         v[2].push(time_us(|| map.madvise(0, n, libc::MADV_DONTNEED))?);
-        v[3].push(time_us(|| protect(libc::PROT_NONE))?);
-        protect(libc::PROT_READ | libc::PROT_WRITE)?;
+        v[3].push(sys::protect_none_us(&map)?);
         map.madvise(0, n, libc::MADV_POPULATE_WRITE)?;
-        v[1].push(time_us(|| protect(libc::PROT_NONE))?);
-        protect(libc::PROT_READ | libc::PROT_WRITE)?;
+        v[1].push(sys::protect_none_us(&map)?);
     }
     let [a, b, c, d] = v.map(|mut x| median(&mut x));
     Ok((a, b, c, d))
@@ -121,12 +124,7 @@ pub fn conversion_latency(
         progress(label);
         let (dontneed, mprotect, empty, mprotect_empty) = floors(len, samples)?;
         let [pp, sp, pu, su] = conversions(len, samples, revocation)?;
-        let fig = |name: String, median_us: f64, baseline: &str, baseline_median_us: f64| Figure {
-            name,
-            median_us,
-            baseline: baseline.to_string(),
-            baseline_median_us,
-        };
+        let fig = Figure::new;
         figures.push(fig(
             format!("to_private {label} populated"),
             pp,

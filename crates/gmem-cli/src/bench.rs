@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use gmem_bench::comparison::{self, Measurement, Options, Report, Unit};
+use gmem_bench::comparison::{self, targets, Measurement, Options, Report, TargetOutcome, Unit};
 use serde_json::{json, Value};
 
 use crate::progress;
@@ -59,103 +59,6 @@ fn exit_code(outcomes: &[TargetOutcome], fail_on_unmet: bool) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
-}
-
-/// A target of the issue: the line it reads, and the largest ratio that meets it.
-struct Target {
-    what: &'static str,
-    name: &'static str,
-    baseline: &'static str,
-    max_ratio: f64,
-}
-
-/// The floor line of a round-trip target (the same round trip with zaps and re-faults only):
-/// the smallest ratio any in-place implementation could reach on this host.
-fn floor_name(t: &Target) -> Option<String> {
-    t.name
-        .strip_prefix("in-place round trip ")
-        .map(|rest| format!("floor round trip {rest} (zaps + re-faults, no conversion)"))
-}
-
-/// One target's outcome.
-struct TargetOutcome {
-    what: &'static str,
-    ratio: f64,
-    met: bool,
-    /// The floor's ratio against the same baseline, for round trips.
-    floor: Option<f64>,
-}
-
-const TARGETS: [Target; 8] = [
-    Target {
-        what: "content-preserving 2 MiB round trip, every page touched: in-place >= 10x faster",
-        name: "in-place round trip 2MiB, every page touched",
-        baseline: "two-backing preserving",
-        max_ratio: 0.1,
-    },
-    Target {
-        what: "content-preserving 2 MiB round trip, first page touched: in-place >= 10x faster",
-        name: "in-place round trip 2MiB, first page touched",
-        baseline: "two-backing preserving",
-        max_ratio: 0.1,
-    },
-    Target {
-        what: "content-preserving 4 KiB round trip, every page touched: in-place >= 2x faster",
-        name: "in-place round trip 4KiB, every page touched",
-        baseline: "two-backing preserving",
-        max_ratio: 0.5,
-    },
-    Target {
-        what: "content-preserving 4 KiB round trip, first page touched: in-place >= 2x faster",
-        name: "in-place round trip 4KiB, first page touched",
-        baseline: "two-backing preserving",
-        max_ratio: 0.5,
-    },
-    Target {
-        what: "footprint, 2 MiB fragments: in-place <= two-backing (destructive)",
-        name: "in-place footprint 1GiB, half shared in 2MiB fragments",
-        baseline: "two-backing destructive",
-        max_ratio: 1.0,
-    },
-    Target {
-        what: "footprint, 2 MiB fragments: in-place <= two-backing (preserving)",
-        name: "in-place footprint 1GiB, half shared in 2MiB fragments",
-        baseline: "two-backing preserving",
-        max_ratio: 1.0,
-    },
-    Target {
-        what: "footprint, 4 KiB fragments: in-place <= two-backing (destructive)",
-        name: "in-place footprint 1GiB, half shared in 4KiB fragments",
-        baseline: "two-backing destructive",
-        max_ratio: 1.0,
-    },
-    Target {
-        what: "footprint, 4 KiB fragments: in-place <= two-backing (preserving)",
-        name: "in-place footprint 1GiB, half shared in 4KiB fragments",
-        baseline: "two-backing preserving",
-        max_ratio: 1.0,
-    },
-];
-
-/// The outcome of every target found in the report.
-fn targets(r: &Report) -> Vec<TargetOutcome> {
-    let ratio_of = |name: &str, baseline: &str| {
-        r.lines
-            .iter()
-            .find(|m| m.figure.name == name && m.figure.baseline == baseline)
-            .map(|m| m.figure.ratio())
-    };
-    TARGETS
-        .iter()
-        .filter_map(|t| {
-            ratio_of(t.name, t.baseline).map(|ratio| TargetOutcome {
-                what: t.what,
-                ratio,
-                met: ratio <= t.max_ratio,
-                floor: floor_name(t).and_then(|f| ratio_of(&f, t.baseline)),
-            })
-        })
-        .collect()
 }
 
 fn line_json(m: &Measurement) -> Value {
@@ -303,6 +206,7 @@ mod tests {
 
     fn outcome(met: bool) -> TargetOutcome {
         TargetOutcome {
+            target: &comparison::TARGETS[0],
             what: "t",
             ratio: 1.0,
             met,
@@ -331,7 +235,7 @@ mod tests {
     fn one_vocabulary_for_the_models() {
         assert_eq!(vocab("two-backing preserving"), "two-backing+copy");
         assert_eq!(vocab("two-backing destructive"), "two-backing");
-        for t in &TARGETS {
+        for t in &comparison::TARGETS {
             let v = vocab(t.what);
             assert!(
                 !v.contains("preserving)") && !v.contains("destructive"),

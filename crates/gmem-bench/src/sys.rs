@@ -1,0 +1,107 @@
+//! Every system call of gmem-bench that needs `unsafe`, behind safe functions, and the plain
+//! memfd mappings the floors measure. The only module of the crate allowed `unsafe`
+//! (`#![deny(unsafe_code)]` at the crate root).
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use gmem::error::{Errno, KernelResult};
+pub(crate) use gmem::sys::Mmap;
+use gmem::uapi::KVM_MEM_GUEST_MEMFD;
+use gmem::MemslotSource;
+use gmem_vmm::stats::time_us;
+use kvm_ioctls::VmFd;
+
+use crate::error::BenchError;
+
+/// A memfd of `len` bytes.
+pub(crate) fn memfd(len: u64) -> KernelResult<OwnedFd> {
+    let fd = gmem::sys::memfd_create(c"gmem-floor")?;
+    gmem::sys::ftruncate(fd.as_fd(), len)?;
+    Ok(fd)
+}
+
+/// A `MAP_SHARED | flags` mapping of the first `len` bytes of `fd`.
+pub(crate) fn map_shared(fd: &OwnedFd, len: u64, flags: libc::c_int) -> KernelResult<Mmap> {
+    let n = usize::try_from(len).map_err(|_| Errno::ENOMEM)?;
+    Mmap::new(Some(fd.as_fd()), 0, n, libc::MAP_SHARED | flags)
+}
+
+fn mprotect(map: &Mmap, prot: libc::c_int) -> KernelResult<()> {
+    // SAFETY: the range is exactly the live mapping `map` borrows, so no other memory changes
+    // protection; the only caller restores PROT_READ | PROT_WRITE before anything can access
+    // the mapping again.
+    match unsafe { libc::mprotect(map.as_ptr().cast(), map.len(), prot) } {
+        0 => Ok(()),
+        _ => Err(Errno::last()),
+    }
+}
+
+/// The time of one `mprotect(PROT_NONE)` of all of `map`, microseconds; the mapping is
+/// readable and writable again when this returns (the restore is not timed).
+pub(crate) fn protect_none_us(map: &Mmap) -> KernelResult<f64> {
+    let t = time_us(|| mprotect(map, libc::PROT_NONE));
+    mprotect(map, libc::PROT_READ | libc::PROT_WRITE)?;
+    t
+}
+
+/// Adds memslot `slot` at `gpa` over the first `len` bytes of `source`, then deletes it:
+/// `KVM_SET_USER_MEMORY_REGION2` with `KVM_MEM_GUEST_MEMFD` for a guest_memfd, plain
+/// `KVM_SET_USER_MEMORY_REGION` for a guest view. Returns the two times, microseconds.
+pub(crate) fn memslot_add_remove_us(
+    vm: &VmFd,
+    slot: u32,
+    gpa: u64,
+    len: u64,
+    source: &MemslotSource<'_>,
+) -> Result<[f64; 2], BenchError> {
+    let call = |what: &'static str| {
+        move |e: kvm_ioctls::Error| BenchError::Call {
+            what,
+            errno: Errno(e.errno()),
+        }
+    };
+    match *source {
+        MemslotSource::GuestMemfd {
+            ref fd,
+            userspace_addr,
+            ..
+        } => {
+            let guest_memfd = u32::try_from(fd.as_raw_fd())?;
+            let region = |memory_size: u64| kvm_bindings::kvm_userspace_memory_region2 {
+                slot,
+                flags: KVM_MEM_GUEST_MEMFD,
+                guest_phys_addr: gpa,
+                memory_size,
+                userspace_addr,
+                guest_memfd_offset: 0,
+                guest_memfd,
+                ..Default::default()
+            };
+            // SAFETY: the file's mapping at `userspace_addr` lives as long as `source`
+            // borrows the file, past the deletion of the slot just below.
+            let add = time_us(|| unsafe { vm.set_user_memory_region2(region(len)) })
+                .map_err(call("KVM_SET_USER_MEMORY_REGION2"))?;
+            // SAFETY: deleting the slot added above.
+            let remove = time_us(|| unsafe { vm.set_user_memory_region2(region(0)) })
+                .map_err(call("delete REGION2"))?;
+            Ok([add, remove])
+        }
+        MemslotSource::GuestView { userspace_addr, .. } => {
+            let region = |memory_size: u64| kvm_bindings::kvm_userspace_memory_region {
+                slot,
+                flags: 0,
+                guest_phys_addr: gpa,
+                memory_size,
+                userspace_addr,
+            };
+            // SAFETY: the guest view at `userspace_addr` lives as long as `source` borrows
+            // the file, past the deletion of the slot just below.
+            let add = time_us(|| unsafe { vm.set_user_memory_region(region(len)) })
+                .map_err(call("KVM_SET_USER_MEMORY_REGION"))?;
+            // SAFETY: deleting the slot added above.
+            let remove = time_us(|| unsafe { vm.set_user_memory_region(region(0)) })
+                .map_err(call("delete REGION"))?;
+            Ok([add, remove])
+        }
+    }
+}
