@@ -26,7 +26,7 @@ use gmem::emulated::EmulatedGuestMemfd;
 use gmem::error::{ConversionError, Errno, KernelResult};
 use gmem::file::{BackendKind, GuestMemfd};
 use gmem::kernel::KernelBackend;
-use gmem::sys::PAGE_SIZE;
+use gmem::os::PAGE_SIZE;
 use gmem::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_MEM_GUEST_MEMFD};
 use gmem_vmm::backing::{in_place, BackingKind, GuestBacking, InPlace};
 use gmem_vmm::stats::{median, time_us};
@@ -212,18 +212,18 @@ fn conversion_medians(len: u64, reps: usize) -> KernelResult<Vec<[f64; 4]>> {
 /// and the touches re-fault the same pages. No in-place implementation does less.
 struct RoundTripFloor {
     _fd: std::os::fd::OwnedFd,
-    host: gmem::sys::Mmap,
-    guest: gmem::sys::Mmap,
+    host: gmem::os::Mmap,
+    guest: gmem::os::Mmap,
 }
 
 impl RoundTripFloor {
     fn new(len: u64) -> KernelResult<Self> {
         use std::os::fd::AsFd;
-        let fd = gmem::sys::memfd_create(c"gmem-floor")?;
-        gmem::sys::ftruncate(fd.as_fd(), len)?;
+        let fd = gmem::os::memfd_create(c"gmem-floor")?;
+        gmem::os::ftruncate(fd.as_fd(), len)?;
         let n = usize::try_from(len).map_err(|_| Errno::ENOMEM)?;
         let map = || {
-            gmem::sys::Mmap::new(
+            gmem::os::Mmap::new(
                 Some(fd.as_fd()),
                 0,
                 n,

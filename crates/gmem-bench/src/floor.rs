@@ -13,7 +13,7 @@ use std::os::fd::AsFd;
 use gmem::emulated::{EmulatedGuestMemfd, EmulatedOptions, Revocation};
 use gmem::error::{Errno, KernelResult};
 use gmem::file::GuestMemfd;
-use gmem::sys::{self, Mmap, PAGE_SIZE};
+use gmem::os::{self as sys, Mmap, PAGE_SIZE};
 use gmem::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 pub use gmem_vmm::stats::median;
 use gmem_vmm::stats::time_us;

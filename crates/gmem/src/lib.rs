@@ -8,14 +8,18 @@
 //!
 //! See DESIGN.md for the state machines and the choices made where the kernel series is silent.
 
+#![deny(unsafe_code)]
+
 pub mod attributes;
 pub mod emulated;
 pub mod error;
 pub mod file;
 pub mod kernel;
 pub mod mapping;
+pub mod os;
 pub mod platform;
-pub mod sys;
+#[allow(unsafe_code)]
+mod sys;
 pub mod uapi;
 
 pub use emulated::{EmulatedBackend, EmulatedGuestMemfd, EmulatedOptions, Revocation};

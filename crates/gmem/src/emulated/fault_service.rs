@@ -147,8 +147,8 @@ impl Inner {
         };
         if offset < self.size && self.hand_out(offset, PAGE_SIZE).is_err() {
             service.sigbus().insert((offset / PAGE_SIZE, id));
-            // A pointer for the ioctl only; the kernel checks the range is registered.
-            let _ = uffd.poison(addr as *mut u8, PAGE);
+            // The kernel checks the range is registered.
+            let _ = uffd.poison(addr, PAGE);
             let _ = uffd.wake(addr, PAGE_SIZE);
             return;
         }

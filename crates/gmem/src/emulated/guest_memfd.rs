@@ -213,16 +213,13 @@ impl GuestMemfd for EmulatedGuestMemfd {
             if let Some(service) = self.inner.faults.get() {
                 for (page, id) in service.take_sigbus(first, last) {
                     let shared = st.attrs.get(page) & KVM_MEMORY_ATTRIBUTE_PRIVATE == 0;
-                    let window = st
-                        .mappings
-                        .iter()
-                        .find(|m| m.id == id)
-                        .and_then(|m| m.window(page * PAGE_SIZE, (page + 1) * PAGE_SIZE));
-                    if let (true, Some((addr, len))) = (shared, window) {
-                        // SAFETY: one page of a live registered mapping (entries are removed
-                        // before unmap, under the lock we hold); DONTNEED on a shared mapping
-                        // drops PTEs and markers only.
-                        let _ = unsafe { sys::madvise_raw(addr, len, libc::MADV_DONTNEED) };
+                    let window = st.mappings.iter().find(|m| m.id == id).and_then(|m| {
+                        Some((m, m.window(page * PAGE_SIZE, (page + 1) * PAGE_SIZE)?))
+                    });
+                    if let (true, Some((m, (off, len)))) = (shared, window) {
+                        // One page of the mapping; DONTNEED on a shared mapping drops PTEs and
+                        // markers only.
+                        let _ = m.map.madvise(off, len, libc::MADV_DONTNEED);
                     }
                 }
             }
@@ -267,12 +264,12 @@ impl GuestMemfd for EmulatedGuestMemfd {
         let len = len
             .checked_next_multiple_of(PAGE_SIZE as usize)
             .ok_or(Errno::ENOMEM)?;
-        let map = Mmap::new(
+        let map = Arc::new(Mmap::new(
             Some(self.inner.memfd.as_fd()),
             offset,
             len,
             libc::MAP_SHARED,
-        )?;
+        )?);
         let id = self.register_mapping(&map, offset)?;
         let registry: Arc<dyn MappingRegistry> = self.inner.clone();
         Ok(HostMapping::new(map, offset, Some((registry, id))))

@@ -366,11 +366,8 @@ impl EmulatedGuestMemfd {
         let off = self.guest_range(offset, buf.len())?;
         let lock = self.read_state();
         self.inner.fault_range(&lock, offset, buf.len() as u64)?;
-        // SAFETY: the range is inside the guest view (checked), which lives as long as self.
-        unsafe {
-            crate::mapping::volatile_copy(view.as_ptr().add(off), buf.as_mut_ptr(), buf.len())
-        };
-        Ok(())
+        // The range is inside the guest view (checked), which lives as long as self.
+        view.read_volatile(off, buf)
     }
 
     /// A guest write through the guest's view, after a guest fault of each page touched.
@@ -379,9 +376,8 @@ impl EmulatedGuestMemfd {
         let off = self.guest_range(offset, data.len())?;
         let lock = self.read_state();
         self.inner.fault_range(&lock, offset, data.len() as u64)?;
-        // SAFETY: as in `guest_read`.
-        unsafe { crate::mapping::volatile_copy(data.as_ptr(), view.as_ptr().add(off), data.len()) };
-        Ok(())
+        // As in `guest_read`.
+        view.write_volatile(off, data)
     }
 
     /// The guest writes `value` to the first byte of every page of `[offset, offset + len)`
@@ -392,14 +388,9 @@ impl EmulatedGuestMemfd {
         let off = self.guest_range(offset, n)?;
         let lock = self.read_state();
         self.inner.fault_range(&lock, offset, len)?;
-        let mut p = 0usize;
-        while p < n {
-            // SAFETY: inside the guest view (checked), which maps every page of the file,
-            // private or shared, and lives as long as self; volatile so it is not elided.
-            unsafe { view.as_ptr().add(off + p).write_volatile(value) };
-            p += PAGE_SIZE as usize;
-        }
-        Ok(())
+        // Inside the guest view (checked), which maps every page of the file, private or
+        // shared, and lives as long as self.
+        view.touch_pages(off as u64, len, value)
     }
 
     fn guest_range(&self, offset: u64, len: usize) -> KernelResult<usize> {

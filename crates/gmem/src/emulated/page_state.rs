@@ -123,15 +123,14 @@ impl Inner {
         view.as_ref().map_err(|e| *e)
     }
 
-    /// Address of page `index` in the direct map.
-    pub(super) fn dm_page(&self, index: u64) -> KernelResult<*mut u8> {
+    /// The direct map and the offset of page `index` in it.
+    pub(super) fn dm_page(&self, index: u64) -> KernelResult<(&Mmap, usize)> {
         let dm = self.direct_map()?;
         let off = usize::try_from(index * PAGE_SIZE).map_err(|_| Errno::EFAULT)?;
         if off >= dm.len() {
             return Err(Errno::EFAULT);
         }
-        // SAFETY: `off` is inside the direct map (checked).
-        Ok(unsafe { dm.as_ptr().add(off) })
+        Ok((dm, off))
     }
 
     /// A hook's handle on page `index`; EFAULT if the page is removed from the direct map
@@ -140,10 +139,10 @@ impl Inner {
         if bits.removed.contains(index) {
             return Err(Errno::EFAULT);
         }
-        let ptr = self.dm_page(index)?;
-        // SAFETY: a page of the direct map, which lives as long as `self`, and is mapped: its
-        // removed mark is clear, and marks change only under the `pages` lock the caller holds.
-        Ok(unsafe { PageRef::new(index, ptr) })
+        let (dm, off) = self.dm_page(index)?;
+        // A page of the direct map, which lives as long as `self`, and is mapped: its removed
+        // mark is clear, and marks change only under the `pages` lock the caller holds.
+        Ok(PageRef::new(index, dm, off))
     }
 
     /// gmem's own write of page `index` (`None`: zeroes) through the direct map: refused
@@ -158,13 +157,12 @@ impl Inner {
             return Err(Errno::EFAULT);
         }
         self.platform.gmem_write(index)?;
-        let ptr = self.dm_page(index)?;
+        let (dm, off) = self.dm_page(index)?;
         let zeros = [0u8; PAGE];
         let data = data.unwrap_or(&zeros);
-        // SAFETY: a mapped page of the direct map (not removed, checked under the lock);
-        // at most a page is written.
-        unsafe { crate::mapping::volatile_copy(data.as_ptr(), ptr, data.len().min(PAGE)) };
-        Ok(())
+        // A mapped page of the direct map (not removed, checked under the lock); at most a
+        // page is written.
+        dm.write_volatile(off, &data[..data.len().min(PAGE)])
     }
 
     pub(super) fn page_present(&self, index: u64) -> KernelResult<bool> {
@@ -276,17 +274,17 @@ impl Inner {
     /// it, so a stray access raises SIGBUS (a backstop: gmem checks the mark first).
     pub(super) fn remove_from_direct_map(&self, index: u64) -> KernelResult<()> {
         self.fail_after.injected_failure()?;
-        let addr = self.dm_page(index)?;
-        // SAFETY: one page inside the direct map, which only gmem accesses, always under the
-        // `pages` lock the caller holds.
-        unsafe { sys::mmap_fixed_raw(addr, PAGE, self.hole.as_fd(), index * PAGE_SIZE) }
+        let (dm, off) = self.dm_page(index)?;
+        // One page inside the direct map, which only gmem accesses, always under the `pages`
+        // lock the caller holds.
+        dm.map_fixed(off, PAGE, self.hole.as_fd(), index * PAGE_SIZE)
     }
 
     /// Maps the memory file back at page `index` of the direct map.
     pub(super) fn restore_direct_map(&self, index: u64) -> KernelResult<()> {
-        let addr = self.dm_page(index)?;
-        // SAFETY: as in `remove_from_direct_map`.
-        unsafe { sys::mmap_fixed_raw(addr, PAGE, self.memfd.as_fd(), index * PAGE_SIZE) }
+        let (dm, off) = self.dm_page(index)?;
+        // As in `remove_from_direct_map`.
+        dm.map_fixed(off, PAGE, self.memfd.as_fd(), index * PAGE_SIZE)
     }
 
     /// §2.4 step 4b: make-shared on every present page of `[first, end)`.

@@ -90,12 +90,9 @@ impl EmulatedGuestMemfd {
                 }
                 let src = match source_page(source, i)? {
                     Some(page) => {
-                        // SAFETY: both ranges are PAGE bytes long and valid (`source_page`
-                        // checked the source slice; `staged` is ours); volatile reads make no
-                        // assumption about concurrent writers of a shared source.
-                        unsafe {
-                            crate::mapping::volatile_copy(page.as_ptr(), staged.as_mut_ptr(), PAGE)
-                        };
+                        // Volatile reads make no assumption about concurrent writers of a
+                        // shared source.
+                        crate::sys::copy_volatile(page, &mut staged);
                         Some(staged.as_slice())
                     }
                     None => None,

@@ -3,12 +3,13 @@
 use std::collections::BTreeMap;
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use super::{EmulatedGuestMemfd, Inner, State};
 use crate::attributes::pages_of;
 use crate::error::{Errno, KernelResult};
 use crate::mapping::MappingRegistry;
-use crate::sys::{self, Mmap, PoisonError, PoisonFd, PAGE_SIZE};
+use crate::sys::{Mmap, PoisonError, PoisonFd, PAGE_SIZE};
 
 pub(super) enum Mechanism {
     Poison(PoisonFd),
@@ -18,6 +19,9 @@ pub(super) enum Mechanism {
 #[derive(Debug)]
 pub(super) struct MappingEntry {
     pub(super) id: u64,
+    /// The host mapping (shared with its [`HostMapping`](crate::HostMapping), which removes
+    /// this entry before it unmaps).
+    pub(super) map: Arc<Mmap>,
     pub(super) addr: usize,
     pub(super) len: usize,
     pub(super) file_offset: u64,
@@ -34,8 +38,9 @@ pub(super) struct MappingEntry {
 }
 
 impl MappingEntry {
-    /// The part of file range `[start, end)` this mapping covers, as (address, length).
-    pub(super) fn window(&self, start: u64, end: u64) -> Option<(*mut u8, usize)> {
+    /// The part of file range `[start, end)` this mapping covers, as (offset in the mapping,
+    /// length).
+    pub(super) fn window(&self, start: u64, end: u64) -> Option<(usize, usize)> {
         let m_end = self.file_offset + self.len as u64;
         let (s, e) = (start.max(self.file_offset), end.min(m_end));
         if s >= e {
@@ -44,7 +49,7 @@ impl MappingEntry {
         // Both differences are below `self.len`, a usize.
         #[allow(clippy::cast_possible_truncation)]
         let (off, len) = ((s - self.file_offset) as usize, (e - s) as usize);
-        Some(((self.addr + off) as *mut u8, len))
+        Some((off, len))
     }
 
     /// The hole pieces overlapping `[start, end)`, clipped to it.
@@ -94,14 +99,14 @@ impl MappingEntry {
 /// `UFFDIO_POISON` over a range that may span several VMAs (one call must stay inside one
 /// VMA, else ENOENT; adjacent VMAs of the memory file do not always merge after remaps):
 /// halves the range at each ENOENT, so a boundary costs O(log n) calls.
-pub(super) fn poison_split(uffd: &PoisonFd, addr: *mut u8, len: usize) -> Result<(), PoisonError> {
+pub(super) fn poison_split(uffd: &PoisonFd, addr: u64, len: usize) -> Result<(), PoisonError> {
     match uffd.poison(addr, len) {
         Err(PoisonError::Failed(Errno::ENOENT)) if len > PAGE_SIZE as usize => {
             let half = (len / 2) & !(PAGE_SIZE as usize - 1);
             let half = half.max(PAGE_SIZE as usize);
             poison_split(uffd, addr, half)?;
-            // SAFETY: `half < len`: still inside the caller's range.
-            let rest = unsafe { addr.add(half) };
+            // `half < len`: still inside the caller's range.
+            let rest = addr + half as u64;
             poison_split(uffd, rest, len - half).map_err(|e| match e {
                 PoisonError::Exists { done } => PoisonError::Exists {
                     done: done + half as u64,
@@ -124,7 +129,7 @@ impl EmulatedGuestMemfd {
         end: u64,
         force_hole: bool,
     ) -> KernelResult<()> {
-        let Some((addr, len)) = m.window(start, end) else {
+        let Some((off, len)) = m.window(start, end) else {
             return Ok(());
         };
         self.inner.fail_after.injected_failure()?;
@@ -139,10 +144,9 @@ impl EmulatedGuestMemfd {
             }
             Mechanism::Poison(_) | Mechanism::Remap => {
                 let s = start.max(m.file_offset);
-                // SAFETY: the window lies inside a live registered mapping (entries are
-                // removed before unmap, under the lock we hold). The hole file is empty, so
-                // every access to the new mapping is past its end: SIGBUS.
-                unsafe { sys::mmap_fixed_raw(addr, len, self.inner.hole.as_fd(), s)? };
+                // The window lies inside the mapping. The hole file is empty, so every access
+                // to the new mapping is past its end: SIGBUS.
+                m.map.map_fixed(off, len, self.inner.hole.as_fd(), s)?;
                 m.add_hole(s, s + len as u64);
                 return Ok(());
             }
@@ -156,17 +160,14 @@ impl EmulatedGuestMemfd {
         let zap_first = m.expect_populated && m.zap_first_streak < 8;
         if zap_first {
             m.zap_first_streak += 1;
-            // SAFETY: the window lies inside a live registered mapping (entries are removed
-            // before unmap, under the lock we hold).
-            unsafe { sys::madvise_raw(addr, len, libc::MADV_DONTNEED)? };
+            m.map.madvise(off, len, libc::MADV_DONTNEED)?;
         } else {
             m.zap_first_streak = 0;
         }
         let mut found_present = false;
         let mut registered = false;
         while done < len {
-            // SAFETY: as above.
-            let at = unsafe { addr.add(done) };
+            let at = m.addr as u64 + (off + done) as u64;
             match poison_split(uffd, at, len - done) {
                 Ok(()) => break,
                 Err(PoisonError::Exists { done: d }) => {
@@ -176,8 +177,7 @@ impl EmulatedGuestMemfd {
                     if zaps > 10_000 {
                         return Err(Errno::EAGAIN);
                     }
-                    // SAFETY: as above.
-                    unsafe { sys::madvise_raw(addr.add(done), len - done, libc::MADV_DONTNEED)? };
+                    m.map.madvise(off + done, len - done, libc::MADV_DONTNEED)?;
                 }
                 // Part of the mapping is not registered (memory-file VMAs are registered
                 // lazily, see `reregister`): register it all and try again, once.
@@ -214,7 +214,7 @@ impl EmulatedGuestMemfd {
     /// file; a hole that reaches beyond the range is rebuilt as markers (never split, so
     /// restores add no VMA).
     pub(super) fn restore(&self, m: &mut MappingEntry, start: u64, end: u64) -> KernelResult<()> {
-        let Some((addr, len)) = m.window(start, end) else {
+        let Some((off, len)) = m.window(start, end) else {
             return Ok(());
         };
         self.inner.fail_after.injected_failure()?;
@@ -224,9 +224,9 @@ impl EmulatedGuestMemfd {
         let covered: u64 = holes.iter().map(|(a, b)| b - a).sum();
         if let Mechanism::Poison(_) = self.inner.mechanism {
             if covered < e - s {
-                // SAFETY: the window lies inside a live registered mapping; DONTNEED on a
-                // shared mapping drops PTEs and markers only, never file contents.
-                unsafe { sys::madvise_raw(addr, len, libc::MADV_DONTNEED)? };
+                // DONTNEED on a shared mapping drops PTEs and markers only, never file
+                // contents.
+                m.map.madvise(off, len, libc::MADV_DONTNEED)?;
             }
         }
         for (ps, pe) in holes {
@@ -246,18 +246,17 @@ impl EmulatedGuestMemfd {
         // starts unregistered and its faults would not be seen: register the mapping again
         // now (not lazily), so the host hand-out covers every shared page.
         if let Some(service) = self.inner.faults.get() {
-            service.uffd.register(m.addr as *mut u8, m.len)?;
+            service.uffd.register(&m.map)?;
         }
         Ok(())
     }
 
     /// Maps the memory file over hole piece `[hs, he)` of `m` (and registers it).
     pub(super) fn unhole(&self, m: &mut MappingEntry, hs: u64, he: u64) -> KernelResult<()> {
-        let Some((addr, len)) = m.window(hs, he) else {
+        let Some((off, len)) = m.window(hs, he) else {
             return Ok(());
         };
-        // SAFETY: the window lies inside a live registered mapping.
-        unsafe { sys::mmap_fixed_raw(addr, len, self.inner.memfd.as_fd(), hs)? };
+        m.map.map_fixed(off, len, self.inner.memfd.as_fd(), hs)?;
         // Not registered yet: the next poison here registers the mapping (`reregister`).
         m.remove_hole(hs, he);
         Ok(())
@@ -273,7 +272,7 @@ impl EmulatedGuestMemfd {
     /// registered harmlessly.
     pub(super) fn reregister(&self, m: &MappingEntry) -> KernelResult<()> {
         match &self.inner.mechanism {
-            Mechanism::Poison(uffd) => uffd.register(m.addr as *mut u8, m.len),
+            Mechanism::Poison(uffd) => uffd.register(&m.map),
             Mechanism::Remap => Ok(()),
         }
     }
@@ -292,24 +291,23 @@ impl EmulatedGuestMemfd {
             return Ok(());
         };
         let fresh = Mmap::new(Some(self.inner.memfd.as_fd()), hs, len, libc::MAP_SHARED)?;
-        uffd.register(fresh.as_ptr(), len)?;
+        uffd.register(&fresh)?;
         for (a, b) in [(hs, ps), (pe, he)] {
             if a < b {
                 // Both differences are below `len`, a usize.
                 #[allow(clippy::cast_possible_truncation)]
                 let (off, n) = ((a - hs) as usize, (b - a) as usize);
-                // SAFETY: inside `fresh`, which nothing else knows of: its PTEs are all none.
-                let at = unsafe { fresh.as_ptr().add(off) };
+                // Inside `fresh`, which nothing else knows of: its PTEs are all none.
+                let at = fresh.as_ptr() as u64 + off as u64;
                 poison_split(uffd, at, n).map_err(|p| match p {
                     PoisonError::Failed(e) => e,
                     PoisonError::Exists { .. } => Errno::EAGAIN,
                 })?;
             }
         }
-        // SAFETY: `fresh` is ours and `dest` is inside a live registered mapping; after the
-        // move `fresh`'s range is gone, so it is released without unmapping.
-        unsafe { sys::mremap_fixed_raw(fresh.as_ptr(), dest, len)? };
-        let _ = fresh.into_raw();
+        // `fresh` is ours and `dest` is inside the mapping; after the move `fresh`'s range is
+        // gone.
+        fresh.move_onto(&m.map, dest)?;
         // The move drops the userfaultfd registration (the markers stay, and a marker raises
         // SIGBUS with or without it); the next poison here registers the mapping again.
         m.remove_hole(hs, he);
@@ -347,12 +345,13 @@ impl EmulatedGuestMemfd {
         Ok(())
     }
 
-    pub(super) fn register_mapping(&self, map: &Mmap, file_offset: u64) -> KernelResult<u64> {
+    pub(super) fn register_mapping(&self, map: &Arc<Mmap>, file_offset: u64) -> KernelResult<u64> {
         let mut st = self.write_state();
         let id = u64::try_from(self.inner.next_id.fetch_add(1, Ordering::Relaxed))
             .map_err(|_| Errno::ENOMEM)?;
         let mut entry = MappingEntry {
             id,
+            map: map.clone(),
             addr: map.as_ptr() as usize,
             len: map.len(),
             file_offset,
@@ -361,12 +360,12 @@ impl EmulatedGuestMemfd {
             zap_first_streak: 0,
         };
         if let Mechanism::Poison(uffd) = &self.inner.mechanism {
-            uffd.register(map.as_ptr(), map.len())?;
+            uffd.register(map)?;
         }
         if let Some(service) = self.inner.faults.get() {
             // NO_DIRECT_MAP: host faults become events (a no-op re-registration when the
             // mechanism's userfaultfd is the service's).
-            service.uffd.register(map.as_ptr(), map.len())?;
+            service.uffd.register(map)?;
             service
                 .maps()
                 .push((id, entry.addr, entry.len, entry.file_offset));

@@ -32,11 +32,10 @@ pub use software_protected::SoftwareProtected;
 pub use tdx::Tdx;
 
 use std::fmt;
-use std::marker::PhantomData;
 use std::str::FromStr;
 
 use crate::error::KernelResult;
-use crate::sys::PAGE_SIZE;
+use crate::sys::{Mmap, PAGE_SIZE};
 
 /// Bytes in a page, as a `usize`.
 pub const PAGE: usize = PAGE_SIZE as usize;
@@ -297,8 +296,8 @@ impl PlatformKind {
 /// before it builds one).
 pub struct PageRef<'a> {
     index: u64,
-    ptr: *mut u8,
-    _view: PhantomData<&'a ()>,
+    view: &'a Mmap,
+    off: usize,
 }
 
 impl fmt::Debug for PageRef<'_> {
@@ -309,16 +308,11 @@ impl fmt::Debug for PageRef<'_> {
     }
 }
 
-impl PageRef<'_> {
-    /// # Safety
-    /// `ptr` must point to a page-sized, page-aligned range of a live shared mapping that is
-    /// mapped (not removed) for the lifetime `'a`.
-    pub(crate) unsafe fn new(index: u64, ptr: *mut u8) -> Self {
-        PageRef {
-            index,
-            ptr,
-            _view: PhantomData,
-        }
+impl<'a> PageRef<'a> {
+    /// Page `index`, at `off` in `view`: a page-sized, page-aligned range of the view that is
+    /// mapped (not removed) while the handle lives.
+    pub(crate) fn new(index: u64, view: &'a Mmap, off: usize) -> Self {
+        PageRef { index, view, off }
     }
 
     /// The page's index in the file.
@@ -329,16 +323,16 @@ impl PageRef<'_> {
     /// Copies the page out.
     pub fn read(&self) -> Vec<u8> {
         let mut buf = vec![0u8; PAGE];
-        // SAFETY: `ptr` is a mapped page for our lifetime (constructor contract).
-        unsafe { crate::mapping::volatile_copy(self.ptr, buf.as_mut_ptr(), PAGE) };
+        // Inside the view (constructor contract), so this cannot fail.
+        let _ = self.view.read_volatile(self.off, &mut buf);
         buf
     }
 
     /// Overwrites the page with `data` (at most a page).
     pub fn write(&self, data: &[u8]) {
         let n = data.len().min(PAGE);
-        // SAFETY: as in `read`; at most a page is written.
-        unsafe { crate::mapping::volatile_copy(data.as_ptr(), self.ptr, n) };
+        // As in `read`; at most a page is written.
+        let _ = self.view.write_volatile(self.off, &data[..n]);
     }
 
     /// Zeroes the page.
