@@ -32,7 +32,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use crate::attributes::{check_host_access, pages_of, AttributeStore};
 use crate::error::{AccessError, ConversionUnsupported, Errno, KernelResult};
 use crate::file::{BackendKind, GuestMemfd, GuestMemfdBackend, GuestMemfdStat, PinGuard};
-use crate::mapping::{HostMapping, MapKind};
+use crate::mapping::{HostMapping, MapKind, WholeFileView};
 use crate::sys::{self, Mmap, PAGE_SIZE};
 use crate::uapi::{
     flag_names, kvm_create_guest_memfd, kvm_memory_attributes2, SeriesRevision,
@@ -41,7 +41,7 @@ use crate::uapi::{
 };
 
 /// The VM that the backend and all its files share.
-struct Vm {
+struct KernelVm {
     kvm: Kvm,
     vm: VmFd,
     vm_type: u64,
@@ -57,7 +57,7 @@ struct Vm {
 /// Cloning gives another handle to the same VM.
 #[derive(Clone)]
 pub struct KernelBackend {
-    vm: Arc<Vm>,
+    vm: Arc<KernelVm>,
 }
 
 impl fmt::Debug for KernelBackend {
@@ -99,7 +99,7 @@ impl KernelBackend {
             u64::try_from(v).is_ok_and(|v| v & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0)
         });
         Ok(KernelBackend {
-            vm: Arc::new(Vm {
+            vm: Arc::new(KernelVm {
                 kvm,
                 vm,
                 vm_type,
@@ -188,7 +188,7 @@ impl KernelBackend {
                 flags,
                 vm: self.vm.clone(),
                 attrs: RwLock::new(AttributeStore::new(size / PAGE_SIZE, private)),
-                host_view: OnceLock::new(),
+                host_view: WholeFileView::default(),
             }),
         })
     }
@@ -219,11 +219,11 @@ struct Inner {
     fd: OwnedFd,
     size: u64,
     flags: u64,
-    vm: Arc<Vm>,
+    vm: Arc<KernelVm>,
     /// Mirror of the attributes the kernel holds, updated after each successful conversion.
     /// Held exclusively across the conversion ioctl, shared across host accesses.
     attrs: RwLock<AttributeStore>,
-    host_view: OnceLock<Result<Mmap, Errno>>,
+    host_view: WholeFileView,
 }
 
 /// One guest_memfd file created by KVM. Cloning gives another handle to the same file.
@@ -250,11 +250,9 @@ impl KernelGuestMemfd {
     /// safe accessors check the attribute mirror first. Fails with the kernel's mmap errno
     /// (ENODEV for a file created without `GUEST_MEMFD_FLAG_MMAP`).
     pub(crate) fn host_view(&self) -> KernelResult<&Mmap> {
-        let view = self.inner.host_view.get_or_init(|| {
-            let len = usize::try_from(self.inner.size).map_err(|_| Errno::ENOMEM)?;
-            Mmap::new(Some(self.inner.fd.as_fd()), 0, len, libc::MAP_SHARED)
-        });
-        view.as_ref().map_err(|e| *e)
+        self.inner
+            .host_view
+            .get_or_map(self.inner.fd.as_fd(), self.inner.size, libc::MAP_SHARED)
     }
 
     /// Whether this file was created by `backend`'s VM.

@@ -13,9 +13,10 @@
 //! copy of a shared mapping starts without the parent's PTEs (and so without poison markers).
 
 use std::fmt;
-use std::sync::Arc;
+use std::os::fd::BorrowedFd;
+use std::sync::{Arc, OnceLock};
 
-use crate::error::KernelResult;
+use crate::error::{Errno, KernelResult};
 use crate::sys::{self, Mmap};
 
 /// Who must hear of a mapping's end (the emulated file revokes private pages in every live
@@ -23,6 +24,33 @@ use crate::sys::{self, Mmap};
 pub(crate) trait MappingRegistry: Send + Sync {
     /// The mapping `id` is about to be unmapped.
     fn unregister(&self, id: u64);
+}
+
+/// A mapping of a whole file (offset 0, the file's size), made on first use and kept for the
+/// file's lifetime: the kernel file's host view, the emulated file's guest view and direct
+/// map. A failure to map is kept too: every later use reports the same errno.
+#[derive(Debug, Default)]
+pub(crate) struct WholeFileView(OnceLock<Result<Mmap, Errno>>);
+
+impl WholeFileView {
+    /// The view of `fd` (`size` bytes, `flags` as `mmap()`'s), mapped on the first call.
+    pub(crate) fn get_or_map(
+        &self,
+        fd: BorrowedFd<'_>,
+        size: u64,
+        flags: libc::c_int,
+    ) -> KernelResult<&Mmap> {
+        let view = self.0.get_or_init(|| {
+            let len = usize::try_from(size).map_err(|_| Errno::ENOMEM)?;
+            Mmap::new(Some(fd), 0, len, flags)
+        });
+        view.as_ref().map_err(|e| *e)
+    }
+
+    /// The view, if it was mapped.
+    pub(crate) fn get(&self) -> Option<&Mmap> {
+        self.0.get().and_then(|v| v.as_ref().ok())
+    }
 }
 
 /// How a mapping is shared, as `mmap()`'s `MAP_SHARED` / `MAP_PRIVATE`.

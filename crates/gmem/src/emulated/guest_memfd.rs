@@ -153,7 +153,7 @@ impl GuestMemfd for EmulatedGuestMemfd {
         // The guest's mappings of the changed pages go, as the kernel invalidates KVM's
         // (stage-2) mappings of a converted range: a guest view bound as a memslot has
         // KVM's MMU notifier zap its entries, and the guest's next access faults again.
-        if let Some(Ok(view)) = self.inner.guest_view.get() {
+        if let Some(view) = self.inner.guest_view.get() {
             for &(s, e) in &changing {
                 // Within the view (the runs are inside the file it maps whole). Zapping
                 // PTEs of a valid range of our own shared mapping does not fail; if it did,

@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard}
 use crate::attributes::AttributeStore;
 use crate::error::{Errno, KernelResult};
 use crate::file::{BackendKind, GuestMemfd, GuestMemfdBackend};
+use crate::mapping::WholeFileView;
 use crate::platform::{HookCall, HookSet, Platform, PlatformKind, PlatformReport};
 use crate::sys::{self, Mmap, PoisonFd, PAGE_SIZE};
 use crate::uapi::{
@@ -194,7 +195,7 @@ struct Inner {
     state: RwLock<State>,
     pins: Mutex<Pins>,
     next_id: AtomicI64,
-    guest_view: OnceLock<Result<Mmap, Errno>>,
+    guest_view: WholeFileView,
     /// Fault injection ([`EmulatedGuestMemfd::inject_mapping_failure`]).
     fail_after: FaultInjection,
     /// The platform model and the hooks it implements.
@@ -204,7 +205,7 @@ struct Inner {
     pages: Mutex<PageBits>,
     /// gmem's own view of the file (the "direct map"): zeroing, populate copies and the hooks'
     /// [`PageRef`]s go through it; with NO_DIRECT_MAP, handed-out pages are removed from it.
-    direct_map: OnceLock<Result<Mmap, Errno>>,
+    direct_map: WholeFileView,
     /// Hook calls, when recording ([`EmulatedGuestMemfd::record_hooks`]).
     hook_log: OnceLock<Arc<Mutex<Vec<HookCall>>>>,
     /// NO_DIRECT_MAP files only: the thread that serves host-mapping faults (hand-out).
@@ -296,12 +297,12 @@ impl EmulatedGuestMemfd {
             }),
             pins: Mutex::new(BTreeMap::new()),
             next_id: AtomicI64::new(1),
-            guest_view: OnceLock::new(),
+            guest_view: WholeFileView::default(),
             fail_after: FaultInjection::off(),
             platform: options.platform.model(vm_key),
             hooks: options.platform.hooks(),
             pages: Mutex::new(PageBits::default()),
-            direct_map: OnceLock::new(),
+            direct_map: WholeFileView::default(),
             hook_log: OnceLock::new(),
             faults: OnceLock::new(),
         });
@@ -347,16 +348,11 @@ impl EmulatedGuestMemfd {
     }
 
     pub(crate) fn guest_view(&self) -> KernelResult<&Mmap> {
-        let view = self.inner.guest_view.get_or_init(|| {
-            let len = usize::try_from(self.inner.size).map_err(|_| Errno::ENOMEM)?;
-            Mmap::new(
-                Some(self.inner.memfd.as_fd()),
-                0,
-                len,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-            )
-        });
-        view.as_ref().map_err(|e| *e)
+        self.inner.guest_view.get_or_map(
+            self.inner.memfd.as_fd(),
+            self.inner.size,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+        )
     }
 
     /// A guest read through the guest's view (private and shared pages alike). Each page

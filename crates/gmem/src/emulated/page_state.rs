@@ -111,16 +111,11 @@ impl Inner {
     }
 
     pub(super) fn direct_map(&self) -> KernelResult<&Mmap> {
-        let view = self.direct_map.get_or_init(|| {
-            let len = usize::try_from(self.size).map_err(|_| Errno::ENOMEM)?;
-            Mmap::new(
-                Some(self.memfd.as_fd()),
-                0,
-                len,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-            )
-        });
-        view.as_ref().map_err(|e| *e)
+        self.direct_map.get_or_map(
+            self.memfd.as_fd(),
+            self.size,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+        )
     }
 
     /// The direct map and the offset of page `index` in it.
