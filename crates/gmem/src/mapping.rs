@@ -6,9 +6,9 @@
 //! kernel's, on the kernel backend; a userfaultfd poison marker or a hole mapping, on the
 //! emulated one).
 //!
-//! [`HostMapping::probe_read`] runs one access in a child process that shares this process's memory
-//! (`clone(CLONE_VM | CLONE_VFORK)`) but not its signal handlers: the child installs its own
-//! SIGBUS/SIGSEGV handlers, so a fault is reported with its address and code, and the calling
+//! [`HostMapping::probe_read`] runs one access in a child process that shares this process's
+//! memory (`clone(CLONE_VM | CLONE_VFORK)`) but not its signal handlers: the child installs its
+//! own SIGBUS/SIGSEGV handlers, so a fault is reported with its address and code, and the calling
 //! process never has a process-wide handler installed. A `fork()` child would not do: its
 //! copy of a shared mapping starts without the parent's PTEs (and so without poison markers).
 
