@@ -5,7 +5,7 @@
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use gmem::error::{Errno, KernelResult};
-pub(crate) use gmem::sys::Mmap;
+pub(crate) use gmem::os::Mmap;
 use gmem::uapi::KVM_MEM_GUEST_MEMFD;
 use gmem::MemslotSource;
 use gmem_vmm::stats::time_us;
@@ -15,8 +15,8 @@ use crate::error::BenchError;
 
 /// A memfd of `len` bytes.
 pub(crate) fn memfd(len: u64) -> KernelResult<OwnedFd> {
-    let fd = gmem::sys::memfd_create(c"gmem-floor")?;
-    gmem::sys::ftruncate(fd.as_fd(), len)?;
+    let fd = gmem::os::memfd_create(c"gmem-floor")?;
+    gmem::os::ftruncate(fd.as_fd(), len)?;
     Ok(fd)
 }
 

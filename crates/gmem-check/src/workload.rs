@@ -24,8 +24,8 @@ use gmem::emulated::EmulatedGuestMemfd;
 use gmem::error::Errno;
 use gmem::file::BackendKind;
 use gmem::kernel::KernelBackend;
+use gmem::os::PAGE_SIZE;
 use gmem::platform::{ContentRule, Direction, PlatformKind};
-use gmem::sys::PAGE_SIZE;
 use gmem::uapi::{
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_MEMORY_ATTRIBUTE_PRIVATE,
 };

@@ -407,10 +407,10 @@ impl GuestBacking for InPlace {
 
     fn check_host_revoked(&self, offset: u64) -> Result<(), HostReachable> {
         check_refused(self, offset)?;
-        let page = offset - offset % gmem::sys::PAGE_SIZE;
+        let page = offset - offset % gmem::os::PAGE_SIZE;
         let map = self
             .file
-            .mmap(page, gmem::sys::PAGE_SIZE as usize, MapKind::Shared)
+            .mmap(page, gmem::os::PAGE_SIZE as usize, MapKind::Shared)
             .map_err(HostReachable::Unchecked)?;
         match map.probe_read((offset - page) as usize, 1) {
             Ok(p) if p.is_sigbus() => Ok(()),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use gmem::error::{Errno, KernelResult};
 use gmem::file::PinGuard;
-use gmem::sys::PAGE_SIZE;
+use gmem::os::PAGE_SIZE;
 use gmem::uapi::{
     kvm_memory_attributes2, KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MAP_GPA_RANGE_PAGE_SZ_1G,
     KVM_MAP_GPA_RANGE_PAGE_SZ_2M, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEMORY_EXIT_FLAG_PRIVATE,

@@ -8,7 +8,7 @@ use kvm_bindings::{kvm_userspace_memory_region, kvm_userspace_memory_region2};
 
 use gmem::error::{Errno, KernelResult};
 use gmem::file::MemslotSource;
-use gmem::sys::PAGE_SIZE;
+use gmem::os::PAGE_SIZE;
 use gmem::uapi::KVM_MEM_GUEST_MEMFD;
 
 use crate::backing::GuestBacking;

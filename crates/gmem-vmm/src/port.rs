@@ -17,7 +17,7 @@ use crate::guest::{self, GuestProgram, RequestPath};
 use crate::{Event, PortError, Stop, Vcpu, Vm, VmError};
 use gmem::file::{BackendKind, GuestMemfd};
 use gmem::kernel::KernelBackend;
-use gmem::sys::PAGE_SIZE;
+use gmem::os::PAGE_SIZE;
 
 /// Plays the guest's part of a case: accesses that the guest makes, which see private pages.
 pub trait GuestPort: Send + Sync + fmt::Debug {

@@ -39,8 +39,7 @@ use crate::backing::{
 use gmem::attributes::AttributeStore;
 use gmem::error::{AccessError, ConversionError, Errno, KernelResult};
 use gmem::file::{MemslotSource, PinGuard};
-use gmem::mapping::volatile_copy;
-use gmem::sys::{self, Mmap, PAGE_SIZE};
+use gmem::os::{self as sys, Mmap, PAGE_SIZE};
 use gmem::uapi::kvm_memory_attributes2;
 use gmem::uapi::{FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KVM_MEMORY_ATTRIBUTE_PRIVATE};
 
@@ -288,9 +287,7 @@ impl TwoBacking {
         if off.checked_add(len).is_none_or(|e| e > view.len()) {
             return Err(Errno::EINVAL);
         }
-        // SAFETY: the range lies inside `view` (checked), a mapping this object owns; no Rust
-        // reference into it exists (all accesses are raw and volatile).
-        unsafe { sys::mmap_fixed_raw(view.as_ptr().add(off), len, fd, start) }
+        view.map_fixed(off, len, fd, start)
     }
 
     fn read_attrs(&self) -> RwLockReadGuard<'_, AttributeStore> {
@@ -452,17 +449,17 @@ impl TwoBacking {
             // Both are inside the file and the buffer, whose sizes fit in usize.
             #[allow(clippy::cast_possible_truncation)]
             let (mem_off, buf_off, n) = (a as usize, (a - offset) as usize, (b - a) as usize);
-            // SAFETY: `[a, b)` lies inside the file, so inside `view`, which maps all of it
-            // (a memfd mapping inside the file size never faults fatally); `[buf_off,
-            // buf_off + n)` lies inside the caller's buffer.
-            unsafe {
-                let mem = view.as_ptr().add(mem_off);
-                let user = buf.add(buf_off);
-                if to_guest {
-                    volatile_copy(user, mem, n);
-                } else {
-                    volatile_copy(mem, user, n);
-                }
+            // `[a, b)` lies inside the file, so inside `view`, which maps all of it (a memfd
+            // mapping inside the file size never faults fatally).
+            // SAFETY: `[buf_off, buf_off + n)` lies inside the caller's buffer of `len` bytes,
+            // lent for the call.
+            let user = unsafe { buf.add(buf_off) };
+            if to_guest {
+                // SAFETY: as above.
+                view.write_volatile(mem_off, unsafe { std::slice::from_raw_parts(user, n) })?;
+            } else {
+                // SAFETY: as above.
+                view.read_volatile(mem_off, unsafe { std::slice::from_raw_parts_mut(user, n) })?;
             }
         }
         Ok(())
@@ -498,17 +495,21 @@ impl TwoBacking {
         // In bounds (checked): fits in usize.
         #[allow(clippy::cast_possible_truncation)]
         let off = offset as usize;
-        // SAFETY: `[offset, offset + len)` is inside the file, so inside the shared mapping;
-        // `buf` is the caller's buffer of `len` bytes.
-        unsafe {
-            let mem = self.shared_view.as_ptr().add(off);
-            if to_mem {
-                volatile_copy(buf, mem, len);
-            } else {
-                volatile_copy(mem, buf, len);
-            }
-        }
-        Ok(())
+        // `[offset, offset + len)` is inside the file, so inside the shared mapping.
+        let copied = if to_mem {
+            // SAFETY: `buf` is the caller's buffer of `len` bytes, lent for the call.
+            self.shared_view
+                .write_volatile(off, unsafe { std::slice::from_raw_parts(buf, len) })
+        } else {
+            // SAFETY: as above.
+            self.shared_view
+                .read_volatile(off, unsafe { std::slice::from_raw_parts_mut(buf, len) })
+        };
+        copied.map_err(|_| AccessError::OutOfBounds {
+            offset,
+            len: len as u64,
+            size: self.size,
+        })
     }
 }
 

@@ -12,7 +12,7 @@ use crate::guest::{self, Program, PORT_DONE, PORT_ENTER_CPL0, PORT_ENTER_CPL3, P
 use crate::guest::{PORT_MAP_GPA_RANGE, PORT_NOP, PORT_PUNCH_HOLE, PORT_SYNC};
 use crate::{hypercall_ret, Vm, VmError, REQUEST_FLAG_FALLOCATE, REQUEST_FLAG_TIMED};
 use gmem::error::Errno;
-use gmem::sys::PAGE_SIZE;
+use gmem::os::PAGE_SIZE;
 use gmem::uapi::KVM_HC_MAP_GPA_RANGE;
 
 /// What a vCPU stopped for, when the VMM needs the caller.

@@ -10,7 +10,7 @@ use kvm_ioctls::{Kvm, VmFd};
 
 use gmem::error::Errno;
 use gmem::kernel::KernelBackend;
-use gmem::sys::Mmap;
+use gmem::os::Mmap;
 use gmem::uapi::{KVM_CAP_EXIT_HYPERCALL, KVM_HC_MAP_GPA_RANGE};
 
 use crate::convert::VmmPin;
@@ -198,22 +198,32 @@ impl Vm {
     /// Writes `data` into system memory at guest physical `gpa`.
     pub(crate) fn write_system(&self, gpa: u64, data: &[u8]) -> Result<(), VmError> {
         let off = self.system_range(gpa, data.len())?;
-        // SAFETY: the range is inside the system mapping (checked); the guest may run, so
-        // volatile byte copies are used.
-        unsafe {
-            gmem::mapping::volatile_copy(data.as_ptr(), self.system.as_ptr().add(off), data.len())
-        };
+        // The range is inside the system mapping (checked); the guest may run, so volatile
+        // byte copies are used.
+        self.system
+            .write_volatile(off, data)
+            .map_err(|e| VmError::Binding {
+                gpa,
+                size: data.len() as u64,
+                offset: 0,
+                why: e.to_string(),
+            })?;
         Ok(())
     }
 
     /// Reads system memory at guest physical `gpa` into `buf`.
     pub(crate) fn read_system(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError> {
         let off = self.system_range(gpa, buf.len())?;
-        // SAFETY: the range is inside the system mapping (checked); volatile because the
-        // guest writes it.
-        unsafe {
-            gmem::mapping::volatile_copy(self.system.as_ptr().add(off), buf.as_mut_ptr(), buf.len())
-        };
+        // The range is inside the system mapping (checked); volatile because the guest
+        // writes it.
+        self.system
+            .read_volatile(off, buf)
+            .map_err(|e| VmError::Binding {
+                gpa,
+                size: buf.len() as u64,
+                offset: 0,
+                why: e.to_string(),
+            })?;
         Ok(())
     }
 

@@ -22,7 +22,7 @@
 
 use std::ffi::CString;
 use std::fmt;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -32,16 +32,16 @@ use kvm_ioctls::{Kvm, VmFd};
 use crate::attributes::{check_host_access, pages_of, AttributeStore};
 use crate::error::{AccessError, ConversionUnsupported, Errno, KernelResult};
 use crate::file::{BackendKind, GuestMemfd, GuestMemfdBackend, GuestMemfdStat, PinGuard};
-use crate::mapping::{volatile_copy, HostMapping, MapKind};
+use crate::mapping::{HostMapping, MapKind, WholeFileView};
 use crate::sys::{self, Mmap, PAGE_SIZE};
 use crate::uapi::{
     flag_names, kvm_create_guest_memfd, kvm_memory_attributes2, SeriesRevision,
     GUEST_MEMFD_FLAG_INIT_SHARED, KVM_CAP_GUEST_MEMFD_FLAGS, KVM_MEMORY_ATTRIBUTE_PRIVATE,
-    KVM_SET_MEMORY_ATTRIBUTES2, KVM_X86_DEFAULT_VM,
+    KVM_X86_DEFAULT_VM,
 };
 
 /// The VM that the backend and all its files share.
-struct Vm {
+struct KernelVm {
     kvm: Kvm,
     vm: VmFd,
     vm_type: u64,
@@ -57,7 +57,7 @@ struct Vm {
 /// Cloning gives another handle to the same VM.
 #[derive(Clone)]
 pub struct KernelBackend {
-    vm: Arc<Vm>,
+    vm: Arc<KernelVm>,
 }
 
 impl fmt::Debug for KernelBackend {
@@ -99,7 +99,7 @@ impl KernelBackend {
             u64::try_from(v).is_ok_and(|v| v & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0)
         });
         Ok(KernelBackend {
-            vm: Arc::new(Vm {
+            vm: Arc::new(KernelVm {
                 kvm,
                 vm,
                 vm_type,
@@ -172,13 +172,14 @@ impl KernelBackend {
     /// `KVM_CREATE_GUEST_MEMFD(size, flags)` on this backend's VM, as the concrete type (the
     /// VM code needs its fd and host view to bind memslots).
     pub fn create_guest_memfd(&self, size: u64, flags: u64) -> KernelResult<KernelGuestMemfd> {
-        let raw = self.vm.vm.create_guest_memfd(kvm_create_guest_memfd {
-            size,
-            flags,
-            reserved: [0; 6],
-        })?;
-        // SAFETY: the kernel just returned this descriptor and nothing else owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = sys::kvm::create_guest_memfd(
+            &self.vm.vm,
+            kvm_create_guest_memfd {
+                size,
+                flags,
+                reserved: [0; 6],
+            },
+        )?;
         let private = flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0;
         Ok(KernelGuestMemfd {
             inner: Arc::new(Inner {
@@ -187,7 +188,7 @@ impl KernelBackend {
                 flags,
                 vm: self.vm.clone(),
                 attrs: RwLock::new(AttributeStore::new(size / PAGE_SIZE, private)),
-                host_view: OnceLock::new(),
+                host_view: WholeFileView::default(),
             }),
         })
     }
@@ -218,11 +219,11 @@ struct Inner {
     fd: OwnedFd,
     size: u64,
     flags: u64,
-    vm: Arc<Vm>,
+    vm: Arc<KernelVm>,
     /// Mirror of the attributes the kernel holds, updated after each successful conversion.
     /// Held exclusively across the conversion ioctl, shared across host accesses.
     attrs: RwLock<AttributeStore>,
-    host_view: OnceLock<Result<Mmap, Errno>>,
+    host_view: WholeFileView,
 }
 
 /// One guest_memfd file created by KVM. Cloning gives another handle to the same file.
@@ -249,11 +250,9 @@ impl KernelGuestMemfd {
     /// safe accessors check the attribute mirror first. Fails with the kernel's mmap errno
     /// (ENODEV for a file created without `GUEST_MEMFD_FLAG_MMAP`).
     pub(crate) fn host_view(&self) -> KernelResult<&Mmap> {
-        let view = self.inner.host_view.get_or_init(|| {
-            let len = usize::try_from(self.inner.size).map_err(|_| Errno::ENOMEM)?;
-            Mmap::new(Some(self.inner.fd.as_fd()), 0, len, libc::MAP_SHARED)
-        });
-        view.as_ref().map_err(|e| *e)
+        self.inner
+            .host_view
+            .get_or_map(self.inner.fd.as_fd(), self.inner.size, libc::MAP_SHARED)
     }
 
     /// Whether this file was created by `backend`'s VM.
@@ -264,20 +263,7 @@ impl KernelGuestMemfd {
     /// `KVM_SET_MEMORY_ATTRIBUTES2` as is: no validation, no mirror update. The kernel writes
     /// the struct back (`error_offset`).
     fn attributes2_ioctl(&self, a: &mut kvm_memory_attributes2) -> KernelResult<()> {
-        // SAFETY: the ioctl reads and writes one `struct kvm_memory_attributes2` (its size is
-        // encoded in the request number), which `a` is, exclusively borrowed for the call.
-        let ret = unsafe {
-            libc::ioctl(
-                self.inner.fd.as_raw_fd(),
-                libc::c_ulong::from(KVM_SET_MEMORY_ATTRIBUTES2),
-                std::ptr::from_mut(a),
-            )
-        };
-        if ret < 0 {
-            Err(Errno::last())
-        } else {
-            Ok(())
-        }
+        sys::kvm::set_memory_attributes2(self.inner.fd.as_fd(), a)
     }
 
     fn read_attrs(&self) -> RwLockReadGuard<'_, AttributeStore> {
@@ -319,56 +305,6 @@ impl KernelGuestMemfd {
 /// and is never read, so the kernel keeps a reference on every page until they are closed.
 struct PipePin {
     _pipes: Vec<(OwnedFd, OwnedFd)>,
-}
-
-fn pipe() -> KernelResult<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
-        return Err(Errno::last());
-    }
-    // SAFETY: both descriptors were just returned by the kernel and are owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-/// Vmsplices `[addr, addr + len)` into pipes that are never read; returns them.
-///
-/// # Safety
-/// The range must lie inside a live mapping of this process.
-unsafe fn vmsplice_pin(addr: *mut u8, len: usize) -> KernelResult<Vec<(OwnedFd, OwnedFd)>> {
-    let mut pipes = Vec::new();
-    let mut done = 0usize;
-    while done < len {
-        let (r, w) = pipe()?;
-        // Grow the pipe to hold the rest (one slot per page); the kernel may cap it
-        // (fs.pipe-max-size), in which case more pipes follow.
-        let want = libc::c_int::try_from((len - done).next_power_of_two()).unwrap_or(i32::MAX);
-        // SAFETY: F_SETPIPE_SZ on our own pipe; the result is only a size.
-        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, want) };
-        let mut in_this_pipe = 0usize;
-        while done < len {
-            let iov = libc::iovec {
-                // SAFETY: done < len, inside the caller's range.
-                iov_base: unsafe { addr.add(done) }.cast(),
-                iov_len: len - done,
-            };
-            // SAFETY: one iovec over memory the caller vouches is mapped; vmsplice takes page
-            // references and never writes the memory.
-            let n = unsafe { libc::vmsplice(w.as_raw_fd(), &iov, 1, libc::SPLICE_F_NONBLOCK) };
-            if n > 0 {
-                done += n.unsigned_abs();
-                in_this_pipe += n.unsigned_abs();
-                continue;
-            }
-            let e = Errno::last();
-            if (e == Errno::EAGAIN || n == 0) && in_this_pipe > 0 {
-                break; // This pipe is full: next pipe.
-            }
-            return Err(if n == 0 { Errno::EFAULT } else { e });
-        }
-        pipes.push((r, w));
-    }
-    Ok(pipes)
 }
 
 impl GuestMemfd for KernelGuestMemfd {
@@ -434,7 +370,7 @@ impl GuestMemfd for KernelGuestMemfd {
             MapKind::Private => libc::MAP_PRIVATE,
         };
         let map = Mmap::new(Some(self.inner.fd.as_fd()), offset, len, flags)?;
-        Ok(HostMapping::new(map, offset, None))
+        Ok(HostMapping::new(Arc::new(map), offset, None))
     }
 
     fn pin(&self, offset: u64, len: u64) -> KernelResult<PinGuard> {
@@ -453,9 +389,9 @@ impl GuestMemfd for KernelGuestMemfd {
         let span = usize::try_from((end - first) * PAGE_SIZE).map_err(|_| Errno::EFAULT)?;
         // Held shared so that no conversion of ours runs while the pages are taken.
         let _attrs = self.read_attrs();
-        // SAFETY: `[start, start + span)` is inside the host view (the range is inside the
-        // file, checked above), which lives as long as `self`.
-        let pipes = unsafe { vmsplice_pin(view.as_ptr().add(start), span)? };
+        // `[start, start + span)` is inside the host view (the range is inside the file,
+        // checked above), which lives as long as `self`.
+        let pipes = sys::vmsplice_pin(view, start, span)?;
         Ok(PinGuard::new(
             Box::new(PipePin { _pipes: pipes }),
             offset,
@@ -479,10 +415,15 @@ impl GuestMemfd for KernelGuestMemfd {
         // `check_access` bounded the range by the file size, which is the view's length.
         #[allow(clippy::cast_possible_truncation)]
         let off = offset as usize;
-        // SAFETY: `[off, off + len)` is inside the view and every page of it is shared (the
-        // mirror says so and no conversion can run while `attrs` is held), so the copy cannot
-        // fault; volatile copies tolerate a concurrent guest.
-        unsafe { volatile_copy(view.as_ptr().add(off), buf.as_mut_ptr(), buf.len()) };
+        // `[off, off + len)` is inside the view and every page of it is shared (the mirror says
+        // so and no conversion can run while `attrs` is held), so the copy cannot fault;
+        // volatile copies tolerate a concurrent guest.
+        view.read_volatile(off, buf)
+            .map_err(|_| AccessError::OutOfBounds {
+                offset,
+                len: buf.len() as u64,
+                size: self.inner.size,
+            })?;
         drop(attrs);
         Ok(())
     }
@@ -492,115 +433,14 @@ impl GuestMemfd for KernelGuestMemfd {
         // As in `read_at`.
         #[allow(clippy::cast_possible_truncation)]
         let off = offset as usize;
-        // SAFETY: as in `read_at`; the destination pages are shared and inside the view.
-        unsafe { volatile_copy(data.as_ptr(), view.as_ptr().add(off), data.len()) };
+        // As in `read_at`; the destination pages are shared and inside the view.
+        view.write_volatile(off, data)
+            .map_err(|_| AccessError::OutOfBounds {
+                offset,
+                len: data.len() as u64,
+                size: self.inner.size,
+            })?;
         drop(attrs);
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::uapi::GUEST_MEMFD_FLAG_MMAP;
-
-    /// The pipes of a pin really hold the pages: FIONREAD counts every pinned byte.
-    #[test]
-    fn vmsplice_pin_fills_pipes_with_the_pages() {
-        let backend = match KernelBackend::new() {
-            Ok(b) => b,
-            Err(e) => {
-                println!("skipped: /dev/kvm is unusable: {e}");
-                return;
-            }
-        };
-        let f = backend
-            .create_guest_memfd(
-                512 * PAGE_SIZE,
-                GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
-            )
-            .unwrap();
-        let view = f.host_view().unwrap();
-        let len = view.len();
-        // SAFETY: the whole view is a live mapping owned by `f`.
-        let pipes = unsafe { vmsplice_pin(view.as_ptr(), len) }.unwrap();
-        let mut queued = 0usize;
-        for (r, _) in &pipes {
-            let mut n: libc::c_int = 0;
-            // SAFETY: FIONREAD on our own pipe writes one int, `n`.
-            let ret = unsafe { libc::ioctl(r.as_raw_fd(), libc::FIONREAD, &mut n) };
-            assert_eq!(ret, 0);
-            queued += usize::try_from(n).unwrap();
-        }
-        assert_eq!(queued, len, "{} pipes", pipes.len());
-    }
-
-    /// The crate-internal accessors are what a memslot needs: KVM accepts the guest_memfd and
-    /// its host view in KVM_SET_USER_MEMORY_REGION2 with KVM_MEM_GUEST_MEMFD. Also checks
-    /// the fd-level errnos host.md lists.
-    #[test]
-    fn accessors_bind_a_memslot_and_the_fd_refuses_file_io() {
-        let backend = match KernelBackend::new() {
-            Ok(b) => b,
-            Err(e) => {
-                println!("skipped: /dev/kvm is unusable: {e}");
-                return;
-            }
-        };
-        let f = backend
-            .create_guest_memfd(
-                16 * PAGE_SIZE,
-                GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
-            )
-            .unwrap();
-        let fd = f.guest_memfd_fd().unwrap().as_raw_fd();
-        let view = f.host_view().unwrap();
-        assert!(
-            std::ptr::eq(view, f.host_view().unwrap()),
-            "one view per file"
-        );
-        assert_eq!(view.len() as u64, 16 * PAGE_SIZE);
-        let region = kvm_bindings::kvm_userspace_memory_region2 {
-            slot: 0,
-            flags: crate::uapi::KVM_MEM_GUEST_MEMFD,
-            guest_phys_addr: 0x10_0000,
-            memory_size: 16 * PAGE_SIZE,
-            userspace_addr: view.as_ptr() as u64,
-            guest_memfd_offset: 0,
-            guest_memfd: u32::try_from(fd).unwrap(),
-            ..Default::default()
-        };
-        match f.memslot_source().unwrap() {
-            crate::MemslotSource::GuestMemfd { vm, .. } => {
-                assert!(std::ptr::eq(vm, backend.vm_fd()))
-            }
-            other => panic!("a kernel file binds as {other:?}"),
-        }
-        // SAFETY: the region is the file's host view, which outlives the VM's use of it here
-        // (the slot is deleted below, before `f` is dropped).
-        unsafe { backend.vm_fd().set_user_memory_region2(region) }.unwrap();
-        let delete = kvm_bindings::kvm_userspace_memory_region2 {
-            memory_size: 0,
-            ..region
-        };
-        // SAFETY: deleting the slot created above.
-        unsafe { backend.vm_fd().set_user_memory_region2(delete) }.unwrap();
-
-        let mut b = [0u8; 8];
-        // SAFETY: plain syscalls on our own descriptor with a valid 8-byte buffer.
-        let (read, pread, pwrite, lseek, ftruncate) = unsafe {
-            (
-                (libc::read(fd, b.as_mut_ptr().cast(), 8), Errno::last()),
-                (libc::pread(fd, b.as_mut_ptr().cast(), 8, 0), Errno::last()),
-                (libc::pwrite(fd, b.as_ptr().cast(), 8, 0), Errno::last()),
-                (libc::lseek(fd, 0, libc::SEEK_SET), Errno::last()),
-                (libc::ftruncate(fd, 0), Errno::last()),
-            )
-        };
-        assert_eq!(read, (-1, Errno::EINVAL));
-        assert_eq!(pread, (-1, Errno::ESPIPE));
-        assert_eq!(pwrite, (-1, Errno::ESPIPE));
-        assert_eq!(lseek, (-1, Errno::ESPIPE));
-        assert_eq!(ftruncate, (-1, Errno::EINVAL));
     }
 }

@@ -88,14 +88,18 @@
 //! (the conformance suite after the kernel selftests), `gmem-bench` and the `gmem` command.
 //! DESIGN.md has the state machines and the choices made where the series is silent.
 
+#![deny(unsafe_code)]
+
 pub mod attributes;
 pub mod emulated;
 pub mod error;
 pub mod file;
 pub mod kernel;
 pub mod mapping;
+pub mod os;
 pub mod platform;
-pub mod sys;
+#[allow(unsafe_code)]
+mod sys;
 pub mod uapi;
 
 pub use emulated::{EmulatedBackend, EmulatedGuestMemfd, EmulatedOptions, Revocation};

@@ -10,6 +10,8 @@
 
 #![allow(non_camel_case_types)]
 
+use vmm_sys_util::{ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
+
 pub use kvm_bindings::{
     kvm_create_guest_memfd, kvm_memory_attributes, kvm_pre_fault_memory,
     kvm_userspace_memory_region2, KVM_CAP_EXIT_HYPERCALL, KVM_CAP_GUEST_MEMFD,
@@ -91,46 +93,149 @@ impl kvm_memory_attributes2 {
     }
 }
 
-/// `_IOC` as the kernel computes it.
-pub const fn ioc(dir: u32, nr: u32, size: usize) -> u32 {
-    // The `as` is lossless: every struct here is far below the 14-bit size field.
-    #[allow(clippy::cast_possible_truncation)]
-    let size = size as u32;
-    (dir << 30) | (size << 16) | (KVMIO << 8) | nr
-}
-const IOC_WRITE: u32 = 1;
-const IOC_READ: u32 = 2;
+// The ioctl numbers, encoded by vmm-sys-util's `_IOC` macros (each defines a function that
+// returns the number). KVM's:
 
-/// `KVM_CREATE_GUEST_MEMFD` (VM ioctl).
-pub const KVM_CREATE_GUEST_MEMFD: u32 = ioc(
-    IOC_READ | IOC_WRITE,
-    0xd4,
-    std::mem::size_of::<kvm_create_guest_memfd>(),
-);
-/// `KVM_SET_USER_MEMORY_REGION2` (VM ioctl).
-pub const KVM_SET_USER_MEMORY_REGION2: u32 = ioc(
-    IOC_WRITE,
+// `KVM_CREATE_GUEST_MEMFD` (VM ioctl).
+ioctl_iowr_nr!(KVM_CREATE_GUEST_MEMFD, KVMIO, 0xd4, kvm_create_guest_memfd);
+// `KVM_SET_USER_MEMORY_REGION2` (VM ioctl).
+ioctl_iow_nr!(
+    KVM_SET_USER_MEMORY_REGION2,
+    KVMIO,
     0x49,
-    std::mem::size_of::<kvm_userspace_memory_region2>(),
+    kvm_userspace_memory_region2
 );
-/// `KVM_SET_MEMORY_ATTRIBUTES` (VM ioctl).
-pub const KVM_SET_MEMORY_ATTRIBUTES: u32 = ioc(
-    IOC_WRITE,
+// `KVM_SET_MEMORY_ATTRIBUTES` (VM ioctl).
+ioctl_iow_nr!(
+    KVM_SET_MEMORY_ATTRIBUTES,
+    KVMIO,
     0xd2,
-    std::mem::size_of::<kvm_memory_attributes>(),
+    kvm_memory_attributes
 );
-/// `KVM_SET_MEMORY_ATTRIBUTES2` (guest_memfd ioctl, new in the in-place series).
-pub const KVM_SET_MEMORY_ATTRIBUTES2: u32 = ioc(
-    IOC_READ | IOC_WRITE,
+// `KVM_SET_MEMORY_ATTRIBUTES2` (guest_memfd ioctl, new in the in-place series).
+ioctl_iowr_nr!(
+    KVM_SET_MEMORY_ATTRIBUTES2,
+    KVMIO,
     0xd2,
-    std::mem::size_of::<kvm_memory_attributes2>(),
+    kvm_memory_attributes2
 );
-/// `KVM_PRE_FAULT_MEMORY` (vCPU ioctl).
-pub const KVM_PRE_FAULT_MEMORY: u32 = ioc(
-    IOC_READ | IOC_WRITE,
-    0xd5,
-    std::mem::size_of::<kvm_pre_fault_memory>(),
-);
+// `KVM_PRE_FAULT_MEMORY` (vCPU ioctl).
+ioctl_iowr_nr!(KVM_PRE_FAULT_MEMORY, KVMIO, 0xd5, kvm_pre_fault_memory);
+
+// userfaultfd (include/uapi/linux/userfaultfd.h; libc lacks most of it).
+
+/// The userfaultfd ioctl type byte.
+pub const UFFDIO: u32 = 0xAA;
+/// `UFFD_API`: the API version `UFFDIO_API` asks for.
+pub const UFFD_API: u64 = 0xAA;
+/// `UFFD_USER_MODE_ONLY`: a `userfaultfd()` flag; only user-mode faults are reported.
+pub const UFFD_USER_MODE_ONLY: i32 = 1;
+/// `UFFD_EVENT_PAGEFAULT`.
+pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+/// `UFFD_PAGEFAULT_FLAG_WRITE`.
+pub const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
+/// `UFFD_PAGEFAULT_FLAG_MINOR`.
+pub const UFFD_PAGEFAULT_FLAG_MINOR: u64 = 1 << 2;
+/// `UFFD_FEATURE_MISSING_SHMEM`.
+pub const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+/// `UFFD_FEATURE_MINOR_SHMEM`.
+pub const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
+/// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM`.
+pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+/// `UFFD_FEATURE_POISON`.
+pub const UFFD_FEATURE_POISON: u64 = 1 << 14;
+/// `UFFDIO_REGISTER_MODE_MISSING`.
+pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
+/// `UFFDIO_REGISTER_MODE_WP`.
+pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+/// `UFFDIO_REGISTER_MODE_MINOR`.
+pub const UFFDIO_REGISTER_MODE_MINOR: u64 = 1 << 2;
+
+/// `struct uffdio_api`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct uffdio_api {
+    /// `UFFD_API`.
+    pub api: u64,
+    /// In: the features asked for; out: the features offered.
+    pub features: u64,
+    /// Out: the ioctls available.
+    pub ioctls: u64,
+}
+
+/// `struct uffdio_range`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct uffdio_range {
+    /// Start address.
+    pub start: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// `struct uffdio_register`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct uffdio_register {
+    /// The range to register.
+    pub range: uffdio_range,
+    /// `UFFDIO_REGISTER_MODE_*`.
+    pub mode: u64,
+    /// Out: the ioctls available on the range.
+    pub ioctls: u64,
+}
+
+/// `struct uffdio_continue`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct uffdio_continue {
+    /// The range to map.
+    pub range: uffdio_range,
+    /// `UFFDIO_CONTINUE_MODE_*`.
+    pub mode: u64,
+    /// Out: bytes mapped, or a negative errno.
+    pub mapped: i64,
+}
+
+/// `struct uffdio_poison`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct uffdio_poison {
+    /// The range to poison.
+    pub range: uffdio_range,
+    /// `UFFDIO_POISON_MODE_*`.
+    pub mode: u64,
+    /// Out: bytes poisoned, or a negative errno.
+    pub updated: i64,
+}
+
+/// `struct uffd_msg` (packed, 32 bytes): the event byte, then for a page fault the flags at
+/// byte 8 and the address at byte 16.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct uffd_msg {
+    /// `UFFD_EVENT_*`.
+    pub event: u8,
+    /// Reserved.
+    pub reserved: [u8; 7],
+    /// For a page fault: `UFFD_PAGEFAULT_FLAG_*`.
+    pub flags: u64,
+    /// For a page fault: the faulting address.
+    pub address: u64,
+    /// For a page fault: the thread id, with `UFFD_FEATURE_THREAD_ID`.
+    pub feat: u64,
+}
+
+// `UFFDIO_REGISTER`.
+ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, uffdio_register);
+// `UFFDIO_WAKE`.
+ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, uffdio_range);
+// `UFFDIO_CONTINUE`.
+ioctl_iowr_nr!(UFFDIO_CONTINUE, UFFDIO, 0x07, uffdio_continue);
+// `UFFDIO_POISON`.
+ioctl_iowr_nr!(UFFDIO_POISON, UFFDIO, 0x08, uffdio_poison);
+// `UFFDIO_API`.
+ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3F, uffdio_api);
 
 /// A revision of the unmerged "guest_memfd: In-place conversion support" series, and the
 /// numbers it assigns. One table, so that a new revision is one new row.
@@ -237,11 +342,21 @@ mod tests {
 
     #[test]
     fn ioctl_numbers_match_the_spec() {
-        assert_eq!(KVM_CREATE_GUEST_MEMFD, 0xC040_AED4);
-        assert_eq!(KVM_SET_USER_MEMORY_REGION2, 0x40A0_AE49);
-        assert_eq!(KVM_SET_MEMORY_ATTRIBUTES, 0x4020_AED2);
-        assert_eq!(KVM_SET_MEMORY_ATTRIBUTES2, 0xC080_AED2);
-        assert_eq!(KVM_PRE_FAULT_MEMORY, 0xC040_AED5);
+        assert_eq!(KVM_CREATE_GUEST_MEMFD(), 0xC040_AED4);
+        assert_eq!(KVM_SET_USER_MEMORY_REGION2(), 0x40A0_AE49);
+        assert_eq!(KVM_SET_MEMORY_ATTRIBUTES(), 0x4020_AED2);
+        assert_eq!(KVM_SET_MEMORY_ATTRIBUTES2(), 0xC080_AED2);
+        assert_eq!(KVM_PRE_FAULT_MEMORY(), 0xC040_AED5);
+    }
+
+    #[test]
+    fn userfaultfd_numbers_match_the_kernel() {
+        assert_eq!(size_of::<uffd_msg>(), 32);
+        assert_eq!(UFFDIO_API(), 0xC018_AA3F);
+        assert_eq!(UFFDIO_REGISTER(), 0xC020_AA00);
+        assert_eq!(UFFDIO_WAKE(), 0x8010_AA02);
+        assert_eq!(UFFDIO_CONTINUE(), 0xC020_AA07);
+        assert_eq!(UFFDIO_POISON(), 0xC020_AA08);
     }
 
     #[test]

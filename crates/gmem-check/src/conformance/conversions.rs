@@ -5,7 +5,7 @@ use super::{ensure, host_read, host_rmw, host_write, Case, CaseResult, Ctx, Need
 use gmem::error::{ConversionError, Errno};
 use gmem::file::GuestMemfd;
 use gmem::mapping::HostMapping;
-use gmem::sys::PAGE_SIZE;
+use gmem::os::PAGE_SIZE;
 use gmem::uapi::{
     kvm_memory_attributes2, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,

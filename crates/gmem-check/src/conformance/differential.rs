@@ -60,7 +60,7 @@ const NO_DIRECT_MAP: &str = "The emulated backend's default platform (software-p
      (kernel-spec §3.1); a kernel without that series does not advertise it in \
      KVM_CAP_GUEST_MEMFD_FLAGS and refuses it. The emulated SNP and TDX platforms refuse it too.";
 
-const PS: u64 = gmem::sys::PAGE_SIZE;
+const PS: u64 = gmem::os::PAGE_SIZE;
 const CONV: &[Need] = &[Need::Mmap, Need::InitShared, Need::Conversion];
 
 fn s(name: &'static str, source: &'static str, needs: &'static [Need], text: &str) -> Script {

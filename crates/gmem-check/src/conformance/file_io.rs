@@ -5,7 +5,7 @@ use std::os::fd::AsRawFd;
 
 use super::{ensure, Case, CaseResult, Ctx, Need};
 use gmem::error::Errno;
-use gmem::sys::PAGE_SIZE;
+use gmem::os::PAGE_SIZE;
 
 pub(super) fn cases() -> Vec<Case> {
     vec![Case {

@@ -3,7 +3,7 @@
 use super::{ensure, Case, CaseResult, Ctx, Need};
 use gmem::error::Errno;
 use gmem::mapping::{MapKind, Probe};
-use gmem::sys::PAGE_SIZE;
+use gmem::os::PAGE_SIZE;
 use gmem::uapi::{
     flag_names, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_INIT_SHARED,
     GUEST_MEMFD_FLAG_MMAP,

@@ -3,7 +3,7 @@
 //! guest code ([`Need::Vm`]); a backend without one skips them.
 
 use super::{ensure, Case, CaseResult, Ctx, Need, VmAccess};
-use gmem::sys::PAGE_SIZE;
+use gmem::os::PAGE_SIZE;
 use gmem::uapi::GUEST_MEMFD_FLAG_MMAP;
 
 /// Where the selftest binds its memslot: 4 GiB.

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use gmem::file::{BackendKind, GuestMemfd, GuestMemfdBackend};
 use gmem::mapping::{HostMapping, Probe};
-use gmem::sys::PAGE_SIZE;
+use gmem::os::PAGE_SIZE;
 use gmem::uapi::{flag_names, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 pub use gmem_vmm::port::{GuestPort, InternalGuest, VmAccess, VmPort};
 

@@ -12,8 +12,8 @@ use super::{ensure, Case, CaseResult, Ctx, GuestPort, InternalGuest, Need};
 use gmem::emulated::{EmulatedGuestMemfd, EmulatedOptions};
 use gmem::error::Errno;
 use gmem::file::GuestMemfd;
+use gmem::os::PAGE_SIZE;
 use gmem::platform::{Direction, HookCall, LaunchMeasurement, PageType, PlatformKind, PAGE};
-use gmem::sys::PAGE_SIZE;
 use gmem::uapi::{
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
 };

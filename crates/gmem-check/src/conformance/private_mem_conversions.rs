@@ -12,7 +12,7 @@ use std::sync::Arc;
 use super::{ensure, Case, CaseResult, Ctx, Need};
 use gmem::file::GuestMemfd;
 use gmem::mapping::{HostMapping, Probe};
-use gmem::sys::PAGE_SIZE;
+use gmem::os::PAGE_SIZE;
 use gmem::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 
 const PS: u64 = PAGE_SIZE;

@@ -1,0 +1,371 @@
+//! The file operations: `KVM_SET_MEMORY_ATTRIBUTES2`, `fallocate`, `mmap`, pins and the safe
+//! accessors.
+
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLockReadGuard};
+
+use super::{EmulatedGuestMemfd, Inner, State};
+use crate::attributes::{check_host_access, pages_of};
+use crate::error::{AccessError, Errno, KernelResult};
+use crate::file::{BackendKind, GuestMemfd, GuestMemfdStat, PinGuard};
+use crate::mapping::{HostMapping, MapKind, MappingRegistry};
+use crate::sys::{self, Mmap, PAGE_SIZE};
+use crate::uapi::{
+    kvm_memory_attributes2, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_MMAP,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+};
+
+impl EmulatedGuestMemfd {
+    pub(super) fn validate_attributes(&self, a: &kvm_memory_attributes2) -> KernelResult<()> {
+        // kernel-spec §2.3, in order. Steps 1 (ENOTTY) and 2 (EFAULT) cannot happen here.
+        if a.flags != 0 || a.reserved.iter().any(|&r| r != 0) {
+            return Err(Errno::EINVAL);
+        }
+        if a.attributes & !KVM_MEMORY_ATTRIBUTE_PRIVATE != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let end = match a.offset.checked_add(a.size) {
+            Some(end) if a.size != 0 => end,
+            _ => return Err(Errno::EINVAL),
+        };
+        if a.offset % PAGE_SIZE != 0 || a.size % PAGE_SIZE != 0 {
+            return Err(Errno::EINVAL);
+        }
+        if a.offset >= self.inner.size || end > self.inner.size {
+            return Err(Errno::EINVAL);
+        }
+        Ok(())
+    }
+}
+
+pub(super) struct PinHold {
+    inner: Arc<Inner>,
+    id: u64,
+}
+
+impl Drop for PinHold {
+    fn drop(&mut self) {
+        let mut pins = self
+            .inner
+            .pins
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        pins.remove(&self.id);
+    }
+}
+
+impl GuestMemfd for EmulatedGuestMemfd {
+    fn backend(&self) -> BackendKind {
+        BackendKind::Emulated
+    }
+
+    fn guest_read(&self, offset: u64, buf: &mut [u8]) -> KernelResult<()> {
+        EmulatedGuestMemfd::guest_read(self, offset, buf)
+    }
+
+    fn guest_write(&self, offset: u64, data: &[u8]) -> KernelResult<()> {
+        EmulatedGuestMemfd::guest_write(self, offset, data)
+    }
+
+    fn guest_touch(&self, offset: u64, len: u64, value: u8) -> KernelResult<()> {
+        EmulatedGuestMemfd::guest_touch(self, offset, len, value)
+    }
+
+    fn clone_arc(&self) -> Arc<dyn GuestMemfd> {
+        Arc::new(self.clone())
+    }
+
+    fn memslot_source(&self) -> KernelResult<crate::file::MemslotSource<'_>> {
+        let view = self.guest_view()?;
+        Ok(crate::file::MemslotSource::GuestView {
+            userspace_addr: view.as_ptr() as u64,
+            len: self.inner.size,
+        })
+    }
+
+    fn allocated_bytes(&self) -> KernelResult<u64> {
+        sys::allocated_bytes(self.inner.memfd.as_fd())
+    }
+
+    fn metadata_bytes(&self) -> u64 {
+        self.read_state().attrs.metadata_bytes() as u64
+    }
+
+    fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    fn flags(&self) -> u64 {
+        self.inner.flags
+    }
+
+    fn stat(&self) -> KernelResult<GuestMemfdStat> {
+        Ok(GuestMemfdStat {
+            size: self.inner.size,
+            blksize: PAGE_SIZE,
+            ino: self.inner.ino,
+        })
+    }
+
+    fn set_attributes(&self, a: &mut kvm_memory_attributes2) -> KernelResult<()> {
+        self.validate_attributes(a)?;
+        let to_private = a.attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0;
+        let (first, end) = pages_of(a.offset, a.size);
+        let mut st = self.write_state();
+        // The runs whose attribute changes; only they are revoked or restored, which keeps
+        // rollback exact for mixed ranges. None: the whole range already has the attributes,
+        // and the request returns at once (§2.4 step 1).
+        let changing: Vec<(u64, u64)> = st
+            .attrs
+            .runs(first, end)
+            .into_iter()
+            .filter(|r| r.2 != to_private)
+            .map(|(s, e, _)| (s * PAGE_SIZE, e * PAGE_SIZE))
+            .collect();
+        if changing.is_empty() {
+            return Ok(());
+        }
+        if to_private {
+            // Safety check (§2.4 step 3b): an outstanding pin anywhere in the range, already
+            // private pages included, fails the whole request.
+            if let Some(page) = self.first_pinned(first, end) {
+                a.error_offset = a.offset.max(page * PAGE_SIZE);
+                return Err(Errno::EAGAIN);
+            }
+            if let Err(e) = self.apply_all(&mut st, &changing, Self::revoke, Self::restore) {
+                a.error_offset = a.offset;
+                return Err(if e == Errno::EAGAIN {
+                    Errno::EAGAIN
+                } else {
+                    Errno::ENOMEM
+                });
+            }
+        } else if self
+            .apply_all(&mut st, &changing, Self::restore, Self::revoke_forced)
+            .is_err()
+        {
+            a.error_offset = a.offset;
+            return Err(Errno::ENOMEM);
+        }
+        // Point of no return: record the new attributes.
+        st.attrs.set_range(first, end, to_private);
+        // The guest's mappings of the changed pages go, as the kernel invalidates KVM's
+        // (stage-2) mappings of a converted range: a guest view bound as a memslot has
+        // KVM's MMU notifier zap its entries, and the guest's next access faults again.
+        if let Some(view) = self.inner.guest_view.get() {
+            for &(s, e) in &changing {
+                // Within the view (the runs are inside the file it maps whole). Zapping
+                // PTEs of a valid range of our own shared mapping does not fail; if it did,
+                // the guest would keep a mapping of the same page, which holds the same data.
+                if let (Ok(off), Ok(len)) = (usize::try_from(s), usize::try_from(e - s)) {
+                    let _ = view.madvise(off, len, libc::MADV_DONTNEED);
+                }
+            }
+        }
+        // Failure markers of the changed pages were zapped (to shared) or are private
+        // markers now (to private).
+        if let Some(service) = self.inner.faults.get() {
+            for &(s, e) in &changing {
+                service.take_sigbus(s / PAGE_SIZE, e / PAGE_SIZE);
+            }
+        }
+        // §2.4 step 4b: the platform takes back each present page of a range made shared.
+        // Platforms without the hook do no per-page work here.
+        if !to_private && self.inner.hooks.make_shared {
+            self.inner.make_shared_range(first, end);
+        }
+        Ok(())
+    }
+
+    fn fallocate(&self, mode: u32, offset: u64, len: u64) -> KernelResult<()> {
+        // vfs_fallocate's own checks, then guest_memfd's (kernel-spec §2.5).
+        if i64::try_from(offset).is_err() || len == 0 || i64::try_from(len).is_err() {
+            return Err(Errno::EINVAL);
+        }
+        if mode & !(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE) != 0
+            || mode & FALLOC_FL_KEEP_SIZE == 0
+        {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        if offset
+            .checked_add(len)
+            .and_then(|e| i64::try_from(e).ok())
+            .is_none()
+        {
+            return Err(Errno(libc::EFBIG));
+        }
+        if offset % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let size = self.inner.size;
+        if mode & FALLOC_FL_PUNCH_HOLE != 0 {
+            let st = self.write_state();
+            let end = (offset + len).min(size);
+            if offset >= end {
+                return Ok(());
+            }
+            // The pages leave the file: restore the direct map, reclaim, forget "up to date".
+            let (first, last) = pages_of(offset, end - offset);
+            self.inner.free_pages(first, last);
+            // NO_DIRECT_MAP: a failed host-fault hand-out left a SIGBUS marker on a shared
+            // page; the page leaves the file, so the next access faults afresh.
+            if let Some(service) = self.inner.faults.get() {
+                for (page, id) in service.take_sigbus(first, last) {
+                    let shared = st.attrs.get(page) & KVM_MEMORY_ATTRIBUTE_PRIVATE == 0;
+                    let window = st.mappings.iter().find(|m| m.id == id).and_then(|m| {
+                        Some((m, m.window(page * PAGE_SIZE, (page + 1) * PAGE_SIZE)?))
+                    });
+                    if let (true, Some((m, (off, len)))) = (shared, window) {
+                        // One page of the mapping; DONTNEED on a shared mapping drops PTEs and
+                        // markers only.
+                        let _ = m.map.madvise(off, len, libc::MADV_DONTNEED);
+                    }
+                }
+            }
+            sys::fallocate(
+                self.inner.memfd.as_fd(),
+                FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                offset,
+                end - offset,
+            )?;
+            // The punched pages leave the file: pins on them no longer hold file pages.
+            let (first, last) = pages_of(offset, end - offset);
+            let mut pins = self
+                .inner
+                .pins
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for ranges in pins.values_mut() {
+                *ranges = ranges
+                    .iter()
+                    .flat_map(|&(s, e)| [(s, e.min(first)), (s.max(last), e)])
+                    .filter(|(s, e)| s < e)
+                    .collect();
+            }
+            Ok(())
+        } else {
+            if offset + len > size {
+                return Err(Errno::EINVAL);
+            }
+            let _st = self.read_state();
+            sys::fallocate(self.inner.memfd.as_fd(), FALLOC_FL_KEEP_SIZE, offset, len)
+        }
+    }
+
+    fn mmap(&self, offset: u64, len: usize, kind: MapKind) -> KernelResult<HostMapping> {
+        if self.inner.flags & GUEST_MEMFD_FLAG_MMAP == 0 {
+            return Err(Errno::ENODEV);
+        }
+        if kind == MapKind::Private || len == 0 || offset % PAGE_SIZE != 0 {
+            return Err(Errno::EINVAL);
+        }
+        // mmap(2) maps whole pages: a length is rounded up, as the kernel does.
+        let len = len
+            .checked_next_multiple_of(PAGE_SIZE as usize)
+            .ok_or(Errno::ENOMEM)?;
+        let map = Arc::new(Mmap::new(
+            Some(self.inner.memfd.as_fd()),
+            offset,
+            len,
+            libc::MAP_SHARED,
+        )?);
+        let id = self.register_mapping(&map, offset)?;
+        let registry: Arc<dyn MappingRegistry> = self.inner.clone();
+        Ok(HostMapping::new(map, offset, Some((registry, id))))
+    }
+
+    fn pin(&self, offset: u64, len: u64) -> KernelResult<PinGuard> {
+        let end = offset.checked_add(len).ok_or(Errno::EFAULT)?;
+        if len == 0 {
+            return Err(Errno::EINVAL);
+        }
+        if self.inner.flags & GUEST_MEMFD_FLAG_MMAP == 0 || end > self.inner.size {
+            return Err(Errno::EFAULT);
+        }
+        // GUP refuses AS_NO_DIRECT_MAP mappings (kernel-spec §3.2).
+        if self.inner.no_direct_map() {
+            return Err(Errno::EFAULT);
+        }
+        let (first, last) = pages_of(offset, len);
+        let st = self.read_state();
+        if st.attrs.first_with(first, last, true).is_some() {
+            return Err(Errno::EFAULT);
+        }
+        // GUP faults the pages in.
+        sys::fallocate(
+            self.inner.memfd.as_fd(),
+            FALLOC_FL_KEEP_SIZE,
+            first * PAGE_SIZE,
+            (last - first) * PAGE_SIZE,
+        )?;
+        let id = u64::try_from(self.inner.next_id.fetch_add(1, Ordering::Relaxed))
+            .map_err(|_| Errno::ENOMEM)?;
+        self.inner
+            .pins
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id, vec![(first, last)]);
+        drop(st);
+        let hold = PinHold {
+            inner: self.inner.clone(),
+            id,
+        };
+        Ok(PinGuard::new(Box::new(hold), offset, len))
+    }
+
+    fn attributes(&self, offset: u64) -> KernelResult<u64> {
+        if offset >= self.inner.size {
+            return Err(Errno::EINVAL);
+        }
+        Ok(self.read_state().attrs.get(offset / PAGE_SIZE))
+    }
+
+    fn attribute_runs(&self, offset: u64, len: u64) -> KernelResult<Vec<(u64, u64, u64)>> {
+        self.read_state()
+            .attrs
+            .byte_runs(offset, len, self.inner.size)
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), AccessError> {
+        let st = self.check_access(offset, buf.len())?;
+        self.inner.hand_out(offset, buf.len() as u64)?;
+        sys::pread_exact(self.inner.memfd.as_fd(), buf, offset).map_err(|_| {
+            AccessError::OutOfBounds {
+                offset,
+                len: buf.len() as u64,
+                size: self.inner.size,
+            }
+        })?;
+        drop(st);
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), AccessError> {
+        let st = self.check_access(offset, data.len())?;
+        self.inner.hand_out(offset, data.len() as u64)?;
+        sys::pwrite_all(self.inner.memfd.as_fd(), data, offset).map_err(|_| {
+            AccessError::OutOfBounds {
+                offset,
+                len: data.len() as u64,
+                size: self.inner.size,
+            }
+        })?;
+        drop(st);
+        Ok(())
+    }
+}
+
+impl EmulatedGuestMemfd {
+    /// Checks a host access and returns the shared lock that keeps it valid.
+    pub(super) fn check_access(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> Result<RwLockReadGuard<'_, State>, AccessError> {
+        check_host_access(offset, len, self.inner.size, self.inner.flags)?;
+        let st = self.read_state();
+        st.attrs.check_shared(offset, len as u64)?;
+        Ok(st)
+    }
+}

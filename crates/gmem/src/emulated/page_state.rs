@@ -1,0 +1,324 @@
+//! Per-page state (up to date, removed from the direct map) and the direct map: the guest
+//! fault (`kvm_gmem_get_pfn`), the host hand-out, zero-once, the platform hooks of
+//! conversion and release.
+
+use std::collections::BTreeMap;
+use std::os::fd::AsFd;
+
+use super::{EmulatedGuestMemfd, Inner, State};
+use crate::attributes::pages_of;
+use crate::error::{AccessError, Errno, KernelResult};
+use crate::platform::{HookCall, PageRef, PAGE};
+use crate::sys::{self, Mmap, PAGE_SIZE};
+use crate::uapi::{GUEST_MEMFD_FLAG_NO_DIRECT_MAP, KVM_MEMORY_ATTRIBUTE_PRIVATE};
+
+/// A sparse set of page indices (64-page words; only non-empty words are stored), so a
+/// sparse 1 TiB file costs nothing.
+#[derive(Debug, Default)]
+pub(super) struct PageSet {
+    pub(super) words: BTreeMap<u64, u64>,
+}
+
+impl PageSet {
+    pub(super) fn contains(&self, page: u64) -> bool {
+        self.words
+            .get(&(page / 64))
+            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
+
+    pub(super) fn insert(&mut self, page: u64) {
+        *self.words.entry(page / 64).or_insert(0) |= 1 << (page % 64);
+    }
+
+    /// Removes and returns the members of `[first, end)`.
+    pub(super) fn take_range(&mut self, first: u64, end: u64) -> Vec<u64> {
+        let mut out = Vec::new();
+        if first >= end {
+            return out;
+        }
+        let keys: Vec<u64> = self
+            .words
+            .range(first / 64..=(end - 1) / 64)
+            .map(|(&k, _)| k)
+            .collect();
+        for k in keys {
+            let Some(w) = self.words.get_mut(&k) else {
+                continue;
+            };
+            for bit in 0..64 {
+                let p = k * 64 + bit;
+                if p >= first && p < end && *w & (1 << bit) != 0 {
+                    *w &= !(1 << bit);
+                    out.push(p);
+                }
+            }
+            if *w == 0 {
+                self.words.remove(&k);
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Default)]
+pub(super) struct PageBits {
+    /// Zeroed once (or known to hold zero-filled or host-written data); cleared by punch-hole.
+    pub(super) uptodate: PageSet,
+    /// Removed from the direct map (NO_DIRECT_MAP); set only after the removal succeeded.
+    pub(super) removed: PageSet,
+}
+
+impl EmulatedGuestMemfd {
+    pub fn direct_map_removed(&self, index: u64) -> bool {
+        self.inner.bits().removed.contains(index)
+    }
+
+    /// Whether page `index` is up to date (zeroed once since it was last freed).
+    pub fn page_uptodate(&self, index: u64) -> bool {
+        self.inner.bits().uptodate.contains(index)
+    }
+
+    /// A guest fault (`kvm_gmem_get_pfn`) on every page of `[offset, offset + len)`, as a vCPU
+    /// touching them would cause: the VMM calls it for pages its vCPUs access through a
+    /// memslot, which the emulated backend does not see (like `KVM_PRE_FAULT_MEMORY`).
+    pub fn guest_fault(&self, offset: u64, len: u64) -> KernelResult<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.inner.size => {}
+            _ => return Err(Errno::EFAULT),
+        }
+        let st = self.read_state();
+        self.inner.fault_range(&st, offset, len)
+    }
+}
+
+impl Inner {
+    pub(super) fn bits(&self) -> std::sync::MutexGuard<'_, PageBits> {
+        self.pages
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(super) fn no_direct_map(&self) -> bool {
+        self.flags & GUEST_MEMFD_FLAG_NO_DIRECT_MAP != 0
+    }
+
+    pub(super) fn log(&self, call: HookCall) {
+        if let Some(log) = self.hook_log.get() {
+            log.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(call);
+        }
+    }
+
+    pub(super) fn direct_map(&self) -> KernelResult<&Mmap> {
+        self.direct_map.get_or_map(
+            self.memfd.as_fd(),
+            self.size,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+        )
+    }
+
+    /// The direct map and the offset of page `index` in it.
+    pub(super) fn dm_page(&self, index: u64) -> KernelResult<(&Mmap, usize)> {
+        let dm = self.direct_map()?;
+        let off = usize::try_from(index * PAGE_SIZE).map_err(|_| Errno::EFAULT)?;
+        if off >= dm.len() {
+            return Err(Errno::EFAULT);
+        }
+        Ok((dm, off))
+    }
+
+    /// A hook's handle on page `index`; EFAULT if the page is removed from the direct map
+    /// (gmem never touches a removed page).
+    pub(super) fn page_ref(&self, bits: &PageBits, index: u64) -> KernelResult<PageRef<'_>> {
+        if bits.removed.contains(index) {
+            return Err(Errno::EFAULT);
+        }
+        let (dm, off) = self.dm_page(index)?;
+        // A page of the direct map, which lives as long as `self`, and is mapped: its removed
+        // mark is clear, and marks change only under the `pages` lock the caller holds.
+        Ok(PageRef::new(index, dm, off))
+    }
+
+    /// gmem's own write of page `index` (`None`: zeroes) through the direct map: refused
+    /// for a removed page, and checked with the platform (SNP, TDX: never a guest-owned page).
+    pub(super) fn gmem_write(
+        &self,
+        bits: &PageBits,
+        index: u64,
+        data: Option<&[u8]>,
+    ) -> KernelResult<()> {
+        if bits.removed.contains(index) {
+            return Err(Errno::EFAULT);
+        }
+        self.platform.gmem_write(index)?;
+        let (dm, off) = self.dm_page(index)?;
+        let zeros = [0u8; PAGE];
+        let data = data.unwrap_or(&zeros);
+        // A mapped page of the direct map (not removed, checked under the lock); at most a
+        // page is written.
+        dm.write_volatile(off, &data[..data.len().min(PAGE)])
+    }
+
+    pub(super) fn page_present(&self, index: u64) -> KernelResult<bool> {
+        let off = index * PAGE_SIZE;
+        Ok(!sys::data_runs(self.memfd.as_fd(), off, off + PAGE_SIZE)?.is_empty())
+    }
+
+    /// Present pages of `[first, end)`.
+    pub(super) fn present_pages(&self, first: u64, end: u64) -> Vec<u64> {
+        let runs = sys::data_runs(self.memfd.as_fd(), first * PAGE_SIZE, end * PAGE_SIZE)
+            .unwrap_or_default();
+        runs.into_iter()
+            .flat_map(|(s, e)| s / PAGE_SIZE..e.div_ceil(PAGE_SIZE))
+            .collect()
+    }
+
+    /// Zero-once (§2.6): a page not up to date is zeroed through the direct map and marked.
+    /// A page the memfd already holds is only marked: shmem zero-filled it when it was
+    /// allocated, by fallocate or by a host or vCPU fault the emulated backend does not see
+    /// (host faults are seen on NO_DIRECT_MAP files only), which in the kernel would have
+    /// zeroed and marked it then.
+    pub(super) fn make_uptodate(&self, bits: &mut PageBits, index: u64) -> KernelResult<()> {
+        if bits.uptodate.contains(index) {
+            return Ok(());
+        }
+        if !self.page_present(index)? {
+            self.gmem_write(bits, index, None)?;
+            self.log(HookCall::Zero(index));
+        }
+        bits.uptodate.insert(index);
+        Ok(())
+    }
+
+    /// The guest fault (`kvm_gmem_get_pfn`, §2.6, §3.2) of every page of
+    /// `[offset, offset + len)`, under the shared lock `st`, page by page: zero if not up to
+    /// date; make-private if the page is private (every time: the hook is idempotent); with
+    /// NO_DIRECT_MAP, remove it from the direct map, marking it only once that succeeded.
+    pub(super) fn fault_range(&self, st: &State, offset: u64, len: u64) -> KernelResult<()> {
+        let (first, end) = pages_of(offset, len);
+        let mut bits = self.bits();
+        // Pages not up to date: one presence scan (SEEK_DATA) for all of them.
+        let stale: Vec<u64> = (first..end)
+            .filter(|&i| !bits.uptodate.contains(i))
+            .collect();
+        let present = match (stale.first(), stale.last()) {
+            (Some(&lo), Some(&hi)) => self.present_pages(lo, hi + 1),
+            _ => Vec::new(),
+        };
+        let mut stale = stale.into_iter().peekable();
+        for index in first..end {
+            if stale.next_if_eq(&index).is_some() {
+                if present.binary_search(&index).is_err() {
+                    self.gmem_write(&bits, index, None)?;
+                    self.log(HookCall::Zero(index));
+                }
+                bits.uptodate.insert(index);
+            }
+            self.fault_page(st, &mut bits, index)?;
+        }
+        Ok(())
+    }
+
+    /// The rest of the guest fault of one page, once it is up to date.
+    pub(super) fn fault_page(
+        &self,
+        st: &State,
+        bits: &mut PageBits,
+        index: u64,
+    ) -> KernelResult<()> {
+        if self.hooks.make_private && st.attrs.get(index) & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0 {
+            let page = self.page_ref(bits, index)?;
+            self.log(HookCall::MakePrivate(index));
+            self.platform.make_private(&page)?;
+        }
+        if self.no_direct_map() && !bits.removed.contains(index) {
+            self.remove_from_direct_map(index)?;
+            bits.removed.insert(index);
+            self.log(HookCall::DirectMapRemove(index));
+        }
+        Ok(())
+    }
+
+    /// A host hand-out (the safe accessors; a host-mapping fault, served by the fault
+    /// service): with NO_DIRECT_MAP, each page is made up to date and removed from the direct
+    /// map. A failed removal marks nothing.
+    pub(super) fn hand_out(&self, offset: u64, len: u64) -> Result<(), AccessError> {
+        if !self.no_direct_map() || len == 0 {
+            return Ok(());
+        }
+        let (first, end) = pages_of(offset, len);
+        let mut bits = self.bits();
+        for index in first..end {
+            let err = |errno| AccessError::DirectMap {
+                offset: index * PAGE_SIZE,
+                errno,
+            };
+            if bits.removed.contains(index) {
+                continue;
+            }
+            self.make_uptodate(&mut bits, index).map_err(err)?;
+            self.remove_from_direct_map(index).map_err(err)?;
+            bits.removed.insert(index);
+            self.log(HookCall::DirectMapRemove(index));
+        }
+        Ok(())
+    }
+
+    /// Makes page `index` inaccessible in the direct map: the empty hole file is mapped over
+    /// it, so a stray access raises SIGBUS (a backstop: gmem checks the mark first).
+    pub(super) fn remove_from_direct_map(&self, index: u64) -> KernelResult<()> {
+        self.fail_after.injected_failure()?;
+        let (dm, off) = self.dm_page(index)?;
+        // One page inside the direct map, which only gmem accesses, always under the `pages`
+        // lock the caller holds.
+        dm.map_fixed(off, PAGE, self.hole.as_fd(), index * PAGE_SIZE)
+    }
+
+    /// Maps the memory file back at page `index` of the direct map.
+    pub(super) fn restore_direct_map(&self, index: u64) -> KernelResult<()> {
+        let (dm, off) = self.dm_page(index)?;
+        // As in `remove_from_direct_map`.
+        dm.map_fixed(off, PAGE, self.memfd.as_fd(), index * PAGE_SIZE)
+    }
+
+    /// §2.4 step 4b: make-shared on every present page of `[first, end)`.
+    pub(super) fn make_shared_range(&self, first: u64, end: u64) {
+        let bits = self.bits();
+        for index in self.present_pages(first, end) {
+            // A removed page cannot occur: platforms with make-shared do not offer
+            // NO_DIRECT_MAP.
+            if let Ok(page) = self.page_ref(&bits, index) {
+                self.log(HookCall::MakeShared(index));
+                self.platform.make_shared(&page);
+            }
+        }
+    }
+
+    /// Pages `[first, end)` leave the file (punch-hole, release): restore the direct map of
+    /// removed pages, then reclaim present pages (the kernel's `free_folio` order, §3.2),
+    /// and forget that they were up to date. No per-page work without NO_DIRECT_MAP or a
+    /// reclaim hook.
+    pub(super) fn free_pages(&self, first: u64, end: u64) {
+        let mut bits = self.bits();
+        if self.no_direct_map() {
+            for index in bits.removed.take_range(first, end) {
+                if self.restore_direct_map(index).is_ok() {
+                    self.log(HookCall::DirectMapRestore(index));
+                } else {
+                    // The kernel WARNs; the page stays marked and is never touched.
+                    bits.removed.insert(index);
+                }
+            }
+        }
+        if self.hooks.reclaim {
+            for index in self.present_pages(first, end) {
+                if let Ok(page) = self.page_ref(&bits, index) {
+                    self.log(HookCall::Reclaim(index));
+                    self.platform.reclaim(&page);
+                }
+            }
+        }
+        bits.uptodate.take_range(first, end);
+    }
+}

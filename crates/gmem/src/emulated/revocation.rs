@@ -1,0 +1,400 @@
+//! Host-mapping revocation: private pages of every host mapping raise SIGBUS.
+
+use std::collections::BTreeMap;
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::{EmulatedGuestMemfd, Inner, State};
+use crate::attributes::pages_of;
+use crate::error::{Errno, KernelResult};
+use crate::mapping::MappingRegistry;
+use crate::sys::{Mmap, PoisonError, PoisonFd, PAGE_SIZE};
+
+pub(super) enum Mechanism {
+    Poison(PoisonFd),
+    Remap,
+}
+
+#[derive(Debug)]
+pub(super) struct MappingEntry {
+    pub(super) id: u64,
+    /// The host mapping (shared with its [`HostMapping`](crate::HostMapping), which removes
+    /// this entry before it unmaps).
+    pub(super) map: Arc<Mmap>,
+    pub(super) addr: usize,
+    pub(super) len: usize,
+    pub(super) file_offset: u64,
+    /// File ranges `[start, end)` currently replaced by the hole file (coalesced; adjacent
+    /// holes are one VMA because the hole file is mapped at the same offset).
+    pub(super) holes: BTreeMap<u64, u64>,
+    /// Whether the last optimistic revocation in this mapping found present PTEs: if so,
+    /// the next ones zap before poisoning instead of trying the marker first. A zap-first
+    /// revocation cannot tell whether PTEs were there, so every 8th one is optimistic again
+    /// to re-learn. A wrong guess costs one extra system call.
+    pub(super) expect_populated: bool,
+    /// Zap-first revocations since the last optimistic one.
+    pub(super) zap_first_streak: u8,
+}
+
+impl MappingEntry {
+    /// The part of file range `[start, end)` this mapping covers, as (offset in the mapping,
+    /// length).
+    pub(super) fn window(&self, start: u64, end: u64) -> Option<(usize, usize)> {
+        let m_end = self.file_offset + self.len as u64;
+        let (s, e) = (start.max(self.file_offset), end.min(m_end));
+        if s >= e {
+            return None;
+        }
+        // Both differences are below `self.len`, a usize.
+        #[allow(clippy::cast_possible_truncation)]
+        let (off, len) = ((s - self.file_offset) as usize, (e - s) as usize);
+        Some((off, len))
+    }
+
+    /// The hole pieces overlapping `[start, end)`, clipped to it.
+    pub(super) fn holes_in(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        self.holes
+            .range(..end)
+            .filter(|(_, &e)| e > start)
+            .map(|(&s, &e)| (s.max(start), e.min(end)))
+            .collect()
+    }
+
+    /// Records `[start, end)` as a hole, merging neighbours.
+    pub(super) fn add_hole(&mut self, mut start: u64, mut end: u64) {
+        let overlapping: Vec<(u64, u64)> = self
+            .holes
+            .range(..=end)
+            .filter(|(_, &e)| e >= start)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        for (s, e) in overlapping {
+            self.holes.remove(&s);
+            start = start.min(s);
+            end = end.max(e);
+        }
+        self.holes.insert(start, end);
+    }
+
+    /// Forgets `[start, end)` as a hole, splitting entries.
+    pub(super) fn remove_hole(&mut self, start: u64, end: u64) {
+        for (s, e) in self.holes_in(start, end) {
+            let (full_s, full_e) = self
+                .holes
+                .range(..=s)
+                .next_back()
+                .map_or((s, e), |(&a, &b)| (a, b));
+            self.holes.remove(&full_s);
+            if full_s < s {
+                self.holes.insert(full_s, s);
+            }
+            if e < full_e {
+                self.holes.insert(e, full_e);
+            }
+        }
+    }
+}
+
+/// `UFFDIO_POISON` over a range that may span several VMAs (one call must stay inside one
+/// VMA, else ENOENT; adjacent VMAs of the memory file do not always merge after remaps):
+/// halves the range at each ENOENT, so a boundary costs O(log n) calls.
+pub(super) fn poison_split(uffd: &PoisonFd, addr: u64, len: usize) -> Result<(), PoisonError> {
+    match uffd.poison(addr, len) {
+        Err(PoisonError::Failed(Errno::ENOENT)) if len > PAGE_SIZE as usize => {
+            let half = (len / 2) & !(PAGE_SIZE as usize - 1);
+            let half = half.max(PAGE_SIZE as usize);
+            poison_split(uffd, addr, half)?;
+            // `half < len`: still inside the caller's range.
+            let rest = addr + half as u64;
+            poison_split(uffd, rest, len - half).map_err(|e| match e {
+                PoisonError::Exists { done } => PoisonError::Exists {
+                    done: done + half as u64,
+                },
+                other => other,
+            })
+        }
+        other => other,
+    }
+}
+
+impl EmulatedGuestMemfd {
+    /// Makes file range `[start, end)` (bytes), currently shared, inaccessible in mapping
+    /// `m`: a hole mapping for a long run (or always, with [`Revocation::Remap`]; or when
+    /// `force_hole`), poison markers otherwise.
+    pub(super) fn revoke_with(
+        &self,
+        m: &mut MappingEntry,
+        start: u64,
+        end: u64,
+        force_hole: bool,
+    ) -> KernelResult<()> {
+        let Some((off, len)) = m.window(start, end) else {
+            return Ok(());
+        };
+        self.inner.fail_after.injected_failure()?;
+        let opts = &self.inner.options;
+        let uffd = match &self.inner.mechanism {
+            Mechanism::Poison(uffd)
+                if !force_hole
+                    && ((len as u64) < opts.hole_min_bytes
+                        || m.holes.len() >= opts.hole_budget) =>
+            {
+                uffd
+            }
+            Mechanism::Poison(_) | Mechanism::Remap => {
+                let s = start.max(m.file_offset);
+                // The window lies inside the mapping. The hole file is empty, so every access
+                // to the new mapping is past its end: SIGBUS.
+                m.map.map_fixed(off, len, self.inner.hole.as_fd(), s)?;
+                m.add_hole(s, s + len as u64);
+                return Ok(());
+            }
+        };
+        // Markers go only on empty PTEs. Unless the last revocation here found the mapping
+        // populated, poison optimistically (an unpopulated range needs this one call); at the
+        // first present PTE, zap from there and retry. A concurrent access can re-fault a page
+        // between the zap and the marker; the loop then zaps again from that page.
+        let mut done = 0usize;
+        let mut zaps = 0u32;
+        let zap_first = m.expect_populated && m.zap_first_streak < 8;
+        if zap_first {
+            m.zap_first_streak += 1;
+            m.map.madvise(off, len, libc::MADV_DONTNEED)?;
+        } else {
+            m.zap_first_streak = 0;
+        }
+        let mut found_present = false;
+        let mut registered = false;
+        while done < len {
+            let at = m.addr as u64 + (off + done) as u64;
+            match poison_split(uffd, at, len - done) {
+                Ok(()) => break,
+                Err(PoisonError::Exists { done: d }) => {
+                    found_present = true;
+                    done += usize::try_from(d).map_err(|_| Errno::EFAULT)?;
+                    zaps += 1;
+                    if zaps > 10_000 {
+                        return Err(Errno::EAGAIN);
+                    }
+                    m.map.madvise(off + done, len - done, libc::MADV_DONTNEED)?;
+                }
+                // Part of the mapping is not registered (memory-file VMAs are registered
+                // lazily, see `reregister`): register it all and try again, once.
+                Err(PoisonError::Failed(Errno::ENOENT)) if !registered => {
+                    registered = true;
+                    self.reregister(m)?;
+                }
+                Err(PoisonError::Failed(e)) => return Err(e),
+            }
+        }
+        if !zap_first {
+            m.expect_populated = found_present;
+        }
+        Ok(())
+    }
+
+    pub(super) fn revoke(&self, m: &mut MappingEntry, start: u64, end: u64) -> KernelResult<()> {
+        self.revoke_with(m, start, end, false)
+    }
+
+    /// Undoes a partial restore: a hole over the whole run works whatever mix of holes,
+    /// markers and restored pages it holds.
+    pub(super) fn revoke_forced(
+        &self,
+        m: &mut MappingEntry,
+        start: u64,
+        end: u64,
+    ) -> KernelResult<()> {
+        self.revoke_with(m, start, end, true)
+    }
+
+    /// Makes file range `[start, end)` (bytes), currently private, accessible again in
+    /// mapping `m`: markers are zapped; a hole inside the range is replaced by the memory
+    /// file; a hole that reaches beyond the range is rebuilt as markers (never split, so
+    /// restores add no VMA).
+    pub(super) fn restore(&self, m: &mut MappingEntry, start: u64, end: u64) -> KernelResult<()> {
+        let Some((off, len)) = m.window(start, end) else {
+            return Ok(());
+        };
+        self.inner.fail_after.injected_failure()?;
+        let s = start.max(m.file_offset);
+        let e = s + len as u64;
+        let holes = m.holes_in(s, e);
+        let covered: u64 = holes.iter().map(|(a, b)| b - a).sum();
+        if let Mechanism::Poison(_) = self.inner.mechanism {
+            if covered < e - s {
+                // DONTNEED on a shared mapping drops PTEs and markers only, never file
+                // contents.
+                m.map.madvise(off, len, libc::MADV_DONTNEED)?;
+            }
+        }
+        for (ps, pe) in holes {
+            let (hs, he) = m
+                .holes
+                .range(..=ps)
+                .next_back()
+                .map_or((ps, pe), |(&a, &b)| (a, b));
+            match &self.inner.mechanism {
+                Mechanism::Poison(uffd) if hs < ps || pe < he => {
+                    self.rebuild_hole(uffd, m, (hs, he), (ps, pe))?
+                }
+                _ => self.unhole(m, ps, pe)?,
+            }
+        }
+        // NO_DIRECT_MAP: a memory-file VMA mapped over a hole, or moved by `rebuild_hole`,
+        // starts unregistered and its faults would not be seen: register the mapping again
+        // now (not lazily), so the host hand-out covers every shared page.
+        if let Some(service) = self.inner.faults.get() {
+            service.uffd.register(&m.map)?;
+        }
+        Ok(())
+    }
+
+    /// Maps the memory file over hole piece `[hs, he)` of `m` (and registers it).
+    pub(super) fn unhole(&self, m: &mut MappingEntry, hs: u64, he: u64) -> KernelResult<()> {
+        let Some((off, len)) = m.window(hs, he) else {
+            return Ok(());
+        };
+        m.map.map_fixed(off, len, self.inner.memfd.as_fd(), hs)?;
+        // Not registered yet: the next poison here registers the mapping (`reregister`).
+        m.remove_hole(hs, he);
+        Ok(())
+    }
+
+    /// Registers the whole of mapping `m` with the userfaultfd again. Registration is only
+    /// needed by `UFFDIO_POISON` (markers act without it), and layout changes lose it: a
+    /// memory-file VMA mapped over a hole starts unregistered, and `mremap` merges the moved
+    /// VMA with an equal registered neighbour first and only then drops the userfaultfd
+    /// context of the (merged) result, neighbour included (seen on 6.18). So registration is
+    /// lazy: a poison that fails with ENOENT registers the mapping and retries. Registering a
+    /// registered range with the same userfaultfd is allowed; hole VMAs (shmem too) are
+    /// registered harmlessly.
+    pub(super) fn reregister(&self, m: &MappingEntry) -> KernelResult<()> {
+        match &self.inner.mechanism {
+            Mechanism::Poison(uffd) => uffd.register(&m.map),
+            Mechanism::Remap => Ok(()),
+        }
+    }
+
+    /// Replaces hole `[hs, he)` of `m` by the memory file with markers on every page but
+    /// `[ps, pe)`, atomically: the replacement is built at a fresh address and moved over the
+    /// hole with `mremap`, so no access ever sees a private page of it exposed.
+    pub(super) fn rebuild_hole(
+        &self,
+        uffd: &PoisonFd,
+        m: &mut MappingEntry,
+        (hs, he): (u64, u64),
+        (ps, pe): (u64, u64),
+    ) -> KernelResult<()> {
+        let Some((dest, len)) = m.window(hs, he) else {
+            return Ok(());
+        };
+        let fresh = Mmap::new(Some(self.inner.memfd.as_fd()), hs, len, libc::MAP_SHARED)?;
+        uffd.register(&fresh)?;
+        for (a, b) in [(hs, ps), (pe, he)] {
+            if a < b {
+                // Both differences are below `len`, a usize.
+                #[allow(clippy::cast_possible_truncation)]
+                let (off, n) = ((a - hs) as usize, (b - a) as usize);
+                // Inside `fresh`, which nothing else knows of: its PTEs are all none.
+                let at = fresh.as_ptr() as u64 + off as u64;
+                poison_split(uffd, at, n).map_err(|p| match p {
+                    PoisonError::Failed(e) => e,
+                    PoisonError::Exists { .. } => Errno::EAGAIN,
+                })?;
+            }
+        }
+        // `fresh` is ours and `dest` is inside the mapping; after the move `fresh`'s range is
+        // gone.
+        fresh.move_onto(&m.map, dest)?;
+        // The move drops the userfaultfd registration (the markers stay, and a marker raises
+        // SIGBUS with or without it); the next poison here registers the mapping again.
+        m.remove_hole(hs, he);
+        Ok(())
+    }
+
+    /// Applies `op` to every run in every mapping; on failure, undoes what was done with
+    /// `undo` and returns the error.
+    pub(super) fn apply_all(
+        &self,
+        st: &mut State,
+        runs: &[(u64, u64)],
+        op: fn(&Self, &mut MappingEntry, u64, u64) -> KernelResult<()>,
+        undo: fn(&Self, &mut MappingEntry, u64, u64) -> KernelResult<()>,
+    ) -> KernelResult<()> {
+        for i in 0..st.mappings.len() {
+            for (j, &(s, e)) in runs.iter().enumerate() {
+                if let Err(err) = op(self, &mut st.mappings[i], s, e) {
+                    // Roll back: every run of the mappings before this one, and this
+                    // mapping's runs up to and including the failed one (which may be half
+                    // done). Best effort: a failing undo of a to-private conversion leaves a
+                    // page revoked, never exposed.
+                    for done in &mut st.mappings[..i] {
+                        for &(s, e) in runs {
+                            let _ = undo(self, done, s, e);
+                        }
+                    }
+                    for &(s, e) in &runs[..=j] {
+                        let _ = undo(self, &mut st.mappings[i], s, e);
+                    }
+                    return Err(err);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn register_mapping(&self, map: &Arc<Mmap>, file_offset: u64) -> KernelResult<u64> {
+        let mut st = self.write_state();
+        let id = u64::try_from(self.inner.next_id.fetch_add(1, Ordering::Relaxed))
+            .map_err(|_| Errno::ENOMEM)?;
+        let mut entry = MappingEntry {
+            id,
+            map: map.clone(),
+            addr: map.as_ptr() as usize,
+            len: map.len(),
+            file_offset,
+            holes: BTreeMap::new(),
+            expect_populated: false,
+            zap_first_streak: 0,
+        };
+        if let Mechanism::Poison(uffd) = &self.inner.mechanism {
+            uffd.register(map)?;
+        }
+        if let Some(service) = self.inner.faults.get() {
+            // NO_DIRECT_MAP: host faults become events (a no-op re-registration when the
+            // mechanism's userfaultfd is the service's).
+            service.uffd.register(map)?;
+            service
+                .maps()
+                .push((id, entry.addr, entry.len, entry.file_offset));
+        }
+        let file_end = file_offset
+            .saturating_add(map.len() as u64)
+            .min(self.inner.size);
+        let (first, end) = pages_of(file_offset, file_end.saturating_sub(file_offset));
+        for (s, e, private) in st.attrs.runs(first, end) {
+            if private {
+                if let Err(e) = self.revoke(&mut entry, s * PAGE_SIZE, e * PAGE_SIZE) {
+                    self.inner.forget_mapping(id);
+                    return Err(e);
+                }
+            }
+        }
+        st.mappings.push(entry);
+        Ok(id)
+    }
+}
+
+impl MappingRegistry for Inner {
+    fn unregister(&self, id: u64) {
+        let mut st = self
+            .state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        st.mappings.retain(|m| m.id != id);
+        drop(st);
+        self.forget_mapping(id);
+    }
+}

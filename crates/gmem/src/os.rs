@@ -1,0 +1,8 @@
+//! The operating-system interface gmem's users share: the page size, owned mappings with safe,
+//! bounds-checked accesses, and the file calls the VMM and the benchmarks need. A safe facade
+//! over gmem's crate-private system-call layer, where all of gmem's `unsafe` lives.
+
+pub use crate::sys::{
+    allocated_bytes, fallocate, fstat, ftruncate, memfd_create, userfaultfd_features, Mmap,
+    PAGE_SIZE,
+};

@@ -1,0 +1,489 @@
+//! Every system call gmem makes, and all of its `unsafe`: thin, audited wrappers whose
+//! interface is safe. memfd, fallocate, positional I/O, mmap/madvise/mremap on an owned
+//! [`Mmap`], volatile accesses, pipes and vmsplice pins ([`vmsplice_pin`]), userfaultfd
+//! ([`uffd`]), the faulting-access probe ([`probe`]) and the KVM ioctls gmem issues itself
+//! ([`kvm`]). The crate root denies `unsafe_code` everywhere else; [`crate::os`] is the public,
+//! safe facade for the other crates of the workspace.
+//!
+//! An [`Mmap`] never hands out a Rust reference into its memory (only its address, and copies
+//! made with volatile accesses), so replacing, zapping or poisoning its pages changes what an
+//! access reads or whether it faults, never the validity of a Rust reference.
+
+pub(crate) mod kvm;
+pub(crate) mod probe;
+pub(crate) mod uffd;
+
+pub use uffd::{userfaultfd_features, PoisonError, PoisonFd};
+
+use std::ffi::CStr;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+
+use crate::error::{Errno, KernelResult};
+
+/// The host page size gmem works in.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Returns `Err(Errno::last())` when `ret` is -1.
+fn check(ret: libc::c_int) -> KernelResult<libc::c_int> {
+    if ret == -1 {
+        Err(Errno::last())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Creates an anonymous memory file (`memfd_create(name, MFD_CLOEXEC)`).
+pub fn memfd_create(name: &CStr) -> KernelResult<OwnedFd> {
+    // SAFETY: `name` is a valid NUL-terminated string; the call has no other inputs.
+    let fd = check(unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) })?;
+    // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `ftruncate(fd, size)`.
+pub fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> KernelResult<()> {
+    let size = i64::try_from(size).map_err(|_| Errno::EINVAL)?;
+    // SAFETY: plain syscall on a borrowed, open descriptor.
+    check(unsafe { libc::ftruncate(fd.as_raw_fd(), size) }).map(drop)
+}
+
+/// `fallocate(fd, mode, offset, len)`.
+pub fn fallocate(fd: BorrowedFd<'_>, mode: u32, offset: u64, len: u64) -> KernelResult<()> {
+    let offset = i64::try_from(offset).map_err(|_| Errno::EINVAL)?;
+    let len = i64::try_from(len).map_err(|_| Errno::EINVAL)?;
+    let mode = libc::c_int::try_from(mode).map_err(|_| Errno::EOPNOTSUPP)?;
+    // SAFETY: plain syscall on a borrowed, open descriptor.
+    check(unsafe { libc::fallocate(fd.as_raw_fd(), mode, offset, len) }).map(drop)
+}
+
+/// Bytes of file pages allocated to `fd` (`st_blocks` × 512).
+pub fn allocated_bytes(fd: BorrowedFd<'_>) -> KernelResult<u64> {
+    let st = fstat(fd)?;
+    Ok(u64::try_from(st.st_blocks).unwrap_or(0) * 512)
+}
+
+/// `fstat(fd)`.
+pub fn fstat(fd: BorrowedFd<'_>) -> KernelResult<libc::stat> {
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid, writable `stat` for the duration of the call.
+    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    Ok(st)
+}
+
+/// `pread` until `buf` is full (a hole reads zeros).
+pub fn pread_exact(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> KernelResult<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let off = i64::try_from(offset + done as u64).map_err(|_| Errno::EINVAL)?;
+        // SAFETY: the destination is the unfilled tail of `buf`.
+        let n = unsafe {
+            libc::pread(
+                fd.as_raw_fd(),
+                buf[done..].as_mut_ptr().cast(),
+                buf.len() - done,
+                off,
+            )
+        };
+        match n {
+            n if n > 0 => done += n.unsigned_abs(),
+            0 => {
+                buf[done..].fill(0);
+                break;
+            }
+            _ if Errno::last() == Errno::EINTR => {}
+            _ => return Err(Errno::last()),
+        }
+    }
+    Ok(())
+}
+
+/// `pwrite` all of `data`.
+pub fn pwrite_all(fd: BorrowedFd<'_>, data: &[u8], offset: u64) -> KernelResult<()> {
+    let mut done = 0usize;
+    while done < data.len() {
+        let off = i64::try_from(offset + done as u64).map_err(|_| Errno::EINVAL)?;
+        // SAFETY: the source is the unwritten tail of `data`.
+        let n = unsafe {
+            libc::pwrite(
+                fd.as_raw_fd(),
+                data[done..].as_ptr().cast(),
+                data.len() - done,
+                off,
+            )
+        };
+        match n {
+            n if n > 0 => done += n.unsigned_abs(),
+            _ if Errno::last() == Errno::EINTR => {}
+            _ => return Err(Errno::last()),
+        }
+    }
+    Ok(())
+}
+
+/// The data runs (allocated, `[start, end)` byte offsets) of `fd` inside `[start, end)`,
+/// found with `lseek(SEEK_DATA)` / `lseek(SEEK_HOLE)`: one pair of calls per run.
+pub fn data_runs(fd: BorrowedFd<'_>, start: u64, end: u64) -> KernelResult<Vec<(u64, u64)>> {
+    let seek = |off: u64, whence: libc::c_int| -> KernelResult<Option<u64>> {
+        let o = libc::off_t::try_from(off).map_err(|_| Errno::EINVAL)?;
+        // SAFETY: lseek takes integers only; it moves the descriptor's offset, which gmem
+        // never uses (every access is positional).
+        let r = unsafe { libc::lseek(fd.as_raw_fd(), o, whence) };
+        if r >= 0 {
+            Ok(Some(r.unsigned_abs()))
+        } else if Errno::last() == Errno(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(Errno::last())
+        }
+    };
+    let mut runs = Vec::new();
+    let mut at = start;
+    while at < end {
+        let Some(data) = seek(at, libc::SEEK_DATA)? else {
+            break;
+        };
+        if data >= end {
+            break;
+        }
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        runs.push((data, hole));
+        at = hole;
+    }
+    Ok(runs)
+}
+
+/// An owned mapping; unmapped on drop.
+#[derive(Debug)]
+pub struct Mmap {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a `Mmap` is an address range, not a reference into Rust-managed memory; every access
+// goes through raw pointers whose users uphold their own synchronisation.
+unsafe impl Send for Mmap {}
+// SAFETY: as above; `&Mmap` only hands out the address.
+unsafe impl Sync for Mmap {}
+
+impl Mmap {
+    /// `mmap(NULL, len, PROT_READ|PROT_WRITE, flags, fd, offset)`; EINVAL for `MAP_FIXED`
+    /// (use [`Mmap::map_fixed`] inside a mapping).
+    pub fn new(
+        fd: Option<BorrowedFd<'_>>,
+        offset: u64,
+        len: usize,
+        flags: libc::c_int,
+    ) -> KernelResult<Mmap> {
+        if len == 0 || flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let offset = libc::off_t::try_from(offset).map_err(|_| Errno::EINVAL)?;
+        let raw_fd = fd.map_or(-1, |f| f.as_raw_fd());
+        // SAFETY: a NULL hint lets the kernel pick a fresh range, so no existing memory is
+        // replaced; the result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                raw_fd,
+                offset,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Errno::last());
+        }
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(Errno::ENOMEM)?;
+        Ok(Mmap { ptr, len })
+    }
+
+    /// Start of the mapping.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: a mapping has at least one byte.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Writes `value` to the first byte of every page of `[off, off + len)` (faulting them
+    /// in); EFAULT outside the mapping. A page that cannot be faulted in raises SIGBUS, as
+    /// any access to the mapping would.
+    pub fn touch_pages(&self, off: u64, len: u64, value: u8) -> KernelResult<()> {
+        let end = off.checked_add(len).ok_or(Errno::EFAULT)?;
+        if end > self.len as u64 {
+            return Err(Errno::EFAULT);
+        }
+        let mut p = off;
+        while p < end {
+            // In bounds (checked), so it fits in usize.
+            #[allow(clippy::cast_possible_truncation)]
+            // SAFETY: inside this live mapping; volatile so the touch is not elided.
+            unsafe {
+                self.ptr.as_ptr().add(p as usize).write_volatile(value)
+            };
+            p += PAGE_SIZE;
+        }
+        Ok(())
+    }
+
+    /// `madvise` on `[off, off + len)` of this mapping (EINVAL outside it).
+    pub fn madvise(&self, off: usize, len: usize, advice: libc::c_int) -> KernelResult<()> {
+        self.check_range(off, len)?;
+        // SAFETY: the range lies inside this mapping, which this object owns and into which no
+        // Rust reference exists (module documentation).
+        check(unsafe { libc::madvise(self.ptr.as_ptr().add(off).cast(), len, advice) }).map(drop)
+    }
+
+    /// Replaces `[off, off + len)` of this mapping with a read/write shared mapping of `fd` at
+    /// `fd_off` (`mmap(MAP_FIXED)` inside this mapping's own range; EINVAL outside it).
+    pub fn map_fixed(
+        &self,
+        off: usize,
+        len: usize,
+        fd: BorrowedFd<'_>,
+        fd_off: u64,
+    ) -> KernelResult<()> {
+        self.check_range(off, len)?;
+        let fd_off = libc::off_t::try_from(fd_off).map_err(|_| Errno::EINVAL)?;
+        // SAFETY: MAP_FIXED over a range inside this mapping, which this object owns and into
+        // which no Rust reference exists (module documentation).
+        let p = unsafe {
+            libc::mmap(
+                self.ptr.as_ptr().add(off).cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                fd.as_raw_fd(),
+                fd_off,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            Err(Errno::last())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Moves this mapping's pages onto `[dest_off, dest_off + len)` of `dest`
+    /// (`mremap(MREMAP_FIXED)`), replacing whatever was mapped there in one step: no access
+    /// can see the range unmapped. This mapping is gone afterwards (EINVAL if it does not fit
+    /// inside `dest`; on failure nothing moved and it is unmapped as usual).
+    pub(crate) fn move_onto(self, dest: &Mmap, dest_off: usize) -> KernelResult<()> {
+        dest.check_range(dest_off, self.len)?;
+        // SAFETY: both ranges are owned `Mmap`s without Rust references into them; the source
+        // is given up below (not unmapped again) once the kernel moved it.
+        let p = unsafe {
+            libc::mremap(
+                self.ptr.as_ptr().cast(),
+                self.len,
+                self.len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                dest.ptr.as_ptr().add(dest_off).cast::<libc::c_void>(),
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Errno::last());
+        }
+        std::mem::forget(self);
+        Ok(())
+    }
+
+    /// Copies `[off, off + buf.len())` of the mapping into `buf` with volatile accesses (EFAULT
+    /// outside the mapping). A page that cannot be faulted in raises SIGBUS, as any access to
+    /// the mapping would.
+    pub fn read_volatile(&self, off: usize, buf: &mut [u8]) -> KernelResult<()> {
+        self.check_access(off, buf.len())?;
+        // SAFETY: the range is inside this live mapping (checked) and `buf` is exclusively
+        // borrowed; volatile copies make no assumption about concurrent writers.
+        unsafe { volatile_copy(self.ptr.as_ptr().add(off), buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    /// Copies `data` into the mapping at `off` with volatile accesses (EFAULT outside the
+    /// mapping); SIGBUS as [`Mmap::read_volatile`].
+    pub fn write_volatile(&self, off: usize, data: &[u8]) -> KernelResult<()> {
+        self.check_access(off, data.len())?;
+        // SAFETY: as in `read_volatile`; the destination is inside the live mapping, which no
+        // Rust reference points into.
+        unsafe { volatile_copy(data.as_ptr(), self.ptr.as_ptr().add(off), data.len()) };
+        Ok(())
+    }
+
+    fn check_range(&self, off: usize, len: usize) -> KernelResult<()> {
+        match off.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    fn check_access(&self, off: usize, len: usize) -> KernelResult<()> {
+        self.check_range(off, len).map_err(|_| Errno::EFAULT)
+    }
+}
+
+impl Drop for Mmap {
+    fn drop(&mut self) {
+        // SAFETY: the range was mapped by `Mmap::new` and is unmapped exactly once, here.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Copies `src` into `dst` (the shorter length) with volatile reads and writes, for a source
+/// that may be a shared mapping written concurrently (a populate source).
+pub fn copy_volatile(src: &[u8], dst: &mut [u8]) {
+    let n = src.len().min(dst.len());
+    // SAFETY: both ranges are valid for `n` bytes and do not overlap (`dst` is exclusive).
+    unsafe { volatile_copy(src.as_ptr(), dst.as_mut_ptr(), n) };
+}
+
+/// Copies `len` bytes with volatile accesses (u64-wide where both sides are aligned).
+///
+/// # Safety
+/// Both ranges must be valid for `len` bytes and not overlap.
+unsafe fn volatile_copy(src: *const u8, dst: *mut u8, len: usize) {
+    let mut i = 0;
+    if (src as usize) % 8 == (dst as usize) % 8 {
+        while i < len && (src as usize + i) % 8 != 0 {
+            // SAFETY: i < len and both ranges are valid for len bytes (caller).
+            unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
+            i += 1;
+        }
+        while i + 8 <= len {
+            // SAFETY: in bounds as above, and both pointers are 8-aligned here.
+            unsafe {
+                dst.add(i)
+                    .cast::<u64>()
+                    .write_volatile(src.add(i).cast::<u64>().read_volatile());
+            }
+            i += 8;
+        }
+    }
+    while i < len {
+        // SAFETY: i < len and both ranges are valid for len bytes (caller).
+        unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
+        i += 1;
+    }
+}
+
+/// `pipe2(O_CLOEXEC | O_NONBLOCK)`: (read end, write end).
+pub fn pipe() -> KernelResult<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: both descriptors were just returned by the kernel and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Vmsplices `[off, off + len)` of `map` into pipes that are never read; returns them. While
+/// they are open the kernel holds a reference on every page (EFAULT outside the mapping).
+pub fn vmsplice_pin(map: &Mmap, off: usize, len: usize) -> KernelResult<Vec<(OwnedFd, OwnedFd)>> {
+    map.check_access(off, len)?;
+    // SAFETY: inside the mapping (checked).
+    let addr = unsafe { map.as_ptr().add(off) };
+    let mut pipes = Vec::new();
+    let mut done = 0usize;
+    while done < len {
+        let (r, w) = pipe()?;
+        // Grow the pipe to hold the rest (one slot per page); the kernel may cap it
+        // (fs.pipe-max-size), in which case more pipes follow.
+        let want = libc::c_int::try_from((len - done).next_power_of_two()).unwrap_or(i32::MAX);
+        // SAFETY: F_SETPIPE_SZ on our own pipe; the result is only a size.
+        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, want) };
+        let mut in_this_pipe = 0usize;
+        while done < len {
+            let iov = libc::iovec {
+                // SAFETY: done < len, inside the checked range.
+                iov_base: unsafe { addr.add(done) }.cast(),
+                iov_len: len - done,
+            };
+            // SAFETY: one iovec over memory of the live mapping; vmsplice takes page
+            // references and never writes the memory.
+            let n = unsafe { libc::vmsplice(w.as_raw_fd(), &iov, 1, libc::SPLICE_F_NONBLOCK) };
+            if n > 0 {
+                done += n.unsigned_abs();
+                in_this_pipe += n.unsigned_abs();
+                continue;
+            }
+            let e = Errno::last();
+            if (e == Errno::EAGAIN || n == 0) && in_this_pipe > 0 {
+                break; // This pipe is full: next pipe.
+            }
+            return Err(if n == 0 { Errno::EFAULT } else { e });
+        }
+        pipes.push((r, w));
+    }
+    Ok(pipes)
+}
+
+/// An eventfd, used to stop a thread that polls it with other descriptors.
+#[derive(Debug)]
+pub struct EventFd {
+    fd: OwnedFd,
+}
+
+impl EventFd {
+    /// `eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)`.
+    pub fn new() -> KernelResult<EventFd> {
+        // SAFETY: plain syscall with integer arguments.
+        let fd = check(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+        // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(EventFd { fd })
+    }
+
+    /// Makes the eventfd readable (for good: it is never read).
+    pub fn signal(&self) -> KernelResult<()> {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes the 8 bytes of `one`.
+        let n = unsafe { libc::write(self.fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        if n < 0 {
+            Err(Errno::last())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The descriptor, for `poll`.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
+}
+
+/// Blocks until `a` or `b` is readable (or has an error); returns which.
+pub fn poll_two(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> KernelResult<(bool, bool)> {
+    let mut fds = [
+        libc::pollfd {
+            fd: a.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: b.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` holds two valid `pollfd`s for the duration of the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r >= 0 {
+            return Ok((fds[0].revents != 0, fds[1].revents != 0));
+        }
+        if Errno::last() != Errno::EINTR {
+            return Err(Errno::last());
+        }
+    }
+}
