@@ -771,7 +771,7 @@ fn workload_lines(quick: bool) -> Result<Vec<Measurement>, String> {
     let reps = 5;
     let config = |memory| Config {
         samples: if quick { 100 } else { 400 },
-        probe_hypercall: false,
+        check_hypercall: false,
         memory,
         ..Config::default()
     };
@@ -793,7 +793,7 @@ fn workload_lines(quick: bool) -> Result<Vec<Measurement>, String> {
         median(&mut x)
     };
     let c = config(BackingKind::InPlace(BackendKind::Emulated));
-    let mode = runs[0].first().map_or("", |r| r.mode.as_str()).to_string();
+    let mode = runs[0].first().map_or("", |r| r.mode.name()).to_string();
     let baselines = [
         (2usize, "two-backing preserving"),
         (1, "two-backing destructive"),

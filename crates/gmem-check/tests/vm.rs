@@ -327,7 +327,7 @@ fn private_mem_conversions_workload() -> Option<String> {
 
 /// Why the workload report `r` did not come from vCPUs, if it did not.
 fn host_driven(r: &gmem_check::workload::Report) -> Option<String> {
-    (r.mode != "kvm").then(|| {
+    (r.mode != gmem_check::workload::Mode::Kvm).then(|| {
         format!(
             "no /dev/kvm: the vCPU engine did not run; checked host-driven ({})",
             r.request_path
@@ -358,12 +358,12 @@ fn private_mem_conversions_workload_on_the_two_backing_model() -> Option<String>
         skipped = skipped.or(host_driven(&r));
         assert_eq!(r.mismatches, 0, "{preserve}: {:#?}", r.mismatch_details);
         assert_eq!(
-            r.model,
+            r.memory,
             BackingKind::TwoBacking {
                 preserve_content: preserve
             }
-            .name()
         );
+        assert_eq!(r.model(), r.memory.name());
         assert!(r.conversions_to_private > 0 && r.conversions_to_shared > 0);
         assert!(r.private_probes > 0 && r.content_checks >= 20);
         // The other rule: preserved content checked as zeroed, zeroed as preserved.

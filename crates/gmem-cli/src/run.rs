@@ -68,13 +68,13 @@ pub struct Args {
 
 fn to_json(r: &Report) -> Value {
     json!({
-        "backend": r.backend,
-        "model": r.model,
-        "platform": r.platform,
+        "backend": r.backend(),
+        "model": r.model(),
+        "platform": r.platform.to_string(),
         "content_checks": r.content_checks,
-        "mode": r.mode,
-        "request_path": r.request_path,
-        "hypercall_probe": r.hypercall_probe,
+        "mode": r.mode.name(),
+        "request_path": r.request_path.to_string(),
+        "hypercall_probe": r.hypercall_check.to_string(),
         "vcpus": r.vcpus,
         "mem_mib": r.mem_mib,
         "memslots": r.memslots,
@@ -104,12 +104,16 @@ fn print_summary(r: &Report) {
     println!(
         "gmem run: private_mem_conversions on {} vCPU(s), {} MiB, {} model, {} backend, {} \
          memslot(s)",
-        r.vcpus, r.mem_mib, r.model, r.backend, r.memslots
+        r.vcpus,
+        r.mem_mib,
+        r.model(),
+        r.backend(),
+        r.memslots
     );
     println!("  platform              {}", r.platform);
     println!("  mode                  {}", r.mode);
     println!("  conversion requests   {}", r.request_path);
-    println!("  MAP_GPA_RANGE probe   {}", r.hypercall_probe);
+    println!("  MAP_GPA_RANGE probe   {}", r.hypercall_check);
     println!("  exits                 {}", r.exits);
     println!(
         "  conversions           {} to private, {} to shared ({} pages)",
@@ -122,7 +126,7 @@ fn print_summary(r: &Report) {
         r.host_verified_bytes,
         r.guest_verified_bytes,
         r.private_probes,
-        if r.model == "in-place" {
+        if matches!(r.memory, BackingKind::InPlace(_)) {
             "SIGBUS probes"
         } else {
             "checks (refused to the host, shared copy discarded)"
@@ -201,14 +205,14 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         timeout: std::time::Duration::from_secs(args.timeout_secs),
         platform: args.platform,
         expect_rules_of: None,
-        probe_hypercall: true,
+        check_hypercall: true,
         memory: memory(args)?,
     };
     let report = workload::run(&config)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&to_json(&report))?);
     } else {
-        if report.mode != "kvm" {
+        if report.mode != workload::Mode::Kvm {
             println!("no /dev/kvm: running the same workload with host-driven conversions");
         }
         print_summary(&report);
