@@ -5,9 +5,11 @@
 //!   `private_mem_kvm_exits_test`) over any backend, and the differential check;
 //! - [`script`]: the `gmem io` interpreter, one stable line per guest_memfd operation;
 //! - [`workload`]: the private_mem_conversions workload behind `gmem run`;
-//! - [`host_report`]: what the host offers, per feature and backend (`gmem probe`).
+//! - [`host_report`]: what the host offers, per feature and backend (`gmem probe`);
+//! - [`skip`]: why a check cannot run on this host, decided before it runs.
 
 pub mod conformance;
 pub mod host_report;
 pub mod script;
+pub mod skip;
 pub mod workload;

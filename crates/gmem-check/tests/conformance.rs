@@ -112,6 +112,9 @@ fn cases_without_their_capability_skip_on_emulated() {
             matches!(&out, Outcome::Skip(r) if r.contains(why)),
             "{name}: {out:?}"
         );
-        println!("skipped: {name} ({})", out.reason());
+        println!(
+            "{name} skips on the emulated backend, as it must: {}",
+            out.reason()
+        );
     }
 }

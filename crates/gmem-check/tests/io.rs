@@ -1,11 +1,19 @@
 //! `gmem io` (`gmem_check::script`): parsing, the printed lines, and the differential check built on it.
 
+//!
+//! The tests against this host's kernel are reported as ignored with the reason where the
+//! kernel backend is unavailable, and so is each differential script whose capability
+//! (conversion) the kernel lacks.
+
+mod common;
+
+use common::{test_unless, tests, tests_unless};
 use gmem_check::conformance::differential::{self, compare, scripts, KNOWN_DEVIATIONS};
-use gmem_check::conformance::{Ctx, Outcome};
+use gmem_check::conformance::{Ctx, Need, Outcome};
 use gmem_check::script::{parse_flags, parse_size, summarize, Command, IoError, Line, Session};
+use libtest_mimic::Trial;
 use proptest::prelude::*;
 
-#[test]
 fn sizes_take_suffixes_and_hex() {
     assert_eq!(parse_size("LEN", "4096"), Ok(4096));
     assert_eq!(parse_size("LEN", "4k"), Ok(4096));
@@ -36,7 +44,6 @@ fn sizes_take_suffixes_and_hex() {
     assert!(parse_size("LEN", "17179869184g").is_err());
 }
 
-#[test]
 fn flags_by_name_or_number() {
     assert_eq!(parse_flags("mmap"), Ok(1));
     assert_eq!(parse_flags("mmap,init_shared"), Ok(3));
@@ -51,7 +58,6 @@ fn flags_by_name_or_number() {
     assert!(parse_flags("mmap||init_shared").is_err());
 }
 
-#[test]
 fn commands_parse_and_print_normalised() {
     let p = |s: &str| Command::parse(s).unwrap().unwrap().to_string();
     assert_eq!(
@@ -80,8 +86,7 @@ fn commands_parse_and_print_normalised() {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
     /// No input line panics the interpreter; every line prints exactly one result.
-    #[test]
-    fn no_line_panics(line in "[a-z_ 0-9xkmg|,#.-]{0,40}") {
+        fn no_line_panics(line in "[a-z_ 0-9xkmg|,#.-]{0,40}") {
         let mut s = Session::emulated();
         if let Some(out) = s.exec(&line) {
             prop_assert!(!out.to_string().is_empty());
@@ -89,7 +94,6 @@ proptest! {
     }
 }
 
-#[test]
 fn summary_lists_values_and_ranges() {
     let mut b = vec![0xaau8; 0x3000];
     b[0x1000..0x2000].fill(0);
@@ -104,7 +108,6 @@ fn summary_lists_values_and_ranges() {
 }
 
 /// The lines of the emulated backend for the §4.1 flows, in full: the format is stable.
-#[test]
 fn emulated_lines_for_the_selftest_flows() {
     let mut s = Session::emulated();
     let out: Vec<String> = s
@@ -153,7 +156,6 @@ fn line(command: &str, outcome: &str) -> Line {
     }
 }
 
-#[test]
 fn a_difference_fails_unless_it_is_a_known_deviation() {
     let a = [line("create 0x1000 0", "ok"), line("mmap", "ENODEV")];
     assert_eq!(compare("x", &a, &a), Outcome::Pass);
@@ -177,7 +179,6 @@ fn a_difference_fails_unless_it_is_a_known_deviation() {
 }
 
 /// Every known deviation is a row of the one table in DESIGN.md, and every row is one of them.
-#[test]
 fn known_deviations_match_the_design_table() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../DESIGN.md");
     let design = std::fs::read_to_string(path).expect("DESIGN.md exists");
@@ -210,37 +211,52 @@ fn known_deviations_match_the_design_table() {
     }
 }
 
-/// The differential check on this host: every script both backends can run prints the same
-/// lines on both, up to the known deviations. Needs /dev/kvm.
-#[test]
-fn io_scripts_print_the_same_lines_on_emulated_and_kernel() {
-    let kernel = match Ctx::kernel(0) {
-        Ok(k) => k,
-        Err(why) => {
-            println!("skipped: {why}");
-            return;
-        }
-    };
-    let report = differential::run(&Ctx::emulated(), &kernel, None);
-    let mut ran = 0;
-    for c in &report.cases {
-        match &c.outcome {
-            Outcome::Pass => ran += 1,
-            Outcome::Skip(why) => println!("skipped: {} ({why})", c.name),
-            Outcome::Fail(why) => panic!("{}: {why}", c.name),
-        }
-    }
-    // Every script that needs no conversion runs on this kind of host.
-    let without_conversion = scripts()
-        .iter()
-        .filter(|s| !s.needs.contains(&gmem_check::conformance::Need::Conversion))
-        .count();
-    assert!(ran >= without_conversion, "only {ran} scripts ran");
+/// The differential check on this host, one test per script
+/// (`io_scripts_print_the_same_lines_on_emulated_and_kernel::<script>`): every script both
+/// backends can run prints the same lines on both, up to the known deviations; a script needing
+/// what the kernel lacks (conversion) is ignored with the reason, and one needing no conversion
+/// must run. Needs /dev/kvm.
+fn io_scripts_print_the_same_lines_on_emulated_and_kernel(why: &Option<String>) -> Vec<Trial> {
+    const NAME: &str = "io_scripts_print_the_same_lines_on_emulated_and_kernel";
+    let kernel = why
+        .is_none()
+        .then(|| Ctx::kernel(0).expect("listed with a kernel backend"));
+    scripts()
+        .into_iter()
+        .map(|script| {
+            let name = format!("{NAME}::{}", script.name);
+            let Some(kernel) = kernel.clone() else {
+                return test_unless(name, why.clone(), || {});
+            };
+            let emulated = Ctx::emulated();
+            let missing = script.needs.iter().find_map(|&n| {
+                emulated
+                    .missing(n)
+                    .or_else(|| kernel.missing(n))
+                    .map(|why| format!("needs {n:?} on both backends: {why}"))
+            });
+            match missing {
+                // Every script that needs no conversion runs on this kind of host.
+                Some(why) if !script.needs.contains(&Need::Conversion) => {
+                    common::test(name, move || panic!("{}: does not run: {why}", script.name))
+                }
+                missing => test_unless(name, missing, move || {
+                    let (e, k) = (
+                        differential::run_script(&emulated, &script),
+                        differential::run_script(&kernel, &script),
+                    );
+                    match compare(script.name, &e, &k) {
+                        Outcome::Pass => {}
+                        other => panic!("{}: {other:?}", script.name),
+                    }
+                }),
+            }
+        })
+        .collect()
 }
 
 /// Every script runs without a usage error on the emulated backend (a typo in a script would
 /// otherwise only show where the kernel can run it too).
-#[test]
 fn every_script_is_well_formed() {
     for s in scripts() {
         let lines = differential::run_script(&Ctx::emulated(), &s);
@@ -306,18 +322,11 @@ proptest! {
     /// Random scripts print the same lines on the emulated backend and on this host's kernel,
     /// up to the known deviations (usage errors, e.g. an access outside the mapping, must
     /// agree too). Needs /dev/kvm.
-    #[test]
-    fn random_scripts_agree_with_the_kernel(
+        fn random_scripts_agree_with_the_kernel(
         create in prop_oneof![Just("mmap|init_shared"), Just("mmap"), Just("0")],
         cmds in prop::collection::vec(random_command(), 1..24),
     ) {
-        let kernel = match Ctx::kernel(0) {
-            Ok(k) => k,
-            Err(why) => {
-                println!("skipped: {why}");
-                return Ok(());
-            }
-        };
+        let kernel = Ctx::kernel(0).expect("listed with a kernel backend");
         let script = format!("create 16k {create}\nmmap\n{}", cmds.join("\n"));
         let run = |ctx: &Ctx| Session::new(ctx.backend.clone(), None).run_script(&script);
         let (e, k) = (run(&Ctx::emulated()), run(&kernel));
@@ -327,4 +336,24 @@ proptest! {
             prop_assert!(ok, "emulated `{}`, kernel `{}`\nscript:\n{}", a, b, script);
         }
     }
+}
+
+fn main() {
+    let kernel = gmem_check::skip::kernel_backend();
+    let mut trials = tests!(
+        sizes_take_suffixes_and_hex,
+        flags_by_name_or_number,
+        commands_parse_and_print_normalised,
+        no_line_panics,
+        summary_lists_values_and_ranges,
+        emulated_lines_for_the_selftest_flows,
+        a_difference_fails_unless_it_is_a_known_deviation,
+        known_deviations_match_the_design_table,
+        every_script_is_well_formed,
+    );
+    trials.extend(io_scripts_print_the_same_lines_on_emulated_and_kernel(
+        &kernel,
+    ));
+    trials.extend(tests_unless!(kernel; random_scripts_agree_with_the_kernel));
+    common::run(trials)
 }

@@ -1,46 +1,33 @@
 //! The kernel backend against the real guest_memfd of this host (host.md, kernel-spec §2.5).
 //!
-//! Every test needs `/dev/kvm`; without it (or when a VM cannot be created) it prints
-//! `skipped: <reason>` and returns.
+//! Every test needs `/dev/kvm`; without it (or when a VM cannot be created) every test is
+//! reported as ignored with the reason, and so is each conformance case whose capability
+//! (conversion, a guest, ...) this host's kernel lacks.
 
-use std::path::Path;
+mod common;
 
+use std::sync::Arc;
+
+use common::{test_unless, tests_unless};
 use gmem::uapi::*;
 use gmem::*;
+use gmem_check::conformance::{cases, Ctx, Outcome};
+use libtest_mimic::Trial;
 
 const PAGE: u64 = PAGE_SIZE;
 const RW: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
 
-fn backend() -> Option<KernelBackend> {
-    if !Path::new("/dev/kvm").exists() {
-        println!("skipped: /dev/kvm is missing");
-        return None;
-    }
-    match KernelBackend::new() {
-        Ok(b) => Some(b),
-        Err(e) => {
-            println!("skipped: /dev/kvm is unusable: {e}");
-            None
-        }
-    }
-}
-
-macro_rules! backend_or_skip {
-    () => {
-        match backend() {
-            Some(b) => b,
-            None => return,
-        }
-    };
+/// The kernel backend (the tests run only where [`gmem_check::skip::kernel_backend`] found one).
+fn backend() -> KernelBackend {
+    KernelBackend::new().expect("the kernel backend was available when the tests were listed")
 }
 
 fn errno<T: std::fmt::Debug>(r: KernelResult<T>) -> Errno {
     r.expect_err("the kernel accepted the call")
 }
 
-#[test]
 fn flags_mask_and_unknown_flags() {
-    let b = backend_or_skip!();
+    let b = backend();
     let supported = b.supported_flags();
     assert_eq!(
         supported & RW,
@@ -64,9 +51,8 @@ fn flags_mask_and_unknown_flags() {
     }
 }
 
-#[test]
 fn invalid_sizes_are_einval() {
-    let b = backend_or_skip!();
+    let b = backend();
     assert_eq!(errno(b.create(0, 0)), Errno::EINVAL, "size 0");
     for size in 1..PAGE {
         assert_eq!(errno(b.create(size, 0)), Errno::EINVAL, "size {size}");
@@ -75,9 +61,8 @@ fn invalid_sizes_are_einval() {
     assert_eq!(b.create(PAGE, 0).unwrap().size(), PAGE);
 }
 
-#[test]
 fn mmap_errnos() {
-    let b = backend_or_skip!();
+    let b = backend();
     let no_mmap = b.create(PAGE, 0).unwrap();
     assert_eq!(errno(no_mmap.mmap_all()), Errno::ENODEV);
     let f = b.create(2 * PAGE, RW).unwrap();
@@ -90,9 +75,8 @@ fn mmap_errnos() {
     assert_eq!(m.file_offset(), PAGE);
 }
 
-#[test]
 fn fault_on_private_is_sigbus_at_the_exact_address() {
-    let b = backend_or_skip!();
+    let b = backend();
     // MMAP without INIT_SHARED: every page is private, every touch is the kernel's SIGBUS.
     let f = b.create(4 * PAGE, GUEST_MEMFD_FLAG_MMAP).unwrap();
     let m = f.mmap_all().unwrap();
@@ -116,9 +100,8 @@ fn fault_on_private_is_sigbus_at_the_exact_address() {
     );
 }
 
-#[test]
 fn shared_pages_are_coherent_and_accessors_are_typed() {
-    let b = backend_or_skip!();
+    let b = backend();
     let f = b.create(4 * PAGE, RW).unwrap();
     let m = f.mmap_all().unwrap();
     m.write_volatile(100, &[0xaa; 8]).unwrap();
@@ -149,9 +132,8 @@ fn shared_pages_are_coherent_and_accessors_are_typed() {
     assert_eq!(long.probe_read(100, 1).unwrap(), Probe::Done(vec![0xaa]));
 }
 
-#[test]
 fn fallocate_errnos_and_punch_hole() {
-    let b = backend_or_skip!();
+    let b = backend();
     let f = b.create(4 * PAGE, RW).unwrap();
     const ZERO_RANGE: u32 = 0x10;
     assert_eq!(errno(f.fallocate(0, 0, PAGE)), Errno::EOPNOTSUPP, "mode 0");
@@ -208,9 +190,8 @@ fn fallocate_errnos_and_punch_hole() {
     assert_eq!(f.attributes(PAGE).unwrap(), 0);
 }
 
-#[test]
 fn stat_reports_size_blksize_and_distinct_inodes() {
-    let b = backend_or_skip!();
+    let b = backend();
     let f = b.create(3 * PAGE, 0).unwrap();
     let g = b.create(PAGE, RW).unwrap();
     let (sf, sg) = (f.stat().unwrap(), g.stat().unwrap());
@@ -220,9 +201,8 @@ fn stat_reports_size_blksize_and_distinct_inodes() {
     assert_ne!(sf.ino, sg.ino);
 }
 
-#[test]
 fn conversion_returns_the_kernels_answer() {
-    let b = backend_or_skip!();
+    let b = backend();
     let f = b.create(2 * PAGE, RW).unwrap();
     let support = b.conversion_support();
     if b.conversion_revision().is_some() {
@@ -253,9 +233,8 @@ fn conversion_returns_the_kernels_answer() {
     assert_eq!(u.cap_values.len(), SeriesRevision::ALL.len());
 }
 
-#[test]
 fn pins_are_real_vmsplice_references() {
-    let b = backend_or_skip!();
+    let b = backend();
     let f = b.create(1024 * PAGE, RW).unwrap();
     f.write_at(PAGE, &[0x5a; 16]).unwrap();
     // One page, and 4 MiB (more than one default-sized pipe holds).
@@ -289,9 +268,8 @@ fn pins_are_real_vmsplice_references() {
     assert_eq!(errno(f.pin(0, 0)), Errno::EINVAL);
 }
 
-#[test]
 fn files_belong_to_their_vm_and_keep_it_alive() {
-    let b = backend_or_skip!();
+    let b = backend();
     let other = KernelBackend::new().unwrap();
     let f = b.create_guest_memfd(PAGE, RW).unwrap();
     assert!(f.belongs_to(&b));
@@ -308,28 +286,63 @@ fn files_belong_to_their_vm_and_keep_it_alive() {
     assert_eq!(buf, [1, 2, 3]);
 }
 
-/// The backend-generic conformance cases on the real guest_memfd: every case passes or is
-/// skipped for a capability this host lacks (conversion, a guest); none fails.
-#[test]
-fn conformance_cases_pass_or_skip_with_the_missing_capability() {
-    use gmem_check::conformance::{cases, Ctx, Outcome};
-    let b = backend_or_skip!();
-    let convert = b.conversion_support();
-    let ctx = Ctx {
-        backend: std::sync::Arc::new(b),
+/// The backend-generic conformance cases on the real guest_memfd, one test each
+/// (`conformance_cases_pass_or_skip_with_the_missing_capability::<case>`): a case passes, or is
+/// ignored for a capability this host lacks (conversion, a guest) with the reason; none fails.
+/// `...::at_least_11_cases_run` checks that the guest_memfd_test cases needing neither
+/// conversion nor a guest are not among the skipped.
+fn conformance_cases_pass_or_skip_with_the_missing_capability(why: &Option<String>) -> Vec<Trial> {
+    const NAME: &str = "conformance_cases_pass_or_skip_with_the_missing_capability";
+    let ctx = why.is_none().then(|| Ctx {
+        backend: Arc::new(backend()),
         guest: None,
-    };
-    let mut passed = 0;
-    for case in cases() {
-        match ctx.run(&case) {
-            Outcome::Pass => passed += 1,
-            Outcome::Skip(why) => println!("skipped: {} ({why})", case.name),
-            Outcome::Fail(why) => panic!("{} failed on the kernel backend: {why}", case.name),
-        }
-    }
-    // The guest_memfd_test cases that need neither conversion nor a guest.
-    assert!(passed >= 11, "only {passed} cases passed");
-    if let Err(why) = convert {
-        println!("kernel conversion: {why}");
-    }
+    });
+    let mut trials: Vec<Trial> = cases()
+        .into_iter()
+        .map(|case| {
+            let name = format!("{NAME}::{}", case.name);
+            let Some(ctx) = ctx.clone() else {
+                return test_unless(name, why.clone(), || {});
+            };
+            let missing = case.needs.iter().find_map(|&n| ctx.missing(n));
+            test_unless(name, missing, move || match ctx.run(&case) {
+                Outcome::Pass => {}
+                Outcome::Skip(why) => panic!("{} skipped with its needs met: {why}", case.name),
+                Outcome::Fail(why) => panic!("{} failed on the kernel backend: {why}", case.name),
+            })
+        })
+        .collect();
+    trials.push(test_unless(
+        format!("{NAME}::at_least_11_cases_run"),
+        why.clone(),
+        move || {
+            let ctx = ctx.expect("listed only with a kernel backend");
+            let runnable = cases()
+                .iter()
+                .filter(|c| c.needs.iter().all(|&n| ctx.missing(n).is_none()))
+                .count();
+            assert!(runnable >= 11, "only {runnable} cases can run");
+        },
+    ));
+    trials
+}
+
+fn main() {
+    let why = gmem_check::skip::kernel_backend();
+    let mut trials = tests_unless!(why;
+        flags_mask_and_unknown_flags,
+        invalid_sizes_are_einval,
+        mmap_errnos,
+        fault_on_private_is_sigbus_at_the_exact_address,
+        shared_pages_are_coherent_and_accessors_are_typed,
+        fallocate_errnos_and_punch_hole,
+        stat_reports_size_blksize_and_distinct_inodes,
+        conversion_returns_the_kernels_answer,
+        pins_are_real_vmsplice_references,
+        files_belong_to_their_vm_and_keep_it_alive,
+    );
+    trials.extend(conformance_cases_pass_or_skip_with_the_missing_capability(
+        &why,
+    ));
+    common::run(trials)
 }

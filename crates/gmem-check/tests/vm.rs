@@ -1,6 +1,10 @@
-//! Real vCPUs on gmem memory (needs /dev/kvm; prints `skipped: <reason>` otherwise).
+//! Real vCPUs on gmem memory. Tests that need /dev/kvm (or the kernel backend, or a
+//! hypercall exit to userspace) are reported as ignored with the reason where the host lacks
+//! it; so is each conformance case whose capability the backend lacks.
 
-use std::sync::Arc;
+mod common;
+
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gmem::uapi::{
@@ -10,18 +14,11 @@ use gmem::{EmulatedGuestMemfd, GuestMemfd, PAGE_SIZE};
 use gmem_vmm::backing::{in_place, GuestBacking};
 use gmem_vmm::guest::DATA_GPA;
 use gmem_vmm::{Event, GuestProgram, RequestPath, Vm};
+use libtest_mimic::Trial;
+
+use common::{test_partly, test_unless, tests, tests_unless};
 
 const PS: u64 = PAGE_SIZE;
-
-fn kvm_or_skip() -> bool {
-    match gmem_vmm::kvm_available() {
-        Ok(()) => true,
-        Err(why) => {
-            println!("skipped: {why}");
-            false
-        }
-    }
-}
 
 fn emulated(pages: u64) -> (EmulatedGuestMemfd, Arc<dyn GuestBacking>) {
     let f = EmulatedGuestMemfd::create(
@@ -65,11 +62,7 @@ fn host_sigbus(f: &EmulatedGuestMemfd, off: u64) -> bool {
 
 /// guest_memfd_conversions_test `init_shared`, with the guest's part done by a real vCPU that
 /// converts through its own requests (port path).
-#[test]
 fn init_shared_flow_with_a_real_vcpu() {
-    if !kvm_or_skip() {
-        return;
-    }
     let (f, g) = emulated(1);
     let vm = Vm::new(1).unwrap();
     vm.bind(DATA_GPA, &g, 0, PS).unwrap();
@@ -116,11 +109,7 @@ fn init_shared_flow_with_a_real_vcpu() {
 
 /// Bad conversion requests answer -EINVAL, change nothing, and the VM keeps running: unaligned
 /// GPA, zero pages, outside every memslot, unknown attribute bits, invalid page-size hint.
-#[test]
 fn bad_requests_answer_einval_and_the_vm_keeps_running() {
-    if !kvm_or_skip() {
-        return;
-    }
     let (f, g) = emulated(4);
     let vm = Vm::new(1).unwrap();
     vm.bind(DATA_GPA, &g, 0, 4 * PS).unwrap();
@@ -157,11 +146,7 @@ fn bad_requests_answer_einval_and_the_vm_keeps_running() {
 
 /// A conversion blocked by a VMM pin (EAGAIN) succeeds after the VMM drops its pins; a pin the
 /// VMM does not know about is reported to the guest as -EAGAIN and nothing changes.
-#[test]
 fn eagain_is_retried_after_dropping_vmm_pins() {
-    if !kvm_or_skip() {
-        return;
-    }
     let (f, g) = emulated(4);
     let vm = Vm::new(1).unwrap();
     vm.bind(DATA_GPA, &g, 0, 4 * PS).unwrap();
@@ -194,11 +179,7 @@ fn eagain_is_retried_after_dropping_vmm_pins() {
 
 /// One request split across two memslots backed by two files; a request straddling a hole
 /// between memslots is refused whole.
-#[test]
 fn a_request_is_split_across_memslots_and_files() {
-    if !kvm_or_skip() {
-        return;
-    }
     let (f1, g1) = emulated(2);
     let (f2, g2) = emulated(2);
     let vm = Vm::new(1).unwrap();
@@ -228,10 +209,9 @@ fn a_request_is_split_across_memslots_and_files() {
     assert_eq!(vm.stats().pages_converted, 4);
 }
 
-/// The MAP_GPA_RANGE hypercall: decoding and answers (exercised on synthetic exits, since
-/// this host's PVM never exits to userspace for it), and the probe that says so.
-#[test]
-fn map_gpa_range_hypercall_decoding_and_probe() {
+/// The MAP_GPA_RANGE hypercall and the memory-fault exit: decoding into conversion requests,
+/// and the hypercall's answer for an error.
+fn map_gpa_range_hypercall_decoding() {
     use gmem_vmm::ConvertRequest;
     let enc = KVM_MAP_GPA_RANGE_ENCRYPTED;
     assert_eq!(
@@ -258,9 +238,12 @@ fn map_gpa_range_hypercall_decoding_and_probe() {
         gmem_vmm::hypercall_ret(Err(gmem::Errno::EINVAL)),
         (-22i64) as u64
     );
-    if !kvm_or_skip() {
-        return;
-    }
+}
+
+/// The MAP_GPA_RANGE hypercall and the memory-fault exit through the VMM's handler, on
+/// synthetic exits (this host's PVM never exits to userspace for the hypercall).
+fn map_gpa_range_synthetic_exits() {
+    let enc = KVM_MAP_GPA_RANGE_ENCRYPTED;
     // Synthetic hypercall exits through the VMM's handler.
     let (f, g) = emulated(2);
     let vm = Vm::new(1).unwrap();
@@ -272,40 +255,27 @@ fn map_gpa_range_hypercall_decoding_and_probe() {
         f.attribute_runs(0, 2 * PS).unwrap(),
         vec![(0, PS, 8), (PS, PS, 0)]
     );
-    // Where the hypercall reaches userspace, the guest's vmcall path is used for real.
-    match Vm::probe_hypercall_exit(Duration::from_millis(200)) {
-        Ok(()) => {
-            let mut p = GuestProgram::new(0, RequestPath::Hypercall);
-            p.map_gpa_range(DATA_GPA + PS, 1, enc, 0, 0);
-            p.done();
-            let mut vcpu = vm.create_vcpu(0, p.finish().unwrap()).unwrap();
-            assert_eq!(next(&vm, &mut vcpu), Event::Done);
-            assert_eq!(f.attributes(PS).unwrap(), 8);
-        }
-        Err(why) => println!("hypercall path not exercised by a guest here: {why}"),
-    }
+}
+
+/// The MAP_GPA_RANGE hypercall issued by a guest's vmcall, where it reaches userspace
+/// (decided before the test runs by `Vm::probe_hypercall_exit`).
+fn map_gpa_range_hypercall_from_a_guest() {
+    let (f, g) = emulated(2);
+    let vm = Vm::new(1).unwrap();
+    vm.bind(DATA_GPA, &g, 0, 2 * PS).unwrap();
+    let mut p = GuestProgram::new(0, RequestPath::Hypercall);
+    p.map_gpa_range(DATA_GPA + PS, 1, KVM_MAP_GPA_RANGE_ENCRYPTED, 0, 0);
+    p.done();
+    let mut vcpu = vm.create_vcpu(0, p.finish().unwrap()).unwrap();
+    assert_eq!(next(&vm, &mut vcpu), Event::Done);
+    assert_eq!(f.attributes(PS).unwrap(), 8);
 }
 
 /// guest_memfd_test's `test_guest_memfd_guest` on the kernel backend: a one-page guest_memfd
 /// at 4 GiB; the host writes 0xaa, the guest checks it and writes 0xff, the host reads 0xff.
-#[test]
 fn test_guest_memfd_guest_on_the_kernel_backend() {
-    if !kvm_or_skip() {
-        return;
-    }
-    let backend = match gmem::KernelBackend::new() {
-        Ok(b) => b,
-        Err(e) => {
-            println!("skipped: the kernel backend cannot open a VM ({e})");
-            return;
-        }
-    };
+    let backend = gmem::KernelBackend::new().unwrap();
     let flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
-    if backend.supported_flags() & flags != flags {
-        println!("skipped: KVM_CAP_GUEST_MEMFD_FLAGS lacks MMAP|INIT_SHARED");
-        return;
-    }
-    use gmem::GuestMemfdBackend;
     let file = backend.create_guest_memfd(PS, flags).unwrap();
     let vm = Vm::on_kernel_backend(&backend, 1).unwrap();
     vm.bind(DATA_GPA, &in_place(Arc::new(file.clone())).unwrap(), 0, PS)
@@ -337,9 +307,10 @@ fn test_guest_memfd_guest_on_the_kernel_backend() {
     assert_eq!(next(&vm, &mut vcpu), Event::Done);
 }
 
-/// `gmem run`'s workload, small: no mismatches, conversions in both directions.
-#[test]
-fn private_mem_conversions_workload() {
+/// `gmem run`'s workload, small: no mismatches, conversions in both directions. Without
+/// /dev/kvm the workload runs host-driven; the test then checks that run and is reported as
+/// ignored, since the vCPU engine did not run.
+fn private_mem_conversions_workload() -> Option<String> {
     let config = gmem_check::workload::Config {
         vcpus: 2,
         mem_mib: 8,
@@ -348,20 +319,27 @@ fn private_mem_conversions_workload() {
         ..Default::default()
     };
     let r = gmem_check::workload::run(&config).unwrap();
-    if r.mode != "kvm" {
-        println!("skipped: no /dev/kvm; ran host-driven ({})", r.request_path);
-    }
     assert_eq!(r.mismatches, 0, "{:#?}", r.mismatch_details);
     assert!(r.conversions_to_private > 0 && r.conversions_to_shared > 0);
     assert!(r.private_probes > 0);
+    host_driven(&r)
+}
+
+/// Why the workload report `r` did not come from vCPUs, if it did not.
+fn host_driven(r: &gmem_check::workload::Report) -> Option<String> {
+    (r.mode != gmem_check::workload::Mode::Kvm).then(|| {
+        format!(
+            "no /dev/kvm: the vCPU engine did not run; checked host-driven ({})",
+            r.request_path
+        )
+    })
 }
 
 /// `gmem run --model two-backing[+copy]`: the same workload on the two-backing model, its
 /// checks following the model's own content rule (zeroed, preserved); checked against the
 /// other rule, it must report mismatches. Configurations the model cannot take are refused
-/// naming the option.
-#[test]
-fn private_mem_conversions_workload_on_the_two_backing_model() {
+/// naming the option. Ignored (after checking the host-driven run) without /dev/kvm.
+fn private_mem_conversions_workload_on_the_two_backing_model() -> Option<String> {
     use gmem::platform::PlatformKind;
     use gmem_check::workload::{run, Config};
     use gmem_vmm::backing::BackingKind;
@@ -374,19 +352,18 @@ fn private_mem_conversions_workload_on_the_two_backing_model() {
         expect_rules_of: expect,
         ..Default::default()
     };
+    let mut skipped = None;
     for preserve in [false, true] {
         let r = run(&config(preserve, None)).unwrap();
-        if r.mode != "kvm" {
-            println!("skipped: no /dev/kvm; ran host-driven ({})", r.request_path);
-        }
+        skipped = skipped.or(host_driven(&r));
         assert_eq!(r.mismatches, 0, "{preserve}: {:#?}", r.mismatch_details);
         assert_eq!(
-            r.model,
+            r.memory,
             BackingKind::TwoBacking {
                 preserve_content: preserve
             }
-            .name()
         );
+        assert_eq!(r.model(), r.memory.name());
         assert!(r.conversions_to_private > 0 && r.conversions_to_shared > 0);
         assert!(r.private_probes > 0 && r.content_checks >= 20);
         // The other rule: preserved content checked as zeroed, zeroed as preserved.
@@ -411,15 +388,12 @@ fn private_mem_conversions_workload_on_the_two_backing_model() {
         e.contains("--platform snp") && e.contains("--platform sw"),
         "{e}"
     );
+    skipped
 }
 
 /// A guest check that fails is reported with its description and the guest continues; a
 /// guest that never exits is stopped at the deadline with a timeout error.
-#[test]
 fn guest_failures_are_reported_and_hung_guests_time_out() {
-    if !kvm_or_skip() {
-        return;
-    }
     let (f, g) = emulated(1);
     let vm = Vm::new(2).unwrap();
     vm.bind(DATA_GPA, &g, 0, PS).unwrap();
@@ -456,47 +430,105 @@ fn guest_failures_are_reported_and_hung_guests_time_out() {
 }
 
 /// Every conformance case (guest_memfd_test, guest_memfd_conversions_test,
-/// private_mem_conversions_test, private_mem_kvm_exits_test) on the emulated backend with the
-/// guest's part played by a real vCPU; on the kernel backend, the cases it can run.
-#[test]
-fn conformance_cases_with_a_real_vcpu_as_the_guest() {
+/// private_mem_conversions_test, private_mem_kvm_exits_test) with the guest's part played by a
+/// real vCPU, one test per case and backend
+/// (`conformance_cases_with_a_real_vcpu_as_the_guest::{emulated,kernel}::<case>`): on the
+/// emulated backend every case passes, on the kernel backend none fails; a case whose
+/// capability the backend lacks is ignored with the reason. Each backend's cases share one
+/// vCPU guest, so they run one at a time.
+fn conformance_cases_with_a_real_vcpu_as_the_guest(why: &Option<String>) -> Vec<Trial> {
     use gmem_check::conformance::{cases, Ctx, Outcome};
     use gmem_vmm::port::VcpuGuest;
-    use std::sync::Arc;
-    if !kvm_or_skip() {
-        return;
-    }
-    let ctx = Ctx {
-        backend: Arc::new(gmem::EmulatedBackend::default()),
-        guest: Some(VcpuGuest::emulated().unwrap()),
+    const NAME: &str = "conformance_cases_with_a_real_vcpu_as_the_guest";
+    let emulated = || -> Result<Ctx, String> {
+        Ok(Ctx {
+            backend: Arc::new(gmem::EmulatedBackend::default()),
+            guest: Some(VcpuGuest::emulated().map_err(|e| e.to_string())?),
+        })
     };
-    let mut passed = 0;
-    for case in cases() {
-        match ctx.run(&case) {
-            Outcome::Pass => passed += 1,
-            Outcome::Skip(why) => println!("{}: skipped ({why})", case.name),
-            Outcome::Fail(why) => panic!("{} failed with a vCPU guest: {why}", case.name),
+    let kernel = || -> Result<Ctx, String> {
+        let backend = gmem::KernelBackend::new().map_err(|e| e.to_string())?;
+        Ok(Ctx {
+            guest: Some(VcpuGuest::kernel(&backend).map_err(|e| e.to_string())?),
+            backend: Arc::new(backend),
+        })
+    };
+    let mut trials = Vec::new();
+    for (label, ctx) in [("emulated", emulated as fn() -> _), ("kernel", kernel)] {
+        let ctx = match why {
+            Some(why) => Err(why.clone()),
+            None => ctx(),
+        };
+        let ctx = ctx.map(|c| Arc::new(Mutex::new(c)));
+        for case in cases() {
+            let name = format!("{NAME}::{label}::{}", case.name);
+            let ctx = match &ctx {
+                Err(why) => {
+                    trials.push(test_unless(name, Some(why.clone()), || {}));
+                    continue;
+                }
+                Ok(ctx) => ctx.clone(),
+            };
+            let missing = {
+                let c = ctx.lock().unwrap();
+                case.needs.iter().find_map(|&n| c.missing(n))
+            };
+            trials.push(test_unless(name, missing, move || {
+                let o = ctx.lock().unwrap_or_else(|e| e.into_inner()).run(&case);
+                match o {
+                    Outcome::Pass => {}
+                    Outcome::Skip(why) => panic!("{} skipped with its needs met: {why}", case.name),
+                    Outcome::Fail(why) => {
+                        panic!(
+                            "{} failed on the {label} backend with a vCPU guest: {why}",
+                            case.name
+                        )
+                    }
+                }
+            }));
         }
     }
-    println!("emulated backend, vCPU guest: {passed} cases passed");
-    let backend = gmem::KernelBackend::new().unwrap();
-    let ctx = Ctx {
-        backend: Arc::new(backend.clone()),
-        guest: Some(VcpuGuest::kernel(&backend).unwrap()),
-    };
-    for case in cases() {
-        let o = ctx.run(&case);
-        println!(
-            "kernel backend, vCPU guest: {}: {} {}",
-            case.name,
-            o.label(),
-            o.reason()
-        );
-        assert!(
-            !matches!(o, Outcome::Fail(_)),
-            "{} failed on the kernel backend: {}",
-            case.name,
-            o.reason()
-        );
-    }
+    trials
+}
+
+fn main() {
+    use gmem_check::skip;
+    let kvm = skip::kvm();
+    let mut trials = tests!(map_gpa_range_hypercall_decoding);
+    trials.extend(tests_unless!(kvm;
+        init_shared_flow_with_a_real_vcpu,
+        bad_requests_answer_einval_and_the_vm_keeps_running,
+        eagain_is_retried_after_dropping_vmm_pins,
+        a_request_is_split_across_memslots_and_files,
+        map_gpa_range_synthetic_exits,
+        guest_failures_are_reported_and_hung_guests_time_out,
+    ));
+    let hypercall_exit = kvm.clone().or_else(|| {
+        Vm::probe_hypercall_exit(Duration::from_millis(200))
+            .err()
+            .map(|why| {
+                format!("the MAP_GPA_RANGE hypercall does not exit to userspace here: {why}")
+            })
+    });
+    trials.push(test_unless(
+        "map_gpa_range_hypercall_from_a_guest",
+        hypercall_exit,
+        map_gpa_range_hypercall_from_a_guest,
+    ));
+    trials.push(test_unless(
+        "test_guest_memfd_guest_on_the_kernel_backend",
+        kvm.clone()
+            .or_else(|| skip::kernel_flags(GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)),
+        test_guest_memfd_guest_on_the_kernel_backend,
+    ));
+    trials.push(test_partly(
+        "private_mem_conversions_workload",
+        private_mem_conversions_workload,
+    ));
+    trials.push(test_partly(
+        "private_mem_conversions_workload_on_the_two_backing_model",
+        private_mem_conversions_workload_on_the_two_backing_model,
+    ));
+    trials.extend(conformance_cases_with_a_real_vcpu_as_the_guest(&kvm));
+    common::run(trials)
 }

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use gmem::platform::{ContentRule, Direction};
 use gmem::BackendKind;
-use gmem_check::workload::{self, Config, Report, TARGET_RATIO};
+use gmem_check::workload::{self, Config, HypercallCheck, Mode, Report, TARGET_RATIO};
 use gmem_vmm::backing::BackingKind;
 use std::path::Path;
 
@@ -104,10 +104,9 @@ fn samples_per_vcpu(r: &Report) -> usize {
 
 /// Whether the MAP_GPA_RANGE hypercall reached userspace (`None`: not probed).
 fn hypercall_reaches_userspace(r: &Report) -> Option<bool> {
-    if r.mode != "kvm" || r.hypercall_probe.starts_with("not run") {
-        None
-    } else {
-        Some(!r.hypercall_probe.contains("does not reach"))
+    match r.hypercall_check {
+        HypercallCheck::NotRun | HypercallCheck::NoKvm => None,
+        ref c => Some(c.reaches_userspace()),
     }
 }
 
@@ -116,13 +115,13 @@ fn to_json(args: &Args, r: &Report, kvm: Option<&KvmProblem>) -> Value {
     let (to_private, to_shared) = content_rules(args);
     json!({
         "version": crate::JSON_VERSION,
-        "backend": r.backend,
-        "model": r.model,
+        "backend": r.backend(),
+        "model": r.model(),
         "platform": (args.model == Model::InPlace).then(|| args.platform.name()),
         "content_rules": { "to_private": rule_name(to_private), "to_shared": rule_name(to_shared) },
         "content_checks": r.content_checks,
-        "mode": r.mode,
-        "request_path": if r.mode == "kvm" { Some("port") } else { None },
+        "mode": r.mode.name(),
+        "request_path": if r.mode == Mode::Kvm { Some("port") } else { None },
         "hypercall_reaches_userspace": hypercall_reaches_userspace(r),
         "kvm_problem": kvm.map(KvmProblem::kind),
         "vcpus": r.vcpus,
@@ -149,9 +148,9 @@ fn to_json(args: &Args, r: &Report, kvm: Option<&KvmProblem>) -> Value {
         "samples_total": r.samples,
         "elapsed_us": r.elapsed_us,
         "notes": {
-            "platform": r.platform,
-            "request_path": r.request_path,
-            "hypercall_probe": r.hypercall_probe,
+            "platform": r.platform.to_string(),
+            "request_path": r.request_path.to_string(),
+            "hypercall_probe": r.hypercall_check.to_string(),
             "kvm_problem": kvm.map(ToString::to_string),
         },
     })
@@ -178,9 +177,9 @@ fn print_summary(args: &Args, r: &Report) {
         "gmem run: private_mem_conversions on {}, {} MiB, {} model{}, {}",
         plural(r.vcpus as u64, "vCPU"),
         r.mem_mib,
-        r.model,
+        r.model(),
         if args.model == Model::InPlace {
-            format!(" on the {} backend", r.backend)
+            format!(" on the {} backend", r.backend())
         } else {
             String::new()
         },
@@ -198,7 +197,7 @@ fn print_summary(args: &Args, r: &Report) {
     );
     println!(
         "  mode                  {}",
-        if r.mode == "kvm" {
+        if r.mode == Mode::Kvm {
             "kvm (real vCPUs, conversions requested by the guests)"
         } else {
             "host-driven (no usable /dev/kvm: the host calls the conversions)"
@@ -206,7 +205,7 @@ fn print_summary(args: &Args, r: &Report) {
     );
     if args.verbose {
         println!("  conversion requests   {}", r.request_path);
-        println!("  MAP_GPA_RANGE probe   {}", r.hypercall_probe);
+        println!("  MAP_GPA_RANGE probe   {}", r.hypercall_check);
     }
     println!("  exits                 {}", r.exits);
     println!(
@@ -223,7 +222,7 @@ fn print_summary(args: &Args, r: &Report) {
         human(r.host_verified_bytes),
         human(r.guest_verified_bytes),
         r.private_probes,
-        if r.model == "in-place" {
+        if matches!(r.memory, BackingKind::InPlace(_)) {
             "SIGBUS probes"
         } else {
             "checks (refused to the host, shared copy discarded)"
@@ -277,7 +276,7 @@ fn print_summary(args: &Args, r: &Report) {
             r.conversion_4k_us
         ),
     }
-    if !args.verbose && r.mode == "kvm" {
+    if !args.verbose && r.mode == Mode::Kvm {
         println!("  (--verbose: how guests request conversions, and the MAP_GPA_RANGE probe)");
     }
 }
@@ -363,7 +362,7 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         timeout: std::time::Duration::from_secs(args.timeout_secs),
         platform: args.platform,
         expect_rules_of: None,
-        probe_hypercall: true,
+        check_hypercall: true,
         memory: memory(args)?,
     };
     validate(args, &config)?;
@@ -387,7 +386,7 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Err(e) => return Err(e.into()),
     };
     // Host-driven: the workload found no usable /dev/kvm; say why, precisely.
-    let kvm = (report.mode != "kvm")
+    let kvm = (report.mode != Mode::Kvm)
         .then(|| kvm_access::check(Path::new("/dev/kvm")).err())
         .flatten();
     if args.json {
@@ -396,7 +395,7 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             serde_json::to_string_pretty(&to_json(args, &report, kvm.as_ref()))?
         );
     } else {
-        if report.mode != "kvm" {
+        if report.mode != Mode::Kvm {
             match &kvm {
                 Some(why) => println!("{why}"),
                 None => println!("/dev/kvm unusable: {}", report.request_path),

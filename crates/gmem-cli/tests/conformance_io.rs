@@ -1,6 +1,13 @@
-//! `gmem conformance` and `gmem io` as a user runs them.
+//! `gmem conformance` and `gmem io` as a user runs them. The comparison with this host's
+//! kernel is reported as ignored with the reason where the kernel backend is unavailable, and
+//! per script where the kernel lacks what the script needs (conversion).
+
+mod common;
 
 use std::process::{Command, Output};
+
+use common::{test_unless, tests};
+use libtest_mimic::Trial;
 
 use gmem_check::conformance::differential::{scripts, KNOWN_DEVIATIONS};
 use gmem_check::conformance::Need;
@@ -17,7 +24,6 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-#[test]
 fn conformance_table_ends_with_the_totals_and_passes_on_emulated() {
     let out = gmem(&["conformance", "--backend", "emulated"]);
     let text = stdout(&out);
@@ -47,7 +53,6 @@ fn conformance_table_ends_with_the_totals_and_passes_on_emulated() {
     assert!(text.contains("forked_accesses") && text.contains("forked child"));
 }
 
-#[test]
 fn conformance_json_per_backend_and_filter() {
     let out = gmem(&[
         "conformance",
@@ -106,7 +111,6 @@ fn conformance_json_per_backend_and_filter() {
     assert!(all.status.success(), "{}", stdout(&all));
 }
 
-#[test]
 fn bad_arguments_are_errors_naming_the_allowed_values() {
     let out = gmem(&["conformance", "--backend", "qemu"]);
     assert!(!out.status.success());
@@ -141,70 +145,67 @@ fn bad_arguments_are_errors_naming_the_allowed_values() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("sw_protected"));
 }
 
-/// The same script through `gmem io` on both backends prints the same lines, for every command
-/// this host's kernel supports (no conversion here: those scripts are left out where the kernel
-/// cannot convert), up to the known deviations of DESIGN.md.
-#[test]
-fn io_prints_the_same_lines_on_emulated_and_kernel() {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        println!("skipped: /dev/kvm is missing");
-        return;
-    }
-    let probe = gmem(&[
-        "io",
-        "--backend",
-        "kernel",
-        "-c",
-        "create 4k mmap|init_shared",
-    ]);
-    if !probe.status.success() {
-        println!(
-            "skipped: the kernel backend is unusable: {}",
-            String::from_utf8_lossy(&probe.stderr)
-        );
-        return;
-    }
-    let converts = stdout(&gmem(&[
-        "io",
-        "--backend",
-        "kernel",
-        "-c",
-        "create 4k mmap|init_shared",
-        "-c",
-        "convert private 0 4k",
-    ]))
-    .contains("convert private 0x0 0x1000 -> ok");
-    let dir = std::env::temp_dir().join(format!("gmem-io-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+/// The same script through `gmem io` on both backends prints the same lines, up to the known
+/// deviations of DESIGN.md: one test per script
+/// (`io_prints_the_same_lines_on_emulated_and_kernel::<script>`); a script needing conversion
+/// is ignored, with the reason, where the kernel cannot convert.
+/// `...::at_least_10_scripts_compare` checks that most scripts run on this kind of host.
+fn io_prints_the_same_lines_on_emulated_and_kernel() -> Vec<Trial> {
+    const NAME: &str = "io_prints_the_same_lines_on_emulated_and_kernel";
+    let kernel = gmem_check::skip::kernel_backend();
+    let conversion = kernel.clone().or_else(gmem_check::skip::kernel_conversion);
     let mut compared = 0;
-    for s in scripts() {
-        if s.needs.contains(&Need::Conversion) && !converts {
-            println!(
-                "skipped: script {} (the kernel cannot convert here)",
-                s.name
-            );
-            continue;
-        }
-        let path = dir.join(s.name);
-        std::fs::write(&path, &s.text).unwrap();
-        let p = path.to_str().unwrap();
-        let emu = stdout(&gmem(&["io", "--backend", "emulated", "-f", p]));
-        let ker = stdout(&gmem(&["io", "--backend", "kernel", "-f", p]));
-        let (e, k): (Vec<&str>, Vec<&str>) = (emu.lines().collect(), ker.lines().collect());
-        assert_eq!(e.len(), k.len(), "{}", s.name);
-        for (a, b) in e.iter().zip(&k) {
-            if a == b {
-                continue;
-            }
-            let known = KNOWN_DEVIATIONS.iter().any(|d| {
-                d.script == s.name
-                    && *a == format!("{} -> {}", d.command, d.emulated)
-                    && *b == format!("{} -> {}", d.command, d.kernel)
-            });
-            assert!(known, "{}: emulated `{a}`, kernel `{b}`", s.name);
-        }
-        compared += 1;
-    }
-    std::fs::remove_dir_all(&dir).ok();
-    assert!(compared >= 10, "only {compared} scripts compared");
+    let mut trials: Vec<Trial> = scripts()
+        .into_iter()
+        .map(|s| {
+            let why = match &kernel {
+                Some(why) => Some(why.clone()),
+                None if s.needs.contains(&Need::Conversion) => conversion
+                    .as_ref()
+                    .map(|why| format!("the kernel cannot convert here: {why}")),
+                None => None,
+            };
+            compared += usize::from(why.is_none());
+            test_unless(format!("{NAME}::{}", s.name), why, move || {
+                let dir =
+                    std::env::temp_dir().join(format!("gmem-io-{}-{}", std::process::id(), s.name));
+                std::fs::create_dir_all(&dir).unwrap();
+                let path = dir.join(s.name);
+                std::fs::write(&path, &s.text).unwrap();
+                let p = path.to_str().unwrap();
+                let emu = stdout(&gmem(&["io", "--backend", "emulated", "-f", p]));
+                let ker = stdout(&gmem(&["io", "--backend", "kernel", "-f", p]));
+                std::fs::remove_dir_all(&dir).ok();
+                let (e, k): (Vec<&str>, Vec<&str>) = (emu.lines().collect(), ker.lines().collect());
+                assert_eq!(e.len(), k.len(), "{}", s.name);
+                for (a, b) in e.iter().zip(&k) {
+                    if a == b {
+                        continue;
+                    }
+                    let known = KNOWN_DEVIATIONS.iter().any(|d| {
+                        d.script == s.name
+                            && *a == format!("{} -> {}", d.command, d.emulated)
+                            && *b == format!("{} -> {}", d.command, d.kernel)
+                    });
+                    assert!(known, "{}: emulated `{a}`, kernel `{b}`", s.name);
+                }
+            })
+        })
+        .collect();
+    trials.push(test_unless(
+        format!("{NAME}::at_least_10_scripts_compare"),
+        kernel,
+        move || assert!(compared >= 10, "only {compared} scripts compare"),
+    ));
+    trials
+}
+
+fn main() {
+    let mut trials = tests!(
+        conformance_table_ends_with_the_totals_and_passes_on_emulated,
+        conformance_json_per_backend_and_filter,
+        bad_arguments_are_errors_naming_the_allowed_values,
+    );
+    trials.extend(io_prints_the_same_lines_on_emulated_and_kernel());
+    common::run(trials)
 }

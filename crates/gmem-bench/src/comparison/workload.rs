@@ -16,7 +16,7 @@ pub(super) fn lines(quick: bool) -> Result<Vec<Measurement>, BenchError> {
     let reps = 5;
     let config = |memory| Config {
         samples: if quick { 100 } else { 400 },
-        probe_hypercall: false,
+        check_hypercall: false,
         memory,
         ..Config::default()
     };
@@ -40,7 +40,7 @@ pub(super) fn lines(quick: bool) -> Result<Vec<Measurement>, BenchError> {
     };
     let c = config(IN_PLACE_KIND);
     let in_place = &runs[IN_PLACE];
-    let mode = in_place.first().map_or("", |r| r.mode.as_str()).to_string();
+    let mode = in_place.first().map_or("", |r| r.mode.name()).to_string();
     let baselines = [Baseline::Preserving, Baseline::Destructive];
     let mut out = Vec::new();
     for b in baselines {

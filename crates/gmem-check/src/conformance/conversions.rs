@@ -1,7 +1,7 @@
 //! Cases from `tools/testing/selftests/kvm/x86/guest_memfd_conversions_test.c` (kernel-spec
 //! §4.2), and the validation rules of `KVM_SET_MEMORY_ATTRIBUTES2` (§2.3–§2.4).
 
-use super::{ensure, host_read, host_rmw, host_write, Case, CaseResult, Ctx, Need};
+use super::{ensure, host_read, host_rmw, host_write, Case, CaseFailure, CaseResult, Ctx, Need};
 use gmem::error::{ConversionError, Errno};
 use gmem::file::GuestMemfd;
 use gmem::mapping::HostMapping;
@@ -103,9 +103,9 @@ struct Fixture<'a> {
 }
 
 impl<'a> Fixture<'a> {
-    fn new(ctx: &'a Ctx, npages: u64, flags: u64) -> Result<Self, String> {
+    fn new(ctx: &'a Ctx, npages: u64, flags: u64) -> Result<Self, CaseFailure> {
         let f = ctx.create(npages, flags)?;
-        let m = f.mmap_all().map_err(|e| format!("mmap: {e}"))?;
+        let m = f.mmap_all().map_err(CaseFailure::call("mmap"))?;
         Ok(Fixture { ctx, f, m })
     }
 
@@ -231,10 +231,10 @@ fn unallocated_folios(ctx: &Ctx) -> CaseResult {
 fn truncate(ctx: &Ctx) -> CaseResult {
     let t = Fixture::new(ctx, 1, SHARED)?;
     host_rmw(&t.m, 0, 0, b'A')?;
-    t.f.punch_hole(0, PS).map_err(|e| format!("punch: {e}"))?;
+    t.f.punch_hole(0, PS).map_err(CaseFailure::call("punch"))?;
     host_rmw(&t.m, 0, 0, b'A')?;
     t.convert_to_private(0, b'A', b'B')?;
-    t.f.punch_hole(0, PS).map_err(|e| format!("punch: {e}"))?;
+    t.f.punch_hole(0, PS).map_err(CaseFailure::call("punch"))?;
     t.test_private(0, 0, b'A')
 }
 
@@ -298,7 +298,7 @@ fn forked_accesses(ctx: &Ctx) -> CaseResult {
     // SAFETY: fork(2); the child below only touches raw memory and makes system calls.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        return Err(format!("fork: {}", Errno::last()));
+        return Err(CaseFailure::call("fork")(Errno::last()));
     }
     if pid == 0 {
         // SAFETY: child side: `addr` is mapped in the child (inherited MAP_SHARED mapping);
@@ -326,11 +326,11 @@ fn forked_accesses(ctx: &Ctx) -> CaseResult {
     result
 }
 
-fn pipe() -> Result<[libc::c_int; 2], String> {
+fn pipe() -> Result<[libc::c_int; 2], CaseFailure> {
     let mut fds = [0; 2];
     // SAFETY: `fds` has room for two descriptors.
     if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
-        return Err(format!("pipe: {}", Errno::last()));
+        return Err(CaseFailure::call("pipe")(Errno::last()));
     }
     Ok(fds)
 }
@@ -338,7 +338,7 @@ fn pipe() -> Result<[libc::c_int; 2], String> {
 fn send_byte(fd: libc::c_int) -> CaseResult {
     // SAFETY: writes one byte from a valid buffer.
     if unsafe { libc::write(fd, [1u8].as_ptr().cast(), 1) } != 1 {
-        return Err(format!("pipe write: {}", Errno::last()));
+        return Err(CaseFailure::call("pipe write")(Errno::last()));
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use std::os::fd::AsRawFd;
 
-use super::{ensure, Case, CaseResult, Ctx, Need};
+use super::{ensure, Case, CaseFailure, CaseResult, Ctx, Need};
 use gmem::error::Errno;
 use gmem::os::PAGE_SIZE;
 
@@ -48,7 +48,7 @@ fn file_read_write(ctx: &Ctx) -> CaseResult {
             errno.name()
         )
     })?;
-    let st = f.stat().map_err(|e| format!("fstat: {e}"))?;
+    let st = f.stat().map_err(CaseFailure::call("fstat"))?;
     ensure(st.size == PAGE_SIZE, || {
         format!("size changed to {:#x} after failed file I/O", st.size)
     })

@@ -1,6 +1,6 @@
 //! Cases from `tools/testing/selftests/kvm/guest_memfd_test.c` (kernel-spec §4.1).
 
-use super::{ensure, Case, CaseResult, Ctx, Need};
+use super::{ensure, Case, CaseFailure, CaseResult, Ctx, Need};
 use gmem::error::Errno;
 use gmem::mapping::{MapKind, Probe};
 use gmem::os::PAGE_SIZE;
@@ -87,17 +87,13 @@ pub(super) fn cases() -> Vec<Case> {
 fn expect_errno<T>(what: &str, r: Result<T, Errno>, want: Errno) -> CaseResult {
     match r {
         Err(e) if e == want => Ok(()),
-        Err(e) => Err(format!(
-            "{what}: expected {}, got {}",
-            want.name(),
-            e.name()
-        )),
-        Ok(_) => Err(format!("{what}: expected {}, got success", want.name())),
+        Err(e) => Err(format!("{what}: expected {}, got {}", want.name(), e.name()).into()),
+        Ok(_) => Err(format!("{what}: expected {}, got success", want.name()).into()),
     }
 }
 
-fn expect_ok<T>(what: &str, r: Result<T, Errno>) -> Result<T, String> {
-    r.map_err(|e| format!("{what}: expected success, got {}", e.name()))
+fn expect_ok<T>(what: &str, r: Result<T, Errno>) -> Result<T, CaseFailure> {
+    r.map_err(|e| format!("{what}: expected success, got {}", e.name()).into())
 }
 
 /// `test_guest_memfd_flags`: every single bit creates iff it is supported, else EINVAL.
@@ -180,16 +176,18 @@ fn mmap_supported(ctx: &Ctx) -> CaseResult {
     let m = expect_ok("mmap", f.mmap_all())?;
     let len = m.len();
     ensure(
-        m.probe_write(0, len, 0xaa).map_err(|e| e.to_string())? == Probe::Done(()),
+        m.probe_write(0, len, 0xaa)
+            .map_err(CaseFailure::SigbusProbe)?
+            == Probe::Done(()),
         || "write of a shared mapping faulted".into(),
     )?;
     let all = |v: u8| Probe::Done(vec![v; len]);
     ensure(
-        m.probe_read(0, len).map_err(|e| e.to_string())? == all(0xaa),
+        m.probe_read(0, len).map_err(CaseFailure::SigbusProbe)? == all(0xaa),
         || "did not read back 0xaa".into(),
     )?;
     expect_ok("punch page 0", f.punch_hole(0, PS))?;
-    let got = m.probe_read(0, len).map_err(|e| e.to_string())?;
+    let got = m.probe_read(0, len).map_err(CaseFailure::SigbusProbe)?;
     let mut want = vec![0xaa; len];
     want[..PS as usize].fill(0);
     ensure(got == Probe::Done(want), || {
@@ -197,12 +195,12 @@ fn mmap_supported(ctx: &Ctx) -> CaseResult {
     })?;
     ensure(
         m.probe_write(0, PS as usize, 0xaa)
-            .map_err(|e| e.to_string())?
+            .map_err(CaseFailure::SigbusProbe)?
             == Probe::Done(()),
         || "rewrite faulted".into(),
     )?;
     ensure(
-        m.probe_read(0, len).map_err(|e| e.to_string())? == all(0xaa),
+        m.probe_read(0, len).map_err(CaseFailure::SigbusProbe)? == all(0xaa),
         || "did not read back 0xaa after the rewrite".into(),
     )
 }
@@ -233,17 +231,23 @@ fn fault_overflow(ctx: &Ctx) -> CaseResult {
     let f = ctx.create(4, SHARED)?;
     let size = f.size();
     let m = expect_ok("mmap 4x", f.mmap(0, 4 * size as usize, MapKind::Shared))?;
-    let w = m.probe_write(0, m.len(), 0xaa).map_err(|e| e.to_string())?;
+    let w = m
+        .probe_write(0, m.len(), 0xaa)
+        .map_err(CaseFailure::SigbusProbe)?;
     ensure(
         w.is_sigbus() && w.fault().map(|x| x.addr) == Some(size),
         || format!("memset over 4x the file: expected SIGBUS at {size:#x}, got {w:?}"),
     )?;
-    let r = m.probe_read(size as usize, 1).map_err(|e| e.to_string())?;
+    let r = m
+        .probe_read(size as usize, 1)
+        .map_err(CaseFailure::SigbusProbe)?;
     ensure(
         r.is_sigbus() && r.fault().map(|x| x.addr) == Some(size),
         || format!("read at the file's end: expected SIGBUS, got {r:?}"),
     )?;
-    let head = m.probe_read(0, size as usize).map_err(|e| e.to_string())?;
+    let head = m
+        .probe_read(0, size as usize)
+        .map_err(CaseFailure::SigbusProbe)?;
     ensure(head == Probe::Done(vec![0xaa; size as usize]), || {
         "the file's bytes do not all hold 0xaa".into()
     })
@@ -253,12 +257,14 @@ fn fault_overflow(ctx: &Ctx) -> CaseResult {
 fn fault_private(ctx: &Ctx) -> CaseResult {
     let f = ctx.create(4, GUEST_MEMFD_FLAG_MMAP)?;
     let m = expect_ok("mmap", f.mmap_all())?;
-    let r = m.probe_read(0, m.len()).map_err(|e| e.to_string())?;
+    let r = m.probe_read(0, m.len()).map_err(CaseFailure::SigbusProbe)?;
     ensure(
         r.is_sigbus() && r.fault().map(|x| x.addr) == Some(0),
         || format!("read: expected SIGBUS at 0, got {r:?}"),
     )?;
-    let w = m.probe_write(0, m.len(), 0xaa).map_err(|e| e.to_string())?;
+    let w = m
+        .probe_write(0, m.len(), 0xaa)
+        .map_err(CaseFailure::SigbusProbe)?;
     ensure(
         w.is_sigbus() && w.fault().map(|x| x.addr) == Some(0),
         || format!("write: expected SIGBUS at 0, got {w:?}"),

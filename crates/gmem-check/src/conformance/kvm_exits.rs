@@ -58,5 +58,5 @@ fn private_access_memslot_deleted(ctx: &Ctx) -> CaseResult {
 /// be reached, so the case always skips ([`Need::VmAttributes`]); were it reached it would fail
 /// rather than pass.
 fn private_access_memslot_not_private(_ctx: &Ctx) -> CaseResult {
-    Err("per-VM attributes are not modelled".to_string())
+    Err("per-VM attributes are not modelled".into())
 }

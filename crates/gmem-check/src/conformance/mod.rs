@@ -22,6 +22,7 @@ use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use gmem::error::Errno;
 use gmem::file::{BackendKind, GuestMemfd, GuestMemfdBackend};
 use gmem::mapping::{HostMapping, Probe};
 use gmem::os::PAGE_SIZE;
@@ -83,8 +84,59 @@ impl Outcome {
     }
 }
 
-/// What a case returns: `Err` carries the failed expectation.
-pub type CaseResult = Result<(), String>;
+/// Why a case failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CaseFailure {
+    /// An expectation did not hold: what was expected and what happened.
+    #[error("{0}")]
+    Expectation(String),
+    /// A call the case makes failed.
+    #[error("{op}: {errno}")]
+    Call {
+        /// The call, with its arguments where they matter.
+        op: String,
+        /// The answer.
+        errno: Errno,
+    },
+    /// The SIGBUS probe of a host access (a forked child) could not be made.
+    #[error("SIGBUS probe: {0}")]
+    SigbusProbe(Errno),
+    /// The guest (a [`GuestPort`] or its [`VmPort`]) could not do what the case asked.
+    #[error("guest: {0}")]
+    Guest(String),
+    /// An error number from a call the message names around it.
+    #[error(transparent)]
+    Errno(#[from] Errno),
+}
+
+impl CaseFailure {
+    /// A `map_err` adapter: the call `op` failed.
+    pub fn call(op: impl Into<String>) -> impl FnOnce(Errno) -> CaseFailure {
+        let op = op.into();
+        move |errno| CaseFailure::Call { op, errno }
+    }
+}
+
+impl From<gmem_vmm::PortError> for CaseFailure {
+    fn from(e: gmem_vmm::PortError) -> Self {
+        CaseFailure::Guest(e.to_string())
+    }
+}
+
+impl From<String> for CaseFailure {
+    fn from(msg: String) -> Self {
+        CaseFailure::Expectation(msg)
+    }
+}
+
+impl From<&str> for CaseFailure {
+    fn from(msg: &str) -> Self {
+        CaseFailure::Expectation(msg.to_string())
+    }
+}
+
+/// What a case returns: `Err` says why it failed.
+pub type CaseResult = Result<(), CaseFailure>;
 
 /// One conformance case.
 #[derive(Clone, Copy)]
@@ -236,7 +288,7 @@ impl Ctx {
         }
         match std::panic::catch_unwind(AssertUnwindSafe(|| (case.run)(self))) {
             Ok(Ok(())) => Outcome::Pass,
-            Ok(Err(e)) => Outcome::Fail(e),
+            Ok(Err(e)) => Outcome::Fail(e.to_string()),
             Err(p) => Outcome::Fail(format!(
                 "panicked: {}",
                 p.downcast_ref::<String>()
@@ -248,24 +300,26 @@ impl Ctx {
     }
 
     /// Creates a file of `npages` pages.
-    pub fn create(&self, npages: u64, flags: u64) -> Result<Arc<dyn GuestMemfd>, String> {
-        self.backend.create(npages * PAGE_SIZE, flags).map_err(|e| {
-            format!(
-                "create({} pages, {}) failed: {e}",
+    pub fn create(&self, npages: u64, flags: u64) -> Result<Arc<dyn GuestMemfd>, CaseFailure> {
+        self.backend
+            .create(npages * PAGE_SIZE, flags)
+            .map_err(CaseFailure::call(format!(
+                "create({} pages, {})",
                 npages,
                 flag_names(flags)
-            )
-        })
+            )))
     }
 
-    fn guest(&self) -> Result<&dyn GuestPort, String> {
-        self.guest.as_deref().ok_or_else(|| "no guest".to_string())
+    fn guest(&self) -> Result<&dyn GuestPort, CaseFailure> {
+        self.guest
+            .as_deref()
+            .ok_or_else(|| CaseFailure::Guest("no guest".to_string()))
     }
 
     /// The guest reads the first byte of page `p`, checks it is `expect` and writes `write`.
     pub fn guest_rmw(&self, f: &dyn GuestMemfd, p: u64, expect: u8, write: u8) -> CaseResult {
         let g = self.guest()?;
-        let got = g.read(f, p * PAGE_SIZE, 1).map_err(|e| e.to_string())?;
+        let got = g.read(f, p * PAGE_SIZE, 1).map_err(CaseFailure::from)?;
         ensure(got[0] == expect, || {
             format!(
                 "guest read of page {p}: expected {expect:#x}, got {:#x}",
@@ -273,7 +327,7 @@ impl Ctx {
             )
         })?;
         g.write(f, p * PAGE_SIZE, &[write])
-            .map_err(|e| e.to_string())
+            .map_err(CaseFailure::from)
     }
 }
 
@@ -291,37 +345,37 @@ pub fn ensure(cond: bool, msg: impl FnOnce() -> String) -> CaseResult {
     if cond {
         Ok(())
     } else {
-        Err(msg())
+        Err(CaseFailure::Expectation(msg()))
     }
 }
 
 /// Host read of the first byte of page `p` through `m`: `Ok(Some(byte))`, or `Ok(None)` on
 /// SIGBUS at that byte.
-pub fn host_read(m: &HostMapping, p: u64) -> Result<Option<u8>, String> {
+pub fn host_read(m: &HostMapping, p: u64) -> Result<Option<u8>, CaseFailure> {
     let off = page_off(p)?;
-    match m.probe_read(off, 1).map_err(|e| format!("probe: {e}"))? {
+    match m.probe_read(off, 1).map_err(CaseFailure::SigbusProbe)? {
         Probe::Done(b) => Ok(Some(b[0])),
         Probe::Fault(f) if f.is_sigbus() && f.addr == off as u64 => Ok(None),
-        Probe::Fault(f) => Err(format!("host read of page {p}: unexpected fault {f:?}")),
+        Probe::Fault(f) => Err(format!("host read of page {p}: unexpected fault {f:?}").into()),
     }
 }
 
 /// Host write of `byte` to the first byte of page `p`: `Ok(true)` if it landed, `Ok(false)`
 /// on SIGBUS at that byte.
-pub fn host_write(m: &HostMapping, p: u64, byte: u8) -> Result<bool, String> {
+pub fn host_write(m: &HostMapping, p: u64, byte: u8) -> Result<bool, CaseFailure> {
     let off = page_off(p)?;
     match m
         .probe_write(off, 1, byte)
-        .map_err(|e| format!("probe: {e}"))?
+        .map_err(CaseFailure::SigbusProbe)?
     {
         Probe::Done(()) => Ok(true),
         Probe::Fault(f) if f.is_sigbus() && f.addr == off as u64 => Ok(false),
-        Probe::Fault(f) => Err(format!("host write of page {p}: unexpected fault {f:?}")),
+        Probe::Fault(f) => Err(format!("host write of page {p}: unexpected fault {f:?}").into()),
     }
 }
 
-fn page_off(p: u64) -> Result<usize, String> {
-    usize::try_from(p * PAGE_SIZE).map_err(|_| format!("page {p} out of range"))
+fn page_off(p: u64) -> Result<usize, CaseFailure> {
+    usize::try_from(p * PAGE_SIZE).map_err(|_| format!("page {p} out of range").into())
 }
 
 /// The host reads `expect` at page `p` and writes `write` (both must not fault).

@@ -8,7 +8,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::{ensure, Case, CaseResult, Ctx, GuestPort, InternalGuest, Need};
+use super::{ensure, Case, CaseFailure, CaseResult, Ctx, GuestPort, InternalGuest, Need};
 use gmem::emulated::{EmulatedGuestMemfd, EmulatedOptions};
 use gmem::error::Errno;
 use gmem::file::GuestMemfd;
@@ -58,28 +58,26 @@ pub(super) fn cases() -> Vec<Case> {
     ]
 }
 
-fn create(p: PlatformKind, npages: u64, flags: u64) -> Result<EmulatedGuestMemfd, String> {
+fn create(p: PlatformKind, npages: u64, flags: u64) -> Result<EmulatedGuestMemfd, CaseFailure> {
     EmulatedGuestMemfd::create_with(npages * PS, flags, EmulatedOptions::with_platform(p))
-        .map_err(|e| format!("create({npages} pages) on {p}: {e}"))
+        .map_err(CaseFailure::call(format!("create({npages} pages) on {p}")))
 }
 
-fn e<T>(what: &str, r: Result<T, impl std::fmt::Display>) -> Result<T, String> {
-    r.map_err(|err| format!("{what}: {err}"))
+fn e<T>(what: &str, r: Result<T, impl std::fmt::Display>) -> Result<T, CaseFailure> {
+    r.map_err(|err| format!("{what}: {err}").into())
 }
 
-fn guest_read(f: &EmulatedGuestMemfd, page: u64) -> Result<Vec<u8>, String> {
-    InternalGuest
-        .read(f, page * PS, PAGE)
-        .map_err(|e| e.to_string())
+fn guest_read(f: &EmulatedGuestMemfd, page: u64) -> Result<Vec<u8>, CaseFailure> {
+    Ok(InternalGuest.read(f, page * PS, PAGE)?)
 }
 
 fn guest_write(f: &EmulatedGuestMemfd, page: u64, byte: u8) -> CaseResult {
     InternalGuest
         .write(f, page * PS, &[byte; PAGE])
-        .map_err(|e| e.to_string())
+        .map_err(CaseFailure::from)
 }
 
-fn host_read(f: &EmulatedGuestMemfd, page: u64) -> Result<Vec<u8>, String> {
+fn host_read(f: &EmulatedGuestMemfd, page: u64) -> Result<Vec<u8>, CaseFailure> {
     let mut b = vec![0u8; PAGE];
     e("host read", f.read_at(page * PS, &mut b))?;
     Ok(b)
@@ -100,7 +98,7 @@ fn take(log: &Arc<Mutex<Vec<HookCall>>>) -> Vec<HookCall> {
 fn rule(p: PlatformKind, dir: Direction, before: u8, after: &[u8]) -> CaseResult {
     p.content_rule(dir)
         .check(&vec![before; after.len()], after)
-        .map_err(|err| format!("{p} {dir:?}: {err}"))
+        .map_err(|err| format!("{p} {dir:?}: {err}").into())
 }
 
 /// pKVM: no hook on either conversion, content preserved in place both ways; punch-hole

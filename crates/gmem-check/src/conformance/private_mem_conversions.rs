@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use super::{ensure, Case, CaseResult, Ctx, Need};
+use super::{ensure, Case, CaseFailure, CaseResult, Ctx, Need};
 use gmem::file::GuestMemfd;
 use gmem::mapping::{HostMapping, Probe};
 use gmem::os::PAGE_SIZE;
@@ -106,16 +106,19 @@ fn per_vcpu(ctx: &Ctx, flow: fn(&Window<'_>) -> CaseResult) -> CaseResult {
     f.punch_hole(0, size)
         .map_err(|e| format!("final punch of the whole file: {e}"))?;
     f.allocate(0, size)
-        .map_err(|e| format!("final re-allocation of the whole file: {e}"))
+        .map_err(CaseFailure::call("final re-allocation of the whole file"))
 }
 
-fn usize_of(n: u64) -> Result<usize, String> {
-    usize::try_from(n).map_err(|_| format!("{n:#x} does not fit in usize"))
+fn usize_of(n: u64) -> Result<usize, CaseFailure> {
+    usize::try_from(n).map_err(|_| format!("{n:#x} does not fit in usize").into())
 }
 
 impl Window<'_> {
-    fn err(&self, what: &str) -> String {
-        format!("vCPU {} (window {:#x}): {what}", self.vcpu, self.base)
+    fn err(&self, what: &str) -> CaseFailure {
+        CaseFailure::Expectation(format!(
+            "vCPU {} (window {:#x}): {what}",
+            self.vcpu, self.base
+        ))
     }
 
     fn guest_fill(&self, off: u64, len: u64, byte: u8) -> CaseResult {
@@ -182,6 +185,7 @@ impl Window<'_> {
             self.err(&format!(
                 "host write of shared [{off:#x}, +{len:#x}): {w:?}"
             ))
+            .to_string()
         })
     }
 
@@ -203,6 +207,7 @@ impl Window<'_> {
                         Probe::Fault(f) => format!("{f:?}"),
                     }
                 ))
+                .to_string()
             },
         )
     }
