@@ -39,9 +39,16 @@ impl EmulatedGuestMemfd {
     }
 }
 
+/// A pin or a transient reference: an entry of the file's pins, removed on drop.
 pub(super) struct PinHold {
     inner: Arc<Inner>,
     id: u64,
+}
+
+impl PinHold {
+    pub(super) fn new(inner: Arc<Inner>, id: u64) -> Self {
+        PinHold { inner, id }
+    }
 }
 
 impl Drop for PinHold {
@@ -330,6 +337,16 @@ impl GuestMemfd for EmulatedGuestMemfd {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), AccessError> {
         let st = self.check_access(offset, buf.len())?;
         self.inner.hand_out(offset, buf.len() as u64)?;
+        // In flight: the pages hold a transient reference (a conversion to private answers
+        // EAGAIN meanwhile), not the lock.
+        let _ref =
+            self.transient_ref(offset, buf.len() as u64)
+                .map_err(|_| AccessError::OutOfBounds {
+                    offset,
+                    len: buf.len() as u64,
+                    size: self.inner.size,
+                })?;
+        drop(st);
         sys::pread_exact(self.inner.memfd.as_fd(), buf, offset).map_err(|_| {
             AccessError::OutOfBounds {
                 offset,
@@ -337,14 +354,15 @@ impl GuestMemfd for EmulatedGuestMemfd {
                 size: self.inner.size,
             }
         })?;
-        drop(st);
         Ok(())
     }
 
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), AccessError> {
         let st = self.check_access(offset, data.len())?;
         self.inner.hand_out(offset, data.len() as u64)?;
-        sys::pwrite_all(self.inner.memfd.as_fd(), data, offset).map_err(|_| {
+        // In flight: the pages hold a transient reference (a conversion to private answers
+        // EAGAIN meanwhile), not the lock.
+        let _ref = self.transient_ref(offset, data.len() as u64).map_err(|_| {
             AccessError::OutOfBounds {
                 offset,
                 len: data.len() as u64,
@@ -352,6 +370,13 @@ impl GuestMemfd for EmulatedGuestMemfd {
             }
         })?;
         drop(st);
+        sys::pwrite_all(self.inner.memfd.as_fd(), data, offset).map_err(|_| {
+            AccessError::OutOfBounds {
+                offset,
+                len: data.len() as u64,
+                size: self.inner.size,
+            }
+        })?;
         Ok(())
     }
 }

@@ -362,6 +362,9 @@ impl EmulatedGuestMemfd {
         let off = self.guest_range(offset, buf.len())?;
         let lock = self.read_state();
         self.inner.fault_range(&lock, offset, buf.len() as u64)?;
+        // In flight: the pages hold a transient reference, not the lock.
+        let _ref = self.transient_ref(offset, buf.len() as u64)?;
+        drop(lock);
         // The range is inside the guest view (checked), which lives as long as self.
         view.read_volatile(off, buf)
     }
@@ -372,6 +375,8 @@ impl EmulatedGuestMemfd {
         let off = self.guest_range(offset, data.len())?;
         let lock = self.read_state();
         self.inner.fault_range(&lock, offset, data.len() as u64)?;
+        let _ref = self.transient_ref(offset, data.len() as u64)?;
+        drop(lock);
         // As in `guest_read`.
         view.write_volatile(off, data)
     }
@@ -384,6 +389,8 @@ impl EmulatedGuestMemfd {
         let off = self.guest_range(offset, n)?;
         let lock = self.read_state();
         self.inner.fault_range(&lock, offset, len)?;
+        let _ref = self.transient_ref(offset, len)?;
+        drop(lock);
         // Inside the guest view (checked), which maps every page of the file, private or
         // shared, and lives as long as self.
         view.touch_pages(off as u64, len, value)
@@ -412,7 +419,32 @@ impl EmulatedGuestMemfd {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The first pinned page in `[first, end)`.
+    /// Takes a transient reference on the pages of `[offset, offset + len)`: what an in-flight
+    /// access holds, as the kernel's GUP or guest fault holds a folio reference for the
+    /// duration of the access. While it lives, converting the pages to private fails with
+    /// EAGAIN and `error_offset` at the first of them, as for a pin (kernel-spec §2.4 step
+    /// 3b). Taken under the state lock the caller holds, so a conversion either sees it or
+    /// completed before the access checked the pages.
+    fn transient_ref(&self, offset: u64, len: u64) -> KernelResult<Option<guest_memfd::PinHold>> {
+        if len == 0 {
+            return Ok(None);
+        }
+        let (first, last) = crate::attributes::pages_of(offset, len);
+        let id = u64::try_from(
+            self.inner
+                .next_id
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        )
+        .map_err(|_| Errno::ENOMEM)?;
+        self.inner
+            .pins
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id, vec![(first, last)]);
+        Ok(Some(guest_memfd::PinHold::new(self.inner.clone(), id)))
+    }
+
+    /// The first pinned page in `[first, end)` (long-term pins and transient references).
     fn first_pinned(&self, first: u64, end: u64) -> Option<u64> {
         let pins = self
             .inner
