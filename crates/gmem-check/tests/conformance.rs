@@ -80,19 +80,11 @@ cases!(
     no_direct_map_removal_and_restore,
 );
 
+/// A forked child's copy of the mapping is revoked too: read and write of the page the
+/// parent converts after the fork both raise SIGBUS in the child (the fork handlers).
 #[test]
-#[ignore = "the emulated backend revokes private pages only in this process's mappings, not in a forked child's"]
 fn forked_accesses() {
     run("forked_accesses");
-}
-
-#[test]
-fn forked_accesses_is_a_skip_on_emulated() {
-    let case = cases()
-        .into_iter()
-        .find(|c| c.name == "forked_accesses")
-        .expect("case exists");
-    assert!(matches!(Ctx::emulated().run(&case), Outcome::Skip(r) if r.contains("forked child")));
 }
 
 /// Cases the emulated backend cannot run are skips naming what is missing, never passes.

@@ -40,7 +40,8 @@ pub enum Need {
     Conversion,
     /// Something that plays the guest: reads and writes private pages.
     Guest,
-    /// Revocation of private pages in every process that maps the file (forked children).
+    /// Revocation of private pages in every process that maps the file (forked children):
+    /// both backends provide it (the emulated one through its fork handlers).
     CrossProcess,
     /// A VM whose vCPUs run guest code on the file through a memslot ([`VmPort`]).
     Vm,
@@ -271,10 +272,6 @@ impl Ctx {
             )),
             Need::Fd if self.backend.kind() == BackendKind::Emulated => Some(
                 "the emulated file exposes no guest_memfd descriptor: read(2)/write(2) cannot reach it"
-                    .to_string(),
-            ),
-            Need::CrossProcess if self.backend.kind() == BackendKind::Emulated => Some(
-                "the emulated backend revokes private pages only in this process's mappings; a forked child's copy of the mapping is not revoked"
                     .to_string(),
             ),
             _ => None,

@@ -32,6 +32,8 @@ pub(super) struct FaultService {
     pub(super) sigbus: Mutex<BTreeSet<(u64, u64)>>,
     pub(super) stop: Arc<EventFd>,
     pub(super) thread: Option<std::thread::JoinHandle<()>>,
+    /// The process that started the thread (a fork child has the handle, not the thread).
+    pub(super) pid: u32,
 }
 
 impl FaultService {
@@ -49,6 +51,7 @@ impl FaultService {
             sigbus: Mutex::new(BTreeSet::new()),
             stop,
             thread: Some(thread),
+            pid: sys::peer::getpid(),
         })
     }
 
@@ -85,6 +88,14 @@ impl FaultService {
 
 impl Drop for FaultService {
     fn drop(&mut self) {
+        if self.pid != sys::peer::getpid() {
+            // A fork child's copy: the thread and its stop signal are the parent's (the
+            // eventfd is shared); the handle must not be joined here (it would wait forever).
+            if let Some(t) = self.thread.take() {
+                std::mem::forget(t);
+            }
+            return;
+        }
         let _ = self.stop.signal();
         if let Some(t) = self.thread.take() {
             // The service thread itself may drop the last handle on the file: it then leaves
@@ -136,7 +147,7 @@ impl Inner {
     /// failed) installs a poison marker and wakes the faulter: its access raises SIGBUS and
     /// nothing is marked.
     pub(super) fn serve_fault(&self, uffd: &PoisonFd, addr: u64) {
-        let Some(service) = self.faults.get() else {
+        let Some(service) = self.fault_service() else {
             let _ = uffd.wake(addr, PAGE_SIZE);
             return;
         };
@@ -159,7 +170,7 @@ impl Inner {
 
     /// The fault service forgets mapping `id` (unregistered or never completed).
     pub(super) fn forget_mapping(&self, id: u64) {
-        if let Some(service) = self.faults.get() {
+        if let Some(service) = self.fault_service() {
             service.maps().retain(|m| m.0 != id);
             service.sigbus().retain(|k| k.1 != id);
         }

@@ -3,9 +3,9 @@
 
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLockReadGuard};
+use std::sync::Arc;
 
-use super::{EmulatedGuestMemfd, Inner, State};
+use super::{EmulatedGuestMemfd, Inner};
 use crate::attributes::{check_host_access, pages_of};
 use crate::error::{AccessError, Errno, KernelResult};
 use crate::file::{BackendKind, GuestMemfd, GuestMemfdStat, PinGuard};
@@ -53,6 +53,7 @@ impl PinHold {
 
 impl Drop for PinHold {
     fn drop(&mut self) {
+        let _fork = super::fork::shared();
         let mut pins = self
             .inner
             .pins
@@ -116,6 +117,7 @@ impl GuestMemfd for EmulatedGuestMemfd {
     }
 
     fn set_attributes(&self, a: &mut kvm_memory_attributes2) -> KernelResult<()> {
+        self.owner_only()?;
         self.validate_attributes(a)?;
         let to_private = a.attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0;
         let (first, end) = pages_of(a.offset, a.size);
@@ -155,6 +157,24 @@ impl GuestMemfd for EmulatedGuestMemfd {
             a.error_offset = a.offset;
             return Err(Errno::ENOMEM);
         }
+        // Every other process that maps the file applies the change before it is recorded
+        // (to private: revoked there too before the conversion returns). If one cannot, or
+        // does not answer, the conversion is undone here and the peers are told the old
+        // attributes, in order, so a late peer ends where this process is.
+        if let Err(e) = self.inner.peers.set(&changing, to_private) {
+            let _ = if to_private {
+                self.apply_all(&mut st, &changing, Self::restore, Self::revoke_forced)
+            } else {
+                self.apply_all(&mut st, &changing, Self::revoke_forced, Self::restore)
+            };
+            let _ = self.inner.peers.set(&changing, !to_private);
+            a.error_offset = a.offset;
+            return Err(if e == Errno::EAGAIN {
+                Errno::EAGAIN
+            } else {
+                Errno::ENOMEM
+            });
+        }
         // Point of no return: record the new attributes.
         st.attrs.set_range(first, end, to_private);
         // The guest's mappings of the changed pages go, as the kernel invalidates KVM's
@@ -172,7 +192,7 @@ impl GuestMemfd for EmulatedGuestMemfd {
         }
         // Failure markers of the changed pages were zapped (to shared) or are private
         // markers now (to private).
-        if let Some(service) = self.inner.faults.get() {
+        if let Some(service) = self.inner.fault_service() {
             for &(s, e) in &changing {
                 service.take_sigbus(s / PAGE_SIZE, e / PAGE_SIZE);
             }
@@ -186,6 +206,7 @@ impl GuestMemfd for EmulatedGuestMemfd {
     }
 
     fn fallocate(&self, mode: u32, offset: u64, len: u64) -> KernelResult<()> {
+        self.owner_only()?;
         // vfs_fallocate's own checks, then guest_memfd's (kernel-spec §2.5).
         if i64::try_from(offset).is_err() || len == 0 || i64::try_from(len).is_err() {
             return Err(Errno::EINVAL);
@@ -217,7 +238,7 @@ impl GuestMemfd for EmulatedGuestMemfd {
             self.inner.free_pages(first, last);
             // NO_DIRECT_MAP: a failed host-fault hand-out left a SIGBUS marker on a shared
             // page; the page leaves the file, so the next access faults afresh.
-            if let Some(service) = self.inner.faults.get() {
+            if let Some(service) = self.inner.fault_service() {
                 for (page, id) in service.take_sigbus(first, last) {
                     let shared = st.attrs.get(page) & KVM_MEMORY_ATTRIBUTE_PRIVATE == 0;
                     let window = st.mappings.iter().find(|m| m.id == id).and_then(|m| {
@@ -283,6 +304,7 @@ impl GuestMemfd for EmulatedGuestMemfd {
     }
 
     fn pin(&self, offset: u64, len: u64) -> KernelResult<PinGuard> {
+        self.owner_only()?;
         let end = offset.checked_add(len).ok_or(Errno::EFAULT)?;
         if len == 0 {
             return Err(Errno::EINVAL);
@@ -387,7 +409,7 @@ impl EmulatedGuestMemfd {
         &self,
         offset: u64,
         len: usize,
-    ) -> Result<RwLockReadGuard<'_, State>, AccessError> {
+    ) -> Result<super::StateRead<'_>, AccessError> {
         check_host_access(offset, len, self.inner.size, self.inner.flags)?;
         let st = self.read_state();
         st.attrs.check_shared(offset, len as u64)?;

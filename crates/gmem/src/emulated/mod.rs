@@ -23,11 +23,16 @@
 //! alike; it is reachable only inside the crate (memslots, the conformance suite's guest).
 //!
 //! Locking: [`State`] sits behind one `RwLock`, the kernel's invalidate lock. Conversion and
-//! punch-hole take it exclusively; safe accessors, guest accesses and pins take it shared.
+//! punch-hole take it exclusively; safe accessors, guest accesses and pins take it shared,
+//! only to check the pages and take a transient reference (the copy itself runs unlocked).
+//! Every holder of a state lock first holds [`fork::FORK_LOCK`] shared.
+//!
+//! Other processes that map the file (fork children, processes it was handed to) are
+//! [`peers`]: a conversion returns only once every one of them has applied it.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::attributes::AttributeStore;
@@ -42,8 +47,11 @@ use crate::uapi::{
 
 mod fault_injection;
 mod fault_service;
+mod fork;
 mod guest_memfd;
+mod handoff;
 mod page_state;
+mod peers;
 mod populate;
 mod revocation;
 
@@ -210,6 +218,60 @@ struct Inner {
     hook_log: OnceLock<Arc<Mutex<Vec<HookCall>>>>,
     /// NO_DIRECT_MAP files only: the thread that serves host-mapping faults (hand-out).
     faults: OnceLock<FaultService>,
+    /// The other processes that map the file and follow its conversions.
+    peers: peers::Peers,
+    /// This process's copy follows another process's (a fork child, or a process the file
+    /// was handed to): conversions, allocation, punch-hole, pins and populate are the
+    /// owner's; the state here mirrors the owner's as its agent applies each change.
+    follower: AtomicBool,
+}
+
+/// A shared hold on a file's state (and on the fork lock, taken first, released last).
+struct StateRead<'a> {
+    guard: RwLockReadGuard<'a, State>,
+    _fork: RwLockReadGuard<'static, ()>,
+}
+
+impl std::ops::Deref for StateRead<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.guard
+    }
+}
+
+/// An exclusive hold on a file's state (and a shared one on the fork lock).
+struct StateWrite<'a> {
+    guard: RwLockWriteGuard<'a, State>,
+    _fork: RwLockReadGuard<'static, ()>,
+}
+
+impl std::ops::Deref for StateWrite<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for StateWrite<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.guard
+    }
+}
+
+impl Inner {
+    /// The host-fault service, in the process that created the file (a follower has none:
+    /// a fork child inherits its data but not its thread).
+    fn fault_service(&self) -> Option<&FaultService> {
+        if self.is_follower() {
+            None
+        } else {
+            self.faults.get()
+        }
+    }
+
+    fn is_follower(&self) -> bool {
+        self.follower.load(Ordering::SeqCst)
+    }
 }
 
 /// One emulated guest_memfd file. Cloning gives another handle to the same file.
@@ -251,6 +313,17 @@ impl EmulatedGuestMemfd {
                 e
             }
         })?;
+        Self::with_memfd(memfd, size, flags, options)
+    }
+
+    /// The file over `memfd` (of `size` bytes), initially all shared with `INIT_SHARED` in
+    /// `flags`, all private otherwise.
+    fn with_memfd(
+        memfd: OwnedFd,
+        size: u64,
+        flags: u64,
+        options: EmulatedOptions,
+    ) -> KernelResult<Self> {
         let ino = sys::fstat(memfd.as_fd())?.st_ino;
         // NO_DIRECT_MAP: the userfaultfd also delivers missing and minor faults, served by
         // the file's fault service (host-fault hand-out); other files have no service thread.
@@ -305,7 +378,10 @@ impl EmulatedGuestMemfd {
             direct_map: WholeFileView::default(),
             hook_log: OnceLock::new(),
             faults: OnceLock::new(),
+            peers: peers::Peers::default(),
+            follower: AtomicBool::new(false),
         });
+        fork::register(&inner);
         if let Some(uffd) = fault_uffd {
             let service = FaultService::start(Arc::downgrade(&inner), uffd)?;
             let _ = inner.faults.set(service);
@@ -317,7 +393,7 @@ impl EmulatedGuestMemfd {
     /// userfaultfd; every other file has none).
     #[doc(hidden)]
     pub fn has_fault_service(&self) -> bool {
-        self.inner.faults.get().is_some()
+        self.inner.fault_service().is_some()
     }
 
     /// The revocation mechanism in use.
@@ -405,18 +481,48 @@ impl EmulatedGuestMemfd {
         }
     }
 
-    fn read_state(&self) -> RwLockReadGuard<'_, State> {
-        self.inner
-            .state
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn read_state(&self) -> StateRead<'_> {
+        let fork = fork::shared();
+        StateRead {
+            guard: self
+                .inner
+                .state
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            _fork: fork,
+        }
     }
 
-    fn write_state(&self) -> RwLockWriteGuard<'_, State> {
-        self.inner
-            .state
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn write_state(&self) -> StateWrite<'_> {
+        let fork = fork::shared();
+        StateWrite {
+            guard: self
+                .inner
+                .state
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            _fork: fork,
+        }
+    }
+
+    /// EOPNOTSUPP in a follower: the operation is the owner's.
+    fn owner_only(&self) -> KernelResult<()> {
+        if self.inner.is_follower() {
+            Err(Errno::EOPNOTSUPP)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Whether this copy of the file follows another process's (a fork child, or a process
+    /// the file was handed to).
+    pub fn is_follower(&self) -> bool {
+        self.inner.is_follower()
+    }
+
+    /// How many other processes currently follow this file's conversions.
+    pub fn peer_count(&self) -> usize {
+        self.inner.peers.count()
     }
 
     /// Takes a transient reference on the pages of `[offset, offset + len)`: what an in-flight

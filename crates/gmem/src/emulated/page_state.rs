@@ -196,6 +196,11 @@ impl Inner {
     /// date; make-private if the page is private (every time: the hook is idempotent); with
     /// NO_DIRECT_MAP, remove it from the direct map, marking it only once that succeeded.
     pub(super) fn fault_range(&self, st: &State, offset: u64, len: u64) -> KernelResult<()> {
+        // A follower's page bits are a stale copy: first use (zeroing, hand-out) is the
+        // owner's to track, and zeroing here could wipe what the owner wrote since.
+        if self.is_follower() {
+            return Ok(());
+        }
         let (first, end) = pages_of(offset, len);
         let mut bits = self.bits();
         // Pages not up to date: one presence scan (SEEK_DATA) for all of them.
@@ -244,7 +249,7 @@ impl Inner {
     /// service): with NO_DIRECT_MAP, each page is made up to date and removed from the direct
     /// map. A failed removal marks nothing.
     pub(super) fn hand_out(&self, offset: u64, len: u64) -> Result<(), AccessError> {
-        if !self.no_direct_map() || len == 0 {
+        if !self.no_direct_map() || len == 0 || self.is_follower() {
             return Ok(());
         }
         let (first, end) = pages_of(offset, len);

@@ -67,6 +67,7 @@ impl EmulatedGuestMemfd {
         cancel: &dyn Fn() -> bool,
         each: &mut dyn FnMut(u64, &PageRef<'_>) -> KernelResult<()>,
     ) -> KernelResult<u64> {
+        self.owner_only()?;
         let end = npages
             .checked_mul(PAGE_SIZE)
             .and_then(|l| offset.checked_add(l));

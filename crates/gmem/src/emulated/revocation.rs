@@ -245,7 +245,7 @@ impl EmulatedGuestMemfd {
         // NO_DIRECT_MAP: a memory-file VMA mapped over a hole, or moved by `rebuild_hole`,
         // starts unregistered and its faults would not be seen: register the mapping again
         // now (not lazily), so the host hand-out covers every shared page.
-        if let Some(service) = self.inner.faults.get() {
+        if let Some(service) = self.inner.fault_service() {
             service.uffd.register(&m.map)?;
         }
         Ok(())
@@ -362,7 +362,7 @@ impl EmulatedGuestMemfd {
         if let Mechanism::Poison(uffd) = &self.inner.mechanism {
             uffd.register(map)?;
         }
-        if let Some(service) = self.inner.faults.get() {
+        if let Some(service) = self.inner.fault_service() {
             // NO_DIRECT_MAP: host faults become events (a no-op re-registration when the
             // mechanism's userfaultfd is the service's).
             service.uffd.register(map)?;
@@ -389,6 +389,7 @@ impl EmulatedGuestMemfd {
 
 impl MappingRegistry for Inner {
     fn unregister(&self, id: u64) {
+        let _fork = super::fork::shared();
         let mut st = self
             .state
             .write()

@@ -10,6 +10,7 @@
 //! access reads or whether it faults, never the validity of a Rust reference.
 
 pub(crate) mod kvm;
+pub(crate) mod peer;
 pub(crate) mod probe;
 pub(crate) mod uffd;
 

@@ -61,7 +61,7 @@ pub fn userfaultfd_features() -> KernelResult<u64> {
 pub struct PoisonFd {
     fd: OwnedFd,
     /// `UFFDIO_REGISTER` modes used by [`PoisonFd::register`].
-    modes: u64,
+    modes: std::sync::atomic::AtomicU64,
 }
 
 /// One page-fault event read from a [`PoisonFd`] opened with fault events.
@@ -114,7 +114,10 @@ impl PoisonFd {
     fn open(extra: libc::c_int, features: u64, modes: u64) -> KernelResult<PoisonFd> {
         let fd = userfaultfd(extra)?;
         uffdio_api_handshake(std::os::fd::AsFd::as_fd(&fd), features)?;
-        Ok(PoisonFd { fd, modes })
+        Ok(PoisonFd {
+            fd,
+            modes: modes.into(),
+        })
     }
 
     /// Another descriptor of the same userfaultfd (`dup`): events, registrations and
@@ -123,8 +126,30 @@ impl PoisonFd {
         let fd = self.fd.try_clone().map_err(|_| Errno::last())?;
         Ok(PoisonFd {
             fd,
-            modes: self.modes,
+            modes: self.modes.load(std::sync::atomic::Ordering::Relaxed).into(),
         })
+    }
+
+    /// In a forked child: this descriptor's number now refers to a fresh userfaultfd of the
+    /// child's own (the parent's is tied to the parent's address space, and fork does not
+    /// carry registrations over), registered in write-protect mode only (the child has no
+    /// service thread for missing or minor events). Registrations are then made again as
+    /// needed ([`PoisonFd::register`]).
+    pub fn reopen_in_child(&self) -> KernelResult<()> {
+        let fresh = userfaultfd(UFFD_USER_MODE_ONLY)?;
+        uffdio_api_handshake(
+            std::os::fd::AsFd::as_fd(&fresh),
+            UFFD_FEATURE_POISON | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+        )?;
+        super::peer::dup_onto(
+            std::os::fd::AsFd::as_fd(&fresh),
+            std::os::fd::AsFd::as_fd(&self.fd),
+        )?;
+        self.modes.store(
+            UFFDIO_REGISTER_MODE_WP,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok(())
     }
 
     /// The descriptor, for `poll`.
@@ -193,7 +218,7 @@ impl PoisonFd {
                 start: map.as_ptr() as u64,
                 len: map.len() as u64,
             },
-            mode: self.modes,
+            mode: self.modes.load(std::sync::atomic::Ordering::Relaxed),
             ioctls: 0,
         };
         // SAFETY: UFFDIO_REGISTER reads and writes a `struct uffdio_register`; it does not

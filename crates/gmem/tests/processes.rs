@@ -1,0 +1,252 @@
+//! The central principle across processes: a page private for the whole access raises SIGBUS
+//! in every process that maps the file — a child forked before or after the page became
+//! private, and a separate process the file was handed to over a Unix socket — and shared
+//! writes are seen by all of them. Each scenario runs for every revocation mode.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
+
+use gmem::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
+use gmem::{EmulatedGuestMemfd, EmulatedOptions, GuestMemfd, HostMapping, Revocation, PAGE_SIZE};
+
+const PAGES: u64 = 8;
+const PS: usize = PAGE_SIZE as usize;
+
+fn modes() -> [EmulatedOptions; 3] {
+    [
+        EmulatedOptions::with_revocation(Revocation::Poison),
+        EmulatedOptions::with_revocation(Revocation::Remap),
+        // Every run a hole mapping (a VMA, which fork copies as it is).
+        EmulatedOptions {
+            hole_min_bytes: PAGE_SIZE,
+            ..EmulatedOptions::with_revocation(Revocation::Poison)
+        },
+    ]
+}
+
+fn file(opts: EmulatedOptions) -> EmulatedGuestMemfd {
+    EmulatedGuestMemfd::create_with(
+        PAGES * PAGE_SIZE,
+        GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+        opts,
+    )
+    .unwrap()
+}
+
+/// What the page at `page` of `m` answers to a read: `None` for SIGBUS, else its first byte.
+fn look(m: &HostMapping, page: u64) -> Option<u8> {
+    match m.probe_read(page as usize * PS, 1).unwrap() {
+        gmem::Probe::Done(v) => Some(v[0]),
+        p => {
+            assert!(p.is_sigbus(), "a fault other than SIGBUS: {p:?}");
+            None
+        }
+    }
+}
+
+/// Whether a write of `byte` to the page at `page` of `m` raised SIGBUS.
+fn write_faults(m: &HostMapping, page: u64, byte: u8) -> bool {
+    m.probe_write(page as usize * PS, 1, byte)
+        .unwrap()
+        .is_sigbus()
+}
+
+/// One request from the test to the other process, and its answer: look at a page (`L`, the
+/// answer is 0xff00 for SIGBUS or the byte), write a byte (`W`, 1 if it faulted), quit (`Q`).
+fn ask(s: &mut UnixStream, op: u8, page: u8, byte: u8) -> u16 {
+    s.write_all(&[op, page, byte]).unwrap();
+    let mut a = [0u8; 2];
+    s.read_exact(&mut a).unwrap();
+    u16::from_le_bytes(a)
+}
+
+/// The other process's side: answers requests about mapping `m` until told to quit.
+fn serve(s: &mut UnixStream, m: &HostMapping) {
+    loop {
+        let mut q = [0u8; 3];
+        if s.read_exact(&mut q).is_err() {
+            return;
+        }
+        let a: u16 = match q[0] {
+            b'L' => look(m, u64::from(q[1])).map_or(0xff00, u16::from),
+            b'W' => u16::from(write_faults(m, u64::from(q[1]), q[2])),
+            _ => return,
+        };
+        if s.write_all(&a.to_le_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+const SIGBUS: u16 = 0xff00;
+
+/// The checks both kinds of other process must pass, driven from the owner.
+fn check_follower(f: &EmulatedGuestMemfd, m: &HostMapping, s: &mut UnixStream) {
+    // Page 0 was made private before the other process existed.
+    assert_eq!(ask(s, b'L', 0, 0), SIGBUS, "private before: readable there");
+    assert_eq!(ask(s, b'L', 1, 0), 0xaa, "shared page");
+    // Shared writes are seen both ways.
+    assert_eq!(ask(s, b'W', 2, 0x55), 0);
+    assert_eq!(look(m, 2), Some(0x55), "its write not seen here");
+    m.write_volatile(3 * PS, &[0x66]).unwrap();
+    assert_eq!(ask(s, b'L', 3, 0), 0x66, "our write not seen there");
+    // Made private after: page 1 was touched there (a present PTE), page 4 was not.
+    f.set_private(PAGE_SIZE, PAGE_SIZE).unwrap();
+    f.set_private(4 * PAGE_SIZE, PAGE_SIZE).unwrap();
+    assert_eq!(ask(s, b'L', 1, 0), SIGBUS, "private after: readable there");
+    assert_eq!(ask(s, b'W', 1, 0x77), 1, "private after: writable there");
+    assert_eq!(
+        ask(s, b'L', 4, 0),
+        SIGBUS,
+        "untouched page made private: readable there"
+    );
+    // A whole-file conversion and back (hole mappings for long runs).
+    f.set_private(0, PAGES * PAGE_SIZE).unwrap();
+    for p in 0..PAGES as u8 {
+        assert_eq!(
+            ask(s, b'L', p, 0),
+            SIGBUS,
+            "page {p} after the whole-file conversion"
+        );
+    }
+    f.set_shared(0, PAGES * PAGE_SIZE).unwrap();
+    // Back to shared: readable there again, contents kept in place (no write was lost).
+    assert_eq!(ask(s, b'L', 0, 0), 0xaa);
+    assert_eq!(ask(s, b'L', 1, 0), 0xaa);
+    assert_eq!(ask(s, b'L', 2, 0), 0x55);
+    assert_eq!(
+        look(m, 1),
+        Some(0xaa),
+        "a faulting write there changed memory"
+    );
+}
+
+fn prepare(opts: EmulatedOptions) -> (EmulatedGuestMemfd, HostMapping) {
+    let f = file(opts);
+    let m = f.mmap_all().unwrap();
+    m.write_volatile(0, &vec![0xaa; PAGES as usize * PS])
+        .unwrap();
+    f.set_private(0, PAGE_SIZE).unwrap();
+    (f, m)
+}
+
+#[test]
+fn a_fork_child_faults_on_private_pages_and_sees_shared_writes() {
+    for opts in modes() {
+        let (f, m) = prepare(opts);
+        let (mut mine, mut theirs) = UnixStream::pair().unwrap();
+        // SAFETY: fork(2). The child only uses the mapping, the probe (a CLONE_VFORK child)
+        // and the socket, then leaves with _exit without unwinding or running destructors.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            drop(mine);
+            serve(&mut theirs, &m);
+            // SAFETY: ends the child at once.
+            unsafe { libc::_exit(0) };
+        }
+        drop(theirs);
+        assert!(f.peer_count() >= 1, "{opts:?}: the child is not a peer");
+        check_follower(&f, &m, &mut mine);
+        mine.write_all(b"Q\0\0").unwrap();
+        let mut status = 0;
+        // SAFETY: reaps our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(
+            libc::WIFEXITED(status),
+            "{opts:?}: child status {status:#x}"
+        );
+        // The child is gone: conversions go on without it.
+        f.set_private(0, PAGE_SIZE).unwrap();
+        f.set_shared(0, PAGE_SIZE).unwrap();
+    }
+}
+
+#[test]
+fn a_grandchild_follows_too() {
+    let (f, m) = prepare(EmulatedOptions::default());
+    let (mut mine, mut theirs) = UnixStream::pair().unwrap();
+    // SAFETY: fork(2) twice; each child only uses the mapping, the probe and the socket, and
+    // leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        drop(mine);
+        // SAFETY: as above.
+        let pid2 = unsafe { libc::fork() };
+        if pid2 == 0 {
+            serve(&mut theirs, &m);
+            // SAFETY: ends the grandchild.
+            unsafe { libc::_exit(0) };
+        }
+        drop(theirs);
+        let mut status = 0;
+        // SAFETY: reaps the grandchild, then ends the child.
+        unsafe {
+            libc::waitpid(pid2, &mut status, 0);
+            libc::_exit(0)
+        };
+    }
+    drop(theirs);
+    check_follower(&f, &m, &mut mine);
+    mine.write_all(b"Q\0\0").unwrap();
+    let mut status = 0;
+    // SAFETY: reaps our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+}
+
+/// The second process of [`a_second_process_follows_over_a_unix_socket`]: run by that test as
+/// `processes --exact second_process --ignored` with `GMEM_SECOND_PROCESS` naming the socket.
+#[test]
+#[ignore = "helper: the second process of a_second_process_follows_over_a_unix_socket"]
+fn second_process() {
+    let Ok(path) = std::env::var("GMEM_SECOND_PROCESS") else {
+        return;
+    };
+    let mut s = UnixStream::connect(&path).unwrap();
+    let f = EmulatedGuestMemfd::receive(&s).unwrap();
+    assert!(f.is_follower());
+    let m = f.mmap_all().unwrap();
+    // Conversions are the owner's.
+    assert_eq!(
+        f.set_private(0, PAGE_SIZE).unwrap_err().errno,
+        gmem::Errno::EOPNOTSUPP
+    );
+    s.write_all(b"R").unwrap();
+    serve(&mut s, &m);
+}
+
+#[test]
+fn a_second_process_follows_over_a_unix_socket() {
+    for opts in modes() {
+        let (f, m) = prepare(opts);
+        let dir = std::env::temp_dir().join(format!("gmem-proc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "second_process", "--ignored", "--nocapture"])
+            .env("GMEM_SECOND_PROCESS", &path)
+            // Its own test summary would read as this binary's closing line.
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        f.send_to(&s).unwrap();
+        let mut ready = [0u8; 1];
+        s.read_exact(&mut ready).unwrap();
+        assert!(f.peer_count() >= 1);
+        check_follower(&f, &m, &mut s);
+        s.write_all(b"Q\0\0").unwrap();
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{opts:?}: second process: {status}");
+        let _ = std::fs::remove_dir_all(&dir);
+        // It has exited: conversions go on without it (other tests' fork children may be
+        // peers for a moment too, so the count is not checked here).
+        f.set_private(0, PAGE_SIZE).unwrap();
+        f.set_shared(0, PAGE_SIZE).unwrap();
+    }
+}
