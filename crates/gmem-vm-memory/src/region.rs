@@ -48,12 +48,17 @@ impl PageState {
         }
     }
 
+    #[inline]
     pub(crate) fn is_private(&self, page: u64) -> bool {
         self.private[(page / 64) as usize].load(Ordering::SeqCst) & (1 << (page % 64)) != 0
     }
 
     /// The first private page of `[first, first + n)`.
+    #[inline]
     pub(crate) fn first_private(&self, first: u64, n: u64) -> Option<u64> {
+        if n == 1 {
+            return self.is_private(first).then_some(first);
+        }
         let mut p = first;
         let end = first + n;
         while p < end {
@@ -115,7 +120,7 @@ impl PageState {
     #[inline]
     pub(crate) fn release(&self, first: u64, n: u64) {
         for r in &self.refs[first as usize..(first + n) as usize] {
-            r.fetch_sub(1, Ordering::SeqCst);
+            r.fetch_sub(1, Ordering::Release);
         }
     }
 
