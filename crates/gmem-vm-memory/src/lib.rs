@@ -20,6 +20,7 @@ mod error;
 mod listener;
 mod memory;
 mod region;
+pub mod vcpu_demo;
 
 pub use error::{private_address, ConvertError, PrivateMemory, RegionError};
 pub use listener::{
