@@ -154,6 +154,7 @@ fn main() {
         "  {:<24} {:8.1} ns   (of the overhead above)",
         rows[9].0, m[9]
     );
+    line(rows[10].0, m[10], m[0], None);
 
     // A 4 KiB conversion: the file alone, through the entry point (checks), and with the two
     // listeners (an IOMMU tracker that pins what it maps, a vhost-user table).
