@@ -124,31 +124,32 @@ impl Vm {
         if req.gpa % PAGE_SIZE != 0 || req.size % PAGE_SIZE != 0 || req.size == 0 {
             return Err(Errno::EINVAL);
         }
-        let segs = self.segments(req.gpa, req.size)?;
-        let attributes = if req.to_private {
-            KVM_MEMORY_ATTRIBUTE_PRIVATE
-        } else {
-            0
-        };
-        // The attributes before, to restore them if a later piece fails.
-        let mut before: Vec<(Arc<dyn GuestBacking>, Vec<AttributeRun>)> = Vec::new();
-        for (file, off, gpa, len) in &segs {
-            let runs = file.attribute_runs(*off, *len)?;
-            let mut a = kvm_memory_attributes2::new(*off, *len, attributes);
-            let mut r = file.set_attributes(&mut a);
-            if r == Err(Errno::EAGAIN) && self.drop_pins(*gpa, *len) > 0 {
-                self.counters.eagain_retries.fetch_add(1, Ordering::Relaxed);
-                let mut a = kvm_memory_attributes2::new(*off, *len, attributes);
-                r = file.set_attributes(&mut a);
-            }
-            if let Err(e) = r {
-                for (file, runs) in &before {
-                    restore_runs(file.as_ref(), runs);
-                }
-                return Err(e);
-            }
-            before.push((file.clone(), runs));
+        let handler = self
+            .conversion_handler
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Some(h) = handler {
+            return h(req, fallocate);
         }
+        let segs = self.segments(req.gpa, req.size)?;
+        let pieces: Vec<ConvertPiece<Arc<dyn GuestBacking>>> = segs
+            .iter()
+            .map(|(file, offset, gpa, len)| ConvertPiece {
+                target: Arc::clone(file),
+                offset: *offset,
+                gpa: *gpa,
+                len: *len,
+            })
+            .collect();
+        convert_pieces(&pieces, req.to_private, &mut |gpa, len| {
+            let dropped = self.drop_pins(gpa, len) > 0;
+            if dropped {
+                self.counters.eagain_retries.fetch_add(1, Ordering::Relaxed);
+            }
+            dropped
+        })
+        .map_err(|f| f.errno)?;
         if fallocate {
             for (file, off, _, len) in &segs {
                 if req.to_private {
@@ -159,6 +160,18 @@ impl Vm {
             }
         }
         Ok(())
+    }
+
+    /// Routes every conversion request this VM receives (`KVM_HC_MAP_GPA_RANGE`,
+    /// `KVM_EXIT_MEMORY_FAULT`, the port request, [`Vm::convert`]) to `handler` instead of
+    /// converting the memslots' memory itself, once the request is checked aligned and
+    /// non-empty; `None` restores the built-in conversion. For a VMM that owns its memory
+    /// elsewhere (e.g. `gmem-vm-memory`'s guest memory, which must see every conversion).
+    pub fn set_conversion_handler(&self, handler: Option<ConversionHandler>) {
+        *self
+            .conversion_handler
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = handler;
     }
 
     /// `KVM_HC_MAP_GPA_RANGE(gpa, npages, attrs)`: decode, convert, and return what goes in
@@ -247,8 +260,104 @@ impl Vm {
     }
 }
 
+/// A conversion handler ([`Vm::set_conversion_handler`]): `(request, fallocate)`.
+pub type ConversionHandler = Arc<dyn Fn(ConvertRequest, bool) -> KernelResult<()> + Send + Sync>;
+
+/// What one piece of a conversion converts: anything with `KVM_SET_MEMORY_ATTRIBUTES2`
+/// semantics (on failure `error_offset` is written and nothing changed).
+pub trait ConvertTarget {
+    /// `KVM_SET_MEMORY_ATTRIBUTES2` on this target.
+    fn set_attributes(&self, attrs: &mut kvm_memory_attributes2) -> KernelResult<()>;
+    /// The runs of equal attributes covering `[offset, offset + len)`.
+    fn attribute_runs(&self, offset: u64, len: u64) -> KernelResult<Vec<AttributeRun>>;
+}
+
+impl ConvertTarget for Arc<dyn GuestBacking> {
+    fn set_attributes(&self, attrs: &mut kvm_memory_attributes2) -> KernelResult<()> {
+        GuestBacking::set_attributes(self.as_ref(), attrs)
+    }
+    fn attribute_runs(&self, offset: u64, len: u64) -> KernelResult<Vec<AttributeRun>> {
+        GuestBacking::attribute_runs(self.as_ref(), offset, len)
+    }
+}
+
+/// One piece of a guest physical range, inside one memory: `[offset, offset + len)` of
+/// `target` is guest physical `[gpa, gpa + len)`.
+#[derive(Debug, Clone)]
+pub struct ConvertPiece<T> {
+    /// The memory converted.
+    pub target: T,
+    /// Offset in it.
+    pub offset: u64,
+    /// Guest physical address of `offset`.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// Why [`convert_pieces`] failed: the errno, and for EAGAIN/ENOMEM the guest physical address
+/// `error_offset` named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvertFailure {
+    /// The failing piece's errno.
+    pub errno: Errno,
+    /// `error_offset` of the failing piece as a guest physical address (EAGAIN, ENOMEM).
+    pub error_gpa: Option<u64>,
+}
+
+/// Converts every piece, in order, to private or shared, with the VMM's policy (shared by
+/// [`Vm::convert`] and other guest memories): a piece failing with EAGAIN is retried once if
+/// `drop_own_refs(gpa, len)` says it dropped references the VMM itself held on the piece; if
+/// a piece still fails, the pieces already converted get back the attributes they had before
+/// (best effort) and the failure is returned.
+pub fn convert_pieces<T: ConvertTarget>(
+    pieces: &[ConvertPiece<T>],
+    to_private: bool,
+    drop_own_refs: &mut dyn FnMut(u64, u64) -> bool,
+) -> Result<(), ConvertFailure> {
+    let attributes = if to_private {
+        KVM_MEMORY_ATTRIBUTE_PRIVATE
+    } else {
+        0
+    };
+    let fail = |errno| ConvertFailure {
+        errno,
+        error_gpa: None,
+    };
+    // The attributes before, to restore them if a later piece fails.
+    let mut before: Vec<(&T, Vec<AttributeRun>)> = Vec::new();
+    let rollback = |before: &[(&T, Vec<AttributeRun>)]| {
+        for (target, runs) in before.iter().rev() {
+            restore_runs(*target, runs);
+        }
+    };
+    for p in pieces {
+        let runs = match p.target.attribute_runs(p.offset, p.len) {
+            Ok(runs) => runs,
+            Err(errno) => {
+                rollback(&before);
+                return Err(fail(errno));
+            }
+        };
+        let mut a = kvm_memory_attributes2::new(p.offset, p.len, attributes);
+        let mut r = p.target.set_attributes(&mut a);
+        if r == Err(Errno::EAGAIN) && drop_own_refs(p.gpa, p.len) {
+            a = kvm_memory_attributes2::new(p.offset, p.len, attributes);
+            r = p.target.set_attributes(&mut a);
+        }
+        if let Err(errno) = r {
+            rollback(&before);
+            let error_gpa = (errno == Errno::EAGAIN || errno == Errno::ENOMEM)
+                .then(|| p.gpa + a.error_offset.saturating_sub(p.offset));
+            return Err(ConvertFailure { errno, error_gpa });
+        }
+        before.push((&p.target, runs));
+    }
+    Ok(())
+}
+
 /// Puts back the attributes recorded before a conversion that failed part-way.
-fn restore_runs(file: &dyn GuestBacking, runs: &[AttributeRun]) {
+fn restore_runs<T: ConvertTarget>(file: &T, runs: &[AttributeRun]) {
     for &(off, len, attrs) in runs {
         let mut a = kvm_memory_attributes2::new(off, len, attrs);
         let _ = file.set_attributes(&mut a);

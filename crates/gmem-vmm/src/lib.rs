@@ -57,7 +57,10 @@ mod vcpu;
 mod vm;
 
 pub use asm::{Asm, AsmError, Cond, Label, Reg};
-pub use convert::{hypercall_ret, ConvertRequest, REQUEST_FLAG_FALLOCATE, REQUEST_FLAG_TIMED};
+pub use convert::{
+    convert_pieces, hypercall_ret, ConversionHandler, ConvertFailure, ConvertPiece, ConvertRequest,
+    ConvertTarget, REQUEST_FLAG_FALLOCATE, REQUEST_FLAG_TIMED,
+};
 pub use error::{HypercallExitError, KvmUnavailable, PortError, VmError};
 pub use guest::{GuestProgram, Program, RequestPath};
 pub use memslot::Memslot;

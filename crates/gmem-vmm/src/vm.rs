@@ -79,6 +79,7 @@ pub struct Vm {
     pub(crate) timeout_ms: AtomicU64,
     pub(crate) memory_fault_conversion: std::sync::atomic::AtomicBool,
     pub(crate) vcpu_id_base: u64,
+    pub(crate) conversion_handler: RwLock<Option<crate::ConversionHandler>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -171,6 +172,7 @@ impl Vm {
             timeout_ms: AtomicU64::new(0),
             memory_fault_conversion: std::sync::atomic::AtomicBool::new(true),
             vcpu_id_base,
+            conversion_handler: RwLock::new(None),
         };
         guest::write_page_tables(&vm)?;
         Ok(vm)
