@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use gmem::error::{Errno, KernelResult};
 use gmem::file::PinGuard;
-use gmem::sys::PAGE_SIZE;
+use gmem::os::PAGE_SIZE;
 use gmem::uapi::kvm_memory_attributes2;
 use gmem_vmm::backing::AttributeRun;
 use gmem_vmm::{convert_pieces, ConvertPiece, ConvertTarget};

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use gmem::file::{GuestMemfd, MemslotSource};
 use gmem::mapping::{HostMapping, MapKind};
-use gmem::sys::PAGE_SIZE;
+use gmem::os::PAGE_SIZE;
 use gmem::uapi::KVM_MEM_GUEST_MEMFD;
 use kvm_bindings::kvm_userspace_memory_region2;
 use vm_memory::bitmap::{Bitmap, BS};
