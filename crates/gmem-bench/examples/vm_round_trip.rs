@@ -37,7 +37,8 @@ fn main() -> ExitCode {
     host.write_volatile(0, &[1u8; 4096]).expect("pre-touch");
     let vm = Vm::new(1).expect("vm");
     let memory = in_place(std::sync::Arc::new(f.clone())).expect("in-place memory");
-    vm.bind(DATA_GPA, &memory, 0, size).expect("bind");
+    vm.bind(gmem_vmm::Gpa(DATA_GPA), &memory, 0, size)
+        .expect("bind");
     let mut p = GuestProgram::new(0, RequestPath::Port);
     p.fill(DATA_GPA, PAGE_SIZE, 0xcc);
     p.nop_loop(samples + 1);

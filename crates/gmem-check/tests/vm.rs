@@ -13,7 +13,7 @@ use gmem::uapi::{
 use gmem::{EmulatedGuestMemfd, GuestMemfd, PAGE_SIZE};
 use gmem_vmm::backing::{in_place, GuestBacking};
 use gmem_vmm::guest::DATA_GPA;
-use gmem_vmm::{Event, GuestProgram, RequestPath, Vm};
+use gmem_vmm::{Event, Gpa, GuestProgram, RequestPath, Vm};
 use libtest_mimic::Trial;
 
 use common::{test_partly, test_unless, tests, tests_unless};
@@ -65,7 +65,7 @@ fn host_sigbus(f: &EmulatedGuestMemfd, off: u64) -> bool {
 fn init_shared_flow_with_a_real_vcpu() {
     let (f, g) = emulated(1);
     let vm = Vm::new(1).unwrap();
-    vm.bind(DATA_GPA, &g, 0, PS).unwrap();
+    vm.bind(Gpa(DATA_GPA), &g, 0, PS).unwrap();
     let mut p = GuestProgram::new(0, RequestPath::Port);
     // test_shared(0, 0, 'A', 'B'): host writes A; guest checks A, writes B.
     p.sync(1);
@@ -112,7 +112,7 @@ fn init_shared_flow_with_a_real_vcpu() {
 fn bad_requests_answer_einval_and_the_vm_keeps_running() {
     let (f, g) = emulated(4);
     let vm = Vm::new(1).unwrap();
-    vm.bind(DATA_GPA, &g, 0, 4 * PS).unwrap();
+    vm.bind(Gpa(DATA_GPA), &g, 0, 4 * PS).unwrap();
     let einval = -libc::EINVAL;
     let enc = KVM_MAP_GPA_RANGE_ENCRYPTED;
     let mut p = GuestProgram::new(0, RequestPath::Port);
@@ -149,8 +149,8 @@ fn bad_requests_answer_einval_and_the_vm_keeps_running() {
 fn eagain_is_retried_after_dropping_vmm_pins() {
     let (f, g) = emulated(4);
     let vm = Vm::new(1).unwrap();
-    vm.bind(DATA_GPA, &g, 0, 4 * PS).unwrap();
-    vm.pin(DATA_GPA + PS, PS).unwrap();
+    vm.bind(Gpa(DATA_GPA), &g, 0, 4 * PS).unwrap();
+    vm.pin(Gpa(DATA_GPA + PS), PS).unwrap();
     let foreign = f.pin(3 * PS, PS).unwrap();
     let enc = KVM_MAP_GPA_RANGE_ENCRYPTED;
     let mut p = GuestProgram::new(0, RequestPath::Port);
@@ -183,8 +183,8 @@ fn a_request_is_split_across_memslots_and_files() {
     let (f1, g1) = emulated(2);
     let (f2, g2) = emulated(2);
     let vm = Vm::new(1).unwrap();
-    vm.bind(DATA_GPA, &g1, 0, 2 * PS).unwrap();
-    vm.bind(DATA_GPA + 2 * PS, &g2, 0, 2 * PS).unwrap();
+    vm.bind(Gpa(DATA_GPA), &g1, 0, 2 * PS).unwrap();
+    vm.bind(Gpa(DATA_GPA + 2 * PS), &g2, 0, 2 * PS).unwrap();
     let enc = KVM_MAP_GPA_RANGE_ENCRYPTED;
     let mut p = GuestProgram::new(0, RequestPath::Port);
     p.fill(DATA_GPA, 4 * PS, 0x5a);
@@ -217,7 +217,7 @@ fn map_gpa_range_hypercall_decoding() {
     assert_eq!(
         ConvertRequest::from_map_gpa_range(DATA_GPA, 2, enc | 1),
         Ok(ConvertRequest {
-            gpa: DATA_GPA,
+            gpa: Gpa(DATA_GPA),
             size: 2 * PS,
             to_private: true
         })
@@ -228,7 +228,7 @@ fn map_gpa_range_hypercall_decoding() {
     assert_eq!(
         ConvertRequest::from_memory_fault(8, DATA_GPA + 5, 1),
         Ok(ConvertRequest {
-            gpa: DATA_GPA,
+            gpa: Gpa(DATA_GPA),
             size: PS,
             to_private: true
         })
@@ -247,7 +247,7 @@ fn map_gpa_range_synthetic_exits() {
     // Synthetic hypercall exits through the VMM's handler.
     let (f, g) = emulated(2);
     let vm = Vm::new(1).unwrap();
-    vm.bind(DATA_GPA, &g, 0, 2 * PS).unwrap();
+    vm.bind(Gpa(DATA_GPA), &g, 0, 2 * PS).unwrap();
     assert_eq!(vm.map_gpa_range(DATA_GPA, 2, enc, false), 0);
     assert_eq!(vm.map_gpa_range(DATA_GPA, 3, enc, false), (-22i64) as u64);
     assert!(vm.memory_fault(0, DATA_GPA + PS, PS).is_ok());
@@ -262,7 +262,7 @@ fn map_gpa_range_synthetic_exits() {
 fn map_gpa_range_hypercall_from_a_guest() {
     let (f, g) = emulated(2);
     let vm = Vm::new(1).unwrap();
-    vm.bind(DATA_GPA, &g, 0, 2 * PS).unwrap();
+    vm.bind(Gpa(DATA_GPA), &g, 0, 2 * PS).unwrap();
     let mut p = GuestProgram::new(0, RequestPath::Hypercall);
     p.map_gpa_range(DATA_GPA + PS, 1, KVM_MAP_GPA_RANGE_ENCRYPTED, 0, 0);
     p.done();
@@ -278,8 +278,13 @@ fn test_guest_memfd_guest_on_the_kernel_backend() {
     let flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
     let file = backend.create_guest_memfd(PS, flags).unwrap();
     let vm = Vm::on_kernel_backend(&backend, 1).unwrap();
-    vm.bind(DATA_GPA, &in_place(Arc::new(file.clone())).unwrap(), 0, PS)
-        .unwrap();
+    vm.bind(
+        Gpa(DATA_GPA),
+        &in_place(Arc::new(file.clone())).unwrap(),
+        0,
+        PS,
+    )
+    .unwrap();
     {
         let m = file.mmap_all().unwrap();
         m.write_volatile(0, &[0xaa; PS as usize]).unwrap();
@@ -298,8 +303,13 @@ fn test_guest_memfd_guest_on_the_kernel_backend() {
     drop(vcpu);
     drop(vm);
     let vm = Vm::on_kernel_backend(&backend, 1).unwrap();
-    vm.bind(DATA_GPA, &in_place(Arc::new(file.clone())).unwrap(), 0, PS)
-        .unwrap();
+    vm.bind(
+        Gpa(DATA_GPA),
+        &in_place(Arc::new(file.clone())).unwrap(),
+        0,
+        PS,
+    )
+    .unwrap();
     let mut p = GuestProgram::new(0, RequestPath::Port);
     p.verify(DATA_GPA, PS, 0xff);
     p.done();
@@ -396,7 +406,7 @@ fn private_mem_conversions_workload_on_the_two_backing_model() -> Option<String>
 fn guest_failures_are_reported_and_hung_guests_time_out() {
     let (f, g) = emulated(1);
     let vm = Vm::new(2).unwrap();
-    vm.bind(DATA_GPA, &g, 0, PS).unwrap();
+    vm.bind(Gpa(DATA_GPA), &g, 0, PS).unwrap();
     host_write(&f, 0, 0x77);
     let mut p = GuestProgram::new(0, RequestPath::Port);
     p.verify(DATA_GPA, PS, 0x78);

@@ -286,7 +286,7 @@ impl<B: Bitmap> GmemMemory<B> {
                         failure: &failure,
                     },
                     offset: r.file_offset() + (s - rs),
-                    gpa: s,
+                    gpa: gmem_vmm::Gpa(s),
                     len: e - s,
                 })
             })
@@ -294,16 +294,16 @@ impl<B: Bitmap> GmemMemory<B> {
         if pieces.is_empty() {
             return Err(invalid("no guest memory region backs any of it"));
         }
-        convert_pieces(&pieces, to_private, &mut |g, l| self.drop_pins(g, l)).map_err(|f| {
+        convert_pieces(&pieces, to_private, &mut |g, l| self.drop_pins(g.raw(), l)).map_err(|f| {
             // The first failure recorded is the one that stopped the conversion (rollbacks
             // record nothing).
             failure.borrow_mut().take().unwrap_or(match f.errno {
                 Errno::EAGAIN => ConvertError::Busy {
-                    error_gpa: f.error_gpa.unwrap_or(gpa),
+                    error_gpa: f.error_gpa.map_or(gpa, gmem_vmm::Gpa::raw),
                 },
                 errno => ConvertError::Kernel {
                     errno,
-                    error_gpa: f.error_gpa,
+                    error_gpa: f.error_gpa.map(gmem_vmm::Gpa::raw),
                 },
             })
         })

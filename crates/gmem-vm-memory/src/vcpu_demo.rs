@@ -70,11 +70,12 @@ pub fn run() -> Result<VcpuDemo, String> {
 
     let vm = Vm::new(1).map_err(err)?;
     let backing = gmem_vmm::backing::in_place(file.clone()).map_err(err)?;
-    vm.bind(DATA_GPA, &backing, 0, 16 * PAGE).map_err(err)?;
+    vm.bind(gmem_vmm::Gpa(DATA_GPA), &backing, 0, 16 * PAGE)
+        .map_err(err)?;
     let handler_mem = Arc::clone(&mem);
     vm.set_conversion_handler(Some(Arc::new(move |req, _fallocate| {
         handler_mem
-            .convert(req.gpa, req.size, req.to_private)
+            .convert(req.gpa.raw(), req.size, req.to_private)
             .map_err(|e| e.errno())
     })));
 

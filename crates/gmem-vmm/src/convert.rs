@@ -14,7 +14,7 @@ use gmem::uapi::{
 };
 
 use crate::backing::{AttributeRun, GuestBacking};
-use crate::Vm;
+use crate::{Gpa, Vm};
 
 /// `KVM_MAP_GPA_RANGE_PAGE_SZ_*` mask (bits 0-1).
 const MAP_GPA_RANGE_PAGE_SZ_MASK: u64 = KVM_MAP_GPA_RANGE_PAGE_SZ_2M | KVM_MAP_GPA_RANGE_PAGE_SZ_1G;
@@ -29,7 +29,7 @@ pub const REQUEST_FLAG_TIMED: u64 = 1 << 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvertRequest {
     /// First guest physical address (page-aligned).
-    pub gpa: u64,
+    pub gpa: Gpa,
     /// Length in bytes (a non-zero multiple of the page size).
     pub size: u64,
     /// Private (true) or shared (false).
@@ -52,7 +52,7 @@ impl ConvertRequest {
         let size = npages.checked_mul(PAGE_SIZE).ok_or(Errno::EINVAL)?;
         gpa.checked_add(size).ok_or(Errno::EINVAL)?;
         Ok(ConvertRequest {
-            gpa,
+            gpa: Gpa(gpa),
             size,
             to_private: attrs & KVM_MAP_GPA_RANGE_ENCRYPTED != 0,
         })
@@ -71,7 +71,7 @@ impl ConvertRequest {
             .div_ceil(PAGE_SIZE)
             * PAGE_SIZE;
         Ok(ConvertRequest {
-            gpa: gpa_aligned,
+            gpa: Gpa(gpa_aligned),
             size: end - gpa_aligned,
             to_private: flags & KVM_MEMORY_EXIT_FLAG_PRIVATE != 0,
         })
@@ -121,7 +121,7 @@ impl Vm {
     }
 
     fn convert_inner(&self, req: ConvertRequest, fallocate: bool) -> KernelResult<()> {
-        if req.gpa % PAGE_SIZE != 0 || req.size % PAGE_SIZE != 0 || req.size == 0 {
+        if req.gpa.raw() % PAGE_SIZE != 0 || req.size % PAGE_SIZE != 0 || req.size == 0 {
             return Err(Errno::EINVAL);
         }
         let handler = self
@@ -132,18 +132,18 @@ impl Vm {
         if let Some(h) = handler {
             return h(req, fallocate);
         }
-        let segs = self.segments(req.gpa, req.size)?;
+        let segs = self.segments(req.gpa.raw(), req.size)?;
         let pieces: Vec<ConvertPiece<Arc<dyn GuestBacking>>> = segs
             .iter()
             .map(|(file, offset, gpa, len)| ConvertPiece {
                 target: Arc::clone(file),
                 offset: *offset,
-                gpa: *gpa,
+                gpa: Gpa(*gpa),
                 len: *len,
             })
             .collect();
         convert_pieces(&pieces, req.to_private, &mut |gpa, len| {
-            let dropped = self.drop_pins(gpa, len) > 0;
+            let dropped = self.drop_pins(gpa.raw(), len) > 0;
             if dropped {
                 self.counters.eagain_retries.fetch_add(1, Ordering::Relaxed);
             }
@@ -195,7 +195,8 @@ impl Vm {
     }
 
     /// Punches `[gpa, gpa + size)` out of the files that back it (split across memslots).
-    pub fn punch_hole(&self, gpa: u64, size: u64) -> KernelResult<()> {
+    pub fn punch_hole(&self, gpa: Gpa, size: u64) -> KernelResult<()> {
+        let gpa = gpa.raw();
         if gpa % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 || size == 0 {
             return Err(Errno::EINVAL);
         }
@@ -208,7 +209,8 @@ impl Vm {
 
     /// Takes a VMM-owned pin on `[gpa, gpa + len)` (as a device DMA mapping would); the VMM
     /// drops it when a conversion of the range fails with EAGAIN.
-    pub fn pin(&self, gpa: u64, len: u64) -> KernelResult<()> {
+    pub fn pin(&self, gpa: Gpa, len: u64) -> KernelResult<()> {
+        let gpa = gpa.raw();
         let segs = self.segments(gpa, len)?;
         let mut pins = self
             .pins
@@ -290,7 +292,7 @@ pub struct ConvertPiece<T> {
     /// Offset in it.
     pub offset: u64,
     /// Guest physical address of `offset`.
-    pub gpa: u64,
+    pub gpa: Gpa,
     /// Length in bytes.
     pub len: u64,
 }
@@ -302,7 +304,7 @@ pub struct ConvertFailure {
     /// The failing piece's errno.
     pub errno: Errno,
     /// `error_offset` of the failing piece as a guest physical address (EAGAIN, ENOMEM).
-    pub error_gpa: Option<u64>,
+    pub error_gpa: Option<Gpa>,
 }
 
 /// Converts every piece, in order, to private or shared, with the VMM's policy (shared by
@@ -313,7 +315,7 @@ pub struct ConvertFailure {
 pub fn convert_pieces<T: ConvertTarget>(
     pieces: &[ConvertPiece<T>],
     to_private: bool,
-    drop_own_refs: &mut dyn FnMut(u64, u64) -> bool,
+    drop_own_refs: &mut dyn FnMut(Gpa, u64) -> bool,
 ) -> Result<(), ConvertFailure> {
     let attributes = if to_private {
         KVM_MEMORY_ATTRIBUTE_PRIVATE
@@ -348,7 +350,7 @@ pub fn convert_pieces<T: ConvertTarget>(
         if let Err(errno) = r {
             rollback(&before);
             let error_gpa = (errno == Errno::EAGAIN || errno == Errno::ENOMEM)
-                .then(|| p.gpa + a.error_offset.saturating_sub(p.offset));
+                .then(|| p.gpa.add(a.error_offset.saturating_sub(p.offset)));
             return Err(ConvertFailure { errno, error_gpa });
         }
         before.push((&p.target, runs));

@@ -48,6 +48,7 @@ pub mod asm;
 pub mod backing;
 mod convert;
 mod error;
+pub mod gpa;
 pub mod guest;
 mod memslot;
 pub mod port;
@@ -62,6 +63,7 @@ pub use convert::{
     ConvertTarget, REQUEST_FLAG_FALLOCATE, REQUEST_FLAG_TIMED,
 };
 pub use error::{HypercallExitError, KvmUnavailable, PortError, VmError};
+pub use gpa::Gpa;
 pub use guest::{GuestProgram, Program, RequestPath};
 pub use memslot::Memslot;
 pub use vcpu::{Event, Stop, Vcpu, VcpuTimings};

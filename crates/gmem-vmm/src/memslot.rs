@@ -12,7 +12,7 @@ use gmem::os::PAGE_SIZE;
 use gmem::uapi::KVM_MEM_GUEST_MEMFD;
 
 use crate::backing::GuestBacking;
-use crate::{guest, Vm, VmError};
+use crate::{guest, Gpa, Vm, VmError};
 
 /// A piece of a guest physical range inside one memslot: `(memory, offset in it, gpa, len)`.
 pub(crate) type Segment = (Arc<dyn GuestBacking>, u64, u64, u64);
@@ -23,7 +23,7 @@ pub struct Memslot {
     /// KVM slot number.
     pub slot: u32,
     /// First guest physical address.
-    pub gpa: u64,
+    pub gpa: Gpa,
     /// Size in bytes.
     pub size: u64,
     /// The memory bound.
@@ -37,11 +37,12 @@ impl Vm {
     /// window) as a new memslot; returns its slot number.
     pub fn bind(
         &self,
-        gpa: u64,
+        gpa: Gpa,
         file: &Arc<dyn GuestBacking>,
         offset: u64,
         size: u64,
     ) -> Result<u32, VmError> {
+        let gpa = gpa.raw();
         let bad = |why: String| VmError::Binding {
             gpa,
             size,
@@ -69,7 +70,10 @@ impl Vm {
             .slots
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if slots.iter().any(|s| s.gpa < end && gpa < s.gpa + s.size) {
+        if slots
+            .iter()
+            .any(|s| s.gpa.raw() < end && gpa < s.gpa.raw() + s.size)
+        {
             return Err(bad("overlaps an existing binding".into()));
         }
         let slot = slots.iter().map(|s| s.slot).max().unwrap_or(0) + 1;
@@ -127,7 +131,7 @@ impl Vm {
         }
         slots.push(Memslot {
             slot,
-            gpa,
+            gpa: Gpa(gpa),
             size,
             backing: Arc::clone(file),
             offset,
@@ -156,12 +160,12 @@ impl Vm {
         while at < end {
             let s = slots
                 .iter()
-                .find(|s| s.gpa <= at && at < s.gpa + s.size)
+                .find(|s| s.gpa.raw() <= at && at < s.gpa.raw() + s.size)
                 .ok_or(Errno::EINVAL)?;
-            let seg_end = end.min(s.gpa + s.size);
+            let seg_end = end.min(s.gpa.raw() + s.size);
             out.push((
                 Arc::clone(&s.backing),
-                s.offset + (at - s.gpa),
+                s.offset + (at - s.gpa.raw()),
                 at,
                 seg_end - at,
             ));
@@ -171,8 +175,8 @@ impl Vm {
     }
 
     /// Translates a guest physical address to (file, offset).
-    pub fn gpa_to_file(&self, gpa: u64) -> Option<(Arc<dyn GuestBacking>, u64)> {
-        self.segments(gpa, 1)
+    pub fn gpa_to_file(&self, gpa: Gpa) -> Option<(Arc<dyn GuestBacking>, u64)> {
+        self.segments(gpa.raw(), 1)
             .ok()
             .and_then(|v| v.into_iter().next())
             .map(|(f, off, _, _)| (f, off))
@@ -196,7 +200,7 @@ impl Vm {
         let region = kvm_userspace_memory_region {
             slot,
             flags: 0,
-            guest_phys_addr: slots[i].gpa,
+            guest_phys_addr: slots[i].gpa.raw(),
             memory_size: 0,
             userspace_addr: 0,
         };

@@ -194,7 +194,10 @@ impl VcpuGuest {
             }
         }
         let gpa = st.next_gpa;
-        let slot = self.vm.bind(gpa, &gf, 0, size).map_err(PortError::from)?;
+        let slot = self
+            .vm
+            .bind(crate::Gpa(gpa), &gf, 0, size)
+            .map_err(PortError::from)?;
         st.next_gpa += size;
         st.auto.insert(key, (slot, gpa));
         Ok(gpa)
@@ -289,7 +292,7 @@ impl VmPort for VcpuGuest {
         let gf = in_place(Arc::clone(file))
             .map_err(|e| PortError::Binding(format!("mapping the file: {e}")))?;
         self.vm
-            .bind(gpa, &gf, offset, size)
+            .bind(crate::Gpa(gpa), &gf, offset, size)
             .map_err(PortError::from)
     }
 

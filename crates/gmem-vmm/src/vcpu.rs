@@ -380,7 +380,7 @@ impl Vcpu {
                 let r = npages
                     .checked_mul(PAGE_SIZE)
                     .ok_or(Errno::EINVAL)
-                    .and_then(|len| vm.punch_hole(gpa, len));
+                    .and_then(|len| vm.punch_hole(crate::Gpa(gpa), len));
                 vm.write_system_u64(mb + guest::MB_RET, hypercall_ret(r))?;
                 Step::Continue
             }

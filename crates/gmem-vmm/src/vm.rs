@@ -375,7 +375,7 @@ impl Drop for Vm {
             let region = kvm_userspace_memory_region {
                 slot: s.slot,
                 flags: 0,
-                guest_phys_addr: s.gpa,
+                guest_phys_addr: s.gpa.raw(),
                 memory_size: 0,
                 userspace_addr: 0,
             };

@@ -167,7 +167,7 @@ fn guest_access(backend: &KernelBackend, reps: usize) -> Result<([f64; 2], [f64;
             let f = EmulatedGuestMemfd::create(LEN, FLAGS)?;
             (Vm::new(1)?, in_place(Arc::new(f))?)
         };
-        vm.bind(DATA_GPA, &file, 0, LEN)?;
+        vm.bind(gmem_vmm::Gpa(DATA_GPA), &file, 0, LEN)?;
         let mut p = GuestProgram::new(0, RequestPath::Port);
         for r in 0..=reps {
             let id = u32::try_from(r * 3)?;

@@ -21,7 +21,7 @@ use crate::floor::Figure;
 fn vcpu_round_trip(kind: BackingKind, len: u64, reps: usize) -> Result<f64, BenchError> {
     let vm = Vm::new(1)?;
     let model = create_backing(kind, len, false)?;
-    vm.bind(DATA_GPA, &model, 0, len)?;
+    vm.bind(gmem_vmm::Gpa(DATA_GPA), &model, 0, len)?;
     model.host_touch(0, len, 0)?;
     let mut p = GuestProgram::new(0, RequestPath::Port);
     for r in 0..=reps {

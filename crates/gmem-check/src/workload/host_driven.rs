@@ -55,11 +55,11 @@ pub(super) fn run_host_driven(
                     fallocate,
                 } => {
                     let req = ConvertRequest {
-                        gpa,
+                        gpa: gmem_vmm::Gpa(gpa),
                         size: len,
                         to_private: private,
                     };
-                    let off = req.gpa - DATA_GPA;
+                    let off = req.gpa.raw() - DATA_GPA;
                     let mut a = gmem::uapi::kvm_memory_attributes2::new(
                         off,
                         len,

@@ -38,7 +38,7 @@ pub(super) fn run_kvm(
     let size = config.mem_mib << 20;
     let piece = size / config.memslots;
     for i in 0..config.memslots {
-        vm.bind(DATA_GPA + i * piece, &file, i * piece, piece)?;
+        vm.bind(gmem_vmm::Gpa(DATA_GPA + i * piece), &file, i * piece, piece)?;
     }
     let rules = content_rules(config);
     let mut vcpus = Vec::new();
