@@ -134,6 +134,16 @@ impl Vm {
             op: "mmap of system memory",
             errno,
         })?;
+        // Private anonymous memory that KVM maps must not become copy-on-write when the
+        // process forks (as QEMU marks guest RAM): otherwise the parent's next write breaks
+        // the sharing, the host and the vCPU (through a stale shadow/stage-2 entry) see two
+        // different pages, and a bounce buffer or a page table silently loses writes.
+        system
+            .madvise(0, system.len(), libc::MADV_DONTFORK)
+            .map_err(|errno| VmError::Kvm {
+                op: "madvise(MADV_DONTFORK) of system memory",
+                errno,
+            })?;
         let region = kvm_userspace_memory_region {
             slot: 0,
             flags: 0,
