@@ -133,6 +133,11 @@ impl GuestMemfd for EmulatedGuestMemfd {
                 a.error_offset = a.offset.max(page * PAGE_SIZE);
                 return Err(Errno::EAGAIN);
             }
+        }
+        // NO_DIRECT_MAP: no host fault is resolved from the first revoke or restore until the
+        // new attributes are recorded in the gate (see `FaultService::gate`).
+        let mut gate = self.inner.faults.get().map(|s| s.gate());
+        if to_private {
             if let Err(e) = self.apply_all(&mut st, &changing, Self::revoke, Self::restore) {
                 a.error_offset = a.offset;
                 return Err(if e == Errno::EAGAIN {
@@ -150,6 +155,10 @@ impl GuestMemfd for EmulatedGuestMemfd {
         }
         // Point of no return: record the new attributes.
         st.attrs.set_range(first, end, to_private);
+        if let Some(gate) = gate.as_mut() {
+            gate.set_range(first, end, to_private);
+        }
+        drop(gate);
         // The guest's mappings of the changed pages go, as the kernel invalidates KVM's
         // (stage-2) mappings of a converted range: a guest view bound as a memslot has
         // KVM's MMU notifier zap its entries, and the guest's next access faults again.

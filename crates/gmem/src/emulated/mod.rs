@@ -307,7 +307,8 @@ impl EmulatedGuestMemfd {
             faults: OnceLock::new(),
         });
         if let Some(uffd) = fault_uffd {
-            let service = FaultService::start(Arc::downgrade(&inner), uffd)?;
+            let attrs = AttributeStore::new(size / PAGE_SIZE, private);
+            let service = FaultService::start(Arc::downgrade(&inner), uffd, attrs)?;
             let _ = inner.faults.set(service);
         }
         Ok(EmulatedGuestMemfd { inner })
