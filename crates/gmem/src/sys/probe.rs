@@ -60,7 +60,7 @@ extern "C" fn probe_child(arg: *mut libc::c_void) -> libc::c_int {
     }
     for i in 0..a.len {
         // SAFETY: the parent guaranteed `[addr, addr + len)` is mapped (it may fault, which
-        // is the point) and that `out` has `len` bytes for a read.
+        // is the point) and that `out` has room for `len` bytes for a read.
         unsafe {
             match a.op {
                 ProbeOp::Read => a.out.add(i).write(a.addr.add(i).read_volatile()),
@@ -87,7 +87,13 @@ pub fn probe(map: &Mmap, off: usize, len: usize, op: ProbeOp) -> KernelResult<Pr
         STACK,
         libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
     )?;
-    let mut out = vec![0u8; if op == ProbeOp::Read { len } else { 0 }];
+    // Fallible: a length the mapping allows may still be more memory than there is (ENOMEM,
+    // not an abort). Not filled up front: the child writes the bytes it reads, and the length
+    // is set only once it read them all, so a read that faults early touches little memory.
+    let mut out: Vec<u8> = Vec::new();
+    if op == ProbeOp::Read {
+        out.try_reserve_exact(len).map_err(|_| Errno::ENOMEM)?;
+    }
     let mut pipe = [0 as libc::c_int; 2];
     // SAFETY: `pipe` has room for the two descriptors.
     if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
@@ -142,6 +148,11 @@ pub fn probe(map: &Mmap, off: usize, len: usize, op: ProbeOp) -> KernelResult<Pr
         }));
     }
     if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+        if op == ProbeOp::Read {
+            // SAFETY: the child exited normally, so it wrote all `len` bytes into `out`'s
+            // reserved capacity (same address space, CLONE_VM).
+            unsafe { out.set_len(len) };
+        }
         Ok(Probe::Done(out))
     } else {
         Err(Errno(libc::ECHILD))
