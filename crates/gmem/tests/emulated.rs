@@ -306,3 +306,58 @@ fn hole_mappings_stay_within_their_budget() {
     assert_eq!(m.probe_read(0, 1).unwrap(), Probe::Done(vec![9]));
     assert!(map_count(&m) <= before + 2);
 }
+
+/// Issue 11 item 8: SIGBUS probes work under a low descriptor limit. The test re-runs itself
+/// in a child process whose RLIMIT_NOFILE is lowered (never this process's, which other tests
+/// share); the child probes a private page and a shared one.
+#[test]
+fn probes_work_with_a_low_descriptor_limit() {
+    const CHILD: &str = "GMEM_TEST_LOW_NOFILE";
+    if std::env::var_os(CHILD).is_some() {
+        let f = EmulatedGuestMemfd::create(2 * PS, SHARED).unwrap();
+        let m = f.mmap_all().unwrap();
+        f.set_private(0, PS).unwrap();
+        let r = m.probe_read(0, 1).unwrap();
+        assert!(r.is_sigbus(), "{r:?}");
+        assert_eq!(m.probe_write(PS as usize, 1, 3).unwrap(), Probe::Done(()));
+        return;
+    }
+    for limit in [64u64, 1000] {
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "--exact",
+            "probes_work_with_a_low_descriptor_limit",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "1");
+        // SAFETY: setrlimit is async-signal-safe and touches only the child's limits.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || {
+                let r = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = child_output(cmd);
+        assert!(out.0, "limit {limit}: child failed:\n{}", out.1);
+        assert!(
+            out.1.contains("1 passed"),
+            "limit {limit}: child ran nothing:\n{}",
+            out.1
+        );
+    }
+}
+
+fn child_output(mut cmd: std::process::Command) -> (bool, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}

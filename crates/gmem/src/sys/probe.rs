@@ -7,8 +7,11 @@ use super::Mmap;
 use crate::error::{Errno, KernelResult};
 use crate::mapping::{Fault, Probe, ProbeOp};
 
-/// The fd number the probe child reports a fault on (in its own fd table).
-const PROBE_REPORT_FD: libc::c_int = 1000;
+/// The fd number the probe child reports a fault on, in its own fd table (a copy: the child
+/// is created without CLONE_FILES, so replacing its stdin leaves the parent's alone). 0 is
+/// below any descriptor limit a process can run with (a fixed high number such as 1000 is not:
+/// under `ulimit -n 1000` the `dup2` failed, the report was lost and probes gave ECHILD).
+const PROBE_REPORT_FD: libc::c_int = 0;
 
 #[repr(C)]
 struct ProbeArgs {
@@ -45,7 +48,10 @@ extern "C" fn probe_child(arg: *mut libc::c_void) -> libc::c_int {
     // CLONE_SIGHAND), so changing them does not affect the parent. Each struct passed is
     // fully initialised.
     unsafe {
-        libc::dup2(a.report_fd, PROBE_REPORT_FD);
+        // A no-op if the pipe already is fd 0; a failure would lose the report: say so.
+        if libc::dup2(a.report_fd, PROBE_REPORT_FD) != PROBE_REPORT_FD {
+            libc::syscall(libc::SYS_exit, 2);
+        }
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = probe_fault_handler as *const () as usize;
         sa.sa_flags = libc::SA_SIGINFO;
