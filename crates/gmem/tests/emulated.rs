@@ -361,3 +361,48 @@ fn child_output(mut cmd: std::process::Command) -> (bool, String) {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
 }
+
+/// Issue 11 item 10: MADV_COLLAPSE on a host mapping is EINVAL in every revocation mode (as
+/// the kernel answers for a guest_memfd mapping), before and after conversions changed the
+/// mapping's layout (holes, markers, rebuilt holes, restores).
+#[test]
+fn madv_collapse_is_einval_in_every_mode() {
+    const TWO_MB: u64 = 2 << 20;
+    let collapse = |m: &HostMapping, off: u64, len: u64| match m.mmap().madvise(
+        off as usize,
+        len as usize,
+        libc::MADV_COLLAPSE,
+    ) {
+        Ok(()) => 0,
+        Err(e) => e.0,
+    };
+    for rev in [Revocation::Auto, Revocation::Poison, Revocation::Remap] {
+        for flags in [SHARED, SHARED | GUEST_MEMFD_FLAG_NO_DIRECT_MAP] {
+            let opts = EmulatedOptions {
+                hole_min_bytes: 64 * 1024,
+                ..EmulatedOptions::with_revocation(rev)
+            };
+            let f = EmulatedGuestMemfd::create_with(2 * TWO_MB, flags, opts).unwrap();
+            let m = f.mmap_all().unwrap();
+            m.write_volatile(0, &[1u8; 4096]).unwrap();
+            assert_eq!(
+                collapse(&m, 0, TWO_MB),
+                libc::EINVAL,
+                "{rev:?} {flags:#x} fresh"
+            );
+            // A hole, a partial restore (rebuilt as markers / re-mapped) and a full restore.
+            f.set_private(TWO_MB, TWO_MB).unwrap();
+            f.set_shared(TWO_MB + 4096 * 8, 4096).unwrap();
+            f.set_shared(TWO_MB, TWO_MB).unwrap();
+            f.set_private(4096, 4096).unwrap();
+            f.set_shared(4096, 4096).unwrap();
+            for off in [0, TWO_MB] {
+                assert_eq!(
+                    collapse(&m, off, TWO_MB),
+                    libc::EINVAL,
+                    "{rev:?} {flags:#x} after conversions, at {off:#x}"
+                );
+            }
+        }
+    }
+}

@@ -96,6 +96,15 @@ impl MappingEntry {
     }
 }
 
+/// Marks `[off, off + len)` of a host mapping `VM_NOHUGEPAGE`, so `MADV_COLLAPSE` there is
+/// EINVAL as on a guest_memfd mapping (which has no huge pages), whatever else the VMA is:
+/// registered with userfaultfd or not (Remap mode), a hole, or re-mapped by a conversion. Every
+/// VMA of a host mapping carries the flag (a `MAP_FIXED` or moved VMA starts without it, so
+/// each layout change sets it again), which also keeps equal neighbours mergeable.
+pub(super) fn no_thp(map: &Mmap, off: usize, len: usize) -> KernelResult<()> {
+    map.madvise(off, len, libc::MADV_NOHUGEPAGE)
+}
+
 /// `UFFDIO_POISON` over a range that may span several VMAs (one call must stay inside one
 /// VMA, else ENOENT; adjacent VMAs of the memory file do not always merge after remaps):
 /// halves the range at each ENOENT, so a boundary costs O(log n) calls.
@@ -147,6 +156,7 @@ impl EmulatedGuestMemfd {
                 // The window lies inside the mapping. The hole file is empty, so every access
                 // to the new mapping is past its end: SIGBUS.
                 m.map.map_fixed(off, len, self.inner.hole.as_fd(), s)?;
+                no_thp(&m.map, off, len)?;
                 m.add_hole(s, s + len as u64);
                 return Ok(());
             }
@@ -257,6 +267,7 @@ impl EmulatedGuestMemfd {
             return Ok(());
         };
         m.map.map_fixed(off, len, self.inner.memfd.as_fd(), hs)?;
+        no_thp(&m.map, off, len)?;
         // Not registered yet: the next poison here registers the mapping (`reregister`).
         m.remove_hole(hs, he);
         Ok(())
@@ -291,6 +302,8 @@ impl EmulatedGuestMemfd {
             return Ok(());
         };
         let fresh = Mmap::new(Some(self.inner.memfd.as_fd()), hs, len, libc::MAP_SHARED)?;
+        // The flag moves with the VMA.
+        no_thp(&fresh, 0, len)?;
         uffd.register(&fresh)?;
         for (a, b) in [(hs, ps), (pe, he)] {
             if a < b {
@@ -359,6 +372,7 @@ impl EmulatedGuestMemfd {
             expect_populated: false,
             zap_first_streak: 0,
         };
+        no_thp(map, 0, map.len())?;
         if let Mechanism::Poison(uffd) = &self.inner.mechanism {
             uffd.register(map)?;
         }
