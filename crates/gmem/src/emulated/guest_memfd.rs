@@ -116,13 +116,11 @@ impl GuestMemfd for EmulatedGuestMemfd {
         // The runs whose attribute changes; only they are revoked or restored, which keeps
         // rollback exact for mixed ranges. None: the whole range already has the attributes,
         // and the request returns at once (§2.4 step 1).
-        let changing: Vec<(u64, u64)> = st
-            .attrs
-            .runs(first, end)
-            .into_iter()
-            .filter(|r| r.2 != to_private)
-            .map(|(s, e, _)| (s * PAGE_SIZE, e * PAGE_SIZE))
-            .collect();
+        // Allocated fallibly: ENOMEM with nothing changed, never an abort (issue 11 item 5).
+        let Ok(changing) = self.changing_runs(&st, first, end, to_private) else {
+            a.error_offset = a.offset;
+            return Err(Errno::ENOMEM);
+        };
         if changing.is_empty() {
             return Ok(());
         }
@@ -366,6 +364,28 @@ impl GuestMemfd for EmulatedGuestMemfd {
 }
 
 impl EmulatedGuestMemfd {
+    /// The runs of pages `[first, end)` whose attribute differs from `to_private`, in bytes;
+    /// ENOMEM if the list cannot be allocated.
+    fn changing_runs(
+        &self,
+        st: &State,
+        first: u64,
+        end: u64,
+        to_private: bool,
+    ) -> KernelResult<Vec<(u64, u64)>> {
+        let runs = st.attrs.try_runs(first, end).map_err(|_| Errno::ENOMEM)?;
+        let mut changing = Vec::new();
+        changing
+            .try_reserve_exact(runs.iter().filter(|r| r.2 != to_private).count())
+            .map_err(|_| Errno::ENOMEM)?;
+        changing.extend(
+            runs.into_iter()
+                .filter(|r| r.2 != to_private)
+                .map(|(s, e, _)| (s * PAGE_SIZE, e * PAGE_SIZE)),
+        );
+        Ok(changing)
+    }
+
     /// Checks a host access and returns the shared lock that keeps it valid.
     pub(super) fn check_access(
         &self,

@@ -46,11 +46,15 @@ mod guest_memfd;
 mod page_state;
 mod populate;
 mod revocation;
+mod vma_budget;
 
 use fault_injection::FaultInjection;
 use fault_service::FaultService;
 use page_state::PageBits;
 use revocation::{MappingEntry, Mechanism};
+pub use vma_budget::{
+    process_vma_budget, reserve_vmas, set_process_vma_limit, VmaBudget, RESERVE_VMAS,
+};
 
 /// The flags the emulated backend accepts on every platform.
 pub const EMULATED_SUPPORTED_FLAGS: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
@@ -95,11 +99,13 @@ pub struct EmulatedOptions {
     pub revocation: Revocation,
     /// With [`Revocation::Poison`]: private runs of at least this many bytes are revoked by
     /// a hole mapping (one VMA, constant cost) instead of per-page markers (~0.1 µs a page).
-    /// `u64::MAX` disables holes.
+    /// `u64::MAX` disables holes. Also the granule (at most 2 MiB) of the neighbourhood a
+    /// partial restore of a hole rebuilds with markers.
     pub hole_min_bytes: u64,
     /// With [`Revocation::Poison`]: the most hole mappings one host mapping may hold; past
-    /// it, further private runs get markers. Holes are never split (a partial restore
-    /// rebuilds the hole as markers), so a mapping never has more hole VMAs than this.
+    /// it (or past the process's VMA budget, [`process_vma_budget`]), further private runs get
+    /// markers, and a partial restore rebuilds the whole hole as markers instead of splitting
+    /// it, so a mapping never has more holes than this (each at most two VMAs).
     pub hole_budget: usize,
     /// The platform model under the file (hooks, content rules, NO_DIRECT_MAP support).
     pub platform: PlatformKind,
