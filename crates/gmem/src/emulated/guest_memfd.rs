@@ -160,15 +160,12 @@ impl GuestMemfd for EmulatedGuestMemfd {
         // The guest's mappings of the changed pages go, as the kernel invalidates KVM's
         // (stage-2) mappings of a converted range: a guest view bound as a memslot has
         // KVM's MMU notifier zap its entries, and the guest's next access faults again.
-        if let Some(view) = self.inner.guest_view.get() {
-            for &(s, e) in &changing {
-                // Within the view (the runs are inside the file it maps whole). Zapping
-                // PTEs of a valid range of our own shared mapping does not fail; if it did,
-                // the guest would keep a mapping of the same page, which holds the same data.
-                if let (Ok(off), Ok(len)) = (usize::try_from(s), usize::try_from(e - s)) {
-                    let _ = view.madvise(off, len, libc::MADV_DONTNEED);
-                }
-            }
+        // Zapping PTEs of our own shared mappings does not fail; if it did, the guest would
+        // keep a mapping of the same page, which holds the same data.
+        for &(s, e) in &changing {
+            self.inner
+                .guest_view
+                .advise_mapped(s, e - s, libc::MADV_DONTNEED);
         }
         // Failure markers of the changed pages were zapped (to shared) or are private
         // markers now (to private).
