@@ -16,6 +16,10 @@ use crate::uapi::{
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
 };
 
+/// The user address space of x86-64 with 4-level paging (the kernel's `TASK_SIZE`): a longer
+/// mapping is ENOMEM before the file is asked.
+const TASK_SIZE: u64 = (1 << 47) - PAGE_SIZE;
+
 impl EmulatedGuestMemfd {
     pub(super) fn validate_attributes(&self, a: &kvm_memory_attributes2) -> KernelResult<()> {
         // kernel-spec §2.3, in order. Steps 1 (ENOTTY) and 2 (EFAULT) cannot happen here.
@@ -258,16 +262,23 @@ impl GuestMemfd for EmulatedGuestMemfd {
     }
 
     fn mmap(&self, offset: u64, len: usize, kind: MapKind) -> KernelResult<HostMapping> {
+        // The kernel's generic checks answer before guest_memfd's own (kernel-spec §2.5):
+        // an unaligned offset or a zero length is EINVAL, a length that overflows when
+        // rounded up to pages (mmap(2) maps whole pages) or exceeds the user address space
+        // is ENOMEM; only then ENODEV without MMAP, then EINVAL for a private mapping.
+        if len == 0 || offset % PAGE_SIZE != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let len = len
+            .checked_next_multiple_of(PAGE_SIZE as usize)
+            .filter(|&l| l as u64 <= TASK_SIZE)
+            .ok_or(Errno::ENOMEM)?;
         if self.inner.flags & GUEST_MEMFD_FLAG_MMAP == 0 {
             return Err(Errno::ENODEV);
         }
-        if kind == MapKind::Private || len == 0 || offset % PAGE_SIZE != 0 {
+        if kind == MapKind::Private {
             return Err(Errno::EINVAL);
         }
-        // mmap(2) maps whole pages: a length is rounded up, as the kernel does.
-        let len = len
-            .checked_next_multiple_of(PAGE_SIZE as usize)
-            .ok_or(Errno::ENOMEM)?;
         let map = Arc::new(Mmap::new(
             Some(self.inner.memfd.as_fd()),
             offset,
