@@ -35,6 +35,10 @@
 //! | `stat` | `fstat`: `st_size` and `st_blksize` |
 //! | `gread OFF LEN` / `gwrite OFF LEN [BYTE]` | guest access (where something plays the guest) |
 //! | `close` | drops the file, its mapping and its pins |
+//!
+//! A data command (`mread`, `mwrite`, `gread`, `gwrite`) is checked against the mapping or the
+//! file first, then against [`MAX_ACCESS`] (`error: LEN ... is too large`), before any buffer is
+//! allocated: a length the range allows may still be far more memory than the process has.
 
 use std::fmt;
 use std::sync::Arc;
@@ -141,6 +145,28 @@ pub enum IoError {
     /// An access too large for this process's address space.
     #[error("LEN {0:#x} is too large for one access")]
     TooLarge(u64),
+}
+
+/// The largest access one data command makes (bytes read or written, and the buffer for them).
+pub const MAX_ACCESS: u64 = 256 << 20;
+
+/// Refuses an access longer than [`MAX_ACCESS`].
+fn bounded(len: u64) -> Result<usize, IoError> {
+    usize::try_from(len)
+        .ok()
+        .filter(|_| len <= MAX_ACCESS)
+        .ok_or(IoError::TooLarge(len))
+}
+
+/// Refuses a guest access outside the file (before any buffer for it is allocated).
+fn in_file(f: &dyn GuestMemfd, off: u64, len: u64) -> Result<(), String> {
+    match off.checked_add(len) {
+        Some(end) if end <= f.size() => Ok(()),
+        _ => Err(format!(
+            "guest error: guest access [{off:#x}, +{len:#x}) is outside the file (size {:#x})",
+            f.size()
+        )),
+    }
 }
 
 fn command_names() -> String {
@@ -619,6 +645,7 @@ impl Session {
             }
             Command::Mread { off, len } => {
                 let (m, o, l) = self.map_range(off, len)?;
+                bounded(len)?;
                 match m.probe_read(o, l) {
                     Ok(Probe::Done(bytes)) => summarize(m.file_offset() + o as u64, &bytes),
                     Ok(Probe::Fault(f)) => fault_line(f, m.file_offset()),
@@ -627,6 +654,7 @@ impl Session {
             }
             Command::Mwrite { off, len, byte } => {
                 let (m, o, l) = self.map_range(off, len)?;
+                bounded(len)?;
                 match m.probe_write(o, l, byte) {
                     Ok(Probe::Done(())) => "ok".to_string(),
                     Ok(Probe::Fault(f)) => fault_line(f, m.file_offset()),
@@ -715,16 +743,24 @@ impl Session {
             },
             Command::Gread { off, len } => {
                 let f = self.file()?;
-                let l = usize::try_from(len).map_err(|_| IoError::TooLarge(len))?;
-                match self.guest()?.read(&**f, off, l) {
+                let guest = self.guest()?;
+                if let Err(e) = in_file(&**f, off, len) {
+                    return Ok(e);
+                }
+                let l = bounded(len)?;
+                match guest.read(&**f, off, l) {
                     Ok(bytes) => summarize(off, &bytes),
                     Err(e) => format!("guest error: {e}"),
                 }
             }
             Command::Gwrite { off, len, byte } => {
                 let f = self.file()?;
-                let l = usize::try_from(len).map_err(|_| IoError::TooLarge(len))?;
-                match self.guest()?.write(&**f, off, &vec![byte; l]) {
+                let guest = self.guest()?;
+                if let Err(e) = in_file(&**f, off, len) {
+                    return Ok(e);
+                }
+                let l = bounded(len)?;
+                match guest.write(&**f, off, &vec![byte; l]) {
                     Ok(()) => "ok".to_string(),
                     Err(e) => format!("guest error: {e}"),
                 }

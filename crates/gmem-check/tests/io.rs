@@ -338,6 +338,59 @@ proptest! {
     }
 }
 
+/// Issue 11 item 7: a length far past memory is an error, never an abort: guest accesses are
+/// checked against the file before a buffer exists, data commands are bounded by
+/// `MAX_ACCESS`, and a probe allocates its buffer fallibly. Page 0 of the large file is
+/// private, so an access that got past the checks would fault at its first byte instead of
+/// touching memory.
+fn huge_lengths_are_errors_not_aborts() {
+    let mut s = Session::emulated();
+    let mut run = |l: &str| s.exec(l).unwrap().to_string();
+    assert_eq!(
+        run("create 4k mmap|init_shared"),
+        "create 0x1000 mmap|init_shared -> ok"
+    );
+    for cmd in ["gread 0 0x7fffffffffff", "gwrite 0 0x7fffffffffff"] {
+        let out = run(cmd);
+        assert!(out.contains("outside the file (size 0x1000)"), "{out}");
+    }
+    let huge = 1u64 << 44; // 16 TiB, sparse
+    assert_eq!(
+        run(&format!("create {huge:#x} mmap|init_shared")),
+        format!("create {huge:#x} mmap|init_shared -> ok")
+    );
+    assert_eq!(run("mmap"), "mmap -> ok");
+    assert_eq!(
+        run("convert private 0 4k"),
+        "convert private 0x0 0x1000 -> ok"
+    );
+    for cmd in ["mread", "mwrite", "gread", "gwrite"] {
+        let out = run(&format!("{cmd} 0 {huge:#x}"));
+        assert!(
+            out.ends_with(&format!("error: LEN {huge:#x} is too large for one access")),
+            "{out}"
+        );
+    }
+    let max = gmem_check::script::MAX_ACCESS;
+    assert!(run(&format!("mread 0 {:#x}", max + 1)).contains("too large"));
+    assert_eq!(run("mread 0 4k"), "mread 0x0 0x1000 -> SIGBUS at 0x0");
+    // The library's probe: ENOMEM for a buffer the allocator refuses, or (where memory is
+    // overcommitted without limit) the fault at the first byte; the buffer is never filled
+    // up front.
+    let f = gmem::EmulatedGuestMemfd::create(
+        huge,
+        gmem::uapi::GUEST_MEMFD_FLAG_MMAP | gmem::uapi::GUEST_MEMFD_FLAG_INIT_SHARED,
+    )
+    .unwrap();
+    use gmem::GuestMemfd;
+    let m = f.mmap_all().unwrap();
+    f.set_private(0, 4096).unwrap();
+    match m.probe_read(0, m.len()) {
+        Err(e) => assert_eq!(e, gmem::Errno::ENOMEM),
+        Ok(p) => assert!(p.is_sigbus(), "{p:?}"),
+    }
+}
+
 fn main() {
     let kernel = gmem_check::skip::kernel_backend();
     let mut trials = tests!(
@@ -350,6 +403,7 @@ fn main() {
         a_difference_fails_unless_it_is_a_known_deviation,
         known_deviations_match_the_design_table,
         every_script_is_well_formed,
+        huge_lengths_are_errors_not_aborts,
     );
     trials.extend(io_scripts_print_the_same_lines_on_emulated_and_kernel(
         &kernel,

@@ -75,6 +75,59 @@ fn mmap_errnos() {
     assert_eq!(m.file_offset(), PAGE);
 }
 
+/// Issue 11 item 11: the kernel's generic mmap checks answer before guest_memfd's ENODEV
+/// (EINVAL for a zero length or an unaligned offset, ENOMEM for a length that overflows or
+/// exceeds the address space), a mapping's length is whole pages, and the emulated backend
+/// answers the same.
+fn mmap_generic_checks_and_page_rounding_match_the_emulated_backend() {
+    let b = backend();
+    let emulated = EmulatedBackend::default();
+    for backend in [&b as &dyn GuestMemfdBackend, &emulated] {
+        let kind = backend.kind();
+        let no_mmap = backend.create(4 * PAGE, 0).unwrap();
+        let cases = [
+            (0, 0, MapKind::Shared, Errno::EINVAL),
+            (1, PAGE as usize, MapKind::Shared, Errno::EINVAL),
+            (0, usize::MAX, MapKind::Shared, Errno::ENOMEM),
+            (0, usize::MAX - 100, MapKind::Private, Errno::ENOMEM),
+            (0, 1 << 47, MapKind::Shared, Errno::ENOMEM),
+            (0, PAGE as usize, MapKind::Shared, Errno::ENODEV),
+            (0, PAGE as usize, MapKind::Private, Errno::ENODEV),
+        ];
+        for (off, len, map, want) in cases {
+            assert_eq!(
+                errno(no_mmap.mmap(off, len, map)),
+                want,
+                "{kind:?}: mmap({off:#x}, {len:#x}, {map:?}) without MMAP"
+            );
+        }
+        let f = backend.create(4 * PAGE, RW).unwrap();
+        for (len, want) in [(1, PAGE), (PAGE + 1, 2 * PAGE), (3 * PAGE, 3 * PAGE)] {
+            let m = f.mmap(0, len as usize, MapKind::Shared).unwrap();
+            assert_eq!(m.len() as u64, want, "{kind:?}: mmap of {len:#x} bytes");
+            assert_eq!(
+                m.probe_write(want as usize - 1, 1, 3).unwrap(),
+                Probe::Done(())
+            );
+        }
+        assert_eq!(errno(f.mmap(0, usize::MAX, MapKind::Shared)), Errno::ENOMEM);
+    }
+}
+
+/// Issue 11 item 11: a pin maps only the pinned pages, so it works on a file too large to map
+/// whole (2^50 bytes, sparse: one page touched).
+fn pin_on_a_huge_file_maps_only_the_pinned_range() {
+    let b = backend();
+    let f = b.create(1 << 50, RW).unwrap();
+    let at = 1u64 << 49;
+    let pin = f.pin(at, PAGE).unwrap();
+    assert_eq!((pin.offset(), pin.len()), (at, PAGE));
+    let m = f.mmap(at, PAGE as usize, MapKind::Shared).unwrap();
+    assert_eq!(m.probe_write(0, 1, 9).unwrap(), Probe::Done(()));
+    drop(pin);
+    assert!(f.allocated_bytes().unwrap() <= 2 * PAGE);
+}
+
 fn fault_on_private_is_sigbus_at_the_exact_address() {
     let b = backend();
     // MMAP without INIT_SHARED: every page is private, every touch is the kernel's SIGBUS.
@@ -333,6 +386,8 @@ fn main() {
         flags_mask_and_unknown_flags,
         invalid_sizes_are_einval,
         mmap_errnos,
+        mmap_generic_checks_and_page_rounding_match_the_emulated_backend,
+        pin_on_a_huge_file_maps_only_the_pinned_range,
         fault_on_private_is_sigbus_at_the_exact_address,
         shared_pages_are_coherent_and_accessors_are_typed,
         fallocate_errnos_and_punch_hole,

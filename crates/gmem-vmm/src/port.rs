@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use crate::backing::in_place;
 use crate::guest::{self, GuestProgram, RequestPath};
 use crate::{Event, PortError, Stop, Vcpu, Vm, VmError};
+use gmem::error::Errno;
 use gmem::file::{BackendKind, GuestMemfd};
 use gmem::kernel::KernelBackend;
 use gmem::os::PAGE_SIZE;
@@ -85,7 +86,20 @@ pub struct InternalGuest;
 
 impl GuestPort for InternalGuest {
     fn read(&self, file: &dyn GuestMemfd, offset: u64, len: usize) -> Result<Vec<u8>, PortError> {
-        let mut buf = vec![0u8; len];
+        // The range first, then a fallible allocation: a bad length is an error, not an abort.
+        let access = |errno| PortError::Access {
+            op: "read",
+            offset,
+            errno,
+        };
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= file.size() => {}
+            _ => return Err(access(Errno::EFAULT)),
+        }
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(len)
+            .map_err(|_| access(Errno::ENOMEM))?;
+        buf.resize(len, 0);
         file.guest_read(offset, &mut buf)
             .map_err(|errno| PortError::Access {
                 op: "read",

@@ -369,6 +369,11 @@ impl GuestMemfd for KernelGuestMemfd {
             MapKind::Shared => libc::MAP_SHARED,
             MapKind::Private => libc::MAP_PRIVATE,
         };
+        // mmap(2) maps whole pages: the mapping's length is rounded up, as the kernel does
+        // (and as the emulated backend reports it); a length that overflows is ENOMEM.
+        let len = len
+            .checked_next_multiple_of(PAGE_SIZE as usize)
+            .ok_or(Errno::ENOMEM)?;
         let map = Mmap::new(Some(self.inner.fd.as_fd()), offset, len, flags)?;
         Ok(HostMapping::new(Arc::new(map), offset, None))
     }
@@ -381,17 +386,22 @@ impl GuestMemfd for KernelGuestMemfd {
             Some(end) if end <= self.inner.size => {}
             _ => return Err(Errno::EFAULT),
         }
-        // Without a host mapping there is nothing GUP could pin: the kernel's answer to
-        // vmsplice of an unmapped address is EFAULT.
-        let view = self.host_view().map_err(|_| Errno::EFAULT)?;
         let (first, end) = pages_of(offset, len);
-        let start = usize::try_from(first * PAGE_SIZE).map_err(|_| Errno::EFAULT)?;
         let span = usize::try_from((end - first) * PAGE_SIZE).map_err(|_| Errno::EFAULT)?;
+        // A mapping of the pinned pages only (not the whole file, which may be too large to
+        // map): the pipes keep their page references after it is unmapped. Without a host
+        // mapping there is nothing GUP could pin: the kernel's answer to vmsplice of an
+        // unmapped address is EFAULT.
+        let map = Mmap::new(
+            Some(self.inner.fd.as_fd()),
+            first * PAGE_SIZE,
+            span,
+            libc::MAP_SHARED,
+        )
+        .map_err(|_| Errno::EFAULT)?;
         // Held shared so that no conversion of ours runs while the pages are taken.
         let _attrs = self.read_attrs();
-        // `[start, start + span)` is inside the host view (the range is inside the file,
-        // checked above), which lives as long as `self`.
-        let pipes = sys::vmsplice_pin(view, start, span)?;
+        let pipes = sys::vmsplice_pin(&map, 0, span)?;
         Ok(PinGuard::new(
             Box::new(PipePin { _pipes: pipes }),
             offset,

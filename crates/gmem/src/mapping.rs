@@ -12,9 +12,11 @@
 //! process never has a process-wide handler installed. A `fork()` child would not do: its
 //! copy of a shared mapping starts without the parent's PTEs (and so without poison markers).
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::Deref;
 use std::os::fd::BorrowedFd;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::error::{Errno, KernelResult};
 use crate::sys::{self, Mmap};
@@ -50,6 +52,164 @@ impl WholeFileView {
     /// The view, if it was mapped.
     pub(crate) fn get(&self) -> Option<&Mmap> {
         self.0.get().and_then(|v| v.as_ref().ok())
+    }
+}
+
+/// Files larger than this are seen through windows ([`VIEW_CHUNK`] each, mapped on first use)
+/// instead of one mapping of the whole file: a whole-file view of a file of 2^47 bytes or more
+/// cannot be mapped at all (the user address space is 2^47 bytes), and several views of a
+/// smaller one would use most of it.
+pub(crate) const WHOLE_VIEW_MAX: u64 = 1 << 44;
+/// The window size of a windowed view (aligned in the file).
+pub(crate) const VIEW_CHUNK: u64 = 1 << 30;
+/// The most windows one view keeps: each is one VMA and [`VIEW_CHUNK`] of address space, kept
+/// for the file's lifetime (a removal from the direct map is a layout change of its window,
+/// so windows are never dropped early). Past it, ENOMEM.
+pub(crate) const VIEW_CHUNKS_MAX: usize = 4096;
+
+/// A borrowed whole-file view or a shared window of one.
+pub(crate) enum ViewRef<'a> {
+    /// The whole-file view.
+    Whole(&'a Mmap),
+    /// A window, kept alive by its view and by this handle.
+    Window(Arc<Mmap>),
+}
+
+impl Deref for ViewRef<'_> {
+    type Target = Mmap;
+    fn deref(&self) -> &Mmap {
+        match self {
+            ViewRef::Whole(m) => m,
+            ViewRef::Window(m) => m,
+        }
+    }
+}
+
+/// gmem's internal view of a whole file (the emulated guest view, the direct map): one mapping
+/// for a file up to [`WHOLE_VIEW_MAX`], windows of [`VIEW_CHUNK`] mapped on first use beyond,
+/// so a file of any size the kernel accepts (up to `i64::MAX`) works and costs only the windows
+/// it touches. [`FileView::whole`] still maps the whole file for a caller that needs one
+/// contiguous range (a memslot), where the address space allows.
+#[derive(Debug, Default)]
+pub(crate) struct FileView {
+    whole: WholeFileView,
+    windows: Mutex<BTreeMap<u64, Arc<Mmap>>>,
+}
+
+impl FileView {
+    /// The whole-file view (mapped on the first call; ENOMEM where the file does not fit).
+    pub(crate) fn whole(
+        &self,
+        fd: BorrowedFd<'_>,
+        size: u64,
+        flags: libc::c_int,
+    ) -> KernelResult<&Mmap> {
+        self.whole.get_or_map(fd, size, flags)
+    }
+
+    /// The view holding `[off, off + len)` of the file and the range's offset in it; EFAULT
+    /// outside the file or across a window boundary (see [`FileView::pieces`]).
+    pub(crate) fn slice(
+        &self,
+        fd: BorrowedFd<'_>,
+        size: u64,
+        flags: libc::c_int,
+        off: u64,
+        len: u64,
+    ) -> KernelResult<(ViewRef<'_>, usize)> {
+        let end = off.checked_add(len).ok_or(Errno::EFAULT)?;
+        if end > size {
+            return Err(Errno::EFAULT);
+        }
+        if size <= WHOLE_VIEW_MAX {
+            let whole = self.whole(fd, size, flags)?;
+            return Ok((
+                ViewRef::Whole(whole),
+                usize::try_from(off).map_err(|_| Errno::EFAULT)?,
+            ));
+        }
+        let base = off - off % VIEW_CHUNK;
+        if end > base + VIEW_CHUNK {
+            return Err(Errno::EFAULT);
+        }
+        let mut windows = self
+            .windows
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let window = match windows.get(&base) {
+            Some(w) => w.clone(),
+            None => {
+                if windows.len() >= VIEW_CHUNKS_MAX {
+                    return Err(Errno::ENOMEM);
+                }
+                // At most VIEW_CHUNK bytes.
+                #[allow(clippy::cast_possible_truncation)]
+                let n = VIEW_CHUNK.min(size - base) as usize;
+                let w = Arc::new(Mmap::new(Some(fd), base, n, flags)?);
+                windows.insert(base, w.clone());
+                w
+            }
+        };
+        // Below VIEW_CHUNK.
+        #[allow(clippy::cast_possible_truncation)]
+        Ok((ViewRef::Window(window), (off - base) as usize))
+    }
+
+    /// Calls `f(view, offset in the view, offset in the range, length)` for each piece of file
+    /// range `[off, off + len)`, one per window (one in all for a whole-file view).
+    pub(crate) fn pieces(
+        &self,
+        fd: BorrowedFd<'_>,
+        size: u64,
+        flags: libc::c_int,
+        off: u64,
+        len: u64,
+        mut f: impl FnMut(&Mmap, usize, usize, usize) -> KernelResult<()>,
+    ) -> KernelResult<()> {
+        let mut pos = 0u64;
+        while pos < len {
+            let at = off.checked_add(pos).ok_or(Errno::EFAULT)?;
+            let n = if size <= WHOLE_VIEW_MAX {
+                len - pos
+            } else {
+                (len - pos).min(VIEW_CHUNK - at % VIEW_CHUNK)
+            };
+            let (view, o) = self.slice(fd, size, flags, at, n)?;
+            let (p, n_) = (
+                usize::try_from(pos).map_err(|_| Errno::EFAULT)?,
+                usize::try_from(n).map_err(|_| Errno::EFAULT)?,
+            );
+            f(&view, o, p, n_)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// `madvise(advice)` of file range `[off, off + len)` wherever it is mapped (the whole
+    /// view, the windows that exist); nothing mapped, nothing to do. Best effort.
+    pub(crate) fn advise_mapped(&self, off: u64, len: u64, advice: libc::c_int) {
+        let end = off.saturating_add(len);
+        if let Some(whole) = self.whole.get() {
+            let e = end.min(whole.len() as u64);
+            if off < e {
+                // Inside the whole view (clipped to it).
+                #[allow(clippy::cast_possible_truncation)]
+                let _ = whole.madvise(off as usize, (e - off) as usize, advice);
+            }
+        }
+        let windows = self
+            .windows
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let first = off - off % VIEW_CHUNK;
+        for (&base, w) in windows.range(first..end) {
+            let (s, e) = (off.max(base), end.min(base + w.len() as u64));
+            if s < e {
+                // Inside the window (clipped to it).
+                #[allow(clippy::cast_possible_truncation)]
+                let _ = w.madvise((s - base) as usize, (e - s) as usize, advice);
+            }
+        }
     }
 }
 

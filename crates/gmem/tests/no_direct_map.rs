@@ -220,3 +220,144 @@ fn populate_from_an_unfaulted_page_of_the_same_file_does_not_deadlock() {
     f.read_at(0, &mut got).unwrap();
     assert_eq!(got, [0x3c; 8]);
 }
+
+/// Item 1 of issue 11: a thread keeps accessing page 0 of a NO_DIRECT_MAP file through a host
+/// mapping (each access a probe, so a fault is reported) while another converts it private
+/// and back and probes it right after each conversion to private. An access made while the
+/// page was private for the whole access must fault, and no successful write may be lost.
+/// Bounded: GMEM_RACE_SECS seconds per revocation mode (default 2).
+#[test]
+fn host_fault_service_never_maps_a_private_page() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::SeqCst};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let secs: u64 = std::env::var("GMEM_RACE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    for rev in [Revocation::Poison, Revocation::Remap] {
+        let f = Arc::new(file(PlatformKind::SoftwareProtected, 2, NDM, rev));
+        let m = Arc::new(f.mmap(0, 2 * PAGE, MapKind::Shared).unwrap());
+        // Even: no conversion in flight; `private` is valid while it stays the same.
+        let gen = Arc::new(AtomicU64::new(0));
+        let private = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let model = Arc::new(AtomicU8::new(0));
+        let toucher = {
+            let (m, gen, private, stop, model) = (
+                m.clone(),
+                gen.clone(),
+                private.clone(),
+                stop.clone(),
+                model.clone(),
+            );
+            std::thread::spawn(move || {
+                let (mut violations, mut accesses, mut counter) = (0u64, 0u64, 0u8);
+                while !stop.load(SeqCst) {
+                    let g0 = gen.load(SeqCst);
+                    let was_private = private.load(SeqCst);
+                    counter = counter.wrapping_add(1).max(1);
+                    let write = counter % 2 == 0;
+                    let ok = if write {
+                        m.probe_write(0, 1, counter).unwrap() == Probe::Done(())
+                    } else {
+                        !m.probe_read(0, 1).unwrap().is_sigbus()
+                    };
+                    if write && ok {
+                        model.store(counter, SeqCst);
+                    }
+                    if gen.load(SeqCst) == g0 && g0 % 2 == 0 {
+                        accesses += 1;
+                        if was_private && ok {
+                            violations += 1;
+                        }
+                    }
+                }
+                (violations, accesses)
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let (mut conversions, mut exposed) = (0u64, 0u64);
+        while Instant::now() < deadline {
+            gen.fetch_add(1, SeqCst);
+            f.set_private(0, PS).unwrap();
+            private.store(true, SeqCst);
+            gen.fetch_add(1, SeqCst);
+            conversions += 1;
+            // Private for the whole probe: it must fault.
+            if !m.probe_read(0, 1).unwrap().is_sigbus() {
+                exposed += 1;
+            }
+            gen.fetch_add(1, SeqCst);
+            f.set_shared(0, PS).unwrap();
+            private.store(false, SeqCst);
+            gen.fetch_add(1, SeqCst);
+        }
+        stop.store(true, SeqCst);
+        let (violations, accesses) = toucher.join().unwrap();
+        let mut last = [0u8];
+        f.read_at(0, &mut last).unwrap();
+        println!(
+            "{rev:?}: {conversions} conversions to private, {exposed} readable right after, \
+             {accesses} strictly checked accesses, {violations} succeeded on a private page"
+        );
+        assert_eq!((exposed, violations), (0, 0), "{rev:?}");
+        assert_eq!(last[0], model.load(SeqCst), "{rev:?}: a write was lost");
+        assert!(
+            conversions > 50 && accesses > 50,
+            "{rev:?}: too little happened"
+        );
+    }
+}
+
+/// The conversion gate must not make the service wait for a conversion that waits for the
+/// faulting thread: `read_at` into an unfaulted page of a host mapping of the same file
+/// faults while it holds the invalidate lock shared, and a conversion queued for that lock
+/// meanwhile must not stop the fault from being served. Bounded by a timeout.
+#[test]
+fn kernel_mode_fault_with_a_conversion_queued_does_not_deadlock() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use std::sync::Arc;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("skipped: kernel-mode faults are events only for root");
+        return;
+    }
+    let f = Arc::new(file(
+        PlatformKind::SoftwareProtected,
+        4,
+        NDM,
+        Revocation::Poison,
+    ));
+    f.write_at(0, &[0x42; PAGE]).unwrap();
+    let m = Arc::new(f.mmap(0, 4 * PAGE, MapKind::Shared).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let converter = {
+        let (f, stop) = (f.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(SeqCst) {
+                f.set_private(3 * PS, PS).unwrap();
+                f.set_shared(3 * PS, PS).unwrap();
+            }
+        })
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (f2, m2) = (f.clone(), m.clone());
+    std::thread::spawn(move || {
+        for _ in 0..2000 {
+            // SAFETY: page 1 of the live mapping `m2`; dropping its PTE keeps the file's data.
+            let dst = unsafe { m2.as_ptr().add(PAGE) };
+            // SAFETY: as above; DONTNEED on a shared mapping only drops PTEs.
+            let r = unsafe { libc::madvise(dst.cast(), PAGE, libc::MADV_DONTNEED) };
+            assert_eq!(r, 0);
+            // SAFETY: page 1 is shared and nothing else borrows it while `buf` lives.
+            let buf = unsafe { std::slice::from_raw_parts_mut(dst, PAGE) };
+            f2.read_at(0, buf).unwrap();
+        }
+        let _ = tx.send(());
+    });
+    let r = rx.recv_timeout(std::time::Duration::from_secs(20));
+    stop.store(true, SeqCst);
+    r.expect("read_at into a host mapping deadlocked with a queued conversion");
+    converter.join().unwrap();
+}

@@ -1,5 +1,6 @@
 //! Stress: threads read and write random pages through a host mapping while another thread
-//! converts random ranges, for a bounded time (GMEM_STRESS_SECS, default 3).
+//! converts random ranges, for a bounded time (GMEM_STRESS_SECS, default 3). Plain files and
+//! NO_DIRECT_MAP files (whose host faults a service thread resolves with `UFFDIO_CONTINUE`).
 //!
 //! Invariants checked:
 //! - an access made while its page was private for the whole access faults (SIGBUS), one made
@@ -15,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use gmem::platform::PlatformKind;
 use gmem::uapi::*;
 use gmem::*;
 
@@ -47,6 +49,10 @@ fn stress(revocation: Revocation) {
 }
 
 fn stress_with(opts: EmulatedOptions) {
+    stress_file(opts, 0);
+}
+
+fn stress_file(opts: EmulatedOptions, extra_flags: u64) {
     let secs: u64 = std::env::var("GMEM_STRESS_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -54,7 +60,7 @@ fn stress_with(opts: EmulatedOptions) {
     let f = Arc::new(
         EmulatedGuestMemfd::create_with(
             NPAGES * PS,
-            GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+            GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED | extra_flags,
             opts,
         )
         .unwrap(),
@@ -188,7 +194,8 @@ fn stress_with(opts: EmulatedOptions) {
     let strict = s.strict_checks.load(SeqCst);
     let faults = s.faults_seen.load(SeqCst);
     println!(
-        "{opts:?}: {conversions} conversions, {strict} strictly checked accesses, {faults} faults"
+        "{opts:?} flags {extra_flags:#x}: {conversions} conversions, {strict} strictly checked \
+         accesses, {faults} faults"
     );
     assert!(
         conversions > 100 && strict > 100 && faults > 10,
@@ -215,4 +222,30 @@ fn stress_poison_with_holes() {
         hole_budget: 4,
         ..EmulatedOptions::default()
     });
+}
+
+#[test]
+fn stress_no_direct_map_poison() {
+    let opts = EmulatedOptions::with_revocation(Revocation::Poison);
+    stress_file(opts, GUEST_MEMFD_FLAG_NO_DIRECT_MAP);
+}
+
+#[test]
+fn stress_no_direct_map_remap() {
+    let opts = EmulatedOptions::with_revocation(Revocation::Remap);
+    stress_file(opts, GUEST_MEMFD_FLAG_NO_DIRECT_MAP);
+}
+
+#[test]
+fn stress_no_direct_map_pkvm_with_holes() {
+    // The other platform that offers NO_DIRECT_MAP, with holes and constant demotion.
+    stress_file(
+        EmulatedOptions {
+            revocation: Revocation::Poison,
+            hole_min_bytes: PS,
+            hole_budget: 4,
+            ..EmulatedOptions::with_platform(PlatformKind::Pkvm)
+        },
+        GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
+    );
 }

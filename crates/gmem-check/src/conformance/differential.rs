@@ -129,7 +129,14 @@ pub fn scripts() -> Vec<Script> {
             "mmap_not_supported",
             GMT,
             &[],
-            "create 16k\nmmap\nmmap 4k\nmmap 64k",
+            "create 16k\nmmap\nmmap 4k\nmmap 64k\nmmap 0\nmmap 0xffffffffffffffff\nmmap 0x800000000000",
+        ),
+        s(
+            "mmap_rounding",
+            SPEC25,
+            &[Need::Mmap, Need::InitShared],
+            "create 16k mmap|init_shared\nmmap 1\nmwrite 0 4k 0x11\nmread 4095 1\n\
+             mmap 4097\nmread 0 8k\nmmap 0xffffffffffffffff",
         ),
         s(
             "mmap_lengths",

@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, Weak};
 
 use super::Inner;
+use crate::attributes::AttributeStore;
 use crate::error::{Errno, KernelResult};
 use crate::platform::PAGE;
 use crate::sys::{self, EventFd, PoisonFd, PAGE_SIZE};
@@ -30,6 +31,17 @@ pub(super) struct FaultService {
     /// (page, mapping id) of poison markers left by failed hand-outs on shared pages: zapped
     /// by punch-hole and dropped by conversion (which zaps or re-poisons them itself).
     pub(super) sigbus: Mutex<BTreeSet<(u64, u64)>>,
+    /// The conversion gate: a copy of the file's attributes. A conversion holds it from the
+    /// first revoke or restore until its attributes are recorded here; the service holds it
+    /// from the attribute check until its `UFFDIO_CONTINUE` is done. `UFFDIO_CONTINUE`
+    /// installs over any PTE marker (the kernel's `mfill_atomic_install_pte` accepts
+    /// `pte_none_mostly`), poison markers included, so without the gate a fault taken while
+    /// the page was shared, resolved after a conversion poisoned it, mapped a private page.
+    /// Not `state`: a thread may fault on a host mapping while it holds `state` shared
+    /// (`read_at` into such a buffer), and std's `RwLock` queues a new reader behind a
+    /// waiting writer, so the service would wait for a conversion that waits for that thread.
+    /// Nothing done under the gate waits for a fault to be served.
+    pub(super) gate: Mutex<AttributeStore>,
     pub(super) stop: Arc<EventFd>,
     pub(super) thread: Option<std::thread::JoinHandle<()>>,
     /// The process that started the thread (a fork child has the handle, not the thread).
@@ -37,7 +49,11 @@ pub(super) struct FaultService {
 }
 
 impl FaultService {
-    pub(super) fn start(file: Weak<Inner>, uffd: PoisonFd) -> KernelResult<FaultService> {
+    pub(super) fn start(
+        file: Weak<Inner>,
+        uffd: PoisonFd,
+        attrs: AttributeStore,
+    ) -> KernelResult<FaultService> {
         let stop = Arc::new(EventFd::new()?);
         let events = uffd.try_clone()?;
         let stop2 = stop.clone();
@@ -49,6 +65,7 @@ impl FaultService {
             uffd,
             maps: Mutex::new(Vec::new()),
             sigbus: Mutex::new(BTreeSet::new()),
+            gate: Mutex::new(attrs),
             stop,
             thread: Some(thread),
             pid: sys::peer::getpid(),
@@ -57,6 +74,13 @@ impl FaultService {
 
     pub(super) fn maps(&self) -> std::sync::MutexGuard<'_, Vec<MapWindow>> {
         self.maps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The conversion gate (see [`FaultService::gate`]).
+    pub(super) fn gate(&self) -> std::sync::MutexGuard<'_, AttributeStore> {
+        self.gate
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -156,6 +180,16 @@ impl Inner {
             let _ = uffd.wake(addr, PAGE_SIZE);
             return;
         };
+        // Held until the CONTINUE is done: no conversion revokes the page meanwhile.
+        let gate = service.gate();
+        if offset < self.size && gate.is_private(offset / PAGE_SIZE) {
+            // The page became private after the access faulted (or the mapping is new and
+            // not revoked yet): never map it. A marker (EEXIST if one is there already) and
+            // the faulter's retry raises SIGBUS.
+            let _ = uffd.poison(addr, PAGE);
+            let _ = uffd.wake(addr, PAGE_SIZE);
+            return;
+        }
         if offset < self.size && self.hand_out(offset, PAGE_SIZE).is_err() {
             service.sigbus().insert((offset / PAGE_SIZE, id));
             // The kernel checks the range is registered.

@@ -164,7 +164,7 @@ impl EmulatedGuestMemfd {
                 // Holes survived the fork; markers did not. Revoke the rest of each run
                 // (a hole over the whole run if that cannot be done piecewise).
                 let mut at = s;
-                for (hs, he) in m.holes_in(s, e) {
+                for (hs, he) in m.holes_in(s, e).unwrap_or_default() {
                     if at < hs && self.revoke(m, at, hs).is_err() {
                         let _ = self.revoke_forced(m, at, hs);
                     }

@@ -16,6 +16,10 @@ use crate::uapi::{
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
 };
 
+/// The user address space of x86-64 with 4-level paging (the kernel's `TASK_SIZE`): a longer
+/// mapping is ENOMEM before the file is asked.
+const TASK_SIZE: u64 = (1 << 47) - PAGE_SIZE;
+
 impl EmulatedGuestMemfd {
     pub(super) fn validate_attributes(&self, a: &kvm_memory_attributes2) -> KernelResult<()> {
         // kernel-spec §2.3, in order. Steps 1 (ENOTTY) and 2 (EFAULT) cannot happen here.
@@ -125,13 +129,11 @@ impl GuestMemfd for EmulatedGuestMemfd {
         // The runs whose attribute changes; only they are revoked or restored, which keeps
         // rollback exact for mixed ranges. None: the whole range already has the attributes,
         // and the request returns at once (§2.4 step 1).
-        let changing: Vec<(u64, u64)> = st
-            .attrs
-            .runs(first, end)
-            .into_iter()
-            .filter(|r| r.2 != to_private)
-            .map(|(s, e, _)| (s * PAGE_SIZE, e * PAGE_SIZE))
-            .collect();
+        // Allocated fallibly: ENOMEM with nothing changed, never an abort (issue 11 item 5).
+        let Ok(changing) = self.changing_runs(&st, first, end, to_private) else {
+            a.error_offset = a.offset;
+            return Err(Errno::ENOMEM);
+        };
         if changing.is_empty() {
             return Ok(());
         }
@@ -142,6 +144,11 @@ impl GuestMemfd for EmulatedGuestMemfd {
                 a.error_offset = a.offset.max(page * PAGE_SIZE);
                 return Err(Errno::EAGAIN);
             }
+        }
+        // NO_DIRECT_MAP: no host fault is resolved from the first revoke or restore until the
+        // new attributes are recorded in the gate (see `FaultService::gate`).
+        let mut gate = self.inner.faults.get().map(|s| s.gate());
+        if to_private {
             if let Err(e) = self.apply_all(&mut st, &changing, Self::revoke, Self::restore) {
                 a.error_offset = a.offset;
                 return Err(if e == Errno::EAGAIN {
@@ -177,18 +184,19 @@ impl GuestMemfd for EmulatedGuestMemfd {
         }
         // Point of no return: record the new attributes.
         st.attrs.set_range(first, end, to_private);
+        if let Some(gate) = gate.as_mut() {
+            gate.set_range(first, end, to_private);
+        }
+        drop(gate);
         // The guest's mappings of the changed pages go, as the kernel invalidates KVM's
         // (stage-2) mappings of a converted range: a guest view bound as a memslot has
         // KVM's MMU notifier zap its entries, and the guest's next access faults again.
-        if let Some(view) = self.inner.guest_view.get() {
-            for &(s, e) in &changing {
-                // Within the view (the runs are inside the file it maps whole). Zapping
-                // PTEs of a valid range of our own shared mapping does not fail; if it did,
-                // the guest would keep a mapping of the same page, which holds the same data.
-                if let (Ok(off), Ok(len)) = (usize::try_from(s), usize::try_from(e - s)) {
-                    let _ = view.madvise(off, len, libc::MADV_DONTNEED);
-                }
-            }
+        // Zapping PTEs of our own shared mappings does not fail; if it did, the guest would
+        // keep a mapping of the same page, which holds the same data.
+        for &(s, e) in &changing {
+            self.inner
+                .guest_view
+                .advise_mapped(s, e - s, libc::MADV_DONTNEED);
         }
         // Failure markers of the changed pages were zapped (to shared) or are private
         // markers now (to private).
@@ -282,16 +290,23 @@ impl GuestMemfd for EmulatedGuestMemfd {
     }
 
     fn mmap(&self, offset: u64, len: usize, kind: MapKind) -> KernelResult<HostMapping> {
+        // The kernel's generic checks answer before guest_memfd's own (kernel-spec §2.5):
+        // an unaligned offset or a zero length is EINVAL, a length that overflows when
+        // rounded up to pages (mmap(2) maps whole pages) or exceeds the user address space
+        // is ENOMEM; only then ENODEV without MMAP, then EINVAL for a private mapping.
+        if len == 0 || offset % PAGE_SIZE != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let len = len
+            .checked_next_multiple_of(PAGE_SIZE as usize)
+            .filter(|&l| l as u64 <= TASK_SIZE)
+            .ok_or(Errno::ENOMEM)?;
         if self.inner.flags & GUEST_MEMFD_FLAG_MMAP == 0 {
             return Err(Errno::ENODEV);
         }
-        if kind == MapKind::Private || len == 0 || offset % PAGE_SIZE != 0 {
+        if kind == MapKind::Private {
             return Err(Errno::EINVAL);
         }
-        // mmap(2) maps whole pages: a length is rounded up, as the kernel does.
-        let len = len
-            .checked_next_multiple_of(PAGE_SIZE as usize)
-            .ok_or(Errno::ENOMEM)?;
         let map = Arc::new(Mmap::new(
             Some(self.inner.memfd.as_fd()),
             offset,
@@ -404,6 +419,28 @@ impl GuestMemfd for EmulatedGuestMemfd {
 }
 
 impl EmulatedGuestMemfd {
+    /// The runs of pages `[first, end)` whose attribute differs from `to_private`, in bytes;
+    /// ENOMEM if the list cannot be allocated.
+    fn changing_runs(
+        &self,
+        st: &super::State,
+        first: u64,
+        end: u64,
+        to_private: bool,
+    ) -> KernelResult<Vec<(u64, u64)>> {
+        let runs = st.attrs.try_runs(first, end).map_err(|_| Errno::ENOMEM)?;
+        let mut changing = Vec::new();
+        changing
+            .try_reserve_exact(runs.iter().filter(|r| r.2 != to_private).count())
+            .map_err(|_| Errno::ENOMEM)?;
+        changing.extend(
+            runs.into_iter()
+                .filter(|r| r.2 != to_private)
+                .map(|(s, e, _)| (s * PAGE_SIZE, e * PAGE_SIZE)),
+        );
+        Ok(changing)
+    }
+
     /// Checks a host access and returns the shared lock that keeps it valid.
     pub(super) fn check_access(
         &self,

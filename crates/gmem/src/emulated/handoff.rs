@@ -158,12 +158,10 @@ impl EmulatedGuestMemfd {
             return Err(e);
         }
         st.attrs.set_range(first, last, private);
-        if let Some(view) = self.inner.guest_view.get() {
-            for &(s, e) in &changing {
-                if let (Ok(off), Ok(len)) = (usize::try_from(s), usize::try_from(e - s)) {
-                    let _ = view.madvise(off, len, libc::MADV_DONTNEED);
-                }
-            }
+        for &(s, e) in &changing {
+            self.inner
+                .guest_view
+                .advise_mapped(s, e - s, libc::MADV_DONTNEED);
         }
         Ok(())
     }

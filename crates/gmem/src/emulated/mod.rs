@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard}
 use crate::attributes::AttributeStore;
 use crate::error::{Errno, KernelResult};
 use crate::file::{BackendKind, GuestMemfd, GuestMemfdBackend};
-use crate::mapping::WholeFileView;
+use crate::mapping::FileView;
 use crate::platform::{HookCall, HookSet, Platform, PlatformKind, PlatformReport};
 use crate::sys::{self, Mmap, PoisonFd, PAGE_SIZE};
 use crate::uapi::{
@@ -54,11 +54,18 @@ mod page_state;
 mod peers;
 mod populate;
 mod revocation;
+mod vma_budget;
 
 use fault_injection::FaultInjection;
 use fault_service::FaultService;
 use page_state::PageBits;
 use revocation::{MappingEntry, Mechanism};
+pub use vma_budget::{
+    process_vma_budget, reserve_vmas, set_process_vma_limit, VmaBudget, RESERVE_VMAS,
+};
+
+/// How gmem's internal views (guest view, direct map) are mapped.
+const GUEST_VIEW_FLAGS: libc::c_int = libc::MAP_SHARED | libc::MAP_NORESERVE;
 
 /// The flags the emulated backend accepts on every platform.
 pub const EMULATED_SUPPORTED_FLAGS: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
@@ -103,11 +110,13 @@ pub struct EmulatedOptions {
     pub revocation: Revocation,
     /// With [`Revocation::Poison`]: private runs of at least this many bytes are revoked by
     /// a hole mapping (one VMA, constant cost) instead of per-page markers (~0.1 µs a page).
-    /// `u64::MAX` disables holes.
+    /// `u64::MAX` disables holes. Also the granule (at most 2 MiB) of the neighbourhood a
+    /// partial restore of a hole rebuilds with markers.
     pub hole_min_bytes: u64,
     /// With [`Revocation::Poison`]: the most hole mappings one host mapping may hold; past
-    /// it, further private runs get markers. Holes are never split (a partial restore
-    /// rebuilds the hole as markers), so a mapping never has more hole VMAs than this.
+    /// it (or past the process's VMA budget, [`process_vma_budget`]), further private runs get
+    /// markers, and a partial restore rebuilds the whole hole as markers instead of splitting
+    /// it, so a mapping never has more holes than this (each at most two VMAs).
     pub hole_budget: usize,
     /// The platform model under the file (hooks, content rules, NO_DIRECT_MAP support).
     pub platform: PlatformKind,
@@ -203,7 +212,7 @@ struct Inner {
     state: RwLock<State>,
     pins: Mutex<Pins>,
     next_id: AtomicI64,
-    guest_view: WholeFileView,
+    guest_view: FileView,
     /// Fault injection ([`EmulatedGuestMemfd::inject_mapping_failure`]).
     fail_after: FaultInjection,
     /// The platform model and the hooks it implements.
@@ -213,7 +222,7 @@ struct Inner {
     pages: Mutex<PageBits>,
     /// gmem's own view of the file (the "direct map"): zeroing, populate copies and the hooks'
     /// [`PageRef`]s go through it; with NO_DIRECT_MAP, handed-out pages are removed from it.
-    direct_map: WholeFileView,
+    direct_map: FileView,
     /// Hook calls, when recording ([`EmulatedGuestMemfd::record_hooks`]).
     hook_log: OnceLock<Arc<Mutex<Vec<HookCall>>>>,
     /// NO_DIRECT_MAP files only: the thread that serves host-mapping faults (hand-out).
@@ -370,12 +379,12 @@ impl EmulatedGuestMemfd {
             }),
             pins: Mutex::new(BTreeMap::new()),
             next_id: AtomicI64::new(1),
-            guest_view: WholeFileView::default(),
+            guest_view: FileView::default(),
             fail_after: FaultInjection::off(),
             platform: options.platform.model(vm_key),
             hooks: options.platform.hooks(),
             pages: Mutex::new(PageBits::default()),
-            direct_map: WholeFileView::default(),
+            direct_map: FileView::default(),
             hook_log: OnceLock::new(),
             faults: OnceLock::new(),
             peers: peers::Peers::default(),
@@ -383,7 +392,8 @@ impl EmulatedGuestMemfd {
         });
         fork::register(&inner);
         if let Some(uffd) = fault_uffd {
-            let service = FaultService::start(Arc::downgrade(&inner), uffd)?;
+            let attrs = AttributeStore::new(size / PAGE_SIZE, private);
+            let service = FaultService::start(Arc::downgrade(&inner), uffd, attrs)?;
             let _ = inner.faults.set(service);
         }
         Ok(EmulatedGuestMemfd { inner })
@@ -423,53 +433,74 @@ impl EmulatedGuestMemfd {
         self.guest_view().map(|_| ())
     }
 
+    /// The whole guest view (a memslot needs one range; ENOMEM for a file too large to map
+    /// whole). gmem's own guest accesses go through [`EmulatedGuestMemfd::guest_pieces`].
     pub(crate) fn guest_view(&self) -> KernelResult<&Mmap> {
-        self.inner.guest_view.get_or_map(
-            self.inner.memfd.as_fd(),
-            self.inner.size,
-            libc::MAP_SHARED | libc::MAP_NORESERVE,
+        self.inner
+            .guest_view
+            .whole(self.inner.memfd.as_fd(), self.inner.size, GUEST_VIEW_FLAGS)
+    }
+
+    /// Calls `f(view, offset in it, offset in the range, length)` for each piece of
+    /// `[offset, offset + len)` of the guest view (windows of a very large file).
+    fn guest_pieces(
+        &self,
+        offset: u64,
+        len: u64,
+        f: impl FnMut(&Mmap, usize, usize, usize) -> KernelResult<()>,
+    ) -> KernelResult<()> {
+        let inner = &self.inner;
+        inner.guest_view.pieces(
+            inner.memfd.as_fd(),
+            inner.size,
+            GUEST_VIEW_FLAGS,
+            offset,
+            len,
+            f,
         )
     }
 
     /// A guest read through the guest's view (private and shared pages alike). Each page
     /// touched is a guest fault first ([`EmulatedGuestMemfd::guest_fault`]).
     pub(crate) fn guest_read(&self, offset: u64, buf: &mut [u8]) -> KernelResult<()> {
-        let view = self.guest_view()?;
-        let off = self.guest_range(offset, buf.len())?;
+        self.guest_range(offset, buf.len())?;
         let lock = self.read_state();
         self.inner.fault_range(&lock, offset, buf.len() as u64)?;
         // In flight: the pages hold a transient reference, not the lock.
         let _ref = self.transient_ref(offset, buf.len() as u64)?;
         drop(lock);
-        // The range is inside the guest view (checked), which lives as long as self.
-        view.read_volatile(off, buf)
+        // The range is inside the file (checked); each piece inside its view.
+        self.guest_pieces(offset, buf.len() as u64, |v, o, p, n| {
+            v.read_volatile(o, &mut buf[p..p + n])
+        })
     }
 
     /// A guest write through the guest's view, after a guest fault of each page touched.
     pub(crate) fn guest_write(&self, offset: u64, data: &[u8]) -> KernelResult<()> {
-        let view = self.guest_view()?;
-        let off = self.guest_range(offset, data.len())?;
+        self.guest_range(offset, data.len())?;
         let lock = self.read_state();
         self.inner.fault_range(&lock, offset, data.len() as u64)?;
         let _ref = self.transient_ref(offset, data.len() as u64)?;
         drop(lock);
         // As in `guest_read`.
-        view.write_volatile(off, data)
+        self.guest_pieces(offset, data.len() as u64, |v, o, p, n| {
+            v.write_volatile(o, &data[p..p + n])
+        })
     }
 
     /// The guest writes `value` to the first byte of every page of `[offset, offset + len)`
     /// through its view, after a guest fault of the range.
     pub(crate) fn guest_touch(&self, offset: u64, len: u64, value: u8) -> KernelResult<()> {
-        let view = self.guest_view()?;
         let n = usize::try_from(len).map_err(|_| Errno::EFAULT)?;
-        let off = self.guest_range(offset, n)?;
+        self.guest_range(offset, n)?;
         let lock = self.read_state();
         self.inner.fault_range(&lock, offset, len)?;
         let _ref = self.transient_ref(offset, len)?;
         drop(lock);
-        // Inside the guest view (checked), which maps every page of the file, private or
-        // shared, and lives as long as self.
-        view.touch_pages(off as u64, len, value)
+        // Inside the file (checked); the guest view maps every page of it, private or shared.
+        self.guest_pieces(offset, len, |v, o, _, n| {
+            v.touch_pages(o as u64, n as u64, value)
+        })
     }
 
     fn guest_range(&self, offset: u64, len: usize) -> KernelResult<usize> {

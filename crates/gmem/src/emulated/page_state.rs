@@ -5,11 +5,12 @@
 use std::collections::BTreeMap;
 use std::os::fd::AsFd;
 
-use super::{EmulatedGuestMemfd, Inner, State};
+use super::{EmulatedGuestMemfd, Inner, State, GUEST_VIEW_FLAGS};
 use crate::attributes::pages_of;
 use crate::error::{AccessError, Errno, KernelResult};
+use crate::mapping::ViewRef;
 use crate::platform::{HookCall, PageRef, PAGE};
-use crate::sys::{self, Mmap, PAGE_SIZE};
+use crate::sys::{self, PAGE_SIZE};
 use crate::uapi::{GUEST_MEMFD_FLAG_NO_DIRECT_MAP, KVM_MEMORY_ATTRIBUTE_PRIVATE};
 
 /// A sparse set of page indices (64-page words; only non-empty words are stored), so a
@@ -110,22 +111,16 @@ impl Inner {
         }
     }
 
-    pub(super) fn direct_map(&self) -> KernelResult<&Mmap> {
-        self.direct_map.get_or_map(
+    /// The direct map (or its window) holding page `index`, and the page's offset in it.
+    pub(super) fn dm_page(&self, index: u64) -> KernelResult<(ViewRef<'_>, usize)> {
+        let off = index.checked_mul(PAGE_SIZE).ok_or(Errno::EFAULT)?;
+        self.direct_map.slice(
             self.memfd.as_fd(),
             self.size,
-            libc::MAP_SHARED | libc::MAP_NORESERVE,
+            GUEST_VIEW_FLAGS,
+            off,
+            PAGE_SIZE,
         )
-    }
-
-    /// The direct map and the offset of page `index` in it.
-    pub(super) fn dm_page(&self, index: u64) -> KernelResult<(&Mmap, usize)> {
-        let dm = self.direct_map()?;
-        let off = usize::try_from(index * PAGE_SIZE).map_err(|_| Errno::EFAULT)?;
-        if off >= dm.len() {
-            return Err(Errno::EFAULT);
-        }
-        Ok((dm, off))
     }
 
     /// A hook's handle on page `index`; EFAULT if the page is removed from the direct map

@@ -1,10 +1,12 @@
 //! Host-mapping revocation: private pages of every host mapping raise SIGBUS.
 
 use std::collections::BTreeMap;
+use std::ops::Bound::{Excluded, Included};
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use super::vma_budget;
 use super::{EmulatedGuestMemfd, Inner, State};
 use crate::attributes::pages_of;
 use crate::error::{Errno, KernelResult};
@@ -35,6 +37,15 @@ pub(super) struct MappingEntry {
     pub(super) expect_populated: bool,
     /// Zap-first revocations since the last optimistic one.
     pub(super) zap_first_streak: u8,
+    /// What this mapping's holes charge the process's VMA budget ([`vma_budget`]), released
+    /// when the entry goes.
+    pub(super) charged: usize,
+}
+
+impl Drop for MappingEntry {
+    fn drop(&mut self) {
+        vma_budget::charge(&mut self.charged, 0);
+    }
 }
 
 impl MappingEntry {
@@ -52,48 +63,88 @@ impl MappingEntry {
         Some((off, len))
     }
 
-    /// The hole pieces overlapping `[start, end)`, clipped to it.
-    pub(super) fn holes_in(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
-        self.holes
-            .range(..end)
-            .filter(|(_, &e)| e > start)
-            .map(|(&s, &e)| (s.max(start), e.min(end)))
-            .collect()
+    /// The hole entries overlapping `[start, end)` (`touching`: or adjacent to it), in order.
+    /// Holes are disjoint, so only the last entry starting at or before `start` can reach
+    /// into the range from the left: O(log n + k), not a scan of every hole below `end`.
+    fn entries(
+        &self,
+        start: u64,
+        end: u64,
+        touching: bool,
+    ) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let before = self
+            .holes
+            .range(..=start)
+            .next_back()
+            .filter(move |(_, &e)| e > start || (touching && e == start));
+        let upper = if touching {
+            Included(end)
+        } else {
+            Excluded(end)
+        };
+        let after = self.holes.range((Excluded(start), upper));
+        before.into_iter().chain(after).map(|(&s, &e)| (s, e))
+    }
+
+    /// The hole pieces overlapping `[start, end)`, clipped to it (ENOMEM if the list cannot
+    /// be allocated: conversions fail, never abort).
+    pub(super) fn holes_in(&self, start: u64, end: u64) -> KernelResult<Vec<(u64, u64)>> {
+        let n = self.entries(start, end, false).count();
+        let mut out = Vec::new();
+        out.try_reserve_exact(n).map_err(|_| Errno::ENOMEM)?;
+        out.extend(
+            self.entries(start, end, false)
+                .map(|(s, e)| (s.max(start), e.min(end))),
+        );
+        Ok(out)
+    }
+
+    /// How many more hole entries recording `[start, end)` as a hole leaves (negative when it
+    /// merges neighbours).
+    pub(super) fn hole_delta(&self, start: u64, end: u64) -> isize {
+        let merged = self.entries(start, end, true).count();
+        1 - isize::try_from(merged).unwrap_or(isize::MAX)
     }
 
     /// Records `[start, end)` as a hole, merging neighbours.
     pub(super) fn add_hole(&mut self, mut start: u64, mut end: u64) {
-        let overlapping: Vec<(u64, u64)> = self
-            .holes
-            .range(..=end)
-            .filter(|(_, &e)| e >= start)
-            .map(|(&s, &e)| (s, e))
-            .collect();
-        for (s, e) in overlapping {
+        loop {
+            let Some((s, e)) = self.entries(start, end, true).next() else {
+                break;
+            };
             self.holes.remove(&s);
             start = start.min(s);
             end = end.max(e);
         }
         self.holes.insert(start, end);
+        vma_budget::charge(&mut self.charged, self.holes.len());
     }
 
     /// Forgets `[start, end)` as a hole, splitting entries.
     pub(super) fn remove_hole(&mut self, start: u64, end: u64) {
-        for (s, e) in self.holes_in(start, end) {
-            let (full_s, full_e) = self
-                .holes
-                .range(..=s)
-                .next_back()
-                .map_or((s, e), |(&a, &b)| (a, b));
-            self.holes.remove(&full_s);
-            if full_s < s {
-                self.holes.insert(full_s, s);
+        loop {
+            let Some((s, e)) = self.entries(start, end, false).next() else {
+                break;
+            };
+            self.holes.remove(&s);
+            if s < start {
+                self.holes.insert(s, start);
             }
-            if e < full_e {
-                self.holes.insert(e, full_e);
+            if end < e {
+                self.holes.insert(end, e);
             }
         }
+        vma_budget::charge(&mut self.charged, self.holes.len());
     }
+}
+
+/// Marks `[off, off + len)` of a host mapping `VM_NOHUGEPAGE`, so `MADV_COLLAPSE` there is
+/// EINVAL as on a guest_memfd mapping (which has no huge pages), whatever else the VMA is:
+/// registered with userfaultfd or not (Remap mode), a hole, or re-mapped by a conversion. Every
+/// VMA of a host mapping carries the flag (a `MAP_FIXED` or moved VMA starts without it, so
+/// each layout change sets it again), which also keeps equal neighbours mergeable.
+pub(super) fn no_thp(map: &Mmap, off: usize, len: usize) -> KernelResult<()> {
+    map.madvise(off, len, libc::MADV_NOHUGEPAGE)
 }
 
 /// `UFFDIO_POISON` over a range that may span several VMAs (one call must stay inside one
@@ -134,19 +185,30 @@ impl EmulatedGuestMemfd {
         };
         self.inner.fail_after.injected_failure()?;
         let opts = &self.inner.options;
+        let s = start.max(m.file_offset);
         let uffd = match &self.inner.mechanism {
+            // Markers for a short run, and for a long one past the mapping's hole budget or
+            // the process's VMA budget (markers add no VMA).
             Mechanism::Poison(uffd)
                 if !force_hole
                     && ((len as u64) < opts.hole_min_bytes
-                        || m.holes.len() >= opts.hole_budget) =>
+                        || m.holes.len() >= opts.hole_budget
+                        || !vma_budget::room(m.hole_delta(s, s + len as u64), false)) =>
             {
                 uffd
             }
+            // Remap mode has only holes: past the process's VMA budget a revocation fails
+            // (ENOMEM, rolled back), keeping the rest of the budget for restores.
+            Mechanism::Remap
+                if !force_hole && !vma_budget::room(m.hole_delta(s, s + len as u64), false) =>
+            {
+                return Err(Errno::ENOMEM);
+            }
             Mechanism::Poison(_) | Mechanism::Remap => {
-                let s = start.max(m.file_offset);
                 // The window lies inside the mapping. The hole file is empty, so every access
                 // to the new mapping is past its end: SIGBUS.
                 m.map.map_fixed(off, len, self.inner.hole.as_fd(), s)?;
+                no_thp(&m.map, off, len)?;
                 m.add_hole(s, s + len as u64);
                 return Ok(());
             }
@@ -206,13 +268,15 @@ impl EmulatedGuestMemfd {
         start: u64,
         end: u64,
     ) -> KernelResult<()> {
-        self.revoke_with(m, start, end, true)
+        vma_budget::with_reserve(|| self.revoke_with(m, start, end, true))
     }
 
     /// Makes file range `[start, end)` (bytes), currently private, accessible again in
     /// mapping `m`: markers are zapped; a hole inside the range is replaced by the memory
-    /// file; a hole that reaches beyond the range is rebuilt as markers (never split, so
-    /// restores add no VMA).
+    /// file; a hole that reaches beyond the range is split around an aligned neighbourhood of
+    /// the range rebuilt with markers, or rebuilt whole as markers when the budgets have no
+    /// room for a split ([`EmulatedGuestMemfd::restore_part`]). At the kernel's VMA limit the
+    /// layout changes draw on the process's reserve ([`vma_budget::with_reserve`]).
     pub(super) fn restore(&self, m: &mut MappingEntry, start: u64, end: u64) -> KernelResult<()> {
         let Some((off, len)) = m.window(start, end) else {
             return Ok(());
@@ -220,7 +284,7 @@ impl EmulatedGuestMemfd {
         self.inner.fail_after.injected_failure()?;
         let s = start.max(m.file_offset);
         let e = s + len as u64;
-        let holes = m.holes_in(s, e);
+        let holes = m.holes_in(s, e)?;
         let covered: u64 = holes.iter().map(|(a, b)| b - a).sum();
         if let Mechanism::Poison(_) = self.inner.mechanism {
             if covered < e - s {
@@ -229,6 +293,7 @@ impl EmulatedGuestMemfd {
                 m.map.madvise(off, len, libc::MADV_DONTNEED)?;
             }
         }
+        let any_hole = !holes.is_empty();
         for (ps, pe) in holes {
             let (hs, he) = m
                 .holes
@@ -237,9 +302,15 @@ impl EmulatedGuestMemfd {
                 .map_or((ps, pe), |(&a, &b)| (a, b));
             match &self.inner.mechanism {
                 Mechanism::Poison(uffd) if hs < ps || pe < he => {
-                    self.rebuild_hole(uffd, m, (hs, he), (ps, pe))?
+                    vma_budget::with_reserve(|| self.restore_part(uffd, m, (hs, he), (ps, pe)))?
                 }
-                _ => self.unhole(m, ps, pe)?,
+                // Remap mode: re-mapping the middle of a hole splits it (one more hole). A
+                // restore may use the budget up to the hard limit; past it, ENOMEM (the
+                // whole hole can still be converted back: that frees VMAs).
+                Mechanism::Remap if hs < ps && pe < he && !vma_budget::room(1, true) => {
+                    return Err(Errno::ENOMEM)
+                }
+                _ => vma_budget::with_reserve(|| self.unhole(m, ps, pe))?,
             }
         }
         // NO_DIRECT_MAP: a memory-file VMA mapped over a hole, or moved by `rebuild_hole`,
@@ -247,6 +318,9 @@ impl EmulatedGuestMemfd {
         // now (not lazily), so the host hand-out covers every shared page.
         if let Some(service) = self.inner.fault_service() {
             service.uffd.register(&m.map)?;
+        }
+        if any_hole {
+            vma_budget::refill();
         }
         Ok(())
     }
@@ -257,6 +331,7 @@ impl EmulatedGuestMemfd {
             return Ok(());
         };
         m.map.map_fixed(off, len, self.inner.memfd.as_fd(), hs)?;
+        no_thp(&m.map, off, len)?;
         // Not registered yet: the next poison here registers the mapping (`reregister`).
         m.remove_hole(hs, he);
         Ok(())
@@ -277,9 +352,37 @@ impl EmulatedGuestMemfd {
         }
     }
 
-    /// Replaces hole `[hs, he)` of `m` by the memory file with markers on every page but
-    /// `[ps, pe)`, atomically: the replacement is built at a fresh address and moved over the
-    /// hole with `mremap`, so no access ever sees a private page of it exposed.
+    /// Restores `[ps, pe)`, part of hole `[hs, he)` (Poison mode), at a cost that depends on
+    /// the range, not on the hole: only the aligned neighbourhood of the range (granule
+    /// [`EmulatedOptions::hole_min_bytes`](super::EmulatedOptions::hole_min_bytes), at most
+    /// 2 MiB) is rebuilt as the memory file with markers around the range, and the hole is
+    /// split around it. A split adds a hole: when the mapping's hole budget or the process's
+    /// VMA budget has no room, the whole hole is rebuilt as markers instead (no lasting VMA,
+    /// so a conversion to shared never fails for want of one; cost proportional to the hole).
+    fn restore_part(
+        &self,
+        uffd: &PoisonFd,
+        m: &mut MappingEntry,
+        (hs, he): (u64, u64),
+        (ps, pe): (u64, u64),
+    ) -> KernelResult<()> {
+        let g = self.inner.options.hole_min_bytes.clamp(PAGE_SIZE, 2 << 20) / PAGE_SIZE * PAGE_SIZE;
+        let rs = hs.max(ps - ps % g);
+        let re = he.min(pe.div_ceil(g).saturating_mul(g));
+        let splits = hs < rs && re < he;
+        if !splits || (m.holes.len() < self.inner.options.hole_budget && vma_budget::room(1, false))
+        {
+            self.rebuild_hole(uffd, m, (rs, re), (ps, pe))
+        } else {
+            self.rebuild_hole(uffd, m, (hs, he), (ps, pe))
+        }
+    }
+
+    /// Replaces `[hs, he)`, all of it a hole of `m` (a whole hole or a piece of one), by the
+    /// memory file with markers on every page but `[ps, pe)`, atomically: the replacement is
+    /// built at a fresh address and moved over the hole with `mremap` (which splits the hole
+    /// VMA around it if `[hs, he)` is a piece), so no access ever sees a private page of it
+    /// exposed.
     pub(super) fn rebuild_hole(
         &self,
         uffd: &PoisonFd,
@@ -291,6 +394,8 @@ impl EmulatedGuestMemfd {
             return Ok(());
         };
         let fresh = Mmap::new(Some(self.inner.memfd.as_fd()), hs, len, libc::MAP_SHARED)?;
+        // The flag moves with the VMA.
+        no_thp(&fresh, 0, len)?;
         uffd.register(&fresh)?;
         for (a, b) in [(hs, ps), (pe, he)] {
             if a < b {
@@ -358,7 +463,10 @@ impl EmulatedGuestMemfd {
             holes: BTreeMap::new(),
             expect_populated: false,
             zap_first_streak: 0,
+            charged: 0,
         };
+        no_thp(map, 0, map.len())?;
+        vma_budget::refill();
         if let Mechanism::Poison(uffd) = &self.inner.mechanism {
             uffd.register(map)?;
         }
@@ -374,7 +482,15 @@ impl EmulatedGuestMemfd {
             .saturating_add(map.len() as u64)
             .min(self.inner.size);
         let (first, end) = pages_of(file_offset, file_end.saturating_sub(file_offset));
-        for (s, e, private) in st.attrs.runs(first, end) {
+        let runs = st.attrs.try_runs(first, end).map_err(|_| Errno::ENOMEM);
+        let runs = match runs {
+            Ok(runs) => runs,
+            Err(e) => {
+                self.inner.forget_mapping(id);
+                return Err(e);
+            }
+        };
+        for (s, e, private) in runs {
             if private {
                 if let Err(e) = self.revoke(&mut entry, s * PAGE_SIZE, e * PAGE_SIZE) {
                     self.inner.forget_mapping(id);

@@ -35,7 +35,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::error::KernelResult;
-use crate::sys::{Mmap, PAGE_SIZE};
+use crate::mapping::ViewRef;
+use crate::sys::PAGE_SIZE;
 
 /// Bytes in a page, as a `usize`.
 pub const PAGE: usize = PAGE_SIZE as usize;
@@ -296,7 +297,7 @@ impl PlatformKind {
 /// before it builds one).
 pub struct PageRef<'a> {
     index: u64,
-    view: &'a Mmap,
+    view: ViewRef<'a>,
     off: usize,
 }
 
@@ -311,7 +312,7 @@ impl fmt::Debug for PageRef<'_> {
 impl<'a> PageRef<'a> {
     /// Page `index`, at `off` in `view`: a page-sized, page-aligned range of the view that is
     /// mapped (not removed) while the handle lives.
-    pub(crate) fn new(index: u64, view: &'a Mmap, off: usize) -> Self {
+    pub(crate) fn new(index: u64, view: ViewRef<'a>, off: usize) -> Self {
         PageRef { index, view, off }
     }
 

@@ -7,8 +7,11 @@ use super::Mmap;
 use crate::error::{Errno, KernelResult};
 use crate::mapping::{Fault, Probe, ProbeOp};
 
-/// The fd number the probe child reports a fault on (in its own fd table).
-const PROBE_REPORT_FD: libc::c_int = 1000;
+/// The fd number the probe child reports a fault on, in its own fd table (a copy: the child
+/// is created without CLONE_FILES, so replacing its stdin leaves the parent's alone). 0 is
+/// below any descriptor limit a process can run with (a fixed high number such as 1000 is not:
+/// under `ulimit -n 1000` the `dup2` failed, the report was lost and probes gave ECHILD).
+const PROBE_REPORT_FD: libc::c_int = 0;
 
 #[repr(C)]
 struct ProbeArgs {
@@ -45,7 +48,10 @@ extern "C" fn probe_child(arg: *mut libc::c_void) -> libc::c_int {
     // CLONE_SIGHAND), so changing them does not affect the parent. Each struct passed is
     // fully initialised.
     unsafe {
-        libc::dup2(a.report_fd, PROBE_REPORT_FD);
+        // A no-op if the pipe already is fd 0; a failure would lose the report: say so.
+        if libc::dup2(a.report_fd, PROBE_REPORT_FD) != PROBE_REPORT_FD {
+            libc::syscall(libc::SYS_exit, 2);
+        }
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = probe_fault_handler as *const () as usize;
         sa.sa_flags = libc::SA_SIGINFO;
@@ -60,7 +66,7 @@ extern "C" fn probe_child(arg: *mut libc::c_void) -> libc::c_int {
     }
     for i in 0..a.len {
         // SAFETY: the parent guaranteed `[addr, addr + len)` is mapped (it may fault, which
-        // is the point) and that `out` has `len` bytes for a read.
+        // is the point) and that `out` has room for `len` bytes for a read.
         unsafe {
             match a.op {
                 ProbeOp::Read => a.out.add(i).write(a.addr.add(i).read_volatile()),
@@ -87,7 +93,13 @@ pub fn probe(map: &Mmap, off: usize, len: usize, op: ProbeOp) -> KernelResult<Pr
         STACK,
         libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
     )?;
-    let mut out = vec![0u8; if op == ProbeOp::Read { len } else { 0 }];
+    // Fallible: a length the mapping allows may still be more memory than there is (ENOMEM,
+    // not an abort). Not filled up front: the child writes the bytes it reads, and the length
+    // is set only once it read them all, so a read that faults early touches little memory.
+    let mut out: Vec<u8> = Vec::new();
+    if op == ProbeOp::Read {
+        out.try_reserve_exact(len).map_err(|_| Errno::ENOMEM)?;
+    }
     let mut pipe = [0 as libc::c_int; 2];
     // SAFETY: `pipe` has room for the two descriptors.
     if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
@@ -142,6 +154,11 @@ pub fn probe(map: &Mmap, off: usize, len: usize, op: ProbeOp) -> KernelResult<Pr
         }));
     }
     if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+        if op == ProbeOp::Read {
+            // SAFETY: the child exited normally, so it wrote all `len` bytes into `out`'s
+            // reserved capacity (same address space, CLONE_VM).
+            unsafe { out.set_len(len) };
+        }
         Ok(Probe::Done(out))
     } else {
         Err(Errno(libc::ECHILD))

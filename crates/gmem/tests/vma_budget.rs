@@ -1,0 +1,256 @@
+//! Issue 11 item 5: one VMA budget for the whole process, conversions that never abort, and
+//! private memory that can always be given back.
+//!
+//! Each test re-runs itself in a child process (the budget and the VMA count are the
+//! process's), bounded in time: the child lowers the budget with `set_process_vma_limit` or
+//! consumes real VMAs up to `vm.max_map_count`, which must never happen in the test process
+//! that other tests share.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gmem::emulated::{process_vma_budget, set_process_vma_limit};
+use gmem::uapi::*;
+use gmem::*;
+
+const PS: u64 = PAGE_SIZE;
+const SHARED: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+const CHILD: &str = "GMEM_TEST_VMA_CHILD";
+
+/// Runs test `name` of this binary in a child process (with `CHILD` set), killed after
+/// `secs` seconds; panics unless it passed.
+fn in_child(name: &str, secs: u64) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--test-threads=1", "--nocapture"])
+        .env(CHILD, "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{name}: child still running after {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    println!("{text}");
+    assert!(
+        status.success(),
+        "{name}: child failed ({status:?}):\n{text}"
+    );
+    assert!(
+        text.contains("1 passed"),
+        "{name}: child ran nothing:\n{text}"
+    );
+}
+
+fn is_child() -> bool {
+    std::env::var_os(CHILD).is_some()
+}
+
+fn sigbus_at(m: &HostMapping, off: u64) -> bool {
+    m.probe_read(off as usize, 1).unwrap().is_sigbus()
+}
+
+/// Many mappings of one file and many long private runs (holes, in Poison mode): the holes of
+/// all mappings share the process's budget (past it, markers), and no conversion to shared
+/// ever fails, whether it restores whole holes, splits them or rebuilds them.
+#[test]
+fn many_mappings_and_runs_never_fail_a_conversion_to_shared() {
+    if !is_child() {
+        return in_child(
+            "many_mappings_and_runs_never_fail_a_conversion_to_shared",
+            120,
+        );
+    }
+    set_process_vma_limit(Some(2048));
+    let b = process_vma_budget();
+    let size = 256u64 << 20;
+    let run = 128 * 1024;
+    let opts = EmulatedOptions::with_revocation(Revocation::Poison);
+    let f = EmulatedGuestMemfd::create_with(size, SHARED, opts).unwrap();
+    let maps: Vec<HostMapping> = (0..16).map(|_| f.mmap_all().unwrap()).collect();
+    // 1,024 private runs of 128 KiB in each of 16 mappings: 16,384 hole candidates for a
+    // budget of (2,048 − 25%) / 2 = 768 holes.
+    let runs = size / (2 * run);
+    for i in 0..runs {
+        f.set_private(2 * i * run, run).unwrap();
+        let used = process_vma_budget().used;
+        assert!(
+            used <= b.soft,
+            "run {i}: {used} VMAs charged, soft limit {}",
+            b.soft
+        );
+    }
+    let full = process_vma_budget().used;
+    assert!(full + 2 * 2 > b.soft, "the budget was not used up: {full}");
+    // Every mapping: private pages SIGBUS (holes and markers alike), shared ones do not.
+    for m in &maps {
+        for off in [0, run - PS, 2 * run - PS, size - 2 * run, size - run - PS] {
+            assert_eq!(sigbus_at(m, off), off % (2 * run) < run, "at {off:#x}");
+        }
+    }
+    // To shared, with the budget used up: 4 KiB pieces inside runs (which split a hole where
+    // there is room, else rebuild it as markers), then everything.
+    for i in (0..runs).step_by(7) {
+        f.set_shared(2 * i * run + 5 * PS, PS).unwrap();
+    }
+    for m in &maps {
+        assert!(!sigbus_at(m, 5 * PS) && sigbus_at(m, 4 * PS) && sigbus_at(m, 6 * PS));
+    }
+    f.set_shared(0, size).unwrap();
+    for m in &maps {
+        assert!(!sigbus_at(m, 0) && !sigbus_at(m, size - PS));
+    }
+    assert_eq!(process_vma_budget().used, 0, "every hole was given back");
+    drop(maps);
+    println!("budget {b:?}, {full} VMAs charged at most");
+}
+
+/// Remap mode (no userfaultfd): holes are the only mechanism. Alternating private pages reach
+/// the budget; from then on a conversion to private fails with ENOMEM and changes nothing
+/// (error_offset at the start), never an abort; conversions to shared keep working, including
+/// one that splits a hole (it may use the headroom up to the hard limit).
+#[test]
+fn remap_mode_at_the_budget_is_enomem_with_nothing_changed() {
+    if !is_child() {
+        return in_child(
+            "remap_mode_at_the_budget_is_enomem_with_nothing_changed",
+            120,
+        );
+    }
+    set_process_vma_limit(Some(1024));
+    let pages = 2048u64;
+    let opts = EmulatedOptions::with_revocation(Revocation::Remap);
+    let f = EmulatedGuestMemfd::create_with(pages * PS, SHARED, opts).unwrap();
+    let m = f.mmap_all().unwrap();
+    m.write_volatile(0, &vec![7u8; (pages * PS) as usize])
+        .unwrap();
+    let mut refused = None;
+    for i in 0..pages / 2 {
+        let mut a = kvm_memory_attributes2::new(2 * i * PS, PS, KVM_MEMORY_ATTRIBUTE_PRIVATE);
+        if let Err(e) = f.set_attributes(&mut a) {
+            refused = Some((i, e, a.error_offset));
+            break;
+        }
+    }
+    let (i, e, error_offset) = refused.expect("the budget was never reached");
+    assert_eq!((e, error_offset), (Errno::ENOMEM, 2 * i * PS), "at run {i}");
+    assert_eq!(f.attributes(2 * i * PS).unwrap(), 0, "nothing changed");
+    assert!(!sigbus_at(&m, 2 * i * PS));
+    let fragments = f.fragments();
+    // A large request with many runs: ENOMEM, nothing changed.
+    let mut a = kvm_memory_attributes2::new(2 * i * PS, (pages - 2 * i) * PS, 1 << 3);
+    assert_eq!(f.set_attributes(&mut a), Err(Errno::ENOMEM));
+    assert_eq!(f.fragments(), fragments);
+    // Merging runs frees VMAs: making the gap between two private pages private works even
+    // at the budget.
+    f.set_private(PS, PS).unwrap();
+    assert!(sigbus_at(&m, PS));
+    // To shared: the middle of the three-page hole (a split, from the headroom), then all.
+    f.set_shared(PS, PS).unwrap();
+    assert!(sigbus_at(&m, 0) && !sigbus_at(&m, PS) && sigbus_at(&m, 2 * PS));
+    f.set_shared(0, pages * PS).unwrap();
+    for p in 0..pages {
+        assert!(!sigbus_at(&m, p * PS), "page {p}");
+    }
+    assert_eq!(m.probe_read(0, 1).unwrap(), Probe::Done(vec![7]));
+    println!("Remap: refused at run {i} ({:?})", process_vma_budget());
+}
+
+/// The real limit: the child consumes VMAs until `vm.max_map_count` is almost reached (the
+/// budget, derived from it, does not know), then converts alternating pages in Remap mode.
+/// The kernel refusing a mapping change, and malloc failing for a run list, must give ENOMEM
+/// with nothing changed, never an abort; converting everything back to shared works.
+#[test]
+fn real_vma_exhaustion_is_enomem_not_an_abort() {
+    if !is_child() {
+        return in_child("real_vma_exhaustion_is_enomem_not_an_abort", 120);
+    }
+    let max: usize = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    if max > 1 << 20 {
+        println!("skipped: vm.max_map_count {max} is too large to exhaust quickly");
+        return;
+    }
+    let pages = 4096u64;
+    let opts = EmulatedOptions::with_revocation(Revocation::Remap);
+    let f = EmulatedGuestMemfd::create_with(pages * PS, SHARED, opts).unwrap();
+    let m = f.mmap_all().unwrap();
+    // Pages with alternating protections cannot merge: one VMA each.
+    let map_count = || {
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .count()
+    };
+    let filler_pages = max.saturating_sub(map_count()).saturating_sub(600);
+    let filler = gmem::os::Mmap::new(
+        None,
+        0,
+        filler_pages * PS as usize,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+    )
+    .unwrap();
+    for p in (0..filler_pages).step_by(2) {
+        // SAFETY: a page of our own anonymous mapping, never accessed.
+        let r = unsafe {
+            libc::mprotect(
+                filler.as_ptr().add(p * PS as usize).cast(),
+                PS as usize,
+                libc::PROT_READ,
+            )
+        };
+        assert_eq!(r, 0, "mprotect at page {p}");
+    }
+    let mut refused = None;
+    for i in 0..pages / 2 {
+        let mut a = kvm_memory_attributes2::new(2 * i * PS, PS, KVM_MEMORY_ATTRIBUTE_PRIVATE);
+        if let Err(e) = f.set_attributes(&mut a) {
+            refused = Some((i, e, a.error_offset));
+            break;
+        }
+    }
+    let (i, e, error_offset) = refused.expect("the VMA limit was never reached");
+    assert_eq!((e, error_offset), (Errno::ENOMEM, 2 * i * PS), "at run {i}");
+    assert_eq!(f.attributes(2 * i * PS).unwrap(), 0, "nothing changed");
+    let before = f.attributes(0).unwrap();
+    let mut outcomes = [Ok(()); 2];
+    for (k, attr) in [KVM_MEMORY_ATTRIBUTE_PRIVATE, 0].into_iter().enumerate() {
+        let fragments = f.fragments();
+        let mut a = kvm_memory_attributes2::new(2 * i * PS, (pages - 2 * i) * PS, attr);
+        outcomes[k] = f.set_attributes(&mut a);
+        if let Err(e) = outcomes[k] {
+            assert_eq!((e, a.error_offset), (Errno::ENOMEM, 2 * i * PS));
+            assert_eq!(f.fragments(), fragments, "{attr:#x}: nothing changed");
+        }
+    }
+    assert_eq!(f.attributes(0).unwrap(), before);
+    // Every private page back to shared, one by one. Each replaces a hole by the memory file,
+    // an mmap(MAP_FIXED) the kernel refuses at its limit (ENOMEM) although it adds no VMA:
+    // gmem gives up a reserve mapping for it.
+    let reserve = gmem::emulated::reserve_vmas();
+    for p in (0..2 * i).step_by(2) {
+        f.set_shared(p * PS, PS).unwrap();
+    }
+    let reserve_after = gmem::emulated::reserve_vmas();
+    f.set_shared(0, pages * PS).unwrap();
+    assert!(!sigbus_at(&m, 0));
+    drop(filler);
+    println!(
+        "max_map_count {max}: refused at run {i}; then {outcomes:?}; reserve {reserve} before \
+         the restores, {reserve_after} after"
+    );
+}
