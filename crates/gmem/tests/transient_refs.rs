@@ -17,8 +17,11 @@ const PAGES: u64 = 16;
 /// page-aligned offset in the range and the file still all shared.
 fn race(access: fn(&EmulatedGuestMemfd, u64) -> bool, limit: Duration) -> (u64, u64) {
     let f = Arc::new(
-        EmulatedGuestMemfd::create(PAGES * PAGE_SIZE, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
-            .unwrap(),
+        EmulatedGuestMemfd::create(
+            PAGES * PAGE_SIZE,
+            GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+        )
+        .unwrap(),
     );
     let stop = Arc::new(AtomicBool::new(false));
     let workers: Vec<_> = (0..2)
