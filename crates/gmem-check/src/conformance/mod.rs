@@ -107,6 +107,10 @@ pub enum CaseFailure {
     /// An error number from a call the message names around it.
     #[error(transparent)]
     Errno(#[from] Errno),
+    /// The case found, by running, that this host cannot run it (one NUMA node, a kernel
+    /// that answers EOPNOTSUPP): reported as a skip with the reason, never a pass.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl CaseFailure {
@@ -288,6 +292,7 @@ impl Ctx {
         }
         match std::panic::catch_unwind(AssertUnwindSafe(|| (case.run)(self))) {
             Ok(Ok(())) => Outcome::Pass,
+            Ok(Err(CaseFailure::Unsupported(why))) => Outcome::Skip(why),
             Ok(Err(e)) => Outcome::Fail(e.to_string()),
             Err(p) => Outcome::Fail(format!(
                 "panicked: {}",
