@@ -51,6 +51,7 @@ mod error;
 pub mod guest;
 mod memslot;
 pub mod port;
+mod pre_fault;
 pub mod stats;
 pub mod two_backing;
 mod vcpu;
