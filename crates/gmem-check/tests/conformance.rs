@@ -40,7 +40,7 @@ macro_rules! cases {
         fn every_case_has_a_test() {
             let listed = [$(stringify!($name)),*, "forked_accesses", "file_read_write",
                 "private_access_memslot_deleted", "private_access_memslot_not_private",
-                "pre_fault_memory", "numa_allocation"];
+                "pre_fault_memory", "numa_allocation", "post_vm_free"];
             for c in cases() {
                 assert!(listed.contains(&c.name), "case {} has no test", c.name);
             }
@@ -105,7 +105,10 @@ fn forked_accesses_is_a_skip_on_emulated() {
 fn cases_without_their_capability_skip_on_emulated() {
     for (name, why) in [
         ("file_read_write", "no guest_memfd descriptor"),
-        ("private_access_memslot_not_private", "per-VM attribute tracking"),
+        (
+            "private_access_memslot_not_private",
+            "per-VM attribute tracking",
+        ),
     ] {
         let case = cases()
             .into_iter()
@@ -131,6 +134,7 @@ fn vm_and_numa_cases_pass_or_skip_naming_why() {
     for (name, why) in [
         ("private_access_memslot_deleted", "no VM"),
         ("pre_fault_memory", "no VM"),
+        ("post_vm_free", "no VM"),
         ("numa_allocation", "NUMA node"),
     ] {
         let case = cases()
