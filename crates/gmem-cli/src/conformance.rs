@@ -1,17 +1,28 @@
 //! `gmem conformance`: the conformance suite on one backend or both, and the differential
 //! check between them.
 //!
-//! Prints a table (backend, case, result, reason) and the closing line
-//! `N passed, N failed, N skipped`, then each reason shared by several rows of a backend
-//! once (the rows say `see [N]`); exits non-zero if anything failed. `--json` prints one
-//! object `{"version", "passed", "failed", "skipped", "backends": [{"backend", "passed",
-//! "failed", "skipped", "cases": [{"name", "result", "reason"}]}]}`; with `--backend all` the
-//! third backend is the differential check, `differential` (docs/json.md).
+//! Three output formats (`--format`):
+//! - `text`: a table (backend, case, result, reason) and the closing line
+//!   `N passed, N failed, N skipped`, then each reason shared by several rows of a backend
+//!   once (the rows say `see [N]`);
+//! - `ktap`: KTAP version 1 as kselftest prints it: `KTAP version 1`, `#` diagnostics (host,
+//!   kernel, capabilities, and the shared reasons `# [N] backend: reason`), the plan `1..N`,
+//!   one `ok N backend/case`, `not ok N backend/case` or `ok N backend/case # SKIP reason` line
+//!   per case, and `# Totals: pass:P fail:F xfail:0 xpass:0 skip:S error:0`;
+//! - `json` (also `--json`): one object `{"version", "exit_status", "passed", "failed",
+//!   "skipped", "notes", "backends": [...]}` whatever the backend selection (docs/json.md).
+//!
+//! The exit status is kselftest's ([`KselftestExit`]): 0 when every case ran and passed (skips
+//! allowed when something passed), 1 when any case failed, 4 when everything was skipped. A
+//! `--filter` that selects no case is a usage error (status 2) naming the filter.
 
 use std::process::ExitCode;
 
-use gmem_check::conformance::runner::{run_cases, unavailable, BackendReport};
+use gmem_check::conformance::runner::{
+    check_filter, run_cases, unavailable, BackendReport, KselftestExit, Summary,
+};
 use gmem_check::conformance::{differential, Ctx};
+use gmem_check::host_report;
 use serde_json::{json, Value};
 
 use crate::kvm_access;
@@ -35,9 +46,23 @@ pub struct Args {
     /// differential scripts are named `diff/<script>`).
     #[arg(long, value_name = "PATTERN")]
     filter: Option<String>,
-    /// Print JSON instead of the table.
+    /// Output format: `text` (a table), `ktap` (KTAP version 1, as kselftest), `json`.
+    #[arg(long, value_enum, default_value = "text")]
+    format: FormatArg,
+    /// Print JSON instead of the table (the same as `--format json`).
     #[arg(long)]
     json: bool,
+}
+
+/// `--format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FormatArg {
+    /// A table and the totals.
+    Text,
+    /// KTAP version 1 (kselftest's output).
+    Ktap,
+    /// One JSON object (docs/json.md).
+    Json,
 }
 
 /// `--backend`.
@@ -89,6 +114,20 @@ pub fn parse_vm_type(s: &str) -> Result<u64, String> {
 
 pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let filter = args.filter.as_deref();
+    if let Err(e) = check_filter(filter) {
+        return Err(UsageError::value(
+            "--filter",
+            e.filter,
+            "matches no case (`gmem conformance` lists them; `*` matches any run of \
+             characters; differential scripts are diff/<script>)",
+        )
+        .into());
+    }
+    let format = if args.json {
+        FormatArg::Json
+    } else {
+        args.format
+    };
     let mut reports = Vec::new();
     if args.backend != BackendArg::Kernel {
         let emulated = match args.guest {
@@ -99,17 +138,17 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     }
     if args.backend != BackendArg::Emulated {
         let kernel = match args.guest {
-            GuestArg::Internal => Ctx::kernel(args.vm_type),
-            GuestArg::Auto | GuestArg::Vcpu => {
-                Ctx::kernel_with_vcpu(args.vm_type).and_then(|(ctx, no_vcpu)| match no_vcpu {
-                    Some(why) if args.guest == GuestArg::Vcpu => Err(why),
+            GuestArg::Internal => Ctx::kernel(args.vm_type).map_err(|e| e.to_string()),
+            GuestArg::Auto | GuestArg::Vcpu => Ctx::kernel_with_vcpu(args.vm_type)
+                .map_err(|e| e.to_string())
+                .and_then(|(ctx, no_vcpu)| match no_vcpu {
+                    Some(why) if args.guest == GuestArg::Vcpu => Err(why.to_string()),
                     Some(why) => {
                         eprintln!("gmem conformance: {why}; cases needing a guest skip");
                         Ok(ctx)
                     }
                     None => Ok(ctx),
-                })
-            }
+                }),
         };
         match kernel {
             Ok(k) => {
@@ -129,113 +168,224 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             }
         }
     }
+    // A filter may select cases only where this selection does not run them (a differential
+    // script with `--backend emulated`).
     if let Some(pattern) = filter {
         if reports.iter().all(|r| r.cases.is_empty()) {
             return Err(UsageError::value(
                 "--filter",
                 pattern,
-                "matches no case (`gmem conformance` lists them; `*` matches any run of \
-                 characters; differential scripts are diff/<script>)",
+                "matches no case of the backends selected (differential scripts, \
+                 diff/<script>, run with --backend all)",
             )
             .into());
         }
     }
-    if args.json {
-        let sum = |f: fn(&BackendReport) -> usize| reports.iter().map(f).sum::<usize>();
-        let out = json!({
-            "version": crate::JSON_VERSION,
-            "passed": sum(BackendReport::passed),
-            "failed": sum(BackendReport::failed),
-            "skipped": sum(BackendReport::skipped),
-            "backends": reports.iter().map(to_json).collect::<Vec<Value>>(),
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        print_table(&reports);
+    let summary = Summary::of(&reports);
+    let exit = summary.kselftest_exit();
+    let notes = shared_reasons(&reports);
+    match format {
+        FormatArg::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&to_json(&reports, &notes, summary, exit))?
+        ),
+        FormatArg::Ktap => print_ktap(&reports, &notes, summary, vm_type_note(args)),
+        FormatArg::Text => print_table(&reports, &notes, summary),
     }
-    let failed: usize = reports.iter().map(BackendReport::failed).sum();
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+    Ok(exit.into())
+}
+
+/// The kernel VM type, for the KTAP diagnostics, when the kernel backend runs.
+fn vm_type_note(args: &Args) -> Option<String> {
+    (args.backend != BackendArg::Emulated).then(|| {
+        format!(
+            "kernel backend VM type: {} ({})",
+            BackendArg::vm_type_name(args.vm_type),
+            args.vm_type
+        )
     })
 }
 
-fn to_json(r: &BackendReport) -> Value {
+/// A reason shared by several rows of one backend: printed once, referenced as `see [N]`.
+#[derive(Debug, PartialEq, Eq)]
+struct Note<'a> {
+    backend: &'a str,
+    reason: &'a str,
+}
+
+/// The reasons that repeat within a backend, in first-seen order.
+fn shared_reasons(reports: &[BackendReport]) -> Vec<Note<'_>> {
+    let mut notes: Vec<Note<'_>> = Vec::new();
+    for r in reports {
+        for c in &r.cases {
+            let note = Note {
+                backend: &r.backend,
+                reason: c.outcome.reason(),
+            };
+            if note.reason.is_empty() || notes.contains(&note) {
+                continue;
+            }
+            let n = r
+                .cases
+                .iter()
+                .filter(|d| d.outcome.reason() == note.reason)
+                .count();
+            if n > 1 {
+                notes.push(note);
+            }
+        }
+    }
+    notes
+}
+
+/// `see [N]` for a shared reason, else the reason itself.
+fn reason_or_ref(notes: &[Note<'_>], backend: &str, reason: &str) -> String {
+    match notes
+        .iter()
+        .position(|n| n.backend == backend && n.reason == reason)
+    {
+        Some(i) => format!("see [{}]", i + 1),
+        None => reason.to_string(),
+    }
+}
+
+fn to_json(
+    reports: &[BackendReport],
+    notes: &[Note<'_>],
+    summary: Summary,
+    exit: KselftestExit,
+) -> Value {
     json!({
-        "backend": r.backend,
-        "passed": r.passed(),
-        "failed": r.failed(),
-        "skipped": r.skipped(),
-        "cases": r.cases.iter().map(|c| json!({
-            "name": c.name,
-            "result": c.outcome.label(),
-            "reason": c.outcome.reason(),
+        "version": crate::JSON_VERSION,
+        "exit_status": exit.code(),
+        "passed": summary.passed,
+        "failed": summary.failed,
+        "skipped": summary.skipped,
+        "notes": notes.iter().enumerate().map(|(i, n)| json!({
+            "ref": format!("[{}]", i + 1),
+            "backend": n.backend,
+            "reason": n.reason,
         })).collect::<Vec<_>>(),
+        "backends": reports.iter().map(|r| json!({
+            "backend": r.backend,
+            "passed": r.passed(),
+            "failed": r.failed(),
+            "skipped": r.skipped(),
+            "cases": r.cases.iter().map(|c| json!({
+                "name": c.name,
+                "result": c.outcome.label(),
+                "reason": c.outcome.reason(),
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<Value>>(),
     })
 }
 
-/// A reason that repeats within a backend is printed once, under the table, and its rows
-/// reference it (`see [1]`).
-fn print_table(reports: &[BackendReport]) {
+/// KTAP version 1, as kselftest prints it (Documentation/dev-tools/ktap.rst).
+fn print_ktap(
+    reports: &[BackendReport],
+    notes: &[Note<'_>],
+    summary: Summary,
+    vm_type: Option<String>,
+) {
+    println!("KTAP version 1");
+    for line in host_diagnostics() {
+        println!("# {line}");
+    }
+    if let Some(v) = vm_type {
+        println!("# {v}");
+    }
+    for (i, n) in notes.iter().enumerate() {
+        println!("# [{}] {}: {}", i + 1, n.backend, one_line(n.reason));
+    }
+    println!("1..{}", summary.total());
+    let mut n = 0;
+    for r in reports {
+        for c in &r.cases {
+            n += 1;
+            let name = format!("{}/{}", r.backend, c.name);
+            let reason = one_line(&reason_or_ref(notes, &r.backend, c.outcome.reason()));
+            match c.outcome.label() {
+                "pass" => println!("ok {n} {name}"),
+                "skip" => println!("ok {n} {name} # SKIP {reason}"),
+                _ => {
+                    println!("# {name}: {reason}");
+                    println!("not ok {n} {name}");
+                }
+            }
+        }
+    }
+    println!(
+        "# Totals: pass:{} fail:{} xfail:0 xpass:0 skip:{} error:0",
+        summary.passed, summary.failed, summary.skipped
+    );
+}
+
+/// A reason on one line (KTAP lines cannot carry a newline).
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The host, its kernel and the capabilities the suite depends on, as `#` diagnostic lines.
+fn host_diagnostics() -> Vec<String> {
+    let h = host_report::probe();
+    let mut out = vec![format!(
+        "host: kernel {}, /dev/kvm {}",
+        h.kernel_release.as_deref().unwrap_or("unknown"),
+        match (h.kvm.dev_kvm, h.kvm.flavour) {
+            (false, _) => "missing".to_string(),
+            (true, Some(f)) => format!("present ({})", f.name()),
+            (true, None) => "present".to_string(),
+        }
+    )];
+    if h.kvm.dev_kvm {
+        let caps: Vec<String> = h
+            .kvm
+            .capabilities
+            .iter()
+            .map(|c| format!("{}={}", c.name, c.value))
+            .chain(
+                h.kvm
+                    .conversion
+                    .iter()
+                    .map(|c| format!("{}({})={}", c.number, c.revision.name(), c.value)),
+            )
+            .collect();
+        out.push(format!("capabilities: {}", caps.join(" ")));
+        out.push(match &h.kvm.conversion_support {
+            Ok(()) => "kernel conversion: in place (KVM_SET_MEMORY_ATTRIBUTES2)".to_string(),
+            Err(why) => format!("kernel conversion: {}", one_line(&why.to_string())),
+        });
+    }
+    out
+}
+
+fn print_table(reports: &[BackendReport], notes: &[Note<'_>], summary: Summary) {
     let name_w = reports
         .iter()
         .flat_map(|r| r.cases.iter().map(|c| c.name.len()))
         .max()
         .unwrap_or(4)
         .max(4);
-    // (backend, reason) of every reason on two rows or more, in first-seen order.
-    let mut notes: Vec<(&str, String)> = Vec::new();
-    for r in reports {
-        for c in &r.cases {
-            let reason = c.outcome.reason();
-            let key = (r.backend.as_str(), reason.to_string());
-            if reason.is_empty() || notes.contains(&key) {
-                continue;
-            }
-            let n = r
-                .cases
-                .iter()
-                .filter(|d| d.outcome.reason() == reason)
-                .count();
-            if n > 1 {
-                notes.push(key);
-            }
-        }
-    }
     println!(
         "{:<12} {:<name_w$} {:<6} reason",
         "backend", "case", "result"
     );
     for r in reports {
         for c in &r.cases {
-            let reason = c.outcome.reason();
-            let note = notes
-                .iter()
-                .position(|(b, n)| *b == r.backend.as_str() && n == reason);
-            let reason = match note {
-                Some(i) => format!("see [{}]", i + 1),
-                None => reason.to_string(),
-            };
             println!(
-                "{:<12} {:<name_w$} {:<6} {reason}",
+                "{:<12} {:<name_w$} {:<6} {}",
                 r.backend,
                 c.name,
                 c.outcome.label(),
+                reason_or_ref(notes, &r.backend, c.outcome.reason()),
             );
         }
     }
-    let sum = |f: fn(&BackendReport) -> usize| reports.iter().map(f).sum::<usize>();
-    println!(
-        "{} passed, {} failed, {} skipped",
-        sum(BackendReport::passed),
-        sum(BackendReport::failed),
-        sum(BackendReport::skipped)
-    );
+    println!("{summary}");
     if !notes.is_empty() {
         println!();
-        for (i, (backend, reason)) in notes.iter().enumerate() {
-            println!("[{}] {backend}: {reason}", i + 1);
+        for (i, n) in notes.iter().enumerate() {
+            println!("[{}] {}: {}", i + 1, n.backend, n.reason);
         }
     }
 }

@@ -111,6 +111,115 @@ fn conformance_json_per_backend_and_filter() {
     assert!(all.status.success(), "{}", stdout(&all));
 }
 
+/// `--format ktap`: KTAP version 1 as kselftest prints it, exit 0 when everything passed or
+/// skipped with at least one pass.
+fn conformance_ktap_is_ktap_v1_with_totals() {
+    let out = gmem(&["conformance", "--backend", "emulated", "--format", "ktap"]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "KTAP version 1");
+    assert!(
+        lines.iter().any(|l| l.starts_with("# host: kernel ")),
+        "{text}"
+    );
+    let plan = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("1.."))
+        .expect("plan");
+    let n: usize = plan.parse().expect("1..N");
+    let results: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.starts_with("ok ") || l.starts_with("not ok "))
+        .collect();
+    assert_eq!(results.len(), n, "{text}");
+    for (i, l) in results.iter().enumerate() {
+        let want = format!("ok {} emulated/", i + 1);
+        assert!(l.starts_with(&want), "{l} (wanted {want}...)");
+    }
+    let skips = results.iter().filter(|l| l.contains(" # SKIP ")).count();
+    assert!(skips >= 1, "{text}");
+    // A reason shared by several rows is a `# [N] backend: reason` diagnostic, referenced.
+    for note in lines.iter().filter(|l| l.starts_with("# [")) {
+        let tag = note[2..].split(' ').next().unwrap();
+        assert!(text.contains(&format!("# SKIP see {tag}")), "{note}");
+    }
+    assert_eq!(
+        *lines.last().unwrap(),
+        format!(
+            "# Totals: pass:{} fail:0 xfail:0 xpass:0 skip:{skips} error:0",
+            n - skips
+        )
+    );
+}
+
+/// Exit status 4 (KSFT_SKIP) when a filter leaves only skips; 2 when it selects nothing.
+fn conformance_exit_status_is_kselftest() {
+    // file_read_write skips on the emulated backend (no descriptor).
+    let out = gmem(&[
+        "conformance",
+        "--backend",
+        "emulated",
+        "--filter",
+        "file_read_write",
+        "--format",
+        "ktap",
+    ]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(4), "{text}");
+    assert!(
+        text.contains("ok 1 emulated/file_read_write # SKIP "),
+        "{text}"
+    );
+    assert!(text.contains("# Totals: pass:0 fail:0 xfail:0 xpass:0 skip:1 error:0"));
+    let out = gmem(&[
+        "conformance",
+        "--backend",
+        "emulated",
+        "--filter",
+        "nothing_like_this",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nothing_like_this"),
+        "{out:?}"
+    );
+}
+
+/// `--json`: one object with the list of runs whatever the selection, the exit status and the
+/// shared reasons once.
+fn conformance_json_has_one_shape() {
+    for backend in ["emulated", "kernel", "all"] {
+        let out = gmem(&[
+            "conformance",
+            "--backend",
+            backend,
+            "--json",
+            "--filter",
+            "init_",
+        ]);
+        let top: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+        assert_eq!(top["version"], 1);
+        assert_eq!(
+            top["exit_status"].as_i64(),
+            out.status.code().map(i64::from)
+        );
+        assert!(top["backends"].is_array(), "{top}");
+        assert!(top["notes"].is_array(), "{top}");
+        let total: u64 = ["passed", "failed", "skipped"]
+            .iter()
+            .map(|k| top[k].as_u64().unwrap())
+            .sum();
+        let cases: usize = top["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["cases"].as_array().unwrap().len())
+            .sum();
+        assert_eq!(total, cases as u64, "{top}");
+    }
+}
+
 fn bad_arguments_are_errors_naming_the_allowed_values() {
     let out = gmem(&["conformance", "--backend", "qemu"]);
     assert!(!out.status.success());
@@ -204,6 +313,9 @@ fn main() {
     let mut trials = tests!(
         conformance_table_ends_with_the_totals_and_passes_on_emulated,
         conformance_json_per_backend_and_filter,
+        conformance_ktap_is_ktap_v1_with_totals,
+        conformance_exit_status_is_kselftest,
+        conformance_json_has_one_shape,
         bad_arguments_are_errors_naming_the_allowed_values,
     );
     trials.extend(io_prints_the_same_lines_on_emulated_and_kernel());

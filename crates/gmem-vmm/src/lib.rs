@@ -52,6 +52,7 @@ pub mod gpa;
 pub mod guest;
 mod memslot;
 pub mod port;
+mod pre_fault;
 pub mod stats;
 pub mod two_backing;
 mod vcpu;

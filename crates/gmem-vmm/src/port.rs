@@ -19,6 +19,7 @@ use gmem::error::Errno;
 use gmem::file::{BackendKind, GuestMemfd};
 use gmem::kernel::KernelBackend;
 use gmem::os::PAGE_SIZE;
+use gmem::uapi::kvm_pre_fault_memory;
 
 /// Plays the guest's part of a case: accesses that the guest makes, which see private pages.
 pub trait GuestPort: Send + Sync + fmt::Debug {
@@ -78,6 +79,9 @@ pub trait VmPort: Send + Sync + fmt::Debug {
     /// Runs a vCPU that loads 8 bytes at `gpa` (a private access where the page is private),
     /// and reports how the access ended.
     fn guest_read_u64(&self, gpa: u64) -> Result<VmAccess, PortError>;
+    /// `KVM_PRE_FAULT_MEMORY` on a vCPU ([`Vcpu::pre_fault_memory`]): the kernel's answer,
+    /// with `range` updated as the kernel updates it.
+    fn pre_fault_memory(&self, range: &mut kvm_pre_fault_memory) -> Result<(), Errno>;
 }
 
 /// The guest played through the emulated file's internal guest view (no vCPU).
@@ -296,6 +300,11 @@ impl GuestPort for VcpuGuest {
 }
 
 impl VmPort for VcpuGuest {
+    fn pre_fault_memory(&self, range: &mut kvm_pre_fault_memory) -> Result<(), Errno> {
+        let st = self.lock();
+        st.vcpu.pre_fault_memory(&self.vm, range)
+    }
+
     fn bind(
         &self,
         file: &Arc<dyn GuestMemfd>,

@@ -81,7 +81,7 @@ enum Last {
 /// One vCPU, owned by the thread that runs it.
 pub struct Vcpu {
     index: usize,
-    fd: VcpuFd,
+    pub(crate) fd: VcpuFd,
     ring0: kvm_sregs,
     ring3: kvm_sregs,
     program: Program,

@@ -68,7 +68,7 @@ impl VmHandle {
 
 /// A KVM VM whose data memory is gmem files.
 pub struct Vm {
-    handle: VmHandle,
+    pub(crate) handle: VmHandle,
     pub(crate) system: Mmap,
     pub(crate) vcpus: usize,
     pub(crate) slots: RwLock<Vec<Memslot>>,

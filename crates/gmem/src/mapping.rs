@@ -301,6 +301,21 @@ impl HostMapping {
         self.map.touch_pages(off as u64, len as u64, value)
     }
 
+    /// `madvise(2)` on `[off, off + len)` of the mapping, with guest_memfd's answers: on the
+    /// emulated backend `MADV_COLLAPSE` is refused with EINVAL, as the kernel refuses it on a
+    /// guest_memfd VMA (guest_memfd has no huge folios; a huge page could expose private
+    /// neighbours, kernel-spec §2.5) whatever the revocation mechanism would allow on the
+    /// memfd behind it. Every other advice is the kernel's answer on the mapping.
+    pub fn madvise(&self, off: usize, len: usize, advice: libc::c_int) -> KernelResult<()> {
+        if advice == libc::MADV_COLLAPSE && self.registration.is_some() {
+            off.checked_add(len)
+                .filter(|&end| end <= self.len())
+                .ok_or(Errno::EINVAL)?;
+            return Err(Errno::EINVAL);
+        }
+        self.map.madvise(off, len, advice)
+    }
+
     /// Reads `len` bytes at `off` in a child process, so that a fault is reported.
     pub fn probe_read(&self, off: usize, len: usize) -> KernelResult<Probe<Vec<u8>>> {
         sys::probe::probe(&self.map, off, len, ProbeOp::Read).map(|p| p.rebase(self.as_ptr()))

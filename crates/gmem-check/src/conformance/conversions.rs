@@ -249,7 +249,7 @@ fn elevated_refcount(ctx: &Ctx) -> CaseResult {
             t.test_shared(i, 0, b'A', b'B')?;
         }
         let mut a = kvm_memory_attributes2::new(0, N * PS, KVM_MEMORY_ATTRIBUTE_PRIVATE);
-        a.error_offset = u64::MAX;
+        a.error_offset = test_page * PS + 1;
         let r = t.f.set_attributes(&mut a);
         ensure(r == Err(Errno::EAGAIN), || {
             format!("bulk private with page {test_page} pinned: expected EAGAIN, got {r:?}")
@@ -264,6 +264,9 @@ fn elevated_refcount(ctx: &Ctx) -> CaseResult {
         for i in 0..N {
             if i == test_page {
                 let mut a = kvm_memory_attributes2::new(i * PS, PS, KVM_MEMORY_ATTRIBUTE_PRIVATE);
+                // A sentinel no answer can hold, so an error_offset never written is caught
+                // (for page 0 it would otherwise read as the right answer, 0).
+                a.error_offset = i * PS + 1;
                 let r = t.f.set_attributes(&mut a);
                 ensure(r == Err(Errno::EAGAIN) && a.error_offset == i * PS, || {
                     format!("single-page private of the pinned page: expected EAGAIN at {:#x}, got {r:?} at {:#x}", i * PS, a.error_offset)

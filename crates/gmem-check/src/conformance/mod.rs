@@ -14,6 +14,7 @@ pub mod differential;
 mod file_io;
 mod guest_memfd_test;
 mod kvm_exits;
+mod other_selftests;
 mod platforms;
 mod private_mem_conversions;
 pub mod runner;
@@ -108,6 +109,10 @@ pub enum CaseFailure {
     /// An error number from a call the message names around it.
     #[error(transparent)]
     Errno(#[from] Errno),
+    /// The case found, by running, that this host cannot run it (one NUMA node, a kernel
+    /// that answers EOPNOTSUPP): reported as a skip with the reason, never a pass.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl CaseFailure {
@@ -177,16 +182,23 @@ pub fn cases() -> Vec<Case> {
     all.extend(conversions::cases());
     all.extend(private_mem_conversions::cases());
     all.extend(kvm_exits::cases());
+    all.extend(other_selftests::cases());
     all.extend(platforms::cases());
     all
 }
 
 impl Ctx {
-    /// A context for the emulated backend, the guest played through the internal view.
+    /// A context for the emulated backend, the guest's reads and writes played through the
+    /// internal view; the cases that need a VM ([`Need::Vm`]) get a one-vCPU VM when
+    /// `/dev/kvm` can make one.
     pub fn emulated() -> Ctx {
+        let guest: Arc<dyn GuestPort> = match gmem_vmm::port::VcpuGuest::emulated() {
+            Ok(vm) => Arc::new(InternalGuestWithVm(vm)),
+            Err(_) => Arc::new(InternalGuest),
+        };
         Ctx {
             backend: Arc::new(gmem::emulated::EmulatedBackend::default()),
-            guest: Some(Arc::new(InternalGuest)),
+            guest: Some(guest),
         }
     }
 
@@ -285,6 +297,7 @@ impl Ctx {
         }
         match std::panic::catch_unwind(AssertUnwindSafe(|| (case.run)(self))) {
             Ok(Ok(())) => Outcome::Pass,
+            Ok(Err(CaseFailure::Unsupported(why))) => Outcome::Skip(why),
             Ok(Err(e)) => Outcome::Fail(e.to_string()),
             Err(p) => Outcome::Fail(format!(
                 "panicked: {}",
@@ -325,6 +338,34 @@ impl Ctx {
         })?;
         g.write(f, p * PAGE_SIZE, &[write])
             .map_err(CaseFailure::from)
+    }
+}
+
+/// The internal view for the guest's reads and writes, and a VM for the cases that need one.
+#[derive(Debug)]
+struct InternalGuestWithVm(Arc<gmem_vmm::port::VcpuGuest>);
+
+impl GuestPort for InternalGuestWithVm {
+    fn read(
+        &self,
+        file: &dyn GuestMemfd,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, gmem_vmm::PortError> {
+        InternalGuest.read(file, offset, len)
+    }
+
+    fn write(
+        &self,
+        file: &dyn GuestMemfd,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), gmem_vmm::PortError> {
+        InternalGuest.write(file, offset, data)
+    }
+
+    fn vm(&self) -> Option<&dyn VmPort> {
+        Some(self.0.as_ref())
     }
 }
 

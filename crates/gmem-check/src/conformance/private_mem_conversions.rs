@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use super::{ensure, Case, CaseFailure, CaseResult, Ctx, Need};
-use gmem::file::GuestMemfd;
+use gmem::file::{GuestMemfd, GuestMemfdBackend};
 use gmem::mapping::{HostMapping, Probe};
 use gmem::os::PAGE_SIZE;
 use gmem::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
@@ -30,6 +30,12 @@ const NEEDS: &[Need] = &[Need::Mmap, Need::InitShared, Need::Conversion, Need::G
 pub(super) fn cases() -> Vec<Case> {
     const SRC: &str = "private_mem_conversions_test.c";
     vec![
+        Case {
+            name: "post_vm_free",
+            source: SRC,
+            needs: &[Need::Vm],
+            run: post_vm_free,
+        },
         Case {
             name: "explicit_conversion",
             source: SRC,
@@ -298,4 +304,56 @@ impl Window<'_> {
         }
         Ok(())
     }
+}
+
+/// The end of `private_mem_conversions_test`: after `kvm_vm_free` the guest_memfd keeps
+/// working (it holds its VM): a punch of the whole file, then an allocation of it, succeed.
+/// The file is bound in a VM of its own (on the kernel backend, a fresh default VM whose
+/// guest_memfd the file is), a vCPU reads it, and the VM is dropped before the punch.
+fn post_vm_free(ctx: &Ctx) -> CaseResult {
+    let size = 2 * WINDOW.next_multiple_of(MIB2);
+    let gpa = gmem_vmm::guest::DATA_GPA;
+    let (f, vm): (Arc<dyn GuestMemfd>, gmem_vmm::Vm) = match ctx.backend.kind() {
+        gmem::file::BackendKind::Emulated => (
+            ctx.create(size / PS, GUEST_MEMFD_FLAG_MMAP)?,
+            gmem_vmm::Vm::new(1).map_err(|e| CaseFailure::Guest(e.to_string()))?,
+        ),
+        _ => {
+            let backend =
+                gmem::kernel::KernelBackend::new().map_err(CaseFailure::call("KVM_CREATE_VM"))?;
+            let f = backend
+                .create(size, ctx.backend.supported_flags() & GUEST_MEMFD_FLAG_MMAP)
+                .map_err(CaseFailure::call("KVM_CREATE_GUEST_MEMFD"))?;
+            let vm = gmem_vmm::Vm::on_kernel_backend(&backend, 1)
+                .map_err(|e| CaseFailure::Guest(e.to_string()))?;
+            (f, vm)
+        }
+    };
+    let backing = gmem_vmm::backing::in_place(Arc::clone(&f))
+        .map_err(CaseFailure::call("mapping the file for its memslot"))?;
+    vm.bind(gpa, &backing, 0, size)
+        .map_err(|e| CaseFailure::Guest(e.to_string()))?;
+    let mut p = gmem_vmm::GuestProgram::new(0, gmem_vmm::RequestPath::Port);
+    p.verify(gpa, PS, 0);
+    p.done();
+    let program = p.finish().map_err(|e| CaseFailure::Guest(e.to_string()))?;
+    let mut vcpu = vm
+        .create_vcpu(0, program)
+        .map_err(|e| CaseFailure::Guest(e.to_string()))?;
+    let stop = vcpu
+        .run_until_stop(&vm)
+        .map_err(|e| CaseFailure::Guest(e.to_string()))?;
+    ensure(
+        matches!(stop, gmem_vmm::Stop::Event(gmem_vmm::Event::Done)),
+        || format!("the guest's read of the file ended with {stop:?}"),
+    )?;
+    drop(vcpu);
+    drop(vm);
+    drop(backing);
+    f.punch_hole(0, size).map_err(CaseFailure::call(
+        "punch the whole file after the VM is freed",
+    ))?;
+    f.allocate(0, size).map_err(CaseFailure::call(
+        "allocate the whole file after the VM is freed",
+    ))
 }

@@ -168,6 +168,11 @@ unsafe impl Send for Mmap {}
 // SAFETY: as above; `&Mmap` only hands out the address.
 unsafe impl Sync for Mmap {}
 
+/// `MPOL_F_NODE` (`get_mempolicy`: return the node).
+const MPOL_F_NODE: libc::c_ulong = 1;
+/// `MPOL_F_ADDR` (`get_mempolicy`: the policy at an address).
+const MPOL_F_ADDR: libc::c_ulong = 2;
+
 impl Mmap {
     /// `mmap(NULL, len, PROT_READ|PROT_WRITE, flags, fd, offset)`; EINVAL for `MAP_FIXED`
     /// (use [`Mmap::map_fixed`] inside a mapping).
@@ -318,6 +323,66 @@ impl Mmap {
         // Rust reference points into.
         unsafe { volatile_copy(data.as_ptr(), self.ptr.as_ptr().add(off), data.len()) };
         Ok(())
+    }
+
+    /// `mbind(2)` of `[off, off + len)`: memory policy `mode` (`MPOL_*`) over the nodes of
+    /// `nodemask` (bit n = node n; 0 with `MPOL_DEFAULT`). EINVAL outside the mapping.
+    pub fn mbind(&self, off: usize, len: usize, mode: i32, nodemask: u64) -> KernelResult<()> {
+        self.check_range(off, len)?;
+        let mask = [nodemask];
+        // An empty mask is passed as NULL, 0 (as MPOL_DEFAULT requires).
+        let (mask_ptr, maxnode): (*const u64, libc::c_ulong) = if nodemask == 0 {
+            (std::ptr::null(), 0)
+        } else {
+            (mask.as_ptr(), 64)
+        };
+        // SAFETY: the range lies inside this mapping; `mask` is one readable word and maxnode
+        // names at most its 64 bits (or NULL, 0). mbind changes no memory the caller can see.
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_mbind,
+                self.ptr.as_ptr().add(off),
+                len,
+                mode,
+                mask_ptr,
+                maxnode,
+                0,
+            )
+        } as libc::c_int)
+        .map(drop)
+    }
+
+    /// `get_mempolicy(2)` with `MPOL_F_ADDR` at `off`: the policy mode and node mask that
+    /// apply there.
+    pub fn mempolicy(&self, off: usize) -> KernelResult<(i32, u64)> {
+        self.check_range(off, 1)?;
+        self.get_mempolicy(off, MPOL_F_ADDR)
+    }
+
+    /// `get_mempolicy(2)` with `MPOL_F_NODE | MPOL_F_ADDR` at `off`: the node of the page
+    /// there (faulting it in if needed, as the kernel does).
+    pub fn page_node(&self, off: usize) -> KernelResult<i32> {
+        self.check_range(off, 1)?;
+        self.get_mempolicy(off, MPOL_F_NODE | MPOL_F_ADDR)
+            .map(|(n, _)| n)
+    }
+
+    fn get_mempolicy(&self, off: usize, flags: libc::c_ulong) -> KernelResult<(i32, u64)> {
+        let mut mode: libc::c_int = 0;
+        let mut mask = [0u64];
+        // SAFETY: `mode` and `mask` are writable for the sizes given (one int, 64 bits);
+        // `off` lies inside this mapping (checked by the callers).
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_get_mempolicy,
+                &mut mode as *mut libc::c_int,
+                mask.as_mut_ptr(),
+                64 as libc::c_ulong,
+                self.ptr.as_ptr().add(off),
+                flags,
+            )
+        } as libc::c_int)?;
+        Ok((mode, mask[0]))
     }
 
     fn check_range(&self, off: usize, len: usize) -> KernelResult<()> {
