@@ -67,7 +67,7 @@ impl Vm {
     }
 
     fn pre_fault_page(&self, gpa: u64) -> KernelResult<()> {
-        let (backing, offset) = self.gpa_to_file(gpa).ok_or(Errno::ENOENT)?;
+        let (backing, offset) = self.gpa_to_file(crate::Gpa(gpa)).ok_or(Errno::ENOENT)?;
         backing.allocate(offset, PAGE_SIZE)?;
         let mut b = [0u8; 1];
         backing.guest_read(offset, &mut b)

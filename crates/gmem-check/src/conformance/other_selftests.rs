@@ -63,9 +63,13 @@ fn convert_fault_race(ctx: &Ctx) -> CaseResult {
             let (f, stop, guest) = (Arc::clone(&f), Arc::clone(&stop), Arc::clone(&guest));
             std::thread::spawn(move || {
                 let mut p = t;
+                // A whole page per access, as a vCPU's fault covers one: the reference is
+                // held for the copy, so the conversions meet it often enough.
+                let mut page = vec![0u8; PS as usize];
                 while !stop.load(Ordering::Relaxed) {
+                    page[0] = p as u8;
                     // A private page is as good as a shared one for the guest.
-                    let _ = guest.write(f.as_ref(), (p % RACE_PAGES) * PS, &[p as u8]);
+                    let _ = guest.write(f.as_ref(), (p % RACE_PAGES) * PS, &page);
                     p += RACE_THREADS;
                 }
             })

@@ -331,7 +331,7 @@ fn post_vm_free(ctx: &Ctx) -> CaseResult {
     };
     let backing = gmem_vmm::backing::in_place(Arc::clone(&f))
         .map_err(CaseFailure::call("mapping the file for its memslot"))?;
-    vm.bind(gpa, &backing, 0, size)
+    vm.bind(gmem_vmm::Gpa(gpa), &backing, 0, size)
         .map_err(|e| CaseFailure::Guest(e.to_string()))?;
     let mut p = gmem_vmm::GuestProgram::new(0, gmem_vmm::RequestPath::Port);
     p.verify(gpa, PS, 0);
