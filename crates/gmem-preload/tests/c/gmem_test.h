@@ -94,7 +94,7 @@ struct pin_longterm_test {
 #endif
 
 static const char *gm_prog = "gmem-test";
-static int gm_checks;
+static inline int gm_checks;
 
 #define CHECK(cond, ...)                                                              \
 	do {                                                                          \
@@ -119,7 +119,7 @@ static int gm_checks;
 
 static long page_size;
 
-static int open_kvm(void)
+static inline int open_kvm(void)
 {
 	page_size = sysconf(_SC_PAGESIZE);
 	int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
@@ -127,20 +127,20 @@ static int open_kvm(void)
 	return kvm;
 }
 
-static int create_vm(int kvm, unsigned long type)
+static inline int create_vm(int kvm, unsigned long type)
 {
 	int vm = ioctl(kvm, KVM_CREATE_VM, type);
 	CHECK(vm >= 0, "KVM_CREATE_VM(%lu)", type);
 	return vm;
 }
 
-static int __create_gmem(int vm, uint64_t size, uint64_t flags)
+static inline int __create_gmem(int vm, uint64_t size, uint64_t flags)
 {
 	struct gm_create_guest_memfd args = { .size = size, .flags = flags };
 	return ioctl(vm, KVM_CREATE_GUEST_MEMFD, &args);
 }
 
-static int create_gmem(int vm, uint64_t size, uint64_t flags)
+static inline int create_gmem(int vm, uint64_t size, uint64_t flags)
 {
 	int fd = __create_gmem(vm, size, flags);
 	CHECK(fd >= 0, "KVM_CREATE_GUEST_MEMFD(size %#llx, flags %#llx)",
@@ -149,7 +149,7 @@ static int create_gmem(int vm, uint64_t size, uint64_t flags)
 }
 
 /* KVM_SET_MEMORY_ATTRIBUTES2; returns the ioctl's result, errno and error_offset. */
-static int __set_attrs(int gmem, uint64_t off, uint64_t size, uint64_t attrs,
+static inline int __set_attrs(int gmem, uint64_t off, uint64_t size, uint64_t attrs,
 		       uint64_t *error_offset)
 {
 	struct gm_memory_attributes2 a = { .offset = off, .size = size, .attributes = attrs };
@@ -160,13 +160,13 @@ static int __set_attrs(int gmem, uint64_t off, uint64_t size, uint64_t attrs,
 	return r;
 }
 
-static void set_private(int gmem, uint64_t off, uint64_t size)
+static inline void set_private(int gmem, uint64_t off, uint64_t size)
 {
 	CHECK(__set_attrs(gmem, off, size, KVM_MEMORY_ATTRIBUTE_PRIVATE, NULL) == 0,
 	      "to private [%#llx, +%#llx)", (unsigned long long)off, (unsigned long long)size);
 }
 
-static void set_shared(int gmem, uint64_t off, uint64_t size)
+static inline void set_shared(int gmem, uint64_t off, uint64_t size)
 {
 	CHECK(__set_attrs(gmem, off, size, 0, NULL) == 0, "to shared [%#llx, +%#llx)",
 	      (unsigned long long)off, (unsigned long long)size);
@@ -176,7 +176,7 @@ static void set_shared(int gmem, uint64_t off, uint64_t size)
 static sigjmp_buf gm_jmp;
 static volatile int gm_sigbus_code;
 
-static void gm_sigbus(int sig, siginfo_t *info, void *ctx)
+static inline void gm_sigbus(int sig, siginfo_t *info, void *ctx)
 {
 	(void)sig;
 	(void)ctx;
@@ -184,7 +184,7 @@ static void gm_sigbus(int sig, siginfo_t *info, void *ctx)
 	siglongjmp(gm_jmp, 1);
 }
 
-static void install_sigbus_handler(void)
+static inline void install_sigbus_handler(void)
 {
 	struct sigaction sa = { 0 };
 	sa.sa_sigaction = gm_sigbus;
@@ -211,7 +211,7 @@ static inline int write_sigbus(volatile char *p, char v)
 	return 0;
 }
 
-static void *map_gmem(int gmem, size_t len, off_t off)
+static inline void *map_gmem(int gmem, size_t len, off_t off)
 {
 	void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, gmem, off);
 	CHECK(p != MAP_FAILED, "mmap(gmem %d, len %#zx, off %#llx)", gmem, len,
@@ -219,7 +219,7 @@ static void *map_gmem(int gmem, size_t len, off_t off)
 	return p;
 }
 
-static void done(void)
+static inline void done(void)
 {
 	printf("%s: ok (%d checks)\n", gm_prog, gm_checks);
 }
