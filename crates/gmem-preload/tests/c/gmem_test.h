@@ -94,7 +94,7 @@ struct pin_longterm_test {
 #endif
 
 static const char *gm_prog = "gmem-test";
-static inline int gm_checks;
+static int gm_checks;
 
 #define CHECK(cond, ...)                                                              \
 	do {                                                                          \
