@@ -25,6 +25,8 @@
 // An `LD_PRELOAD` object is FFI through and through: every export is `unsafe extern "C"`.
 #![allow(unsafe_code)]
 #![allow(clippy::missing_safety_doc)]
+// The unit tests build without the exports (they would interpose the test binary itself).
+#![cfg_attr(test, allow(dead_code))]
 
 mod config;
 mod fdtable;
