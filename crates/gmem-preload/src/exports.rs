@@ -8,15 +8,27 @@ use std::ffi::{c_char, c_int, c_uint, c_ulong, c_void};
 
 use libc::{iovec, off_t, size_t, ssize_t};
 
-use crate::fdtable::owned;
+use crate::fdtable::{owned, tracked};
 use crate::{fdtable, files, kvm, real};
 use gmem::Errno;
 
-const KVMIO: c_ulong = 0xAE;
+/// The requests the interposer answers on descriptors that are not emulated files: on
+/// `/dev/kvm` and on VMs.
+#[inline(always)]
+fn kvm_request(req: c_ulong) -> bool {
+    matches!(
+        req as u32,
+        kvm::KVM_CHECK_EXTENSION
+            | kvm::KVM_CREATE_VM
+            | kvm::KVM_CREATE_GUEST_MEMFD
+            | kvm::KVM_SET_USER_MEMORY_REGION2
+            | kvm::KVM_SET_USER_MEMORY_REGION
+    )
+}
 
 #[no_mangle]
 pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: *mut c_void) -> c_int {
-    if (req >> 8) & 0xff != KVMIO && !owned(fd) {
+    if !owned(fd) && !kvm_request(req) {
         // SAFETY: the program's call, forwarded unchanged.
         return unsafe { real::ioctl()(fd, req, arg) };
     }
@@ -25,7 +37,7 @@ pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: *mut c_void) -> c_i
 
 #[no_mangle]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
-    if !owned(fd) {
+    if !tracked(fd) {
         // SAFETY: forwarded.
         return unsafe { real::close()(fd) };
     }
@@ -37,7 +49,7 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
     if flags as c_uint & libc::CLOSE_RANGE_CLOEXEC == 0 {
         let hi = last.min(c_int::MAX as c_uint) as c_int;
         for fd in first as c_int..=hi {
-            if owned(fd) {
+            if tracked(fd) {
                 drop(fdtable::forget(fd));
             }
             if fd >= 1 << 16 {
@@ -53,7 +65,7 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
 pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
     // SAFETY: forwarded.
     let new = unsafe { real::dup()(fd) };
-    if new >= 0 && owned(fd) {
+    if new >= 0 && tracked(fd) {
         files::duplicated("dup", fd, new);
     }
     new
@@ -61,7 +73,7 @@ pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
 
 #[no_mangle]
 pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
-    if !owned(old) && !owned(new) {
+    if !tracked(old) && !tracked(new) {
         // SAFETY: forwarded.
         return unsafe { real::dup2()(old, new) };
     }
@@ -78,7 +90,7 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
 
 #[no_mangle]
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
-    if !owned(old) && !owned(new) {
+    if !tracked(old) && !tracked(new) {
         // SAFETY: forwarded.
         return unsafe { real::dup3()(old, new, flags) };
     }
@@ -101,7 +113,7 @@ fn fcntl_common(
 ) -> c_int {
     // SAFETY: forwarded.
     let r = unsafe { f(fd, cmd, arg) };
-    if r >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) && owned(fd) {
+    if r >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) && tracked(fd) {
         files::duplicated("fcntl(F_DUPFD)", fd, r);
     }
     r

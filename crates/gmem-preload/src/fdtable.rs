@@ -1,8 +1,12 @@
 //! Which descriptors and mappings are the interposer's, and what they stand for.
 //!
-//! The fast path of every interposed call is [`owned`]: one relaxed load from a bitmap indexed
-//! by descriptor number. Only a set bit leads to the [`Registry`] (one mutex), where the entry
-//! says which object the descriptor refers to. State belongs to the open file, not to the
+//! The fast path of every interposed call is [`owned`] (or, for `close` and `dup*`,
+//! [`tracked`]): one relaxed load from a bitmap indexed by descriptor number. Only a set bit
+//! leads to the [`Registry`] (one mutex), where the entry says which object the descriptor
+//! refers to. There are two bitmaps: descriptors every call of which the interposer answers
+//! (emulated files, the emulated gup_test, pipes holding page references), and VM descriptors,
+//! on which only a handful of ioctls are the interposer's (so `KVM_IRQ_LINE` and the other VM
+//! ioctls of a running VMM keep the fast path); both count for `close` and `dup*`. State belongs to the open file, not to the
 //! number: `dup` and friends add the same object under the new number, and each entry
 //! remembers the (device, inode) of the descriptor, so a number closed behind the interposer's
 //! back (a raw syscall, `close_range` by a library) and reused for another file is recognised
@@ -19,22 +23,35 @@ use gmem::{EmulatedGuestMemfd, HostMapping, PinGuard};
 /// a high descriptor to the registry once the interposer owns any such descriptor.
 const BITMAP_FDS: usize = 1 << 16;
 static BITMAP: [AtomicU64; BITMAP_FDS / 64] = [const { AtomicU64::new(0) }; BITMAP_FDS / 64];
+static VM_BITMAP: [AtomicU64; BITMAP_FDS / 64] = [const { AtomicU64::new(0) }; BITMAP_FDS / 64];
 static HIGH_FDS: AtomicBool = AtomicBool::new(false);
 /// Number of live entries in [`Registry::maps`]: `munmap`/`madvise` skip the registry at 0.
 static MAPPINGS: AtomicUsize = AtomicUsize::new(0);
 
-/// Whether `fd` may be one of the interposer's (the fast path: no lock, no syscall).
 #[inline(always)]
-pub(crate) fn owned(fd: c_int) -> bool {
+fn bit(map: &[AtomicU64; BITMAP_FDS / 64], fd: c_int) -> bool {
     if fd < 0 {
         return false;
     }
     let fd = fd as usize;
     if fd < BITMAP_FDS {
-        BITMAP[fd / 64].load(Ordering::Relaxed) & (1 << (fd % 64)) != 0
+        map[fd / 64].load(Ordering::Relaxed) & (1 << (fd % 64)) != 0
     } else {
         HIGH_FDS.load(Ordering::Relaxed)
     }
+}
+
+/// Whether `fd` may be a descriptor every call of which the interposer answers (an emulated
+/// file, the emulated gup_test, a pipe holding references). No lock, no syscall.
+#[inline(always)]
+pub(crate) fn owned(fd: c_int) -> bool {
+    bit(&BITMAP, fd)
+}
+
+/// Whether `fd` may be any descriptor of the interposer's, VMs included (`close`, `dup*`).
+#[inline(always)]
+pub(crate) fn tracked(fd: c_int) -> bool {
+    bit(&BITMAP, fd) || bit(&VM_BITMAP, fd)
 }
 
 /// Whether the program has any mapping of an emulated file.
@@ -43,16 +60,24 @@ pub(crate) fn any_mapping() -> bool {
     MAPPINGS.load(Ordering::Relaxed) != 0
 }
 
-fn set_bit(fd: c_int, on: bool) {
+/// Sets (for `object`) or clears (`None`: in both bitmaps) the bit of `fd`.
+fn set_bit(fd: c_int, object: Option<&Object>) {
     let Ok(fd) = usize::try_from(fd) else { return };
     if fd < BITMAP_FDS {
         let bit = 1u64 << (fd % 64);
-        if on {
-            BITMAP[fd / 64].fetch_or(bit, Ordering::Relaxed);
-        } else {
-            BITMAP[fd / 64].fetch_and(!bit, Ordering::Relaxed);
+        match object {
+            Some(Object::Vm(_)) => {
+                VM_BITMAP[fd / 64].fetch_or(bit, Ordering::Relaxed);
+            }
+            Some(_) => {
+                BITMAP[fd / 64].fetch_or(bit, Ordering::Relaxed);
+            }
+            None => {
+                BITMAP[fd / 64].fetch_and(!bit, Ordering::Relaxed);
+                VM_BITMAP[fd / 64].fetch_and(!bit, Ordering::Relaxed);
+            }
         }
-    } else if on {
+    } else if object.is_some() {
         HIGH_FDS.store(true, Ordering::Relaxed);
     }
 }
@@ -179,8 +204,8 @@ fn dev_ino(fd: c_int) -> Option<(u64, u64)> {
 pub(crate) fn register(fd: c_int, object: Object) {
     let (dev, ino) = dev_ino(fd).unwrap_or((0, 0));
     let mut reg = registry();
+    set_bit(fd, Some(&object));
     reg.fds.insert(fd, Entry { object, dev, ino });
-    set_bit(fd, true);
 }
 
 /// The object behind `fd`, if it is still the descriptor that was registered.
@@ -202,7 +227,7 @@ pub(crate) fn lookup(fd: c_int) -> Option<Object> {
 /// Forgets `fd` (it is being closed or replaced). Returns what it referred to.
 pub(crate) fn forget(fd: c_int) -> Option<Object> {
     let mut reg = registry();
-    set_bit(fd, false);
+    set_bit(fd, None);
     reg.fds.remove(&fd).map(|e| e.object)
 }
 
@@ -215,8 +240,8 @@ pub(crate) fn duplicate(old: c_int, new: c_int) {
             dev: e.dev,
             ino: e.ino,
         };
+        set_bit(new, Some(&entry.object));
         reg.fds.insert(new, entry);
-        set_bit(new, true);
     }
 }
 

@@ -23,8 +23,6 @@ use crate::user::{copy_from, copy_to, errno, set_errno};
 pub(crate) const KVM_CREATE_VM: u32 = 0xAE01;
 /// `_IO(KVMIO, 0x03)`.
 pub(crate) const KVM_CHECK_EXTENSION: u32 = 0xAE03;
-/// `_IO(KVMIO, 0x80)`.
-pub(crate) const KVM_RUN: u32 = 0xAE80;
 /// `_IOW(KVMIO, 0x46, struct kvm_userspace_memory_region)`.
 pub(crate) const KVM_SET_USER_MEMORY_REGION: u32 = 0x4020_AE46;
 /// `_IOW(KVMIO, 0x49, struct kvm_userspace_memory_region2)`.
@@ -80,15 +78,12 @@ fn pass(fd: c_int, req: c_ulong, arg: *mut c_void) -> c_int {
 #[cold]
 pub(crate) fn ioctl(fd: c_int, req: c_ulong, arg: *mut c_void) -> c_int {
     let nr = req as u32;
-    if nr == KVM_RUN {
-        return pass(fd, req, arg);
-    }
     match nr {
         KVM_CHECK_EXTENSION => return check_extension(fd, req, arg as c_ulong),
         KVM_CREATE_VM => return create_vm(fd, req, arg as u64),
         _ => {}
     }
-    let object = if fdtable::owned(fd) {
+    let object = if fdtable::tracked(fd) {
         fdtable::lookup(fd)
     } else {
         None
