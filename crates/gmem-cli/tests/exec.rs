@@ -260,6 +260,11 @@ fn main() {
         test_unless("conversion", why.clone(), c_program("conversion", &[], &[])),
         test_unless("vcpu", why.clone(), c_program("vcpu", &[], &[])),
         test_unless(
+            "threads",
+            why.clone(),
+            c_program("threads", &["-pthread"], &[]),
+        ),
+        test_unless(
             "trace_logs_each_intercepted_call",
             why.clone(),
             trace_logs_each_intercepted_call,
