@@ -32,6 +32,7 @@ pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: *mut c_void) -> c_i
         // SAFETY: the program's call, forwarded unchanged.
         return unsafe { real::ioctl()(fd, req, arg) };
     }
+    let _inside = fdtable::Inside::enter();
     kvm::ioctl(fd, req, arg)
 }
 
@@ -41,6 +42,7 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
         // SAFETY: forwarded.
         return unsafe { real::close()(fd) };
     }
+    let _inside = fdtable::Inside::enter();
     files::close(fd)
 }
 
@@ -139,6 +141,7 @@ fn mmap_common(
     off: off_t,
 ) -> *mut c_void {
     if owned(fd) {
+        let _inside = fdtable::Inside::enter();
         if let Some(r) = files::mmap(len, prot, flags, fd, off) {
             return r.unwrap_or_else(|e| {
                 crate::user::set_errno(e.0);
@@ -176,16 +179,18 @@ pub unsafe extern "C" fn mmap64(
 
 #[no_mangle]
 pub unsafe extern "C" fn munmap(addr: *mut c_void, len: size_t) -> c_int {
-    if !fdtable::any_mapping() {
+    if !fdtable::any_mapping() || fdtable::inside() {
         // SAFETY: forwarded.
         return unsafe { real::munmap()(addr, len) };
     }
+    let _inside = fdtable::Inside::enter();
     files::munmap(addr as usize, len)
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) -> c_int {
-    if fdtable::any_mapping() {
+    if fdtable::any_mapping() && !fdtable::inside() {
+        let _inside = fdtable::Inside::enter();
         if let Some(r) = files::madvise(addr as usize, len, advice) {
             return r;
         }
@@ -202,6 +207,7 @@ fn fallocate_common(
     len: off_t,
 ) -> c_int {
     if owned(fd) {
+        let _inside = fdtable::Inside::enter();
         if let Some(g) = files::gmem_of(fd) {
             return files::fallocate(&g, fd, mode, off, len);
         }

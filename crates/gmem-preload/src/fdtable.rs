@@ -267,3 +267,31 @@ pub(crate) fn overlapping(reg: &Registry, addr: usize, len: usize) -> Vec<usize>
         .map(|(s, _)| *s)
         .collect()
 }
+
+thread_local! {
+    static INSIDE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is inside the interposer's slow path: gmem's own calls from there
+/// (revoking pages with `madvise`, unmapping a dropped mapping) go straight to the C library,
+/// unseen by the registry and the trace.
+pub(crate) fn inside() -> bool {
+    INSIDE.with(|c| c.get())
+}
+
+/// Marks this thread as inside the slow path until dropped.
+#[derive(Debug)]
+pub(crate) struct Inside(bool);
+
+impl Inside {
+    pub(crate) fn enter() -> Self {
+        Inside(INSIDE.with(|c| c.replace(true)))
+    }
+}
+
+impl Drop for Inside {
+    fn drop(&mut self) {
+        let prev = self.0;
+        INSIDE.with(|c| c.set(prev));
+    }
+}
