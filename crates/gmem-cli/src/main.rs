@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod conformance;
 mod demo;
+mod exec;
 mod io;
 mod kvm_access;
 mod probe;
@@ -49,6 +50,9 @@ enum Command {
     Bench(bench::Args),
     /// Walk through the emulated guest_memfd: conversion, SIGBUS, punch-hole, pins.
     Demo(demo::Args),
+    /// Run a program with the KVM uAPI of a kernel with the in-place series: guest_memfd
+    /// calls are answered by the emulated file (gmem exec -- PROGRAM [ARGS...]).
+    Exec(exec::Args),
     /// Report what this host offers guest_memfd and which backend provides each feature.
     Probe(probe::Args),
     /// Run the conformance suite on a backend (or both, and the differential check).
@@ -78,6 +82,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench(args) => bench::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Exec(args) => exec::run(&args),
         Command::Probe(args) => probe::run(&args),
         Command::Conformance(args) => conformance::run(&args),
         Command::Io(args) => io::run(&args),

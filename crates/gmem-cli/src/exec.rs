@@ -1,0 +1,232 @@
+//! `gmem exec`: runs a program with the `gmem-preload` interposer, which presents gmem's
+//! emulated guest_memfd through the KVM uAPI of a kernel with the in-place conversion series
+//! (`KVM_X86_SW_PROTECTED_VM`, per-guest_memfd attributes). The interposer is the
+//! `libgmem_preload.so` built with `gmem` (found next to the executable); the program replaces
+//! this process, so its exit status is `gmem exec`'s.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use crate::usage::UsageError;
+
+/// The interposer's file name.
+const PRELOAD: &str = "libgmem_preload.so";
+
+/// Series revisions whose numbers the interposer can answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Series {
+    /// v7: KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES is 249.
+    V7,
+    /// v8: KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES is 250.
+    V8,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Platform model of every emulated file: sw, snp, tdx or pkvm (its content rules on
+    /// conversion; snp and tdx also accept their own VM type as a protected VM).
+    #[arg(long, default_value = "sw")]
+    platform: gmem::platform::PlatformKind,
+    /// Which series revision's capability numbers to answer.
+    #[arg(long, value_enum, default_value_t = Series::V8)]
+    series: Series,
+    /// Log every intercepted call and its answer to FILE, one line each.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+    /// The program and its arguments (after `--`).
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "PROGRAM"
+    )]
+    command: Vec<OsString>,
+}
+
+/// Why a program cannot run under the interposer.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The interposer is not where `gmem` looks.
+    #[error("{PRELOAD} not found next to {exe} (nor in its deps/): build the workspace with `cargo build` (it is built with `gmem`), or set GMEM_PRELOAD to its path")]
+    NoPreload {
+        /// This executable.
+        exe: String,
+    },
+    /// The program was not found or not readable.
+    #[error("{program}: {source}")]
+    Program {
+        /// As given.
+        program: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The dynamic loader would not load the interposer into it.
+    #[error("{program}: {why}; the interposer (an LD_PRELOAD object) cannot reach it, so gmem exec refuses to run it rather than let its KVM calls reach the kernel unchanged")]
+    Unreachable {
+        /// The program.
+        program: String,
+        /// Why.
+        why: &'static str,
+    },
+    /// exec failed.
+    #[error("cannot execute {program}: {source}")]
+    Exec {
+        /// The program.
+        program: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Finds the interposer: `$GMEM_PRELOAD`, then next to this executable, then in its `deps/`
+/// (where cargo leaves it when it is built as a dependency of `gmem`).
+pub fn find_preload() -> Result<PathBuf, ExecError> {
+    if let Some(p) = std::env::var_os("GMEM_PRELOAD") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    [dir.join(PRELOAD), dir.join("deps").join(PRELOAD)]
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| ExecError::NoPreload {
+            exe: exe.display().to_string(),
+        })
+}
+
+/// `program` as `execvp` would find it.
+fn resolve(program: &Path) -> Option<PathBuf> {
+    if program.as_os_str().as_bytes().contains(&b'/') {
+        return Some(program.to_path_buf());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// Why the dynamic loader would not preload into the ELF file `bytes`, if it would not.
+pub fn unreachable_reason(bytes: &[u8], meta: Option<&std::fs::Metadata>) -> Option<&'static str> {
+    if bytes.starts_with(b"#!") {
+        return None; // the interpreter is what runs; it is checked when it is exec'd
+    }
+    if !bytes.starts_with(b"\x7fELF") {
+        return Some("not an ELF executable");
+    }
+    if bytes.get(4) != Some(&2) || bytes.get(5) != Some(&1) {
+        return Some("not a 64-bit little-endian ELF (the interposer is x86_64)");
+    }
+    let u16_at = |o: usize| {
+        bytes
+            .get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let u64_at = |o: usize| {
+        bytes
+            .get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+    };
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return Some("a truncated ELF header");
+    };
+    let mut has_interp = false;
+    for i in 0..usize::from(phnum) {
+        let off = phoff as usize + i * usize::from(phentsize);
+        match bytes.get(off..off + 4) {
+            Some(t) if u32::from_le_bytes([t[0], t[1], t[2], t[3]]) == 3 => has_interp = true,
+            Some(_) => {}
+            None => return Some("a truncated program header table"),
+        }
+    }
+    if !has_interp {
+        return Some(
+            "statically linked (no PT_INTERP: no dynamic loader runs, so LD_PRELOAD is ignored)",
+        );
+    }
+    if let Some(m) = meta {
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if m.mode() & 0o6000 != 0 && m.uid() != me {
+            return Some(
+                "set-user-ID or set-group-ID (the loader ignores LD_PRELOAD in secure mode)",
+            );
+        }
+    }
+    None
+}
+
+pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let program = PathBuf::from(&args.command[0]);
+    let shown = program.display().to_string();
+    let path = resolve(&program).ok_or_else(|| ExecError::Program {
+        program: shown.clone(),
+        source: std::io::Error::from(std::io::ErrorKind::NotFound),
+    })?;
+    let meta = std::fs::metadata(&path).map_err(|source| ExecError::Program {
+        program: shown.clone(),
+        source,
+    })?;
+    let bytes = std::fs::read(&path).map_err(|source| ExecError::Program {
+        program: shown.clone(),
+        source,
+    })?;
+    if let Some(why) = unreachable_reason(&bytes, Some(&meta)) {
+        return Err(ExecError::Unreachable {
+            program: shown,
+            why,
+        }
+        .into());
+    }
+    let preload = find_preload()?;
+    let preload = std::fs::canonicalize(&preload).unwrap_or(preload);
+    let mut ld_preload = preload.into_os_string();
+    if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
+        ld_preload.push(":");
+        ld_preload.push(old);
+    }
+    let series = match args.series {
+        Series::V7 => "v7",
+        Series::V8 => "v8",
+    };
+    let mut cmd = std::process::Command::new(&args.command[0]);
+    cmd.args(&args.command[1..])
+        .env("LD_PRELOAD", ld_preload)
+        .env("GMEM_EXEC_PLATFORM", args.platform.name())
+        .env("GMEM_EXEC_SERIES", series);
+    if let Some(trace) = &args.trace {
+        // Created (truncated) here, so an unwritable path is a usage error, not a silent
+        // loss; the interposer appends.
+        std::fs::write(
+            trace,
+            format!(
+                "# gmem exec --platform {} --series {series} -- {}\n",
+                args.platform.name(),
+                args.command
+                    .iter()
+                    .map(|a| a.to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        )
+        .map_err(|source| UsageError::Unwritable {
+            flag: "--trace",
+            path: trace.clone(),
+            source,
+        })?;
+        let abs = std::fs::canonicalize(trace).unwrap_or_else(|_| trace.clone());
+        cmd.env("GMEM_EXEC_TRACE", abs);
+    } else {
+        cmd.env_remove("GMEM_EXEC_TRACE");
+    }
+    let source = cmd.exec();
+    Err(ExecError::Exec {
+        program: shown,
+        source,
+    }
+    .into())
+}
