@@ -148,7 +148,12 @@ pub(super) fn serve_faults(file: &Weak<Inner>, uffd: &PoisonFd, stop: &EventFd) 
                 Ok(Some(ev)) => {
                     let page = ev.address & !(PAGE_SIZE - 1);
                     match file.upgrade() {
-                        Some(inner) => inner.serve_fault(uffd, page),
+                        Some(inner) => {
+                            // No fork while a fault is served: a fork child would inherit
+                            // the service's locks (gate, page bits, views) held.
+                            let _fork = super::fork::shared();
+                            inner.serve_fault(uffd, page);
+                        }
                         None => {
                             let _ = uffd.wake(page, PAGE_SIZE);
                         }

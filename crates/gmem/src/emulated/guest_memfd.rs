@@ -383,7 +383,7 @@ impl GuestMemfd for EmulatedGuestMemfd {
                     len: buf.len() as u64,
                     size: self.inner.size,
                 })?;
-        drop(st);
+        let _fork = st.into_fork_hold();
         sys::pread_exact(self.inner.memfd.as_fd(), buf, offset).map_err(|_| {
             AccessError::OutOfBounds {
                 offset,
@@ -406,7 +406,7 @@ impl GuestMemfd for EmulatedGuestMemfd {
                 size: self.inner.size,
             }
         })?;
-        drop(st);
+        let _fork = st.into_fork_hold();
         sys::pwrite_all(self.inner.memfd.as_fd(), data, offset).map_err(|_| {
             AccessError::OutOfBounds {
                 offset,

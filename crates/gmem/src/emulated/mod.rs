@@ -241,6 +241,17 @@ struct StateRead<'a> {
     _fork: RwLockReadGuard<'static, ()>,
 }
 
+impl StateRead<'_> {
+    /// Lets go of the file's state but keeps the fork lock: for an access that copies after
+    /// checking (its pages hold a transient reference), so that no fork happens while it
+    /// holds a lock of the file's views (a fork child would inherit it held).
+    fn into_fork_hold(self) -> RwLockReadGuard<'static, ()> {
+        let StateRead { guard, _fork } = self;
+        drop(guard);
+        _fork
+    }
+}
+
 impl std::ops::Deref for StateRead<'_> {
     type Target = State;
     fn deref(&self) -> &State {
@@ -468,7 +479,7 @@ impl EmulatedGuestMemfd {
         self.inner.fault_range(&lock, offset, buf.len() as u64)?;
         // In flight: the pages hold a transient reference, not the lock.
         let _ref = self.transient_ref(offset, buf.len() as u64)?;
-        drop(lock);
+        let _fork = lock.into_fork_hold();
         // The range is inside the file (checked); each piece inside its view.
         self.guest_pieces(offset, buf.len() as u64, |v, o, p, n| {
             v.read_volatile(o, &mut buf[p..p + n])
@@ -481,7 +492,7 @@ impl EmulatedGuestMemfd {
         let lock = self.read_state();
         self.inner.fault_range(&lock, offset, data.len() as u64)?;
         let _ref = self.transient_ref(offset, data.len() as u64)?;
-        drop(lock);
+        let _fork = lock.into_fork_hold();
         // As in `guest_read`.
         self.guest_pieces(offset, data.len() as u64, |v, o, p, n| {
             v.write_volatile(o, &data[p..p + n])
@@ -496,7 +507,7 @@ impl EmulatedGuestMemfd {
         let lock = self.read_state();
         self.inner.fault_range(&lock, offset, len)?;
         let _ref = self.transient_ref(offset, len)?;
-        drop(lock);
+        let _fork = lock.into_fork_hold();
         // Inside the file (checked); the guest view maps every page of it, private or shared.
         self.guest_pieces(offset, len, |v, o, _, n| {
             v.touch_pages(o as u64, n as u64, value)
