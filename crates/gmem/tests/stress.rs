@@ -1,17 +1,41 @@
-//! Stress: threads read and write random pages through a host mapping while another thread
-//! converts random ranges, for a bounded time (GMEM_STRESS_SECS, default 3). Plain files and
-//! NO_DIRECT_MAP files (whose host faults a service thread resolves with `UFFDIO_CONTINUE`).
+//! Stress: accessors read and write random pages through host mappings while the owner's
+//! converter thread converts random ranges (and makes the guest fault some of the pages it made
+//! private), for a bounded time per variant (GMEM_STRESS_SECS, seconds, fractions allowed;
+//! default 1.5).
 //!
-//! Invariants checked:
-//! - an access made while its page was private for the whole access faults (SIGBUS), one made
-//!   while it was shared for the whole access succeeds;
-//! - no write to a shared page is lost: each page has one writer thread, which keeps a model
-//!   of the page's content and checks every successful read of it, and at the end every page
-//!   equals the model (conversions preserve content on this platform).
+//! The accessors are in three processes: threads of the owner, a child forked from the owner
+//! (a follower through the fork handlers, using the inherited mapping), and a second process —
+//! this test binary run again as `stress_second_process` — that receives the file over a Unix
+//! socket (`EmulatedGuestMemfd::receive`) and maps it. They share the per-page state
+//! (generation, attribute, model of the content) through a `MAP_SHARED` mapping of a memfd,
+//! whose atomics work across processes; the children report failures through their exit status
+//! (the fork child catches panics and leaves with `_exit(1)`).
+//!
+//! Variants: every revocation mode (Poison, Remap, Poison with a hole for every run and a hole
+//! budget of 4) × every file kind (plain and NO_DIRECT_MAP files on the software-protected and
+//! pKVM platforms, plain files on SNP and TDX, which refuse NO_DIRECT_MAP).
+//!
+//! Invariants checked, in every process:
+//! - an access made while its page was private for the whole access faults (SIGBUS at the
+//!   page), one made while it was shared for the whole access succeeds; every fault is a SIGBUS
+//!   at the page accessed;
+//! - no write is lost: each page has one writer (an accessor thread of one process), which
+//!   keeps a model of the page's content and checks every successful read of it, and at the end
+//!   every page equals the model. On SNP and TDX a conversion to shared of a page the guest
+//!   faulted while private changes its content (scrambled / zeroed, `platform::content_rule`),
+//!   so there only writes made after the page's last such conversion are checked: the converter
+//!   records the generation at which that conversion ends (`epoch`) before it starts, and a
+//!   write is checked if it started at or after that generation. On sw and pKVM content is
+//!   preserved and every write is checked.
+//! - none of it is vacuous: each process made strict checks of both kinds and saw faults.
 //!
 //! "For the whole access" is decided with a per-page generation counter that the converter
 //! makes odd while a conversion of the page is in flight.
 
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,16 +46,86 @@ use gmem::*;
 
 const PS: u64 = PAGE_SIZE;
 const NPAGES: u64 = 64;
-const WRITERS: u64 = 3;
+const N: usize = NPAGES as usize;
+/// Accessor threads in the owner; writer ids `0..OWNER_THREADS`.
+const OWNER_THREADS: u64 = 2;
+/// Writer id of the forked child.
+const CHILD: u64 = OWNER_THREADS;
+/// Writer id of the second process.
+const SECOND: u64 = OWNER_THREADS + 1;
+const WRITERS: u64 = OWNER_THREADS + 2;
+/// How long a child waits beyond the run before it gives up on the owner (bounds a failed run).
+const GRACE: Duration = Duration::from_secs(30);
 
-struct Shared {
-    gen: Vec<AtomicU64>,
-    private: Vec<AtomicBool>,
-    /// Last byte each page's owner wrote successfully (0 = never written).
-    model: Vec<AtomicU8>,
+/// One accessor's counts.
+#[repr(C)]
+struct Counts {
+    accesses: AtomicU64,
+    /// Accesses to a page shared for the whole access (each succeeded).
+    strict_shared: AtomicU64,
+    /// Accesses to a page private for the whole access (each faulted).
+    strict_private: AtomicU64,
+    faults: AtomicU64,
+    /// Successful reads of an own page compared with the model.
+    model_checks: AtomicU64,
+}
+
+/// The state every process shares, in a `MAP_SHARED` mapping (all zeroes is the initial state).
+#[repr(C)]
+struct State {
+    gen: [AtomicU64; N],
+    private: [AtomicBool; N],
+    /// Last byte the page's writer wrote successfully (0 = never written).
+    model: [AtomicU8; N],
+    /// The generation at which that write started.
+    wgen: [AtomicU64; N],
+    /// The generation at the end of the last conversion that may have changed the content.
+    epoch: [AtomicU64; N],
+    go: AtomicBool,
     stop: AtomicBool,
-    strict_checks: AtomicU64,
-    faults_seen: AtomicU64,
+    counts: [Counts; WRITERS as usize],
+}
+
+impl State {
+    /// A fresh state in a new memfd (close-on-exec; the second process gets it explicitly).
+    fn create() -> (&'static State, OwnedFd) {
+        // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"gmem-stress-state".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: a descriptor we just created and own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let len = std::mem::size_of::<State>() as libc::off_t;
+        // SAFETY: ftruncate on our memfd.
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), len) }, 0);
+        (Self::map(fd.as_raw_fd()), fd)
+    }
+
+    /// Maps the state memfd `fd` shared, for the life of the process.
+    fn map(fd: RawFd) -> &'static State {
+        // SAFETY: a fresh shared mapping of the whole memfd, never unmapped; all zeroes is a
+        // valid `State` (atomics only) and every access goes through atomics.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                std::mem::size_of::<State>(),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+            &*(p as *const State)
+        }
+    }
+}
+
+/// Sets `stop` when dropped, so the other processes end even if the owner panics.
+struct StopOnDrop(&'static State);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop.store(true, SeqCst);
+    }
 }
 
 fn rng(seed: u64) -> impl FnMut(u64) -> u64 {
@@ -44,19 +138,260 @@ fn rng(seed: u64) -> impl FnMut(u64) -> u64 {
     }
 }
 
-fn stress(revocation: Revocation) {
-    stress_with(EmulatedOptions::with_revocation(revocation));
-}
-
-fn stress_with(opts: EmulatedOptions) {
-    stress_file(opts, 0);
-}
-
-fn stress_file(opts: EmulatedOptions, extra_flags: u64) {
-    let secs: u64 = std::env::var("GMEM_STRESS_SECS")
+fn run_time() -> Duration {
+    let secs: f64 = std::env::var("GMEM_STRESS_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(1.5);
+    Duration::from_secs_f64(secs)
+}
+
+/// The accessor loop of writer `w` over mapping `m`, in any process: waits for `go`, then runs
+/// until `stop` (or `bound` has passed). Panics on a violated invariant.
+fn access_loop(m: &HostMapping, s: &State, w: u64, bound: Duration) {
+    let started = Instant::now();
+    while !s.go.load(SeqCst) {
+        if started.elapsed() > bound || s.stop.load(SeqCst) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let c = &s.counts[w as usize];
+    let mut r = rng(w * 7919 + 11);
+    let mut counter = 0u8;
+    while !s.stop.load(SeqCst) && started.elapsed() < bound {
+        let write = r(2) == 1;
+        // Writers write only their own pages; anyone reads anything.
+        let p = if write {
+            r(NPAGES / WRITERS) * WRITERS + w
+        } else {
+            r(NPAGES)
+        };
+        let pi = p as usize;
+        let own = p % WRITERS == w;
+        let g0 = s.gen[pi].load(SeqCst);
+        let was_private = s.private[pi].load(SeqCst);
+        let off = (p * PS) as usize;
+        let fault = if write {
+            counter = counter.wrapping_add(1).max(1);
+            m.probe_write(off, 1, counter).unwrap().fault()
+        } else {
+            match m.probe_read(off, 1).unwrap() {
+                Probe::Done(b) => {
+                    // Loaded after the read: a conversion that may have changed the content
+                    // before the read ended has stored its epoch before it began.
+                    if own && s.epoch[pi].load(SeqCst) <= s.wgen[pi].load(SeqCst) {
+                        let want = s.model[pi].load(SeqCst);
+                        c.model_checks.fetch_add(1, SeqCst);
+                        assert_eq!(
+                            b[0], want,
+                            "writer {w}: page {p}: read {:#x}, last write was {want:#x}",
+                            b[0]
+                        );
+                    }
+                    None
+                }
+                Probe::Fault(f) => Some(f),
+            }
+        };
+        c.accesses.fetch_add(1, SeqCst);
+        if let Some(f) = &fault {
+            assert!(
+                f.is_sigbus() && f.addr == off as u64,
+                "writer {w}: page {p}: unexpected fault {f:?}"
+            );
+            c.faults.fetch_add(1, SeqCst);
+        } else if write {
+            s.wgen[pi].store(g0, SeqCst);
+            s.model[pi].store(counter, SeqCst);
+        }
+        let faulted = fault.is_some();
+        let g1 = s.gen[pi].load(SeqCst);
+        if g0 == g1 && g0 % 2 == 0 {
+            if was_private {
+                c.strict_private.fetch_add(1, SeqCst);
+            } else {
+                c.strict_shared.fetch_add(1, SeqCst);
+            }
+            assert_eq!(
+                faulted,
+                was_private,
+                "writer {w}: page {p} was {} for the whole {}, yet it {}",
+                if was_private { "private" } else { "shared" },
+                if write { "write" } else { "read" },
+                if faulted { "faulted" } else { "succeeded" }
+            );
+        }
+    }
+}
+
+/// Writes `msg` to stderr without taking any lock (a fork child of a threaded process).
+fn raw_eprint(msg: &str) {
+    // SAFETY: write(2) of a valid buffer.
+    unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+}
+
+/// Waits for our child `pid` at most `bound`, killing it after that; its wait status.
+fn wait_bounded(pid: libc::pid_t, bound: Duration) -> i32 {
+    let started = Instant::now();
+    let mut status = 0;
+    loop {
+        // SAFETY: reaps our own child.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        assert!(r >= 0, "waitpid: {}", std::io::Error::last_os_error());
+        if r == pid {
+            return status;
+        }
+        if started.elapsed() > bound {
+            // SAFETY: kills and reaps our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            panic!("child {pid} still running after {bound:?}: killed");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The second process: run by [`stress_file`] as `stress --exact stress_second_process
+/// --ignored` with `GMEM_STRESS_SOCK` naming the socket and `GMEM_STRESS_STATE_FD` the state.
+#[test]
+#[ignore = "helper: the second process of every stress variant"]
+fn stress_second_process() {
+    let (Ok(path), Ok(fd)) = (
+        std::env::var("GMEM_STRESS_SOCK"),
+        std::env::var("GMEM_STRESS_STATE_FD"),
+    ) else {
+        return;
+    };
+    let s = State::map(fd.parse().unwrap());
+    let bound = run_time() + GRACE;
+    let mut sock = UnixStream::connect(&path).unwrap();
+    let f = EmulatedGuestMemfd::receive(&sock).unwrap();
+    assert!(f.is_follower());
+    // Conversions are the owner's.
+    assert_eq!(f.set_private(0, PS).unwrap_err().errno, Errno::EOPNOTSUPP);
+    let m = f.mmap_all().unwrap();
+    sock.write_all(b"R").unwrap();
+    access_loop(&m, s, SECOND, bound);
+}
+
+/// Starts the second process and hands it the file; returns it once it has mapped the file.
+fn start_second_process(
+    f: &EmulatedGuestMemfd,
+    state_fd: RawFd,
+    dir: &std::path::Path,
+) -> std::process::Child {
+    let path = dir.join("sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "stress_second_process",
+        "--ignored",
+        "--nocapture",
+    ])
+    .env("GMEM_STRESS_SOCK", &path)
+    .env("GMEM_STRESS_STATE_FD", state_fd.to_string())
+    // Its own test summary would read as this binary's closing line.
+    .stdout(std::process::Stdio::null());
+    // SAFETY: fcntl(2) only (async-signal-safe): the state memfd survives the exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(state_fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let started = Instant::now();
+    let mut sock = loop {
+        match listener.accept() {
+            Ok((sock, _)) => break sock,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if let Some(st) = child.try_wait().unwrap() {
+                    panic!("second process exited before connecting: {st}");
+                }
+                assert!(started.elapsed() < GRACE, "second process never connected");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    sock.set_nonblocking(false).unwrap();
+    sock.set_read_timeout(Some(GRACE)).unwrap();
+    f.send_to(&sock).unwrap();
+    let mut ready = [0u8; 1];
+    sock.read_exact(&mut ready).unwrap();
+    assert_eq!(&ready, b"R");
+    child
+}
+
+/// What the converter did.
+struct Converted {
+    conversions: u64,
+    guest_faults: u64,
+    /// Pages the guest faulted since they became private (their next conversion to shared
+    /// may change their content).
+    assigned: Vec<bool>,
+}
+
+fn converter(f: &EmulatedGuestMemfd, s: &State, deadline: Instant, destructive: bool) -> Converted {
+    let mut r = rng(0x5eed);
+    let mut out = Converted {
+        conversions: 0,
+        guest_faults: 0,
+        assigned: vec![false; N],
+    };
+    while Instant::now() < deadline {
+        let first = r(NPAGES);
+        let n = (r(8) + 1).min(NPAGES - first);
+        let to_private = r(2) == 1;
+        let pages = first as usize..(first + n) as usize;
+        for p in pages.clone() {
+            let odd = s.gen[p].fetch_add(1, SeqCst) + 1;
+            if !to_private && destructive && out.assigned[p] {
+                // Before the conversion can touch the content.
+                s.epoch[p].store(odd + 1, SeqCst);
+            }
+        }
+        let mut a = kvm_memory_attributes2::new(
+            first * PS,
+            n * PS,
+            if to_private {
+                KVM_MEMORY_ATTRIBUTE_PRIVATE
+            } else {
+                0
+            },
+        );
+        f.set_attributes(&mut a)
+            .expect("no pins: every conversion must succeed");
+        for p in pages.clone() {
+            s.private[p].store(to_private, SeqCst);
+            s.gen[p].fetch_add(1, SeqCst);
+            if !to_private {
+                out.assigned[p] = false;
+            }
+        }
+        out.conversions += 1;
+        // The guest touches half of what became private (assigns it on SNP, accepts it on
+        // TDX, removes it from the direct map on NO_DIRECT_MAP files).
+        if to_private && r(2) == 0 {
+            f.guest_fault(first * PS, n * PS).unwrap();
+            out.guest_faults += 1;
+            for p in pages {
+                out.assigned[p] = true;
+            }
+        }
+    }
+    out
+}
+
+fn stress_file(name: &str, opts: EmulatedOptions, extra_flags: u64) {
+    let run = run_time();
     let f = Arc::new(
         EmulatedGuestMemfd::create_with(
             NPAGES * PS,
@@ -65,187 +400,199 @@ fn stress_file(opts: EmulatedOptions, extra_flags: u64) {
         )
         .unwrap(),
     );
+    let destructive = !matches!(
+        opts.platform
+            .content_rule(gmem::platform::Direction::ToShared),
+        gmem::platform::ContentRule::Preserved
+    );
     let m = Arc::new(f.mmap_all().unwrap());
-    let s = Arc::new(Shared {
-        gen: (0..NPAGES).map(|_| AtomicU64::new(0)).collect(),
-        private: (0..NPAGES).map(|_| AtomicBool::new(false)).collect(),
-        model: (0..NPAGES).map(|_| AtomicU8::new(0)).collect(),
-        stop: AtomicBool::new(false),
-        strict_checks: AtomicU64::new(0),
-        faults_seen: AtomicU64::new(0),
-    });
-    let deadline = Instant::now() + Duration::from_secs(secs);
+    let (s, state_fd) = State::create();
+    let _stop = StopOnDrop(s);
 
-    let converter = {
-        let (f, s) = (f.clone(), s.clone());
-        std::thread::spawn(move || {
-            let mut r = rng(0x5eed);
-            let mut conversions = 0u64;
-            while Instant::now() < deadline {
-                let first = r(NPAGES);
-                let n = (r(8) + 1).min(NPAGES - first);
-                let to_private = r(2) == 1;
-                for p in first..first + n {
-                    s.gen[p as usize].fetch_add(1, SeqCst);
-                }
-                let mut a = kvm_memory_attributes2::new(
-                    first * PS,
-                    n * PS,
-                    if to_private {
-                        KVM_MEMORY_ATTRIBUTE_PRIVATE
-                    } else {
-                        0
-                    },
-                );
-                f.set_attributes(&mut a)
-                    .expect("no pins: every conversion must succeed");
-                for p in first..first + n {
-                    s.private[p as usize].store(to_private, SeqCst);
-                    s.gen[p as usize].fetch_add(1, SeqCst);
-                }
-                conversions += 1;
+    // The second process, which receives the file over a Unix socket.
+    let dir = std::env::temp_dir().join(format!("gmem-stress-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut second = start_second_process(&f, state_fd.as_raw_fd(), &dir);
+
+    // The fork child, a follower through the fork handlers, with the inherited mapping.
+    // SAFETY: fork(2). The child only runs the accessor loop over the inherited mapping and
+    // the shared state (probes are CLONE_VFORK children), then leaves with _exit without
+    // unwinding across the fork or running destructors.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            access_loop(&m, s, CHILD, run + GRACE)
+        }));
+        let code = match r {
+            Ok(()) => 0,
+            Err(e) => {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|m| m.to_string()))
+                    .unwrap_or_default();
+                raw_eprint(&format!("stress fork child: {msg}\n"));
+                1
             }
-            s.stop.store(true, SeqCst);
-            conversions
-        })
-    };
+        };
+        // SAFETY: ends the child at once.
+        unsafe { libc::_exit(code) };
+    }
+    assert!(f.peer_count() >= 2, "{name}: the children are not peers");
 
-    let accessors: Vec<_> = (0..WRITERS)
-        .map(|tid| {
-            let (m, s) = (m.clone(), s.clone());
-            std::thread::spawn(move || {
-                let mut r = rng(tid * 7919 + 11);
-                let mut counter = 0u8;
-                while !s.stop.load(SeqCst) {
-                    let write = r(2) == 1;
-                    // Writers write only their own pages; anyone reads anything.
-                    let p = if write {
-                        r(NPAGES / WRITERS) * WRITERS + tid
-                    } else {
-                        r(NPAGES)
-                    };
-                    let own = p % WRITERS == tid;
-                    let g0 = s.gen[p as usize].load(SeqCst);
-                    let was_private = s.private[p as usize].load(SeqCst);
-                    let off = (p * PS) as usize;
-                    let outcome = if write {
-                        counter = counter.wrapping_add(1).max(1);
-                        m.probe_write(off, 1, counter).unwrap().fault().map(|_| ())
-                    } else {
-                        match m.probe_read(off, 1).unwrap() {
-                            Probe::Done(b) => {
-                                if own {
-                                    let want = s.model[p as usize].load(SeqCst);
-                                    assert_eq!(
-                                        b[0], want,
-                                        "page {p}: read {:#x}, last write was {want:#x}",
-                                        b[0]
-                                    );
-                                }
-                                None
-                            }
-                            Probe::Fault(f) => {
-                                assert!(
-                                    f.is_sigbus() && f.addr == off as u64,
-                                    "unexpected fault {f:?}"
-                                );
-                                Some(())
-                            }
-                        }
-                    };
-                    let faulted = outcome.is_some();
-                    if faulted {
-                        s.faults_seen.fetch_add(1, SeqCst);
-                    }
-                    if write && !faulted {
-                        s.model[p as usize].store(counter, SeqCst);
-                    }
-                    let g1 = s.gen[p as usize].load(SeqCst);
-                    if g0 == g1 && g0 % 2 == 0 {
-                        s.strict_checks.fetch_add(1, SeqCst);
-                        assert_eq!(
-                            faulted,
-                            was_private,
-                            "page {p} was {} for the whole access, yet the access {}",
-                            if was_private { "private" } else { "shared" },
-                            if faulted { "faulted" } else { "succeeded" }
-                        );
-                    }
-                }
-            })
+    let accessors: Vec<_> = (0..OWNER_THREADS)
+        .map(|w| {
+            let m = m.clone();
+            std::thread::spawn(move || access_loop(&m, s, w, run + GRACE))
         })
         .collect();
-
-    let conversions = converter.join().unwrap();
+    let deadline = Instant::now() + run;
+    s.go.store(true, SeqCst);
+    let conv = {
+        let f = f.clone();
+        let r = std::thread::spawn(move || converter(&f, s, deadline, destructive)).join();
+        s.stop.store(true, SeqCst);
+        r.unwrap()
+    };
     for a in accessors {
         a.join().unwrap();
     }
-    // Every write that landed is still there.
+    let status = wait_bounded(pid, GRACE);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{name}: fork child failed: status {status:#x}"
+    );
+    let started = Instant::now();
+    let st = loop {
+        if let Some(st) = second.try_wait().unwrap() {
+            break st;
+        }
+        if started.elapsed() > GRACE {
+            let _ = second.kill();
+            panic!("{name}: second process still running: killed");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(st.success(), "{name}: second process failed: {st}");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Every write that landed (since the last conversion that may have changed its page's
+    // content) is still there; the final conversion to shared may change guest-faulted pages.
+    for (p, &assigned) in conv.assigned.iter().enumerate() {
+        if destructive && assigned {
+            s.epoch[p].store(u64::MAX, SeqCst);
+        }
+    }
     f.set_shared(0, NPAGES * PS).unwrap();
-    for p in 0..NPAGES {
+    let (mut checked, mut changed) = (0, 0);
+    for p in 0..N {
         let mut b = [0u8];
-        f.read_at(p * PS, &mut b).unwrap();
-        assert_eq!(
-            b[0],
-            s.model[p as usize].load(SeqCst),
-            "page {p}: a write was lost"
+        f.read_at(p as u64 * PS, &mut b).unwrap();
+        let want = s.model[p].load(SeqCst);
+        if s.epoch[p].load(SeqCst) <= s.wgen[p].load(SeqCst) {
+            assert_eq!(b[0], want, "{name}: page {p}: a write was lost");
+            checked += 1;
+        } else if b[0] != want {
+            changed += 1;
+        }
+    }
+
+    let sum = |ws: std::ops::Range<u64>, get: fn(&Counts) -> &AtomicU64| -> u64 {
+        ws.map(|w| get(&s.counts[w as usize]).load(SeqCst)).sum()
+    };
+    let procs = [
+        ("owner", 0..OWNER_THREADS),
+        ("fork child", CHILD..CHILD + 1),
+        ("second process", SECOND..SECOND + 1),
+    ];
+    let mut strict_total = 0;
+    let mut line = format!(
+        "{name}: {} conversions, {} guest faults; final: {checked} pages checked, {changed} \
+         changed by the platform",
+        conv.conversions, conv.guest_faults
+    );
+    for (who, ws) in procs {
+        let accesses = sum(ws.clone(), |c| &c.accesses);
+        let shared = sum(ws.clone(), |c| &c.strict_shared);
+        let private = sum(ws.clone(), |c| &c.strict_private);
+        let faults = sum(ws.clone(), |c| &c.faults);
+        let model = sum(ws, |c| &c.model_checks);
+        line += &format!(
+            "; {who}: {accesses} accesses, {} strict ({shared} shared, {private} private), \
+             {faults} faults, {model} model checks",
+            shared + private
+        );
+        strict_total += shared + private;
+        assert!(
+            shared > 20 && private > 20 && faults > 10 && model > 5,
+            "{name}: too little happened in the {who} to mean anything: {line}"
         );
     }
-    let strict = s.strict_checks.load(SeqCst);
-    let faults = s.faults_seen.load(SeqCst);
-    println!(
-        "{opts:?} flags {extra_flags:#x}: {conversions} conversions, {strict} strictly checked \
-         accesses, {faults} faults"
-    );
+    println!("{line}");
     assert!(
-        conversions > 100 && strict > 100 && faults > 10,
-        "too little happened to mean anything"
+        conv.conversions > 100 && strict_total > 100 && conv.guest_faults > 10 && checked > 0,
+        "{name}: too little happened to mean anything: {line}"
     );
+    if destructive {
+        assert!(changed > 0, "{name}: no conversion changed content: {line}");
+    }
 }
 
-#[test]
-fn stress_poison() {
-    stress(Revocation::Poison);
-}
-
-#[test]
-fn stress_remap() {
-    stress(Revocation::Remap);
-}
-
-#[test]
-fn stress_poison_with_holes() {
-    // Every run becomes a hole, and a budget of 4 forces constant demotion to markers.
-    stress_with(EmulatedOptions {
-        revocation: Revocation::Poison,
-        hole_min_bytes: PS,
-        hole_budget: 4,
-        ..EmulatedOptions::default()
-    });
-}
-
-#[test]
-fn stress_no_direct_map_poison() {
-    let opts = EmulatedOptions::with_revocation(Revocation::Poison);
-    stress_file(opts, GUEST_MEMFD_FLAG_NO_DIRECT_MAP);
-}
-
-#[test]
-fn stress_no_direct_map_remap() {
-    let opts = EmulatedOptions::with_revocation(Revocation::Remap);
-    stress_file(opts, GUEST_MEMFD_FLAG_NO_DIRECT_MAP);
-}
-
-#[test]
-fn stress_no_direct_map_pkvm_with_holes() {
-    // The other platform that offers NO_DIRECT_MAP, with holes and constant demotion.
-    stress_file(
-        EmulatedOptions {
+fn mode(revocation: &str) -> EmulatedOptions {
+    match revocation {
+        "poison" => EmulatedOptions::with_revocation(Revocation::Poison),
+        "remap" => EmulatedOptions::with_revocation(Revocation::Remap),
+        // Every run becomes a hole, and a budget of 4 forces constant demotion to markers.
+        "holes" => EmulatedOptions {
             revocation: Revocation::Poison,
             hole_min_bytes: PS,
             hole_budget: 4,
-            ..EmulatedOptions::with_platform(PlatformKind::Pkvm)
+            ..EmulatedOptions::default()
         },
-        GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
-    );
+        _ => unreachable!(),
+    }
+}
+
+fn variant(name: &str, platform: PlatformKind, no_direct_map: bool, revocation: &str) {
+    let opts = EmulatedOptions {
+        platform,
+        ..mode(revocation)
+    };
+    let flags = if no_direct_map {
+        GUEST_MEMFD_FLAG_NO_DIRECT_MAP
+    } else {
+        0
+    };
+    stress_file(name, opts, flags);
+}
+
+macro_rules! variants {
+    ($($name:ident: $platform:ident, $ndm:expr, $mode:literal;)*) => {$(
+        #[test]
+        fn $name() {
+            variant(stringify!($name), PlatformKind::$platform, $ndm, $mode);
+        }
+    )*};
+}
+
+variants! {
+    stress_sw_poison: SoftwareProtected, false, "poison";
+    stress_sw_remap: SoftwareProtected, false, "remap";
+    stress_sw_holes: SoftwareProtected, false, "holes";
+    stress_sw_no_direct_map_poison: SoftwareProtected, true, "poison";
+    stress_sw_no_direct_map_remap: SoftwareProtected, true, "remap";
+    stress_sw_no_direct_map_holes: SoftwareProtected, true, "holes";
+    stress_pkvm_poison: Pkvm, false, "poison";
+    stress_pkvm_remap: Pkvm, false, "remap";
+    stress_pkvm_holes: Pkvm, false, "holes";
+    stress_pkvm_no_direct_map_poison: Pkvm, true, "poison";
+    stress_pkvm_no_direct_map_remap: Pkvm, true, "remap";
+    stress_pkvm_no_direct_map_holes: Pkvm, true, "holes";
+    stress_snp_poison: Snp, false, "poison";
+    stress_snp_remap: Snp, false, "remap";
+    stress_snp_holes: Snp, false, "holes";
+    stress_tdx_poison: Tdx, false, "poison";
+    stress_tdx_remap: Tdx, false, "remap";
+    stress_tdx_holes: Tdx, false, "holes";
 }
