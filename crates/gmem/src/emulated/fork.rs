@@ -27,8 +27,12 @@ use crate::attributes::pages_of;
 use crate::error::KernelResult;
 use crate::sys::{peer, PAGE_SIZE};
 
-/// Held shared by every operation on any emulated file's state (and by the fault service
-/// and pin releases), exclusively by the fork handlers across `fork()`.
+/// Held shared by every operation on any emulated file's state and by everything else that
+/// takes one of a file's locks (the fault service, pin releases, the copies of accesses,
+/// the peer count, the page-bit queries), exclusively by the fork handlers across `fork()`:
+/// a lock of the file held by another thread at the fork would stay held forever in the
+/// child (a peer count taken by a test while another thread forked once left a child's
+/// agent waiting on the peer list, and the owner's conversions failed after the timeout).
 pub(super) static FORK_LOCK: RwLock<()> = RwLock::new(());
 
 /// Every live file of this process.

@@ -71,11 +71,13 @@ pub(super) struct PageBits {
 
 impl EmulatedGuestMemfd {
     pub fn direct_map_removed(&self, index: u64) -> bool {
+        let _fork = super::fork::shared();
         self.inner.bits().removed.contains(index)
     }
 
     /// Whether page `index` is up to date (zeroed once since it was last freed).
     pub fn page_uptodate(&self, index: u64) -> bool {
+        let _fork = super::fork::shared();
         self.inner.bits().uptodate.contains(index)
     }
 

@@ -99,8 +99,10 @@ impl Peers {
         self.lock().push(end);
     }
 
-    /// How many peers are attached.
+    /// How many peers are attached. Under the fork lock, as every other holder of this lock:
+    /// a fork child must never inherit it held (its agent forwards through it).
     pub(super) fn count(&self) -> usize {
+        let _fork = super::fork::shared();
         self.lock().len()
     }
 
