@@ -161,6 +161,41 @@ fn snp_guards_gmem_writes_to_assigned_pages() {
     assert_eq!(guest_read(&f, 0), vec![1; PAGE]);
 }
 
+/// kvm_gmem_populate clamps npages to the end of the memslot and GUPs the source page by page
+/// (kernel-spec §2.7): a range past the end and a short source both give the pages done.
+#[test]
+fn populate_clamps_and_gups_the_source_per_page() {
+    for p in [PlatformKind::SoftwareProtected, PlatformKind::Tdx] {
+        let f = file(p, 4, GUEST_MEMFD_FLAG_MMAP);
+        // 3 pages asked from page 2 of 4: clamped to 2, both done.
+        assert_eq!(f.populate(2 * PS, None, 3, &|| false), Ok(2), "{p}");
+        // A source of 1.5 pages for 2 pages: page 0 is copied, page 1's GUP fails (EFAULT),
+        // and the call returns 1 with page 1 untouched.
+        let log = f.record_hooks();
+        let mut src = vec![0x5au8; PAGE + PAGE / 2];
+        src[PAGE..].fill(0x77);
+        assert_eq!(f.populate(0, Some(&src), 2, &|| false), Ok(1), "{p}");
+        let got = take(&log);
+        let want = if p.hooks().post_populate {
+            vec![HookCall::Zero(0), HookCall::PostPopulate(0)]
+        } else {
+            vec![HookCall::Zero(0)]
+        };
+        assert_eq!(got, want, "{p}");
+        // A source that ends before the first page: EFAULT, nothing done.
+        assert_eq!(
+            f.populate(PS, Some(&src[..PAGE - 1]), 1, &|| false),
+            Err(Errno::EFAULT),
+            "{p}"
+        );
+        assert!(take(&log).is_empty(), "{p}");
+        if p == PlatformKind::SoftwareProtected {
+            assert_eq!(guest_read(&f, 0), vec![0x5a; PAGE]);
+            assert_eq!(guest_read(&f, 1), vec![0; PAGE]);
+        }
+    }
+}
+
 /// The in-place flow (seed 000) and the copying flow give the same measurement.
 #[test]
 fn launch_measurement_in_place_equals_copy() {
@@ -245,11 +280,14 @@ fn populate_rules() {
     // Bad arguments.
     assert_eq!(f.populate(0, None, 0, &|| false), Err(Errno::EINVAL));
     assert_eq!(f.populate(1, None, 1, &|| false), Err(Errno::EINVAL));
-    assert_eq!(f.populate(3 * PS, None, 2, &|| false), Err(Errno::EINVAL));
+    assert_eq!(f.populate(4 * PS, None, 1, &|| false), Err(Errno::EINVAL));
+    // A short source fails at its first page, before anything is done.
     assert_eq!(
         f.populate(3 * PS, Some(&[0u8; 10]), 1, &|| false),
         Err(Errno::EFAULT)
     );
+    // The range is clamped to the end of the file (the memslot): the pages done.
+    assert_eq!(f.populate(3 * PS, None, 2, &|| false), Ok(1));
     // A never-written page is zeroed before the platform sees it (no uninitialised load).
     let g = file(PlatformKind::Tdx, 1, GUEST_MEMFD_FLAG_MMAP);
     let log = g.record_hooks();
