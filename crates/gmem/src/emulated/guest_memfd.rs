@@ -131,6 +131,10 @@ impl GuestMemfd for EmulatedGuestMemfd {
         self.convert(a)
     }
 
+    fn set_vm_attributes(&self, a: &mut kvm_memory_attributes2) -> KernelResult<()> {
+        EmulatedGuestMemfd::set_vm_attributes(self, a)
+    }
+
     fn fallocate(&self, mode: u32, offset: u64, len: u64) -> KernelResult<()> {
         self.owner_only()?;
         // vfs_fallocate's own checks, then guest_memfd's (kernel-spec §2.5).
