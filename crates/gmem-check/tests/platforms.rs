@@ -140,6 +140,21 @@ fn hook_placement_v8_per_platform() {
         assert_eq!(take(&log), at(&to_shared, 0), "{p}: to shared");
         let _ = guest_read(&f, 1);
         assert_eq!(take(&log), vec![Zero(1)], "{p}: shared fault");
+        // To shared again over the now shared, present pages 0 and 1: the request returns
+        // early (nothing changes), no call anywhere. Over pages 1 (shared) and 2 (private,
+        // present): TDX's private filter reaches page 2 only; SNP's hook runs on each present
+        // page of the request.
+        f.set_shared(0, 2 * PS).unwrap();
+        assert_eq!(take(&log), vec![], "{p}: no-op to shared");
+        guest_write(&f, 2, 2);
+        let _ = take(&log);
+        f.set_shared(PS, 2 * PS).unwrap();
+        let want = match p {
+            PlatformKind::Tdx => vec![MmuZapPrivate(2)],
+            _ => [at(&to_shared, 1), at(&to_shared, 2)].concat(),
+        };
+        assert_eq!(take(&log), want, "{p}: to shared over shared and private");
+        f.set_private(2 * PS, PS).unwrap();
         // Punch over a shared present page (1) and a private present page (2): TDX's MMU
         // zap with the private filter skips the shared page; SNP's free_folio invalidates
         // both.

@@ -446,7 +446,16 @@ impl EmulatedGuestMemfd {
         // §2.4 step 4b: the platform takes back each present page of a range made shared.
         // Platforms without the hook do no per-page work here.
         if !to_private && self.inner.hooks.make_shared {
-            self.inner.make_shared_range(first, end);
+            let placement = self.inner.options.hook_placement;
+            if placement.private_filter(self.inner.platform.kind()) {
+                // v8 TDX: the invalidation's private filter reaches the pages that were
+                // private, i.e. the changing runs.
+                for &(s, e) in &changing {
+                    self.inner.make_shared_range(s / PAGE_SIZE, e / PAGE_SIZE);
+                }
+            } else {
+                self.inner.make_shared_range(first, end);
+            }
         }
         Ok(())
     }

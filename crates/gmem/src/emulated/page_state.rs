@@ -318,7 +318,7 @@ impl Inner {
             let private_only = self
                 .options
                 .hook_placement
-                .free_private_only(self.platform.kind());
+                .private_filter(self.platform.kind());
             for index in self.present_pages(first, end) {
                 if private_only && attrs.get(index) & KVM_MEMORY_ATTRIBUTE_PRIVATE == 0 {
                     continue;

@@ -467,9 +467,10 @@ impl HookPlacement {
         }
     }
 
-    /// Whether the page-state change on free visits private pages only: v8 TDX, where it is
-    /// the MMU invalidation with the private filter (shared pages have no S-EPT entry).
-    pub fn free_private_only(self, platform: PlatformKind) -> bool {
+    /// Whether the page-state change on conversion to shared and on free visits only pages
+    /// that are (were, before the conversion) private: v8 TDX, where it is the MMU
+    /// invalidation with the private filter (a shared page has no S-EPT entry).
+    pub fn private_filter(self, platform: PlatformKind) -> bool {
         self == HookPlacement::V8 && platform == PlatformKind::Tdx
     }
 }
