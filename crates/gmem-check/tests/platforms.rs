@@ -1,7 +1,10 @@
 //! Platform models on the emulated backend: hook call order per platform, content rules,
 //! populate and launch measurements, NO_DIRECT_MAP.
 
-use gmem::platform::{ContentRule, Direction, HookCall, LaunchMeasurement, PageType, PlatformKind};
+use gmem::platform::{
+    ContentRule, Direction, HookCall, HookPlacement, HookSite, LaunchMeasurement, PageType,
+    PlatformKind,
+};
 use gmem::uapi::{
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
 };
@@ -39,6 +42,15 @@ fn take(log: &std::sync::Mutex<Vec<HookCall>>) -> Vec<HookCall> {
 }
 
 /// The scripted scenario of the call-order test, with the calls each step must make.
+fn placed(p: PlatformKind, pl: HookPlacement, npages: u64, flags: u64) -> EmulatedGuestMemfd {
+    let options = EmulatedOptions {
+        hook_placement: pl,
+        ..EmulatedOptions::with_platform(p)
+    };
+    EmulatedGuestMemfd::create_with(npages * PS, flags, options).unwrap()
+}
+
+/// The split (seed 001's outcome): make_private / make_shared / reclaim, scripted.
 #[test]
 fn hook_call_order_per_platform() {
     use HookCall::*;
@@ -51,7 +63,7 @@ fn hook_call_order_per_platform() {
                 vec![]
             }
         };
-        let f = file(p, 4, GUEST_MEMFD_FLAG_MMAP);
+        let f = placed(p, HookPlacement::Split, 4, GUEST_MEMFD_FLAG_MMAP);
         let log = f.record_hooks();
         let step = |what: &str, want: Vec<HookCall>, log: &std::sync::Mutex<Vec<HookCall>>| {
             assert_eq!(take(log), want, "{p}: {what}");
@@ -93,6 +105,124 @@ fn hook_call_order_per_platform() {
         let rc = if h.reclaim { vec![Reclaim(0)] } else { vec![] };
         step("release", rc, &log);
     }
+}
+
+/// v8, the default placement: only SNP has guest_memfd hooks (prepare on a private fault, one
+/// invalidate from both conversion to shared and free); TDX's S-EPT add and remove come from
+/// the KVM MMU (the private fault; invalidation with the private filter on conversion to
+/// shared, punch-hole and release, so a shared page is never zapped); SW and pKVM as in the
+/// split. Content effects equal the split's.
+#[test]
+fn hook_placement_v8_per_platform() {
+    use HookCall::*;
+    assert_eq!(EmulatedOptions::default().hook_placement, HookPlacement::V8);
+    for p in PlatformKind::ALL {
+        let f = file(p, 4, GUEST_MEMFD_FLAG_MMAP);
+        assert_eq!(f.hook_placement(), HookPlacement::V8);
+        let log = f.record_hooks();
+        type Calls = Vec<fn(u64) -> HookCall>;
+        let (fault, to_shared, free): (Calls, Calls, Calls) = match p {
+            PlatformKind::Snp => (vec![Prepare], vec![Invalidate], vec![Invalidate]),
+            PlatformKind::Tdx => (
+                vec![MmuMapPrivate],
+                vec![MmuZapPrivate],
+                vec![MmuZapPrivate],
+            ),
+            PlatformKind::Pkvm => (vec![], vec![], vec![Reclaim]),
+            PlatformKind::SoftwareProtected => (vec![], vec![], vec![]),
+        };
+        let at = |v: &Calls, i: u64| v.iter().map(|c| c(i)).collect::<Vec<_>>();
+        // Private fault: zero, then prepare (SNP) or the MMU's S-EPT add (TDX).
+        guest_write(&f, 0, 1);
+        assert_eq!(take(&log), [vec![Zero(0)], at(&fault, 0)].concat(), "{p}");
+        // To shared over a present and an absent page.
+        f.set_shared(0, 2 * PS).unwrap();
+        assert_eq!(take(&log), at(&to_shared, 0), "{p}: to shared");
+        let _ = guest_read(&f, 1);
+        assert_eq!(take(&log), vec![Zero(1)], "{p}: shared fault");
+        // To shared again over the now shared, present pages 0 and 1: the request returns
+        // early (nothing changes), no call anywhere. Over pages 1 (shared) and 2 (private,
+        // present): TDX's private filter reaches page 2 only; SNP's hook runs on each present
+        // page of the request.
+        f.set_shared(0, 2 * PS).unwrap();
+        assert_eq!(take(&log), vec![], "{p}: no-op to shared");
+        guest_write(&f, 2, 2);
+        let _ = take(&log);
+        f.set_shared(PS, 2 * PS).unwrap();
+        let want = match p {
+            PlatformKind::Tdx => vec![MmuZapPrivate(2)],
+            _ => [at(&to_shared, 1), at(&to_shared, 2)].concat(),
+        };
+        assert_eq!(take(&log), want, "{p}: to shared over shared and private");
+        f.set_private(2 * PS, PS).unwrap();
+        // Punch over a shared present page (1) and a private present page (2): TDX's MMU
+        // zap with the private filter skips the shared page; SNP's free_folio invalidates
+        // both.
+        guest_write(&f, 2, 2);
+        let _ = take(&log);
+        f.punch_hole(PS, 2 * PS).unwrap();
+        let want = match p {
+            PlatformKind::Tdx => vec![MmuZapPrivate(2)],
+            _ => [at(&free, 1), at(&free, 2)].concat(),
+        };
+        assert_eq!(take(&log), want, "{p}: punch-hole");
+        // Release: page 0 (shared, present) and page 3 (private, faulted).
+        guest_write(&f, 3, 3);
+        let _ = take(&log);
+        drop(f);
+        let want = match p {
+            PlatformKind::Tdx => vec![MmuZapPrivate(3)],
+            _ => [at(&free, 0), at(&free, 3)].concat(),
+        };
+        assert_eq!(take(&log), want, "{p}: release");
+    }
+}
+
+/// The same scenario on both placements leaves the same bytes (SNP: the same rule, its key
+/// being per file) and the same platform state.
+#[test]
+fn hook_placement_keeps_content_effects() {
+    for p in PlatformKind::ALL {
+        let mut seen = Vec::new();
+        for pl in [HookPlacement::V8, HookPlacement::Split] {
+            let f = placed(
+                p,
+                pl,
+                3,
+                GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+            );
+            host_write(&f, 0, 0x11);
+            host_write(&f, 1, 0x11);
+            f.set_private(0, 3 * PS).unwrap();
+            let to_private = guest_read(&f, 0);
+            guest_write(&f, 0, 0x22);
+            guest_write(&f, 2, 0x33);
+            f.set_shared(0, 2 * PS).unwrap();
+            let to_shared = host_read(&f, 0);
+            let untouched = host_read(&f, 1);
+            f.punch_hole(2 * PS, PS).unwrap();
+            let r = f.platform_report();
+            p.content_rule(Direction::ToPrivate)
+                .check(&[0x11; PAGE], &to_private)
+                .unwrap_or_else(|e| panic!("{p} {pl:?} to private: {e}"));
+            p.content_rule(Direction::ToShared)
+                .check(&[0x22; PAGE], &to_shared)
+                .unwrap_or_else(|e| panic!("{p} {pl:?} to shared: {e}"));
+            assert_eq!(untouched, vec![0x11; PAGE], "{p} {pl:?}");
+            let bytes = if p == PlatformKind::Snp {
+                None
+            } else {
+                Some((to_private, to_shared))
+            };
+            seen.push((bytes, r));
+        }
+        assert_eq!(seen[0], seen[1], "{p}: v8 and split differ");
+    }
+    // The log names follow the placement; the call sites do not.
+    assert_eq!(
+        HookPlacement::Split.call(PlatformKind::Tdx, HookSite::Free, 7),
+        HookCall::Reclaim(7)
+    );
 }
 
 fn host_write(f: &EmulatedGuestMemfd, page: u64, byte: u8) {
@@ -159,6 +289,41 @@ fn snp_guards_gmem_writes_to_assigned_pages() {
     assert_eq!(f.populate(0, Some(&src), 1, &|| false), Err(Errno::EFAULT));
     assert_eq!(f.platform_report().violations, 1);
     assert_eq!(guest_read(&f, 0), vec![1; PAGE]);
+}
+
+/// kvm_gmem_populate clamps npages to the end of the memslot and GUPs the source page by page
+/// (kernel-spec §2.7): a range past the end and a short source both give the pages done.
+#[test]
+fn populate_clamps_and_gups_the_source_per_page() {
+    for p in [PlatformKind::SoftwareProtected, PlatformKind::Tdx] {
+        let f = file(p, 4, GUEST_MEMFD_FLAG_MMAP);
+        // 3 pages asked from page 2 of 4: clamped to 2, both done.
+        assert_eq!(f.populate(2 * PS, None, 3, &|| false), Ok(2), "{p}");
+        // A source of 1.5 pages for 2 pages: page 0 is copied, page 1's GUP fails (EFAULT),
+        // and the call returns 1 with page 1 untouched.
+        let log = f.record_hooks();
+        let mut src = vec![0x5au8; PAGE + PAGE / 2];
+        src[PAGE..].fill(0x77);
+        assert_eq!(f.populate(0, Some(&src), 2, &|| false), Ok(1), "{p}");
+        let got = take(&log);
+        let want = if p.hooks().post_populate {
+            vec![HookCall::Zero(0), HookCall::PostPopulate(0)]
+        } else {
+            vec![HookCall::Zero(0)]
+        };
+        assert_eq!(got, want, "{p}");
+        // A source that ends before the first page: EFAULT, nothing done.
+        assert_eq!(
+            f.populate(PS, Some(&src[..PAGE - 1]), 1, &|| false),
+            Err(Errno::EFAULT),
+            "{p}"
+        );
+        assert!(take(&log).is_empty(), "{p}");
+        if p == PlatformKind::SoftwareProtected {
+            assert_eq!(guest_read(&f, 0), vec![0x5a; PAGE]);
+            assert_eq!(guest_read(&f, 1), vec![0; PAGE]);
+        }
+    }
 }
 
 /// The in-place flow (seed 000) and the copying flow give the same measurement.
@@ -245,11 +410,14 @@ fn populate_rules() {
     // Bad arguments.
     assert_eq!(f.populate(0, None, 0, &|| false), Err(Errno::EINVAL));
     assert_eq!(f.populate(1, None, 1, &|| false), Err(Errno::EINVAL));
-    assert_eq!(f.populate(3 * PS, None, 2, &|| false), Err(Errno::EINVAL));
+    assert_eq!(f.populate(4 * PS, None, 1, &|| false), Err(Errno::EINVAL));
+    // A short source fails at its first page, before anything is done.
     assert_eq!(
         f.populate(3 * PS, Some(&[0u8; 10]), 1, &|| false),
         Err(Errno::EFAULT)
     );
+    // The range is clamped to the end of the file (the memslot): the pages done.
+    assert_eq!(f.populate(3 * PS, None, 2, &|| false), Ok(1));
     // A never-written page is zeroed before the platform sees it (no uninitialised load).
     let g = file(PlatformKind::Tdx, 1, GUEST_MEMFD_FLAG_MMAP);
     let log = g.record_hooks();

@@ -507,6 +507,75 @@ fn conformance_cases_with_a_real_vcpu_as_the_guest(why: &Option<String>) -> Vec<
     trials
 }
 
+/// Per-VM attribute tracking (the module-parameter mode): the VM's `KVM_SET_MEMORY_ATTRIBUTES`
+/// converts the files behind the memslots it covers (whose own ioctl is ENOTTY), and a private
+/// GPA without a guest_memfd (an anonymous memslot, or no memslot) faults as
+/// `KVM_EXIT_MEMORY_FAULT(PRIVATE)`; a default VM answers the VM ioctl with ENOTTY.
+fn per_vm_attribute_tracking() {
+    use gmem::uapi::{kvm_memory_attributes2, KVM_MEMORY_ATTRIBUTE_PRIVATE as P};
+    use gmem::{AttributeTracking, EmulatedOptions, Errno};
+    use gmem_check::conformance::{VmAccess, VmPort};
+    let plain = Vm::new(1).unwrap();
+    assert_eq!(plain.attribute_tracking(), AttributeTracking::PerFile);
+    assert_eq!(
+        plain.set_memory_attributes(DATA_GPA, PS, P),
+        Err(Errno::ENOTTY)
+    );
+    drop(plain);
+
+    let g = gmem_vmm::port::VcpuGuest::emulated_per_vm().unwrap();
+    let vm = g.vm();
+    let opts = EmulatedOptions {
+        attribute_tracking: AttributeTracking::PerVm,
+        ..EmulatedOptions::default()
+    };
+    let f = EmulatedGuestMemfd::create_with(
+        2 * PS,
+        GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+        opts,
+    )
+    .unwrap();
+    let mut a = kvm_memory_attributes2::new(0, PS, P);
+    assert_eq!(f.set_attributes(&mut a), Err(Errno::ENOTTY));
+    vm.bind(
+        Gpa(DATA_GPA),
+        &in_place(Arc::new(f.clone())).unwrap(),
+        0,
+        2 * PS,
+    )
+    .unwrap();
+    vm.bind_anonymous(Gpa(DATA_GPA + 2 * PS), PS).unwrap();
+    // Bad requests: EINVAL.
+    assert_eq!(vm.set_memory_attributes(DATA_GPA, 1, P), Err(Errno::EINVAL));
+    assert_eq!(
+        vm.set_memory_attributes(DATA_GPA, PS, 2),
+        Err(Errno::EINVAL)
+    );
+    // One request over the file's second page, the anonymous page and an unbound page.
+    vm.set_memory_attributes(DATA_GPA + PS, 3 * PS, P).unwrap();
+    assert_eq!(f.attributes(0), Ok(0));
+    assert_eq!(f.attributes(PS), Ok(P));
+    assert!(host_sigbus(&f, PS));
+    // The guest reads the private file page; the private GPAs without a guest_memfd fault.
+    let read = |gpa| VmPort::guest_read_u64(&*g, gpa).unwrap();
+    assert_eq!(read(DATA_GPA + PS), VmAccess::Value(0));
+    for gpa in [DATA_GPA + 2 * PS + 8, DATA_GPA + 3 * PS] {
+        assert_eq!(
+            read(gpa),
+            VmAccess::MemoryFault {
+                flags: gmem::uapi::KVM_MEMORY_EXIT_FLAG_PRIVATE,
+                gpa: gpa & !(PS - 1),
+                size: PS
+            }
+        );
+    }
+    // Back to shared: the anonymous memslot is mapped again, the unbound GPA is MMIO.
+    vm.set_memory_attributes(DATA_GPA, 4 * PS, 0).unwrap();
+    assert_eq!(f.attributes(PS), Ok(0));
+    assert_eq!(read(DATA_GPA + 2 * PS), VmAccess::Value(0));
+    assert!(matches!(read(DATA_GPA + 3 * PS), VmAccess::Mmio { .. }));
+}
+
 fn main() {
     use gmem_check::skip;
     let kvm = skip::kvm();
@@ -518,6 +587,7 @@ fn main() {
         a_request_is_split_across_memslots_and_files,
         map_gpa_range_synthetic_exits,
         guest_failures_are_reported_and_hung_guests_time_out,
+        per_vm_attribute_tracking,
     ));
     let hypercall_exit = kvm.clone().or_else(|| {
         Vm::probe_hypercall_exit(Duration::from_millis(200))

@@ -57,6 +57,7 @@ pub mod stats;
 pub mod two_backing;
 mod vcpu;
 mod vm;
+mod vm_attributes;
 
 pub use asm::{Asm, AsmError, Cond, Label, Reg};
 pub use convert::{

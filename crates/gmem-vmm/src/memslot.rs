@@ -73,6 +73,7 @@ impl Vm {
         if slots
             .iter()
             .any(|s| s.gpa.raw() < end && gpa < s.gpa.raw() + s.size)
+            || self.vm_attrs.overlaps_anon(gpa, end)
         {
             return Err(bad("overlaps an existing binding".into()));
         }

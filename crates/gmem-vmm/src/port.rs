@@ -153,6 +153,15 @@ impl VcpuGuest {
         Self::with_vm(Vm::new(1)?)
     }
 
+    /// A vCPU guest for emulated files on a VM that tracks attributes per VM
+    /// ([`gmem::AttributeTracking::PerVm`]: `Vm::set_memory_attributes`, the module-parameter
+    /// mode).
+    pub fn emulated_per_vm() -> Result<Arc<VcpuGuest>, VmError> {
+        let vm = Vm::new(1)?;
+        vm.set_attribute_tracking(gmem::AttributeTracking::PerVm)?;
+        Self::with_vm(vm)
+    }
+
     /// A vCPU guest for the kernel backend's files (bound in its VM).
     pub fn kernel(backend: &KernelBackend) -> Result<Arc<VcpuGuest>, VmError> {
         Self::with_vm(Vm::on_kernel_backend(backend, 1)?)

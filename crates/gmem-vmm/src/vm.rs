@@ -80,6 +80,8 @@ pub struct Vm {
     pub(crate) memory_fault_conversion: std::sync::atomic::AtomicBool,
     pub(crate) vcpu_id_base: u64,
     pub(crate) conversion_handler: RwLock<Option<crate::ConversionHandler>>,
+    /// Attribute tracking, per-VM private ranges and anonymous memslots.
+    pub(crate) vm_attrs: crate::vm_attributes::VmAttributes,
 }
 
 impl std::fmt::Debug for Vm {
@@ -183,6 +185,7 @@ impl Vm {
             memory_fault_conversion: std::sync::atomic::AtomicBool::new(true),
             vcpu_id_base,
             conversion_handler: RwLock::new(None),
+            vm_attrs: Default::default(),
         };
         guest::write_page_tables(&vm)?;
         Ok(vm)
@@ -392,6 +395,7 @@ impl Drop for Vm {
             // SAFETY: deleting a slot this Vm created; no memory is handed to KVM.
             let _ = unsafe { self.handle.fd().set_user_memory_region(region) };
         }
+        self.vm_attrs.delete_all(self.handle.fd());
         let region = kvm_userspace_memory_region {
             slot: 0,
             ..Default::default()

@@ -111,6 +111,14 @@ pub trait GuestMemfd: Send + Sync + fmt::Debug {
     /// failure nothing changed.
     fn set_attributes(&self, attrs: &mut kvm_memory_attributes2) -> KernelResult<()>;
 
+    /// The owning VM's `KVM_SET_MEMORY_ATTRIBUTES`, applied to this file's range under a
+    /// memslot, where the VM tracks attributes ([`crate::AttributeTracking::PerVm`], the
+    /// module-parameter mode). ENOTTY where the file's attributes are its own (the default:
+    /// the VM ioctl is off with in-place conversion).
+    fn set_vm_attributes(&self, _attrs: &mut kvm_memory_attributes2) -> KernelResult<()> {
+        Err(crate::Errno::ENOTTY)
+    }
+
     /// `fallocate(mode, offset, len)`: allocation with `FALLOC_FL_KEEP_SIZE`, or
     /// `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`.
     fn fallocate(&self, mode: u32, offset: u64, len: u64) -> KernelResult<()>;

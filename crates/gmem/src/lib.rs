@@ -102,7 +102,9 @@ pub mod platform;
 mod sys;
 pub mod uapi;
 
-pub use emulated::{EmulatedBackend, EmulatedGuestMemfd, EmulatedOptions, Revocation};
+pub use emulated::{
+    AttributeTracking, EmulatedBackend, EmulatedGuestMemfd, EmulatedOptions, Revocation,
+};
 pub use error::{AccessError, ConversionError, ConversionUnsupported, Errno, KernelResult};
 pub use file::{
     BackendKind, GuestMemfd, GuestMemfdBackend, GuestMemfdStat, MemslotSource, PinGuard,

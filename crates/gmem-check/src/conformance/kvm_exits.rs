@@ -53,10 +53,35 @@ fn private_access_memslot_deleted(ctx: &Ctx) -> CaseResult {
     })
 }
 
-/// Per-VM mode only: a memslot without guest_memfd plus the PRIVATE attribute; a guest access
-/// gives `KVM_EXIT_MEMORY_FAULT` with PRIVATE. With per-guest_memfd attributes the state cannot
-/// be reached, so the case always skips ([`Need::VmAttributes`]); were it reached it would fail
-/// rather than pass.
+/// Per-VM mode only (v8 `gmem_in_place_conversion=0`, v7 `vm_memory_attributes=1`): a memslot
+/// without guest_memfd plus the PRIVATE attribute set with the VM's
+/// `KVM_SET_MEMORY_ATTRIBUTES`; a guest access gives `KVM_EXIT_MEMORY_FAULT` with PRIVATE, the
+/// page's GPA and size. With per-guest_memfd attributes the state cannot be reached (the
+/// selftest skips), so the case runs on a VM of its own in per-VM mode
+/// ([`gmem_vmm::port::VcpuGuest::emulated_per_vm`]), where the VM ioctl is on.
 fn private_access_memslot_not_private(_ctx: &Ctx) -> CaseResult {
-    Err("per-VM attributes are not modelled".into())
+    use gmem::uapi::{KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEMORY_EXIT_FLAG_PRIVATE};
+    use gmem_vmm::port::{VcpuGuest, VmPort};
+    let g = VcpuGuest::emulated_per_vm().map_err(|e| e.to_string())?;
+    let vm = g.vm();
+    vm.bind_anonymous(gmem_vmm::Gpa(TEST_GPA), PAGE_SIZE)
+        .map_err(|e| e.to_string())?;
+    // Shared: the read reaches the anonymous memory.
+    let before = VmPort::guest_read_u64(&*g, TEST_GPA).map_err(|e| e.to_string())?;
+    ensure(before == VmAccess::Value(0), || {
+        format!("shared read of the anonymous memslot: expected the value 0, got {before:?}")
+    })?;
+    vm.set_memory_attributes(TEST_GPA, PAGE_SIZE, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        .map_err(super::CaseFailure::call(
+            "KVM_SET_MEMORY_ATTRIBUTES(TEST_GPA, page, PRIVATE)",
+        ))?;
+    let got = VmPort::guest_read_u64(&*g, TEST_GPA).map_err(|e| e.to_string())?;
+    let want = VmAccess::MemoryFault {
+        flags: KVM_MEMORY_EXIT_FLAG_PRIVATE,
+        gpa: TEST_GPA,
+        size: PAGE_SIZE,
+    };
+    ensure(got == want, || {
+        format!("private read of a memslot without guest_memfd: expected {want:?}, got {got:?}")
+    })
 }

@@ -46,8 +46,8 @@ pub enum Need {
     CrossProcess,
     /// A VM whose vCPUs run guest code on the file through a memslot ([`VmPort`]).
     Vm,
-    /// Per-VM attribute tracking (`KVM_SET_MEMORY_ATTRIBUTES` on the VM): the mode before the
-    /// in-place series, which gmem does not model.
+    /// Per-VM attribute tracking (`KVM_SET_MEMORY_ATTRIBUTES` on the VM, the module-parameter
+    /// mode): modelled by the emulated backend's VM (`gmem_vmm::Vm::set_memory_attributes`).
     VmAttributes,
     /// A guest_memfd file descriptor on which `read(2)`, `write(2)`, `pread(2)`, ... can be
     /// tried.
@@ -274,10 +274,10 @@ impl Ctx {
                 "no VM runs guest code on the {} backend here: the case needs a vCPU and memslots (a GuestPort with a VmPort)",
                 self.backend.kind()
             )),
-            Need::VmAttributes => Some(
-                "per-VM attribute tracking (KVM_SET_MEMORY_ATTRIBUTES on the VM) is not modelled: with in-place conversion attributes live in the guest_memfd, where a private GPA without a guest_memfd cannot be reached (kernel-spec §4.4)"
-                    .to_string(),
-            ),
+            Need::VmAttributes if self.backend.kind() != BackendKind::Emulated => Some(format!(
+                "per-VM attribute tracking (KVM_SET_MEMORY_ATTRIBUTES on the VM, the module-parameter mode) is modelled on the emulated backend's VM only; gmem does not issue it on the {} backend's VM",
+                self.backend.kind()
+            )),
             Need::PlatformModels if self.backend.kind() != BackendKind::Emulated => Some(format!(
                 "the platform models (sw, snp, tdx, pkvm) exist on the emulated backend; the {} backend runs this host's VM type",
                 self.backend.kind()

@@ -13,7 +13,9 @@ use gmem::emulated::{EmulatedGuestMemfd, EmulatedOptions};
 use gmem::error::Errno;
 use gmem::file::GuestMemfd;
 use gmem::os::PAGE_SIZE;
-use gmem::platform::{Direction, HookCall, LaunchMeasurement, PageType, PlatformKind, PAGE};
+use gmem::platform::{
+    Direction, HookCall, HookPlacement, LaunchMeasurement, PageType, PlatformKind, PAGE,
+};
 use gmem::uapi::{
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
 };
@@ -58,8 +60,13 @@ pub(super) fn cases() -> Vec<Case> {
     ]
 }
 
+/// A file of platform `p` with the split hooks (the cases below name them).
 fn create(p: PlatformKind, npages: u64, flags: u64) -> Result<EmulatedGuestMemfd, CaseFailure> {
-    EmulatedGuestMemfd::create_with(npages * PS, flags, EmulatedOptions::with_platform(p))
+    let options = EmulatedOptions {
+        hook_placement: HookPlacement::Split,
+        ..EmulatedOptions::with_platform(p)
+    };
+    EmulatedGuestMemfd::create_with(npages * PS, flags, options)
         .map_err(CaseFailure::call(format!("create({npages} pages) on {p}")))
 }
 

@@ -5,7 +5,7 @@ use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{EmulatedGuestMemfd, Inner};
+use super::{AttributeTracking, EmulatedGuestMemfd, Inner};
 use crate::attributes::{check_host_access, pages_of};
 use crate::error::{AccessError, Errno, KernelResult};
 use crate::file::{BackendKind, GuestMemfd, GuestMemfdStat, PinGuard};
@@ -22,11 +22,14 @@ const TASK_SIZE: u64 = (1 << 47) - PAGE_SIZE;
 
 impl EmulatedGuestMemfd {
     pub(super) fn validate_attributes(&self, a: &kvm_memory_attributes2) -> KernelResult<()> {
-        // kernel-spec §2.3, in order. Steps 1 (ENOTTY) and 2 (EFAULT) cannot happen here.
+        // kernel-spec §2.3, in order. Step 1 (ENOTTY) is the caller's; step 2 (EFAULT) cannot
+        // happen here.
         if a.flags != 0 || a.reserved.iter().any(|&r| r != 0) {
             return Err(Errno::EINVAL);
         }
-        if a.attributes & !KVM_MEMORY_ATTRIBUTE_PRIVATE != 0 {
+        // v8: EINVAL if the VM has no private memory at all (even for attributes 0), or for
+        // any bit but PRIVATE (§2.1).
+        if !self.inner.options.vm_private_mem || a.attributes & !KVM_MEMORY_ATTRIBUTE_PRIVATE != 0 {
             return Err(Errno::EINVAL);
         }
         let end = match a.offset.checked_add(a.size) {
@@ -121,96 +124,15 @@ impl GuestMemfd for EmulatedGuestMemfd {
     }
 
     fn set_attributes(&self, a: &mut kvm_memory_attributes2) -> KernelResult<()> {
-        self.owner_only()?;
-        self.validate_attributes(a)?;
-        let to_private = a.attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0;
-        let (first, end) = pages_of(a.offset, a.size);
-        let mut st = self.write_state();
-        // The runs whose attribute changes; only they are revoked or restored, which keeps
-        // rollback exact for mixed ranges. None: the whole range already has the attributes,
-        // and the request returns at once (§2.4 step 1).
-        // Allocated fallibly: ENOMEM with nothing changed, never an abort (issue 11 item 5).
-        let Ok(changing) = self.changing_runs(&st, first, end, to_private) else {
-            a.error_offset = a.offset;
-            return Err(Errno::ENOMEM);
-        };
-        if changing.is_empty() {
-            return Ok(());
+        // §2.3 step 1: with per-VM tracking the guest_memfd ioctl is off.
+        if self.inner.options.attribute_tracking == AttributeTracking::PerVm {
+            return Err(Errno::ENOTTY);
         }
-        if to_private {
-            // Safety check (§2.4 step 3b): an outstanding pin anywhere in the range, already
-            // private pages included, fails the whole request.
-            if let Some(page) = self.first_pinned(first, end) {
-                a.error_offset = a.offset.max(page * PAGE_SIZE);
-                return Err(Errno::EAGAIN);
-            }
-        }
-        // NO_DIRECT_MAP: no host fault is resolved from the first revoke or restore until the
-        // new attributes are recorded in the gate (see `FaultService::gate`).
-        let mut gate = self.inner.faults.get().map(|s| s.gate());
-        if to_private {
-            if let Err(e) = self.apply_all(&mut st, &changing, Self::revoke, Self::restore) {
-                a.error_offset = a.offset;
-                return Err(if e == Errno::EAGAIN {
-                    Errno::EAGAIN
-                } else {
-                    Errno::ENOMEM
-                });
-            }
-        } else if self
-            .apply_all(&mut st, &changing, Self::restore, Self::revoke_forced)
-            .is_err()
-        {
-            a.error_offset = a.offset;
-            return Err(Errno::ENOMEM);
-        }
-        // Every other process that maps the file applies the change before it is recorded
-        // (to private: revoked there too before the conversion returns). If one cannot, or
-        // does not answer, the conversion is undone here and the peers are told the old
-        // attributes, in order, so a late peer ends where this process is.
-        if let Err(e) = self.inner.peers.set(&changing, to_private) {
-            let _ = if to_private {
-                self.apply_all(&mut st, &changing, Self::restore, Self::revoke_forced)
-            } else {
-                self.apply_all(&mut st, &changing, Self::revoke_forced, Self::restore)
-            };
-            let _ = self.inner.peers.set(&changing, !to_private);
-            a.error_offset = a.offset;
-            return Err(if e == Errno::EAGAIN {
-                Errno::EAGAIN
-            } else {
-                Errno::ENOMEM
-            });
-        }
-        // Point of no return: record the new attributes.
-        st.attrs.set_range(first, end, to_private);
-        if let Some(gate) = gate.as_mut() {
-            gate.set_range(first, end, to_private);
-        }
-        drop(gate);
-        // The guest's mappings of the changed pages go, as the kernel invalidates KVM's
-        // (stage-2) mappings of a converted range: a guest view bound as a memslot has
-        // KVM's MMU notifier zap its entries, and the guest's next access faults again.
-        // Zapping PTEs of our own shared mappings does not fail; if it did, the guest would
-        // keep a mapping of the same page, which holds the same data.
-        for &(s, e) in &changing {
-            self.inner
-                .guest_view
-                .advise_mapped(s, e - s, libc::MADV_DONTNEED);
-        }
-        // Failure markers of the changed pages were zapped (to shared) or are private
-        // markers now (to private).
-        if let Some(service) = self.inner.fault_service() {
-            for &(s, e) in &changing {
-                service.take_sigbus(s / PAGE_SIZE, e / PAGE_SIZE);
-            }
-        }
-        // §2.4 step 4b: the platform takes back each present page of a range made shared.
-        // Platforms without the hook do no per-page work here.
-        if !to_private && self.inner.hooks.make_shared {
-            self.inner.make_shared_range(first, end);
-        }
-        Ok(())
+        self.convert(a)
+    }
+
+    fn set_vm_attributes(&self, a: &mut kvm_memory_attributes2) -> KernelResult<()> {
+        EmulatedGuestMemfd::set_vm_attributes(self, a)
     }
 
     fn fallocate(&self, mode: u32, offset: u64, len: u64) -> KernelResult<()> {
@@ -243,7 +165,7 @@ impl GuestMemfd for EmulatedGuestMemfd {
             }
             // The pages leave the file: restore the direct map, reclaim, forget "up to date".
             let (first, last) = pages_of(offset, end - offset);
-            self.inner.free_pages(first, last);
+            self.inner.free_pages(&st.attrs, first, last);
             // NO_DIRECT_MAP: a failed host-fault hand-out left a SIGBUS marker on a shared
             // page; the page leaves the file, so the next access faults afresh.
             if let Some(service) = self.inner.fault_service() {
@@ -414,6 +336,127 @@ impl GuestMemfd for EmulatedGuestMemfd {
                 size: self.inner.size,
             }
         })?;
+        Ok(())
+    }
+}
+
+impl EmulatedGuestMemfd {
+    /// `KVM_SET_MEMORY_ATTRIBUTES` on the VM that owns the file, in per-VM tracking mode
+    /// ([`AttributeTracking::PerVm`]; the VMM applies the VM's request to the files behind its
+    /// memslots): the same conversion as `KVM_SET_MEMORY_ATTRIBUTES2` in the other mode.
+    /// ENOTTY with per-file tracking (the VM ioctl is off when in-place conversion is on).
+    pub fn set_vm_attributes(&self, a: &mut kvm_memory_attributes2) -> KernelResult<()> {
+        if self.inner.options.attribute_tracking != AttributeTracking::PerVm {
+            return Err(Errno::ENOTTY);
+        }
+        self.convert(a)
+    }
+
+    /// Where the file's PRIVATE attribute is tracked.
+    pub fn attribute_tracking(&self) -> AttributeTracking {
+        self.inner.options.attribute_tracking
+    }
+
+    /// The conversion of `KVM_SET_MEMORY_ATTRIBUTES2` (§2.3 steps 2-8, §2.4).
+    fn convert(&self, a: &mut kvm_memory_attributes2) -> KernelResult<()> {
+        self.owner_only()?;
+        self.validate_attributes(a)?;
+        let to_private = a.attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0;
+        let (first, end) = pages_of(a.offset, a.size);
+        let mut st = self.write_state();
+        // The runs whose attribute changes; only they are revoked or restored, which keeps
+        // rollback exact for mixed ranges. None: the whole range already has the attributes,
+        // and the request returns at once (§2.4 step 1).
+        // Allocated fallibly: ENOMEM with nothing changed, never an abort (issue 11 item 5).
+        let Ok(changing) = self.changing_runs(&st, first, end, to_private) else {
+            a.error_offset = a.offset;
+            return Err(Errno::ENOMEM);
+        };
+        if changing.is_empty() {
+            return Ok(());
+        }
+        if to_private {
+            // Safety check (§2.4 step 3b): an outstanding pin anywhere in the range, already
+            // private pages included, fails the whole request.
+            if let Some(page) = self.first_pinned(first, end) {
+                a.error_offset = a.offset.max(page * PAGE_SIZE);
+                return Err(Errno::EAGAIN);
+            }
+        }
+        // NO_DIRECT_MAP: no host fault is resolved from the first revoke or restore until the
+        // new attributes are recorded in the gate (see `FaultService::gate`).
+        let mut gate = self.inner.faults.get().map(|s| s.gate());
+        if to_private {
+            if let Err(e) = self.apply_all(&mut st, &changing, Self::revoke, Self::restore) {
+                a.error_offset = a.offset;
+                return Err(if e == Errno::EAGAIN {
+                    Errno::EAGAIN
+                } else {
+                    Errno::ENOMEM
+                });
+            }
+        } else if self
+            .apply_all(&mut st, &changing, Self::restore, Self::revoke_forced)
+            .is_err()
+        {
+            a.error_offset = a.offset;
+            return Err(Errno::ENOMEM);
+        }
+        // Every other process that maps the file applies the change before it is recorded
+        // (to private: revoked there too before the conversion returns). If one cannot, or
+        // does not answer, the conversion is undone here and the peers are told the old
+        // attributes, in order, so a late peer ends where this process is.
+        if let Err(e) = self.inner.peers.set(&changing, to_private) {
+            let _ = if to_private {
+                self.apply_all(&mut st, &changing, Self::restore, Self::revoke_forced)
+            } else {
+                self.apply_all(&mut st, &changing, Self::revoke_forced, Self::restore)
+            };
+            let _ = self.inner.peers.set(&changing, !to_private);
+            a.error_offset = a.offset;
+            return Err(if e == Errno::EAGAIN {
+                Errno::EAGAIN
+            } else {
+                Errno::ENOMEM
+            });
+        }
+        // Point of no return: record the new attributes.
+        st.attrs.set_range(first, end, to_private);
+        if let Some(gate) = gate.as_mut() {
+            gate.set_range(first, end, to_private);
+        }
+        drop(gate);
+        // The guest's mappings of the changed pages go, as the kernel invalidates KVM's
+        // (stage-2) mappings of a converted range: a guest view bound as a memslot has
+        // KVM's MMU notifier zap its entries, and the guest's next access faults again.
+        // Zapping PTEs of our own shared mappings does not fail; if it did, the guest would
+        // keep a mapping of the same page, which holds the same data.
+        for &(s, e) in &changing {
+            self.inner
+                .guest_view
+                .advise_mapped(s, e - s, libc::MADV_DONTNEED);
+        }
+        // Failure markers of the changed pages were zapped (to shared) or are private
+        // markers now (to private).
+        if let Some(service) = self.inner.fault_service() {
+            for &(s, e) in &changing {
+                service.take_sigbus(s / PAGE_SIZE, e / PAGE_SIZE);
+            }
+        }
+        // §2.4 step 4b: the platform takes back each present page of a range made shared.
+        // Platforms without the hook do no per-page work here.
+        if !to_private && self.inner.hooks.make_shared {
+            let placement = self.inner.options.hook_placement;
+            if placement.private_filter(self.inner.platform.kind()) {
+                // v8 TDX: the invalidation's private filter reaches the pages that were
+                // private, i.e. the changing runs.
+                for &(s, e) in &changing {
+                    self.inner.make_shared_range(s / PAGE_SIZE, e / PAGE_SIZE);
+                }
+            } else {
+                self.inner.make_shared_range(first, end);
+            }
+        }
         Ok(())
     }
 }

@@ -39,7 +39,9 @@ use crate::attributes::AttributeStore;
 use crate::error::{Errno, KernelResult};
 use crate::file::{BackendKind, GuestMemfd, GuestMemfdBackend};
 use crate::mapping::FileView;
-use crate::platform::{HookCall, HookSet, Platform, PlatformKind, PlatformReport};
+use crate::platform::{
+    HookCall, HookPlacement, HookSet, HookSite, Platform, PlatformKind, PlatformReport,
+};
 use crate::sys::{self, Mmap, PoisonFd, PAGE_SIZE};
 use crate::uapi::{
     flag_names, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
@@ -120,6 +122,27 @@ pub struct EmulatedOptions {
     pub hole_budget: usize,
     /// The platform model under the file (hooks, content rules, NO_DIRECT_MAP support).
     pub platform: PlatformKind,
+    /// Where the platform's hooks come from: v8 (default) or the later split.
+    pub hook_placement: HookPlacement,
+    /// Whether the owning VM's type has private memory (SW_PROTECTED, SNP, TDX; default).
+    /// Without it, v8 answers `KVM_SET_MEMORY_ATTRIBUTES2` with EINVAL even for attributes 0
+    /// (kernel-spec §2.1).
+    pub vm_private_mem: bool,
+    /// Where PRIVATE is tracked: in the file (in-place conversion, default) or per VM (the
+    /// module-parameter mode, v8 `gmem_in_place_conversion=0`, v7 `vm_memory_attributes=1`):
+    /// then the file's `KVM_SET_MEMORY_ATTRIBUTES2` is ENOTTY and the VM's
+    /// `KVM_SET_MEMORY_ATTRIBUTES` sets the attributes ([`EmulatedGuestMemfd::set_vm_attributes`]).
+    pub attribute_tracking: AttributeTracking,
+}
+
+/// Where PRIVATE is tracked (kernel-spec §2.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttributeTracking {
+    /// Per guest_memfd: `KVM_SET_MEMORY_ATTRIBUTES2` on the file.
+    #[default]
+    PerFile,
+    /// Per VM: `KVM_SET_MEMORY_ATTRIBUTES` on the VM; the file's ioctl is ENOTTY.
+    PerVm,
 }
 
 impl Default for EmulatedOptions {
@@ -129,6 +152,9 @@ impl Default for EmulatedOptions {
             hole_min_bytes: DEFAULT_HOLE_MIN_BYTES,
             hole_budget: DEFAULT_HOLE_BUDGET,
             platform: PlatformKind::SoftwareProtected,
+            hook_placement: HookPlacement::V8,
+            vm_private_mem: true,
+            attribute_tracking: AttributeTracking::PerFile,
         }
     }
 }
@@ -279,6 +305,13 @@ impl std::ops::DerefMut for StateWrite<'_> {
 }
 
 impl Inner {
+    /// What the hook log records for the platform's call at `site` on page `index`.
+    fn hook_call(&self, site: HookSite, index: u64) -> HookCall {
+        self.options
+            .hook_placement
+            .call(self.platform.kind(), site, index)
+    }
+
     /// The host-fault service, in the process that created the file (a follower has none:
     /// a fork child inherits its data but not its thread).
     fn fault_service(&self) -> Option<&FaultService> {
@@ -617,6 +650,11 @@ impl EmulatedGuestMemfd {
         self.inner.platform.report()
     }
 
+    /// Where the file's platform hooks come from ([`EmulatedOptions::hook_placement`]).
+    pub fn hook_placement(&self) -> HookPlacement {
+        self.inner.options.hook_placement
+    }
+
     /// Starts recording hook calls (and gmem's zeroing and direct-map changes) in the
     /// returned log, which outlives the file (release is recorded too).
     pub fn record_hooks(&self) -> Arc<Mutex<Vec<HookCall>>> {
@@ -633,7 +671,11 @@ impl Drop for Inner {
         drop(self.faults.take());
         // Release: the memory leaves with the last reference to the file.
         if self.no_direct_map() || self.hooks.reclaim {
-            self.free_pages(0, self.size / PAGE_SIZE);
+            let st = self
+                .state
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.free_pages(&st.attrs, 0, self.size / PAGE_SIZE);
         }
     }
 }

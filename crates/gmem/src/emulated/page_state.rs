@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use std::os::fd::AsFd;
 
 use super::{EmulatedGuestMemfd, Inner, State, GUEST_VIEW_FLAGS};
-use crate::attributes::pages_of;
+use crate::attributes::{pages_of, AttributeStore};
 use crate::error::{AccessError, Errno, KernelResult};
 use crate::mapping::ViewRef;
-use crate::platform::{HookCall, PageRef, PAGE};
+use crate::platform::{HookCall, HookSite, PageRef, PAGE};
 use crate::sys::{self, PAGE_SIZE};
 use crate::uapi::{GUEST_MEMFD_FLAG_NO_DIRECT_MAP, KVM_MEMORY_ATTRIBUTE_PRIVATE};
 
@@ -231,7 +231,7 @@ impl Inner {
     ) -> KernelResult<()> {
         if self.hooks.make_private && st.attrs.get(index) & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0 {
             let page = self.page_ref(bits, index)?;
-            self.log(HookCall::MakePrivate(index));
+            self.log(self.hook_call(HookSite::Fault, index));
             self.platform.make_private(&page)?;
         }
         if self.no_direct_map() && !bits.removed.contains(index) {
@@ -291,7 +291,7 @@ impl Inner {
             // A removed page cannot occur: platforms with make-shared do not offer
             // NO_DIRECT_MAP.
             if let Ok(page) = self.page_ref(&bits, index) {
-                self.log(HookCall::MakeShared(index));
+                self.log(self.hook_call(HookSite::ToShared, index));
                 self.platform.make_shared(&page);
             }
         }
@@ -301,7 +301,10 @@ impl Inner {
     /// removed pages, then reclaim present pages (the kernel's `free_folio` order, §3.2),
     /// and forget that they were up to date. No per-page work without NO_DIRECT_MAP or a
     /// reclaim hook.
-    pub(super) fn free_pages(&self, first: u64, end: u64) {
+    ///
+    /// With the v8 placement on TDX the change is the KVM MMU's invalidation with the private
+    /// filter, so only pages private in `attrs` are visited.
+    pub(super) fn free_pages(&self, attrs: &AttributeStore, first: u64, end: u64) {
         let mut bits = self.bits();
         if self.no_direct_map() {
             for index in bits.removed.take_range(first, end) {
@@ -314,9 +317,16 @@ impl Inner {
             }
         }
         if self.hooks.reclaim {
+            let private_only = self
+                .options
+                .hook_placement
+                .private_filter(self.platform.kind());
             for index in self.present_pages(first, end) {
+                if private_only && attrs.get(index) & KVM_MEMORY_ATTRIBUTE_PRIVATE == 0 {
+                    continue;
+                }
                 if let Ok(page) = self.page_ref(&bits, index) {
-                    self.log(HookCall::Reclaim(index));
+                    self.log(self.hook_call(HookSite::Free, index));
                     self.platform.reclaim(&page);
                 }
             }

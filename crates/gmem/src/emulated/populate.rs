@@ -7,7 +7,9 @@ use crate::platform::{HookCall, LaunchMeasurement, PageRef, PageType, PAGE};
 use crate::sys::PAGE_SIZE;
 use crate::uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE;
 
-/// Why [`EmulatedGuestMemfd::populate`] and the launch calls refuse a source buffer.
+/// Source page `i` of `source`, GUP-ed page by page as the kernel does (§2.7): EFAULT for a
+/// page past the end of the buffer (an unmapped user address), so a short source ends
+/// populate there with the pages done so far.
 pub(super) fn source_page(source: Option<&[u8]>, i: u64) -> KernelResult<Option<&[u8]>> {
     match source {
         None => Ok(None),
@@ -19,12 +21,14 @@ pub(super) fn source_page(source: Option<&[u8]>, i: u64) -> KernelResult<Option<
 }
 
 impl EmulatedGuestMemfd {
-    /// `kvm_gmem_populate` (kernel-spec §2.7) over `npages` pages from `offset`: each page
-    /// must be private (EINVAL otherwise); a page not up to date is zeroed first; with a
-    /// `source` (`npages` pages) its page is copied in (the legacy flow), without one the
-    /// page is its own source (the in-place flow of seed 000); then the platform's
-    /// post-populate hook runs. `cancel` is polled before each page (a pending signal).
-    /// Returns the pages done if any, else the error (EINTR when cancelled).
+    /// `kvm_gmem_populate` (kernel-spec §2.7) over `npages` pages from `offset`, clamped to
+    /// the end of the file (the kernel clamps to the end of the memslot; a memslot here is the
+    /// whole file): each page must be private (EINVAL otherwise); a page not up to date is
+    /// zeroed first; with a `source` its page is copied in (the legacy flow), GUP-ed page by
+    /// page, so a source shorter than the range stops at its end (EFAULT for that page);
+    /// without one the page is its own source (the in-place flow of seed 000); then the
+    /// platform's post-populate hook runs. `cancel` is polled before each page (a pending
+    /// signal). Returns the pages done if any, else the error (EINTR when cancelled).
     pub fn populate(
         &self,
         offset: u64,
@@ -68,15 +72,12 @@ impl EmulatedGuestMemfd {
         each: &mut dyn FnMut(u64, &PageRef<'_>) -> KernelResult<()>,
     ) -> KernelResult<u64> {
         self.owner_only()?;
-        let end = npages
-            .checked_mul(PAGE_SIZE)
-            .and_then(|l| offset.checked_add(l));
-        if npages == 0 || offset % PAGE_SIZE != 0 || end.is_none_or(|e| e > self.inner.size) {
+        // WARN + EINVAL for 0 pages; the start must lie in the memslot (EINVAL otherwise);
+        // npages is clamped to the end of the memslot (§2.7).
+        if npages == 0 || offset % PAGE_SIZE != 0 || offset >= self.inner.size {
             return Err(Errno::EINVAL);
         }
-        if source.is_some_and(|s| (s.len() as u64) < npages * PAGE_SIZE) {
-            return Err(Errno::EFAULT);
-        }
+        let npages = npages.min((self.inner.size - offset) / PAGE_SIZE);
         let first = offset / PAGE_SIZE;
         let mut done = 0u64;
         // The source page is read before any lock is taken, as the kernel GUPs it before

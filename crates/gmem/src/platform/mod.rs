@@ -2,9 +2,11 @@
 //! pages, on one hook contract (kernel-spec §2.4–§2.9; seeds 001, 000, 003).
 //!
 //! The kernel's single `kvm_arch_gmem_invalidate` hook serves two callers (conversion to shared
-//! and folio free) that pKVM needs to behave oppositely (seed 001). gmem follows the split that
-//! the later revision of the series takes (§2.9, "LATER"): distinct hooks, each called at one
-//! documented place by [`crate::emulated`]:
+//! and folio free) that pKVM needs to behave oppositely (seed 001). The [`Platform`] trait has
+//! the distinct hooks of the split that the later revision takes (§2.9, "LATER"), each called
+//! at one documented place by [`crate::emulated`]; [`HookPlacement`] says which kernel
+//! mechanism drives each call (v8, the default: SNP's prepare/invalidate and TDX's KVM MMU; or
+//! the split) and so what the hook log records, with the same content effects:
 //!
 //! | hook | called | on |
 //! |---|---|---|
@@ -409,6 +411,70 @@ pub trait Platform: Send + Sync + fmt::Debug {
     }
 }
 
+/// Where a platform's page-state changes come from (kernel-spec §2.9; seed 001). The models'
+/// methods and their content effects are the same in both placements; what differs is which
+/// kernel mechanism drives them at each call site, and so what the hook log records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HookPlacement {
+    /// v7/v8 (the default): only SEV-SNP has guest_memfd arch hooks, `kvm_arch_gmem_prepare`
+    /// on a private guest fault and one `kvm_arch_gmem_invalidate` called both on conversion
+    /// to shared and when a folio is freed ([`HookCall::Prepare`], [`HookCall::Invalidate`]).
+    /// TDX has none: its Secure-EPT add comes from the KVM MMU's private fault
+    /// ([`HookCall::MmuMapPrivate`]) and its removal from the MMU invalidation with the
+    /// private filter, on conversion to shared, punch-hole and release
+    /// ([`HookCall::MmuZapPrivate`], private pages only on punch-hole and release). pKVM is
+    /// not in v8; its model keeps the split's reclaim.
+    #[default]
+    V8,
+    /// The later split (seed 001's outcome, §2.9 "LATER"): `make_private`, `make_shared` and
+    /// `reclaim` as distinct guest_memfd hooks, for SNP and TDX alike.
+    Split,
+}
+
+/// A call site of the emulated file where the platform's page state may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookSite {
+    /// A guest fault (`kvm_gmem_get_pfn`) of a private page.
+    Fault,
+    /// A present page of a range converted to shared, after the point of no return.
+    ToShared,
+    /// The page leaves the file: punch-hole or release.
+    Free,
+}
+
+impl HookPlacement {
+    /// `v8` or `split`.
+    pub fn name(self) -> &'static str {
+        match self {
+            HookPlacement::V8 => "v8",
+            HookPlacement::Split => "split",
+        }
+    }
+
+    /// What the hook log records for `platform`'s call at `site` on page `index`.
+    pub fn call(self, platform: PlatformKind, site: HookSite, index: u64) -> HookCall {
+        use HookSite::*;
+        match (self, platform, site) {
+            (HookPlacement::V8, PlatformKind::Snp, Fault) => HookCall::Prepare(index),
+            (HookPlacement::V8, PlatformKind::Snp, ToShared | Free) => HookCall::Invalidate(index),
+            (HookPlacement::V8, PlatformKind::Tdx, Fault) => HookCall::MmuMapPrivate(index),
+            (HookPlacement::V8, PlatformKind::Tdx, ToShared | Free) => {
+                HookCall::MmuZapPrivate(index)
+            }
+            (_, _, Fault) => HookCall::MakePrivate(index),
+            (_, _, ToShared) => HookCall::MakeShared(index),
+            (_, _, Free) => HookCall::Reclaim(index),
+        }
+    }
+
+    /// Whether the page-state change on conversion to shared and on free visits only pages
+    /// that are (were, before the conversion) private: v8 TDX, where it is the MMU
+    /// invalidation with the private filter (a shared page has no S-EPT entry).
+    pub fn private_filter(self, platform: PlatformKind) -> bool {
+        self == HookPlacement::V8 && platform == PlatformKind::Tdx
+    }
+}
+
 /// A hook call, as recorded by [`crate::EmulatedGuestMemfd::record_hooks`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HookCall {
@@ -422,6 +488,17 @@ pub enum HookCall {
     Reclaim(u64),
     /// [`Platform::post_populate`].
     PostPopulate(u64),
+    /// v8 SNP: `kvm_arch_gmem_prepare` ([`Platform::make_private`]).
+    Prepare(u64),
+    /// v8 SNP: `kvm_arch_gmem_invalidate`, from conversion to shared ([`Platform::make_shared`])
+    /// or folio free ([`Platform::reclaim`]): one hook, two callers.
+    Invalidate(u64),
+    /// v8 TDX: the KVM MMU maps a private page on a guest fault (S-EPT add,
+    /// [`Platform::make_private`]).
+    MmuMapPrivate(u64),
+    /// v8 TDX: the KVM MMU invalidation with the private filter zaps the page (S-EPT remove,
+    /// [`Platform::make_shared`] on conversion, [`Platform::reclaim`] on punch-hole/release).
+    MmuZapPrivate(u64),
     /// The page was removed from the direct map (NO_DIRECT_MAP).
     DirectMapRemove(u64),
     /// The page was restored to the direct map.
