@@ -21,6 +21,10 @@ pub struct PrivateMemory {
     pub len: usize,
 }
 
+// Cold and out of line: building the boxed `io::Error` inline makes the accessors' slice
+// iterator too large for the compiler to inline vm-memory's `Peekable` around it.
+#[cold]
+#[inline(never)]
 pub(crate) fn private_error(gpa: u64, len: usize) -> GuestMemoryError {
     GuestMemoryError::IOError(io::Error::new(
         io::ErrorKind::PermissionDenied,

@@ -105,6 +105,15 @@ impl PageState {
     /// private.
     #[inline]
     pub(crate) fn acquire(&self, first: u64, n: u64) -> Result<(), u64> {
+        if n == 1 {
+            // One page (most device accesses): one increment, one bit.
+            self.refs[first as usize].fetch_add(1, Ordering::SeqCst);
+            if !self.is_private(first) {
+                return Ok(());
+            }
+            self.refs[first as usize].fetch_sub(1, Ordering::Release);
+            return Err(first);
+        }
         for r in &self.refs[first as usize..(first + n) as usize] {
             r.fetch_add(1, Ordering::SeqCst);
         }
@@ -119,6 +128,10 @@ impl PageState {
 
     #[inline]
     pub(crate) fn release(&self, first: u64, n: u64) {
+        if n == 1 {
+            self.refs[first as usize].fetch_sub(1, Ordering::Release);
+            return;
+        }
         for r in &self.refs[first as usize..(first + n) as usize] {
             r.fetch_sub(1, Ordering::Release);
         }
@@ -164,6 +177,11 @@ impl PageState {
 /// [`crate::GmemAccess`], which hold references. [`GuestMemoryRegion::get_host_address`]
 /// gives the raw address, as for any vm-memory region: what is done with it is unchecked.
 pub struct GmemRegion<B: Bitmap = ()> {
+    /// The host address of the region's first byte (the mapping's; cached here so an access
+    /// builds its slice without going through vm-memory's region and the mapping's `Arc`).
+    host_addr: usize,
+    start: GuestAddress,
+    len: u64,
     mmap: GuestRegionMmap<B>,
     file: Arc<dyn GuestMemfd>,
     file_offset: u64,
@@ -251,6 +269,9 @@ impl<B: Bitmap + vm_memory::bitmap::NewBitmap> GmemRegion<B> {
             }
         }
         Ok(GmemRegion {
+            host_addr: host.as_ptr() as usize,
+            start: gpa,
+            len,
             mmap,
             file,
             file_offset,
@@ -342,6 +363,32 @@ impl<B: Bitmap> GmemRegion<B> {
         (first, last - first + 1)
     }
 
+    /// The slice `[offset, offset + count)`, which the caller has checked is inside the
+    /// region (`offset + count <= len`), with the dirty bitmap's slice at `offset`.
+    #[inline]
+    pub(crate) fn slice_in_bounds(
+        &self,
+        offset: u64,
+        count: usize,
+    ) -> VolatileSlice<'_, BS<'_, B>> {
+        debug_assert!(offset
+            .checked_add(count as u64)
+            .is_some_and(|e| e <= self.len));
+        // SAFETY: `[offset, offset + count)` is inside the region (the caller checked), so
+        // inside `host`, a live MAP_SHARED mapping of `len` bytes that the region owns and
+        // unmaps only when dropped, after every slice borrowing `self` is gone. Guest memory
+        // is accessed only volatilely, as for any vm-memory region. The caller holds a
+        // reference on the pages or checked them, as for `get_slice`.
+        unsafe {
+            VolatileSlice::with_bitmap(
+                (self.host_addr as *mut u8).add(offset as usize),
+                count,
+                self.mmap.bitmap().slice_at(offset as usize),
+                None,
+            )
+        }
+    }
+
     /// A slice of `[offset, offset + count)` without a reference, refused if a page is
     /// private at the time of the call.
     fn checked_slice(
@@ -364,12 +411,14 @@ impl<B: Bitmap> GmemRegion<B> {
 impl<B: Bitmap> GuestMemoryRegion for GmemRegion<B> {
     type B = B;
 
+    #[inline]
     fn len(&self) -> GuestUsize {
-        self.mmap.len()
+        self.len
     }
 
+    #[inline]
     fn start_addr(&self) -> GuestAddress {
-        self.mmap.start_addr()
+        self.start
     }
 
     fn bitmap(&self) -> BS<'_, Self::B> {
