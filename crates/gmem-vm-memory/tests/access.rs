@@ -431,6 +431,10 @@ fn conversions_race_with_device_accesses() {
     let epoch = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let run_for = Duration::from_millis(700);
+    // Under load a side can be starved: keep going (up to 20 s) until both sides have done
+    // enough for the race to mean something.
+    let hard_limit = Duration::from_secs(20);
+    let progress = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
     let (mut ok, mut refused, mut violations) = (0u64, 0u64, 0u64);
     let mut eagain = 0u64;
     let mut conversions = 0u64;
@@ -440,6 +444,7 @@ fn conversions_race_with_device_accesses() {
                 let mem = &mem;
                 let epoch = &epoch;
                 let stop = &stop;
+                let progress = &progress;
                 s.spawn(move || {
                     let (mut ok, mut refused, mut bad) = (0u64, 0u64, 0u64);
                     let mut buf = [0u8; 4096];
@@ -468,6 +473,7 @@ fn conversions_race_with_device_accesses() {
                         match r {
                             Ok(()) => {
                                 ok += 1;
+                                progress.0.fetch_add(1, Ordering::Relaxed);
                                 if e1 == e2 && e1 % 2 == 1 {
                                     bad += 1;
                                 }
@@ -475,6 +481,7 @@ fn conversions_race_with_device_accesses() {
                             Err(e) => {
                                 assert_eq!(private_address(&e), Some(target), "{e}");
                                 refused += 1;
+                                progress.1.fetch_add(1, Ordering::Relaxed);
                             }
                         }
                     }
@@ -483,7 +490,12 @@ fn conversions_race_with_device_accesses() {
             })
             .collect();
         let t0 = Instant::now();
-        while t0.elapsed() < run_for {
+        let enough = |conversions: u64| {
+            conversions > 10
+                && progress.0.load(Ordering::Relaxed) > 10
+                && progress.1.load(Ordering::Relaxed) > 0
+        };
+        while t0.elapsed() < run_for || (!enough(conversions) && t0.elapsed() < hard_limit) {
             match mem.convert(target, PAGE, true) {
                 Ok(()) => {
                     epoch.fetch_add(1, Ordering::SeqCst);
