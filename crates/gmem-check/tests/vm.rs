@@ -258,7 +258,7 @@ fn map_gpa_range_synthetic_exits() {
 }
 
 /// The MAP_GPA_RANGE hypercall issued by a guest's vmcall, where it reaches userspace
-/// (decided before the test runs by `Vm::probe_hypercall_exit`).
+/// (decided before the test runs by `Vm::check_hypercall_exit`).
 fn map_gpa_range_hypercall_from_a_guest() {
     let (f, g) = emulated(2);
     let vm = Vm::new(1).unwrap();
@@ -520,7 +520,7 @@ fn main() {
         guest_failures_are_reported_and_hung_guests_time_out,
     ));
     let hypercall_exit = kvm.clone().or_else(|| {
-        Vm::probe_hypercall_exit(Duration::from_millis(200))
+        Vm::check_hypercall_exit(Duration::from_millis(200))
             .err()
             .map(|why| {
                 format!("the MAP_GPA_RANGE hypercall does not exit to userspace here: {why}")
