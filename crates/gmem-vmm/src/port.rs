@@ -91,6 +91,15 @@ pub trait VmPort: Send + Sync + fmt::Debug {
         during: &dyn Fn() -> Result<(), PortError>,
         timeout: std::time::Duration,
     ) -> Result<VmAccess, PortError>;
+    /// The vCPU reads `len` bytes at `gpa` (through the memslots the case bound).
+    fn guest_read(&self, gpa: u64, len: usize) -> Result<Vec<u8>, PortError>;
+    /// The vCPU writes `data` at `gpa`.
+    fn guest_write(&self, gpa: u64, data: &[u8]) -> Result<(), PortError>;
+    /// A conversion request of `[gpa, gpa + size)` to private or shared, as the VMM serves
+    /// `KVM_HC_MAP_GPA_RANGE` ([`Vm::convert`]): split into one conversion per memslot, EAGAIN
+    /// retried once, rolled back on failure; with `fallocate`, shared pieces are punched and
+    /// private ones allocated.
+    fn convert(&self, gpa: u64, size: u64, to_private: bool, fallocate: bool) -> Result<(), Errno>;
     /// `KVM_PRE_FAULT_MEMORY` on a vCPU ([`Vcpu::pre_fault_memory`]): the kernel's answer,
     /// with `range` updated as the kernel updates it.
     fn pre_fault_memory(&self, range: &mut kvm_pre_fault_memory) -> Result<(), Errno>;
@@ -246,7 +255,7 @@ impl VcpuGuest {
         len: usize,
         to_file: Option<&[u8]>,
     ) -> Result<Vec<u8>, PortError> {
-        let end = offset
+        offset
             .checked_add(len as u64)
             .filter(|&e| e <= file.size())
             .ok_or(PortError::OutOfBounds {
@@ -256,29 +265,42 @@ impl VcpuGuest {
             })?;
         let mut st = self.lock();
         let base = self.gpa_of(&mut st, file)?;
+        self.copy_at(&mut st, base + offset, len, to_file)
+    }
+
+    /// The vCPU copies `len` bytes between `gpa` and the bounce buffer, a chunk at a time:
+    /// from `to_file` into guest memory, or out of it (returned).
+    fn copy_at(
+        &self,
+        st: &mut State,
+        gpa: u64,
+        len: usize,
+        to_file: Option<&[u8]>,
+    ) -> Result<Vec<u8>, PortError> {
         let bounce = guest::bounce_gpa(0);
         let mut out = Vec::with_capacity(if to_file.is_some() { 0 } else { len });
-        let mut at = offset;
+        let end = gpa + len as u64;
+        let mut at = gpa;
         while at < end {
             let n = (end - at).min(guest::BOUNCE_SIZE);
-            let done = (at - offset) as usize;
+            let done = (at - gpa) as usize;
             let chunk = n as usize;
             let mut p = GuestProgram::new(0, RequestPath::Port);
             if let Some(data) = to_file {
                 self.vm
                     .write_system(bounce, &data[done..done + chunk])
                     .map_err(PortError::from)?;
-                p.copy(bounce, base + at, n);
+                p.copy(bounce, at, n);
             } else {
-                p.copy(base + at, bounce, n);
+                p.copy(at, bounce, n);
             }
             p.done();
-            match self.run_program(&mut st, p)? {
+            match self.run_program(st, p)? {
                 Stop::Event(Event::Done) => {}
                 other => {
                     return Err(PortError::UnexpectedStop {
                         op: if to_file.is_some() { "write" } else { "read" },
-                        gpa: base + at,
+                        gpa: at,
                         len: n,
                         stop: format!("{other:?}"),
                     })
@@ -312,6 +334,26 @@ impl GuestPort for VcpuGuest {
 }
 
 impl VmPort for VcpuGuest {
+    fn guest_read(&self, gpa: u64, len: usize) -> Result<Vec<u8>, PortError> {
+        let mut st = self.lock();
+        self.copy_at(&mut st, gpa, len, None)
+    }
+
+    fn guest_write(&self, gpa: u64, data: &[u8]) -> Result<(), PortError> {
+        let mut st = self.lock();
+        self.copy_at(&mut st, gpa, data.len(), Some(data))
+            .map(|_| ())
+    }
+
+    fn convert(&self, gpa: u64, size: u64, to_private: bool, fallocate: bool) -> Result<(), Errno> {
+        let req = crate::ConvertRequest {
+            gpa: crate::Gpa(gpa),
+            size,
+            to_private,
+        };
+        self.vm.convert(req, fallocate)
+    }
+
     fn pre_fault_memory(&self, range: &mut kvm_pre_fault_memory) -> Result<(), Errno> {
         let st = self.lock();
         st.vcpu.pre_fault_memory(&self.vm, range)
