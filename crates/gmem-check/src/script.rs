@@ -158,14 +158,24 @@ fn bounded(len: u64) -> Result<usize, IoError> {
         .ok_or(IoError::TooLarge(len))
 }
 
+/// A guest access outside the file: the command's output line, not an error of the script.
+#[derive(Debug, thiserror::Error)]
+#[error("guest access [{off:#x}, +{len:#x}) is outside the file (size {size:#x})")]
+struct OutsideFile {
+    off: u64,
+    len: u64,
+    size: u64,
+}
+
 /// Refuses a guest access outside the file (before any buffer for it is allocated).
-fn in_file(f: &dyn GuestMemfd, off: u64, len: u64) -> Result<(), String> {
+fn in_file(f: &dyn GuestMemfd, off: u64, len: u64) -> Result<(), OutsideFile> {
     match off.checked_add(len) {
         Some(end) if end <= f.size() => Ok(()),
-        _ => Err(format!(
-            "guest error: guest access [{off:#x}, +{len:#x}) is outside the file (size {:#x})",
-            f.size()
-        )),
+        _ => Err(OutsideFile {
+            off,
+            len,
+            size: f.size(),
+        }),
     }
 }
 
@@ -745,7 +755,7 @@ impl Session {
                 let f = self.file()?;
                 let guest = self.guest()?;
                 if let Err(e) = in_file(&**f, off, len) {
-                    return Ok(e);
+                    return Ok(format!("guest error: {e}"));
                 }
                 let l = bounded(len)?;
                 match guest.read(&**f, off, l) {
@@ -757,7 +767,7 @@ impl Session {
                 let f = self.file()?;
                 let guest = self.guest()?;
                 if let Err(e) = in_file(&**f, off, len) {
-                    return Ok(e);
+                    return Ok(format!("guest error: {e}"));
                 }
                 let l = bounded(len)?;
                 match guest.write(&**f, off, &vec![byte; l]) {

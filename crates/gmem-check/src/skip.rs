@@ -13,7 +13,7 @@ pub fn kvm() -> Option<String> {
 
 /// Why the kernel backend (a VM of type 0 on `/dev/kvm`) is unavailable, if it is.
 pub fn kernel_backend() -> Option<String> {
-    Ctx::kernel(0).err()
+    Ctx::kernel(0).err().map(|e| e.to_string())
 }
 
 /// Why the kernel backend cannot create files with all of `flags`, if it cannot (including
@@ -34,7 +34,7 @@ pub fn kernel_flags(flags: u64) -> Option<String> {
 /// itself is unavailable).
 pub fn kernel_conversion() -> Option<String> {
     match Ctx::kernel(0) {
-        Err(why) => Some(why),
+        Err(why) => Some(why.to_string()),
         Ok(ctx) => ctx
             .backend
             .conversion_support()

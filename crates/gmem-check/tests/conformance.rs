@@ -40,7 +40,9 @@ macro_rules! cases {
         fn every_case_has_a_test() {
             let listed = [$(stringify!($name)),*, "forked_accesses", "file_read_write",
                 "private_access_memslot_deleted", "private_access_memslot_not_private",
-                "pre_fault_memory", "numa_allocation", "post_vm_free"];
+                "pre_fault_memory", "numa_allocation", "post_vm_free",
+                // Need a VM: run in tests/vm.rs with a vCPU guest.
+                "memslots_1_vcpus_1", "memslots_1_vcpus_4", "memslots_4_vcpus_4"];
             for c in cases() {
                 assert!(listed.contains(&c.name), "case {} has no test", c.name);
             }

@@ -258,7 +258,7 @@ fn map_gpa_range_synthetic_exits() {
 }
 
 /// The MAP_GPA_RANGE hypercall issued by a guest's vmcall, where it reaches userspace
-/// (decided before the test runs by `Vm::probe_hypercall_exit`).
+/// (decided before the test runs by `Vm::check_hypercall_exit`).
 fn map_gpa_range_hypercall_from_a_guest() {
     let (f, g) = emulated(2);
     let vm = Vm::new(1).unwrap();
@@ -439,6 +439,42 @@ fn guest_failures_are_reported_and_hung_guests_time_out() {
     assert!(start.elapsed() < Duration::from_secs(5));
 }
 
+/// `VmPort::guest_read_u64_while`: a reading loop ends with the memslot's deletion (MMIO at
+/// the GPA), and a loop that nothing ends is kicked out after its timeout instead of hanging;
+/// an error of `during` is returned after the loop is stopped.
+fn a_reading_loop_ends_by_deletion_or_by_timeout() {
+    use gmem_vmm::port::{VcpuGuest, VmAccess, VmPort};
+    use gmem_vmm::{PortError, VmError};
+    const GPA: u64 = 4 << 30;
+    let guest = VcpuGuest::emulated().unwrap();
+    let f: Arc<dyn GuestMemfd> = Arc::new(emulated(1).0);
+    let slot = guest.bind(&f, GPA, 0, PS).unwrap();
+    let start = std::time::Instant::now();
+    let r = guest.guest_read_u64_while(GPA, &|| Ok(()), Duration::from_millis(100));
+    assert!(
+        matches!(r, Err(PortError::Vm(VmError::Timeout { .. }))),
+        "{r:?}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(5));
+    let r = guest.guest_read_u64_while(
+        GPA,
+        &|| Err(PortError::Binding("during failed".into())),
+        Duration::from_secs(5),
+    );
+    assert!(matches!(r, Err(PortError::Binding(_))), "{r:?}");
+    let ended = guest
+        .guest_read_u64_while(GPA, &|| guest.unbind(slot), Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(
+        ended,
+        VmAccess::Mmio {
+            phys_addr: GPA,
+            len: 8,
+            is_write: false
+        }
+    );
+}
+
 /// Every conformance case (guest_memfd_test, guest_memfd_conversions_test,
 /// private_mem_conversions_test, private_mem_kvm_exits_test) with the guest's part played by a
 /// real vCPU, one test per case and backend
@@ -588,9 +624,10 @@ fn main() {
         map_gpa_range_synthetic_exits,
         guest_failures_are_reported_and_hung_guests_time_out,
         per_vm_attribute_tracking,
+        a_reading_loop_ends_by_deletion_or_by_timeout,
     ));
     let hypercall_exit = kvm.clone().or_else(|| {
-        Vm::probe_hypercall_exit(Duration::from_millis(200))
+        Vm::check_hypercall_exit(Duration::from_millis(200))
             .err()
             .map(|why| {
                 format!("the MAP_GPA_RANGE hypercall does not exit to userspace here: {why}")

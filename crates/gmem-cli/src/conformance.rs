@@ -327,7 +327,7 @@ fn one_line(s: &str) -> String {
 
 /// The host, its kernel and the capabilities the suite depends on, as `#` diagnostic lines.
 fn host_diagnostics() -> Vec<String> {
-    let h = host_report::probe();
+    let h = host_report::collect();
     let mut out = vec![format!(
         "host: kernel {}, /dev/kvm {}",
         h.kernel_release.as_deref().unwrap_or("unknown"),

@@ -22,7 +22,7 @@ pub struct Args {
 
 pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let dev = kvm_access::kvm_device();
-    let report = gmem_check::host_report::probe_with_kvm_device(&dev);
+    let report = gmem_check::host_report::collect_with_kvm_device(&dev);
     let access = kvm_access::check(&dev);
     if args.json {
         let mut v = to_json(&report);
@@ -69,7 +69,7 @@ pub fn to_json(r: &HostReport) -> Value {
         "kernel_release": r.kernel_release,
         "kvm": {
             "dev_kvm": k.dev_kvm,
-            "error": k.error,
+            "error": k.error.as_ref().map(ToString::to_string),
             "flavour": k.flavour.map(|f| f.name()),
             "modules": k.modules,
             "cpu_flags": k.cpu_flags,
@@ -101,7 +101,7 @@ pub fn to_json(r: &HostReport) -> Value {
                 "value": c.value,
                 "private": c.private,
             })).collect::<Vec<_>>(),
-            "conversion_support": k.conversion_support.as_ref().err(),
+            "conversion_support": k.conversion_support.as_ref().err().map(ToString::to_string),
             "guest_memfd_create_error": k.guest_memfd_create_error,
         },
         "userfaultfd": {

@@ -122,7 +122,7 @@ impl KvmUnavailable {
 }
 
 /// Why the `KVM_HC_MAP_GPA_RANGE` hypercall does not reach userspace
-/// ([`crate::Vm::probe_hypercall_exit`]).
+/// ([`crate::Vm::check_hypercall_exit`]).
 #[derive(Debug, thiserror::Error)]
 pub enum HypercallExitError {
     /// The VM or its vCPU could not be set up.

@@ -20,7 +20,7 @@
 //! `KVM_EXIT_HYPERCALL` for `KVM_HC_MAP_GPA_RANGE`, `KVM_EXIT_MEMORY_FAULT` (converted to the
 //! faulting access's type, the QEMU / Cloud Hypervisor policy), and the port-I/O request of
 //! [`guest::PORT_MAP_GPA_RANGE`] (same arguments, in the vCPU's mailbox). On this machine's PVM
-//! the hypercall never reaches userspace (see [`Vm::probe_hypercall_exit`]), so the port is the
+//! the hypercall never reaches userspace (see [`Vm::check_hypercall_exit`]), so the port is the
 //! path the workload uses; the hypercall path is kept and unit-tested on synthetic exits.
 //!
 //! # Privilege levels

@@ -79,6 +79,27 @@ pub trait VmPort: Send + Sync + fmt::Debug {
     /// Runs a vCPU that loads 8 bytes at `gpa` (a private access where the page is private),
     /// and reports how the access ended.
     fn guest_read_u64(&self, gpa: u64) -> Result<VmAccess, PortError>;
+    /// Runs a vCPU that loads 8 bytes at `gpa` in an endless loop and, once it is looping,
+    /// calls `during` on this thread (deleting the memslot under the guest, as
+    /// `private_mem_kvm_exits_test` does); reports the exit that ended the loop (MMIO, a
+    /// memory fault, ...). A loop still running `timeout` after `during` returned is kicked
+    /// out of `KVM_RUN`: [`VmError::Timeout`]. `during` may bind and unbind, not make guest
+    /// accesses through this port (its vCPU is busy).
+    fn guest_read_u64_while(
+        &self,
+        gpa: u64,
+        during: &dyn Fn() -> Result<(), PortError>,
+        timeout: std::time::Duration,
+    ) -> Result<VmAccess, PortError>;
+    /// The vCPU reads `len` bytes at `gpa` (through the memslots the case bound).
+    fn guest_read(&self, gpa: u64, len: usize) -> Result<Vec<u8>, PortError>;
+    /// The vCPU writes `data` at `gpa`.
+    fn guest_write(&self, gpa: u64, data: &[u8]) -> Result<(), PortError>;
+    /// A conversion request of `[gpa, gpa + size)` to private or shared, as the VMM serves
+    /// `KVM_HC_MAP_GPA_RANGE` ([`Vm::convert`]): split into one conversion per memslot, EAGAIN
+    /// retried once, rolled back on failure; with `fallocate`, shared pieces are punched and
+    /// private ones allocated.
+    fn convert(&self, gpa: u64, size: u64, to_private: bool, fallocate: bool) -> Result<(), Errno>;
     /// `KVM_PRE_FAULT_MEMORY` on a vCPU ([`Vcpu::pre_fault_memory`]): the kernel's answer,
     /// with `range` updated as the kernel updates it.
     fn pre_fault_memory(&self, range: &mut kvm_pre_fault_memory) -> Result<(), Errno>;
@@ -243,7 +264,7 @@ impl VcpuGuest {
         len: usize,
         to_file: Option<&[u8]>,
     ) -> Result<Vec<u8>, PortError> {
-        let end = offset
+        offset
             .checked_add(len as u64)
             .filter(|&e| e <= file.size())
             .ok_or(PortError::OutOfBounds {
@@ -253,29 +274,42 @@ impl VcpuGuest {
             })?;
         let mut st = self.lock();
         let base = self.gpa_of(&mut st, file)?;
+        self.copy_at(&mut st, base + offset, len, to_file)
+    }
+
+    /// The vCPU copies `len` bytes between `gpa` and the bounce buffer, a chunk at a time:
+    /// from `to_file` into guest memory, or out of it (returned).
+    fn copy_at(
+        &self,
+        st: &mut State,
+        gpa: u64,
+        len: usize,
+        to_file: Option<&[u8]>,
+    ) -> Result<Vec<u8>, PortError> {
         let bounce = guest::bounce_gpa(0);
         let mut out = Vec::with_capacity(if to_file.is_some() { 0 } else { len });
-        let mut at = offset;
+        let end = gpa + len as u64;
+        let mut at = gpa;
         while at < end {
             let n = (end - at).min(guest::BOUNCE_SIZE);
-            let done = (at - offset) as usize;
+            let done = (at - gpa) as usize;
             let chunk = n as usize;
             let mut p = GuestProgram::new(0, RequestPath::Port);
             if let Some(data) = to_file {
                 self.vm
                     .write_system(bounce, &data[done..done + chunk])
                     .map_err(PortError::from)?;
-                p.copy(bounce, base + at, n);
+                p.copy(bounce, at, n);
             } else {
-                p.copy(base + at, bounce, n);
+                p.copy(at, bounce, n);
             }
             p.done();
-            match self.run_program(&mut st, p)? {
+            match self.run_program(st, p)? {
                 Stop::Event(Event::Done) => {}
                 other => {
                     return Err(PortError::UnexpectedStop {
                         op: if to_file.is_some() { "write" } else { "read" },
-                        gpa: base + at,
+                        gpa: at,
                         len: n,
                         stop: format!("{other:?}"),
                     })
@@ -309,6 +343,26 @@ impl GuestPort for VcpuGuest {
 }
 
 impl VmPort for VcpuGuest {
+    fn guest_read(&self, gpa: u64, len: usize) -> Result<Vec<u8>, PortError> {
+        let mut st = self.lock();
+        self.copy_at(&mut st, gpa, len, None)
+    }
+
+    fn guest_write(&self, gpa: u64, data: &[u8]) -> Result<(), PortError> {
+        let mut st = self.lock();
+        self.copy_at(&mut st, gpa, data.len(), Some(data))
+            .map(|_| ())
+    }
+
+    fn convert(&self, gpa: u64, size: u64, to_private: bool, fallocate: bool) -> Result<(), Errno> {
+        let req = crate::ConvertRequest {
+            gpa: crate::Gpa(gpa),
+            size,
+            to_private,
+        };
+        self.vm.convert(req, fallocate)
+    }
+
     fn pre_fault_memory(&self, range: &mut kvm_pre_fault_memory) -> Result<(), Errno> {
         let st = self.lock();
         st.vcpu.pre_fault_memory(&self.vm, range)
@@ -341,17 +395,90 @@ impl VmPort for VcpuGuest {
             Stop::Event(Event::Done) => {
                 VmAccess::Value(st.vcpu.regs().map_err(PortError::from)?.rax)
             }
-            Stop::Mmio {
-                phys_addr,
-                len,
-                is_write,
-            } => VmAccess::Mmio {
-                phys_addr,
-                len,
-                is_write,
-            },
-            Stop::MemoryFault { flags, gpa, size } => VmAccess::MemoryFault { flags, gpa, size },
-            other => VmAccess::Other(format!("{other:?}")),
+            other => access_of(other),
         })
+    }
+
+    fn guest_read_u64_while(
+        &self,
+        gpa: u64,
+        during: &dyn Fn() -> Result<(), PortError>,
+        timeout: std::time::Duration,
+    ) -> Result<VmAccess, PortError> {
+        use std::sync::atomic::Ordering;
+        use std::time::{Duration, Instant};
+        let mut st = self.lock();
+        let mut p = GuestProgram::new(0, RequestPath::Port);
+        let top = p.asm().label();
+        p.asm().bind(top);
+        p.load_u64(gpa);
+        p.asm().jmp(top);
+        let program = p.finish().map_err(PortError::from)?;
+        st.vcpu.load(&self.vm, program).map_err(PortError::from)?;
+        crate::vcpu::install_kick_handler();
+        self.vm.stop.store(false, Ordering::SeqCst);
+        self.vm.timeout_ms.store(
+            u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            Ordering::SeqCst,
+        );
+        let vcpu = &mut st.vcpu;
+        let vm = &self.vm;
+        let (stop, during_result) = std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let h = s.spawn(move || {
+                // SAFETY: pthread_self has no preconditions.
+                let _ = tx.send(unsafe { libc::pthread_self() });
+                vcpu.run_until_stop(vm)
+            });
+            let tid = rx.recv().ok();
+            // Let the vCPU enter KVM_RUN and loop on the load; a loop that ended already
+            // (the load exited with the memslot still there) is reported as it ended.
+            std::thread::sleep(Duration::from_millis(20));
+            let during_result = if h.is_finished() { Ok(()) } else { during() };
+            let deadline = Instant::now()
+                + if during_result.is_ok() {
+                    timeout
+                } else {
+                    Duration::ZERO
+                };
+            while !h.is_finished() {
+                if Instant::now() >= deadline {
+                    vm.stop.store(true, Ordering::SeqCst);
+                    if let Some(t) = tid {
+                        // SAFETY: the thread has not finished and is joined only below, so
+                        // its id is valid; the signal has a no-op handler.
+                        unsafe { libc::pthread_kill(t, crate::vcpu::kick_signal()) };
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let stop = h.join().unwrap_or_else(|_| {
+                Err(VmError::UnexpectedExit {
+                    vcpu: 0,
+                    what: "vCPU thread panicked".into(),
+                })
+            });
+            (stop, during_result)
+        });
+        self.vm.stop.store(false, Ordering::SeqCst);
+        during_result?;
+        Ok(access_of(stop.map_err(PortError::from)?))
+    }
+}
+
+/// How a vCPU's access ended, from the stop it caused.
+fn access_of(stop: Stop) -> VmAccess {
+    match stop {
+        Stop::Mmio {
+            phys_addr,
+            len,
+            is_write,
+        } => VmAccess::Mmio {
+            phys_addr,
+            len,
+            is_write,
+        },
+        Stop::MemoryFault { flags, gpa, size } => VmAccess::MemoryFault { flags, gpa, size },
+        other => VmAccess::Other(format!("{other:?}")),
     }
 }

@@ -456,7 +456,7 @@ pub(crate) fn install_kick_handler() {
     });
 }
 
-pub(crate) fn probe_hypercall_exit(timeout: Duration) -> Result<(), HypercallExitError> {
+pub(crate) fn check_hypercall_exit(timeout: Duration) -> Result<(), HypercallExitError> {
     let vm = Vm::new(1)?;
     vm.hypercall_exit_enabled()
         .map_err(HypercallExitError::NotEnabled)?;

@@ -371,8 +371,8 @@ impl Vm {
     /// Whether a `KVM_HC_MAP_GPA_RANGE` hypercall issued by the guest at CPL0 reaches
     /// userspace as `KVM_EXIT_HYPERCALL` within `timeout`. `Err` says what happened instead.
     /// On PVM the `vmcall` is emulated and never exits: the vCPU is kicked out with a signal.
-    pub fn probe_hypercall_exit(timeout: Duration) -> Result<(), HypercallExitError> {
-        vcpu::probe_hypercall_exit(timeout)
+    pub fn check_hypercall_exit(timeout: Duration) -> Result<(), HypercallExitError> {
+        vcpu::check_hypercall_exit(timeout)
     }
 }
 

@@ -5,6 +5,7 @@
 use super::{ensure, Case, CaseResult, Ctx, Need, VmAccess};
 use gmem::os::PAGE_SIZE;
 use gmem::uapi::GUEST_MEMFD_FLAG_MMAP;
+use std::time::Duration;
 
 /// Where the selftest binds its memslot: 4 GiB.
 const TEST_GPA: u64 = 4 << 30;
@@ -27,31 +28,36 @@ pub(super) fn cases() -> Vec<Case> {
     ]
 }
 
-/// The file is private by default (no INIT_SHARED, no conversion): the guest reads it through
-/// the memslot; once the memslot is deleted the GPA has no guest_memfd, so it counts as shared
-/// and the read becomes emulated MMIO (`KVM_EXIT_MMIO`, phys_addr = GPA, len 8, a read), not
-/// `KVM_EXIT_MEMORY_FAULT` as with per-VM attributes.
+/// The file is private by default (no INIT_SHARED, no conversion): a vCPU loops loading 8
+/// bytes from the GPA through the memslot while this thread deletes the memslot, as the
+/// selftest's `guest_repeatedly_read` does. Once the memslot is gone the GPA has no
+/// guest_memfd, so it counts as shared and the load becomes emulated MMIO (`KVM_EXIT_MMIO`,
+/// phys_addr = GPA, len 8, a read), not `KVM_EXIT_MEMORY_FAULT` as with per-VM attributes. A
+/// loop that never ends is kicked out after [`LOOP_TIMEOUT`] and fails the case.
 fn private_access_memslot_deleted(ctx: &Ctx) -> CaseResult {
     let vm = ctx.guest.as_ref().and_then(|g| g.vm()).ok_or("no VM")?;
     let f = ctx.create(1, ctx.backend.supported_flags() & GUEST_MEMFD_FLAG_MMAP)?;
-    let slot = vm
-        .bind(&f, TEST_GPA, 0, PAGE_SIZE)
-        .map_err(|e| e.to_string())?;
-    let before = vm.guest_read_u64(TEST_GPA).map_err(|e| e.to_string())?;
+    let slot = vm.bind(&f, TEST_GPA, 0, PAGE_SIZE)?;
+    let before = vm.guest_read_u64(TEST_GPA)?;
     ensure(before == VmAccess::Value(0), || {
         format!("private read through the memslot: expected the value 0, got {before:?}")
     })?;
-    vm.unbind(slot).map_err(|e| e.to_string())?;
-    let after = vm.guest_read_u64(TEST_GPA).map_err(|e| e.to_string())?;
+    let ended = vm.guest_read_u64_while(TEST_GPA, &|| vm.unbind(slot), LOOP_TIMEOUT)?;
     let want = VmAccess::Mmio {
         phys_addr: TEST_GPA,
         len: 8,
         is_write: false,
     };
-    ensure(after == want, || {
-        format!("read after the memslot was deleted: expected {want:?}, got {after:?}")
+    ensure(ended == want, || {
+        format!(
+            "a guest reading in a loop while its memslot was deleted: expected the loop to \
+             end with {want:?}, got {ended:?}"
+        )
     })
 }
+
+/// How long the reading loop may run on after its memslot is deleted.
+const LOOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Per-VM mode only (v8 `gmem_in_place_conversion=0`, v7 `vm_memory_attributes=1`): a memslot
 /// without guest_memfd plus the PRIVATE attribute set with the VM's

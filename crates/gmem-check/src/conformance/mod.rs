@@ -213,7 +213,7 @@ impl Ctx {
     /// A context for the kernel backend: a VM of type `vm_type` on `/dev/kvm`
     /// (`KVM_X86_DEFAULT_VM` = 0, `KVM_X86_SW_PROTECTED_VM` = 1). Nothing plays the guest yet
     /// (cases needing [`Need::Guest`] skip); `Err` says why the backend is unavailable.
-    pub fn kernel(vm_type: u64) -> Result<Ctx, String> {
+    pub fn kernel(vm_type: u64) -> Result<Ctx, CtxError> {
         Ok(Ctx {
             backend: Arc::new(kernel_backend(vm_type)?),
             guest: None,
@@ -223,15 +223,19 @@ impl Ctx {
     /// A context for the kernel backend whose guest is a real vCPU in the backend's VM
     /// ([`gmem_vmm::port::VcpuGuest`]), so the cases needing [`Need::Guest`] or [`Need::Vm`]
     /// run against the kernel too. If no vCPU can be made, the guest is absent and the second
-    /// value says why; `Err` says why the backend itself is unavailable.
-    pub fn kernel_with_vcpu(vm_type: u64) -> Result<(Ctx, Option<String>), String> {
+    /// value says why ([`CtxError::NoVcpu`]); `Err` says why the backend itself is
+    /// unavailable.
+    pub fn kernel_with_vcpu(vm_type: u64) -> Result<(Ctx, Option<CtxError>), CtxError> {
         let backend = kernel_backend(vm_type)?;
         let (guest, why): (Option<Arc<dyn GuestPort>>, _) =
             match gmem_vmm::port::VcpuGuest::kernel(&backend) {
                 Ok(g) => (Some(g), None),
-                Err(e) => (
+                Err(source) => (
                     None,
-                    Some(format!("no vCPU guest on the kernel backend: {e}")),
+                    Some(CtxError::NoVcpu {
+                        backend: BackendKind::Kernel,
+                        source,
+                    }),
                 ),
             };
         Ok((
@@ -245,9 +249,11 @@ impl Ctx {
 
     /// A context for the emulated backend whose guest is a real vCPU
     /// ([`gmem_vmm::port::VcpuGuest`]) instead of the internal view.
-    pub fn emulated_with_vcpu() -> Result<Ctx, String> {
-        let g = gmem_vmm::port::VcpuGuest::emulated()
-            .map_err(|e| format!("no vCPU guest on the emulated backend: {e}"))?;
+    pub fn emulated_with_vcpu() -> Result<Ctx, CtxError> {
+        let g = gmem_vmm::port::VcpuGuest::emulated().map_err(|source| CtxError::NoVcpu {
+            backend: BackendKind::Emulated,
+            source,
+        })?;
         Ok(Ctx {
             backend: Arc::new(gmem::emulated::EmulatedBackend::default()),
             guest: Some(g),
@@ -369,13 +375,37 @@ impl GuestPort for InternalGuestWithVm {
     }
 }
 
+/// Why a conformance context ([`Ctx`]) cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum CtxError {
+    /// There is no `/dev/kvm`.
+    #[error("/dev/kvm is missing: the kernel backend needs KVM")]
+    NoKvm,
+    /// `/dev/kvm` could not be opened or made no VM of the type asked for.
+    #[error("/dev/kvm is unusable: creating a VM of type {vm_type} failed: {errno}")]
+    CreateVm {
+        /// The VM type.
+        vm_type: u64,
+        /// What opening `/dev/kvm` or `KVM_CREATE_VM` answered.
+        errno: Errno,
+    },
+    /// No vCPU could be made to play the guest.
+    #[error("no vCPU guest on the {backend} backend: {source}")]
+    NoVcpu {
+        /// The backend the guest was for.
+        backend: BackendKind,
+        /// Why the VM or its vCPU could not be made.
+        source: gmem_vmm::VmError,
+    },
+}
+
 /// The kernel backend on a VM of type `vm_type`, or why there is none.
-fn kernel_backend(vm_type: u64) -> Result<gmem::kernel::KernelBackend, String> {
+fn kernel_backend(vm_type: u64) -> Result<gmem::kernel::KernelBackend, CtxError> {
     if !std::path::Path::new("/dev/kvm").exists() {
-        return Err("/dev/kvm is missing: the kernel backend needs KVM".to_string());
+        return Err(CtxError::NoKvm);
     }
     gmem::kernel::KernelBackend::with_vm_type(vm_type)
-        .map_err(|e| format!("/dev/kvm is unusable: creating a VM of type {vm_type} failed: {e}"))
+        .map_err(|errno| CtxError::CreateVm { vm_type, errno })
 }
 
 /// `Err(msg())` unless `cond`.

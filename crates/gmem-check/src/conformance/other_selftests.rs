@@ -91,6 +91,9 @@ fn convert_fault_race(ctx: &Ctx) -> CaseResult {
         let start = Instant::now();
         while tries < RACE_TRIES && eagain < 3 && start.elapsed() < RACE_LIMIT {
             tries += 1;
+            // Let the accessors run between tries: on a loaded machine the converter could
+            // otherwise use up its tries while they wait for a CPU.
+            std::thread::yield_now();
             let mut a = kvm_memory_attributes2::new(0, size, KVM_MEMORY_ATTRIBUTE_PRIVATE);
             a.error_offset = size + 1;
             match f.set_attributes(&mut a) {

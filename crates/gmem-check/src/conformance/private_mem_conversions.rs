@@ -6,10 +6,18 @@
 //!
 //! As in the selftest, each "vCPU" works on its own window of 2 MiB + 4 KiB, the windows 4 MiB
 //! apart in one guest_memfd; the vCPUs run concurrently, one thread and one host mapping each.
+//!
+//! The memslot × vCPU matrix of `private_mem_conversions_test.sh` (`-m 1 -n 1`, `-m 1 -n 4`,
+//! `-m 4 -n 4`) runs the selftest's four guest flows in sequence per window, with the file
+//! bound in `-m` equal memslots of the context's VM ([`VmPort`]): the guest's accesses are the
+//! VM's vCPU loading and storing through those memslots (one vCPU runs every window's
+//! accesses, one at a time; the windows' threads and conversions run concurrently), and every
+//! conversion is a request to the VMM by GPA ([`VmPort::convert`]), split into one
+//! conversion per memslot. A last request spans the whole file, every memslot.
 
 use std::sync::Arc;
 
-use super::{ensure, Case, CaseFailure, CaseResult, Ctx, Need};
+use super::{ensure, Case, CaseFailure, CaseResult, Ctx, Need, VmPort};
 use gmem::file::{GuestMemfd, GuestMemfdBackend};
 use gmem::mapping::{HostMapping, Probe};
 use gmem::os::PAGE_SIZE;
@@ -26,6 +34,16 @@ const VCPUS: u64 = 2;
 /// `test_ranges`: (offset, size) inside a window.
 const RANGES: [(u64, u64); 5] = [(0, PS), (0, MIB2), (PS, PS), (PS, MIB2), (MIB2, PS)];
 const NEEDS: &[Need] = &[Need::Mmap, Need::InitShared, Need::Conversion, Need::Guest];
+const MATRIX_NEEDS: &[Need] = &[Need::Mmap, Need::InitShared, Need::Conversion, Need::Vm];
+/// Where the matrix binds its memslots: clear of the other cases' GPAs.
+const MATRIX_GPA: u64 = gmem_vmm::guest::DATA_GPA + (256 << 20);
+/// The selftest's guest flows, in its order.
+const FLOWS: [fn(&Window<'_>) -> CaseResult; 4] = [
+    |w| w.explicit_conversion(false),
+    |w| w.explicit_conversion(true),
+    |w| w.punch_hole(false),
+    |w| w.punch_hole(true),
+];
 
 pub(super) fn cases() -> Vec<Case> {
     const SRC: &str = "private_mem_conversions_test.c";
@@ -60,12 +78,42 @@ pub(super) fn cases() -> Vec<Case> {
             needs: NEEDS,
             run: |ctx| per_vcpu(ctx, |w| w.punch_hole(true)),
         },
+        Case {
+            name: "memslots_1_vcpus_1",
+            source: "private_mem_conversions_test.sh",
+            needs: MATRIX_NEEDS,
+            run: |ctx| matrix(ctx, 1, 1),
+        },
+        Case {
+            name: "memslots_1_vcpus_4",
+            source: "private_mem_conversions_test.sh",
+            needs: MATRIX_NEEDS,
+            run: |ctx| matrix(ctx, 1, 4),
+        },
+        Case {
+            name: "memslots_4_vcpus_4",
+            source: "private_mem_conversions_test.sh",
+            needs: MATRIX_NEEDS,
+            run: |ctx| matrix(ctx, 4, 4),
+        },
     ]
+}
+
+/// How a window's guest accesses and conversions reach the file.
+#[derive(Clone, Copy)]
+enum Route<'a> {
+    /// By file offset: the context's [`GuestPort`](super::GuestPort) plays the guest, the
+    /// hypercall handler converts the file directly.
+    File,
+    /// By GPA: the file (offset 0) is bound at `gpa` in memslots of `vm`, whose vCPU plays the
+    /// guest; conversions are requests to its VMM.
+    Vm { vm: &'a dyn VmPort, gpa: u64 },
 }
 
 /// One vCPU's window: its base offset in the file and its own host mapping of the file.
 struct Window<'a> {
     ctx: &'a Ctx,
+    route: Route<'a>,
     f: &'a Arc<dyn GuestMemfd>,
     m: HostMapping,
     base: u64,
@@ -75,25 +123,43 @@ struct Window<'a> {
 /// Creates the file, runs `flow` on every window concurrently, then (as the selftest does once
 /// the VM is gone) punches and re-allocates the whole file.
 fn per_vcpu(ctx: &Ctx, flow: fn(&Window<'_>) -> CaseResult) -> CaseResult {
-    let f = ctx.create(
-        STRIDE / PS * VCPUS,
+    let f = create(ctx, VCPUS)?;
+    windows(ctx, &f, VCPUS, Route::File, &[flow])?;
+    punch_and_reallocate(&f)
+}
+
+/// The file of `vcpus` windows.
+fn create(ctx: &Ctx, vcpus: u64) -> Result<Arc<dyn GuestMemfd>, CaseFailure> {
+    ctx.create(
+        STRIDE / PS * vcpus,
         GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
-    )?;
+    )
+}
+
+/// Runs `flows`, in order, on each of `vcpus` windows, the windows concurrently.
+fn windows(
+    ctx: &Ctx,
+    f: &Arc<dyn GuestMemfd>,
+    vcpus: u64,
+    route: Route<'_>,
+    flows: &[fn(&Window<'_>) -> CaseResult],
+) -> CaseResult {
     let results: Vec<CaseResult> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..VCPUS)
+        let handles: Vec<_> = (0..vcpus)
             .map(|vcpu| {
-                let f = &f;
                 s.spawn(move || {
                     let m = f
                         .mmap_all()
                         .map_err(|e| format!("vCPU {vcpu}: mmap: {e}"))?;
-                    flow(&Window {
+                    let w = Window {
                         ctx,
+                        route,
                         f,
                         m,
                         base: vcpu * STRIDE,
                         vcpu,
-                    })
+                    };
+                    flows.iter().try_for_each(|flow| flow(&w))
                 })
             })
             .collect();
@@ -105,14 +171,93 @@ fn per_vcpu(ctx: &Ctx, flow: fn(&Window<'_>) -> CaseResult) -> CaseResult {
             })
             .collect()
     });
-    for r in results {
-        r?;
-    }
+    results.into_iter().collect()
+}
+
+fn punch_and_reallocate(f: &Arc<dyn GuestMemfd>) -> CaseResult {
     let size = f.size();
     f.punch_hole(0, size)
         .map_err(|e| format!("final punch of the whole file: {e}"))?;
     f.allocate(0, size)
         .map_err(CaseFailure::call("final re-allocation of the whole file"))
+}
+
+/// `private_mem_conversions_test -m memslots -n vcpus`: the file bound in `memslots` equal
+/// memslots of the context's VM, the selftest's flows on every window through them, then one
+/// request over the whole file (every memslot) to private and back.
+fn matrix(ctx: &Ctx, memslots: u64, vcpus: u64) -> CaseResult {
+    // Under `gmem exec` every guest access of the "kernel" backend is a vCPU's KVM_RUN through
+    // the interposer: the three matrix cases pass there but take over two minutes together,
+    // beyond `gmem exec -- gmem conformance`'s budget.
+    if ctx.backend.kind() != gmem::file::BackendKind::Emulated
+        && std::env::var_os("GMEM_EXEC_SERIES").is_some()
+    {
+        return Err(CaseFailure::Unsupported(
+            "under gmem exec the matrix's vCPU accesses through the interposer take over 40 s a \
+             case (they pass); run it on the emulated backend or a kernel with the series"
+                .to_string(),
+        ));
+    }
+    let vm = ctx.guest.as_ref().and_then(|g| g.vm()).ok_or("no VM")?;
+    let f = create(ctx, vcpus)?;
+    let size = f.size();
+    let slot_size = size / memslots;
+    let mut slots = Vec::new();
+    let mut r: CaseResult = (0..memslots).try_for_each(|i| {
+        slots.push(vm.bind(&f, MATRIX_GPA + i * slot_size, i * slot_size, slot_size)?);
+        Ok(())
+    });
+    if r.is_ok() {
+        let route = Route::Vm {
+            vm,
+            gpa: MATRIX_GPA,
+        };
+        r = windows(ctx, &f, vcpus, route, &FLOWS)
+            .and_then(|()| whole_file_request(vm, &f, memslots, slot_size));
+    }
+    for slot in slots {
+        let unbound = vm.unbind(slot).map_err(CaseFailure::from);
+        r = r.and(unbound);
+    }
+    r?;
+    punch_and_reallocate(&f)
+}
+
+/// One request over every memslot: to private (each memslot's first and last page SIGBUS for
+/// the host), then to shared (they read again).
+fn whole_file_request(
+    vm: &dyn VmPort,
+    f: &Arc<dyn GuestMemfd>,
+    memslots: u64,
+    slot_size: u64,
+) -> CaseResult {
+    let size = f.size();
+    let m = f
+        .mmap_all()
+        .map_err(CaseFailure::call("mmap of the whole file"))?;
+    let pages = |i: u64| [i * slot_size, (i + 1) * slot_size - PS];
+    for to_private in [true, false] {
+        vm.convert(MATRIX_GPA, size, to_private, false)
+            .map_err(CaseFailure::call(format!(
+                "one request of the whole file [{MATRIX_GPA:#x}, +{size:#x}) over {memslots} \
+                 memslot(s) to {}",
+                if to_private { "private" } else { "shared" }
+            )))?;
+        for off in (0..memslots).flat_map(pages) {
+            let r = m
+                .probe_read(usize_of(off)?, 1)
+                .map_err(CaseFailure::SigbusProbe)?;
+            ensure(r.is_sigbus() == to_private, || {
+                format!(
+                    "after one request of the whole file to {}, the host read at {off:#x} \
+                     (memslot {}) gave {r:?}",
+                    if to_private { "private" } else { "shared" },
+                    off / slot_size
+                )
+            })?;
+        }
+    }
+    Ok(())
 }
 
 fn usize_of(n: u64) -> Result<usize, CaseFailure> {
@@ -128,19 +273,30 @@ impl Window<'_> {
     }
 
     fn guest_fill(&self, off: u64, len: u64, byte: u8) -> CaseResult {
-        let g = self.ctx.guest.as_deref().ok_or("no guest")?;
-        g.write(&**self.f, self.base + off, &vec![byte; usize_of(len)?])
-            .map_err(|e| self.err(&e.to_string()))
+        let data = vec![byte; usize_of(len)?];
+        match self.route {
+            Route::File => {
+                let g = self.ctx.guest.as_deref().ok_or("no guest")?;
+                g.write(&**self.f, self.base + off, &data)
+            }
+            Route::Vm { vm, gpa } => vm.guest_write(gpa + self.base + off, &data),
+        }
+        .map_err(|e| self.err(&e.to_string()))
     }
 
     fn guest_check(&self, off: u64, len: u64, byte: u8) -> CaseResult {
         if len == 0 {
             return Ok(());
         }
-        let g = self.ctx.guest.as_deref().ok_or("no guest")?;
-        let got = g
-            .read(&**self.f, self.base + off, usize_of(len)?)
-            .map_err(|e| self.err(&e.to_string()))?;
+        let n = usize_of(len)?;
+        let got = match self.route {
+            Route::File => {
+                let g = self.ctx.guest.as_deref().ok_or("no guest")?;
+                g.read(&**self.f, self.base + off, n)
+            }
+            Route::Vm { vm, gpa } => vm.guest_read(gpa + self.base + off, n),
+        }
+        .map_err(|e| self.err(&e.to_string()))?;
         // Slice equality is a memcmp even in debug builds; look for the culprit only on failure.
         if got == vec![byte; got.len()] {
             return Ok(());
@@ -221,6 +377,11 @@ impl Window<'_> {
     /// The hypercall handler for a private mapping: allocate if asked, then convert.
     fn map_private(&self, off: u64, len: u64, fallocate: bool) -> CaseResult {
         let at = self.base + off;
+        if let Route::Vm { vm, gpa } = self.route {
+            return vm
+                .convert(gpa + at, len, true, fallocate)
+                .map_err(|e| self.err(&format!("request [{off:#x}, +{len:#x}) to private: {e}")));
+        }
         if fallocate {
             self.f
                 .allocate(at, len)
@@ -234,6 +395,11 @@ impl Window<'_> {
     /// The hypercall handler for a shared mapping: punch a hole if asked, then convert.
     fn map_shared(&self, off: u64, len: u64, fallocate: bool) -> CaseResult {
         let at = self.base + off;
+        if let Route::Vm { vm, gpa } = self.route {
+            return vm
+                .convert(gpa + at, len, false, fallocate)
+                .map_err(|e| self.err(&format!("request [{off:#x}, +{len:#x}) to shared: {e}")));
+        }
         if fallocate {
             self.f
                 .punch_hole(at, len)

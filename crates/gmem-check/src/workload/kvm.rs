@@ -21,7 +21,7 @@ pub(super) fn hypercall_check(config: &Config) -> (HypercallCheck, f64) {
         return (HypercallCheck::NotRun, 0.0);
     }
     let start = Instant::now();
-    let check = match Vm::probe_hypercall_exit(std::time::Duration::from_millis(300)) {
+    let check = match Vm::check_hypercall_exit(std::time::Duration::from_millis(300)) {
         Ok(()) => HypercallCheck::Reaches,
         Err(why) => HypercallCheck::DoesNotReach(why.to_string()),
     };
