@@ -342,6 +342,9 @@ struct Converted {
 }
 
 fn converter(f: &EmulatedGuestMemfd, s: &State, deadline: Instant, destructive: bool) -> Converted {
+    // A late peer stalls a conversion for the peer timeout: the run is lengthened by as much,
+    // so that the checks still have their share of time.
+    let mut deadline = deadline;
     let mut r = rng(0x5eed);
     let mut out = Converted {
         eagain: 0,
@@ -380,6 +383,7 @@ fn converter(f: &EmulatedGuestMemfd, s: &State, deadline: Instant, destructive: 
                     s.gen[p].fetch_add(1, SeqCst);
                 }
                 out.eagain += 1;
+                deadline += Duration::from_secs(11);
                 continue;
             }
             Err(e) => panic!("conversion failed with {e} (no pins: only EAGAIN may happen)"),
