@@ -475,6 +475,60 @@ fn a_reading_loop_ends_by_deletion_or_by_timeout() {
     );
 }
 
+/// A program loaded after the vCPU stopped at an MMIO read runs from its first instruction:
+/// `load` lets KVM complete the pending read first, which would otherwise finish the old
+/// instruction on the next `KVM_RUN` over the new registers (the conformance cases' vCPU
+/// guest lost the write that followed `private_access_memslot_deleted`'s MMIO stop).
+fn a_program_loaded_after_an_mmio_stop_runs_from_its_start() {
+    use gmem_vmm::port::{GuestPort, VcpuGuest, VmAccess, VmPort};
+    use gmem_vmm::Stop;
+    let (f, g) = emulated(1);
+    let vm = Vm::new(1).unwrap();
+    vm.bind(Gpa(DATA_GPA), &g, 0, PS).unwrap();
+    let unbound = DATA_GPA + (2 << 20);
+    let mut p = GuestProgram::new(0, RequestPath::Port);
+    p.done();
+    let mut vcpu = vm.create_vcpu(0, p.finish().unwrap()).unwrap();
+    for round in 0..10u8 {
+        let mut p = GuestProgram::new(0, RequestPath::Port);
+        p.load_u64(unbound);
+        p.done();
+        vcpu.load(&vm, p.finish().unwrap()).unwrap();
+        match vcpu.run_until_stop(&vm).unwrap() {
+            Stop::Mmio { phys_addr, .. } => assert_eq!(phys_addr, unbound),
+            s => panic!("expected an MMIO stop, got {s:?}"),
+        }
+        let byte = 0x40 + round;
+        let mut p = GuestProgram::new(0, RequestPath::Port);
+        p.fill(DATA_GPA, PS, byte);
+        p.done();
+        vcpu.load(&vm, p.finish().unwrap()).unwrap();
+        assert_eq!(next(&vm, &mut vcpu), Event::Done, "round {round}");
+        assert_eq!(
+            vcpu.regs().unwrap().rdi,
+            DATA_GPA + PS,
+            "round {round}: rep stosq ran"
+        );
+        assert_eq!(host_read(&f, PS - 1), byte, "round {round}");
+    }
+
+    // The same through the conformance cases' vCPU guest.
+    let guest = VcpuGuest::emulated().unwrap();
+    let file: Arc<dyn GuestMemfd> = Arc::new(emulated(1).0);
+    for round in 0..10u8 {
+        let a = guest.guest_read_u64(unbound).unwrap();
+        assert!(matches!(a, VmAccess::Mmio { .. }), "round {round}: {a:?}");
+        let byte = 0x80 + round;
+        guest.write(&*file, 0, &[byte; PS as usize]).unwrap();
+        let got = guest.read(&*file, 0, PS as usize).unwrap();
+        assert!(
+            got.iter().all(|&b| b == byte),
+            "round {round}: read {:#x}",
+            got[0]
+        );
+    }
+}
+
 /// Every conformance case (guest_memfd_test, guest_memfd_conversions_test,
 /// private_mem_conversions_test, private_mem_kvm_exits_test) with the guest's part played by a
 /// real vCPU, one test per case and backend
@@ -625,6 +679,7 @@ fn main() {
         guest_failures_are_reported_and_hung_guests_time_out,
         per_vm_attribute_tracking,
         a_reading_loop_ends_by_deletion_or_by_timeout,
+        a_program_loaded_after_an_mmio_stop_runs_from_its_start,
     ));
     let hypercall_exit = kvm.clone().or_else(|| {
         Vm::check_hypercall_exit(Duration::from_millis(200))

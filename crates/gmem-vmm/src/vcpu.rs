@@ -87,6 +87,10 @@ pub struct Vcpu {
     program: Program,
     timings: VcpuTimings,
     last: (Instant, Last),
+    /// The last `KVM_RUN` returned an exit (I/O, MMIO, hypercall, ...) whose operation KVM
+    /// finishes only on the next `KVM_RUN`; [`Vcpu::load`] completes it before it replaces
+    /// the program ([`Vcpu::complete_pending_exit`]).
+    exit_pending: bool,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -180,6 +184,7 @@ impl Vm {
             program,
             timings: VcpuTimings::default(),
             last: (Instant::now(), Last::Other),
+            exit_pending: false,
         })
     }
 }
@@ -206,6 +211,10 @@ impl Vcpu {
     }
 
     /// Replaces the program and restarts the vCPU at its first instruction, at CPL3.
+    ///
+    /// An exit the previous program stopped at is completed first
+    /// ([`Vcpu::complete_pending_exit`]): otherwise KVM would finish it on the next
+    /// `KVM_RUN`, over the registers set here.
     pub fn load(&mut self, vm: &Vm, program: Program) -> Result<(), VmError> {
         if program.code.len() as u64 > guest::CODE_SIZE {
             return Err(VmError::ProgramTooLarge {
@@ -213,6 +222,7 @@ impl Vcpu {
                 max: guest::CODE_SIZE as usize,
             });
         }
+        self.complete_pending_exit()?;
         vm.write_system(guest::code_gpa(self.index), &program.code)?;
         self.fd
             .set_sregs(&self.ring3)
@@ -228,6 +238,50 @@ impl Vcpu {
             .map_err(VmError::kvm("KVM_SET_REGS"))?;
         self.program = program;
         Ok(())
+    }
+
+    /// Lets KVM finish the operation of the last exit without running guest code: a
+    /// `KVM_RUN` with `immediate_exit` set, as the KVM API asks before the vCPU's state is
+    /// changed ("the corresponding operations are complete (and guest state is consistent)
+    /// only after userspace has re-entered the kernel with KVM_RUN").
+    ///
+    /// An MMIO read left pending (a [`Stop::Mmio`] the caller did not resume) is the case
+    /// that matters: KVM completes it by finishing the emulated instruction, writing the
+    /// emulator's copies of the registers and its next `rip` back over whatever
+    /// `KVM_SET_REGS` set since, so the next program would start in the middle of its code
+    /// (measured on PVM: a program loaded after such a stop ran no copy at all and came back
+    /// with its registers zeroed). Reads are answered with zeros, as in `run_once`.
+    pub fn complete_pending_exit(&mut self) -> Result<(), VmError> {
+        if !self.exit_pending {
+            return Ok(());
+        }
+        self.fd.set_kvm_immediate_exit(1);
+        // Completing one exit may need another (an instruction split across MMIO
+        // fragments); a few rounds settle any real case.
+        let mut settled = Err(VmError::UnexpectedExit {
+            vcpu: self.index,
+            what: "the pending exit did not complete with immediate_exit set".into(),
+        });
+        for _ in 0..16 {
+            match self.fd.run() {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    settled = Ok(());
+                    break;
+                }
+                Ok(VcpuExit::MmioRead(_, data)) | Ok(VcpuExit::IoIn(_, data)) => data.fill(0),
+                Ok(_) => {}
+                Err(e) => {
+                    settled = Err(VmError::Kvm {
+                        op: "KVM_RUN (immediate_exit, completing the last exit)",
+                        errno: Errno(e.errno()),
+                    });
+                    break;
+                }
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        self.exit_pending = settled.is_err();
+        settled
     }
 
     /// `KVM_GET_REGS`.
@@ -271,6 +325,8 @@ impl Vcpu {
         let index = self.index;
         let exit = self.fd.run();
         let now = Instant::now();
+        // Any exit to userspace may leave an operation for the next KVM_RUN to finish.
+        self.exit_pending = exit.is_ok();
         vm.count_exit();
         let mb = guest::mailbox_gpa(index);
         let (port, value) = match exit {
