@@ -82,8 +82,10 @@ pub enum ExecError {
     },
 }
 
-/// Finds the interposer: `$GMEM_PRELOAD`, then next to this executable, then in its `deps/`
-/// (where cargo leaves it when it is built as a dependency of `gmem`).
+/// Finds the interposer: `$GMEM_PRELOAD`, else the newer of the one next to this executable
+/// and the one in its `deps/` (where cargo leaves it when it is built as a dependency of
+/// `gmem`: a later `cargo build -p gmem-cli` updates only that one, so the one next to the
+/// executable may be stale).
 pub fn find_preload() -> Result<PathBuf, ExecError> {
     if let Some(p) = std::env::var_os("GMEM_PRELOAD") {
         return Ok(PathBuf::from(p));
@@ -92,7 +94,12 @@ pub fn find_preload() -> Result<PathBuf, ExecError> {
     let dir = exe.parent().unwrap_or(Path::new("."));
     [dir.join(PRELOAD), dir.join("deps").join(PRELOAD)]
         .into_iter()
-        .find(|p| p.is_file())
+        .filter(|p| p.is_file())
+        .max_by_key(|p| {
+            std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH)
+        })
         .ok_or_else(|| ExecError::NoPreload {
             exe: exe.display().to_string(),
         })
