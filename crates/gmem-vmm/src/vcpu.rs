@@ -311,16 +311,6 @@ impl Vcpu {
         }
     }
 
-    /// Completes the MMIO of the last exit without running guest code (`immediate_exit`),
-    /// where the exit stands for `KVM_EXIT_MEMORY_FAULT`: KVM would otherwise complete it at
-    /// the next `KVM_RUN` over whatever program is loaded by then.
-    fn drop_pending_mmio(&mut self) {
-        self.fd.set_kvm_immediate_exit(1);
-        // EINTR once the pending MMIO is completed.
-        let _ = self.fd.run();
-        self.fd.set_kvm_immediate_exit(0);
-    }
-
     fn run_once(&mut self, vm: &Vm) -> Result<Step, VmError> {
         let index = self.index;
         let exit = self.fd.run();
@@ -356,7 +346,9 @@ impl Vcpu {
                 self.last = (now, Last::Other);
                 // Per-VM tracking: a private GPA without a guest_memfd (vm_attributes.rs).
                 if let Some(stop) = vm.vm_attrs.private_fault(phys_addr) {
-                    self.drop_pending_mmio();
+                    // The MMIO stands for KVM_EXIT_MEMORY_FAULT: complete it now (a failure
+                    // leaves it pending, and `load` completes it).
+                    let _ = self.complete_pending_exit();
                     return Ok(Step::Stop(stop));
                 }
                 return Ok(Step::Stop(Stop::Mmio {
@@ -369,7 +361,9 @@ impl Vcpu {
                 let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
                 self.last = (now, Last::Other);
                 if let Some(stop) = vm.vm_attrs.private_fault(phys_addr) {
-                    self.drop_pending_mmio();
+                    // The MMIO stands for KVM_EXIT_MEMORY_FAULT: complete it now (a failure
+                    // leaves it pending, and `load` completes it).
+                    let _ = self.complete_pending_exit();
                     return Ok(Step::Stop(stop));
                 }
                 return Ok(Step::Stop(Stop::Mmio {
