@@ -52,6 +52,23 @@ extern "C" fn probe_child(arg: *mut libc::c_void) -> libc::c_int {
         if libc::dup2(a.report_fd, PROBE_REPORT_FD) != PROBE_REPORT_FD {
             libc::syscall(libc::SYS_exit, 2);
         }
+        // Every other descriptor is a copy of the parent's that this child does not need and
+        // must not keep alive: a probe that waits on a fault (a userfaultfd the parent serves)
+        // while holding the peer end of a channel made for a concurrent fork kept that channel
+        // open after the forked process exited, and the parent's next conversion waited the
+        // full peer timeout for an EOF that only came when the probe ended (EAGAIN under
+        // stress). close_range(2) is Linux 5.9+; before that (ENOSYS) each is closed alone.
+        if libc::syscall(libc::SYS_close_range, 1u32, u32::MAX, 0u32) != 0 {
+            let mut lim: libc::rlimit = std::mem::zeroed();
+            let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                lim.rlim_cur.min(1 << 16) as libc::c_int
+            } else {
+                1024
+            };
+            for fd in 1..max {
+                libc::close(fd);
+            }
+        }
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = probe_fault_handler as *const () as usize;
         sa.sa_flags = libc::SA_SIGINFO;
@@ -162,5 +179,91 @@ pub fn probe(map: &Mmap, off: usize, len: usize, op: ProbeOp) -> KernelResult<Pr
         Ok(Probe::Done(out))
     } else {
         Err(Errno(libc::ECHILD))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::sys::uffd::PoisonFd;
+    use crate::sys::{ftruncate, memfd_create, pwrite_all, PAGE_SIZE};
+
+    /// The probe children of this process (their parent is this process).
+    fn children() -> Vec<u32> {
+        let me = std::process::id();
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(me) {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
+    /// A probe child blocked on a fault holds no descriptor of this process but its report:
+    /// a copy of a channel's end kept alive by a waiting probe once hid a forked peer's exit
+    /// from the owner (its conversion then failed after the peer timeout).
+    #[test]
+    fn probe_child_holds_only_its_report_descriptor() {
+        let fd = memfd_create(c"probe-fds").expect("memfd");
+        ftruncate(fd.as_fd(), PAGE_SIZE).expect("ftruncate");
+        // In the page cache, so the probe's access is a minor fault.
+        pwrite_all(fd.as_fd(), &[7u8; 8], 0).expect("pwrite");
+        let map =
+            Mmap::new(Some(fd.as_fd()), 0, PAGE_SIZE as usize, libc::MAP_SHARED).expect("mmap");
+        let Ok(uffd) = PoisonFd::with_fault_events() else {
+            eprintln!("skipped: no userfaultfd with minor faults on shmem here");
+            return;
+        };
+        uffd.register(&map).expect("register");
+        let map = std::sync::Arc::new(map);
+        let before = children();
+        let m2 = std::sync::Arc::clone(&map);
+        let t = std::thread::spawn(move || probe(&m2, 0, 8, ProbeOp::Read));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let ev = loop {
+            if let Some(ev) = uffd.read_fault().expect("read fault") {
+                break ev;
+            }
+            assert!(Instant::now() < deadline, "the probe never faulted");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert!(ev.minor);
+        let probe_pid = children()
+            .into_iter()
+            .find(|p| !before.contains(p))
+            .expect("the blocked probe child");
+        let mut fds: Vec<String> = std::fs::read_dir(format!("/proc/{probe_pid}/fd"))
+            .expect("the probe's fd table")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        fds.sort();
+        uffd.continue_page(map.as_ptr() as u64, PAGE_SIZE)
+            .expect("continue");
+        let done = t.join().expect("probe thread").expect("probe");
+        assert_eq!(
+            fds,
+            vec!["0".to_string()],
+            "descriptors the probe child held"
+        );
+        match done {
+            Probe::Done(bytes) => assert_eq!(bytes, vec![7u8; 8]),
+            Probe::Fault(f) => panic!("unexpected fault {f:?}"),
+        }
     }
 }
