@@ -515,3 +515,80 @@ impl MappingRegistry for Inner {
         self.forget_mapping(id);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Seek, SeekFrom};
+
+    use super::*;
+    use crate::emulated::{EmulatedOptions, Revocation};
+    use crate::file::GuestMemfd;
+    use crate::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
+
+    const PS: u64 = PAGE_SIZE;
+
+    /// Whether this process has a PTE for `addr` (`/proc/self/pagemap` bit 63).
+    fn pte_present(addr: usize) -> bool {
+        let mut f = std::fs::File::open("/proc/self/pagemap").expect("pagemap");
+        f.seek(SeekFrom::Start((addr as u64 / PS) * 8))
+            .expect("seek");
+        let mut b = [0u8; 8];
+        f.read_exact(&mut b).expect("read pagemap");
+        u64::from_le_bytes(b) >> 63 == 1
+    }
+
+    /// A conversion zaps the guest view's pages of the changing runs, and only those, in
+    /// both directions (as the kernel invalidates KVM's mappings of a converted range), for
+    /// one run and for several.
+    #[test]
+    fn conversions_zap_the_guest_view_of_the_changing_pages() {
+        for revocation in [Revocation::Poison, Revocation::Remap] {
+            let f = EmulatedGuestMemfd::create_with(
+                16 * PS,
+                GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+                EmulatedOptions::with_revocation(revocation),
+            )
+            .expect("create");
+            let host = f.mmap_all().expect("mmap");
+            let g = f.guest_view().expect("guest view").as_ptr() as usize;
+            let at = |p: u64| g + (p * PS) as usize;
+            let touch_all = || {
+                host.write_volatile(0, &[1u8; 16 * PS as usize])
+                    .expect("host");
+                f.guest_touch(0, 16 * PS, 2).expect("guest");
+                assert!((0..16).all(|p| pte_present(at(p))), "{revocation:?}");
+            };
+            touch_all();
+            // One run, twice (the second zaps first: the mapping was found populated).
+            for _ in 0..2 {
+                f.set_private(PS, 2 * PS).expect("to private");
+                let present: Vec<bool> = (0..4).map(|p| pte_present(at(p))).collect();
+                assert_eq!(present, [true, false, false, true], "{revocation:?}");
+                f.guest_touch(PS, 2 * PS, 3).expect("guest");
+                f.set_shared(PS, 2 * PS).expect("to shared");
+                let present: Vec<bool> = (0..4).map(|p| pte_present(at(p))).collect();
+                assert_eq!(present, [true, false, false, true], "{revocation:?}");
+                touch_all();
+            }
+            // Several changing runs: every other page of 0..12 private first, then the whole
+            // range; only the pages that change (the odd ones) lose their guest PTEs.
+            for p in (0..12).step_by(2) {
+                f.set_private(p * PS, PS).expect("to private");
+            }
+            touch_all_shared_then(&f, &host, 12);
+            f.set_private(0, 12 * PS).expect("to private");
+            let present: Vec<bool> = (0..16).map(|p| pte_present(at(p))).collect();
+            let want: Vec<bool> = (0..16).map(|p| p >= 12 || p % 2 == 0).collect();
+            assert_eq!(present, want, "{revocation:?}");
+        }
+    }
+
+    /// Touches every page of `[0, n)` from the guest, and the shared ones from the host.
+    fn touch_all_shared_then(f: &EmulatedGuestMemfd, host: &crate::HostMapping, n: u64) {
+        f.guest_touch(0, n * PS, 4).expect("guest");
+        for p in (1..n).step_by(2) {
+            host.write_volatile((p * PS) as usize, &[5u8; 8])
+                .expect("host");
+        }
+    }
+}
