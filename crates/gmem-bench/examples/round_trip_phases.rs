@@ -1,7 +1,8 @@
-//! Where the 2 MiB round trip's time goes, per model: to private, guest touches every page,
-//! to shared, host touches every page (medians of 30 repetitions after 3 warm-ups). It is
-//! the evidence behind DESIGN.md's "what limits the 2 MiB round trip".
-//! `cargo run --release -p gmem --example round_trip_phases`
+//! Where the round trip's time goes, per model: to private, guest touches every page, to
+//! shared, host touches every page (medians of 30 repetitions after 3 warm-ups; of 1,000 for
+//! ranges up to 64 KiB). It is the evidence behind DESIGN.md's "what limits the 2 MiB round
+//! trip". `cargo run --release -p gmem-bench --example round_trip_phases [-- BYTES]` (default
+//! 2 MiB; a multiple of 4 KiB up to 1 GiB).
 
 use std::time::Instant;
 
@@ -10,9 +11,17 @@ use gmem_vmm::backing::BackingKind;
 use gmem_vmm::stats::median;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let len = 2u64 << 20;
+    let len = match std::env::args().nth(1) {
+        None => 2u64 << 20,
+        Some(a) => a
+            .parse::<u64>()
+            .ok()
+            .filter(|&n| n > 0 && n % 4096 == 0 && n <= 1 << 30)
+            .ok_or_else(|| format!("BYTES: {a:?} is not a multiple of 4096 in 4096..=2^30"))?,
+    };
+    let reps: usize = if len <= 64 << 10 { 1000 } else { 30 };
     let kinds = BackingKind::ALL;
-    println!("2 MiB round trip, µs (median of 30)");
+    println!("{len}-byte round trip, µs (median of {reps})");
     println!(
         "{:<18} {:>10} {:>12} {:>10} {:>11} {:>8}",
         "model", "to private", "guest touch", "to shared", "host touch", "total"
@@ -21,8 +30,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let m = create_backing(kind, len, false)?;
         m.host_touch(0, len, 0)?;
         let mut s: [Vec<f64>; 4] = Default::default();
-        for rep in 0..33u8 {
-            let v = rep + 1;
+        for rep in 0..reps + 3 {
+            let v = (rep % 250) as u8 + 1;
             let t0 = Instant::now();
             m.set_private(0, len)?;
             let t1 = Instant::now();
@@ -43,7 +52,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let [a, b, c, d] = s.map(|mut v| median(&mut v));
         println!(
-            "{:<18} {a:>10.0} {b:>12.0} {c:>10.0} {d:>11.0} {:>8.0}",
+            "{:<18} {a:>10.2} {b:>12.2} {c:>10.2} {d:>11.2} {:>8.2}",
             kind.name(),
             a + b + c + d
         );

@@ -77,6 +77,97 @@ fn for_words(s: u64, e: u64, mut f: impl FnMut(usize, u64) -> bool) -> bool {
     true
 }
 
+/// Nodes kept for the next updates, so that an update after
+/// [`AttributeStore::try_reserve`] allocates nothing: a conversion records its attributes after
+/// the point of no return, where an allocation failure could only abort (issue 11: ENOMEM with
+/// nothing changed, never an abort). Nodes that updates free go back while there is room, so
+/// alternating conversions reuse the same few nodes instead of allocating and freeing them.
+// The boxes move between the reserve and the tree as they are: no copy, no allocation.
+#[allow(clippy::vec_box)]
+#[derive(Debug, Clone, Default)]
+struct Spare {
+    leaves: Vec<Box<[u64; LEAF_WORDS]>>,
+    inners: Vec<Box<[Slot; FAN]>>,
+    /// Nodes an update had to allocate because the reserve was empty (none after
+    /// [`AttributeStore::try_reserve`]; tests check it).
+    unreserved: u64,
+}
+
+impl Spare {
+    /// A leaf with every bit `fill` (a kept one, else a new allocation).
+    fn leaf(&mut self, fill: u64) -> Box<[u64; LEAF_WORDS]> {
+        match self.leaves.pop() {
+            Some(mut b) => {
+                b.fill(fill);
+                b
+            }
+            None => {
+                self.unreserved += 1;
+                Box::new([fill; LEAF_WORDS])
+            }
+        }
+    }
+
+    /// An inner node with every child uniform `private`.
+    fn inner(&mut self, private: bool) -> Box<[Slot; FAN]> {
+        match self.inners.pop() {
+            Some(mut b) => {
+                b.iter_mut().for_each(|c| *c = Slot::uniform(private));
+                b
+            }
+            None => {
+                self.unreserved += 1;
+                Box::new(std::array::from_fn(|_| Slot::uniform(private)))
+            }
+        }
+    }
+
+    /// Keeps the nodes of a subtree that leaves the tree, as far as the reserve has room (it
+    /// never grows here: pushing below the capacity does not allocate).
+    fn recycle(&mut self, slot: Slot) {
+        match slot {
+            Slot::Shared | Slot::Private => {}
+            Slot::Leaf(b) => {
+                if self.leaves.len() < self.leaves.capacity() {
+                    self.leaves.push(b);
+                }
+            }
+            Slot::Inner(mut children) => {
+                for c in children.iter_mut() {
+                    let c = std::mem::replace(c, Slot::Shared);
+                    self.recycle(c);
+                }
+                if self.inners.len() < self.inners.capacity() {
+                    self.inners.push(children);
+                }
+            }
+        }
+    }
+}
+
+/// A leaf, allocated fallibly.
+fn try_leaf() -> Result<Box<[u64; LEAF_WORDS]>, std::collections::TryReserveError> {
+    let mut v: Vec<u64> = Vec::new();
+    v.try_reserve_exact(LEAF_WORDS)?;
+    v.resize(LEAF_WORDS, 0);
+    // Exactly LEAF_WORDS long, and with the capacity reserved exactly, so `into_boxed_slice`
+    // keeps the allocation.
+    Ok(v.into_boxed_slice()
+        .try_into()
+        .unwrap_or_else(|_| Box::new([0; LEAF_WORDS])))
+}
+
+/// An inner node, allocated fallibly.
+fn try_inner() -> Result<Box<[Slot; FAN]>, std::collections::TryReserveError> {
+    let mut v: Vec<Slot> = Vec::new();
+    v.try_reserve_exact(FAN)?;
+    v.resize_with(FAN, || Slot::Shared);
+    // As in `try_leaf`.
+    Ok(v.into_boxed_slice()
+        .try_into()
+        .unwrap_or_else(|_| Box::new(std::array::from_fn(|_| Slot::Shared))))
+}
+
 /// The attribute of every page of one file.
 #[derive(Debug, Clone)]
 pub struct AttributeStore {
@@ -84,6 +175,7 @@ pub struct AttributeStore {
     root: Slot,
     /// log2 of the pages the root covers.
     root_shift: u32,
+    spare: Spare,
 }
 
 impl AttributeStore {
@@ -97,7 +189,30 @@ impl AttributeStore {
             npages,
             root: Slot::uniform(private),
             root_shift,
+            spare: Spare::default(),
         }
+    }
+
+    /// Makes sure the next [`AttributeStore::set_range`] allocates nothing: keeps the most
+    /// nodes one update can need (a split on each side of the range at every level: two
+    /// inner nodes per level and two leaves; at most 14 inner nodes and 2 leaves, about 15 KiB,
+    /// for the largest file), allocating what is missing fallibly. Err: not enough memory
+    /// (nothing changed in the attributes).
+    pub fn try_reserve(&mut self) -> Result<(), std::collections::TryReserveError> {
+        let levels = ((self.root_shift - LEAF_SHIFT) / FAN_SHIFT) as usize;
+        let (inners, leaves) = (2 * levels, 2usize);
+        let sp = &mut self.spare;
+        sp.inners
+            .try_reserve_exact(inners.saturating_sub(sp.inners.len()))?;
+        sp.leaves
+            .try_reserve_exact(leaves.saturating_sub(sp.leaves.len()))?;
+        while sp.inners.len() < inners {
+            sp.inners.push(try_inner()?);
+        }
+        while sp.leaves.len() < leaves {
+            sp.leaves.push(try_leaf()?);
+        }
+        Ok(())
     }
 
     /// Number of pages tracked.
@@ -157,6 +272,7 @@ impl AttributeStore {
             end,
             private,
             self.npages,
+            &mut self.spare,
         );
     }
 
@@ -284,13 +400,15 @@ impl AttributeStore {
                 }
             }
         }
-        std::mem::size_of::<Self>() + slot_bytes(&self.root)
+        std::mem::size_of::<Self>()
+            + slot_bytes(&self.root)
+            + self.spare.leaves.len() * std::mem::size_of::<[u64; LEAF_WORDS]>()
+            + self.spare.inners.len() * std::mem::size_of::<[Slot; FAN]>()
+            + (self.spare.leaves.capacity() + self.spare.inners.capacity())
+                * std::mem::size_of::<Box<()>>()
     }
 }
 
-/// Sets `[start, end)` in `slot` (which covers `[base, base + 2^shift)`); pages at or past
-/// `limit` (the file's end) do not exist, so a slot whose existing pages are all covered
-/// becomes uniform.
 /// Indices of the children of a slot at `base` (children of `2^child_shift` pages) that
 /// `[s, e)` touches; `s < e`, both inside the slot.
 fn child_range(base: u64, child_shift: u32, s: u64, e: u64) -> std::ops::RangeInclusive<usize> {
@@ -339,14 +457,28 @@ pub fn check_host_access(
     Ok(())
 }
 
-fn set(slot: &mut Slot, base: u64, shift: u32, start: u64, end: u64, private: bool, limit: u64) {
+/// Sets `[start, end)` in `slot` (which covers `[base, base + 2^shift)`) to `private`; pages
+/// at or past `limit` (the file's end) do not exist, so a slot whose existing pages are all
+/// covered becomes uniform. New nodes come from `spare` where it holds them, and nodes that
+/// leave the tree go back to it.
+#[allow(clippy::too_many_arguments)]
+fn set(
+    slot: &mut Slot,
+    base: u64,
+    shift: u32,
+    start: u64,
+    end: u64,
+    private: bool,
+    limit: u64,
+    spare: &mut Spare,
+) {
     let span_end = base.saturating_add(1u64 << shift);
     let (s, e) = (start.max(base), end.min(span_end));
     if s >= e {
         return;
     }
     if s == base && e >= span_end.min(limit) {
-        *slot = Slot::uniform(private);
+        spare.recycle(std::mem::replace(slot, Slot::uniform(private)));
         return;
     }
     if slot.as_uniform() == Some(private) {
@@ -354,7 +486,7 @@ fn set(slot: &mut Slot, base: u64, shift: u32, start: u64, end: u64, private: bo
     }
     if shift == LEAF_SHIFT {
         if let Some(u) = slot.as_uniform() {
-            *slot = Slot::Leaf(Box::new([if u { u64::MAX } else { 0 }; LEAF_WORDS]));
+            *slot = Slot::Leaf(spare.leaf(if u { u64::MAX } else { 0 }));
         }
         if let Slot::Leaf(bits) = slot {
             for_words(s - base, e - base, |w, m| {
@@ -368,16 +500,21 @@ fn set(slot: &mut Slot, base: u64, shift: u32, start: u64, end: u64, private: bo
             // Bits of pages past the file's end are don't-care.
             let valid = limit.saturating_sub(base).min(1 << LEAF_SHIFT);
             let uniform_as = |v: u64| for_words(0, valid, |w, m| bits[w] & m == v & m);
-            if uniform_as(0) {
-                *slot = Slot::Shared;
+            let collapsed = if uniform_as(0) {
+                Some(Slot::Shared)
             } else if uniform_as(u64::MAX) {
-                *slot = Slot::Private;
+                Some(Slot::Private)
+            } else {
+                None
+            };
+            if let Some(u) = collapsed {
+                spare.recycle(std::mem::replace(slot, u));
             }
         }
         return;
     }
     if let Some(u) = slot.as_uniform() {
-        *slot = Slot::Inner(Box::new(std::array::from_fn(|_| Slot::uniform(u))));
+        *slot = Slot::Inner(spare.inner(u));
     }
     if let Slot::Inner(children) = slot {
         let child_shift = shift - FAN_SHIFT;
@@ -392,6 +529,7 @@ fn set(slot: &mut Slot, base: u64, shift: u32, start: u64, end: u64, private: bo
                 e,
                 private,
                 limit,
+                spare,
             );
         }
         // Collapse only if what was touched is now uniform (cheap test first).
@@ -407,7 +545,7 @@ fn set(slot: &mut Slot, base: u64, shift: u32, start: u64, end: u64, private: bo
             .min(FAN);
         let first = children[0].as_uniform();
         if first.is_some() && children[..live].iter().all(|c| c.as_uniform() == first) {
-            *slot = Slot::uniform(first == Some(true));
+            spare.recycle(std::mem::replace(slot, Slot::uniform(first == Some(true))));
         }
     }
 }
@@ -500,6 +638,60 @@ mod tests {
         assert_eq!(store.runs(0, model.len() as u64), expect);
     }
 
+    /// After `try_reserve`, an update allocates nothing, whatever the range and the tree it
+    /// meets (it runs after a conversion's point of no return); and the results stay right.
+    #[test]
+    fn an_update_after_try_reserve_allocates_nothing() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        // 1 page to 2^51 pages (the largest file): 1 to 7 inner levels.
+        for npages in [1u64, 4096, 4097, 1 << 18, 1 << 30, 1 << 51] {
+            let mut s = AttributeStore::new(npages, false);
+            for _ in 0..2000 {
+                // Mostly small ranges near a few hot spots, sometimes huge ones.
+                let start = match rnd(4) {
+                    0 => rnd(npages),
+                    1 => rnd(64),
+                    _ => (npages / 2).saturating_sub(rnd(5000)),
+                };
+                let len = if rnd(10) == 0 {
+                    rnd(npages) + 1
+                } else {
+                    rnd(9000) + 1
+                };
+                let end = start.saturating_add(len).min(npages);
+                s.try_reserve().expect("reserve");
+                let before = s.spare.unreserved;
+                let private = rnd(2) == 1;
+                s.set_range(start, end, private);
+                assert_eq!(
+                    s.spare.unreserved, before,
+                    "{npages} pages: [{start}, {end})"
+                );
+                assert!(s.range_is(start, end, private));
+            }
+        }
+        // And against the page-by-page model on a small file.
+        let n = 3 * 4096 + 5;
+        let mut s = AttributeStore::new(n, true);
+        let mut m = vec![true; n as usize];
+        for _ in 0..300 {
+            let a = rnd(n);
+            let b = (a + rnd(5000) + 1).min(n);
+            let p = rnd(2) == 0;
+            s.try_reserve().expect("reserve");
+            s.set_range(a, b, p);
+            m[a as usize..b as usize].iter_mut().for_each(|v| *v = p);
+        }
+        check(&s, &m);
+        assert_eq!(s.spare.unreserved, 0);
+    }
+
     #[test]
     fn initial_state() {
         let s = AttributeStore::new(10, true);
@@ -508,7 +700,10 @@ mod tests {
         assert_eq!(s.fragments(), 1);
         let s = AttributeStore::new(1 << 40, false);
         assert_eq!(s.fragments(), 1);
-        assert!(s.metadata_bytes() <= 64, "a uniform 4 EiB file is one slot");
+        assert!(
+            s.metadata_bytes() <= 128,
+            "a uniform 4 EiB file is one slot (and the store's fixed fields)"
+        );
     }
 
     #[test]

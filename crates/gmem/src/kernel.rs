@@ -354,6 +354,9 @@ impl GuestMemfd for KernelGuestMemfd {
         // Exclusive across the ioctl so that the mirror changes atomically with the kernel's
         // state as far as this process's accessors can tell.
         let mut attrs = self.write_attrs();
+        // The mirror is updated after the kernel changed: its nodes are reserved first, so
+        // that update cannot fail (ENOMEM before the ioctl, nothing changed).
+        attrs.try_reserve().map_err(|_| Errno::ENOMEM)?;
         self.attributes2_ioctl(a)?;
         let (first, end) = pages_of(a.offset, a.size);
         attrs.set_range(first, end, a.attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0);

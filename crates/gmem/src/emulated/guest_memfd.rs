@@ -386,6 +386,15 @@ impl EmulatedGuestMemfd {
         // NO_DIRECT_MAP: no host fault is resolved from the first revoke or restore until the
         // new attributes are recorded in the gate (see `FaultService::gate`).
         let mut gate = self.inner.faults.get().map(|s| s.gate());
+        // The attributes are recorded past the point of no return: the nodes that needs are
+        // reserved now, and the peers' bookkeeping too (ENOMEM with nothing changed).
+        if st.attrs.try_reserve().is_err()
+            || gate.as_mut().is_some_and(|g| g.try_reserve().is_err())
+            || self.inner.peers.try_reserve().is_err()
+        {
+            a.error_offset = a.offset;
+            return Err(Errno::ENOMEM);
+        }
         if to_private {
             if let Err(e) = self.apply_all(&mut st, &changing, Self::revoke, Self::restore) {
                 a.error_offset = a.offset;
@@ -440,7 +449,7 @@ impl EmulatedGuestMemfd {
         // markers now (to private).
         if let Some(service) = self.inner.fault_service() {
             for &(s, e) in &changing {
-                service.take_sigbus(s / PAGE_SIZE, e / PAGE_SIZE);
+                service.forget_sigbus(s / PAGE_SIZE, e / PAGE_SIZE);
             }
         }
         // §2.4 step 4b: the platform takes back each present page of a range made shared.
@@ -464,7 +473,7 @@ impl EmulatedGuestMemfd {
 impl EmulatedGuestMemfd {
     /// The runs of pages `[first, end)` whose attribute differs from `to_private`, in bytes;
     /// ENOMEM if the list cannot be allocated.
-    fn changing_runs(
+    pub(super) fn changing_runs(
         &self,
         st: &super::State,
         first: u64,

@@ -133,15 +133,13 @@ impl EmulatedGuestMemfd {
         }
         let mut st: StateWrite<'_> = self.write_state();
         let (first, last) = (start / PAGE_SIZE, end / PAGE_SIZE);
-        let changing: Vec<(u64, u64)> = st
-            .attrs
-            .runs(first, last)
-            .into_iter()
-            .filter(|r| r.2 != private)
-            .map(|(s, e, _)| (s * PAGE_SIZE, e * PAGE_SIZE))
-            .collect();
+        // As in a conversion: every allocation before the point of no return, fallibly.
+        let changing = self.changing_runs(&st, first, last, private)?;
         if changing.is_empty() {
             return Ok(());
+        }
+        if st.attrs.try_reserve().is_err() || self.inner.peers.try_reserve().is_err() {
+            return Err(Errno::ENOMEM);
         }
         if private {
             self.apply_all(&mut st, &changing, Self::revoke, Self::restore)?;

@@ -287,14 +287,23 @@ impl Inner {
     /// §2.4 step 4b: make-shared on every present page of `[first, end)`.
     pub(super) fn make_shared_range(&self, first: u64, end: u64) {
         let bits = self.bits();
-        for index in self.present_pages(first, end) {
-            // A removed page cannot occur: platforms with make-shared do not offer
-            // NO_DIRECT_MAP.
-            if let Ok(page) = self.page_ref(&bits, index) {
-                self.log(self.hook_call(HookSite::ToShared, index));
-                self.platform.make_shared(&page);
-            }
-        }
+        // Past the conversion's point of no return: the present pages are visited without
+        // collecting them (no allocation).
+        let _ = sys::for_each_data_run(
+            self.memfd.as_fd(),
+            first * PAGE_SIZE,
+            end * PAGE_SIZE,
+            |s, e| {
+                for index in s / PAGE_SIZE..e.div_ceil(PAGE_SIZE) {
+                    // A removed page cannot occur: platforms with make-shared do not offer
+                    // NO_DIRECT_MAP.
+                    if let Ok(page) = self.page_ref(&bits, index) {
+                        self.log(self.hook_call(HookSite::ToShared, index));
+                        self.platform.make_shared(&page);
+                    }
+                }
+            },
+        );
     }
 
     /// Pages `[first, end)` leave the file (punch-hole, release): restore the direct map of

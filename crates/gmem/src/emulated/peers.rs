@@ -86,6 +86,9 @@ impl Wire {
 pub(super) struct Peers {
     list: Mutex<Vec<OwnedFd>>,
     seq: std::sync::atomic::AtomicU64,
+    /// Room for the indices of peers found gone during one [`Peers::set`], reserved by
+    /// [`Peers::try_reserve`] before a conversion's point of no return.
+    gone: Mutex<Vec<usize>>,
 }
 
 impl Peers {
@@ -112,6 +115,17 @@ impl Peers {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Makes sure the next [`Peers::set`] allocates nothing (ENOMEM otherwise).
+    pub(super) fn try_reserve(&self) -> Result<(), std::collections::TryReserveError> {
+        let n = self.lock().len();
+        let mut gone = self
+            .gone
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        gone.clear();
+        gone.try_reserve(n)
+    }
+
     /// Tells every peer that the byte runs `runs` are now private (or shared) and waits until
     /// each has applied it to its mappings. Peers that have gone are forgotten. Err: the
     /// first errno a peer answered, or EAGAIN when one did not answer in time.
@@ -125,7 +139,11 @@ impl Peers {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             .wrapping_add(1);
         let op = if private { OP_PRIVATE } else { OP_SHARED };
-        let mut gone = Vec::new();
+        let mut gone = self
+            .gone
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        gone.clear();
         for (i, end) in list.iter().enumerate() {
             let sent = runs
                 .iter()
@@ -188,7 +206,7 @@ impl Peers {
         }
         gone.sort_unstable();
         gone.dedup();
-        for i in gone.into_iter().rev() {
+        for &i in gone.iter().rev() {
             list.remove(i);
         }
         match first_err {

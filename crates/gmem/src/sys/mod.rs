@@ -126,6 +126,19 @@ pub fn pwrite_all(fd: BorrowedFd<'_>, data: &[u8], offset: u64) -> KernelResult<
 /// The data runs (allocated, `[start, end)` byte offsets) of `fd` inside `[start, end)`,
 /// found with `lseek(SEEK_DATA)` / `lseek(SEEK_HOLE)`: one pair of calls per run.
 pub fn data_runs(fd: BorrowedFd<'_>, start: u64, end: u64) -> KernelResult<Vec<(u64, u64)>> {
+    let mut runs = Vec::new();
+    for_each_data_run(fd, start, end, |s, e| runs.push((s, e)))?;
+    Ok(runs)
+}
+
+/// [`data_runs`] without collecting them: calls `f(start, end)` for each run, in order (no
+/// allocation, for a conversion past its point of no return).
+pub fn for_each_data_run(
+    fd: BorrowedFd<'_>,
+    start: u64,
+    end: u64,
+    mut f: impl FnMut(u64, u64),
+) -> KernelResult<()> {
     let seek = |off: u64, whence: libc::c_int| -> KernelResult<Option<u64>> {
         let o = libc::off_t::try_from(off).map_err(|_| Errno::EINVAL)?;
         // SAFETY: lseek takes integers only; it moves the descriptor's offset, which gmem
@@ -139,7 +152,6 @@ pub fn data_runs(fd: BorrowedFd<'_>, start: u64, end: u64) -> KernelResult<Vec<(
             Err(Errno::last())
         }
     };
-    let mut runs = Vec::new();
     let mut at = start;
     while at < end {
         let Some(data) = seek(at, libc::SEEK_DATA)? else {
@@ -149,10 +161,10 @@ pub fn data_runs(fd: BorrowedFd<'_>, start: u64, end: u64) -> KernelResult<Vec<(
             break;
         }
         let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
-        runs.push((data, hole));
+        f(data, hole);
         at = hole;
     }
-    Ok(runs)
+    Ok(())
 }
 
 /// An owned mapping; unmapped on drop.
