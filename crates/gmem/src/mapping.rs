@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Deref;
 use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::error::{Errno, KernelResult};
@@ -94,6 +95,11 @@ impl Deref for ViewRef<'_> {
 pub(crate) struct FileView {
     whole: WholeFileView,
     windows: Mutex<BTreeMap<u64, Arc<Mmap>>>,
+    /// The byte range of the file gmem's own accesses may have mapped in this view since the
+    /// zap that last covered it ([`FileView::note_access`], [`FileView::zap_changed`]).
+    accessed: Mutex<Option<(u64, u64)>>,
+    /// The whole view's address was handed out (a memslot): anything may be mapped in it.
+    exposed: AtomicBool,
 }
 
 impl FileView {
@@ -183,6 +189,60 @@ impl FileView {
             pos += n;
         }
         Ok(())
+    }
+
+    /// gmem's own access to `[off, off + len)` through this view: called before the access
+    /// and again after it, so a zap that ran between them cannot hide it.
+    pub(crate) fn note_access(&self, off: u64, len: u64) {
+        let end = off.saturating_add(len);
+        let mut a = self
+            .accessed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *a = Some(match *a {
+            Some((lo, hi)) => (lo.min(off), hi.max(end)),
+            None => (off, end),
+        });
+    }
+
+    /// The whole view's address leaves gmem (a memslot): from now on every change zaps.
+    pub(crate) fn expose(&self) {
+        self.exposed.store(true, Ordering::Release);
+    }
+
+    /// After a conversion of the byte runs `runs`: zaps this view's PTEs of them (as the
+    /// kernel invalidates KVM's mappings of a converted range), or only of the part gmem's own
+    /// accesses may have mapped when the view was never handed out — nothing at all when no
+    /// access came since the last zap (an empty `MADV_DONTNEED` is a system call all the
+    /// same). Best effort: zapping our own shared mappings does not fail; if it did, the guest
+    /// would keep a mapping of the same page, which holds the same data.
+    pub(crate) fn zap_changed(&self, runs: &[(u64, u64)]) {
+        if self.exposed.load(Ordering::Acquire) {
+            for &(s, e) in runs {
+                self.advise_mapped(s, e - s, libc::MADV_DONTNEED);
+            }
+            return;
+        }
+        // Forgotten before the zap: an access in flight notes its range again when it ends.
+        let (lo, hi) = {
+            let mut a = self
+                .accessed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let Some((lo, hi)) = *a else {
+                return;
+            };
+            if runs.iter().any(|&(s, e)| s <= lo && hi <= e) {
+                *a = None;
+            }
+            (lo, hi)
+        };
+        for &(s, e) in runs {
+            let (s, e) = (s.max(lo), e.min(hi));
+            if s < e {
+                self.advise_mapped(s, e - s, libc::MADV_DONTNEED);
+            }
+        }
     }
 
     /// `madvise(advice)` of file range `[off, off + len)` wherever it is mapped (the whole

@@ -328,6 +328,12 @@ impl TwoBacking {
             .collect();
         for (s, e) in changing {
             let (start, stop) = (s * PAGE_SIZE, e * PAGE_SIZE);
+            // The run's attributes are recorded after its content moved: their nodes first
+            // (ENOMEM with this run unchanged, never an abort).
+            attrs.try_reserve().map_err(|_| ConversionError {
+                errno: Errno::ENOMEM,
+                error_offset: start,
+            })?;
             self.move_run(start, stop, to_private)
                 .map_err(|errno| ConversionError {
                     errno,

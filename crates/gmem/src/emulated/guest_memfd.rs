@@ -93,6 +93,8 @@ impl GuestMemfd for EmulatedGuestMemfd {
 
     fn memslot_source(&self) -> KernelResult<crate::file::MemslotSource<'_>> {
         let view = self.guest_view()?;
+        // A vCPU maps what it touches there, unseen by gmem: every conversion zaps from now.
+        self.inner.guest_view.expose();
         Ok(crate::file::MemslotSource::GuestView {
             userspace_addr: view.as_ptr() as u64,
             len: self.inner.size,
@@ -438,13 +440,7 @@ impl EmulatedGuestMemfd {
         // The guest's mappings of the changed pages go, as the kernel invalidates KVM's
         // (stage-2) mappings of a converted range: a guest view bound as a memslot has
         // KVM's MMU notifier zap its entries, and the guest's next access faults again.
-        // Zapping PTEs of our own shared mappings does not fail; if it did, the guest would
-        // keep a mapping of the same page, which holds the same data.
-        for &(s, e) in &changing {
-            self.inner
-                .guest_view
-                .advise_mapped(s, e - s, libc::MADV_DONTNEED);
-        }
+        self.inner.guest_view.zap_changed(&changing);
         // Failure markers of the changed pages were zapped (to shared) or are private
         // markers now (to private).
         if let Some(service) = self.inner.fault_service() {

@@ -156,11 +156,7 @@ impl EmulatedGuestMemfd {
             return Err(e);
         }
         st.attrs.set_range(first, last, private);
-        for &(s, e) in &changing {
-            self.inner
-                .guest_view
-                .advise_mapped(s, e - s, libc::MADV_DONTNEED);
-        }
+        self.inner.guest_view.zap_changed(&changing);
         Ok(())
     }
 }

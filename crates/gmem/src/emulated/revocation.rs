@@ -518,24 +518,10 @@ impl MappingRegistry for Inner {
 
 #[cfg(test)]
 mod tests {
-    use std::io::{Read, Seek, SeekFrom};
-
-    use super::*;
+    use super::tests_support::*;
     use crate::emulated::{EmulatedOptions, Revocation};
     use crate::file::GuestMemfd;
     use crate::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
-
-    const PS: u64 = PAGE_SIZE;
-
-    /// Whether this process has a PTE for `addr` (`/proc/self/pagemap` bit 63).
-    fn pte_present(addr: usize) -> bool {
-        let mut f = std::fs::File::open("/proc/self/pagemap").expect("pagemap");
-        f.seek(SeekFrom::Start((addr as u64 / PS) * 8))
-            .expect("seek");
-        let mut b = [0u8; 8];
-        f.read_exact(&mut b).expect("read pagemap");
-        u64::from_le_bytes(b) >> 63 == 1
-    }
 
     /// A conversion zaps the guest view's pages of the changing runs, and only those, in
     /// both directions (as the kernel invalidates KVM's mappings of a converted range), for
@@ -590,5 +576,68 @@ mod tests {
             host.write_volatile((p * PS) as usize, &[5u8; 8])
                 .expect("host");
         }
+    }
+}
+
+#[cfg(test)]
+mod guest_view_tests {
+    use super::tests_support::*;
+    use crate::file::GuestMemfd;
+
+    /// Once the guest view is handed out as a memslot, what a vCPU maps there unseen by gmem
+    /// (here: a write through the view's address) is zapped by every conversion of it; gmem's
+    /// own accesses are zapped before that too, and a conversion of pages nothing accessed
+    /// leaves the others mapped.
+    #[test]
+    fn a_memslot_view_is_zapped_whatever_mapped_it() {
+        let f = file();
+        let g = f.guest_view().expect("guest view").as_ptr() as usize;
+        let at = |p: u64| g + (p * PS) as usize;
+        // gmem's own access to page 1 is seen; a conversion of page 5 leaves page 1 mapped.
+        f.guest_touch(PS, PS, 1).expect("guest");
+        f.set_private(5 * PS, PS).expect("to private");
+        assert!(pte_present(at(1)));
+        f.set_private(PS, PS).expect("to private");
+        assert!(!pte_present(at(1)));
+        // Handed out: a write through the address, unseen by gmem, is zapped too.
+        let _ = f.memslot_source().expect("memslot source");
+        let view = f.guest_view().expect("guest view");
+        view.write_volatile((3 * PS) as usize, &[9]).expect("write");
+        assert!(pte_present(at(3)));
+        f.set_private(3 * PS, PS).expect("to private");
+        assert!(!pte_present(at(3)));
+        view.write_volatile((3 * PS) as usize, &[9]).expect("write");
+        f.set_shared(3 * PS, PS).expect("to shared");
+        assert!(!pte_present(at(3)));
+    }
+}
+
+#[cfg(test)]
+mod tests_support {
+    use std::io::{Read, Seek, SeekFrom};
+
+    pub(super) use crate::emulated::EmulatedGuestMemfd;
+    use crate::emulated::{EmulatedOptions, Revocation};
+    pub(super) use crate::sys::PAGE_SIZE as PS;
+    use crate::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
+
+    /// Whether this process has a PTE for `addr` (`/proc/self/pagemap` bit 63).
+    pub(super) fn pte_present(addr: usize) -> bool {
+        let mut f = std::fs::File::open("/proc/self/pagemap").expect("pagemap");
+        f.seek(SeekFrom::Start((addr as u64 / PS) * 8))
+            .expect("seek");
+        let mut b = [0u8; 8];
+        f.read_exact(&mut b).expect("read pagemap");
+        u64::from_le_bytes(b) >> 63 == 1
+    }
+
+    /// A 16-page shared file with the default revocation.
+    pub(super) fn file() -> EmulatedGuestMemfd {
+        EmulatedGuestMemfd::create_with(
+            16 * PS,
+            GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+            EmulatedOptions::with_revocation(Revocation::Poison),
+        )
+        .expect("create")
     }
 }
