@@ -133,7 +133,8 @@ impl Spare {
                 }
             }
             Slot::Inner(mut children) => {
-                for c in children.iter_mut() {
+                // Uniform children hold nothing (the common case: a collapse).
+                for c in children.iter_mut().filter(|c| c.as_uniform().is_none()) {
                     let c = std::mem::replace(c, Slot::Shared);
                     self.recycle(c);
                 }
@@ -499,7 +500,14 @@ fn set(
             });
             // Bits of pages past the file's end are don't-care.
             let valid = limit.saturating_sub(base).min(1 << LEAF_SHIFT);
-            let uniform_as = |v: u64| for_words(0, valid, |w, m| bits[w] & m == v & m);
+            let uniform_as = |v: u64| {
+                if valid == 1 << LEAF_SHIFT {
+                    // Every bit is a page of the file: whole words (vectorised).
+                    bits.iter().all(|&w| w == v)
+                } else {
+                    for_words(0, valid, |w, m| bits[w] & m == v & m)
+                }
+            };
             let collapsed = if uniform_as(0) {
                 Some(Slot::Shared)
             } else if uniform_as(u64::MAX) {

@@ -118,6 +118,9 @@ impl Peers {
     /// Makes sure the next [`Peers::set`] allocates nothing (ENOMEM otherwise).
     pub(super) fn try_reserve(&self) -> Result<(), std::collections::TryReserveError> {
         let n = self.lock().len();
+        if n == 0 {
+            return Ok(());
+        }
         let mut gone = self
             .gone
             .lock()
