@@ -100,16 +100,17 @@ impl BackendArg {
     }
 }
 
+/// A `--vm-type` that is neither a known name nor a number.
+#[derive(Debug, thiserror::Error)]
+#[error("bad VM type {0:?}: expected default, sw_protected (KVM_X86_SW_PROTECTED_VM) or a number")]
+pub struct BadVmType(pub String);
+
 /// Parses `--vm-type`: a name or a number.
-pub fn parse_vm_type(s: &str) -> Result<u64, String> {
+pub fn parse_vm_type(s: &str) -> Result<u64, BadVmType> {
     if let Some((_, v)) = VM_TYPES.iter().find(|(n, _)| n.eq_ignore_ascii_case(s)) {
         return Ok(*v);
     }
-    s.parse::<u64>().map_err(|_| {
-        format!(
-            "bad VM type {s:?}: expected default, sw_protected (KVM_X86_SW_PROTECTED_VM) or a number"
-        )
-    })
+    s.parse::<u64>().map_err(|_| BadVmType(s.to_string()))
 }
 
 pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {

@@ -39,39 +39,63 @@ pub struct VcpuDemo {
     pub conversions: u64,
 }
 
-fn err(what: impl std::fmt::Display) -> String {
-    what.to_string()
+/// How the scenario failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuDemoError {
+    /// A step's call failed.
+    #[error("{step}: {error}")]
+    Call {
+        /// The step.
+        step: &'static str,
+        /// The call's error, as it prints.
+        error: String,
+    },
+    /// The guest ran past the scenario's time limit.
+    #[error("the guest did not finish in {0:?}")]
+    Timeout(Duration),
+    /// The device or the guest did not do what the scenario expects.
+    #[error("{0}")]
+    Unexpected(String),
+}
+
+/// The error of `step`'s call.
+fn call<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> VcpuDemoError {
+    move |e| VcpuDemoError::Call {
+        step,
+        error: e.to_string(),
+    }
 }
 
 /// Runs the scenario; `Err` says what went wrong (a missing `/dev/kvm` is the caller's
 /// check: [`gmem_vmm::kvm_available`]).
-pub fn run() -> Result<VcpuDemo, String> {
+pub fn run() -> Result<VcpuDemo, VcpuDemoError> {
     let mut out = VcpuDemo::default();
     let file: Arc<dyn GuestMemfd> = Arc::new(
         EmulatedGuestMemfd::create(
             16 * PAGE,
             GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
         )
-        .map_err(err)?,
+        .map_err(call("create the file"))?,
     );
-    let region =
-        GmemRegion::new(file.clone(), 0, 16 * PAGE, GuestAddress(DATA_GPA)).map_err(err)?;
-    let slot = region.memslot(1).map_err(err)?;
+    let region = GmemRegion::new(file.clone(), 0, 16 * PAGE, GuestAddress(DATA_GPA))
+        .map_err(call("make the region"))?;
+    let slot = region.memslot(1).map_err(call("describe the memslot"))?;
     out.log.push(format!(
         "memslot: gpa {:#x} size {:#x} flags {} userspace_addr {:#x} (emulated file's guest view)",
         slot.guest_phys_addr, slot.memory_size, slot.flags, slot.userspace_addr
     ));
-    let mem: Arc<GmemMemory> = Arc::new(GmemMemory::new(vec![region]).map_err(err)?);
+    let mem: Arc<GmemMemory> =
+        Arc::new(GmemMemory::new(vec![region]).map_err(call("build the guest memory"))?);
     let iommu = Arc::new(IommuTracker::new(true));
     iommu
         .map_initial(DATA_GPA, 16 * PAGE, &file, 0)
-        .map_err(err)?;
+        .map_err(call("map the IOMMU"))?;
     mem.add_listener(iommu.clone());
 
-    let vm = Vm::new(1).map_err(err)?;
-    let backing = gmem_vmm::backing::in_place(file.clone()).map_err(err)?;
+    let vm = Vm::new(1).map_err(call("create the VM"))?;
+    let backing = gmem_vmm::backing::in_place(file.clone()).map_err(call("wrap the file"))?;
     vm.bind(gmem_vmm::Gpa(DATA_GPA), &backing, 0, 16 * PAGE)
-        .map_err(err)?;
+        .map_err(call("bind the memory"))?;
     let handler_mem = Arc::clone(&mem);
     vm.set_conversion_handler(Some(Arc::new(move |req, _fallocate| {
         handler_mem
@@ -89,19 +113,25 @@ pub fn run() -> Result<VcpuDemo, String> {
     p.sync(3);
     p.verify(BUFFER, PAGE, 0xab);
     p.done();
-    let program = p.finish().map_err(err)?;
-    let mut vcpu = vm.create_vcpu(0, program).map_err(err)?;
+    let program = p.finish().map_err(call("assemble the guest program"))?;
+    let mut vcpu = vm
+        .create_vcpu(0, program)
+        .map_err(call("create the vCPU"))?;
 
     let mut drv = Driver::new(RINGS, 16);
-    drv.init(&mem).map_err(err)?;
+    drv.init(&mem).map_err(call("initialise the queue"))?;
     let mut dev = BlockDevice::new(drv.device_queue(), 64);
-    let status = |mem: &GmemMemory| mem.read_obj::<u8>(GuestAddress(STATUS)).map_err(err);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = |mem: &GmemMemory| {
+        mem.read_obj::<u8>(GuestAddress(STATUS))
+            .map_err(call("read the request status"))
+    };
+    const LIMIT: Duration = Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + LIMIT;
     loop {
         if std::time::Instant::now() > deadline {
-            return Err("the guest did not finish in 20 s".into());
+            return Err(VcpuDemoError::Timeout(LIMIT));
         }
-        match vcpu.run(&vm).map_err(err)? {
+        match vcpu.run(&vm).map_err(call("run the vCPU"))? {
             Event::Sync(1) => {
                 drv.request(
                     &mem,
@@ -111,14 +141,16 @@ pub fn run() -> Result<VcpuDemo, String> {
                     &[(PAYLOAD, PAGE as u32)],
                     STATUS,
                 )
-                .map_err(err)?;
+                .map_err(call("queue the OUT request"))?;
                 dev.process(&mem);
                 let s = status(&mem)?;
                 out.log.push(format!(
                     "sync 1: guest wrote 0xab into {PAYLOAD:#x}; OUT request from it: status {s}"
                 ));
                 if s != VIRTIO_BLK_S_OK {
-                    return Err(format!("OUT from shared memory answered status {s}"));
+                    return Err(VcpuDemoError::Unexpected(format!(
+                        "OUT from shared memory answered status {s}"
+                    )));
                 }
             }
             Event::Sync(2) => {
@@ -132,7 +164,7 @@ pub fn run() -> Result<VcpuDemo, String> {
                     &[(BUFFER, PAGE as u32)],
                     STATUS,
                 )
-                .map_err(err)?;
+                .map_err(call("queue the IN request into private memory"))?;
                 dev.process(&mem);
                 let s = status(&mem)?;
                 out.log.push(format!(
@@ -142,7 +174,9 @@ pub fn run() -> Result<VcpuDemo, String> {
                     dev.last_error().unwrap_or("")
                 ));
                 if s != VIRTIO_BLK_S_IOERR || named != Some(BUFFER) || iommu.is_mapped(BUFFER) {
-                    return Err("a request into private memory was not refused".into());
+                    return Err(VcpuDemoError::Unexpected(
+                        "a request into private memory was not refused".into(),
+                    ));
                 }
             }
             Event::Sync(3) => {
@@ -154,7 +188,7 @@ pub fn run() -> Result<VcpuDemo, String> {
                     &[(BUFFER, PAGE as u32)],
                     STATUS,
                 )
-                .map_err(err)?;
+                .map_err(call("queue the IN request into shared memory"))?;
                 dev.process(&mem);
                 let s = status(&mem)?;
                 out.log.push(format!(
@@ -162,7 +196,9 @@ pub fn run() -> Result<VcpuDemo, String> {
                     iommu.is_mapped(BUFFER)
                 ));
                 if s != VIRTIO_BLK_S_OK {
-                    return Err(format!("IN into shared memory answered status {s}"));
+                    return Err(VcpuDemoError::Unexpected(format!(
+                        "IN into shared memory answered status {s}"
+                    )));
                 }
             }
             Event::Done => {
@@ -171,12 +207,16 @@ pub fn run() -> Result<VcpuDemo, String> {
                 break;
             }
             Event::Fail { id, rdi } => {
-                return Err(format!(
+                return Err(VcpuDemoError::Unexpected(format!(
                     "guest check {id} failed at {rdi:#x}: {:?}",
                     vcpu.checks().get(id as usize)
-                ));
+                )));
             }
-            other => return Err(format!("unexpected guest event {other:?}")),
+            other => {
+                return Err(VcpuDemoError::Unexpected(format!(
+                    "unexpected guest event {other:?}"
+                )))
+            }
         }
     }
     let st = vm.stats();
