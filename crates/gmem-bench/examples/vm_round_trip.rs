@@ -2,7 +2,7 @@
 //! on a real vCPU over an emulated gmem file, and the cost of the CPL0 detour that the
 //! MAP_GPA_RANGE hypercall path would add (two more exits with a CS/SS rewrite each).
 //!
-//! `cargo run --release -p gmem --example vm_round_trip [samples]`; exits 1 if the ratio
+//! `cargo run --release -p gmem-bench --example vm_round_trip [samples]`; exits 1 if the ratio
 //! conversion / (exit + 4 KiB conversion) misses the 1.5 target, 2 without /dev/kvm.
 
 use std::process::ExitCode;
