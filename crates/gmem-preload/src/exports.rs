@@ -142,7 +142,7 @@ fn mmap_common(
 ) -> *mut c_void {
     if owned(fd) {
         let _inside = fdtable::Inside::enter();
-        if let Some(r) = files::mmap(len, prot, flags, fd, off) {
+        if let Some(r) = files::mmap(addr as usize, len, prot, flags, fd, off) {
             return r.unwrap_or_else(|e| {
                 crate::user::set_errno(e.0);
                 libc::MAP_FAILED

@@ -5,6 +5,7 @@
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::sync::Arc;
 
+use gmem::os::Placement;
 use gmem::{Errno, GuestMemfd, MapKind, PinGuard, PAGE_SIZE};
 
 use crate::fdtable::{self, Gmem, MapEntry, Object, Pins};
@@ -21,8 +22,13 @@ pub(crate) fn gmem_of(fd: c_int) -> Option<Arc<Gmem>> {
 }
 
 /// `mmap` of an emulated file: the file's own host mapping (private pages raise SIGBUS in
-/// it), kept in the registry until the program unmaps it. `None`: not an emulated file.
+/// it), kept in the registry until the program unmaps it. With `MAP_FIXED` it goes at `addr`,
+/// replacing what is there, as a VMM maps guest memory into a range it reserved;
+/// `MAP_FIXED_NOREPLACE` refuses an occupied range (EEXIST). A fixed range that overlaps a
+/// mapping of an emulated file is EINVAL (documented limit: that mapping would unmap it when
+/// it goes). `None`: not an emulated file.
 pub(crate) fn mmap(
+    addr: usize,
     len: usize,
     prot: c_int,
     flags: c_int,
@@ -31,10 +37,6 @@ pub(crate) fn mmap(
 ) -> Option<Result<*mut c_void, Errno>> {
     let g = gmem_of(fd)?;
     let result = (|| {
-        if flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0 {
-            // The emulated file chooses the address of its mappings (documented limit).
-            return Err(Errno::EINVAL);
-        }
         let kind = if matches!(
             flags & libc::MAP_TYPE,
             libc::MAP_SHARED | libc::MAP_SHARED_VALIDATE
@@ -44,7 +46,34 @@ pub(crate) fn mmap(
             MapKind::Private
         };
         let offset = u64::try_from(offset).map_err(|_| Errno::EINVAL)?;
-        let mapping = g.file.mmap(offset, len, kind)?;
+        let mapping = if flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0 {
+            let noreplace = flags & libc::MAP_FIXED_NOREPLACE != 0;
+            if addr % PAGE_SIZE as usize != 0 {
+                return Err(Errno::EINVAL);
+            }
+            let span = len.checked_next_multiple_of(PAGE_SIZE as usize);
+            if span.is_some_and(|n| !fdtable::overlapping(&fdtable::registry(), addr, n).is_empty())
+            {
+                // Over an emulated file's mapping: the kernel's answer with NOREPLACE, the
+                // documented limit without.
+                return Err(if noreplace {
+                    Errno(libc::EEXIST)
+                } else {
+                    Errno::EINVAL
+                });
+            }
+            let at = if noreplace {
+                Placement::vacant(addr, len)
+            } else {
+                // SAFETY: the program asked mmap(2) to replace `[addr, addr + len)`
+                // (MAP_FIXED), which is what the kernel would do; none of it is an emulated
+                // file's mapping (checked above), so nothing of the interposer's is replaced.
+                unsafe { Placement::replacing(addr, len) }
+            };
+            g.file.mmap_fixed(at, offset, kind)?
+        } else {
+            g.file.mmap(offset, len, kind)?
+        };
         let addr = mapping.as_ptr();
         if prot != libc::PROT_READ | libc::PROT_WRITE {
             // SAFETY: changes the protection of the mapping just made, which nothing else

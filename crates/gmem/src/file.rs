@@ -126,6 +126,22 @@ pub trait GuestMemfd: Send + Sync + fmt::Debug {
     /// `mmap(len, PROT_READ|PROT_WRITE, kind, offset)`.
     fn mmap(&self, offset: u64, len: usize, kind: MapKind) -> KernelResult<HostMapping>;
 
+    /// `mmap(addr, len, PROT_READ|PROT_WRITE, kind | MAP_FIXED, offset)` at `at` (with
+    /// `MAP_FIXED_NOREPLACE` for a vacant placement: EEXIST if anything is mapped there): the
+    /// mapping at an address the caller chose, as a VMM maps guest memory into a range it
+    /// reserved. The errnos are `mmap(2)`'s and guest_memfd's, in the kernel's order (EINVAL
+    /// for an address that is not page-aligned, EEXIST for an occupied vacant placement,
+    /// before ENODEV). EOPNOTSUPP where the implementation cannot place mappings.
+    fn mmap_fixed(
+        &self,
+        at: crate::os::Placement,
+        offset: u64,
+        kind: MapKind,
+    ) -> KernelResult<HostMapping> {
+        let _ = (at, offset, kind);
+        Err(crate::Errno::EOPNOTSUPP)
+    }
+
     /// Takes a long-term pin on the pages of `[offset, offset + len)`, as GUP or an IOMMU
     /// mapping would. The pages must be shared (EFAULT otherwise, as GUP on a private page).
     fn pin(&self, offset: u64, len: u64) -> KernelResult<PinGuard>;

@@ -381,6 +381,21 @@ impl GuestMemfd for KernelGuestMemfd {
         Ok(HostMapping::new(Arc::new(map), offset, None))
     }
 
+    fn mmap_fixed(
+        &self,
+        at: crate::os::Placement,
+        offset: u64,
+        kind: MapKind,
+    ) -> KernelResult<HostMapping> {
+        let flags = match kind {
+            MapKind::Shared => libc::MAP_SHARED,
+            MapKind::Private => libc::MAP_PRIVATE,
+        };
+        // The kernel checks everything, in its own order.
+        let map = Mmap::new_at(at, Some(self.inner.fd.as_fd()), offset, flags)?;
+        Ok(HostMapping::new(Arc::new(map), offset, None))
+    }
+
     fn pin(&self, offset: u64, len: u64) -> KernelResult<PinGuard> {
         if len == 0 {
             return Err(Errno::EINVAL);

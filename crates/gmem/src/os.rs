@@ -4,5 +4,5 @@
 
 pub use crate::sys::{
     allocated_bytes, fallocate, fstat, ftruncate, memfd_create, userfaultfd_features, Mmap,
-    PAGE_SIZE,
+    Placement, PAGE_SIZE,
 };

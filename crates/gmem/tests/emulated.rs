@@ -454,3 +454,76 @@ fn huge_files_work_through_windows() {
         assert!(f.allocated_bytes().unwrap() <= 2 * PS);
     }
 }
+
+/// A free, page-aligned range of `len` bytes (mapped and released; another test thread may
+/// take it before the caller does, hence the callers' retries).
+fn free_range(len: usize) -> usize {
+    let r = gmem::os::Mmap::new(None, 0, len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS)
+        .expect("anonymous mapping");
+    r.as_ptr() as usize
+}
+
+/// `mmap_fixed`: the mapping lands where it was asked to, and is a host mapping like any other
+/// (shared writes seen, private pages SIGBUS there, every revocation mode); a vacant placement
+/// over an occupied range is EEXIST, an unaligned address EINVAL, and both come before the
+/// ENODEV of a file without MMAP, as in the kernel's mmap.
+#[test]
+fn a_mapping_at_a_chosen_address() {
+    use gmem::os::Placement;
+    for opts in both() {
+        let f = EmulatedGuestMemfd::create_with(4 * PS, SHARED, opts).unwrap();
+        let (m, at) = (0..100)
+            .find_map(|_| {
+                let at = free_range(4 * PS as usize) + PS as usize;
+                match f.mmap_fixed(Placement::vacant(at, 2 * PS as usize), PS, MapKind::Shared) {
+                    Ok(m) => Some((m, at)),
+                    Err(Errno(libc::EEXIST)) => None,
+                    Err(e) => panic!("{opts:?}: {e}"),
+                }
+            })
+            .expect("a free range within 100 tries");
+        assert_eq!(m.as_ptr() as usize, at);
+        assert_eq!(m.len(), 2 * PS as usize);
+        f.write_at(PS, b"hi").unwrap();
+        let mut b = [0u8; 2];
+        m.read_volatile(0, &mut b).unwrap();
+        assert_eq!(&b, b"hi");
+        f.set_private(PS, PS).unwrap();
+        assert!(
+            sigbus_at(&m, 0),
+            "{opts:?}: private page readable at the fixed address"
+        );
+        assert!(!sigbus_at(&m, PS), "{opts:?}: page 2 stays shared");
+        f.set_shared(PS, PS).unwrap();
+        assert_eq!(
+            m.probe_read(0, 2).unwrap(),
+            Probe::Done(b"hi".to_vec()),
+            "{opts:?}"
+        );
+        let occupied = Placement::vacant(at, PS as usize);
+        assert_eq!(
+            f.mmap_fixed(occupied, 0, MapKind::Shared).err(),
+            Some(Errno(libc::EEXIST))
+        );
+        let unaligned = Placement::vacant(at + 1, PS as usize);
+        assert_eq!(
+            f.mmap_fixed(unaligned, 0, MapKind::Shared).err(),
+            Some(Errno::EINVAL)
+        );
+        let g = EmulatedGuestMemfd::create_with(4 * PS, 0, opts).unwrap();
+        assert_eq!(
+            g.mmap_fixed(Placement::vacant(at, PS as usize), 0, MapKind::Shared)
+                .err(),
+            Some(Errno(libc::EEXIST)),
+            "EEXIST before ENODEV"
+        );
+        let r = (0..100)
+            .map(|_| {
+                let free = Placement::vacant(free_range(PS as usize), PS as usize);
+                g.mmap_fixed(free, 0, MapKind::Shared).err()
+            })
+            .find(|e| *e != Some(Errno(libc::EEXIST)));
+        assert_eq!(r, Some(Some(Errno::ENODEV)), "{opts:?}");
+        drop(m);
+    }
+}

@@ -3,7 +3,7 @@
  * two mappings of one file, conversions both ways with the content kept, SIGBUS in every
  * mapping on private pages, the validation errnos, EAGAIN + error_offset while a page is
  * referenced (gup_test long-term pin, and vmsplice into a pipe), punch-hole keeping
- * attributes.
+ * attributes, and MAP_FIXED into a reserved range (as QEMU maps guest RAM).
  */
 #include "gmem_test.h"
 #include <sys/uio.h>
@@ -170,6 +170,42 @@ static void test_init_private(int vm)
 	close(fd);
 }
 
+/*
+ * A VMM reserves address space (PROT_NONE) and maps guest memory into it with MAP_FIXED:
+ * the mapping lands there and private pages raise SIGBUS at that address; MAP_FIXED_NOREPLACE
+ * over an occupied range is EEXIST; unmapping the whole reservation takes the mapping along.
+ */
+static void test_map_fixed(int vm)
+{
+	size_t sz = 2 * page_size;
+	int fd = create_gmem(vm, sz, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED);
+	char *resv = mmap(NULL, 4 * page_size, PROT_NONE,
+			  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	CHECK(resv != MAP_FAILED, "reserve 4 pages");
+	char *m = mmap(resv + page_size, sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
+	CHECK(m == resv + page_size, "MAP_FIXED lands at the address asked for (%p, %p)",
+	      (void *)m, (void *)(resv + page_size));
+	char x;
+	m[0] = 'F';
+	m[page_size] = 'G';
+	set_private(fd, 0, page_size);
+	CHECK(read_sigbus(m, &x), "private page at the fixed address -> SIGBUS");
+	CHECK(!read_sigbus(m + page_size, &x) && x == 'G', "its shared neighbour reads");
+	set_shared(fd, 0, page_size);
+	CHECK(!read_sigbus(m, &x) && x == 'F', "back to shared, content kept");
+	void *r = mmap(m, page_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED_NOREPLACE, fd, 0);
+	CHECK(r == MAP_FAILED && errno == EEXIST, "MAP_FIXED_NOREPLACE over a mapping -> EEXIST");
+	r = mmap((char *)m + 1, page_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
+	CHECK(r == MAP_FAILED && errno == EINVAL, "unaligned MAP_FIXED -> EINVAL");
+	CHECK(munmap(resv, 4 * page_size) == 0, "unmap the reservation with the mapping in it");
+	/* the range is free again: a NOREPLACE mapping goes there */
+	r = mmap(resv, page_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED_NOREPLACE, fd, 0);
+	CHECK(r == resv, "MAP_FIXED_NOREPLACE into a free range");
+	CHECK(!read_sigbus(r, &x) && x == 'F', "and it maps the file");
+	munmap(r, page_size);
+	close(fd);
+}
+
 int main(void)
 {
 	gm_prog = "conversion";
@@ -181,6 +217,7 @@ int main(void)
 	test_elevated_refcount(vm);
 	test_punch_hole(vm);
 	test_init_private(vm);
+	test_map_fixed(vm);
 	/* the program's own SIGBUS handler is still installed */
 	struct sigaction sa;
 	sigaction(SIGBUS, NULL, &sa);

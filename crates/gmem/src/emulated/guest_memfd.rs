@@ -10,7 +10,7 @@ use crate::attributes::{check_host_access, pages_of};
 use crate::error::{AccessError, Errno, KernelResult};
 use crate::file::{BackendKind, GuestMemfd, GuestMemfdStat, PinGuard};
 use crate::mapping::{HostMapping, MapKind, MappingRegistry};
-use crate::sys::{self, Mmap, PAGE_SIZE};
+use crate::sys::{self, Mmap, Placement, PAGE_SIZE};
 use crate::uapi::{
     kvm_memory_attributes2, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, GUEST_MEMFD_FLAG_MMAP,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
@@ -214,32 +214,11 @@ impl GuestMemfd for EmulatedGuestMemfd {
     }
 
     fn mmap(&self, offset: u64, len: usize, kind: MapKind) -> KernelResult<HostMapping> {
-        // The kernel's generic checks answer before guest_memfd's own (kernel-spec §2.5):
-        // an unaligned offset or a zero length is EINVAL, a length that overflows when
-        // rounded up to pages (mmap(2) maps whole pages) or exceeds the user address space
-        // is ENOMEM; only then ENODEV without MMAP, then EINVAL for a private mapping.
-        if len == 0 || offset % PAGE_SIZE != 0 {
-            return Err(Errno::EINVAL);
-        }
-        let len = len
-            .checked_next_multiple_of(PAGE_SIZE as usize)
-            .filter(|&l| l as u64 <= TASK_SIZE)
-            .ok_or(Errno::ENOMEM)?;
-        if self.inner.flags & GUEST_MEMFD_FLAG_MMAP == 0 {
-            return Err(Errno::ENODEV);
-        }
-        if kind == MapKind::Private {
-            return Err(Errno::EINVAL);
-        }
-        let map = Arc::new(Mmap::new(
-            Some(self.inner.memfd.as_fd()),
-            offset,
-            len,
-            libc::MAP_SHARED,
-        )?);
-        let id = self.register_mapping(&map, offset)?;
-        let registry: Arc<dyn MappingRegistry> = self.inner.clone();
-        Ok(HostMapping::new(map, offset, Some((registry, id))))
+        self.map_placed(Err(len), offset, kind)
+    }
+
+    fn mmap_fixed(&self, at: Placement, offset: u64, kind: MapKind) -> KernelResult<HostMapping> {
+        self.map_placed(Ok(at), offset, kind)
     }
 
     fn pin(&self, offset: u64, len: u64) -> KernelResult<PinGuard> {
@@ -467,6 +446,69 @@ impl EmulatedGuestMemfd {
 }
 
 impl EmulatedGuestMemfd {
+    /// [`GuestMemfd::mmap`] of `Err(len)` bytes, or [`GuestMemfd::mmap_fixed`] at `Ok(at)`.
+    fn map_placed(
+        &self,
+        at: Result<Placement, usize>,
+        offset: u64,
+        kind: MapKind,
+    ) -> KernelResult<HostMapping> {
+        let len = match &at {
+            Ok(p) => p.len(),
+            Err(len) => *len,
+        };
+        // The kernel's generic checks answer before guest_memfd's own (kernel-spec §2.5):
+        // an unaligned offset or a zero length is EINVAL, then an unaligned fixed address
+        // (get_unmapped_area); a length that overflows when rounded up to pages (mmap(2)
+        // maps whole pages) or exceeds the user address space is ENOMEM; an occupied range
+        // with MAP_FIXED_NOREPLACE is EEXIST; only then ENODEV without MMAP, then EINVAL for
+        // a private mapping.
+        if len == 0 || offset % PAGE_SIZE != 0 {
+            return Err(Errno::EINVAL);
+        }
+        if at
+            .as_ref()
+            .is_ok_and(|p| p.addr() == 0 || p.addr() % PAGE_SIZE as usize != 0)
+        {
+            return Err(Errno::EINVAL);
+        }
+        let len = len
+            .checked_next_multiple_of(PAGE_SIZE as usize)
+            .filter(|&l| l as u64 <= TASK_SIZE)
+            .ok_or(Errno::ENOMEM)?;
+        let refused = if self.inner.flags & GUEST_MEMFD_FLAG_MMAP == 0 {
+            Some(Errno::ENODEV)
+        } else if kind == MapKind::Private {
+            Some(Errno::EINVAL)
+        } else {
+            None
+        };
+        if let Some(errno) = refused {
+            if let Ok(p) = &at {
+                if !p.replaces() {
+                    // EEXIST comes first: try the range with an anonymous placeholder,
+                    // which replaces nothing and goes at once.
+                    drop(Mmap::new_at(
+                        Placement::vacant(p.addr(), len),
+                        None,
+                        0,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    )?);
+                }
+            }
+            return Err(errno);
+        }
+        let fd = Some(self.inner.memfd.as_fd());
+        let map = match at {
+            Err(_) => Mmap::new(fd, offset, len, libc::MAP_SHARED)?,
+            Ok(p) => Mmap::new_at(p, fd, offset, libc::MAP_SHARED)?,
+        };
+        let map = Arc::new(map);
+        let id = self.register_mapping(&map, offset)?;
+        let registry: Arc<dyn MappingRegistry> = self.inner.clone();
+        Ok(HostMapping::new(map, offset, Some((registry, id))))
+    }
+
     /// The runs of pages `[first, end)` whose attribute differs from `to_private`, in bytes;
     /// ENOMEM if the list cannot be allocated.
     pub(super) fn changing_runs(

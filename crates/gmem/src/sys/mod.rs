@@ -185,6 +185,64 @@ const MPOL_F_NODE: libc::c_ulong = 1;
 /// `MPOL_F_ADDR` (`get_mempolicy`: the policy at an address).
 const MPOL_F_ADDR: libc::c_ulong = 2;
 
+/// Where a mapping goes when its address is chosen by the caller (`mmap`'s `MAP_FIXED`), as
+/// a VMM maps guest memory into a range it reserved: the promise that the range may be
+/// replaced is made once, when the placement is made ([`Placement::replacing`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Placement {
+    addr: usize,
+    len: usize,
+    replace: bool,
+}
+
+impl Placement {
+    /// `[addr, addr + len)`, where nothing may be mapped (`MAP_FIXED_NOREPLACE`: EEXIST
+    /// otherwise). Nothing is ever replaced, so anyone may make one.
+    pub fn vacant(addr: usize, len: usize) -> Placement {
+        Placement {
+            addr,
+            len,
+            replace: false,
+        }
+    }
+
+    /// `[addr, addr + len)` (`len` rounded up to pages), replacing whatever is mapped there
+    /// (`MAP_FIXED`).
+    ///
+    /// # Safety
+    ///
+    /// The range must be the caller's to replace: nothing else — no Rust reference, no other
+    /// owner such as an [`Mmap`] or an allocator — may use what is mapped there now. The
+    /// mapping placed there owns the range and unmaps it when dropped.
+    pub unsafe fn replacing(addr: usize, len: usize) -> Placement {
+        Placement {
+            addr,
+            len,
+            replace: true,
+        }
+    }
+
+    /// The first address.
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// The length asked for (before rounding to pages).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the length asked for is zero.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether what is mapped there is replaced (`MAP_FIXED`) or refused (EEXIST).
+    pub fn replaces(&self) -> bool {
+        self.replace
+    }
+}
+
 impl Mmap {
     /// `mmap(NULL, len, PROT_READ|PROT_WRITE, flags, fd, offset)`; EINVAL for `MAP_FIXED`
     /// (use [`Mmap::map_fixed`] inside a mapping).
@@ -215,6 +273,60 @@ impl Mmap {
             return Err(Errno::last());
         }
         let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(Errno::ENOMEM)?;
+        Ok(Mmap { ptr, len })
+    }
+
+    /// `mmap(addr, len, PROT_READ|PROT_WRITE, flags | MAP_FIXED, fd, offset)` at `at`
+    /// (`MAP_FIXED_NOREPLACE` for a [`Placement::vacant`] one: EEXIST if anything is mapped
+    /// there). The length is rounded up to pages, as mmap(2) does. EINVAL for `MAP_FIXED` in
+    /// `flags` or an address that is not page-aligned; ENOMEM for a length that overflows.
+    pub fn new_at(
+        at: Placement,
+        fd: Option<BorrowedFd<'_>>,
+        offset: u64,
+        flags: libc::c_int,
+    ) -> KernelResult<Mmap> {
+        let Placement { addr, len, replace } = at;
+        if len == 0
+            || addr == 0
+            || addr % PAGE_SIZE as usize != 0
+            || flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0
+        {
+            return Err(Errno::EINVAL);
+        }
+        let len = len
+            .checked_next_multiple_of(PAGE_SIZE as usize)
+            .ok_or(Errno::ENOMEM)?;
+        let offset = libc::off_t::try_from(offset).map_err(|_| Errno::EINVAL)?;
+        let raw_fd = fd.map_or(-1, |f| f.as_raw_fd());
+        let fixed = if replace {
+            libc::MAP_FIXED
+        } else {
+            libc::MAP_FIXED_NOREPLACE
+        };
+        // SAFETY: a replacing placement was made by `Placement::replacing`, whose caller gave
+        // the range up; a vacant one (MAP_FIXED_NOREPLACE) replaces nothing. The result is
+        // checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                addr as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags | fixed,
+                raw_fd,
+                offset,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Errno::last());
+        }
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(Errno::ENOMEM)?;
+        if ptr.as_ptr() as usize != addr {
+            // Kernels before 4.17 take MAP_FIXED_NOREPLACE as a hint and map elsewhere.
+            // SAFETY: the kernel just mapped this range for us; nothing else knows of it.
+            unsafe { libc::munmap(ptr.as_ptr().cast(), len) };
+            return Err(Errno(libc::EEXIST));
+        }
         Ok(Mmap { ptr, len })
     }
 
