@@ -356,7 +356,10 @@ impl GuestMemfd for KernelGuestMemfd {
         let mut attrs = self.write_attrs();
         // The mirror is updated after the kernel changed: its nodes are reserved first, so
         // that update cannot fail (ENOMEM before the ioctl, nothing changed).
-        attrs.try_reserve().map_err(|_| Errno::ENOMEM)?;
+        if attrs.try_reserve().is_err() {
+            a.error_offset = a.offset;
+            return Err(Errno::ENOMEM);
+        }
         self.attributes2_ioctl(a)?;
         let (first, end) = pages_of(a.offset, a.size);
         attrs.set_range(first, end, a.attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0);

@@ -95,11 +95,63 @@ impl Deref for ViewRef<'_> {
 pub(crate) struct FileView {
     whole: WholeFileView,
     windows: Mutex<BTreeMap<u64, Arc<Mmap>>>,
-    /// The byte range of the file gmem's own accesses may have mapped in this view since the
-    /// zap that last covered it ([`FileView::note_access`], [`FileView::zap_changed`]).
-    accessed: Mutex<Option<(u64, u64)>>,
+    /// What gmem's own accesses may have mapped in this view since the zap that last covered
+    /// it ([`FileView::begin_access`], [`FileView::zap_changed`]).
+    accessed: Mutex<Accessed>,
     /// The whole view's address was handed out (a memslot): anything may be mapped in it.
     exposed: AtomicBool,
+}
+
+/// The part of a [`FileView`] that gmem's own accesses may have mapped: byte range
+/// `extent` of the file (page-aligned), and the accesses in flight.
+///
+/// An access maps more than it touches: a read fault on a shared file mapping also maps the
+/// neighbouring pages the page cache holds ("fault-around", up to a page table's span: 2 MiB
+/// of address space on x86-64, never across it). So an access to `[off, off + len)` notes
+/// `[off - 2 MiB, off + len + 2 MiB)`, rounded out to pages and clipped to the file.
+#[derive(Debug, Default)]
+pub(crate) struct Accessed {
+    extent: Option<(u64, u64)>,
+    in_flight: usize,
+}
+
+impl Accessed {
+    /// What fault-around may map beyond one page table's span.
+    const FAULT_AROUND_SPAN: u64 = 2 << 20;
+
+    /// The span an access to `[off, off + len)` of a `size`-byte file may map.
+    fn span(off: u64, len: u64, size: u64) -> (u64, u64) {
+        let page = sys::PAGE_SIZE;
+        let lo = off.saturating_sub(Self::FAULT_AROUND_SPAN) / page * page;
+        let hi = off
+            .saturating_add(len)
+            .saturating_add(Self::FAULT_AROUND_SPAN)
+            .min(size)
+            .div_ceil(page)
+            .saturating_mul(page);
+        (lo.min(hi), hi)
+    }
+
+    fn note(&mut self, (s, e): (u64, u64)) {
+        self.extent = Some(match self.extent {
+            Some((lo, hi)) => (lo.min(s), hi.max(e)),
+            None => (s, e),
+        });
+    }
+}
+
+/// One of gmem's own accesses through a [`FileView`], in flight until dropped.
+pub(crate) struct AccessGuard<'a> {
+    view: &'a FileView,
+    span: (u64, u64),
+}
+
+impl Drop for AccessGuard<'_> {
+    fn drop(&mut self) {
+        let mut a = self.view.accessed();
+        a.note(self.span);
+        a.in_flight = a.in_flight.saturating_sub(1);
+    }
 }
 
 impl FileView {
@@ -191,18 +243,22 @@ impl FileView {
         Ok(())
     }
 
-    /// gmem's own access to `[off, off + len)` through this view: called before the access
-    /// and again after it, so a zap that ran between them cannot hide it.
-    pub(crate) fn note_access(&self, off: u64, len: u64) {
-        let end = off.saturating_add(len);
-        let mut a = self
-            .accessed
+    /// gmem's own access to `[off, off + len)` of a file of `size` bytes through this view
+    /// begins; it ends when the returned guard goes. What the access may map is noted (see
+    /// [`Accessed`]) when it begins and again when it ends, and while any access is in flight
+    /// no zap forgets anything.
+    pub(crate) fn begin_access(&self, off: u64, len: u64, size: u64) -> AccessGuard<'_> {
+        let span = Accessed::span(off, len, size);
+        let mut a = self.accessed();
+        a.note(span);
+        a.in_flight += 1;
+        AccessGuard { view: self, span }
+    }
+
+    fn accessed(&self) -> std::sync::MutexGuard<'_, Accessed> {
+        self.accessed
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        *a = Some(match *a {
-            Some((lo, hi)) => (lo.min(off), hi.max(end)),
-            None => (off, end),
-        });
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The whole view's address leaves gmem (a memslot): from now on every change zaps.
@@ -223,17 +279,16 @@ impl FileView {
             }
             return;
         }
-        // Forgotten before the zap: an access in flight notes its range again when it ends.
+        // Forgotten before the zap, and only when no access is in flight (one that began
+        // before this conversion may map a page after the zap; it notes its span again when
+        // it ends, but a second conversion could come first).
         let (lo, hi) = {
-            let mut a = self
-                .accessed
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let Some((lo, hi)) = *a else {
+            let mut a = self.accessed();
+            let Some((lo, hi)) = a.extent else {
                 return;
             };
-            if runs.iter().any(|&(s, e)| s <= lo && hi <= e) {
-                *a = None;
+            if a.in_flight == 0 && runs.iter().any(|&(s, e)| s <= lo && hi <= e) {
+                a.extent = None;
             }
             (lo, hi)
         };

@@ -99,7 +99,6 @@ impl FaultService {
         })
     }
 
-    /// Forgets the failure markers of pages `[first, end)`, returning them.
     /// Forgets the failure markers of pages `[first, end)` without collecting them (no
     /// allocation: a conversion calls it past its point of no return).
     pub(super) fn forget_sigbus(&self, first: u64, end: u64) {
@@ -109,6 +108,7 @@ impl FaultService {
         }
     }
 
+    /// Forgets the failure markers of pages `[first, end)`, returning them.
     pub(super) fn take_sigbus(&self, first: u64, end: u64) -> Vec<(u64, u64)> {
         let mut set = self.sigbus();
         let taken: Vec<(u64, u64)> = set.range((first, 0)..(end, 0)).copied().collect();

@@ -487,7 +487,7 @@ impl EmulatedGuestMemfd {
 
     /// Calls `f(view, offset in it, offset in the range, length)` for each piece of
     /// `[offset, offset + len)` of the guest view (windows of a very large file). The range is
-    /// noted as accessed before and after (see [`crate::mapping::FileView::zap_changed`]).
+    /// noted as accessed while the access is in flight (see [`crate::mapping::FileView::zap_changed`]).
     fn guest_pieces(
         &self,
         offset: u64,
@@ -495,17 +495,15 @@ impl EmulatedGuestMemfd {
         f: impl FnMut(&Mmap, usize, usize, usize) -> KernelResult<()>,
     ) -> KernelResult<()> {
         let inner = &self.inner;
-        inner.guest_view.note_access(offset, len);
-        let r = inner.guest_view.pieces(
+        let _access = inner.guest_view.begin_access(offset, len, inner.size);
+        inner.guest_view.pieces(
             inner.memfd.as_fd(),
             inner.size,
             GUEST_VIEW_FLAGS,
             offset,
             len,
             f,
-        );
-        inner.guest_view.note_access(offset, len);
-        r
+        )
     }
 
     /// A guest read through the guest's view (private and shared pages alike). Each page

@@ -345,15 +345,26 @@ impl<'a> PageRef<'a> {
 
     /// XORs `stream` (a page) into the page.
     pub fn xor(&self, stream: &[u8]) {
-        let mut buf = self.read();
-        for (b, k) in buf.chunks_exact_mut(8).zip(stream.chunks_exact(8)) {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(b);
+        self.xor_words(stream.chunks_exact(8).map(|k| {
             let mut x = [0u8; 8];
             x.copy_from_slice(k);
-            b.copy_from_slice(&(u64::from_ne_bytes(w) ^ u64::from_ne_bytes(x)).to_ne_bytes());
+            u64::from_le_bytes(x)
+        }));
+    }
+
+    /// XORs the page's little-endian words with `words` (a page's worth; fewer leave the rest
+    /// as it is). Allocates nothing (a conversion's make-shared hook calls it past the
+    /// point of no return).
+    pub fn xor_words(&self, words: impl Iterator<Item = u64>) {
+        let mut buf = [0u8; PAGE];
+        // Inside the view (constructor contract), so neither access can fail.
+        let _ = self.view.read_volatile(self.off, &mut buf);
+        for (b, k) in buf.chunks_exact_mut(8).zip(words) {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(b);
+            b.copy_from_slice(&(u64::from_le_bytes(w) ^ k).to_le_bytes());
         }
-        self.write(&buf);
+        let _ = self.view.write_volatile(self.off, &buf);
     }
 }
 

@@ -59,29 +59,46 @@ impl Snp {
         }
     }
 
+    /// Makes room for page `index`'s transition count (ENOMEM otherwise): the paths that
+    /// assign a page call it, so the make-shared hook, past a conversion's point of no
+    /// return, finds the entry there and allocates nothing.
+    fn track(rmp: &mut Rmp, index: u64) -> KernelResult<()> {
+        if !rmp.transitions.contains_key(&index) {
+            rmp.transitions.try_reserve(1).map_err(|_| Errno::ENOMEM)?;
+            rmp.transitions.insert(index, 0);
+        }
+        Ok(())
+    }
+
     fn scramble(&self, rmp: &mut Rmp, page: &PageRef<'_>) {
         let n = rmp.transitions.entry(page.index()).or_insert(0);
         *n += 1;
-        page.xor(&keystream(self.key, page.index(), *n));
+        page.xor_words(keystream_words(self.key, page.index(), *n));
     }
 }
 
-/// A page of keystream with no zero byte (splitmix64).
-pub fn keystream(key: u64, index: u64, transition: u64) -> Vec<u8> {
+/// The keystream of (VM key, page, transition) as a page's worth of little-endian words
+/// (splitmix64), none with a zero byte; no allocation.
+pub fn keystream_words(key: u64, index: u64, transition: u64) -> impl Iterator<Item = u64> {
     let mut s = key
         ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15)
         ^ transition.wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
-    let mut out = Vec::with_capacity(PAGE);
-    while out.len() < PAGE {
+    (0..PAGE / 8).map(move |_| {
         s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = s;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^= z >> 31;
         // Low bit of every byte set: no zero byte.
-        out.extend_from_slice(&(z | 0x0101_0101_0101_0101).to_le_bytes());
-    }
-    out
+        z | 0x0101_0101_0101_0101
+    })
+}
+
+/// A page of keystream with no zero byte ([`keystream_words`] as bytes).
+pub fn keystream(key: u64, index: u64, transition: u64) -> Vec<u8> {
+    keystream_words(key, index, transition)
+        .flat_map(u64::to_le_bytes)
+        .collect()
 }
 
 impl Platform for Snp {
@@ -95,6 +112,7 @@ impl Platform for Snp {
         if rmp.assigned.contains(&page.index()) {
             return Ok(());
         }
+        Self::track(&mut rmp, page.index())?;
         self.scramble(&mut rmp, page);
         rmp.assigned.insert(page.index());
         rmp.report.assigned += 1;
@@ -119,9 +137,11 @@ impl Platform for Snp {
     fn post_populate(&self, page: &PageRef<'_>, _copied: bool) -> KernelResult<()> {
         let mut rmp = self.rmp();
         // LAUNCH_UPDATE of a page already assigned is refused by the firmware.
-        if !rmp.assigned.insert(page.index()) {
+        if rmp.assigned.contains(&page.index()) {
             return Err(Errno::EINVAL);
         }
+        Self::track(&mut rmp, page.index())?;
+        rmp.assigned.insert(page.index());
         rmp.report.assigned += 1;
         Ok(())
     }

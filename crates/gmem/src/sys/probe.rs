@@ -57,13 +57,18 @@ extern "C" fn probe_child(arg: *mut libc::c_void) -> libc::c_int {
         // while holding the peer end of a channel made for a concurrent fork kept that channel
         // open after the forked process exited, and the parent's next conversion waited the
         // full peer timeout for an EOF that only came when the probe ended (EAGAIN under
-        // stress). close_range(2) is Linux 5.9+; before that (ENOSYS) each is closed alone.
+        // stress). The child would close them all when it exits anyway (flushes included);
+        // this only does it first. close_range(2) is Linux 5.9+; before that (ENOSYS) each
+        // is closed alone, up to the hard descriptor limit (the soft one may have been lowered
+        // below open descriptors), at most 2^20. These calls set `errno`, which this child
+        // shares with the suspended parent thread; the parent reads it only when `clone`
+        // itself failed, when no child ran.
         if libc::syscall(libc::SYS_close_range, 1u32, u32::MAX, 0u32) != 0 {
             let mut lim: libc::rlimit = std::mem::zeroed();
             let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-                lim.rlim_cur.min(1 << 16) as libc::c_int
+                lim.rlim_max.max(lim.rlim_cur).min(1 << 20) as libc::c_int
             } else {
-                1024
+                1 << 16
             };
             for fd in 1..max {
                 libc::close(fd);
