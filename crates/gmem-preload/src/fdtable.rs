@@ -182,6 +182,22 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
 });
 
 /// The registry, locked (never held across a call into the program or a blocking syscall).
+/// Held across every layout change that involves an emulated file's mapping: an emulated
+/// file's `mmap` (mapping and registering it, or checking a fixed range and placing it) and a
+/// `munmap` that reaches one (removing, unmapping, unmapping the rest). Without it a check
+/// could go stale: a fixed mapping placed where a concurrent `munmap` was still releasing
+/// another, or where a concurrent `mmap` of an emulated file had just landed, and a mapping
+/// dropped later unmapped the other's range (found in review). Taken before the registry's
+/// lock; never by gmem's own calls (they are inside the slow path or reach no registered
+/// range).
+static LAYOUT: Mutex<()> = Mutex::new(());
+
+pub(crate) fn layout() -> MutexGuard<'static, ()> {
+    LAYOUT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 pub(crate) fn registry() -> MutexGuard<'static, Registry> {
     REGISTRY
         .lock()

@@ -6,6 +6,7 @@ use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::sync::Arc;
 
 use gmem::os::Placement;
+
 use gmem::{Errno, GuestMemfd, MapKind, PinGuard, PAGE_SIZE};
 
 use crate::fdtable::{self, Gmem, MapEntry, Object, Pins};
@@ -21,6 +22,8 @@ pub(crate) fn gmem_of(fd: c_int) -> Option<Arc<Gmem>> {
     }
 }
 
+/// The top of the user address space on x86-64 with 4-level paging (`TASK_SIZE`).
+const TASK_SIZE: u64 = (1 << 47) - PAGE_SIZE;
 /// `mmap` of an emulated file: the file's own host mapping (private pages raise SIGBUS in
 /// it), kept in the registry until the program unmaps it. With `MAP_FIXED` it goes at `addr`,
 /// replacing what is there, as a VMM maps guest memory into a range it reserved;
@@ -37,6 +40,7 @@ pub(crate) fn mmap(
 ) -> Option<Result<*mut c_void, Errno>> {
     let g = gmem_of(fd)?;
     let result = (|| {
+        let _layout = fdtable::layout();
         let kind = if matches!(
             flags & libc::MAP_TYPE,
             libc::MAP_SHARED | libc::MAP_SHARED_VALIDATE
@@ -48,12 +52,20 @@ pub(crate) fn mmap(
         let offset = u64::try_from(offset).map_err(|_| Errno::EINVAL)?;
         let mapping = if flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0 {
             let noreplace = flags & libc::MAP_FIXED_NOREPLACE != 0;
+            // The kernel's generic checks come before the overlap's answer: a zero length
+            // or an unaligned offset is EINVAL, a length past the user address space or a
+            // range ending past it ENOMEM, an unaligned address EINVAL.
+            if len == 0 || offset % PAGE_SIZE != 0 {
+                return Err(Errno::EINVAL);
+            }
+            let span = len
+                .checked_next_multiple_of(PAGE_SIZE as usize)
+                .filter(|&n| n as u64 <= TASK_SIZE && addr as u64 <= TASK_SIZE - n as u64)
+                .ok_or(Errno::ENOMEM)?;
             if addr % PAGE_SIZE as usize != 0 {
                 return Err(Errno::EINVAL);
             }
-            let span = len.checked_next_multiple_of(PAGE_SIZE as usize);
-            if span.is_some_and(|n| !fdtable::overlapping(&fdtable::registry(), addr, n).is_empty())
-            {
+            if !fdtable::overlapping(&fdtable::registry(), addr, span).is_empty() {
                 // Over an emulated file's mapping: the kernel's answer with NOREPLACE, the
                 // documented limit without.
                 return Err(if noreplace {
@@ -108,6 +120,13 @@ pub(crate) fn mmap(
 /// the kernel.
 pub(crate) fn munmap(addr: usize, len: usize) -> c_int {
     let len_pages = len.div_ceil(PAGE_SIZE as usize) * PAGE_SIZE as usize;
+    if fdtable::overlapping(&fdtable::registry(), addr, len_pages).is_empty() {
+        // Nothing of an emulated file's: the program's own munmap (and gmem's, from its
+        // threads), without the layout lock.
+        // SAFETY: the program's own munmap of memory that is not an emulated file's.
+        return unsafe { real::munmap()(addr as *mut c_void, len) };
+    }
+    let _layout = fdtable::layout();
     let end = addr.saturating_add(len_pages);
     let mut dropped = Vec::new();
     let mut ours = Vec::new();

@@ -394,8 +394,14 @@ impl GuestMemfd for KernelGuestMemfd {
             MapKind::Shared => libc::MAP_SHARED,
             MapKind::Private => libc::MAP_PRIVATE,
         };
-        // The kernel checks everything, in its own order.
-        let map = Mmap::new_at(at, Some(self.inner.fd.as_fd()), offset, flags)?;
+        // The kernel checks everything, in its own order (address 0 aside: EPERM).
+        let map = Mmap::new_at(
+            at,
+            Some(self.inner.fd.as_fd()),
+            offset,
+            flags,
+            libc::PROT_READ | libc::PROT_WRITE,
+        )?;
         Ok(HostMapping::new(Arc::new(map), offset, None))
     }
 

@@ -457,25 +457,28 @@ impl EmulatedGuestMemfd {
             Ok(p) => p.len(),
             Err(len) => *len,
         };
-        // The kernel's generic checks answer before guest_memfd's own (kernel-spec §2.5):
-        // an unaligned offset or a zero length is EINVAL, then an unaligned fixed address
-        // (get_unmapped_area); a length that overflows when rounded up to pages (mmap(2)
-        // maps whole pages) or exceeds the user address space is ENOMEM; an occupied range
-        // with MAP_FIXED_NOREPLACE is EEXIST; only then ENODEV without MMAP, then EINVAL for
-        // a private mapping.
+        // The kernel's generic checks answer before guest_memfd's own (kernel-spec §2.5), in
+        // do_mmap's order: an unaligned offset or a zero length is EINVAL; a length that
+        // overflows when rounded up to pages (mmap(2) maps whole pages) or exceeds the user
+        // address space is ENOMEM; for a fixed address, one whose range ends past the user
+        // address space is ENOMEM, then an unaligned one EINVAL, one below `mmap_min_addr`
+        // EPERM (unprivileged), an occupied range with MAP_FIXED_NOREPLACE EEXIST; only then
+        // ENODEV without MMAP, then EINVAL for a private mapping.
         if len == 0 || offset % PAGE_SIZE != 0 {
-            return Err(Errno::EINVAL);
-        }
-        if at
-            .as_ref()
-            .is_ok_and(|p| p.addr() == 0 || p.addr() % PAGE_SIZE as usize != 0)
-        {
             return Err(Errno::EINVAL);
         }
         let len = len
             .checked_next_multiple_of(PAGE_SIZE as usize)
             .filter(|&l| l as u64 <= TASK_SIZE)
             .ok_or(Errno::ENOMEM)?;
+        if let Ok(p) = &at {
+            if p.addr() as u64 > TASK_SIZE - len as u64 {
+                return Err(Errno::ENOMEM);
+            }
+            if p.addr() % PAGE_SIZE as usize != 0 {
+                return Err(Errno::EINVAL);
+            }
+        }
         let refused = if self.inner.flags & GUEST_MEMFD_FLAG_MMAP == 0 {
             Some(Errno::ENODEV)
         } else if kind == MapKind::Private {
@@ -485,23 +488,32 @@ impl EmulatedGuestMemfd {
         };
         if let Some(errno) = refused {
             if let Ok(p) = &at {
-                if !p.replaces() {
-                    // EEXIST comes first: try the range with an anonymous placeholder,
-                    // which replaces nothing and goes at once.
-                    drop(Mmap::new_at(
-                        Placement::vacant(p.addr(), len),
-                        None,
-                        0,
-                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                    )?);
+                // The kernel's answers about the address itself (EPERM, EEXIST for a vacant
+                // placement) come first: ask it with an inaccessible anonymous placeholder,
+                // which replaces nothing and goes at once. An occupied range is what a
+                // replacing placement expects.
+                match Mmap::new_at(
+                    Placement::vacant(p.addr(), len),
+                    None,
+                    0,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    libc::PROT_NONE,
+                ) {
+                    Ok(placeholder) => drop(placeholder),
+                    Err(e) if e == Errno(libc::EEXIST) && p.replaces() => {}
+                    Err(e) => return Err(e),
                 }
             }
             return Err(errno);
         }
+        // Mapped inaccessible, and made accessible only once its private pages are revoked
+        // (`register_mapping`): an access at an address known in advance (a fixed one, or the
+        // kernel's predictable next choice), from another thread or through
+        // `process_vm_readv`, once read a private page in between.
         let fd = Some(self.inner.memfd.as_fd());
         let map = match at {
-            Err(_) => Mmap::new(fd, offset, len, libc::MAP_SHARED)?,
-            Ok(p) => Mmap::new_at(p, fd, offset, libc::MAP_SHARED)?,
+            Err(_) => Mmap::new_inaccessible(fd, offset, len, libc::MAP_SHARED)?,
+            Ok(p) => Mmap::new_at(p, fd, offset, libc::MAP_SHARED, libc::PROT_NONE)?,
         };
         let map = Arc::new(map);
         let id = self.register_mapping(&map, offset)?;

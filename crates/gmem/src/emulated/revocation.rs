@@ -450,6 +450,9 @@ impl EmulatedGuestMemfd {
         Ok(())
     }
 
+    /// Adds host mapping `map` (of the file from `file_offset`, mapped `PROT_NONE`) to the
+    /// mappings every conversion revokes in, revokes its private pages, and only then makes it
+    /// readable and writable.
     pub(super) fn register_mapping(&self, map: &Arc<Mmap>, file_offset: u64) -> KernelResult<u64> {
         let mut st = self.write_state();
         let id = u64::try_from(self.inner.next_id.fetch_add(1, Ordering::Relaxed))
@@ -497,6 +500,13 @@ impl EmulatedGuestMemfd {
                     return Err(e);
                 }
             }
+        }
+        // Every private page is revoked: the mapping (made inaccessible by the caller) may
+        // now be read and written. Under the lock, so no conversion sees it half-made.
+        if let Err(e) = map.protect(libc::PROT_READ | libc::PROT_WRITE) {
+            drop(entry);
+            self.inner.forget_mapping(id);
+            return Err(e);
         }
         st.mappings.push(entry);
         Ok(id)

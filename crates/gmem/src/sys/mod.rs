@@ -252,6 +252,29 @@ impl Mmap {
         len: usize,
         flags: libc::c_int,
     ) -> KernelResult<Mmap> {
+        Self::new_prot(fd, offset, len, flags, libc::PROT_READ | libc::PROT_WRITE)
+    }
+
+    /// [`Mmap::new`] with no access at all (`PROT_NONE`), to be made accessible with
+    /// [`Mmap::protect`] once it is ready (a host mapping of a guest_memfd: after its private
+    /// pages are revoked, so that no access, not even through `process_vm_readv` at an address
+    /// guessed in advance, ever reaches one).
+    pub fn new_inaccessible(
+        fd: Option<BorrowedFd<'_>>,
+        offset: u64,
+        len: usize,
+        flags: libc::c_int,
+    ) -> KernelResult<Mmap> {
+        Self::new_prot(fd, offset, len, flags, libc::PROT_NONE)
+    }
+
+    fn new_prot(
+        fd: Option<BorrowedFd<'_>>,
+        offset: u64,
+        len: usize,
+        flags: libc::c_int,
+        prot: libc::c_int,
+    ) -> KernelResult<Mmap> {
         if len == 0 || flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0 {
             return Err(Errno::EINVAL);
         }
@@ -259,16 +282,7 @@ impl Mmap {
         let raw_fd = fd.map_or(-1, |f| f.as_raw_fd());
         // SAFETY: a NULL hint lets the kernel pick a fresh range, so no existing memory is
         // replaced; the result is checked before use.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                raw_fd,
-                offset,
-            )
-        };
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, raw_fd, offset) };
         if ptr == libc::MAP_FAILED {
             return Err(Errno::last());
         }
@@ -276,23 +290,31 @@ impl Mmap {
         Ok(Mmap { ptr, len })
     }
 
-    /// `mmap(addr, len, PROT_READ|PROT_WRITE, flags | MAP_FIXED, fd, offset)` at `at`
-    /// (`MAP_FIXED_NOREPLACE` for a [`Placement::vacant`] one: EEXIST if anything is mapped
-    /// there). The length is rounded up to pages, as mmap(2) does. EINVAL for `MAP_FIXED` in
-    /// `flags` or an address that is not page-aligned; ENOMEM for a length that overflows.
+    /// `mprotect` of the whole mapping.
+    pub fn protect(&self, prot: libc::c_int) -> KernelResult<()> {
+        // SAFETY: the range is this mapping's own; no Rust reference points into it (module
+        // documentation), and accesses through raw pointers are checked by their users.
+        check(unsafe { libc::mprotect(self.ptr.as_ptr().cast(), self.len, prot) }).map(drop)
+    }
+
+    /// `mmap(addr, len, prot, flags | MAP_FIXED, fd, offset)` at `at` (`MAP_FIXED_NOREPLACE`
+    /// for a [`Placement::vacant`] one: EEXIST if anything is mapped there). The length is
+    /// rounded up to pages, as mmap(2) does; the kernel checks the rest, in its order. EINVAL
+    /// for `MAP_FIXED` in `flags`; EPERM for address 0 (the unprivileged kernel's answer: a
+    /// mapping at 0 could not be held).
     pub fn new_at(
         at: Placement,
         fd: Option<BorrowedFd<'_>>,
         offset: u64,
         flags: libc::c_int,
+        prot: libc::c_int,
     ) -> KernelResult<Mmap> {
         let Placement { addr, len, replace } = at;
-        if len == 0
-            || addr == 0
-            || addr % PAGE_SIZE as usize != 0
-            || flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0
-        {
+        if len == 0 || flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0 {
             return Err(Errno::EINVAL);
+        }
+        if addr == 0 {
+            return Err(Errno(libc::EPERM));
         }
         let len = len
             .checked_next_multiple_of(PAGE_SIZE as usize)
@@ -311,7 +333,7 @@ impl Mmap {
             libc::mmap(
                 addr as *mut libc::c_void,
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
+                prot,
                 flags | fixed,
                 raw_fd,
                 offset,

@@ -20,6 +20,27 @@ struct ProbeArgs {
     op: ProbeOp,
     out: *mut u8,
     report_fd: libc::c_int,
+    /// Where `close_range` failed before: one past the highest descriptor open at the probe
+    /// (0: not known, the child falls back to the descriptor limit).
+    close_upto: libc::c_int,
+}
+
+/// Set by a probe child when `close_range` failed (before Linux 5.9, or refused by a seccomp
+/// profile): the next probes read the highest open descriptor first, so the child closes only
+/// those (the child shares this memory, so it can say so).
+static CLOSE_RANGE_FAILED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// One past the highest descriptor open in this process (from `/proc/self/fd`), if known.
+fn close_upto() -> libc::c_int {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<libc::c_int>().ok())
+                .max()
+                .map_or(0, |m| m.saturating_add(1))
+        })
+        .unwrap_or(0)
 }
 
 extern "C" fn probe_fault_handler(
@@ -58,14 +79,18 @@ extern "C" fn probe_child(arg: *mut libc::c_void) -> libc::c_int {
         // open after the forked process exited, and the parent's next conversion waited the
         // full peer timeout for an EOF that only came when the probe ended (EAGAIN under
         // stress). The child would close them all when it exits anyway (flushes included);
-        // this only does it first. close_range(2) is Linux 5.9+; before that (ENOSYS) each
-        // is closed alone, up to the hard descriptor limit (the soft one may have been lowered
+        // this only does it first. close_range(2) is Linux 5.9+; where it fails each is closed
+        // alone: up to the highest descriptor the parent found open (from the second such
+        // probe on), else up to the hard descriptor limit (the soft one may have been lowered
         // below open descriptors), at most 2^20. These calls set `errno`, which this child
         // shares with the suspended parent thread; the parent reads it only when `clone`
         // itself failed, when no child ran.
         if libc::syscall(libc::SYS_close_range, 1u32, u32::MAX, 0u32) != 0 {
+            CLOSE_RANGE_FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
             let mut lim: libc::rlimit = std::mem::zeroed();
-            let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            let max = if a.close_upto > 0 {
+                a.close_upto
+            } else if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
                 lim.rlim_max.max(lim.rlim_cur).min(1 << 20) as libc::c_int
             } else {
                 1 << 16
@@ -133,6 +158,11 @@ pub fn probe(map: &Mmap, off: usize, len: usize, op: ProbeOp) -> KernelResult<Pr
         op,
         out: out.as_mut_ptr(),
         report_fd: pipe[1],
+        close_upto: if CLOSE_RANGE_FAILED.load(std::sync::atomic::Ordering::Relaxed) {
+            close_upto()
+        } else {
+            0
+        },
     };
     // SAFETY: the child runs `probe_child` on its own stack (top of `stack`, 16-aligned), in
     // this address space (CLONE_VM); CLONE_VFORK suspends this thread until the child exits,
