@@ -393,7 +393,11 @@ impl EmulatedGuestMemfd {
         let Some((dest, len)) = m.window(hs, he) else {
             return Ok(());
         };
-        let fresh = Mmap::new(Some(self.inner.memfd.as_fd()), hs, len, libc::MAP_SHARED)?;
+        // Inaccessible until its private pages carry markers: its address is the kernel's
+        // (predictable) choice, so another thread could otherwise read one in between, as a
+        // review showed for new host mappings.
+        let fresh =
+            Mmap::new_inaccessible(Some(self.inner.memfd.as_fd()), hs, len, libc::MAP_SHARED)?;
         // The flag moves with the VMA.
         no_thp(&fresh, 0, len)?;
         uffd.register(&fresh)?;
@@ -402,7 +406,7 @@ impl EmulatedGuestMemfd {
                 // Both differences are below `len`, a usize.
                 #[allow(clippy::cast_possible_truncation)]
                 let (off, n) = ((a - hs) as usize, (b - a) as usize);
-                // Inside `fresh`, which nothing else knows of: its PTEs are all none.
+                // Inside `fresh`, which nothing has accessed: its PTEs are all none.
                 let at = fresh.as_ptr() as u64 + off as u64;
                 poison_split(uffd, at, n).map_err(|p| match p {
                     PoisonError::Failed(e) => e,
@@ -410,6 +414,7 @@ impl EmulatedGuestMemfd {
                 })?;
             }
         }
+        fresh.protect(libc::PROT_READ | libc::PROT_WRITE)?;
         // `fresh` is ours and `dest` is inside the mapping; after the move `fresh`'s range is
         // gone.
         fresh.move_onto(&m.map, dest)?;
