@@ -22,8 +22,6 @@ pub(crate) fn gmem_of(fd: c_int) -> Option<Arc<Gmem>> {
     }
 }
 
-/// The top of the user address space on x86-64 with 4-level paging (`TASK_SIZE`).
-const TASK_SIZE: u64 = (1 << 47) - PAGE_SIZE;
 /// `mmap` of an emulated file: the file's own host mapping (private pages raise SIGBUS in
 /// it), kept in the registry until the program unmaps it. With `MAP_FIXED` it goes at `addr`,
 /// replacing what is there, as a VMM maps guest memory into a range it reserved;
@@ -52,19 +50,8 @@ pub(crate) fn mmap(
         let offset = u64::try_from(offset).map_err(|_| Errno::EINVAL)?;
         let mapping = if flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0 {
             let noreplace = flags & libc::MAP_FIXED_NOREPLACE != 0;
-            // The kernel's generic checks come before the overlap's answer: a zero length
-            // or an unaligned offset is EINVAL, a length past the user address space or a
-            // range ending past it ENOMEM, an unaligned address EINVAL.
-            if len == 0 || offset % PAGE_SIZE != 0 {
-                return Err(Errno::EINVAL);
-            }
-            let span = len
-                .checked_next_multiple_of(PAGE_SIZE as usize)
-                .filter(|&n| n as u64 <= TASK_SIZE && addr as u64 <= TASK_SIZE - n as u64)
-                .ok_or(Errno::ENOMEM)?;
-            if addr % PAGE_SIZE as usize != 0 {
-                return Err(Errno::EINVAL);
-            }
+            // The kernel's generic checks come before the overlap's answer.
+            let span = gmem::os::mmap_checks(Some(addr), len, offset)?;
             if !fdtable::overlapping(&fdtable::registry(), addr, span).is_empty() {
                 // Over an emulated file's mapping: the kernel's answer with NOREPLACE, the
                 // documented limit without.

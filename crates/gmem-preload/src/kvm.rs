@@ -39,8 +39,7 @@ const PIN_LONGTERM_TEST_FLAG_USE_WRITE: u32 = 1;
 const PIN_LONGTERM_TEST_FLAG_USE_FAST: u32 = 2;
 /// `KVM_MEM_READONLY`.
 const KVM_MEM_READONLY: u32 = 1 << 1;
-/// The highest user address + 1 on x86_64 with 4-level paging (`TASK_SIZE`).
-const TASK_SIZE: u64 = 0x7fff_ffff_f000;
+use gmem::os::TASK_SIZE;
 
 /// `struct pin_longterm_test` (tools/testing/selftests/mm/gup_test.h).
 #[repr(C)]

@@ -371,10 +371,7 @@ impl GuestMemfd for KernelGuestMemfd {
     }
 
     fn mmap(&self, offset: u64, len: usize, kind: MapKind) -> KernelResult<HostMapping> {
-        let flags = match kind {
-            MapKind::Shared => libc::MAP_SHARED,
-            MapKind::Private => libc::MAP_PRIVATE,
-        };
+        let flags = kind.mmap_flag();
         // mmap(2) maps whole pages: the mapping's length is rounded up, as the kernel does
         // (and as the emulated backend reports it); a length that overflows is ENOMEM.
         let len = len
@@ -390,10 +387,7 @@ impl GuestMemfd for KernelGuestMemfd {
         offset: u64,
         kind: MapKind,
     ) -> KernelResult<HostMapping> {
-        let flags = match kind {
-            MapKind::Shared => libc::MAP_SHARED,
-            MapKind::Private => libc::MAP_PRIVATE,
-        };
+        let flags = kind.mmap_flag();
         // The kernel checks everything, in its own order (address 0 aside: EPERM).
         let map = Mmap::new_at(
             at,

@@ -143,13 +143,11 @@ impl Accessed {
 /// One of gmem's own accesses through a [`FileView`], in flight until dropped.
 pub(crate) struct AccessGuard<'a> {
     view: &'a FileView,
-    span: (u64, u64),
 }
 
 impl Drop for AccessGuard<'_> {
     fn drop(&mut self) {
         let mut a = self.view.accessed();
-        a.note(self.span);
         a.in_flight = a.in_flight.saturating_sub(1);
     }
 }
@@ -245,14 +243,13 @@ impl FileView {
 
     /// gmem's own access to `[off, off + len)` of a file of `size` bytes through this view
     /// begins; it ends when the returned guard goes. What the access may map is noted (see
-    /// [`Accessed`]) when it begins and again when it ends, and while any access is in flight
-    /// no zap forgets anything.
+    /// [`Accessed`]) when it begins, and while any access is in flight no zap forgets
+    /// anything, so the note outlives the access.
     pub(crate) fn begin_access(&self, off: u64, len: u64, size: u64) -> AccessGuard<'_> {
-        let span = Accessed::span(off, len, size);
         let mut a = self.accessed();
-        a.note(span);
+        a.note(Accessed::span(off, len, size));
         a.in_flight += 1;
-        AccessGuard { view: self, span }
+        AccessGuard { view: self }
     }
 
     fn accessed(&self) -> std::sync::MutexGuard<'_, Accessed> {
@@ -280,8 +277,8 @@ impl FileView {
             return;
         }
         // Forgotten before the zap, and only when no access is in flight (one that began
-        // before this conversion may map a page after the zap; it notes its span again when
-        // it ends, but a second conversion could come first).
+        // before this conversion may map a page after the zap, and its note must outlive
+        // it).
         let (lo, hi) = {
             let mut a = self.accessed();
             let Some((lo, hi)) = a.extent else {
@@ -335,6 +332,16 @@ pub enum MapKind {
     Shared,
     /// `MAP_PRIVATE` (copy-on-write): refused with EINVAL.
     Private,
+}
+
+impl MapKind {
+    /// `mmap()`'s flag for this kind.
+    pub fn mmap_flag(self) -> libc::c_int {
+        match self {
+            MapKind::Shared => libc::MAP_SHARED,
+            MapKind::Private => libc::MAP_PRIVATE,
+        }
+    }
 }
 
 /// A host userspace mapping of (part of) a guest_memfd. Unmapped on drop.

@@ -3,6 +3,6 @@
 //! over gmem's crate-private system-call layer, where all of gmem's `unsafe` lives.
 
 pub use crate::sys::{
-    allocated_bytes, fallocate, fstat, ftruncate, memfd_create, userfaultfd_features, Mmap,
-    Placement, PAGE_SIZE,
+    allocated_bytes, fallocate, fstat, ftruncate, memfd_create, mmap_checks, userfaultfd_features,
+    Mmap, Placement, PAGE_SIZE, TASK_SIZE,
 };

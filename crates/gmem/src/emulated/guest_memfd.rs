@@ -16,10 +16,6 @@ use crate::uapi::{
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
 };
 
-/// The user address space of x86-64 with 4-level paging (the kernel's `TASK_SIZE`): a longer
-/// mapping is ENOMEM before the file is asked.
-const TASK_SIZE: u64 = (1 << 47) - PAGE_SIZE;
-
 impl EmulatedGuestMemfd {
     pub(super) fn validate_attributes(&self, a: &kvm_memory_attributes2) -> KernelResult<()> {
         // kernel-spec §2.3, in order. Step 1 (ENOTTY) is the caller's; step 2 (EFAULT) cannot
@@ -457,28 +453,11 @@ impl EmulatedGuestMemfd {
             Ok(p) => p.len(),
             Err(len) => *len,
         };
-        // The kernel's generic checks answer before guest_memfd's own (kernel-spec §2.5), in
-        // do_mmap's order: an unaligned offset or a zero length is EINVAL; a length that
-        // overflows when rounded up to pages (mmap(2) maps whole pages) or exceeds the user
-        // address space is ENOMEM; for a fixed address, one whose range ends past the user
-        // address space is ENOMEM, then an unaligned one EINVAL, one below `mmap_min_addr`
-        // EPERM (unprivileged), an occupied range with MAP_FIXED_NOREPLACE EEXIST; only then
+        // The kernel's generic checks answer before guest_memfd's own (kernel-spec §2.5):
+        // `sys::mmap_checks`, then for a fixed address one below `mmap_min_addr` is EPERM
+        // (unprivileged) and an occupied range with MAP_FIXED_NOREPLACE EEXIST; only then
         // ENODEV without MMAP, then EINVAL for a private mapping.
-        if len == 0 || offset % PAGE_SIZE != 0 {
-            return Err(Errno::EINVAL);
-        }
-        let len = len
-            .checked_next_multiple_of(PAGE_SIZE as usize)
-            .filter(|&l| l as u64 <= TASK_SIZE)
-            .ok_or(Errno::ENOMEM)?;
-        if let Ok(p) = &at {
-            if p.addr() as u64 > TASK_SIZE - len as u64 {
-                return Err(Errno::ENOMEM);
-            }
-            if p.addr() % PAGE_SIZE as usize != 0 {
-                return Err(Errno::EINVAL);
-            }
-        }
+        let len = sys::mmap_checks(at.as_ref().ok().map(Placement::addr), len, offset)?;
         let refused = if self.inner.flags & GUEST_MEMFD_FLAG_MMAP == 0 {
             Some(Errno::ENODEV)
         } else if kind == MapKind::Private {

@@ -185,6 +185,34 @@ const MPOL_F_NODE: libc::c_ulong = 1;
 /// `MPOL_F_ADDR` (`get_mempolicy`: the policy at an address).
 const MPOL_F_ADDR: libc::c_ulong = 2;
 
+/// The user address space of x86-64 with 4-level paging (the kernel's `TASK_SIZE`): a longer
+/// mapping is ENOMEM before the file is asked.
+pub const TASK_SIZE: u64 = (1 << 47) - PAGE_SIZE;
+
+/// `mmap(2)`'s generic checks, which answer before any file's own, in do_mmap's order: a zero
+/// length or an unaligned offset is EINVAL; a length that overflows when rounded up to pages
+/// or exceeds the user address space is ENOMEM; for a fixed address (`addr`), a range ending
+/// past the user address space is ENOMEM, then an unaligned address EINVAL. Returns the length
+/// rounded up to pages.
+pub fn mmap_checks(addr: Option<usize>, len: usize, offset: u64) -> KernelResult<usize> {
+    if len == 0 || offset % PAGE_SIZE != 0 {
+        return Err(Errno::EINVAL);
+    }
+    let len = len
+        .checked_next_multiple_of(PAGE_SIZE as usize)
+        .filter(|&l| l as u64 <= TASK_SIZE)
+        .ok_or(Errno::ENOMEM)?;
+    if let Some(addr) = addr {
+        if addr as u64 > TASK_SIZE - len as u64 {
+            return Err(Errno::ENOMEM);
+        }
+        if addr % PAGE_SIZE as usize != 0 {
+            return Err(Errno::EINVAL);
+        }
+    }
+    Ok(len)
+}
+
 /// Where a mapping goes when its address is chosen by the caller (`mmap`'s `MAP_FIXED`), as
 /// a VMM maps guest memory into a range it reserved: the promise that the range may be
 /// replaced is made once, when the placement is made ([`Placement::replacing`]).
