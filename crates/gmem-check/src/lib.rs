@@ -11,5 +11,4 @@
 pub mod conformance;
 pub mod host_report;
 pub mod script;
-pub mod skip;
 pub mod workload;

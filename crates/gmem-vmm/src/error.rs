@@ -82,44 +82,8 @@ impl VmError {
     }
 }
 
-/// Why `/dev/kvm` cannot be used ([`crate::kvm_available`]): the device is missing, this user
-/// may not open it, or something else refused it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum KvmUnavailable {
-    /// `open("/dev/kvm")` gave ENOENT (or ENODEV/ENXIO): no KVM on this host.
-    #[error("no /dev/kvm on this host ({errno}): KVM is not available here")]
-    Missing {
-        /// What `open` answered.
-        errno: Errno,
-    },
-    /// `open("/dev/kvm")` gave EACCES or EPERM: the device exists but this user may not use
-    /// it.
-    #[error(
-        "/dev/kvm exists but this user may not open it ({errno}): add the user to the group \
-         that owns it (usually `kvm`: `sudo usermod -aG kvm $USER`, then log in again)"
-    )]
-    Permission {
-        /// What `open` answered.
-        errno: Errno,
-    },
-    /// Any other answer.
-    #[error("/dev/kvm cannot be opened ({errno})")]
-    Other {
-        /// What `open` answered.
-        errno: Errno,
-    },
-}
-
-impl KvmUnavailable {
-    /// The reason for an errno from opening `/dev/kvm`.
-    pub fn from_open_errno(errno: Errno) -> Self {
-        match errno.raw() {
-            libc::ENOENT | libc::ENODEV | libc::ENXIO => KvmUnavailable::Missing { errno },
-            libc::EACCES | libc::EPERM => KvmUnavailable::Permission { errno },
-            _ => KvmUnavailable::Other { errno },
-        }
-    }
-}
+/// Why `/dev/kvm` cannot be used ([`crate::kvm_available`]), from gmem's one probe.
+pub use gmem::host::KvmUnavailable;
 
 /// Why the `KVM_HC_MAP_GPA_RANGE` hypercall does not reach userspace
 /// ([`crate::Vm::check_hypercall_exit`]).

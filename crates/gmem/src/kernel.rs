@@ -121,6 +121,11 @@ impl KernelBackend {
         &self.vm.vm
     }
 
+    /// `KVM_CHECK_EXTENSION(cap)` on the backend's VM (negative answers count as 0).
+    pub fn check_extension(&self, cap: u32) -> i32 {
+        vm_cap(&self.vm.vm, cap)
+    }
+
     /// The VM type the backend was created with.
     pub fn vm_type(&self) -> u64 {
         self.vm.vm_type

@@ -80,6 +80,8 @@
 //! - [`emulated`]: the emulated backend (revocation of private pages from host mappings,
 //!   per-page state, the direct map, the fault service, populate);
 //! - [`kernel`]: the kernel backend, which says what the running kernel lacks;
+//! - [`host`]: what the running kernel offers (`/dev/kvm`, guest_memfd, its flags, conversion,
+//!   userfaultfd): the one probe behind `gmem probe` and every test's skip;
 //! - [`mapping`]: host mappings ([`HostMapping`]) and the SIGBUS probe ([`Probe`]);
 //! - [`platform`]: the software-protected, SEV-SNP, TDX and pKVM models on one hook contract;
 //! - [`error`]: [`Errno`] for calls that mirror the kernel, typed errors for the rest.
@@ -94,6 +96,7 @@ pub mod attributes;
 pub mod emulated;
 pub mod error;
 pub mod file;
+pub mod host;
 pub mod kernel;
 pub mod mapping;
 pub mod os;

@@ -4,5 +4,5 @@
 
 pub use crate::sys::{
     allocated_bytes, fallocate, fstat, ftruncate, memfd_create, mmap_checks, userfaultfd_features,
-    Mmap, Placement, PAGE_SIZE, TASK_SIZE,
+    FaultEvent, Mmap, Placement, PoisonFd, PAGE_SIZE, TASK_SIZE,
 };

@@ -338,7 +338,7 @@ pub fn run(options: Options, progress: Progress<'_>) -> Result<Report, BenchErro
         Err(why) => report.skipped.push(format!("gmem run workload: {why}")),
     }
     step("workload end to end");
-    footprint::measure(&mut step, &mut report.lines)?;
+    footprint::measure(&mut step, &mut report.lines, &mut report.skipped)?;
     let mut kernel_lines = Vec::new();
     if let Err(why) = kernel::measure(quick, &mut kernel_lines, &mut step) {
         report.skipped.push(format!("kernel vs emulated: {why}"));

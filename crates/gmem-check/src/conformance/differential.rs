@@ -329,6 +329,24 @@ pub fn compare(script: &str, a: &[Line], b: &[Line]) -> Outcome {
 /// Runs every selected script on both contexts and compares them. `a` is the emulated
 /// backend, `b` the kernel.
 pub fn run(a: &Ctx, b: &Ctx, filter: Option<&str>) -> BackendReport {
+    run_observed(a, b, filter, &mut |_, _| {})
+}
+
+/// How many scripts `filter` selects (what [`run`] runs).
+pub fn count_scripts(filter: Option<&str>) -> usize {
+    scripts()
+        .iter()
+        .filter(|s| matches(&format!("diff/{}", s.name), filter))
+        .count()
+}
+
+/// [`run`], calling `on_case("differential", report)` as each script's comparison ends.
+pub fn run_observed(
+    a: &Ctx,
+    b: &Ctx,
+    filter: Option<&str>,
+    on_case: &mut dyn FnMut(&str, &CaseReport),
+) -> BackendReport {
     let cases = scripts()
         .into_iter()
         .filter(|s| matches(&format!("diff/{}", s.name), filter))
@@ -346,10 +364,12 @@ pub fn run(a: &Ctx, b: &Ctx, filter: Option<&str>) -> BackendReport {
                     &run_script(b, &script),
                 ),
             };
-            CaseReport {
+            let report = CaseReport {
                 name: format!("diff/{}", script.name),
                 outcome,
-            }
+            };
+            on_case("differential", &report);
+            report
         })
         .collect();
     BackendReport {

@@ -56,6 +56,21 @@ pub enum Need {
     PlatformModels,
 }
 
+impl Need {
+    /// What the kernel backend needs of the running kernel for this, where it is a kernel
+    /// feature (gmem's probe, [`gmem::host`]); `None` for what the kernel backend offers on any
+    /// guest_memfd or never (a guest, the platform models).
+    pub fn kernel_feature(self) -> Option<gmem::host::Feature> {
+        use gmem::host::Feature;
+        match self {
+            Need::Mmap => Some(Feature::GuestMemfdFlags(GUEST_MEMFD_FLAG_MMAP)),
+            Need::InitShared => Some(Feature::GuestMemfdFlags(GUEST_MEMFD_FLAG_INIT_SHARED)),
+            Need::Conversion => Some(Feature::Conversion),
+            _ => None,
+        }
+    }
+}
+
 /// The result of one case on one backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -378,9 +393,10 @@ impl GuestPort for InternalGuestWithVm {
 /// Why a conformance context ([`Ctx`]) cannot be made.
 #[derive(Debug, thiserror::Error)]
 pub enum CtxError {
-    /// There is no `/dev/kvm`.
-    #[error("/dev/kvm is missing: the kernel backend needs KVM")]
-    NoKvm,
+    /// The kernel has no guest_memfd (or no usable `/dev/kvm`), as gmem's probe found it: the
+    /// kernel backend skips as a whole, with this one reason.
+    #[error("the kernel backend is unavailable: {0}")]
+    Unavailable(#[from] gmem::host::Missing),
     /// `/dev/kvm` could not be opened or made no VM of the type asked for.
     #[error("/dev/kvm is unusable: creating a VM of type {vm_type} failed: {errno}")]
     CreateVm {
@@ -399,11 +415,10 @@ pub enum CtxError {
     },
 }
 
-/// The kernel backend on a VM of type `vm_type`, or why there is none.
+/// The kernel backend on a VM of type `vm_type`, or why there is none (no guest_memfd is a
+/// reason: every case of the kernel backend creates a file).
 fn kernel_backend(vm_type: u64) -> Result<gmem::kernel::KernelBackend, CtxError> {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        return Err(CtxError::NoKvm);
-    }
+    gmem::host::require(gmem::host::Feature::GuestMemfd)?;
     gmem::kernel::KernelBackend::with_vm_type(vm_type)
         .map_err(|errno| CtxError::CreateVm { vm_type, errno })
 }

@@ -188,17 +188,35 @@ pub fn matches(name: &str, filter: Option<&str>) -> bool {
 
 /// Runs every case selected by `filter` on `ctx`.
 pub fn run_cases(ctx: &Ctx, filter: Option<&str>) -> BackendReport {
-    BackendReport {
-        backend: ctx.backend.kind().name().to_string(),
-        cases: cases()
-            .iter()
-            .filter(|c| matches(c.name, filter))
-            .map(|c| CaseReport {
+    run_cases_observed(ctx, filter, &mut |_, _| {})
+}
+
+/// [`run_cases`], calling `on_case(backend, report)` as each case ends (a harness printing
+/// results as they come, as kselftest does).
+pub fn run_cases_observed(
+    ctx: &Ctx,
+    filter: Option<&str>,
+    on_case: &mut dyn FnMut(&str, &CaseReport),
+) -> BackendReport {
+    let backend = ctx.backend.kind().name().to_string();
+    let cases = cases()
+        .iter()
+        .filter(|c| matches(c.name, filter))
+        .map(|c| {
+            let report = CaseReport {
                 name: c.name.to_string(),
                 outcome: ctx.run(c),
-            })
-            .collect(),
-    }
+            };
+            on_case(&backend, &report);
+            report
+        })
+        .collect();
+    BackendReport { backend, cases }
+}
+
+/// How many cases `filter` selects (what [`run_cases`] runs).
+pub fn count_cases(filter: Option<&str>) -> usize {
+    cases().iter().filter(|c| matches(c.name, filter)).count()
 }
 
 /// The report for a backend that could not be set up: every selected case skips with `reason`.

@@ -10,6 +10,7 @@ use gmem::uapi::{
 };
 
 use super::{Availability, FeatureRow, HostReport, KvmReport};
+use gmem::host::Feature;
 use gmem_vmm::HypercallExitError;
 
 fn cap_text(number: u32, name: &str, value: Option<i32>) -> String {
@@ -41,33 +42,16 @@ struct Evidence<'a> {
 
 impl<'a> Evidence<'a> {
     fn gather(k: &'a KvmReport) -> Evidence<'a> {
-        let no_vm = if !k.dev_kvm {
-            Some(
-                k.error
-                    .as_ref()
-                    .map_or_else(|| "/dev/kvm is missing".to_string(), ToString::to_string),
-            )
-        } else if k.capability_scope != "vm" {
-            Some(
-                k.error
-                    .as_ref()
-                    .map_or_else(|| "no VM could be created".to_string(), ToString::to_string),
-            )
-        } else {
-            None
-        };
-        let capv = |n: u32| k.capability(n).filter(|&v| v > 0);
-        let flags = capv(KVM_CAP_GUEST_MEMFD_FLAGS)
-            .and_then(|v| u64::try_from(v).ok())
-            .unwrap_or(0);
+        let features = &k.features;
+        let no_vm = features.require(Feature::Kvm).err().map(|e| e.to_string());
+        let flags = features.guest_memfd_flags;
         let flags_text = format!(
             "KVM_CAP_GUEST_MEMFD_FLAGS ({KVM_CAP_GUEST_MEMFD_FLAGS}) = {flags:#x} ({})",
             flag_names(flags)
         );
-        let gmem = capv(KVM_CAP_GUEST_MEMFD).is_some() && k.guest_memfd_create_error.is_none();
-        let conversion = match (&no_vm, &k.conversion_support) {
-            (Some(why), _) => Availability::no(why.clone()),
-            (None, Ok(())) => {
+        let gmem = features.require(Feature::GuestMemfd).is_ok();
+        let conversion = match features.require(Feature::Conversion) {
+            Ok(()) => {
                 let rev = k
                     .conversion
                     .iter()
@@ -77,9 +61,11 @@ impl<'a> Evidence<'a> {
                     "KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd (series {rev})"
                 ))
             }
-            (None, Err(why)) => Availability::no(why.to_string()),
+            Err(why) => Availability::no(why.to_string()),
         };
-        let hypercall = capv(KVM_CAP_EXIT_HYPERCALL)
+        let hypercall = k
+            .capability(KVM_CAP_EXIT_HYPERCALL)
+            .filter(|&v| v > 0)
             .and_then(|v| u64::try_from(v).ok())
             .unwrap_or(0);
         // Whether the hypercall really reaches userspace: a guest issues it (once, ~0.3 s at
@@ -109,16 +95,10 @@ impl<'a> Evidence<'a> {
 
     /// Why the kernel creates no guest_memfd here.
     fn gmem_why(&self) -> String {
-        if let Some(why) = &self.no_vm {
-            return why.clone();
+        match self.k.features.require(Feature::GuestMemfd) {
+            Err(why) => why.to_string(),
+            Ok(()) => "guest_memfd is available".to_string(),
         }
-        if let Some(e) = &self.k.guest_memfd_create_error {
-            return e.clone();
-        }
-        format!(
-            "{} not advertised",
-            self.cap_text(KVM_CAP_GUEST_MEMFD, "KVM_CAP_GUEST_MEMFD")
-        )
     }
 
     /// Available when guest_memfd is, else why not.
@@ -132,12 +112,9 @@ impl<'a> Evidence<'a> {
 
     /// A guest_memfd flag of the kernel backend.
     fn kernel_flag(&self, bit: u64, what: &str) -> Availability {
-        if !self.gmem {
-            Availability::no(self.gmem_why())
-        } else if self.flags & bit != 0 {
-            Availability::yes(format!("{what}; {}", self.flags_text))
-        } else {
-            Availability::no(format!("{} lacks {}", self.flags_text, flag_names(bit)))
+        match self.k.features.require(Feature::GuestMemfdFlags(bit)) {
+            Ok(()) => Availability::yes(format!("{what}; {}", self.flags_text)),
+            Err(why) => Availability::no(why.to_string()),
         }
     }
 
@@ -279,21 +256,21 @@ impl<'a> Evidence<'a> {
     }
 }
 
-/// How the emulated backend revokes host access to private pages here.
+/// How the emulated backend revokes host access to private pages here: poison markers where
+/// userfaultfd offers them ([`gmem::Revocation::needs`], asked of gmem's probe), else the
+/// remapping fallback, saying why.
 fn revocation(r: &HostReport) -> String {
-    let uffd = &r.userfaultfd;
-    if uffd.poison_markers() {
-        "userfaultfd poison markers (UFFD_FEATURE_POISON, WP_HUGETLBFS_SHMEM)".to_string()
-    } else {
-        format!(
-            "MAP_FIXED remapping of private runs (userfaultfd poison unavailable: {}), bounded \
-             by vm.max_map_count = {}",
-            uffd.error
-                .clone()
-                .unwrap_or_else(|| "POISON or WP_HUGETLBFS_SHMEM missing".to_string()),
+    let poison = gmem::Revocation::Poison
+        .needs(0)
+        .and_then(|need| gmem::host::require(need).err());
+    match poison {
+        None => "userfaultfd poison markers (UFFD_FEATURE_POISON, WP_HUGETLBFS_SHMEM)".to_string(),
+        Some(why) => format!(
+            "MAP_FIXED remapping of private runs, the fallback ({why}), bounded by \
+             vm.max_map_count = {}",
             r.max_map_count
                 .map_or_else(|| "?".to_string(), |v| v.to_string())
-        )
+        ),
     }
 }
 

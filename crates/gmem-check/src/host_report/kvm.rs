@@ -3,10 +3,10 @@
 //! kernel backend's in-place conversion.
 
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use gmem::error::Errno;
-use gmem::file::GuestMemfdBackend;
+use gmem::host::Feature;
 use gmem::kernel::KernelBackend;
 use gmem::uapi::{
     flag_names, SeriesRevision, KVM_CAP_EXIT_HYPERCALL, KVM_CAP_GUEST_MEMFD,
@@ -41,36 +41,7 @@ pub const CAPABILITIES: [(u32, &str); 9] = [
     (KVM_CAP_NR_MEMSLOTS, "KVM_CAP_NR_MEMSLOTS"),
 ];
 
-/// Why `/dev/kvm` could not be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum KvmUnavailable {
-    /// The device does not exist.
-    #[error("{} is missing", .0.display())]
-    Missing(PathBuf),
-    /// Opening it failed.
-    #[error("cannot open {}: {errno}", .path.display())]
-    Open {
-        /// The device.
-        path: PathBuf,
-        /// What `open` answered.
-        errno: Errno,
-    },
-    /// It opened, but no VM of the default type could be made (capabilities were then read
-    /// system-wide).
-    #[error("KVM_CREATE_VM(KVM_X86_DEFAULT_VM) failed: {0}")]
-    CreateVm(Errno),
-}
-
-/// Why the kernel backend cannot convert in place on this host.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum KernelConversionUnavailable {
-    /// No usable `/dev/kvm` (or no VM on it).
-    #[error(transparent)]
-    Kvm(#[from] KvmUnavailable),
-    /// The VM lacks the in-place conversion capability.
-    #[error(transparent)]
-    Unsupported(#[from] gmem::ConversionUnsupported),
-}
+pub use gmem::host::{KvmFeatures, KvmUnavailable, Missing};
 
 /// Which KVM implementation serves `/dev/kvm`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +112,9 @@ pub struct VmTypeCheck {
 pub struct KvmReport {
     /// Whether `/dev/kvm` exists.
     pub dev_kvm: bool,
+    /// What the one probe of gmem found ([`gmem::host`]): the kernel columns of the feature
+    /// table and every test's skip decide from it.
+    pub features: KvmFeatures,
     /// Why `/dev/kvm` could not be used (missing, open failed, or `KVM_CREATE_VM` of the
     /// default type failed).
     pub error: Option<KvmUnavailable>,
@@ -164,8 +138,8 @@ pub struct KvmReport {
     pub conversion: Vec<ConversionCapability>,
     /// `Ok` when the kernel backend can convert; otherwise what is missing and what the
     /// kernel answered.
-    pub conversion_support: Result<(), KernelConversionUnavailable>,
-    /// Creating a one-page guest_memfd with every supported flag: `None` when it worked.
+    pub conversion_support: Result<(), Missing>,
+    /// Why the kernel creates no guest_memfd here: `None` when it does.
     pub guest_memfd_create_error: Option<String>,
 }
 
@@ -281,13 +255,19 @@ fn attribute_names(v: u64) -> String {
 
 /// Reads everything the report says of the KVM device at `dev_kvm_path`.
 pub(super) fn collect(dev_kvm_path: &Path) -> KvmReport {
+    let features = KvmFeatures::probe(dev_kvm_path);
     let dev_kvm = dev_kvm_path.exists();
     let modules = kvm_modules();
     let cpu_flags = cpu_flags();
-    let missing = KvmUnavailable::Missing(dev_kvm_path.to_path_buf());
     let mut r = KvmReport {
         dev_kvm,
-        error: None,
+        error: features.usable.clone().err(),
+        conversion_support: features.require(Feature::Conversion),
+        guest_memfd_create_error: features
+            .require(Feature::GuestMemfd)
+            .err()
+            .map(|e| e.to_string()),
+        features,
         flavour: dev_kvm.then(|| flavour(&modules, &cpu_flags)),
         modules,
         cpu_flags,
@@ -297,27 +277,22 @@ pub(super) fn collect(dev_kvm_path: &Path) -> KvmReport {
         capability_scope: "system",
         capabilities: Vec::new(),
         conversion: Vec::new(),
-        conversion_support: Err(missing.clone().into()),
-        guest_memfd_create_error: None,
     };
-    let unusable = |r: &mut KvmReport, why: KvmUnavailable| {
-        r.error = Some(why.clone());
-        r.conversion_support = Err(why.into());
-    };
-    if !dev_kvm {
-        unusable(&mut r, missing);
+    if matches!(
+        r.error,
+        Some(
+            KvmUnavailable::Missing { .. }
+                | KvmUnavailable::Permission { .. }
+                | KvmUnavailable::Other { .. }
+        )
+    ) {
         return r;
     }
     let opened = std::ffi::CString::new(dev_kvm_path.as_os_str().as_bytes())
         .map_err(|_| Errno::EINVAL)
         .and_then(|p| kvm_ioctls::Kvm::new_with_path(p.as_c_str()).map_err(Errno::from));
-    let kvm = match opened {
-        Ok(k) => k,
-        Err(errno) => {
-            let path = dev_kvm_path.to_path_buf();
-            unusable(&mut r, KvmUnavailable::Open { path, errno });
-            return r;
-        }
+    let Ok(kvm) = opened else {
+        return r;
     };
     r.api_version = Some(kvm.get_api_version());
     let sys_cap = |cap: u32| kvm.check_extension_raw(libc::c_ulong::from(cap));
@@ -332,15 +307,9 @@ pub(super) fn collect(dev_kvm_path: &Path) -> KvmReport {
             create_error: kvm.create_vm_with_type(u64::from(t)).err().map(Errno::from),
         })
         .collect();
-    let backend = match KernelBackend::open(dev_kvm_path, u64::from(KVM_X86_DEFAULT_VM)) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            unusable(&mut r, KvmUnavailable::CreateVm(e));
-            None
-        }
-    };
+    let backend = KernelBackend::open(dev_kvm_path, u64::from(KVM_X86_DEFAULT_VM)).ok();
     let cap = |number: u32| match &backend {
-        Some(b) => b.vm_fd().check_extension_raw(libc::c_ulong::from(number)),
+        Some(b) => b.check_extension(number),
         None => sys_cap(number),
     };
     r.capability_scope = if backend.is_some() { "vm" } else { "system" };
@@ -374,16 +343,6 @@ pub(super) fn collect(dev_kvm_path: &Path) -> KvmReport {
             }
         })
         .collect();
-    if let Some(b) = &backend {
-        r.conversion_support = b.conversion_support().map_err(Into::into);
-        r.guest_memfd_create_error = match b.create(gmem::PAGE_SIZE, b.supported_flags()) {
-            Ok(f) => f.stat().err().map(|e| format!("fstat failed: {e}")),
-            Err(e) => Some(format!(
-                "KVM_CREATE_GUEST_MEMFD(4096, {}) failed: {e}",
-                flag_names(b.supported_flags())
-            )),
-        };
-    }
     r
 }
 

@@ -58,6 +58,7 @@ mod populate;
 mod revocation;
 mod vma_budget;
 
+use crate::host::Feature;
 use fault_injection::FaultInjection;
 use fault_service::FaultService;
 use page_state::PageBits;
@@ -103,7 +104,28 @@ impl Revocation {
             Revocation::Remap => "remap",
         }
     }
+
+    /// What the kernel must offer for this mode on a file with `flags`, if anything:
+    /// [`Revocation::Poison`] needs a userfaultfd with poison markers, and on a
+    /// `NO_DIRECT_MAP` file also its missing and minor faults (the host-fault service).
+    /// [`Revocation::Auto`] and [`Revocation::Remap`] work on any Linux (Auto falls back to
+    /// Remap; a `NO_DIRECT_MAP` file then has a fault service only where
+    /// [`FAULT_SERVICE_NEEDS`] is met).
+    pub fn needs(self, flags: u64) -> Option<Feature> {
+        match self {
+            Revocation::Poison if flags & GUEST_MEMFD_FLAG_NO_DIRECT_MAP != 0 => {
+                Some(FAULT_SERVICE_NEEDS)
+            }
+            Revocation::Poison => Some(Feature::Userfaultfd(sys::uffd::POISON_FEATURES)),
+            Revocation::Auto | Revocation::Remap => None,
+        }
+    }
 }
+
+/// What a `NO_DIRECT_MAP` file's host-fault service needs: a userfaultfd with poison markers
+/// and missing and minor faults on shmem. Without it the file is served by remapping alone
+/// and host-mapping faults stay unseen (DESIGN.md, NO_DIRECT_MAP).
+pub const FAULT_SERVICE_NEEDS: Feature = Feature::Userfaultfd(sys::uffd::FAULT_EVENT_FEATURES);
 
 /// Options of the emulated backend.
 #[derive(Debug, Clone, Copy)]
@@ -479,7 +501,10 @@ impl EmulatedGuestMemfd {
 
     /// The whole guest view (a memslot needs one range; ENOMEM for a file too large to map
     /// whole). gmem's own guest accesses go through [`EmulatedGuestMemfd::guest_pieces`].
-    pub(crate) fn guest_view(&self) -> KernelResult<&Mmap> {
+    /// Public for tests that watch the view's page tables without handing it out as a
+    /// memslot (which would make every conversion zap its whole runs).
+    #[doc(hidden)]
+    pub fn guest_view(&self) -> KernelResult<&Mmap> {
         self.inner
             .guest_view
             .whole(self.inner.memfd.as_fd(), self.inner.size, GUEST_VIEW_FLAGS)

@@ -14,7 +14,9 @@ pub(crate) mod peer;
 pub(crate) mod probe;
 pub(crate) mod uffd;
 
-pub use uffd::{userfaultfd_features, PoisonError, PoisonFd};
+pub use uffd::{
+    userfaultfd_features, userfaultfd_kernel_faults, FaultEvent, PoisonError, PoisonFd,
+};
 
 use std::ffi::CStr;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};

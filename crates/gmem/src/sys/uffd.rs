@@ -51,6 +51,21 @@ pub fn userfaultfd_features() -> KernelResult<u64> {
     uffdio_api_handshake(std::os::fd::AsFd::as_fd(&fd), 0)
 }
 
+/// Whether this process may have a userfaultfd that receives kernel-mode faults too
+/// (`userfaultfd(0)`: root, `CAP_SYS_PTRACE` or `vm.unprivileged_userfaultfd` = 1); the errno
+/// otherwise (EPERM).
+pub fn userfaultfd_kernel_faults() -> KernelResult<()> {
+    userfaultfd(0).map(drop)
+}
+
+/// The features of a [`PoisonFd::new`]: poison markers on shmem.
+pub const POISON_FEATURES: u64 = UFFD_FEATURE_POISON | UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+
+/// The features of a [`PoisonFd::with_fault_events`]: poison markers, and missing and minor
+/// faults on shmem.
+pub const FAULT_EVENT_FEATURES: u64 =
+    POISON_FEATURES | UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MINOR_SHMEM;
+
 /// A userfaultfd for poison markers: `UFFDIO_POISON` installs markers that make any access
 /// raise SIGBUS. [`PoisonFd::new`] registers mappings in write-protect mode only, which
 /// delivers no missing or minor events, so no service thread is needed.
@@ -90,7 +105,7 @@ impl PoisonFd {
     pub fn new() -> KernelResult<PoisonFd> {
         Self::open(
             UFFD_USER_MODE_ONLY,
-            UFFD_FEATURE_POISON | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+            POISON_FEATURES,
             UFFDIO_REGISTER_MODE_WP,
         )
     }
@@ -102,10 +117,7 @@ impl PoisonFd {
     /// `vm.unprivileged_userfaultfd`); elsewhere the descriptor is user-mode only and such a
     /// system call fails with EFAULT on a page not yet mapped.
     pub fn with_fault_events() -> KernelResult<PoisonFd> {
-        let features = UFFD_FEATURE_POISON
-            | UFFD_FEATURE_WP_HUGETLBFS_SHMEM
-            | UFFD_FEATURE_MISSING_SHMEM
-            | UFFD_FEATURE_MINOR_SHMEM;
+        let features = FAULT_EVENT_FEATURES;
         let modes =
             UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR | UFFDIO_REGISTER_MODE_WP;
         Self::open(0, features, modes).or_else(|_| Self::open(UFFD_USER_MODE_ONLY, features, modes))
