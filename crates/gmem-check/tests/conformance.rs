@@ -1,140 +1,101 @@
-//! The conformance cases (`gmem_check::conformance`) against the emulated backend, one test per
-//! case. A case the backend cannot run is `#[ignore]`d with its reason (and, were it reached,
-//! would fail the test rather than pass it).
+//! The conformance cases (`gmem_check::conformance`) against the emulated backend, one test
+//! per case and revocation configuration (`<case>::poison`, `::remap`, `::holes`). A
+//! configuration this host cannot run (poison markers without userfaultfd) is ignored with the
+//! reason, and so is a case that finds by running that the host lacks what it needs (one NUMA
+//! node); neither counts as a pass.
 
+use gmem::uapi::{
+    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
+};
 use gmem::{EmulatedOptions, Revocation};
-use gmem_check::conformance::{cases, Ctx, Outcome};
+use gmem_check::conformance::{cases, Case, Ctx, Outcome};
+use gmem_testkit::{needs, test, test_partly, test_unless, Trial};
 
-/// Runs case `name` with both revocation mechanisms, and with poison markers replaced by
-/// hole mappings for every run.
-fn run(name: &str) {
-    let case = cases()
-        .into_iter()
-        .find(|c| c.name == name)
-        .unwrap_or_else(|| panic!("no case named {name}"));
-    let holes = EmulatedOptions {
-        hole_min_bytes: gmem::PAGE_SIZE,
-        ..EmulatedOptions::with_revocation(Revocation::Poison)
-    };
-    let configs = [
-        EmulatedOptions::with_revocation(Revocation::Poison),
-        EmulatedOptions::with_revocation(Revocation::Remap),
-        holes,
-    ];
-    for opts in configs {
-        match Ctx::emulated_with(opts).run(&case) {
-            Outcome::Pass => {}
-            Outcome::Skip(reason) => {
-                panic!("{name} ({opts:?}) skipped ({reason}); skips must not count as passes")
-            }
-            Outcome::Fail(reason) => panic!("{name} ({opts:?}) failed: {reason}"),
-        }
+/// The revocation configurations every case runs in: both mechanisms, and poison markers
+/// replaced by hole mappings for every run.
+fn configs() -> [(&'static str, EmulatedOptions); 3] {
+    [
+        (
+            "poison",
+            EmulatedOptions::with_revocation(Revocation::Poison),
+        ),
+        ("remap", EmulatedOptions::with_revocation(Revocation::Remap)),
+        (
+            "holes",
+            EmulatedOptions {
+                hole_min_bytes: gmem::PAGE_SIZE,
+                ..EmulatedOptions::with_revocation(Revocation::Poison)
+            },
+        ),
+    ]
+}
+
+/// Every flag a case may create a file with (NO_DIRECT_MAP included).
+const ANY_FLAGS: u64 =
+    GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED | GUEST_MEMFD_FLAG_NO_DIRECT_MAP;
+
+/// The cases that need a VM: run in tests/vm.rs with a vCPU guest (and below, with the
+/// internal guest and a VM where /dev/kvm makes one).
+const VCPU_CASES: [&str; 3] = [
+    "memslots_1_vcpus_1",
+    "memslots_1_vcpus_4",
+    "memslots_4_vcpus_4",
+];
+
+/// The cases that need what an emulated file has not (a guest_memfd descriptor): each must
+/// skip, naming it.
+const SKIPPED_ON_EMULATED: [(&str, &str); 1] = [("file_read_write", "no guest_memfd descriptor")];
+
+/// The cases that run with the default options and the internal guest with a VM where
+/// /dev/kvm makes one, passing or skipping with the reason.
+const DEFAULT_CONTEXT_CASES: [&str; 5] = [
+    "private_access_memslot_deleted",
+    "pre_fault_memory",
+    // Per-VM attribute tracking, on a VM of its own (vm_attributes.rs in gmem-vmm).
+    "private_access_memslot_not_private",
+    "post_vm_free",
+    "numa_allocation",
+];
+
+/// `case` in `ctx`: passes, or is ignored with the reason the case gave for a skip.
+fn run_case(ctx: Ctx, case: Case) -> Option<String> {
+    match ctx.run(&case) {
+        Outcome::Pass => None,
+        Outcome::Skip(reason) => Some(reason),
+        Outcome::Fail(reason) => panic!("{} failed: {reason}", case.name),
     }
 }
 
-macro_rules! cases {
-    ($($name:ident),* $(,)?) => {
-        $(#[test] fn $name() { run(stringify!($name)); })*
-
-        #[test]
-        fn every_case_has_a_test() {
-            let listed = [$(stringify!($name)),*, "forked_accesses", "file_read_write",
-                "private_access_memslot_deleted", "private_access_memslot_not_private",
-                "pre_fault_memory", "numa_allocation", "post_vm_free",
-                // Need a VM: run in tests/vm.rs with a vCPU guest.
-                "memslots_1_vcpus_1", "memslots_1_vcpus_4", "memslots_4_vcpus_4"];
-            for c in cases() {
-                assert!(listed.contains(&c.name), "case {} has no test", c.name);
-            }
+fn main() {
+    let mut trials: Vec<Trial> = Vec::new();
+    for case in cases() {
+        let name = case.name;
+        if VCPU_CASES.contains(&name) {
+            continue;
         }
-    };
-}
-
-cases!(
-    flags,
-    create_multiple,
-    invalid_sizes,
-    file_size,
-    mmap_supported,
-    mmap_not_supported,
-    mmap_cow,
-    fault_overflow,
-    fault_private,
-    fallocate,
-    invalid_punch_hole,
-    collapse,
-    mbind,
-    guest_memfd_guest,
-    gmem_convert_fault_race,
-    init_private,
-    init_shared,
-    indexing,
-    before_allocation_shared,
-    before_allocation_private,
-    unallocated_folios,
-    truncate,
-    elevated_refcount,
-    set_attributes_invalid,
-    early_return,
-    explicit_conversion,
-    explicit_conversion_fallocate,
-    punch_hole,
-    punch_hole_precise,
-    pkvm_preserves_on_conversion_scrubs_on_punch,
-    snp_never_writes_assigned_make_shared_only_to_shared,
-    tdx_zeroes_on_conversion_to_shared,
-    populate_in_place_and_copying,
-    no_direct_map_removal_and_restore,
-);
-
-/// A forked child's copy of the mapping is revoked too: read and write of the page the
-/// parent converts after the fork both raise SIGBUS in the child (the fork handlers).
-#[test]
-fn forked_accesses() {
-    run("forked_accesses");
-}
-
-/// Cases the emulated backend cannot run are skips naming what is missing, never passes.
-#[test]
-fn cases_without_their_capability_skip_on_emulated() {
-    let (name, why) = ("file_read_write", "no guest_memfd descriptor");
-    let case = cases()
-        .into_iter()
-        .find(|c| c.name == name)
-        .expect("case exists");
-    let out = Ctx::emulated().run(&case);
-    assert!(
-        matches!(&out, Outcome::Skip(r) if r.contains(why)),
-        "{name}: {out:?}"
-    );
-    println!(
-        "{name} skips on the emulated backend, as it must: {}",
-        out.reason()
-    );
-}
-
-/// The cases that need a VM pass on the emulated backend wherever `/dev/kvm` makes one, and
-/// otherwise skip naming the missing VM; `numa_allocation` passes on two nodes or more and
-/// otherwise skips naming the one node.
-#[test]
-fn vm_and_numa_cases_pass_or_skip_naming_why() {
-    for (name, why) in [
-        ("private_access_memslot_deleted", "no VM"),
-        ("pre_fault_memory", "no VM"),
-        // Per-VM attribute tracking, on a VM of its own (vm_attributes.rs in gmem-vmm).
-        ("private_access_memslot_not_private", "no VM"),
-        ("post_vm_free", "no VM"),
-        ("numa_allocation", "NUMA node"),
-    ] {
-        let case = cases()
-            .into_iter()
-            .find(|c| c.name == name)
-            .expect("case exists");
-        let out = Ctx::emulated().run(&case);
-        match &out {
-            Outcome::Pass => println!("{name}: pass"),
-            Outcome::Skip(r) if r.contains(why) => println!("{name}: skip: {r}"),
-            _ => panic!("{name}: {out:?}"),
+        if let Some(&(_, why)) = SKIPPED_ON_EMULATED.iter().find(|(n, _)| *n == name) {
+            trials.push(test(name, move || {
+                let out = Ctx::emulated().run(&case);
+                assert!(
+                    matches!(&out, Outcome::Skip(r) if r.contains(why)),
+                    "{name}: {out:?}"
+                );
+            }));
+            continue;
+        }
+        if DEFAULT_CONTEXT_CASES.contains(&name) {
+            trials.push(test_partly(name, move || run_case(Ctx::emulated(), case)));
+            continue;
+        }
+        for (label, opts) in configs() {
+            let why = opts.revocation.needs(ANY_FLAGS).and_then(|n| needs(&[n]));
+            trials.push(match why {
+                Some(why) => test_unless(format!("{name}::{label}"), Some(why), || {}),
+                None => test_partly(format!("{name}::{label}"), move || {
+                    run_case(Ctx::emulated_with(opts), case)
+                }),
+            });
         }
     }
+    gmem_testkit::run(trials)
 }

@@ -7,11 +7,11 @@
 
 mod common;
 
-use common::{test_unless, tests, tests_unless};
+use common::Trial;
+use common::{needs, test_unless, tests, tests_needing, Feature};
 use gmem_check::conformance::differential::{self, compare, scripts, KNOWN_DEVIATIONS};
-use gmem_check::conformance::{Ctx, Need, Outcome};
+use gmem_check::conformance::{Ctx, Outcome};
 use gmem_check::script::{parse_flags, parse_size, summarize, Command, IoError, Line, Session};
-use libtest_mimic::Trial;
 use proptest::prelude::*;
 
 fn sizes_take_suffixes_and_hex() {
@@ -84,7 +84,11 @@ fn commands_parse_and_print_normalised() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
     /// No input line panics the interpreter; every line prints exactly one result.
         fn no_line_panics(line in "[a-z_ 0-9xkmg|,#.-]{0,40}") {
         let mut s = Session::emulated();
@@ -214,10 +218,11 @@ fn known_deviations_match_the_design_table() {
 /// The differential check on this host, one test per script
 /// (`io_scripts_print_the_same_lines_on_emulated_and_kernel::<script>`): every script both
 /// backends can run prints the same lines on both, up to the known deviations; a script needing
-/// what the kernel lacks (conversion) is ignored with the reason, and one needing no conversion
-/// must run. Needs /dev/kvm.
-fn io_scripts_print_the_same_lines_on_emulated_and_kernel(why: &Option<String>) -> Vec<Trial> {
+/// what the kernel lacks (guest_memfd, a flag, conversion) is ignored with the reason. The
+/// emulated backend must run every script.
+fn io_scripts_print_the_same_lines_on_emulated_and_kernel() -> Vec<Trial> {
     const NAME: &str = "io_scripts_print_the_same_lines_on_emulated_and_kernel";
+    let why = &needs(&[Feature::GuestMemfd]);
     let kernel = why
         .is_none()
         .then(|| Ctx::kernel(0).expect("listed with a kernel backend"));
@@ -229,18 +234,18 @@ fn io_scripts_print_the_same_lines_on_emulated_and_kernel(why: &Option<String>) 
                 return test_unless(name, why.clone(), || {});
             };
             let emulated = Ctx::emulated();
-            let missing = script.needs.iter().find_map(|&n| {
-                emulated
+            let on_emulated = script.needs.iter().find_map(|&n| emulated.missing(n));
+            let on_kernel = script.needs.iter().find_map(|&n| {
+                kernel
                     .missing(n)
-                    .or_else(|| kernel.missing(n))
-                    .map(|why| format!("needs {n:?} on both backends: {why}"))
+                    .map(|why| format!("needs {n:?} of the kernel: {why}"))
             });
-            match missing {
-                // Every script that needs no conversion runs on this kind of host.
-                Some(why) if !script.needs.contains(&Need::Conversion) => {
+            match on_emulated {
+                // The emulated backend offers everything a script may need.
+                Some(why) => {
                     common::test(name, move || panic!("{}: does not run: {why}", script.name))
                 }
-                missing => test_unless(name, missing, move || {
+                None => test_unless(name, on_kernel, move || {
                     let (e, k) = (
                         differential::run_script(&emulated, &script),
                         differential::run_script(&kernel, &script),
@@ -317,11 +322,15 @@ fn random_cases() -> u32 {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: random_cases(), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig {
+        cases: random_cases(),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
 
     /// Random scripts print the same lines on the emulated backend and on this host's kernel,
     /// up to the known deviations (usage errors, e.g. an access outside the mapping, must
-    /// agree too). Needs /dev/kvm.
+    /// agree too). Needs guest_memfd with MMAP and INIT_SHARED.
         fn random_scripts_agree_with_the_kernel(
         create in prop_oneof![Just("mmap|init_shared"), Just("mmap"), Just("0")],
         cmds in prop::collection::vec(random_command(), 1..24),
@@ -392,7 +401,6 @@ fn huge_lengths_are_errors_not_aborts() {
 }
 
 fn main() {
-    let kernel = gmem_check::skip::kernel_backend();
     let mut trials = tests!(
         sizes_take_suffixes_and_hex,
         flags_by_name_or_number,
@@ -405,9 +413,10 @@ fn main() {
         every_script_is_well_formed,
         huge_lengths_are_errors_not_aborts,
     );
-    trials.extend(io_scripts_print_the_same_lines_on_emulated_and_kernel(
-        &kernel,
-    ));
-    trials.extend(tests_unless!(kernel; random_scripts_agree_with_the_kernel));
+    trials.extend(io_scripts_print_the_same_lines_on_emulated_and_kernel());
+    // The random scripts create files with MMAP and INIT_SHARED.
+    trials.extend(tests_needing!([Feature::GuestMemfdFlags(
+        gmem::uapi::GUEST_MEMFD_FLAG_MMAP | gmem::uapi::GUEST_MEMFD_FLAG_INIT_SHARED
+    )]; random_scripts_agree_with_the_kernel));
     common::run(trials)
 }

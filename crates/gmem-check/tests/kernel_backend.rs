@@ -1,23 +1,28 @@
-//! The kernel backend against the real guest_memfd of this host (host.md, kernel-spec §2.5).
+//! The kernel backend against the real guest_memfd of this host.
 //!
-//! Every test needs `/dev/kvm`; without it (or when a VM cannot be created) every test is
-//! reported as ignored with the reason, and so is each conformance case whose capability
-//! (conversion, a guest, ...) this host's kernel lacks.
+//! Every test needs guest_memfd, most of them `MMAP | INIT_SHARED`: where the kernel lacks what
+//! a test needs (no `/dev/kvm`, no guest_memfd, a flag missing from
+//! `KVM_CAP_GUEST_MEMFD_FLAGS`) the test is reported as ignored with the reason gmem's probe
+//! gives, and so is each conformance case whose capability (conversion, a guest, ...) this
+//! host's kernel lacks.
 
 mod common;
 
 use std::sync::Arc;
 
-use common::{test_partly, test_unless, tests_unless};
+use common::Trial;
+use common::{needs, test_partly, test_unless, tests_needing, Feature};
 use gmem::uapi::*;
 use gmem::*;
 use gmem_check::conformance::{cases, Ctx, Outcome};
-use libtest_mimic::Trial;
 
 const PAGE: u64 = PAGE_SIZE;
 const RW: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
 
-/// The kernel backend (the tests run only where [`gmem_check::skip::kernel_backend`] found one).
+/// The flags most tests need.
+const MMAP_INIT_SHARED: Feature = Feature::GuestMemfdFlags(RW);
+
+/// The kernel backend (the tests run only where the probe found guest_memfd).
 fn backend() -> KernelBackend {
     KernelBackend::new().expect("the kernel backend was available when the tests were listed")
 }
@@ -29,11 +34,6 @@ fn errno<T: std::fmt::Debug>(r: KernelResult<T>) -> Errno {
 fn flags_mask_and_unknown_flags() {
     let b = backend();
     let supported = b.supported_flags();
-    assert_eq!(
-        supported & RW,
-        RW,
-        "KVM_CAP_GUEST_MEMFD_FLAGS = {supported:#x} lacks MMAP|INIT_SHARED"
-    );
     // Every combination inside the mask is accepted.
     for flags in 0..=supported {
         if flags & !supported == 0 {
@@ -344,7 +344,8 @@ fn files_belong_to_their_vm_and_keep_it_alive() {
 /// ignored for a capability this host lacks (conversion, a guest) with the reason; none fails.
 /// `...::at_least_11_cases_run` checks that the guest_memfd_test cases needing neither
 /// conversion nor a guest are not among the skipped.
-fn conformance_cases_pass_or_skip_with_the_missing_capability(why: &Option<String>) -> Vec<Trial> {
+fn conformance_cases_pass_or_skip_with_the_missing_capability() -> Vec<Trial> {
+    let why = &needs(&[Feature::GuestMemfd]);
     const NAME: &str = "conformance_cases_pass_or_skip_with_the_missing_capability";
     let ctx = why.is_none().then(|| Ctx {
         backend: Arc::new(backend()),
@@ -384,24 +385,83 @@ fn conformance_cases_pass_or_skip_with_the_missing_capability(why: &Option<Strin
     trials
 }
 
+/// The accessors are what a memslot needs: KVM accepts the guest_memfd and its host mapping
+/// in KVM_SET_USER_MEMORY_REGION2 with KVM_MEM_GUEST_MEMFD. Also checks the fd-level errnos
+/// of the file calls (read EINVAL; pread, pwrite, lseek ESPIPE; ftruncate EINVAL).
+fn accessors_bind_a_memslot_and_the_fd_refuses_file_io() {
+    let b = backend();
+    let f = b.create(16 * PAGE, RW).unwrap();
+    let gmem::MemslotSource::GuestMemfd {
+        fd,
+        vm,
+        userspace_addr,
+    } = f.memslot_source().unwrap()
+    else {
+        panic!("a kernel file binds as a guest_memfd");
+    };
+    assert!(std::ptr::eq(vm, b.vm_fd()));
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    let region = kvm_bindings::kvm_userspace_memory_region2 {
+        slot: 0,
+        flags: KVM_MEM_GUEST_MEMFD,
+        guest_phys_addr: 0x10_0000,
+        memory_size: 16 * PAGE,
+        userspace_addr,
+        guest_memfd_offset: 0,
+        guest_memfd: u32::try_from(fd).unwrap(),
+        ..Default::default()
+    };
+    // SAFETY: the region is the file's own shared mapping, which lives as long as the file;
+    // the slot is deleted below, before `f` is dropped.
+    unsafe { vm.set_user_memory_region2(region) }.unwrap();
+    let delete = kvm_bindings::kvm_userspace_memory_region2 {
+        memory_size: 0,
+        ..region
+    };
+    // SAFETY: deleting the slot created above.
+    unsafe { vm.set_user_memory_region2(delete) }.unwrap();
+
+    let mut buf = [0u8; 8];
+    let last = || Errno(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    // SAFETY: plain system calls on the file's descriptor with a valid 8-byte buffer.
+    let (read, pread, pwrite, lseek, ftruncate) = unsafe {
+        (
+            (libc::read(fd, buf.as_mut_ptr().cast(), 8), last()),
+            (libc::pread(fd, buf.as_mut_ptr().cast(), 8, 0), last()),
+            (libc::pwrite(fd, buf.as_ptr().cast(), 8, 0), last()),
+            (libc::lseek(fd, 0, libc::SEEK_SET), last()),
+            (libc::ftruncate(fd, 0), last()),
+        )
+    };
+    assert_eq!(read, (-1, Errno::EINVAL));
+    assert_eq!(pread, (-1, Errno::ESPIPE));
+    assert_eq!(pwrite, (-1, Errno::ESPIPE));
+    assert_eq!(lseek, (-1, Errno::ESPIPE));
+    assert_eq!(ftruncate, (-1, Errno::EINVAL));
+}
+
 fn main() {
-    let why = gmem_check::skip::kernel_backend();
-    let mut trials = tests_unless!(why;
+    let mut trials = tests_needing!([Feature::GuestMemfd];
         flags_mask_and_unknown_flags,
         invalid_sizes_are_einval,
+    );
+    trials.extend(tests_needing!([MMAP_INIT_SHARED];
         mmap_errnos,
         mmap_generic_checks_and_page_rounding_match_the_emulated_backend,
         pin_on_a_huge_file_maps_only_the_pinned_range,
-        fault_on_private_is_sigbus_at_the_exact_address,
         shared_pages_are_coherent_and_accessors_are_typed,
         fallocate_errnos_and_punch_hole,
         stat_reports_size_blksize_and_distinct_inodes,
         conversion_returns_the_kernels_answer,
         pins_are_real_vmsplice_references,
         files_belong_to_their_vm_and_keep_it_alive,
-    );
-    trials.extend(conformance_cases_pass_or_skip_with_the_missing_capability(
-        &why,
+        accessors_bind_a_memslot_and_the_fd_refuses_file_io,
     ));
+    trials.extend(
+        tests_needing!([Feature::GuestMemfdFlags(GUEST_MEMFD_FLAG_MMAP)];
+            fault_on_private_is_sigbus_at_the_exact_address,
+        ),
+    );
+    trials.extend(conformance_cases_pass_or_skip_with_the_missing_capability());
     common::run(trials)
 }

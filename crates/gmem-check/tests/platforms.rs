@@ -51,7 +51,6 @@ fn placed(p: PlatformKind, pl: HookPlacement, npages: u64, flags: u64) -> Emulat
 }
 
 /// The split (seed 001's outcome): make_private / make_shared / reclaim, scripted.
-#[test]
 fn hook_call_order_per_platform() {
     use HookCall::*;
     for p in PlatformKind::ALL {
@@ -112,7 +111,6 @@ fn hook_call_order_per_platform() {
 /// the KVM MMU (the private fault; invalidation with the private filter on conversion to
 /// shared, punch-hole and release, so a shared page is never zapped); SW and pKVM as in the
 /// split. Content effects equal the split's.
-#[test]
 fn hook_placement_v8_per_platform() {
     use HookCall::*;
     assert_eq!(EmulatedOptions::default().hook_placement, HookPlacement::V8);
@@ -180,7 +178,6 @@ fn hook_placement_v8_per_platform() {
 
 /// The same scenario on both placements leaves the same bytes (SNP: the same rule, its key
 /// being per file) and the same platform state.
-#[test]
 fn hook_placement_keeps_content_effects() {
     for p in PlatformKind::ALL {
         let mut seen = Vec::new();
@@ -235,7 +232,6 @@ fn host_read(f: &EmulatedGuestMemfd, page: u64) -> Vec<u8> {
     b
 }
 
-#[test]
 fn content_rules_per_platform() {
     for p in PlatformKind::ALL {
         let f = file(p, 2, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED);
@@ -264,7 +260,6 @@ fn content_rules_per_platform() {
     }
 }
 
-#[test]
 fn pkvm_scrubs_on_punch_and_release_sw_does_not() {
     let f = file(PlatformKind::Pkvm, 2, GUEST_MEMFD_FLAG_MMAP);
     guest_write(&f, 0, 0x55);
@@ -279,7 +274,6 @@ fn pkvm_scrubs_on_punch_and_release_sw_does_not() {
     assert_eq!(sw.platform_report().scrubbed, 0);
 }
 
-#[test]
 fn snp_guards_gmem_writes_to_assigned_pages() {
     let f = file(PlatformKind::Snp, 2, GUEST_MEMFD_FLAG_MMAP);
     guest_write(&f, 0, 1);
@@ -293,7 +287,6 @@ fn snp_guards_gmem_writes_to_assigned_pages() {
 
 /// kvm_gmem_populate clamps npages to the end of the memslot and GUPs the source page by page
 /// (kernel-spec §2.7): a range past the end and a short source both give the pages done.
-#[test]
 fn populate_clamps_and_gups_the_source_per_page() {
     for p in [PlatformKind::SoftwareProtected, PlatformKind::Tdx] {
         let f = file(p, 4, GUEST_MEMFD_FLAG_MMAP);
@@ -327,7 +320,6 @@ fn populate_clamps_and_gups_the_source_per_page() {
 }
 
 /// The in-place flow (seed 000) and the copying flow give the same measurement.
-#[test]
 fn launch_measurement_in_place_equals_copy() {
     for p in [PlatformKind::Snp, PlatformKind::Tdx] {
         let image: Vec<u8> = (0..3 * PAGE).map(|i| (i % 251) as u8).collect();
@@ -384,7 +376,6 @@ fn launch_measurement_in_place_equals_copy() {
     }
 }
 
-#[test]
 fn populate_rules() {
     let f = file(
         PlatformKind::Snp,
@@ -435,7 +426,6 @@ fn populate_rules() {
     );
 }
 
-#[test]
 fn no_direct_map_flag_follows_the_platform() {
     use gmem::GuestMemfdBackend;
     for p in PlatformKind::ALL {
@@ -455,7 +445,6 @@ fn no_direct_map_flag_follows_the_platform() {
     }
 }
 
-#[test]
 fn no_direct_map_remove_at_hand_out_restore_on_free() {
     use HookCall::*;
     for p in [PlatformKind::SoftwareProtected, PlatformKind::Pkvm] {
@@ -510,7 +499,6 @@ fn no_direct_map_remove_at_hand_out_restore_on_free() {
     }
 }
 
-#[test]
 fn no_direct_map_failed_removal_marks_nothing() {
     let flags =
         GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED | GUEST_MEMFD_FLAG_NO_DIRECT_MAP;
@@ -537,13 +525,9 @@ fn no_direct_map_failed_removal_marks_nothing() {
     assert!(f.direct_map_removed(1));
 }
 
-#[test]
 fn kernel_backend_passes_no_direct_map_through() {
     use gmem::GuestMemfdBackend;
-    let Ok(k) = gmem::KernelBackend::new() else {
-        eprintln!("skip: no /dev/kvm");
-        return;
-    };
+    let k = gmem::KernelBackend::new().expect("a VM (the test needs guest_memfd)");
     let r = k.create(PS, GUEST_MEMFD_FLAG_NO_DIRECT_MAP);
     if k.supported_flags() & GUEST_MEMFD_FLAG_NO_DIRECT_MAP != 0 {
         assert!(r.is_ok());
@@ -552,7 +536,6 @@ fn kernel_backend_passes_no_direct_map_through() {
     }
 }
 
-#[test]
 fn content_rule_names() {
     assert_eq!(
         PlatformKind::Tdx.content_rule(Direction::ToShared),
@@ -562,7 +545,6 @@ fn content_rule_names() {
 
 /// `gmem run --platform X` as a library call: real vCPUs when /dev/kvm works, else
 /// host-driven. Each platform passes its own content rules and fails another platform's.
-#[test]
 fn workload_follows_each_platform() {
     use gmem_check::workload::{run, Config};
     let config = |platform, expect| Config {
@@ -591,4 +573,29 @@ fn workload_follows_each_platform() {
     };
     let e = run(&k).unwrap_err().to_string();
     assert!(e.contains("--platform snp"), "{e}");
+}
+
+fn main() {
+    let mut trials = gmem_testkit::tests!(
+        hook_call_order_per_platform,
+        hook_placement_v8_per_platform,
+        hook_placement_keeps_content_effects,
+        content_rules_per_platform,
+        pkvm_scrubs_on_punch_and_release_sw_does_not,
+        snp_guards_gmem_writes_to_assigned_pages,
+        populate_clamps_and_gups_the_source_per_page,
+        launch_measurement_in_place_equals_copy,
+        populate_rules,
+        no_direct_map_flag_follows_the_platform,
+        no_direct_map_remove_at_hand_out_restore_on_free,
+        no_direct_map_failed_removal_marks_nothing,
+        content_rule_names,
+        workload_follows_each_platform,
+    );
+    trials.extend(
+        gmem_testkit::tests_needing!([gmem_testkit::Feature::GuestMemfd];
+            kernel_backend_passes_no_direct_map_through,
+        ),
+    );
+    gmem_testkit::run(trials)
 }

@@ -4,8 +4,9 @@
 //! plain in-memory reference model of the spec (kernel-spec §2.3-§2.5: page → attribute and
 //! content, plus pins), comparing every result: errno, `error_offset`, SIGBUS offset, bytes.
 //!
-//! `PROPTEST_CASES` sets the number of sequences (default 128, about a second). Shrunk failures
-//! are recorded under `proptest-regressions/` (commit them); fixed bugs also get an explicit
+//! `PROPTEST_CASES` sets the number of sequences (default 128, about a second), one property
+//! test per revocation configuration (ignored where the host lacks what it needs). Nothing is
+//! written to the source tree: a shrunk failure is printed, and a fixed bug gets an explicit
 //! `regression_*` test below.
 
 use std::sync::Arc;
@@ -63,7 +64,27 @@ enum Config {
     Holes,
 }
 
+/// Every configuration.
+const CONFIGS: [Config; 3] = [Config::Poison, Config::Remap, Config::Holes];
+
 impl Config {
+    fn name(self) -> &'static str {
+        match self {
+            Config::Poison => "poison",
+            Config::Remap => "remap",
+            Config::Holes => "holes",
+        }
+    }
+
+    /// Why this host cannot run sequences in this configuration (any of the flags the
+    /// sequences create files with), if it cannot.
+    fn missing(self) -> Option<String> {
+        let flags =
+            GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED | GUEST_MEMFD_FLAG_NO_DIRECT_MAP;
+        let need = self.options().revocation.needs(flags);
+        need.and_then(|n| gmem_testkit::needs(&[n]))
+    }
+
     fn options(self) -> EmulatedOptions {
         match self {
             Config::Poison => EmulatedOptions::with_revocation(Revocation::Poison),
@@ -473,20 +494,13 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn sequence() -> impl Strategy<Value = (Config, Vec<Op>)> {
-    (
-        prop_oneof![
-            Just(Config::Poison),
-            Just(Config::Remap),
-            Just(Config::Holes)
-        ],
-        (1..=MAX_PAGES, flags()),
-        prop::collection::vec(op(), 1..40),
-    )
-        .prop_map(|(config, (pages, flags), mut ops)| {
+fn sequence() -> impl Strategy<Value = Vec<Op>> {
+    ((1..=MAX_PAGES, flags()), prop::collection::vec(op(), 1..40)).prop_map(
+        |((pages, flags), mut ops)| {
             ops.insert(0, Op::Create { pages, flags });
-            (config, ops)
-        })
+            ops
+        },
+    )
 }
 
 fn cases() -> u32 {
@@ -496,14 +510,19 @@ fn cases() -> u32 {
         .unwrap_or(128)
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
-
-    #[test]
-    fn emulated_backend_follows_the_reference_model((config, ops) in sequence()) {
-        if let Err(e) = check(config, &ops) {
-            prop_assert!(false, "{}", e);
-        }
+/// Random sequences in `config` follow the reference model. A failure is shrunk and printed
+/// (no file is written).
+fn emulated_backend_follows_the_reference_model(config: Config) {
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: cases(),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let result = runner.run(&sequence(), |ops| {
+        check(config, &ops).map_err(proptest::test_runner::TestCaseError::fail)
+    });
+    if let Err(e) = result {
+        panic!("{config:?}: {e}");
     }
 }
 
@@ -514,10 +533,9 @@ fn run(config: Config, ops: &[Op]) {
 }
 
 /// The model itself can fail: a wrong expectation is caught (the comparison is not vacuous).
-#[test]
-fn a_wrong_model_is_caught() {
+fn a_wrong_model_is_caught(config: Config) {
     let mut model = Model::default();
-    let mut real = Real::new(Config::Poison);
+    let mut real = Real::new(config);
     let create = Op::Create {
         pages: 2,
         flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
@@ -541,10 +559,9 @@ fn a_wrong_model_is_caught() {
 
 /// A pin taken before a punch no longer holds the punched page: converting it succeeds, while
 /// a pinned neighbour still fails with its own offset.
-#[test]
-fn regression_pin_detached_by_punch() {
+fn regression_pin_detached_by_punch(config: Config) {
     run(
-        Config::Poison,
+        config,
         &[
             Op::Create {
                 pages: 3,
@@ -578,9 +595,8 @@ fn regression_pin_detached_by_punch() {
 
 /// A host write that runs into a private page lands up to the page and faults there; a new
 /// mapping made afterwards revokes the private page too (hole mappings with a tiny budget).
-#[test]
-fn regression_partial_write_and_fresh_mapping() {
-    for config in [Config::Poison, Config::Remap, Config::Holes] {
+fn regression_partial_write_and_fresh_mapping(config: Config) {
+    {
         run(
             config,
             &[
@@ -625,4 +641,59 @@ fn regression_partial_write_and_fresh_mapping() {
             ],
         );
     }
+}
+
+/// A zero-length conversion of a NO_DIRECT_MAP file is EINVAL like any other (a shrunk failure
+/// proptest once recorded).
+fn regression_zero_length_conversion_of_a_no_direct_map_file(config: Config) {
+    run(
+        config,
+        &[
+            Op::Create {
+                pages: 1,
+                flags: GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
+            },
+            Op::Convert {
+                private: false,
+                off: 0,
+                len: 0,
+            },
+        ],
+    );
+}
+
+/// A test run once per configuration.
+type PerConfig = (&'static str, fn(Config));
+
+fn main() {
+    let tests: [PerConfig; 5] = [
+        (
+            "emulated_backend_follows_the_reference_model",
+            emulated_backend_follows_the_reference_model,
+        ),
+        ("a_wrong_model_is_caught", a_wrong_model_is_caught),
+        (
+            "regression_pin_detached_by_punch",
+            regression_pin_detached_by_punch,
+        ),
+        (
+            "regression_partial_write_and_fresh_mapping",
+            regression_partial_write_and_fresh_mapping,
+        ),
+        (
+            "regression_zero_length_conversion_of_a_no_direct_map_file",
+            regression_zero_length_conversion_of_a_no_direct_map_file,
+        ),
+    ];
+    let mut trials = Vec::new();
+    for (name, f) in tests {
+        for config in CONFIGS {
+            trials.push(gmem_testkit::test_unless(
+                format!("{name}::{}", config.name()),
+                config.missing(),
+                move || f(config),
+            ));
+        }
+    }
+    gmem_testkit::run(trials)
 }

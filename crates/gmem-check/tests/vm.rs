@@ -7,6 +7,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::Trial;
 use gmem::uapi::{
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_MAP_GPA_RANGE_ENCRYPTED,
 };
@@ -14,9 +15,8 @@ use gmem::{EmulatedGuestMemfd, GuestMemfd, PAGE_SIZE};
 use gmem_vmm::backing::{in_place, GuestBacking};
 use gmem_vmm::guest::DATA_GPA;
 use gmem_vmm::{Event, Gpa, GuestProgram, RequestPath, Vm};
-use libtest_mimic::Trial;
 
-use common::{test_partly, test_unless, tests, tests_unless};
+use common::{needs, test_partly, test_unless, tests, tests_unless, Feature};
 
 const PS: u64 = PAGE_SIZE;
 
@@ -547,6 +547,7 @@ fn conformance_cases_with_a_real_vcpu_as_the_guest(why: &Option<String>) -> Vec<
         })
     };
     let kernel = || -> Result<Ctx, String> {
+        gmem::host::require(Feature::GuestMemfd).map_err(|e| e.to_string())?;
         let backend = gmem::KernelBackend::new().map_err(|e| e.to_string())?;
         Ok(Ctx {
             guest: Some(VcpuGuest::kernel(&backend).map_err(|e| e.to_string())?),
@@ -667,8 +668,7 @@ fn per_vm_attribute_tracking() {
 }
 
 fn main() {
-    use gmem_check::skip;
-    let kvm = skip::kvm();
+    let kvm = needs(&[Feature::Kvm]);
     let mut trials = tests!(map_gpa_range_hypercall_decoding);
     trials.extend(tests_unless!(kvm;
         init_shared_flow_with_a_real_vcpu,
@@ -695,8 +695,9 @@ fn main() {
     ));
     trials.push(test_unless(
         "test_guest_memfd_guest_on_the_kernel_backend",
-        kvm.clone()
-            .or_else(|| skip::kernel_flags(GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)),
+        needs(&[Feature::GuestMemfdFlags(
+            GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+        )]),
         test_guest_memfd_guest_on_the_kernel_backend,
     ));
     trials.push(test_partly(

@@ -13,7 +13,8 @@ use std::process::Command;
 use serde_json::Value;
 
 fn bench_json_has_every_section_and_both_models() -> Option<String> {
-    let svg = std::env::temp_dir().join(format!("gmem-bench-test-{}.svg", std::process::id()));
+    let dir = common::TempDir::new("gmem-bench-test").expect("temp dir");
+    let svg = dir.join("conv.svg");
     let out = Command::new(env!("CARGO_BIN_EXE_gmem"))
         .args(["bench", "--quick", "--json", "--plot"])
         .arg(&svg)
@@ -99,16 +100,31 @@ fn bench_json_has_every_section_and_both_models() -> Option<String> {
         .as_str()
         .unwrap()
         .starts_with("in-place gmem run end to end")));
-    // 5. footprint in both fragmentations; deterministic, so its targets are asserted.
-    for frag in ["2MiB", "4KiB"] {
+    // 5. footprint in both fragmentations (deterministic, so its targets are asserted), or
+    // said why not (4 KiB fragments without poison markers: more mappings than the budget).
+    let mut footprint_skipped = Vec::new();
+    for (frag, size) in [("2MiB", "2 MiB"), ("4KiB", "4 KiB")] {
         let name = format!("in-place footprint 1GiB, half shared in {frag} fragments");
+        if let Some(why) = skipped
+            .iter()
+            .find(|s| s.starts_with(&format!("footprint, half shared in {frag} fragments")))
+        {
+            footprint_skipped.push(size);
+            assert!(!has("footprint", &name, "two-backing+copy"), "{why}");
+            continue;
+        }
         assert!(has("footprint", &name, "two-backing+copy"), "{name}");
     }
     if kvm && !results.iter().any(|r| r["group"] == "kernel") {
         assert!(skipped.iter().any(|s| s.starts_with("kernel vs emulated")));
     }
     let targets = v["targets"].as_array().expect("targets");
-    assert_eq!(targets.len(), 8, "{targets:?}");
+    // Two footprint targets per fragmentation measured.
+    assert_eq!(
+        targets.len(),
+        8 - 2 * footprint_skipped.len(),
+        "{targets:?}"
+    );
     for t in targets {
         let what = t["target"].as_str().unwrap();
         assert_eq!(
@@ -121,10 +137,11 @@ fn bench_json_has_every_section_and_both_models() -> Option<String> {
         }
     }
     let plot = std::fs::read_to_string(&svg).expect("the plot was written");
-    let _ = std::fs::remove_file(&svg);
     assert!(plot.contains("<svg") && plot.trim_end().ends_with("</svg>"));
     assert!(plot.contains("in-place") && plot.contains("two-backing+copy"));
-    no_vcpu
+    no_vcpu.or_else(|| {
+        (!footprint_skipped.is_empty()).then(|| format!("footprint not measured: {skipped:?}"))
+    })
 }
 
 fn main() {

@@ -26,7 +26,6 @@ fn into_closed_pipe(args: &[&str]) -> std::process::Output {
         .expect("gmem runs")
 }
 
-#[test]
 fn a_closed_pipe_ends_every_command_quietly() {
     for args in [
         &["probe"][..],
@@ -59,7 +58,6 @@ fn a_closed_pipe_ends_every_command_quietly() {
     }
 }
 
-#[test]
 fn top_level_help_says_what_gmem_is_and_lists_the_subcommands() {
     let out = gmem(&["--help"]);
     assert!(out.status.success());
@@ -76,7 +74,6 @@ fn top_level_help_says_what_gmem_is_and_lists_the_subcommands() {
 
 /// Each bad argument is refused before any work, with status 2 and a message naming the
 /// flag, the value and what is allowed.
-#[test]
 fn bad_arguments_are_refused_up_front_naming_flag_value_and_limit() {
     for (args, expect) in [
         (&["run", "--samples", "0"][..], "--samples 0: allowed 1..="),
@@ -118,7 +115,6 @@ fn bad_arguments_are_refused_up_front_naming_flag_value_and_limit() {
 }
 
 /// The largest `--samples` the limit names is accepted (the limit is the real one).
-#[test]
 fn the_samples_limit_is_accepted() {
     let out = gmem(&[
         "run",
@@ -135,7 +131,6 @@ fn the_samples_limit_is_accepted() {
 
 /// `gmem io`: an errno answer is a result (stdout, status 0); a script line that cannot run
 /// goes to stderr with its script line number, and the status is 2.
-#[test]
 fn io_errno_answers_are_results_and_parse_errors_name_the_script_line() {
     let out = gmem(&[
         "io",
@@ -177,7 +172,6 @@ fn io_errno_answers_are_results_and_parse_errors_name_the_script_line() {
 }
 
 /// `gmem bench --fail-on-unmet` is offered and documented.
-#[test]
 fn bench_documents_fail_on_unmet() {
     let out = gmem(&["bench", "--help"]);
     let text = common::stdout(&out);
@@ -185,32 +179,43 @@ fn bench_documents_fail_on_unmet() {
     assert!(text.contains("Exit with status 1"), "{text}");
 }
 
-/// Runs `gmem args` as user nobody (uid/gid 65534, no groups) when the test runs as root, so
-/// that /dev/kvm (root-owned) cannot be opened; `None` when that cannot be arranged.
+/// Why a user without access to /dev/kvm cannot be had here, if it cannot: the test runs
+/// `gmem` as user nobody (uid/gid 65534, no groups) when it runs as root, else as itself.
+fn no_kvm_access_unavailable() -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::path::Path::new("/dev/kvm");
+    let Ok(meta) = dev.metadata() else {
+        return Some("/dev/kvm does not exist: there is no access to lose".to_string());
+    };
+    // SAFETY: geteuid(2) has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dev)
+        .is_ok();
+    if root && meta.mode() & 0o006 == 0o006 {
+        Some("/dev/kvm is readable and writable by every user: nobody may use it".to_string())
+    } else if !root && usable {
+        Some("this user (not root) may use /dev/kvm, so it cannot lose access".to_string())
+    } else {
+        None
+    }
+}
+
+/// Runs `gmem args` as a user without access to /dev/kvm ([`no_kvm_access_unavailable`]).
 fn gmem_without_kvm_access(args: &[&str]) -> Option<std::process::Output> {
     use std::os::unix::process::CommandExt;
-    let dev = std::path::Path::new("/dev/kvm");
-    if !dev.exists() {
-        return None;
-    }
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_gmem"));
     cmd.args(args);
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         cmd.uid(65534).gid(65534);
-    } else if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(dev)
-        .is_ok()
-    {
-        return None; // this user may use /dev/kvm: nothing to simulate
     }
     Some(cmd.output().expect("gmem runs"))
 }
 
 /// No device (ENOENT) is told as such (`GMEM_KVM_DEV` points the probe elsewhere).
-#[test]
 fn probe_says_enoent_when_there_is_no_kvm_device() {
     let out = common::gmem_env(&["probe"], &[("GMEM_KVM_DEV", "/nonexistent/kvm")]);
     assert!(out.status.success());
@@ -230,12 +235,8 @@ fn probe_says_enoent_when_there_is_no_kvm_device() {
 
 /// A user who may not open /dev/kvm is told EACCES and how to join the kvm group, in `probe`,
 /// `run` (which then runs host-driven) and `run --backend kernel` (which fails).
-#[test]
 fn no_permission_on_dev_kvm_is_told_precisely() {
-    let Some(out) = gmem_without_kvm_access(&["probe"]) else {
-        eprintln!("skipped: /dev/kvm missing, or usable by this non-root user");
-        return;
-    };
+    let out = gmem_without_kvm_access(&["probe"]).expect("gmem runs");
     let text = common::stdout(&out);
     assert!(
         text.contains("/dev/kvm exists but cannot be opened (EACCES)"),
@@ -266,7 +267,6 @@ fn no_permission_on_dev_kvm_is_told_precisely() {
 
 /// `run` output: no hypervisor internals without --verbose, human units, samples per vCPU,
 /// no progress when piped; `--json` is one versioned object whose platform is a name.
-#[test]
 fn run_output_is_short_human_and_json_is_data() {
     let out = gmem(&["run", "--samples", "20"]);
     assert!(out.status.success(), "{}", common::stderr(&out));
@@ -301,7 +301,6 @@ fn run_output_is_short_human_and_json_is_data() {
 }
 
 /// Every `--json` output is an object with `"version"`.
-#[test]
 fn every_json_output_is_a_versioned_object() {
     for args in [
         &["probe", "--json"][..],
@@ -316,7 +315,6 @@ fn every_json_output_is_a_versioned_object() {
 }
 
 /// `gmem demo` names signals and prints no `Debug` dump.
-#[test]
 fn demo_says_sigbus_and_prints_no_debug_dump() {
     let out = gmem(&["demo", "--pages", "2"]);
     assert!(out.status.success(), "{}", common::stderr(&out));
@@ -330,7 +328,6 @@ fn demo_says_sigbus_and_prints_no_debug_dump() {
 }
 
 /// A `--filter` that matches no case is a usage error, not "0 passed".
-#[test]
 fn conformance_filter_matching_nothing_is_refused() {
     let out = gmem(&[
         "conformance",
@@ -348,9 +345,8 @@ fn conformance_filter_matching_nothing_is_refused() {
 }
 
 /// On a terminal `gmem run` draws a progress line on stderr (`script` gives it a pty).
-#[test]
 fn run_shows_progress_on_a_terminal() {
-    let Ok(out) = Command::new("script")
+    let out = Command::new("script")
         .args(["-qec"])
         .arg(format!(
             "{} run --vcpus 1 --mem-mib 4 --samples 4",
@@ -358,10 +354,7 @@ fn run_shows_progress_on_a_terminal() {
         ))
         .arg("/dev/null")
         .output()
-    else {
-        eprintln!("skipped: no script(1) to make a terminal");
-        return;
-    };
+        .expect("script(1) runs");
     assert!(out.status.success(), "{}", common::stderr(&out));
     let text = common::stdout(&out);
     assert!(
@@ -369,4 +362,39 @@ fn run_shows_progress_on_a_terminal() {
         "{text:?}"
     );
     assert!(text.contains("private_mem_conversions"), "{text}");
+}
+
+/// Why script(1), which gives a command a terminal, cannot be run here, if it cannot.
+fn no_script() -> Option<String> {
+    match Command::new("script").arg("--version").output() {
+        Ok(o) if o.status.success() => None,
+        _ => Some("no script(1) on PATH to give gmem a terminal".to_string()),
+    }
+}
+
+fn main() {
+    let mut trials = common::tests!(
+        a_closed_pipe_ends_every_command_quietly,
+        top_level_help_says_what_gmem_is_and_lists_the_subcommands,
+        bad_arguments_are_refused_up_front_naming_flag_value_and_limit,
+        the_samples_limit_is_accepted,
+        io_errno_answers_are_results_and_parse_errors_name_the_script_line,
+        bench_documents_fail_on_unmet,
+        probe_says_enoent_when_there_is_no_kvm_device,
+        run_output_is_short_human_and_json_is_data,
+        every_json_output_is_a_versioned_object,
+        demo_says_sigbus_and_prints_no_debug_dump,
+        conformance_filter_matching_nothing_is_refused,
+    );
+    trials.push(common::test_unless(
+        "no_permission_on_dev_kvm_is_told_precisely",
+        no_kvm_access_unavailable(),
+        no_permission_on_dev_kvm_is_told_precisely,
+    ));
+    trials.push(common::test_unless(
+        "run_shows_progress_on_a_terminal",
+        no_script(),
+        run_shows_progress_on_a_terminal,
+    ));
+    common::run(trials)
 }

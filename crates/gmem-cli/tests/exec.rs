@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{test_partly, test_unless};
+use common::{needs, test_partly, test_unless, Feature};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -17,10 +17,12 @@ fn c_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../gmem-preload/tests/c")
 }
 
+/// The directory the compiled programs and traces go to: a temporary one that `main` removes
+/// once every test has ended.
+static OUT_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
 fn out_dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("gmem-exec-tests-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
+    OUT_DIR.get().expect("set by main").clone()
 }
 
 /// Why the C programs cannot be built here, if they cannot.
@@ -32,7 +34,7 @@ fn no_cc() -> Option<String> {
 }
 
 fn why_not() -> Option<String> {
-    gmem_check::skip::kvm().or_else(no_cc)
+    needs(&[Feature::Kvm]).or_else(no_cc)
 }
 
 /// Compiles `name.c` (with `extra` flags) and returns the binary.
@@ -227,6 +229,8 @@ fn conformance_kernel_backend_through_the_interposer() {
 }
 
 fn main() {
+    let dir = common::TempDir::new("gmem-exec-tests").expect("temp dir");
+    let _ = OUT_DIR.set(dir.path().to_path_buf());
     let why = why_not();
     let mut trials = vec![
         test_unless("uapi", why.clone(), c_program("uapi", &[], &[])),
@@ -258,14 +262,14 @@ fn main() {
     trials.push(test_partly("static_binary_is_refused", move || {
         skip.or_else(static_binary_is_refused)
     }));
-    let skip = gmem_check::skip::kvm();
+    let skip = needs(&[Feature::Kvm]);
     trials.push(test_partly("kvm_ioctls_flow", move || {
         skip.or_else(kvm_ioctls_flow)
     }));
     trials.push(test_unless(
         "conformance_kernel_backend_through_the_interposer",
-        gmem_check::skip::kvm(),
+        needs(&[Feature::Kvm]),
         conformance_kernel_backend_through_the_interposer,
     ));
-    common::run(trials)
+    gmem_testkit::run_keeping(trials, dir)
 }

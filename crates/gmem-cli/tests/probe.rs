@@ -143,7 +143,7 @@ fn main() {
     let mut trials = tests!(probe_json_has_the_documented_keys, probe_text_runs);
     trials.push(test_unless(
         "probe_json_reports_kvm_capabilities",
-        gmem_check::skip::kernel_backend(),
+        common::needs(&[common::Feature::Kvm]),
         probe_json_reports_kvm_capabilities,
     ));
     common::run(trials)

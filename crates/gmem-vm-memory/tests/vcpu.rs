@@ -1,11 +1,7 @@
-//! The virtio-blk device driven by a real vCPU (skips without /dev/kvm).
+//! The virtio-blk device driven by a real vCPU (ignored, with the reason, without a usable
+//! /dev/kvm).
 
-#[test]
 fn virtio_blk_with_a_real_vcpu() {
-    if let Err(why) = gmem_vmm::kvm_available() {
-        eprintln!("skipped: {why}");
-        return;
-    }
     let d = gmem_vm_memory::vcpu_demo::run().unwrap_or_else(|e| panic!("{e}"));
     for l in &d.log {
         eprintln!("{l}");
@@ -15,4 +11,10 @@ fn virtio_blk_with_a_real_vcpu() {
         (d.stats.ok, d.stats.ioerr, d.stats.private_refused),
         (2, 1, 1)
     );
+}
+
+fn main() {
+    gmem_testkit::run(gmem_testkit::tests_needing!([gmem_testkit::Feature::Kvm];
+        virtio_blk_with_a_real_vcpu,
+    ))
 }

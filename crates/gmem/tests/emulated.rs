@@ -3,109 +3,101 @@
 
 use gmem::uapi::*;
 use gmem::*;
+use gmem_testkit::{per_revocation, test_needing, tests};
 
 const PS: u64 = PAGE_SIZE;
 const SHARED: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
-
-fn both() -> [EmulatedOptions; 2] {
-    [Revocation::Poison, Revocation::Remap].map(EmulatedOptions::with_revocation)
-}
 
 fn sigbus_at(m: &HostMapping, off: u64) -> bool {
     m.probe_read(off as usize, 1).unwrap().is_sigbus()
 }
 
-#[test]
-fn enomem_from_a_refused_mapping_change_changes_nothing() {
-    for opts in both() {
-        let f = EmulatedGuestMemfd::create_with(8 * PS, SHARED, opts).unwrap();
-        let maps: Vec<_> = (0..3).map(|_| f.mmap_all().unwrap()).collect();
-        maps[0].write_volatile(0, &[7u8; 8 * PS as usize]).unwrap();
-        // Pages 2..4 private first, so the request below is mixed.
-        f.set_private(2 * PS, 2 * PS).unwrap();
-        for fail_after in 0..6 {
-            f.inject_mapping_failure(fail_after);
-            let mut a = kvm_memory_attributes2::new(PS, 6 * PS, KVM_MEMORY_ATTRIBUTE_PRIVATE);
-            a.error_offset = 0xdead;
-            let r = f.set_attributes(&mut a);
-            assert_eq!(r, Err(Errno::ENOMEM), "{opts:?} fail_after {fail_after}");
-            assert_eq!(
-                a.error_offset, PS,
-                "ENOMEM reports the start of the request"
-            );
-            // Nothing changed: attributes, and accessibility in every mapping.
-            let runs = f.attribute_runs(0, 8 * PS).unwrap();
-            assert_eq!(
-                runs,
-                vec![
-                    (0, 2 * PS, 0),
-                    (2 * PS, 2 * PS, KVM_MEMORY_ATTRIBUTE_PRIVATE),
-                    (4 * PS, 4 * PS, 0)
-                ]
-            );
-            for m in &maps {
-                for p in 0..8 {
-                    assert_eq!(
-                        sigbus_at(m, p * PS),
-                        (2..4).contains(&p),
-                        "{opts:?} page {p} after failed conversion"
-                    );
-                }
-            }
-        }
-        // The other direction: restore fails part-way, private pages stay revoked.
-        f.inject_mapping_failure(1);
-        let r = f.set_shared(0, 8 * PS);
-        assert!(
-            matches!(r, Err(ConversionError { errno: Errno::ENOMEM, error_offset: eo }) if eo == 0)
+fn enomem_from_a_refused_mapping_change_changes_nothing(rev: Revocation) {
+    let opts = EmulatedOptions::with_revocation(rev);
+    let f = EmulatedGuestMemfd::create_with(8 * PS, SHARED, opts).unwrap();
+    let maps: Vec<_> = (0..3).map(|_| f.mmap_all().unwrap()).collect();
+    maps[0].write_volatile(0, &[7u8; 8 * PS as usize]).unwrap();
+    // Pages 2..4 private first, so the request below is mixed.
+    f.set_private(2 * PS, 2 * PS).unwrap();
+    for fail_after in 0..6 {
+        f.inject_mapping_failure(fail_after);
+        let mut a = kvm_memory_attributes2::new(PS, 6 * PS, KVM_MEMORY_ATTRIBUTE_PRIVATE);
+        a.error_offset = 0xdead;
+        let r = f.set_attributes(&mut a);
+        assert_eq!(r, Err(Errno::ENOMEM), "{opts:?} fail_after {fail_after}");
+        assert_eq!(
+            a.error_offset, PS,
+            "ENOMEM reports the start of the request"
+        );
+        // Nothing changed: attributes, and accessibility in every mapping.
+        let runs = f.attribute_runs(0, 8 * PS).unwrap();
+        assert_eq!(
+            runs,
+            vec![
+                (0, 2 * PS, 0),
+                (2 * PS, 2 * PS, KVM_MEMORY_ATTRIBUTE_PRIVATE),
+                (4 * PS, 4 * PS, 0)
+            ]
         );
         for m in &maps {
             for p in 0..8 {
                 assert_eq!(
                     sigbus_at(m, p * PS),
                     (2..4).contains(&p),
-                    "{opts:?} page {p} after failed to-shared"
+                    "{opts:?} page {p} after failed conversion"
                 );
             }
         }
-        // And the content survived everything.
-        f.set_shared(0, 8 * PS).unwrap();
-        let mut buf = vec![0u8; 8 * PS as usize];
-        f.read_at(0, &mut buf).unwrap();
-        assert!(buf.iter().all(|&b| b == 7));
     }
+    // The other direction: restore fails part-way, private pages stay revoked.
+    f.inject_mapping_failure(1);
+    let r = f.set_shared(0, 8 * PS);
+    assert!(
+        matches!(r, Err(ConversionError { errno: Errno::ENOMEM, error_offset: eo }) if eo == 0)
+    );
+    for m in &maps {
+        for p in 0..8 {
+            assert_eq!(
+                sigbus_at(m, p * PS),
+                (2..4).contains(&p),
+                "{opts:?} page {p} after failed to-shared"
+            );
+        }
+    }
+    // And the content survived everything.
+    f.set_shared(0, 8 * PS).unwrap();
+    let mut buf = vec![0u8; 8 * PS as usize];
+    f.read_at(0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 7));
 }
 
-#[test]
-fn every_mapping_sees_one_memory_and_one_attribute_state() {
-    for opts in both() {
-        let f = EmulatedGuestMemfd::create_with(16 * PS, SHARED, opts).unwrap();
-        let a = f.mmap_all().unwrap();
-        let b = f.mmap(4 * PS, 8 * PS as usize, MapKind::Shared).unwrap();
-        a.write_volatile(5 * PS as usize, b"hello").unwrap();
-        let mut got = [0u8; 5];
-        b.read_volatile(PS as usize, &mut got).unwrap();
-        assert_eq!(&got, b"hello", "an offset mapping sees the same page");
-        f.set_private(5 * PS, PS).unwrap();
-        assert!(sigbus_at(&a, 5 * PS) && sigbus_at(&b, PS));
-        // A mapping created while the page is private starts revoked.
-        let c = f.mmap_all().unwrap();
-        assert!(sigbus_at(&c, 5 * PS));
-        assert!(!sigbus_at(&c, 6 * PS));
-        drop(b);
-        f.set_shared(5 * PS, PS).unwrap();
-        assert_eq!(
-            c.probe_read(5 * PS as usize, 5).unwrap(),
-            Probe::Done(b"hello".to_vec())
-        );
-        assert_eq!(
-            a.probe_read(5 * PS as usize, 5).unwrap(),
-            Probe::Done(b"hello".to_vec())
-        );
-    }
+fn every_mapping_sees_one_memory_and_one_attribute_state(rev: Revocation) {
+    let opts = EmulatedOptions::with_revocation(rev);
+    let f = EmulatedGuestMemfd::create_with(16 * PS, SHARED, opts).unwrap();
+    let a = f.mmap_all().unwrap();
+    let b = f.mmap(4 * PS, 8 * PS as usize, MapKind::Shared).unwrap();
+    a.write_volatile(5 * PS as usize, b"hello").unwrap();
+    let mut got = [0u8; 5];
+    b.read_volatile(PS as usize, &mut got).unwrap();
+    assert_eq!(&got, b"hello", "an offset mapping sees the same page");
+    f.set_private(5 * PS, PS).unwrap();
+    assert!(sigbus_at(&a, 5 * PS) && sigbus_at(&b, PS));
+    // A mapping created while the page is private starts revoked.
+    let c = f.mmap_all().unwrap();
+    assert!(sigbus_at(&c, 5 * PS));
+    assert!(!sigbus_at(&c, 6 * PS));
+    drop(b);
+    f.set_shared(5 * PS, PS).unwrap();
+    assert_eq!(
+        c.probe_read(5 * PS as usize, 5).unwrap(),
+        Probe::Done(b"hello".to_vec())
+    );
+    assert_eq!(
+        a.probe_read(5 * PS as usize, 5).unwrap(),
+        Probe::Done(b"hello".to_vec())
+    );
 }
 
-#[test]
 fn a_one_tib_file_is_sparse() {
     let before = resident_kib();
     let f = EmulatedGuestMemfd::create(1 << 40, SHARED).unwrap();
@@ -146,7 +138,6 @@ fn map_count(m: &HostMapping) -> usize {
         .count()
 }
 
-#[test]
 fn worst_case_alternating_pattern_over_one_gib() {
     // Every other page private: 131,072 private fragments, beyond vm.max_map_count (65,530)
     // were each one a VMA. The poison mechanism adds no VMA.
@@ -183,7 +174,6 @@ fn worst_case_alternating_pattern_over_one_gib() {
     assert!(!sigbus_at(&m, 0) && !sigbus_at(&m2, 0));
 }
 
-#[test]
 fn safe_accessors_name_the_offset() {
     let f = EmulatedGuestMemfd::create(4 * PS, SHARED).unwrap();
     f.write_at(10, b"abc").unwrap();
@@ -218,7 +208,6 @@ fn safe_accessors_name_the_offset() {
     ));
 }
 
-#[test]
 fn pins_are_detached_by_punch_hole_and_refuse_private_pages() {
     let f = EmulatedGuestMemfd::create(4 * PS, SHARED).unwrap();
     let pin = f.pin(PS, 2 * PS).unwrap();
@@ -245,7 +234,6 @@ fn pins_are_detached_by_punch_hole_and_refuse_private_pages() {
     f.set_private(0, 4 * PS).unwrap();
 }
 
-#[test]
 fn create_validates_size_and_flags() {
     assert_eq!(EmulatedGuestMemfd::create(0, 0).unwrap_err(), Errno::EINVAL);
     assert_eq!(
@@ -274,7 +262,6 @@ fn create_validates_size_and_flags() {
     );
 }
 
-#[test]
 fn hole_mappings_stay_within_their_budget() {
     // Holes for every run (hole_min = one page), at most 64 per mapping. Converting every
     // other page back to shared inside one big private hole splits it around the restored
@@ -311,7 +298,6 @@ fn hole_mappings_stay_within_their_budget() {
 /// Issue 11 item 8: SIGBUS probes work under a low descriptor limit. The test re-runs itself
 /// in a child process whose RLIMIT_NOFILE is lowered (never this process's, which other tests
 /// share); the child probes a private page and a shared one.
-#[test]
 fn probes_work_with_a_low_descriptor_limit() {
     const CHILD: &str = "GMEM_TEST_LOW_NOFILE";
     if std::env::var_os(CHILD).is_some() {
@@ -366,8 +352,7 @@ fn child_output(mut cmd: std::process::Command) -> (bool, String) {
 /// Issue 11 item 10: MADV_COLLAPSE on a host mapping is EINVAL in every revocation mode (as
 /// the kernel answers for a guest_memfd mapping), before and after conversions changed the
 /// mapping's layout (holes, markers, rebuilt holes, restores).
-#[test]
-fn madv_collapse_is_einval_in_every_mode() {
+fn madv_collapse_is_einval_in_every_mode(rev: Revocation) {
     const TWO_MB: u64 = 2 << 20;
     let collapse = |m: &HostMapping, off: u64, len: u64| match m.mmap().madvise(
         off as usize,
@@ -377,33 +362,32 @@ fn madv_collapse_is_einval_in_every_mode() {
         Ok(()) => 0,
         Err(e) => e.0,
     };
-    for rev in [Revocation::Auto, Revocation::Poison, Revocation::Remap] {
-        for flags in [SHARED, SHARED | GUEST_MEMFD_FLAG_NO_DIRECT_MAP] {
-            let opts = EmulatedOptions {
-                hole_min_bytes: 64 * 1024,
-                ..EmulatedOptions::with_revocation(rev)
-            };
-            let f = EmulatedGuestMemfd::create_with(2 * TWO_MB, flags, opts).unwrap();
-            let m = f.mmap_all().unwrap();
-            m.write_volatile(0, &[1u8; 4096]).unwrap();
+    // One revocation mode per test.
+    for flags in [SHARED, SHARED | GUEST_MEMFD_FLAG_NO_DIRECT_MAP] {
+        let opts = EmulatedOptions {
+            hole_min_bytes: 64 * 1024,
+            ..EmulatedOptions::with_revocation(rev)
+        };
+        let f = EmulatedGuestMemfd::create_with(2 * TWO_MB, flags, opts).unwrap();
+        let m = f.mmap_all().unwrap();
+        m.write_volatile(0, &[1u8; 4096]).unwrap();
+        assert_eq!(
+            collapse(&m, 0, TWO_MB),
+            libc::EINVAL,
+            "{rev:?} {flags:#x} fresh"
+        );
+        // A hole, a partial restore (rebuilt as markers / re-mapped) and a full restore.
+        f.set_private(TWO_MB, TWO_MB).unwrap();
+        f.set_shared(TWO_MB + 4096 * 8, 4096).unwrap();
+        f.set_shared(TWO_MB, TWO_MB).unwrap();
+        f.set_private(4096, 4096).unwrap();
+        f.set_shared(4096, 4096).unwrap();
+        for off in [0, TWO_MB] {
             assert_eq!(
-                collapse(&m, 0, TWO_MB),
+                collapse(&m, off, TWO_MB),
                 libc::EINVAL,
-                "{rev:?} {flags:#x} fresh"
+                "{rev:?} {flags:#x} after conversions, at {off:#x}"
             );
-            // A hole, a partial restore (rebuilt as markers / re-mapped) and a full restore.
-            f.set_private(TWO_MB, TWO_MB).unwrap();
-            f.set_shared(TWO_MB + 4096 * 8, 4096).unwrap();
-            f.set_shared(TWO_MB, TWO_MB).unwrap();
-            f.set_private(4096, 4096).unwrap();
-            f.set_shared(4096, 4096).unwrap();
-            for off in [0, TWO_MB] {
-                assert_eq!(
-                    collapse(&m, off, TWO_MB),
-                    libc::EINVAL,
-                    "{rev:?} {flags:#x} after conversions, at {off:#x}"
-                );
-            }
         }
     }
 }
@@ -414,7 +398,6 @@ fn madv_collapse_is_einval_in_every_mode() {
 /// touched far into it: host accesses of a shared page on a NO_DIRECT_MAP file (served by the
 /// fault service, which removes the page from the direct map), guest reads and writes on
 /// both kinds, conversion, SIGBUS on the private page, punch.
-#[test]
 fn huge_files_work_through_windows() {
     let size = 1u64 << 50;
     let at = (1u64 << 49) + (3 << 30) - PS; // the last page of a window
@@ -467,65 +450,63 @@ fn free_range(len: usize) -> usize {
 /// (shared writes seen, private pages SIGBUS there, every revocation mode); a vacant placement
 /// over an occupied range is EEXIST, an unaligned address EINVAL, and both come before the
 /// ENODEV of a file without MMAP, as in the kernel's mmap.
-#[test]
-fn a_mapping_at_a_chosen_address() {
+fn a_mapping_at_a_chosen_address(rev: Revocation) {
     use gmem::os::Placement;
-    for opts in both() {
-        let f = EmulatedGuestMemfd::create_with(4 * PS, SHARED, opts).unwrap();
-        let (m, at) = (0..100)
-            .find_map(|_| {
-                let at = free_range(4 * PS as usize) + PS as usize;
-                match f.mmap_fixed(Placement::vacant(at, 2 * PS as usize), PS, MapKind::Shared) {
-                    Ok(m) => Some((m, at)),
-                    Err(Errno(libc::EEXIST)) => None,
-                    Err(e) => panic!("{opts:?}: {e}"),
-                }
-            })
-            .expect("a free range within 100 tries");
-        assert_eq!(m.as_ptr() as usize, at);
-        assert_eq!(m.len(), 2 * PS as usize);
-        f.write_at(PS, b"hi").unwrap();
-        let mut b = [0u8; 2];
-        m.read_volatile(0, &mut b).unwrap();
-        assert_eq!(&b, b"hi");
-        f.set_private(PS, PS).unwrap();
-        assert!(
-            sigbus_at(&m, 0),
-            "{opts:?}: private page readable at the fixed address"
-        );
-        assert!(!sigbus_at(&m, PS), "{opts:?}: page 2 stays shared");
-        f.set_shared(PS, PS).unwrap();
-        assert_eq!(
-            m.probe_read(0, 2).unwrap(),
-            Probe::Done(b"hi".to_vec()),
-            "{opts:?}"
-        );
-        let occupied = Placement::vacant(at, PS as usize);
-        assert_eq!(
-            f.mmap_fixed(occupied, 0, MapKind::Shared).err(),
-            Some(Errno(libc::EEXIST))
-        );
-        let unaligned = Placement::vacant(at + 1, PS as usize);
-        assert_eq!(
-            f.mmap_fixed(unaligned, 0, MapKind::Shared).err(),
-            Some(Errno::EINVAL)
-        );
-        let g = EmulatedGuestMemfd::create_with(4 * PS, 0, opts).unwrap();
-        assert_eq!(
-            g.mmap_fixed(Placement::vacant(at, PS as usize), 0, MapKind::Shared)
-                .err(),
-            Some(Errno(libc::EEXIST)),
-            "EEXIST before ENODEV"
-        );
-        let r = (0..100)
-            .map(|_| {
-                let free = Placement::vacant(free_range(PS as usize), PS as usize);
-                g.mmap_fixed(free, 0, MapKind::Shared).err()
-            })
-            .find(|e| *e != Some(Errno(libc::EEXIST)));
-        assert_eq!(r, Some(Some(Errno::ENODEV)), "{opts:?}");
-        drop(m);
-    }
+    let opts = EmulatedOptions::with_revocation(rev);
+    let f = EmulatedGuestMemfd::create_with(4 * PS, SHARED, opts).unwrap();
+    let (m, at) = (0..100)
+        .find_map(|_| {
+            let at = free_range(4 * PS as usize) + PS as usize;
+            match f.mmap_fixed(Placement::vacant(at, 2 * PS as usize), PS, MapKind::Shared) {
+                Ok(m) => Some((m, at)),
+                Err(Errno(libc::EEXIST)) => None,
+                Err(e) => panic!("{opts:?}: {e}"),
+            }
+        })
+        .expect("a free range within 100 tries");
+    assert_eq!(m.as_ptr() as usize, at);
+    assert_eq!(m.len(), 2 * PS as usize);
+    f.write_at(PS, b"hi").unwrap();
+    let mut b = [0u8; 2];
+    m.read_volatile(0, &mut b).unwrap();
+    assert_eq!(&b, b"hi");
+    f.set_private(PS, PS).unwrap();
+    assert!(
+        sigbus_at(&m, 0),
+        "{opts:?}: private page readable at the fixed address"
+    );
+    assert!(!sigbus_at(&m, PS), "{opts:?}: page 2 stays shared");
+    f.set_shared(PS, PS).unwrap();
+    assert_eq!(
+        m.probe_read(0, 2).unwrap(),
+        Probe::Done(b"hi".to_vec()),
+        "{opts:?}"
+    );
+    let occupied = Placement::vacant(at, PS as usize);
+    assert_eq!(
+        f.mmap_fixed(occupied, 0, MapKind::Shared).err(),
+        Some(Errno(libc::EEXIST))
+    );
+    let unaligned = Placement::vacant(at + 1, PS as usize);
+    assert_eq!(
+        f.mmap_fixed(unaligned, 0, MapKind::Shared).err(),
+        Some(Errno::EINVAL)
+    );
+    let g = EmulatedGuestMemfd::create_with(4 * PS, 0, opts).unwrap();
+    assert_eq!(
+        g.mmap_fixed(Placement::vacant(at, PS as usize), 0, MapKind::Shared)
+            .err(),
+        Some(Errno(libc::EEXIST)),
+        "EEXIST before ENODEV"
+    );
+    let r = (0..100)
+        .map(|_| {
+            let free = Placement::vacant(free_range(PS as usize), PS as usize);
+            g.mmap_fixed(free, 0, MapKind::Shared).err()
+        })
+        .find(|e| *e != Some(Errno(libc::EEXIST)));
+    assert_eq!(r, Some(Some(Errno::ENODEV)), "{opts:?}");
+    drop(m);
 }
 
 /// The kernel's answer for `mmap(addr, len, RW, MAP_SHARED | MAP_FIXED_NOREPLACE, memfd, 0)`:
@@ -546,7 +527,6 @@ fn kernel_answer(addr: usize, len: usize) -> Option<Errno> {
 /// `mmap_fixed` answers the address checks in the kernel's order, before guest_memfd's own
 /// (found in review: an unaligned address was EINVAL before the length's ENOMEM, and a range
 /// past the user address space was ENODEV on a file without MMAP).
-#[test]
 fn fixed_errnos_follow_the_kernel() {
     use gmem::os::Placement;
     let f = EmulatedGuestMemfd::create(4 * PS, SHARED).unwrap();
@@ -646,46 +626,43 @@ fn reads_while<T>(rounds: usize, next_addr: impl Fn() -> usize, act: impl Fn(usi
 /// revocation, at an address known in advance: a fixed one, or the kernel's next choice
 /// (found in review: 190-444 reads in 3,000 fixed mappings, 50 with plain ones; mappings are
 /// now made inaccessible until revoked).
-#[test]
-fn a_new_mapping_never_shows_a_private_page() {
+fn a_new_mapping_never_shows_a_private_page(rev: Revocation) {
     use gmem::os::Placement;
-    for opts in both() {
-        let f = EmulatedGuestMemfd::create_with(PS, SHARED, opts).unwrap();
-        let reservation = || {
-            let r = gmem::os::Mmap::new(
-                None,
-                0,
-                PS as usize,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            )
-            .unwrap();
-            r.protect(libc::PROT_NONE).unwrap();
-            let addr = r.as_ptr() as usize;
-            // Given up to the fixed mapping below, which replaces and then unmaps it.
-            std::mem::forget(r);
-            addr
-        };
-        let fixed = |addr| {
-            // SAFETY: the reservation at `addr` was given up (forgotten) for this mapping.
-            let at = unsafe { Placement::replacing(addr, PS as usize) };
-            f.mmap_fixed(at, 0, MapKind::Shared).unwrap()
-        };
-        private_page_0(&f);
-        let n = reads_while(3000, reservation, fixed);
-        assert_eq!(n, 0, "{opts:?}: private page read at a fixed mapping");
-        let f = EmulatedGuestMemfd::create_with(PS, SHARED, opts).unwrap();
-        private_page_0(&f);
-        let next = || free_range(PS as usize);
-        let plain = |_| f.mmap(0, PS as usize, MapKind::Shared).unwrap();
-        let n = reads_while(3000, next, plain);
-        assert_eq!(n, 0, "{opts:?}: private page read at a new mapping");
-    }
+    let opts = EmulatedOptions::with_revocation(rev);
+    let f = EmulatedGuestMemfd::create_with(PS, SHARED, opts).unwrap();
+    let reservation = || {
+        let r = gmem::os::Mmap::new(
+            None,
+            0,
+            PS as usize,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+        )
+        .unwrap();
+        r.protect(libc::PROT_NONE).unwrap();
+        let addr = r.as_ptr() as usize;
+        // Given up to the fixed mapping below, which replaces and then unmaps it.
+        std::mem::forget(r);
+        addr
+    };
+    let fixed = |addr| {
+        // SAFETY: the reservation at `addr` was given up (forgotten) for this mapping.
+        let at = unsafe { Placement::replacing(addr, PS as usize) };
+        f.mmap_fixed(at, 0, MapKind::Shared).unwrap()
+    };
+    private_page_0(&f);
+    let n = reads_while(3000, reservation, fixed);
+    assert_eq!(n, 0, "{opts:?}: private page read at a fixed mapping");
+    let f = EmulatedGuestMemfd::create_with(PS, SHARED, opts).unwrap();
+    private_page_0(&f);
+    let next = || free_range(PS as usize);
+    let plain = |_| f.mmap(0, PS as usize, MapKind::Shared).unwrap();
+    let n = reads_while(3000, next, plain);
+    assert_eq!(n, 0, "{opts:?}: private page read at a new mapping");
 }
 
 /// A partial restore of a private hole rebuilds the page's neighbourhood at a fresh address
 /// (the kernel's predictable choice) and moves it over the hole; its private pages are never
 /// readable there, not even before their markers are in place (the same attack as above).
-#[test]
 fn a_rebuilt_neighbourhood_never_shows_a_private_page() {
     let opts = EmulatedOptions::with_revocation(Revocation::Poison);
     let granule = opts.hole_min_bytes;
@@ -708,4 +685,72 @@ fn a_rebuilt_neighbourhood_never_shows_a_private_page() {
     let n = reads_while(2000, next, restore);
     assert_eq!(n, 0, "private page read in a rebuilt neighbourhood");
     assert!(sigbus_at(&m, granule), "the neighbour is still private");
+}
+
+/// Both revocation mechanisms.
+const BOTH: [Revocation; 2] = [Revocation::Poison, Revocation::Remap];
+
+fn main() {
+    let poison = Revocation::Poison.needs(SHARED);
+    let mut trials = Vec::new();
+    trials.extend(per_revocation(
+        "enomem_from_a_refused_mapping_change_changes_nothing",
+        &BOTH,
+        SHARED,
+        enomem_from_a_refused_mapping_change_changes_nothing,
+    ));
+    trials.extend(per_revocation(
+        "every_mapping_sees_one_memory_and_one_attribute_state",
+        &BOTH,
+        SHARED,
+        every_mapping_sees_one_memory_and_one_attribute_state,
+    ));
+    trials.extend(per_revocation(
+        "madv_collapse_is_einval_in_every_mode",
+        &[Revocation::Auto, Revocation::Poison, Revocation::Remap],
+        SHARED | GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
+        madv_collapse_is_einval_in_every_mode,
+    ));
+    trials.extend(per_revocation(
+        "a_mapping_at_a_chosen_address",
+        &BOTH,
+        SHARED,
+        a_mapping_at_a_chosen_address,
+    ));
+    trials.extend(per_revocation(
+        "a_new_mapping_never_shows_a_private_page",
+        &BOTH,
+        SHARED,
+        a_new_mapping_never_shows_a_private_page,
+    ));
+    trials.extend(tests!(
+        a_one_tib_file_is_sparse,
+        safe_accessors_name_the_offset,
+        pins_are_detached_by_punch_hole_and_refuse_private_pages,
+        create_validates_size_and_flags,
+        probes_work_with_a_low_descriptor_limit,
+        huge_files_work_through_windows,
+        fixed_errnos_follow_the_kernel,
+    ));
+    for (name, f) in [
+        (
+            "worst_case_alternating_pattern_over_one_gib",
+            worst_case_alternating_pattern_over_one_gib as fn(),
+        ),
+        (
+            "hole_mappings_stay_within_their_budget",
+            hole_mappings_stay_within_their_budget,
+        ),
+        (
+            "a_rebuilt_neighbourhood_never_shows_a_private_page",
+            a_rebuilt_neighbourhood_never_shows_a_private_page,
+        ),
+    ] {
+        trials.push(test_needing(
+            name,
+            &poison.into_iter().collect::<Vec<_>>(),
+            f,
+        ));
+    }
+    gmem_testkit::run(trials)
 }

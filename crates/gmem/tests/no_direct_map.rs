@@ -3,6 +3,7 @@
 //! map before mapping it; a failed removal gives SIGBUS with nothing marked. Files without
 //! the flag have no service thread.
 
+use gmem::emulated::FAULT_SERVICE_NEEDS;
 use gmem::platform::{HookCall, PlatformKind};
 use gmem::uapi::{
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
@@ -10,6 +11,7 @@ use gmem::uapi::{
 use gmem::{
     EmulatedGuestMemfd, EmulatedOptions, GuestMemfd, MapKind, Probe, Revocation, PAGE_SIZE,
 };
+use gmem_testkit::{tests_needing, Feature};
 
 const PS: u64 = PAGE_SIZE;
 const PAGE: usize = PAGE_SIZE as usize;
@@ -24,7 +26,6 @@ fn file(p: PlatformKind, npages: u64, flags: u64, revocation: Revocation) -> Emu
     EmulatedGuestMemfd::create_with(npages * PS, flags, options).unwrap()
 }
 
-#[test]
 fn host_fault_hands_out_and_punch_restores() {
     use HookCall::*;
     for (p, rev) in [
@@ -76,7 +77,6 @@ fn host_fault_hands_out_and_punch_restores() {
     }
 }
 
-#[test]
 fn host_fault_through_a_hole_and_a_large_reshare() {
     // 64 pages with holes from 4 pages on: a large private run is a hole mapping; re-sharing
     // maps the memory file back, and its faults must still reach the service.
@@ -104,7 +104,6 @@ fn host_fault_through_a_hole_and_a_large_reshare() {
     }
 }
 
-#[test]
 fn host_fault_failed_removal_is_sigbus_and_marks_nothing() {
     let f = file(PlatformKind::SoftwareProtected, 4, NDM, Revocation::Auto);
     let m = f.mmap(0, 4 * PAGE, MapKind::Shared).unwrap();
@@ -130,7 +129,6 @@ fn host_fault_failed_removal_is_sigbus_and_marks_nothing() {
     assert!(f.direct_map_removed(3));
 }
 
-#[test]
 fn only_no_direct_map_files_have_a_service_thread() {
     for rev in [Revocation::Auto, Revocation::Poison, Revocation::Remap] {
         let flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
@@ -165,30 +163,23 @@ fn only_no_direct_map_files_have_a_service_thread() {
     }
 }
 
-#[test]
 fn kernel_mode_fault_on_a_host_mapping_is_served() {
     // `read_at` into a buffer that is an unfaulted page of a host mapping of the same file:
     // the copy faults in the kernel while `read_at` holds the invalidate lock (shared); the
     // service does not need that lock, so the fault is served (as root, kernel-mode faults
-    // are events; a user-mode-only descriptor would give EFAULT instead).
+    // are events where the process may have them; a user-mode-only descriptor would give
+    // EFAULT instead, so the test needs them).
     let f = file(PlatformKind::SoftwareProtected, 4, NDM, Revocation::Auto);
     f.write_at(0, &[0x77; PAGE]).unwrap();
     let m = f.mmap(0, 4 * PAGE, MapKind::Shared).unwrap();
     // SAFETY: page 1 of the live mapping `m`, shared, not otherwise referenced while `dst`
     // lives; faulting it is what this test is about.
     let dst = unsafe { std::slice::from_raw_parts_mut(m.as_ptr().add(PAGE), PAGE) };
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    match f.read_at(0, dst) {
-        Ok(()) => {
-            assert_eq!(dst, &[0x77; PAGE][..]);
-            assert!(f.direct_map_removed(1));
-        }
-        Err(e) => assert!(!root, "{e}"),
-    }
+    f.read_at(0, dst).expect("a kernel-mode fault served");
+    assert_eq!(dst, &[0x77; PAGE][..]);
+    assert!(f.direct_map_removed(1));
 }
 
-#[test]
 fn populate_from_an_unfaulted_page_of_the_same_file_does_not_deadlock() {
     // The source is a shared page of a host mapping of the same NO_DIRECT_MAP file, not yet
     // faulted in that mapping: reading it is a host fault that the file's service thread
@@ -226,7 +217,6 @@ fn populate_from_an_unfaulted_page_of_the_same_file_does_not_deadlock() {
 /// and back and probes it right after each conversion to private. An access made while the
 /// page was private for the whole access must fault, and no successful write may be lost.
 /// Bounded: GMEM_RACE_SECS seconds per revocation mode (default 2).
-#[test]
 fn host_fault_service_never_maps_a_private_page() {
     use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::SeqCst};
     use std::sync::Arc;
@@ -314,15 +304,9 @@ fn host_fault_service_never_maps_a_private_page() {
 /// faulting thread: `read_at` into an unfaulted page of a host mapping of the same file
 /// faults while it holds the invalidate lock shared, and a conversion queued for that lock
 /// meanwhile must not stop the fault from being served. Bounded by a timeout.
-#[test]
 fn kernel_mode_fault_with_a_conversion_queued_does_not_deadlock() {
     use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
     use std::sync::Arc;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        println!("skipped: kernel-mode faults are events only for root");
-        return;
-    }
     let f = Arc::new(file(
         PlatformKind::SoftwareProtected,
         4,
@@ -360,4 +344,25 @@ fn kernel_mode_fault_with_a_conversion_queued_does_not_deadlock() {
     stop.store(true, SeqCst);
     r.expect("read_at into a host mapping deadlocked with a queued conversion");
     converter.join().unwrap();
+}
+
+fn main() {
+    // Every test here exercises the host-fault service of a NO_DIRECT_MAP file.
+    let mut trials = tests_needing!([FAULT_SERVICE_NEEDS];
+        host_fault_hands_out_and_punch_restores,
+        host_fault_through_a_hole_and_a_large_reshare,
+        host_fault_failed_removal_is_sigbus_and_marks_nothing,
+        only_no_direct_map_files_have_a_service_thread,
+        populate_from_an_unfaulted_page_of_the_same_file_does_not_deadlock,
+        host_fault_service_never_maps_a_private_page,
+    );
+    // A system call faulting on a host mapping is an event only where this process may have
+    // kernel-mode faults.
+    trials.extend(
+        tests_needing!([FAULT_SERVICE_NEEDS, Feature::UserfaultfdKernelFaults];
+            kernel_mode_fault_on_a_host_mapping_is_served,
+            kernel_mode_fault_with_a_conversion_queued_does_not_deadlock,
+        ),
+    );
+    gmem_testkit::run(trials)
 }

@@ -9,29 +9,33 @@ use std::time::Duration;
 
 use gmem::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 use gmem::{EmulatedGuestMemfd, EmulatedOptions, GuestMemfd, HostMapping, Revocation, PAGE_SIZE};
+use gmem_testkit::per_mode;
 
 const PAGES: u64 = 8;
 const PS: usize = PAGE_SIZE as usize;
 
-fn modes() -> [EmulatedOptions; 3] {
+const FLAGS: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+
+fn modes() -> [(&'static str, EmulatedOptions); 3] {
     [
-        EmulatedOptions::with_revocation(Revocation::Poison),
-        EmulatedOptions::with_revocation(Revocation::Remap),
+        (
+            "poison",
+            EmulatedOptions::with_revocation(Revocation::Poison),
+        ),
+        ("remap", EmulatedOptions::with_revocation(Revocation::Remap)),
         // Every run a hole mapping (a VMA, which fork copies as it is).
-        EmulatedOptions {
-            hole_min_bytes: PAGE_SIZE,
-            ..EmulatedOptions::with_revocation(Revocation::Poison)
-        },
+        (
+            "holes",
+            EmulatedOptions {
+                hole_min_bytes: PAGE_SIZE,
+                ..EmulatedOptions::with_revocation(Revocation::Poison)
+            },
+        ),
     ]
 }
 
 fn file(opts: EmulatedOptions) -> EmulatedGuestMemfd {
-    EmulatedGuestMemfd::create_with(
-        PAGES * PAGE_SIZE,
-        GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
-        opts,
-    )
-    .unwrap()
+    EmulatedGuestMemfd::create_with(PAGES * PAGE_SIZE, FLAGS, opts).unwrap()
 }
 
 /// What the page at `page` of `m` answers to a read: `None` for SIGBUS, else its first byte.
@@ -131,39 +135,35 @@ fn prepare(opts: EmulatedOptions) -> (EmulatedGuestMemfd, HostMapping) {
     (f, m)
 }
 
-#[test]
-fn a_fork_child_faults_on_private_pages_and_sees_shared_writes() {
-    for opts in modes() {
-        let (f, m) = prepare(opts);
-        let (mut mine, mut theirs) = UnixStream::pair().unwrap();
-        // SAFETY: fork(2). The child only uses the mapping, the probe (a CLONE_VFORK child)
-        // and the socket, then leaves with _exit without unwinding or running destructors.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0, "fork failed");
-        if pid == 0 {
-            drop(mine);
-            serve(&mut theirs, &m);
-            // SAFETY: ends the child at once.
-            unsafe { libc::_exit(0) };
-        }
-        drop(theirs);
-        assert!(f.peer_count() >= 1, "{opts:?}: the child is not a peer");
-        check_follower(&f, &m, &mut mine);
-        mine.write_all(b"Q\0\0").unwrap();
-        let mut status = 0;
-        // SAFETY: reaps our own child.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        assert!(
-            libc::WIFEXITED(status),
-            "{opts:?}: child status {status:#x}"
-        );
-        // The child is gone: conversions go on without it.
-        f.set_private(0, PAGE_SIZE).unwrap();
-        f.set_shared(0, PAGE_SIZE).unwrap();
+fn a_fork_child_faults_on_private_pages_and_sees_shared_writes(opts: EmulatedOptions) {
+    let (f, m) = prepare(opts);
+    let (mut mine, mut theirs) = UnixStream::pair().unwrap();
+    // SAFETY: fork(2). The child only uses the mapping, the probe (a CLONE_VFORK child)
+    // and the socket, then leaves with _exit without unwinding or running destructors.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        drop(mine);
+        serve(&mut theirs, &m);
+        // SAFETY: ends the child at once.
+        unsafe { libc::_exit(0) };
     }
+    drop(theirs);
+    assert!(f.peer_count() >= 1, "{opts:?}: the child is not a peer");
+    check_follower(&f, &m, &mut mine);
+    mine.write_all(b"Q\0\0").unwrap();
+    let mut status = 0;
+    // SAFETY: reaps our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert!(
+        libc::WIFEXITED(status),
+        "{opts:?}: child status {status:#x}"
+    );
+    // The child is gone: conversions go on without it.
+    f.set_private(0, PAGE_SIZE).unwrap();
+    f.set_shared(0, PAGE_SIZE).unwrap();
 }
 
-#[test]
 fn a_grandchild_follows_too() {
     let (f, m) = prepare(EmulatedOptions::default());
     let (mut mine, mut theirs) = UnixStream::pair().unwrap();
@@ -196,15 +196,14 @@ fn a_grandchild_follows_too() {
     unsafe { libc::waitpid(pid, &mut status, 0) };
 }
 
-/// The second process of [`a_second_process_follows_over_a_unix_socket`]: run by that test as
-/// `processes --exact second_process --ignored` with `GMEM_SECOND_PROCESS` naming the socket.
-#[test]
-#[ignore = "helper: the second process of a_second_process_follows_over_a_unix_socket"]
-fn second_process() {
-    let Ok(path) = std::env::var("GMEM_SECOND_PROCESS") else {
-        return;
-    };
-    let mut s = UnixStream::connect(&path).unwrap();
+/// The environment variable that makes this test binary the second process of
+/// [`a_second_process_follows_over_a_unix_socket`], naming the socket.
+const SECOND_PROCESS: &str = "GMEM_SECOND_PROCESS";
+
+/// The second process of [`a_second_process_follows_over_a_unix_socket`]: this test binary
+/// started with [`SECOND_PROCESS`] set (not a test of its own).
+fn second_process(path: &std::ffi::OsStr) {
+    let mut s = UnixStream::connect(path).unwrap();
     let f = EmulatedGuestMemfd::receive(&s).unwrap();
     assert!(f.is_follower());
     let m = f.mmap_all().unwrap();
@@ -217,36 +216,79 @@ fn second_process() {
     serve(&mut s, &m);
 }
 
-#[test]
-fn a_second_process_follows_over_a_unix_socket() {
-    for opts in modes() {
-        let (f, m) = prepare(opts);
-        let dir = std::env::temp_dir().join(format!("gmem-proc-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("sock");
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).unwrap();
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "second_process", "--ignored", "--nocapture"])
-            .env("GMEM_SECOND_PROCESS", &path)
-            // Its own test summary would read as this binary's closing line.
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let (mut s, _) = listener.accept().unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        f.send_to(&s).unwrap();
-        let mut ready = [0u8; 1];
-        s.read_exact(&mut ready).unwrap();
-        assert!(f.peer_count() >= 1);
-        check_follower(&f, &m, &mut s);
-        s.write_all(b"Q\0\0").unwrap();
-        let status = child.wait().unwrap();
-        assert!(status.success(), "{opts:?}: second process: {status}");
-        let _ = std::fs::remove_dir_all(&dir);
-        // It has exited: conversions go on without it (other tests' fork children may be
-        // peers for a moment too, so the count is not checked here).
-        f.set_private(0, PAGE_SIZE).unwrap();
-        f.set_shared(0, PAGE_SIZE).unwrap();
+/// The connection of `child`, which must come within 30 s (a child that died first fails the
+/// test instead of hanging it).
+fn accept_bounded(listener: &UnixListener, child: &mut std::process::Child) -> UnixStream {
+    listener.set_nonblocking(true).unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                return s;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if let Some(st) = child.try_wait().unwrap() {
+                    panic!("second process exited before connecting: {st}");
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "second process never connected"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
     }
+}
+
+fn a_second_process_follows_over_a_unix_socket(opts: EmulatedOptions) {
+    let (f, m) = prepare(opts);
+    // A directory of its own: the variants run in parallel.
+    let dir = gmem_testkit::TempDir::new("gmem-proc").unwrap();
+    let path = dir.join("sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(SECOND_PROCESS, &path)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut s = accept_bounded(&listener, &mut child);
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    f.send_to(&s).unwrap();
+    let mut ready = [0u8; 1];
+    s.read_exact(&mut ready).unwrap();
+    assert!(f.peer_count() >= 1);
+    check_follower(&f, &m, &mut s);
+    s.write_all(b"Q\0\0").unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{opts:?}: second process: {status}");
+    // It has exited: conversions go on without it (other tests' fork children may be
+    // peers for a moment too, so the count is not checked here).
+    f.set_private(0, PAGE_SIZE).unwrap();
+    f.set_shared(0, PAGE_SIZE).unwrap();
+}
+
+fn main() {
+    if let Some(path) = std::env::var_os(SECOND_PROCESS) {
+        second_process(&path);
+        return;
+    }
+    let mut trials = per_mode(
+        "a_fork_child_faults_on_private_pages_and_sees_shared_writes",
+        &modes(),
+        FLAGS,
+        a_fork_child_faults_on_private_pages_and_sees_shared_writes,
+    );
+    trials.extend(per_mode(
+        "a_second_process_follows_over_a_unix_socket",
+        &modes(),
+        FLAGS,
+        a_second_process_follows_over_a_unix_socket,
+    ));
+    trials.push(gmem_testkit::test(
+        "a_grandchild_follows_too",
+        a_grandchild_follows_too,
+    ));
+    gmem_testkit::run(trials)
 }

@@ -42,7 +42,6 @@ fn in_child(name: &str, secs: u64) {
     let out = child.wait_with_output().unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    println!("{text}");
     assert!(
         status.success(),
         "{name}: child failed ({status:?}):\n{text}"
@@ -64,7 +63,6 @@ fn sigbus_at(m: &HostMapping, off: u64) -> bool {
 /// Many mappings of one file and many long private runs (holes, in Poison mode): the holes of
 /// all mappings share the process's budget (past it, markers), and no conversion to shared
 /// ever fails, whether it restores whole holes, splits them or rebuilds them.
-#[test]
 fn many_mappings_and_runs_never_fail_a_conversion_to_shared() {
     if !is_child() {
         return in_child(
@@ -120,7 +118,6 @@ fn many_mappings_and_runs_never_fail_a_conversion_to_shared() {
 /// the budget; from then on a conversion to private fails with ENOMEM and changes nothing
 /// (error_offset at the start), never an abort; conversions to shared keep working, including
 /// one that splits a hole (it may use the headroom up to the hard limit).
-#[test]
 fn remap_mode_at_the_budget_is_enomem_with_nothing_changed() {
     if !is_child() {
         return in_child(
@@ -171,20 +168,11 @@ fn remap_mode_at_the_budget_is_enomem_with_nothing_changed() {
 /// budget, derived from it, does not know), then converts alternating pages in Remap mode.
 /// The kernel refusing a mapping change, and malloc failing for a run list, must give ENOMEM
 /// with nothing changed, never an abort; converting everything back to shared works.
-#[test]
 fn real_vma_exhaustion_is_enomem_not_an_abort() {
     if !is_child() {
         return in_child("real_vma_exhaustion_is_enomem_not_an_abort", 120);
     }
-    let max: usize = std::fs::read_to_string("/proc/sys/vm/max_map_count")
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    if max > 1 << 20 {
-        println!("skipped: vm.max_map_count {max} is too large to exhaust quickly");
-        return;
-    }
+    let max = max_map_count().expect("vm.max_map_count");
     let pages = 4096u64;
     let opts = EmulatedOptions::with_revocation(Revocation::Remap);
     let f = EmulatedGuestMemfd::create_with(pages * PS, SHARED, opts).unwrap();
@@ -253,4 +241,46 @@ fn real_vma_exhaustion_is_enomem_not_an_abort() {
         "max_map_count {max}: refused at run {i}; then {outcomes:?}; reserve {reserve} before \
          the restores, {reserve_after} after"
     );
+}
+
+/// `vm.max_map_count`.
+fn max_map_count() -> Option<usize> {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Why the real limit cannot be reached quickly here, if it cannot.
+fn exhaustion_too_slow() -> Option<String> {
+    match max_map_count() {
+        None => Some("vm.max_map_count cannot be read".to_string()),
+        Some(max) if max > 1 << 20 => Some(format!(
+            "vm.max_map_count = {max} is too large to exhaust quickly (at most {})",
+            1 << 20
+        )),
+        Some(_) => None,
+    }
+}
+
+fn main() {
+    let poison = Revocation::Poison.needs(SHARED);
+    let trials = vec![
+        gmem_testkit::test_needing(
+            "many_mappings_and_runs_never_fail_a_conversion_to_shared",
+            &poison.into_iter().collect::<Vec<_>>(),
+            many_mappings_and_runs_never_fail_a_conversion_to_shared,
+        ),
+        gmem_testkit::test(
+            "remap_mode_at_the_budget_is_enomem_with_nothing_changed",
+            remap_mode_at_the_budget_is_enomem_with_nothing_changed,
+        ),
+        gmem_testkit::test_unless(
+            "real_vma_exhaustion_is_enomem_not_an_abort",
+            exhaustion_too_slow(),
+            real_vma_exhaustion_is_enomem_not_an_abort,
+        ),
+    ];
+    gmem_testkit::run(trials)
 }

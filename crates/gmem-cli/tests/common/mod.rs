@@ -1,10 +1,11 @@
-//! Helpers shared by the CLI tests: the libtest-mimic harness of gmem-check's tests (one
-//! file, included from there) and running the `gmem` binary.
-#![allow(dead_code, unused_macros, unused_imports)] // each test file uses a part
+//! Helpers shared by the CLI tests: the harness (gmem-testkit: a test this host cannot run is
+//! ignored with its reason) and running the `gmem` binary.
+#![allow(dead_code, unused_imports)] // each test file uses a part
 
-#[path = "../../../gmem-check/tests/common/mod.rs"]
-mod harness;
-pub use harness::*;
+pub use gmem_testkit::{
+    needs, run, test, test_needing, test_partly, test_unless, tests, tests_needing, tests_unless,
+    Feature, TempDir, Trial,
+};
 
 // Running the `gmem` binary.
 
