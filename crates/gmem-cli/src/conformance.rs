@@ -6,9 +6,10 @@
 //!   `N passed, N failed, N skipped`, then each reason shared by several rows of a backend
 //!   once (the rows say `see [N]`);
 //! - `ktap`: KTAP version 1 as kselftest prints it: `KTAP version 1`, `#` diagnostics (host,
-//!   kernel, capabilities, and the shared reasons `# [N] backend: reason`), the plan `1..N`,
-//!   one `ok N backend/case`, `not ok N backend/case` or `ok N backend/case # SKIP reason` line
-//!   per case, and `# Totals: pass:P fail:F xfail:0 xpass:0 skip:S error:0`;
+//!   kernel, capabilities), the plan `1..N`, then one `ok N backend/case`, `not ok N
+//!   backend/case` or `ok N backend/case # SKIP reason` line per case, printed as the case
+//!   ends, each skip with its own reason (KTAP readers do not follow references), and
+//!   `# Totals: pass:P fail:F xfail:0 xpass:0 skip:S error:0`;
 //! - `json` (also `--json`): one object `{"version", "exit_status", "passed", "failed",
 //!   "skipped", "notes", "backends": [...]}` whatever the backend selection (docs/json.md).
 //!
@@ -19,7 +20,8 @@
 use std::process::ExitCode;
 
 use gmem_check::conformance::runner::{
-    check_filter, run_cases, unavailable, BackendReport, KselftestExit, Summary,
+    check_filter, count_cases, run_cases_observed, unavailable, BackendReport, CaseReport,
+    KselftestExit, Summary,
 };
 use gmem_check::conformance::{differential, Ctx};
 use gmem_check::host_report;
@@ -129,13 +131,38 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     } else {
         args.format
     };
+    // What will run, known before anything runs: KTAP's plan comes first.
+    let planned = match args.backend {
+        BackendArg::Emulated | BackendArg::Kernel => count_cases(filter),
+        BackendArg::All => 2 * count_cases(filter) + differential::count_scripts(filter),
+    };
+    // A filter may select cases only where this selection does not run them (a differential
+    // script with `--backend emulated`).
+    if let (Some(pattern), 0) = (filter, planned) {
+        return Err(UsageError::value(
+            "--filter",
+            pattern,
+            "matches no case of the backends selected (differential scripts, \
+             diff/<script>, run with --backend all)",
+        )
+        .into());
+    }
+    let mut ktap = (format == FormatArg::Ktap).then(|| {
+        print_ktap_header(planned, vm_type_note(args));
+        KtapLines::default()
+    });
+    let mut on_case = |backend: &str, case: &CaseReport| {
+        if let Some(k) = &mut ktap {
+            k.print(backend, case);
+        }
+    };
     let mut reports = Vec::new();
     if args.backend != BackendArg::Kernel {
         let emulated = match args.guest {
             GuestArg::Vcpu => Ctx::emulated_with_vcpu()?,
             GuestArg::Auto | GuestArg::Internal => Ctx::emulated(),
         };
-        reports.push(run_cases(&emulated, filter));
+        reports.push(run_cases_observed(&emulated, filter, &mut on_case));
     }
     if args.backend != BackendArg::Emulated {
         let kernel = match args.guest {
@@ -153,33 +180,31 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         };
         match kernel {
             Ok(k) => {
-                reports.push(run_cases(&k, filter));
+                reports.push(run_cases_observed(&k, filter, &mut on_case));
                 if args.backend == BackendArg::All {
-                    reports.push(differential::run(&Ctx::emulated(), &k, filter));
+                    reports.push(differential::run_observed(
+                        &Ctx::emulated(),
+                        &k,
+                        filter,
+                        &mut on_case,
+                    ));
                 }
             }
             Err(why) => {
                 if let Err(access) = kvm_access::check(&kvm_access::kvm_device()) {
                     eprintln!("gmem conformance: {access}");
                 }
-                reports.push(unavailable("kernel", &why, filter));
+                let mut skipped = vec![unavailable("kernel", &why, filter)];
                 if args.backend == BackendArg::All {
-                    reports.push(differential::unavailable(&why, filter));
+                    skipped.push(differential::unavailable(&why, filter));
                 }
+                for r in &skipped {
+                    for c in &r.cases {
+                        on_case(&r.backend, c);
+                    }
+                }
+                reports.extend(skipped);
             }
-        }
-    }
-    // A filter may select cases only where this selection does not run them (a differential
-    // script with `--backend emulated`).
-    if let Some(pattern) = filter {
-        if reports.iter().all(|r| r.cases.is_empty()) {
-            return Err(UsageError::value(
-                "--filter",
-                pattern,
-                "matches no case of the backends selected (differential scripts, \
-                 diff/<script>, run with --backend all)",
-            )
-            .into());
         }
     }
     let summary = Summary::of(&reports);
@@ -190,7 +215,10 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             "{}",
             serde_json::to_string_pretty(&to_json(&reports, &notes, summary, exit))?
         ),
-        FormatArg::Ktap => print_ktap(&reports, &notes, summary, vm_type_note(args)),
+        FormatArg::Ktap => println!(
+            "# Totals: pass:{} fail:{} xfail:0 xpass:0 skip:{} error:0",
+            summary.passed, summary.failed, summary.skipped
+        ),
         FormatArg::Text => print_table(&reports, &notes, summary),
     }
     Ok(exit.into())
@@ -281,13 +309,9 @@ fn to_json(
     })
 }
 
-/// KTAP version 1, as kselftest prints it (Documentation/dev-tools/ktap.rst).
-fn print_ktap(
-    reports: &[BackendReport],
-    notes: &[Note<'_>],
-    summary: Summary,
-    vm_type: Option<String>,
-) {
+/// KTAP version 1, as kselftest prints it (Documentation/dev-tools/ktap.rst): the header, the
+/// host diagnostics and the plan, before any case runs.
+fn print_ktap_header(planned: usize, vm_type: Option<String>) {
     println!("KTAP version 1");
     for line in host_diagnostics() {
         println!("# {line}");
@@ -295,30 +319,39 @@ fn print_ktap(
     if let Some(v) = vm_type {
         println!("# {v}");
     }
-    for (i, n) in notes.iter().enumerate() {
-        println!("# [{}] {}: {}", i + 1, n.backend, one_line(n.reason));
-    }
-    println!("1..{}", summary.total());
-    let mut n = 0;
-    for r in reports {
-        for c in &r.cases {
-            n += 1;
-            let name = format!("{}/{}", r.backend, c.name);
-            let reason = one_line(&reason_or_ref(notes, &r.backend, c.outcome.reason()));
-            match c.outcome.label() {
-                "pass" => println!("ok {n} {name}"),
-                "skip" => println!("ok {n} {name} # SKIP {reason}"),
-                _ => {
-                    println!("# {name}: {reason}");
-                    println!("not ok {n} {name}");
-                }
+    println!("1..{planned}");
+    flush();
+}
+
+/// The KTAP result lines, numbered, printed (and flushed) as each case ends.
+#[derive(Debug, Default)]
+struct KtapLines {
+    n: usize,
+}
+
+impl KtapLines {
+    fn print(&mut self, backend: &str, case: &CaseReport) {
+        self.n += 1;
+        let n = self.n;
+        let name = format!("{backend}/{}", case.name);
+        let reason = one_line(case.outcome.reason());
+        match case.outcome.label() {
+            "pass" => println!("ok {n} {name}"),
+            "skip" => println!("ok {n} {name} # SKIP {reason}"),
+            _ => {
+                println!("# {name}: {reason}");
+                println!("not ok {n} {name}");
             }
         }
+        flush();
     }
-    println!(
-        "# Totals: pass:{} fail:{} xfail:0 xpass:0 skip:{} error:0",
-        summary.passed, summary.failed, summary.skipped
-    );
+}
+
+/// Flushes stdout so that a harness reading the pipe sees each line as it is printed.
+fn flush() {
+    use std::io::Write;
+    // A closed pipe shows at the next println, which reports it.
+    let _ = std::io::stdout().flush();
 }
 
 /// A reason on one line (KTAP lines cannot carry a newline).
