@@ -148,7 +148,10 @@ pub enum Missing {
     #[error("KVM_CAP_PRE_FAULT_MEMORY ({KVM_CAP_PRE_FAULT_MEMORY}) = {0}")]
     PreFaultMemory(i32),
     /// No userfaultfd at all.
-    #[error("no userfaultfd: userfaultfd(UFFD_USER_MODE_ONLY) or its UFFDIO_API answered {0}")]
+    #[error(
+        "no userfaultfd: userfaultfd(UFFD_USER_MODE_ONLY) or its UFFDIO_API answered {}",
+        .0.name()
+    )]
     Userfaultfd(Errno),
     /// userfaultfd without some of the features asked for.
     #[error(
@@ -271,7 +274,7 @@ impl KvmFeatures {
             cap: self.guest_memfd_cap,
             answer: match created {
                 Ok(()) => "success".to_string(),
-                Err(e) => e.to_string(),
+                Err(e) => e.name(),
             },
         };
         if self.guest_memfd_cap <= 0 || created.is_err() {
