@@ -7,7 +7,7 @@ use gmem_bench::floor::{conversion_latency, worst_case_metadata};
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    for revocation in [Revocation::Poison, Revocation::Remap] {
+    for revocation in [Revocation::Guard, Revocation::Remap] {
         println!("revocation: {}", revocation.name());
         println!(
             "{:<32} {:>12} {:<34} {:>12} {:>7}",

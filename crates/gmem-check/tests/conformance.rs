@@ -1,6 +1,6 @@
 //! The conformance cases (`gmem_check::conformance`) against the emulated backend, one test
-//! per case and revocation configuration (`<case>::poison`, `::remap`, `::holes`). A
-//! configuration this host cannot run (poison markers without userfaultfd) is ignored with the
+//! per case and revocation mechanism (`<case>::guard`, `::remap`). A mechanism this host
+//! cannot run (the guard without userfaultfd) is ignored with the
 //! reason, and so is a case that finds by running that the host lacks what it needs (one NUMA
 //! node); neither counts as a pass.
 
@@ -11,22 +11,11 @@ use gmem::{EmulatedOptions, Revocation};
 use gmem_check::conformance::{cases, Case, Ctx, Outcome};
 use gmem_testkit::{needs, test, test_partly, test_unless, Trial};
 
-/// The revocation configurations every case runs in: both mechanisms, and poison markers
-/// replaced by hole mappings for every run.
-fn configs() -> [(&'static str, EmulatedOptions); 3] {
+/// The revocation configurations every case runs in: both mechanisms.
+fn configs() -> [(&'static str, EmulatedOptions); 2] {
     [
-        (
-            "poison",
-            EmulatedOptions::with_revocation(Revocation::Poison),
-        ),
+        ("guard", EmulatedOptions::with_revocation(Revocation::Guard)),
         ("remap", EmulatedOptions::with_revocation(Revocation::Remap)),
-        (
-            "holes",
-            EmulatedOptions {
-                hole_min_bytes: gmem::PAGE_SIZE,
-                ..EmulatedOptions::with_revocation(Revocation::Poison)
-            },
-        ),
     ]
 }
 

@@ -59,20 +59,18 @@ enum R {
 
 #[derive(Debug, Clone, Copy)]
 enum Config {
-    Poison,
+    Guard,
     Remap,
-    Holes,
 }
 
 /// Every configuration.
-const CONFIGS: [Config; 3] = [Config::Poison, Config::Remap, Config::Holes];
+const CONFIGS: [Config; 2] = [Config::Guard, Config::Remap];
 
 impl Config {
     fn name(self) -> &'static str {
         match self {
-            Config::Poison => "poison",
+            Config::Guard => "guard",
             Config::Remap => "remap",
-            Config::Holes => "holes",
         }
     }
 
@@ -87,13 +85,8 @@ impl Config {
 
     fn options(self) -> EmulatedOptions {
         match self {
-            Config::Poison => EmulatedOptions::with_revocation(Revocation::Poison),
+            Config::Guard => EmulatedOptions::with_revocation(Revocation::Guard),
             Config::Remap => EmulatedOptions::with_revocation(Revocation::Remap),
-            Config::Holes => EmulatedOptions {
-                hole_min_bytes: PS,
-                hole_budget: 2,
-                ..EmulatedOptions::with_revocation(Revocation::Poison)
-            },
         }
     }
 }

@@ -287,6 +287,14 @@ pub trait GuestMemfdBackend: Send + Sync + fmt::Debug {
     /// `KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES`); `Err` names what is missing.
     fn conversion_support(&self) -> Result<(), crate::ConversionUnsupported>;
 
+    /// Why the files' host mappings are not shared with fork children (and the files cannot
+    /// be handed to another process), if they are not: the emulated backend without its guard.
+    /// `None` where another process that maps a file is bound by its rules (the kernel's
+    /// files, the guard).
+    fn not_shared_across_processes(&self) -> Option<String> {
+        None
+    }
+
     /// `KVM_CREATE_GUEST_MEMFD(size, flags)`.
     fn create(&self, size: u64, flags: u64) -> KernelResult<Arc<dyn GuestMemfd>>;
 }

@@ -132,6 +132,18 @@ pub const UFFD_API: u64 = 0xAA;
 pub const UFFD_USER_MODE_ONLY: i32 = 1;
 /// `UFFD_EVENT_PAGEFAULT`.
 pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+/// `UFFD_EVENT_FORK`: a registered address space was copied by `fork` (or `clone` without
+/// `CLONE_VM`); the message carries a new userfaultfd for the child's.
+pub const UFFD_EVENT_FORK: u8 = 0x13;
+/// `UFFD_EVENT_REMAP`: `mremap` moved (or, with an old length of 0, duplicated) a registered
+/// range.
+pub const UFFD_EVENT_REMAP: u8 = 0x14;
+/// `UFFD_FEATURE_EVENT_FORK`.
+pub const UFFD_FEATURE_EVENT_FORK: u64 = 1 << 1;
+/// `UFFD_FEATURE_EVENT_REMAP`.
+pub const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
+/// `UFFD_FEATURE_THREAD_ID`: a fault message names the faulting thread.
+pub const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
 /// `UFFD_PAGEFAULT_FLAG_WRITE`.
 pub const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
 /// `UFFD_PAGEFAULT_FLAG_MINOR`.
@@ -209,8 +221,21 @@ pub struct uffdio_poison {
     pub updated: i64,
 }
 
+/// `struct uffdio_zeropage`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct uffdio_zeropage {
+    /// The range to fill with zeroed pages.
+    pub range: uffdio_range,
+    /// `UFFDIO_ZEROPAGE_MODE_*`.
+    pub mode: u64,
+    /// Out: bytes mapped, or a negative errno.
+    pub zeropage: i64,
+}
+
 /// `struct uffd_msg` (packed, 32 bytes): the event byte, then for a page fault the flags at
-/// byte 8 and the address at byte 16.
+/// byte 8 and the address at byte 16; for `UFFD_EVENT_FORK` the child's userfaultfd in the
+/// low half of byte 8; for `UFFD_EVENT_REMAP` from, to and the old length at bytes 8, 16, 24.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct uffd_msg {
@@ -228,6 +253,10 @@ pub struct uffd_msg {
 
 // `UFFDIO_REGISTER`.
 ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, uffdio_register);
+// `UFFDIO_UNREGISTER`.
+ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, 0x01, uffdio_range);
+// `UFFDIO_ZEROPAGE`.
+ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, uffdio_zeropage);
 // `UFFDIO_WAKE`.
 ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, uffdio_range);
 // `UFFDIO_CONTINUE`.

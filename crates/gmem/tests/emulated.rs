@@ -145,7 +145,7 @@ fn worst_case_alternating_pattern_over_one_gib() {
     let f = EmulatedGuestMemfd::create_with(
         size,
         SHARED,
-        EmulatedOptions::with_revocation(Revocation::Poison),
+        EmulatedOptions::with_revocation(Revocation::Guard),
     )
     .unwrap();
     let m = f.mmap_all().unwrap();
@@ -262,39 +262,6 @@ fn create_validates_size_and_flags() {
     );
 }
 
-fn hole_mappings_stay_within_their_budget() {
-    // Holes for every run (hole_min = one page), at most 64 per mapping. Converting every
-    // other page back to shared inside one big private hole splits it around the restored
-    // page while the mapping's hole budget allows (a neighbourhood of one page here, since the
-    // granule is hole_min), then rebuilds the rest of the hole as markers: never more than
-    // two VMAs per hole of the budget.
-    let size = 64 * 1024 * PS;
-    let budget = 64;
-    let opts = EmulatedOptions {
-        revocation: Revocation::Poison,
-        hole_min_bytes: PS,
-        hole_budget: budget,
-        ..EmulatedOptions::default()
-    };
-    let f = EmulatedGuestMemfd::create_with(size, SHARED, opts).unwrap();
-    let m = f.mmap_all().unwrap();
-    m.write_volatile(0, &[9u8; 4096]).unwrap();
-    let before = map_count(&m);
-    f.set_private(0, size).unwrap();
-    assert!(sigbus_at(&m, 0) && sigbus_at(&m, size - PS));
-    for p in (1..2000).step_by(2) {
-        f.set_shared(p * PS, PS).unwrap();
-        let n = map_count(&m);
-        assert!(n <= before + 2 * budget + 2, "{} VMAs more", n - before);
-    }
-    for p in 0..2002 {
-        assert_eq!(sigbus_at(&m, p * PS), p % 2 == 0 || p >= 2000, "page {p}");
-    }
-    f.set_shared(0, size).unwrap();
-    assert_eq!(m.probe_read(0, 1).unwrap(), Probe::Done(vec![9]));
-    assert!(map_count(&m) <= before + 2);
-}
-
 /// Issue 11 item 8: SIGBUS probes work under a low descriptor limit. The test re-runs itself
 /// in a child process whose RLIMIT_NOFILE is lowered (never this process's, which other tests
 /// share); the child probes a private page and a shared one.
@@ -362,12 +329,8 @@ fn madv_collapse_is_einval_in_every_mode(rev: Revocation) {
         Ok(()) => 0,
         Err(e) => e.0,
     };
-    // One revocation mode per test.
     for flags in [SHARED, SHARED | GUEST_MEMFD_FLAG_NO_DIRECT_MAP] {
-        let opts = EmulatedOptions {
-            hole_min_bytes: 64 * 1024,
-            ..EmulatedOptions::with_revocation(rev)
-        };
+        let opts = EmulatedOptions::with_revocation(rev);
         let f = EmulatedGuestMemfd::create_with(2 * TWO_MB, flags, opts).unwrap();
         let m = f.mmap_all().unwrap();
         m.write_volatile(0, &[1u8; 4096]).unwrap();
@@ -660,38 +623,11 @@ fn a_new_mapping_never_shows_a_private_page(rev: Revocation) {
     assert_eq!(n, 0, "{opts:?}: private page read at a new mapping");
 }
 
-/// A partial restore of a private hole rebuilds the page's neighbourhood at a fresh address
-/// (the kernel's predictable choice) and moves it over the hole; its private pages are never
-/// readable there, not even before their markers are in place (the same attack as above).
-fn a_rebuilt_neighbourhood_never_shows_a_private_page() {
-    let opts = EmulatedOptions::with_revocation(Revocation::Poison);
-    let granule = opts.hole_min_bytes;
-    let f = EmulatedGuestMemfd::create_with(4 * granule, SHARED, opts).unwrap();
-    let m = f.mmap_all().unwrap();
-    m.write_volatile(0, &vec![0x5a; 4 * granule as usize])
-        .unwrap();
-    // One hole over the whole file.
-    f.set_private(0, 4 * granule).unwrap();
-    // A page in the middle of the second granule: the neighbourhood rebuilt is that granule,
-    // whose first page stays private.
-    let page = granule + granule / 2;
-    let next = || free_range(granule as usize);
-    let restore = |_| {
-        f.set_shared(page, PS).unwrap();
-        // The granule becomes one hole again, for the next round's rebuild.
-        f.set_shared(granule, granule).unwrap();
-        f.set_private(granule, granule).unwrap();
-    };
-    let n = reads_while(2000, next, restore);
-    assert_eq!(n, 0, "private page read in a rebuilt neighbourhood");
-    assert!(sigbus_at(&m, granule), "the neighbour is still private");
-}
-
 /// Both revocation mechanisms.
-const BOTH: [Revocation; 2] = [Revocation::Poison, Revocation::Remap];
+const BOTH: [Revocation; 2] = [Revocation::Guard, Revocation::Remap];
 
 fn main() {
-    let poison = Revocation::Poison.needs(SHARED);
+    let guard = Revocation::Guard.needs(SHARED);
     let mut trials = Vec::new();
     trials.extend(per_revocation(
         "enomem_from_a_refused_mapping_change_changes_nothing",
@@ -707,7 +643,7 @@ fn main() {
     ));
     trials.extend(per_revocation(
         "madv_collapse_is_einval_in_every_mode",
-        &[Revocation::Auto, Revocation::Poison, Revocation::Remap],
+        &[Revocation::Auto, Revocation::Guard, Revocation::Remap],
         SHARED | GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
         madv_collapse_is_einval_in_every_mode,
     ));
@@ -732,25 +668,10 @@ fn main() {
         huge_files_work_through_windows,
         fixed_errnos_follow_the_kernel,
     ));
-    for (name, f) in [
-        (
-            "worst_case_alternating_pattern_over_one_gib",
-            worst_case_alternating_pattern_over_one_gib as fn(),
-        ),
-        (
-            "hole_mappings_stay_within_their_budget",
-            hole_mappings_stay_within_their_budget,
-        ),
-        (
-            "a_rebuilt_neighbourhood_never_shows_a_private_page",
-            a_rebuilt_neighbourhood_never_shows_a_private_page,
-        ),
-    ] {
-        trials.push(test_needing(
-            name,
-            &poison.into_iter().collect::<Vec<_>>(),
-            f,
-        ));
-    }
+    trials.push(test_needing(
+        "worst_case_alternating_pattern_over_one_gib",
+        &guard.into_iter().collect::<Vec<_>>(),
+        worst_case_alternating_pattern_over_one_gib,
+    ));
     gmem_testkit::run(trials)
 }

@@ -29,8 +29,7 @@ fn file(p: PlatformKind, npages: u64, flags: u64, revocation: Revocation) -> Emu
 fn host_fault_hands_out_and_punch_restores() {
     use HookCall::*;
     for (p, rev) in [
-        (PlatformKind::SoftwareProtected, Revocation::Poison),
-        (PlatformKind::SoftwareProtected, Revocation::Remap),
+        (PlatformKind::SoftwareProtected, Revocation::Guard),
         (PlatformKind::Pkvm, Revocation::Auto),
     ] {
         let f = file(p, 4, NDM, rev);
@@ -77,19 +76,18 @@ fn host_fault_hands_out_and_punch_restores() {
     }
 }
 
-fn host_fault_through_a_hole_and_a_large_reshare() {
-    // 64 pages with holes from 4 pages on: a large private run is a hole mapping; re-sharing
-    // maps the memory file back, and its faults must still reach the service.
+fn host_fault_through_a_large_private_run_and_a_reshare() {
+    // A large private run, a partial and a full re-share: every host fault of a shared page
+    // is handed out, every one of a private page is SIGBUS.
     let options = EmulatedOptions {
-        revocation: Revocation::Poison,
-        hole_min_bytes: 4 * PS,
+        revocation: Revocation::Guard,
         ..EmulatedOptions::with_platform(PlatformKind::SoftwareProtected)
     };
     let f = EmulatedGuestMemfd::create_with(64 * PS, NDM, options).unwrap();
     let m = f.mmap(0, 64 * PAGE, MapKind::Shared).unwrap();
     f.set_private(8 * PS, 32 * PS).unwrap();
     assert!(m.probe_read(20 * PAGE, 1).unwrap().is_sigbus());
-    // A partial restore of the hole (rebuilt as markers by mremap) and a full one.
+    // A partial restore and a full one.
     f.set_shared(10 * PS, PS).unwrap();
     assert_eq!(m.probe_write(10 * PAGE, 8, 3).unwrap(), Probe::Done(()));
     assert!(f.direct_map_removed(10));
@@ -129,38 +127,38 @@ fn host_fault_failed_removal_is_sigbus_and_marks_nothing() {
     assert!(f.direct_map_removed(3));
 }
 
-fn only_no_direct_map_files_have_a_service_thread() {
-    for rev in [Revocation::Auto, Revocation::Poison, Revocation::Remap] {
-        let flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
-        let f = file(PlatformKind::SoftwareProtected, 2, flags, rev);
-        let m = f.mmap(0, 2 * PAGE, MapKind::Shared).unwrap();
-        assert_eq!(m.probe_write(0, 8, 1).unwrap(), Probe::Done(()));
-        assert!(!f.has_fault_service(), "{rev:?}");
-        // No hand-out at host faults without the flag, and no service needed to serve them.
-        assert!(!f.direct_map_removed(0));
-    }
-    let f = file(PlatformKind::SoftwareProtected, 2, NDM, Revocation::Auto);
+/// With the guard, every file's host faults are served at fault time by one thread of the
+/// process (`gmem-guard`), which hands a page out only on a NO_DIRECT_MAP file; in Remap mode
+/// nothing serves them.
+fn host_faults_are_served_by_the_guard_thread_of_the_process() {
+    let flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+    let plain = file(PlatformKind::SoftwareProtected, 2, flags, Revocation::Guard);
+    assert!(plain.has_fault_service());
+    let m = plain.mmap(0, 2 * PAGE, MapKind::Shared).unwrap();
+    assert_eq!(m.probe_write(0, 8, 1).unwrap(), Probe::Done(()));
+    // No hand-out at host faults without the flag.
+    assert!(!plain.direct_map_removed(0));
+    let remap = file(PlatformKind::SoftwareProtected, 2, flags, Revocation::Remap);
+    assert!(!remap.has_fault_service());
+    let f = file(PlatformKind::SoftwareProtected, 2, NDM, Revocation::Guard);
     assert!(f.has_fault_service());
     let m = f.mmap(0, PAGE, MapKind::Shared).unwrap();
     assert_eq!(m.probe_write(0, 8, 1).unwrap(), Probe::Done(()));
-    // The thread (named once it runs, so after it served a fault) is joined when the file
-    // goes (several files, dropped in turn).
+    assert!(f.direct_map_removed(0));
+    // One thread for the process, however many files.
     let named = || {
         std::fs::read_dir("/proc/self/task")
             .unwrap()
             .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-            .filter(|c| c.trim() == "gmem-faults")
+            .filter(|c| c.trim() == "gmem-guard")
             .count()
     };
-    assert!(named() >= 1);
     for _ in 0..3 {
-        let g = file(PlatformKind::SoftwareProtected, 2, NDM, Revocation::Auto);
+        let g = file(PlatformKind::SoftwareProtected, 2, NDM, Revocation::Guard);
         let m = g.mmap(0, PAGE, MapKind::Shared).unwrap();
         assert_eq!(m.probe_write(0, 8, 1).unwrap(), Probe::Done(()));
-        // The mapping holds the file; the file (and its thread) goes with the last handle.
-        drop(g);
-        drop(m);
     }
+    assert_eq!(named(), 1);
 }
 
 fn kernel_mode_fault_on_a_host_mapping_is_served() {
@@ -189,7 +187,7 @@ fn populate_from_an_unfaulted_page_of_the_same_file_does_not_deadlock() {
         PlatformKind::SoftwareProtected,
         4,
         NDM,
-        Revocation::Poison,
+        Revocation::Guard,
     ));
     let m = std::sync::Arc::new(f.mmap(0, 4 * PAGE, MapKind::Shared).unwrap());
     f.write_at(2 * PS, &[0x3c; PAGE]).unwrap();
@@ -225,7 +223,7 @@ fn host_fault_service_never_maps_a_private_page() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2);
-    for rev in [Revocation::Poison, Revocation::Remap] {
+    for rev in [Revocation::Guard, Revocation::Remap] {
         let f = Arc::new(file(PlatformKind::SoftwareProtected, 2, NDM, rev));
         let m = Arc::new(f.mmap(0, 2 * PAGE, MapKind::Shared).unwrap());
         // Even: no conversion in flight; `private` is valid while it stays the same.
@@ -311,7 +309,7 @@ fn kernel_mode_fault_with_a_conversion_queued_does_not_deadlock() {
         PlatformKind::SoftwareProtected,
         4,
         NDM,
-        Revocation::Poison,
+        Revocation::Guard,
     ));
     f.write_at(0, &[0x42; PAGE]).unwrap();
     let m = Arc::new(f.mmap(0, 4 * PAGE, MapKind::Shared).unwrap());
@@ -350,9 +348,9 @@ fn main() {
     // Every test here exercises the host-fault service of a NO_DIRECT_MAP file.
     let mut trials = tests_needing!([FAULT_SERVICE_NEEDS];
         host_fault_hands_out_and_punch_restores,
-        host_fault_through_a_hole_and_a_large_reshare,
+        host_fault_through_a_large_private_run_and_a_reshare,
         host_fault_failed_removal_is_sigbus_and_marks_nothing,
-        only_no_direct_map_files_have_a_service_thread,
+        host_faults_are_served_by_the_guard_thread_of_the_process,
         populate_from_an_unfaulted_page_of_the_same_file_does_not_deadlock,
         host_fault_service_never_maps_a_private_page,
     );

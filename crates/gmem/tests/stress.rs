@@ -11,9 +11,10 @@
 //! whose atomics work across processes; the children report failures through their exit status
 //! (the fork child catches panics and leaves with `_exit(1)`).
 //!
-//! Variants: every revocation mode (Poison, Remap, Poison with a hole for every run and a hole
-//! budget of 4) × every file kind (plain and NO_DIRECT_MAP files on the software-protected and
-//! pKVM platforms, plain files on SNP and TDX, which refuse NO_DIRECT_MAP).
+//! Variants: every revocation mechanism (the guard; Remap, where only the owner's threads
+//! access, since without the guard other processes do not share the file) × every file kind
+//! (plain and NO_DIRECT_MAP files on the software-protected and pKVM platforms, plain files on
+//! SNP and TDX, which refuse NO_DIRECT_MAP).
 //!
 //! Invariants checked, in every process:
 //! - an access made while its page was private for the whole access faults (SIGBUS at the
@@ -89,6 +90,9 @@ struct State {
     go: AtomicBool,
     stop: AtomicBool,
     counts: [Counts; WRITERS as usize],
+    /// How many writers the run has (the owner's threads alone without other processes):
+    /// page `p` is written by writer `p % writers`.
+    writers: AtomicU64,
 }
 
 impl State {
@@ -162,18 +166,19 @@ fn access_loop(m: &HostMapping, s: &State, w: u64, bound: Duration) {
         std::thread::sleep(Duration::from_millis(1));
     }
     let c = &s.counts[w as usize];
+    let writers = s.writers.load(SeqCst).max(1);
     let mut r = rng(w * 7919 + 11);
     let mut counter = 0u8;
     while !s.stop.load(SeqCst) && started.elapsed() < bound {
         let write = r(2) == 1;
         // Writers write only their own pages; anyone reads anything.
         let p = if write {
-            r(NPAGES / WRITERS) * WRITERS + w
+            r(NPAGES / writers) * writers + w
         } else {
             r(NPAGES)
         };
         let pi = p as usize;
-        let own = p % WRITERS == w;
+        let own = p % writers == w;
         let g0 = s.gen[pi].load(SeqCst);
         let was_private = s.private[pi].load(SeqCst);
         let off = (p * PS) as usize;
@@ -337,8 +342,8 @@ struct Converted {
 
 /// Whether enough happened for the run's checks to mean anything: the thresholds
 /// [`stress_file`] asserts at the end.
-fn enough(s: &State, conv: &Converted) -> bool {
-    let per_process = WRITER_GROUPS.iter().all(|(_, ws)| {
+fn enough(s: &State, conv: &Converted, others: bool) -> bool {
+    let per_process = groups(others).iter().all(|(_, ws)| {
         let sum = |get: fn(&Counts) -> &AtomicU64| -> u64 {
             ws.clone()
                 .map(|w| get(&s.counts[w as usize]).load(SeqCst))
@@ -370,7 +375,13 @@ const MIN_GUEST_FAULTS: u64 = 10;
 
 /// Converts until `deadline`, and past it until [`enough`] happened (at most
 /// [`MAX_EXTENSION`] more).
-fn converter(f: &EmulatedGuestMemfd, s: &State, deadline: Instant, destructive: bool) -> Converted {
+fn converter(
+    f: &EmulatedGuestMemfd,
+    s: &State,
+    deadline: Instant,
+    destructive: bool,
+    others: bool,
+) -> Converted {
     let mut r = rng(0x5eed);
     let mut out = Converted {
         conversions: 0,
@@ -380,7 +391,7 @@ fn converter(f: &EmulatedGuestMemfd, s: &State, deadline: Instant, destructive: 
     let bound = deadline + MAX_EXTENSION;
     loop {
         let now = Instant::now();
-        if now >= bound || (now >= deadline && enough(s, &out)) {
+        if now >= bound || (now >= deadline && enough(s, &out, others)) {
             break;
         }
         let first = r(NPAGES);
@@ -432,7 +443,20 @@ fn converter(f: &EmulatedGuestMemfd, s: &State, deadline: Instant, destructive: 
     out
 }
 
+/// The writer groups of a run: the owner's threads, and with `others` the fork child and the
+/// second process.
+fn groups(others: bool) -> &'static [(&'static str, std::ops::Range<u64>)] {
+    if others {
+        &WRITER_GROUPS
+    } else {
+        &WRITER_GROUPS[..1]
+    }
+}
+
 fn stress_file(name: &str, opts: EmulatedOptions, extra_flags: u64) {
+    // Other processes share a file only under the guard (without it, host mappings are not
+    // inherited and the file is not handed on).
+    let others = opts.revocation != Revocation::Remap;
     let run = run_time();
     let f = Arc::new(
         EmulatedGuestMemfd::create_with(
@@ -450,16 +474,18 @@ fn stress_file(name: &str, opts: EmulatedOptions, extra_flags: u64) {
     let m = Arc::new(f.mmap_all().unwrap());
     let (s, state_fd) = State::create();
     let _stop = StopOnDrop(s);
+    s.writers
+        .store(if others { WRITERS } else { OWNER_THREADS }, SeqCst);
 
     // The second process, which receives the file over a Unix socket.
     let dir = gmem_testkit::TempDir::new(&format!("gmem-stress-{name}")).unwrap();
-    let mut second = start_second_process(&f, state_fd.as_raw_fd(), dir.path());
+    let mut second = others.then(|| start_second_process(&f, state_fd.as_raw_fd(), dir.path()));
 
-    // The fork child, a follower through the fork handlers, with the inherited mapping.
+    // The fork child, a follower served by the guard, with the inherited mapping.
     // SAFETY: fork(2). The child only runs the accessor loop over the inherited mapping and
     // the shared state (probes are CLONE_VFORK children), then leaves with _exit without
     // unwinding across the fork or running destructors.
-    let pid = unsafe { libc::fork() };
+    let pid = if others { unsafe { libc::fork() } } else { 1 };
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -480,7 +506,14 @@ fn stress_file(name: &str, opts: EmulatedOptions, extra_flags: u64) {
         // SAFETY: ends the child at once.
         unsafe { libc::_exit(code) };
     }
-    assert!(f.peer_count() >= 2, "{name}: the children are not peers");
+    if others {
+        // The guard reads the fork event before fork returns, and the second process's
+        // userfaultfd before `send_to` returns.
+        assert!(
+            f.wait_for_peers(2, Duration::from_secs(5)) >= 2,
+            "{name}: the children are not served"
+        );
+    }
 
     let accessors: Vec<_> = (0..OWNER_THREADS)
         .map(|w| {
@@ -492,30 +525,32 @@ fn stress_file(name: &str, opts: EmulatedOptions, extra_flags: u64) {
     s.go.store(true, SeqCst);
     let conv = {
         let f = f.clone();
-        let r = std::thread::spawn(move || converter(&f, s, deadline, destructive)).join();
+        let r = std::thread::spawn(move || converter(&f, s, deadline, destructive, others)).join();
         s.stop.store(true, SeqCst);
         r.unwrap()
     };
     for a in accessors {
         a.join().unwrap();
     }
-    let status = wait_bounded(pid, GRACE);
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "{name}: fork child failed: status {status:#x}"
-    );
-    let started = Instant::now();
-    let st = loop {
-        if let Some(st) = second.try_wait().unwrap() {
-            break st;
-        }
-        if started.elapsed() > GRACE {
-            let _ = second.kill();
-            panic!("{name}: second process still running: killed");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    assert!(st.success(), "{name}: second process failed: {st}");
+    if let Some(second) = second.as_mut() {
+        let status = wait_bounded(pid, GRACE);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "{name}: fork child failed: status {status:#x}"
+        );
+        let started = Instant::now();
+        let st = loop {
+            if let Some(st) = second.try_wait().unwrap() {
+                break st;
+            }
+            if started.elapsed() > GRACE {
+                let _ = second.kill();
+                panic!("{name}: second process still running: killed");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(st.success(), "{name}: second process failed: {st}");
+    }
 
     // Every write that landed (since the last conversion that may have changed its page's
     // content) is still there; the final conversion to shared may change guest-faulted pages.
@@ -547,7 +582,7 @@ fn stress_file(name: &str, opts: EmulatedOptions, extra_flags: u64) {
          {checked} pages checked, {changed} changed by the platform",
         conv.conversions, conv.guest_faults
     );
-    for (who, ws) in WRITER_GROUPS {
+    for (who, ws) in groups(others).iter().cloned() {
         let accesses = sum(ws.clone(), |c| &c.accesses);
         let shared = sum(ws.clone(), |c| &c.strict_shared);
         let private = sum(ws.clone(), |c| &c.strict_private);
@@ -583,15 +618,8 @@ fn stress_file(name: &str, opts: EmulatedOptions, extra_flags: u64) {
 
 fn mode(revocation: &str) -> EmulatedOptions {
     match revocation {
-        "poison" => EmulatedOptions::with_revocation(Revocation::Poison),
+        "guard" => EmulatedOptions::with_revocation(Revocation::Guard),
         "remap" => EmulatedOptions::with_revocation(Revocation::Remap),
-        // Every run becomes a hole, and a budget of 4 forces constant demotion to markers.
-        "holes" => EmulatedOptions {
-            revocation: Revocation::Poison,
-            hole_min_bytes: PS,
-            hole_budget: 4,
-            ..EmulatedOptions::default()
-        },
         _ => unreachable!(),
     }
 }
@@ -613,12 +641,12 @@ fn flags(no_direct_map: bool) -> u64 {
 }
 
 /// Every variant: `(name, platform, NO_DIRECT_MAP, revocation mode)`.
-const VARIANTS: [(&str, PlatformKind, bool, &str); 18] = [
+const VARIANTS: [(&str, PlatformKind, bool, &str); 12] = [
     (
-        "stress_sw_poison",
+        "stress_sw_guard",
         PlatformKind::SoftwareProtected,
         false,
-        "poison",
+        "guard",
     ),
     (
         "stress_sw_remap",
@@ -627,16 +655,10 @@ const VARIANTS: [(&str, PlatformKind, bool, &str); 18] = [
         "remap",
     ),
     (
-        "stress_sw_holes",
-        PlatformKind::SoftwareProtected,
-        false,
-        "holes",
-    ),
-    (
-        "stress_sw_no_direct_map_poison",
+        "stress_sw_no_direct_map_guard",
         PlatformKind::SoftwareProtected,
         true,
-        "poison",
+        "guard",
     ),
     (
         "stress_sw_no_direct_map_remap",
@@ -644,20 +666,13 @@ const VARIANTS: [(&str, PlatformKind, bool, &str); 18] = [
         true,
         "remap",
     ),
-    (
-        "stress_sw_no_direct_map_holes",
-        PlatformKind::SoftwareProtected,
-        true,
-        "holes",
-    ),
-    ("stress_pkvm_poison", PlatformKind::Pkvm, false, "poison"),
+    ("stress_pkvm_guard", PlatformKind::Pkvm, false, "guard"),
     ("stress_pkvm_remap", PlatformKind::Pkvm, false, "remap"),
-    ("stress_pkvm_holes", PlatformKind::Pkvm, false, "holes"),
     (
-        "stress_pkvm_no_direct_map_poison",
+        "stress_pkvm_no_direct_map_guard",
         PlatformKind::Pkvm,
         true,
-        "poison",
+        "guard",
     ),
     (
         "stress_pkvm_no_direct_map_remap",
@@ -665,18 +680,10 @@ const VARIANTS: [(&str, PlatformKind, bool, &str); 18] = [
         true,
         "remap",
     ),
-    (
-        "stress_pkvm_no_direct_map_holes",
-        PlatformKind::Pkvm,
-        true,
-        "holes",
-    ),
-    ("stress_snp_poison", PlatformKind::Snp, false, "poison"),
+    ("stress_snp_guard", PlatformKind::Snp, false, "guard"),
     ("stress_snp_remap", PlatformKind::Snp, false, "remap"),
-    ("stress_snp_holes", PlatformKind::Snp, false, "holes"),
-    ("stress_tdx_poison", PlatformKind::Tdx, false, "poison"),
+    ("stress_tdx_guard", PlatformKind::Tdx, false, "guard"),
     ("stress_tdx_remap", PlatformKind::Tdx, false, "remap"),
-    ("stress_tdx_holes", PlatformKind::Tdx, false, "holes"),
 ];
 
 fn main() {

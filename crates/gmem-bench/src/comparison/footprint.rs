@@ -28,7 +28,7 @@ fn footprint_mib(kind: BackingKind, frag: u64) -> Result<f64, BenchError> {
 /// each, and 1 GiB in 4 KiB pieces is 131,072 runs, more than `vm.max_map_count` allows.
 fn cannot_fragment(fragment: u64) -> Option<String> {
     let runs = (1u64 << 30) / fragment / 2;
-    let why = gmem::Revocation::Poison
+    let why = gmem::Revocation::Guard
         .needs(0)
         .and_then(|n| gmem::host::require(n).err())?;
     // Each hole is charged two VMAs against the budget.

@@ -308,6 +308,12 @@ fn forked_accesses(ctx: &Ctx) -> CaseResult {
         // the handler and the calls are async-signal-safe.
         unsafe { forked_child(addr, to_child[0], from_child[1]) }
     }
+    // The child's ends: closed here, so a child that dies is an end of file, not a wait.
+    // SAFETY: closes our own copies of the child's pipe ends, once.
+    unsafe {
+        libc::close(to_child[0]);
+        libc::close(from_child[1]);
+    }
     let result = (|| {
         wait_byte(from_child[0])?; // the child wrote 0xC
         t.convert_to_private(0, 0xC, 0xD)?;
@@ -322,7 +328,7 @@ fn forked_accesses(ctx: &Ctx) -> CaseResult {
             },
         )
     })();
-    for fd in to_child.into_iter().chain(from_child) {
+    for fd in [to_child[1], from_child[0]] {
         // SAFETY: closes our own pipe ends once.
         unsafe { libc::close(fd) };
     }

@@ -42,7 +42,7 @@ pub enum Need {
     /// Something that plays the guest: reads and writes private pages.
     Guest,
     /// Revocation of private pages in every process that maps the file (forked children):
-    /// both backends provide it (the emulated one through its fork handlers).
+    /// the kernel's files, and the emulated backend with its guard.
     CrossProcess,
     /// A VM whose vCPUs run guest code on the file through a memslot ([`VmPort`]).
     Vm,
@@ -299,6 +299,7 @@ impl Ctx {
                 "per-VM attribute tracking (KVM_SET_MEMORY_ATTRIBUTES on the VM, the module-parameter mode) is modelled on the emulated backend's VM only; gmem does not issue it on the {} backend's VM",
                 self.backend.kind()
             )),
+            Need::CrossProcess => self.backend.not_shared_across_processes(),
             Need::PlatformModels if self.backend.kind() != BackendKind::Emulated => Some(format!(
                 "the platform models (sw, snp, tdx, pkvm) exist on the emulated backend; the {} backend runs this host's VM type",
                 self.backend.kind()

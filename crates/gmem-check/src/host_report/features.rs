@@ -260,7 +260,7 @@ impl<'a> Evidence<'a> {
 /// userfaultfd offers them ([`gmem::Revocation::needs`], asked of gmem's probe), else the
 /// remapping fallback, saying why.
 fn revocation(r: &HostReport) -> String {
-    let poison = gmem::Revocation::Poison
+    let poison = gmem::Revocation::Guard
         .needs(0)
         .and_then(|need| gmem::host::require(need).err());
     match poison {

@@ -5,7 +5,11 @@ use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{AttributeTracking, EmulatedGuestMemfd, Inner};
+use super::revocation::MappingEntry;
+use super::{AttributeTracking, EmulatedGuestMemfd, Inner, Mechanism};
+
+/// A revocation or restore of one run in one mapping (Remap mode).
+type RunOp = fn(&EmulatedGuestMemfd, &mut MappingEntry, u64, u64) -> KernelResult<()>;
 use crate::attributes::{check_host_access, pages_of};
 use crate::error::{AccessError, Errno, KernelResult};
 use crate::file::{BackendKind, GuestMemfd, GuestMemfdStat, PinGuard};
@@ -164,21 +168,9 @@ impl GuestMemfd for EmulatedGuestMemfd {
             // The pages leave the file: restore the direct map, reclaim, forget "up to date".
             let (first, last) = pages_of(offset, end - offset);
             self.inner.free_pages(&st.attrs, first, last);
-            // NO_DIRECT_MAP: a failed host-fault hand-out left a SIGBUS marker on a shared
-            // page; the page leaves the file, so the next access faults afresh.
-            if let Some(service) = self.inner.fault_service() {
-                for (page, id) in service.take_sigbus(first, last) {
-                    let shared = st.attrs.get(page) & KVM_MEMORY_ATTRIBUTE_PRIVATE == 0;
-                    let window = st.mappings.iter().find(|m| m.id == id).and_then(|m| {
-                        Some((m, m.window(page * PAGE_SIZE, (page + 1) * PAGE_SIZE)?))
-                    });
-                    if let (true, Some((m, (off, len)))) = (shared, window) {
-                        // One page of the mapping; DONTNEED on a shared mapping drops PTEs and
-                        // markers only.
-                        let _ = m.map.madvise(off, len, libc::MADV_DONTNEED);
-                    }
-                }
-            }
+            // NO_DIRECT_MAP: a failed host hand-out left a SIGBUS marker on a shared page; the
+            // page leaves the file, so the next access faults afresh.
+            self.inner.clear_failure_markers(&st, first, last);
             sys::fallocate(
                 self.inner.memfd.as_fd(),
                 FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
@@ -360,45 +352,34 @@ impl EmulatedGuestMemfd {
                 return Err(Errno::EAGAIN);
             }
         }
-        // NO_DIRECT_MAP: no host fault is resolved from the first revoke or restore until the
-        // new attributes are recorded in the gate (see `FaultService::gate`).
-        let mut gate = self.inner.faults.get().map(|s| s.gate());
         // The attributes are recorded past the point of no return: the nodes that needs are
-        // reserved now, and the peers' bookkeeping too (ENOMEM with nothing changed).
-        if st.attrs.try_reserve().is_err()
-            || gate.as_mut().is_some_and(|g| g.try_reserve().is_err())
-            || self.inner.peers.try_reserve().is_err()
-        {
+        // reserved now (ENOMEM with nothing changed).
+        if st.attrs.try_reserve().is_err() || self.inner.gate().attrs.try_reserve().is_err() {
             a.error_offset = a.offset;
             return Err(Errno::ENOMEM);
         }
-        if to_private {
-            if let Err(e) = self.apply_all(&mut st, &changing, Self::revoke, Self::restore) {
-                a.error_offset = a.offset;
-                return Err(if e == Errno::EAGAIN {
-                    Errno::EAGAIN
+        // Host access (§2.4 step 3a): with the guard, every host mapping of every process
+        // faults through the check, which reads the gate's attributes; to private, the pages
+        // leave every address space before the new attributes are recorded there, to shared
+        // the markers other spaces hold are replaced by the pages. Remap mode revokes or
+        // restores the runs in this process's mappings, rolling back on failure.
+        let host = match &self.inner.mechanism {
+            Mechanism::Guard(_) if to_private => self.inner.host_to_private(&st, &changing),
+            Mechanism::Guard(_) => self.inner.host_to_shared(&st, &changing),
+            Mechanism::Served(_) => Err(Errno::EOPNOTSUPP),
+            Mechanism::Remap => {
+                let (op, undo): (RunOp, RunOp) = if to_private {
+                    (Self::revoke, Self::restore)
                 } else {
-                    Errno::ENOMEM
-                });
+                    (Self::restore, Self::revoke_forced)
+                };
+                self.apply_all(&mut st, &changing, op, undo).map(|()| {
+                    let mut gate = self.inner.gate();
+                    gate.attrs.set_range(first, end, to_private);
+                })
             }
-        } else if self
-            .apply_all(&mut st, &changing, Self::restore, Self::revoke_forced)
-            .is_err()
-        {
-            a.error_offset = a.offset;
-            return Err(Errno::ENOMEM);
-        }
-        // Every other process that maps the file applies the change before it is recorded
-        // (to private: revoked there too before the conversion returns). If one cannot, or
-        // does not answer, the conversion is undone here and the peers are told the old
-        // attributes, in order, so a late peer ends where this process is.
-        if let Err(e) = self.inner.peers.set(&changing, to_private) {
-            let _ = if to_private {
-                self.apply_all(&mut st, &changing, Self::restore, Self::revoke_forced)
-            } else {
-                self.apply_all(&mut st, &changing, Self::revoke_forced, Self::restore)
-            };
-            let _ = self.inner.peers.set(&changing, !to_private);
+        };
+        if let Err(e) = host {
             a.error_offset = a.offset;
             return Err(if e == Errno::EAGAIN {
                 Errno::EAGAIN
@@ -408,21 +389,12 @@ impl EmulatedGuestMemfd {
         }
         // Point of no return: record the new attributes.
         st.attrs.set_range(first, end, to_private);
-        if let Some(gate) = gate.as_mut() {
-            gate.set_range(first, end, to_private);
-        }
-        drop(gate);
         // The guest's mappings of the changed pages go, as the kernel invalidates KVM's
         // (stage-2) mappings of a converted range: a guest view bound as a memslot has
         // KVM's MMU notifier zap its entries, and the guest's next access faults again.
         self.inner.guest_view.zap_changed(&changing);
-        // Failure markers of the changed pages were zapped (to shared) or are private
-        // markers now (to private).
-        if let Some(service) = self.inner.fault_service() {
-            for &(s, e) in &changing {
-                service.forget_sigbus(s / PAGE_SIZE, e / PAGE_SIZE);
-            }
-        }
+        // Failure markers of the changed pages go (the pages change hands).
+        self.inner.clear_failure_markers(&st, first, end);
         // §2.4 step 4b: the platform takes back each present page of a range made shared.
         // Platforms without the hook do no per-page work here.
         if !to_private && self.inner.hooks.make_shared {

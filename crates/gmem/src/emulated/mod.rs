@@ -2,37 +2,36 @@
 //!
 //! Memory is one sparse memfd. The attributes belong to the file ([`AttributeStore`]), so
 //! they survive punch-hole and outlive any mapping. Host mappings are `MAP_SHARED` views of
-//! the memfd in which private pages are *revoked*: any access raises a real SIGBUS, delivered by
-//! the kernel, with no signal handler installed by gmem. Two revocation mechanisms exist (see
-//! DESIGN.md for the measurements that chose between them):
+//! the memfd on which a private page raises a real SIGBUS, delivered by the kernel, with no
+//! signal handler installed by gmem, in every process that maps the file. Two mechanisms (see
+//! DESIGN.md "The guard" for the measurements and the trust boundary):
 //!
-//! - [`Revocation::Poison`] (default): every mapping is registered with the file's userfaultfd
-//!   in write-protect mode, which produces no missing/minor events (so there is no service
-//!   thread and a fresh or re-shared page faults in like any shmem page). NO_DIRECT_MAP files
-//!   are the exception: their mappings are also registered in missing + minor mode and one
-//!   service thread per file hands each host-faulted page out (`FaultService`). To-private
-//!   zaps the PTEs (`MADV_DONTNEED`) and installs `UFFDIO_POISON` markers; to-shared zaps the
-//!   markers (`MADV_DONTNEED`). Markers survive punch-hole and split no VMA, so the worst-case
-//!   alternating pattern over 1 GiB costs no `vm.max_map_count` entries.
-//! - [`Revocation::Remap`] (fallback when userfaultfd is unavailable): private runs are
-//!   replaced by `MAP_FIXED` mappings of an empty memfd (an access past its end is SIGBUS) and
-//!   re-mapped to the memory file when shared. One VMA per run, so bounded by
-//!   `vm.max_map_count`.
+//! - [`Revocation::Guard`] (default where userfaultfd offers it): every host mapping, in every
+//!   process, takes its faults through one check, the process's guard ([`guard`]): a
+//!   userfaultfd in missing and minor mode whose thread maps a shared page and poisons a
+//!   private one at fault time, as the kernel's `kvm_gmem_fault_user_mapping` does. A
+//!   conversion to private zaps this process's host mappings and replaces the pages another
+//!   address space had mapped ([`host`]); fork and clone children and processes the file was
+//!   handed to are served by the guard through their own userfaultfds, with no part in
+//!   conversions.
+//! - [`Revocation::Remap`] (the fallback without userfaultfd): private runs of every host
+//!   mapping are replaced by `MAP_FIXED` mappings of an empty memfd (an access past its end is
+//!   SIGBUS) and re-mapped to the memory file when shared; one VMA per run, bounded by
+//!   `vm.max_map_count`. No fault is ever seen, so host mappings are not inherited by fork
+//!   children (`MADV_DONTFORK`) and the file cannot be handed to another process.
 //!
 //! The guest's view is an internal full mapping of the memfd that sees private and shared pages
-//! alike; it is reachable only inside the crate (memslots, the conformance suite's guest).
+//! alike (stage 2); memslots and the conformance suite's guest use it.
 //!
-//! Locking: [`State`] sits behind one `RwLock`, the kernel's invalidate lock. Conversion and
-//! punch-hole take it exclusively; safe accessors, guest accesses and pins take it shared,
-//! only to check the pages and take a transient reference (the copy itself runs unlocked).
-//! Every holder of a state lock first holds [`fork::FORK_LOCK`] shared.
-//!
-//! Other processes that map the file (fork children, processes it was handed to) are
-//! [`peers`]: a conversion returns only once every one of them has applied it.
+//! Locking: [`State`] sits behind one `RwLock`, the kernel's invalidate lock for everything but
+//! host faults, which take the file's gate ([`host::Gate`]) instead. Conversion and
+//! punch-hole take the lock exclusively; safe accessors, guest accesses and pins take it
+//! shared, only to check the pages and take a transient reference (the copy itself runs
+//! unlocked). Every holder of a state lock first holds [`fork::FORK_LOCK`] shared.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::attributes::AttributeStore;
@@ -48,21 +47,20 @@ use crate::uapi::{
 };
 
 mod fault_injection;
-mod fault_service;
 mod fork;
+mod guard;
 mod guest_memfd;
 mod handoff;
+mod host;
 mod page_state;
-mod peers;
 mod populate;
 mod revocation;
 mod vma_budget;
 
 use crate::host::Feature;
 use fault_injection::FaultInjection;
-use fault_service::FaultService;
 use page_state::PageBits;
-use revocation::{MappingEntry, Mechanism};
+use revocation::MappingEntry;
 pub use vma_budget::{
     process_vma_budget, reserve_vmas, set_process_vma_limit, VmaBudget, RESERVE_VMAS,
 };
@@ -83,15 +81,17 @@ pub fn supported_flags(platform: PlatformKind) -> u64 {
     }
 }
 
-/// How private pages are made inaccessible in host mappings.
+/// How private pages are made inaccessible to host userspace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Revocation {
-    /// Poison markers if userfaultfd is available, else remapping.
+    /// The guard where userfaultfd offers it, else remapping.
     #[default]
     Auto,
-    /// userfaultfd (write-protect registration) + `UFFDIO_POISON`.
-    Poison,
-    /// `MAP_FIXED` of an empty memfd over private runs.
+    /// The guard: every host fault, in every process, is checked against the page's
+    /// attribute ([`guard`]).
+    Guard,
+    /// `MAP_FIXED` of an empty memfd over private runs (no userfaultfd needed; host mappings
+    /// are not inherited by fork children and the file cannot be handed on).
     Remap,
 }
 
@@ -100,48 +100,37 @@ impl Revocation {
     pub fn name(self) -> &'static str {
         match self {
             Revocation::Auto => "auto",
-            Revocation::Poison => "poison",
+            Revocation::Guard => "guard",
             Revocation::Remap => "remap",
         }
     }
 
-    /// What the kernel must offer for this mode on a file with `flags`, if anything:
-    /// [`Revocation::Poison`] needs a userfaultfd with poison markers, and on a
-    /// `NO_DIRECT_MAP` file also its missing and minor faults (the host-fault service).
-    /// [`Revocation::Auto`] and [`Revocation::Remap`] work on any Linux (Auto falls back to
-    /// Remap; a `NO_DIRECT_MAP` file then has a fault service only where
-    /// [`FAULT_SERVICE_NEEDS`] is met).
-    pub fn needs(self, flags: u64) -> Option<Feature> {
+    /// What the kernel must offer for this mode, if anything: [`Revocation::Guard`] needs a
+    /// userfaultfd with missing and minor faults on shmem, poison markers and the fork and
+    /// remap events ([`GUARD_NEEDS`]); [`Revocation::Auto`] and [`Revocation::Remap`] work on
+    /// any Linux (Auto falls back to Remap). `flags` does not change the answer (a
+    /// NO_DIRECT_MAP file's host hand-out is the guard's).
+    pub fn needs(self, _flags: u64) -> Option<Feature> {
         match self {
-            Revocation::Poison if flags & GUEST_MEMFD_FLAG_NO_DIRECT_MAP != 0 => {
-                Some(FAULT_SERVICE_NEEDS)
-            }
-            Revocation::Poison => Some(Feature::Userfaultfd(sys::uffd::POISON_FEATURES)),
+            Revocation::Guard => Some(GUARD_NEEDS),
             Revocation::Auto | Revocation::Remap => None,
         }
     }
 }
 
-/// What a `NO_DIRECT_MAP` file's host-fault service needs: a userfaultfd with poison markers
-/// and missing and minor faults on shmem. Without it the file is served by remapping alone
-/// and host-mapping faults stay unseen (DESIGN.md, NO_DIRECT_MAP).
-pub const FAULT_SERVICE_NEEDS: Feature = Feature::Userfaultfd(sys::uffd::FAULT_EVENT_FEATURES);
+/// What the guard needs of the kernel: a userfaultfd with [`sys::uffd::GUARD_FEATURES`].
+pub const GUARD_NEEDS: Feature = Feature::Userfaultfd(sys::uffd::GUARD_FEATURES);
+
+/// What a `NO_DIRECT_MAP` file's host hand-out at fault time needs: the guard
+/// ([`GUARD_NEEDS`]). Without it the file is served by remapping alone and host-mapping faults
+/// stay unseen (DESIGN.md, NO_DIRECT_MAP).
+pub const FAULT_SERVICE_NEEDS: Feature = GUARD_NEEDS;
 
 /// Options of the emulated backend.
 #[derive(Debug, Clone, Copy)]
 pub struct EmulatedOptions {
     /// Revocation mechanism for private pages in host mappings.
     pub revocation: Revocation,
-    /// With [`Revocation::Poison`]: private runs of at least this many bytes are revoked by
-    /// a hole mapping (one VMA, constant cost) instead of per-page markers (~0.1 µs a page).
-    /// `u64::MAX` disables holes. Also the granule (at most 2 MiB) of the neighbourhood a
-    /// partial restore of a hole rebuilds with markers.
-    pub hole_min_bytes: u64,
-    /// With [`Revocation::Poison`]: the most hole mappings one host mapping may hold; past
-    /// it (or past the process's VMA budget, [`process_vma_budget`]), further private runs get
-    /// markers, and a partial restore rebuilds the whole hole as markers instead of splitting
-    /// it, so a mapping never has more holes than this (each at most two VMAs).
-    pub hole_budget: usize,
     /// The platform model under the file (hooks, content rules, NO_DIRECT_MAP support).
     pub platform: PlatformKind,
     /// Where the platform's hooks come from: v8 (default) or the later split.
@@ -171,8 +160,6 @@ impl Default for EmulatedOptions {
     fn default() -> Self {
         EmulatedOptions {
             revocation: Revocation::Auto,
-            hole_min_bytes: DEFAULT_HOLE_MIN_BYTES,
-            hole_budget: DEFAULT_HOLE_BUDGET,
             platform: PlatformKind::SoftwareProtected,
             hook_placement: HookPlacement::V8,
             vm_private_mem: true,
@@ -180,12 +167,6 @@ impl Default for EmulatedOptions {
         }
     }
 }
-
-/// Default [`EmulatedOptions::hole_min_bytes`]: where a hole mapping becomes cheaper than
-/// markers (measured; DESIGN.md).
-pub const DEFAULT_HOLE_MIN_BYTES: u64 = 128 * 1024;
-/// Default [`EmulatedOptions::hole_budget`].
-pub const DEFAULT_HOLE_BUDGET: usize = 1024;
 
 impl EmulatedOptions {
     /// Default options with this revocation mechanism.
@@ -231,6 +212,21 @@ impl GuestMemfdBackend for EmulatedBackend {
         Ok(())
     }
 
+    fn not_shared_across_processes(&self) -> Option<String> {
+        let why = match self.options.revocation {
+            Revocation::Guard => return None,
+            Revocation::Remap => "the emulated backend runs in Remap mode".to_string(),
+            Revocation::Auto => match guard::guard() {
+                Ok(_) => return None,
+                Err(e) => format!("the emulated backend has no guard here ({})", e.name()),
+            },
+        };
+        Some(format!(
+            "{why}: without the guard's userfaultfd no access of another process would be \
+             seen, so fork children do not inherit host mappings and files are not handed on"
+        ))
+    }
+
     fn create(&self, size: u64, flags: u64) -> KernelResult<Arc<dyn GuestMemfd>> {
         Ok(Arc::new(EmulatedGuestMemfd::create_with(
             size,
@@ -248,14 +244,31 @@ struct State {
 /// Pins: id → page ranges still attached to the file (punch-hole detaches pages).
 type Pins = BTreeMap<u64, Vec<(u64, u64)>>;
 
+/// How host access to private pages is refused, for one file.
+enum Mechanism {
+    /// The guard of the process that created the file serves every host fault.
+    Guard(Arc<guard::Guard>),
+    /// A file received from another process: its host mappings here are registered with this
+    /// userfaultfd, whose other descriptor the sender's guard holds and serves.
+    Served(PoisonFd),
+    /// Hole mappings over private runs.
+    Remap,
+}
+
 struct Inner {
     memfd: OwnedFd,
-    /// The empty file whose mappings stand in for private runs.
+    /// The empty file whose mappings stand in for private runs (Remap mode) and for pages
+    /// removed from the direct map.
     hole: OwnedFd,
     size: u64,
     flags: u64,
     ino: u64,
     mechanism: Mechanism,
+    /// The guard (with [`Revocation::Guard`]), for the host side ([`host`]).
+    guard: Option<Arc<guard::Guard>>,
+    /// The host side's gate: the attributes host faults are checked against, and what the
+    /// guard mapped or poisoned elsewhere ([`host::Gate`]).
+    gate: Mutex<host::Gate>,
     options: EmulatedOptions,
     state: RwLock<State>,
     pins: Mutex<Pins>,
@@ -273,14 +286,9 @@ struct Inner {
     direct_map: FileView,
     /// Hook calls, when recording ([`EmulatedGuestMemfd::record_hooks`]).
     hook_log: OnceLock<Arc<Mutex<Vec<HookCall>>>>,
-    /// NO_DIRECT_MAP files only: the thread that serves host-mapping faults (hand-out).
-    faults: OnceLock<FaultService>,
-    /// The other processes that map the file and follow its conversions.
-    peers: peers::Peers,
-    /// This process's copy follows another process's (a fork child, or a process the file
-    /// was handed to): conversions, allocation, punch-hole, pins and populate are the
-    /// owner's; the state here mirrors the owner's as its agent applies each change.
-    follower: AtomicBool,
+    /// The process that created the file: in any other (a fork or clone child) this copy is
+    /// a follower.
+    owner_pid: u32,
 }
 
 /// A shared hold on a file's state (and on the fork lock, taken first, released last).
@@ -334,18 +342,12 @@ impl Inner {
             .call(self.platform.kind(), site, index)
     }
 
-    /// The host-fault service, in the process that created the file (a follower has none:
-    /// a fork child inherits its data but not its thread).
-    fn fault_service(&self) -> Option<&FaultService> {
-        if self.is_follower() {
-            None
-        } else {
-            self.faults.get()
-        }
-    }
-
+    /// Whether this copy of the file follows another process's: it was received, or this is
+    /// a fork (or clone) child of the process that created it. A follower maps the file (a
+    /// receiver makes new mappings, a child keeps the ones it inherited); everything else is
+    /// the owner's (EOPNOTSUPP).
     fn is_follower(&self) -> bool {
-        self.follower.load(Ordering::SeqCst)
+        matches!(self.mechanism, Mechanism::Served(_)) || self.owner_pid != sys::peer::getpid()
     }
 }
 
@@ -399,27 +401,28 @@ impl EmulatedGuestMemfd {
         flags: u64,
         options: EmulatedOptions,
     ) -> KernelResult<Self> {
+        Self::build(memfd, size, flags, options, None)
+    }
+
+    /// The file over `memfd`; `received`: the userfaultfd of a file received from another
+    /// process (its host mappings are registered with it; that process's guard serves them).
+    fn build(
+        memfd: OwnedFd,
+        size: u64,
+        flags: u64,
+        options: EmulatedOptions,
+        received: Option<PoisonFd>,
+    ) -> KernelResult<Self> {
         let ino = sys::fstat(memfd.as_fd())?.st_ino;
-        // NO_DIRECT_MAP: the userfaultfd also delivers missing and minor faults, served by
-        // the file's fault service (host-fault hand-out); other files have no service thread.
-        let no_direct_map = flags & GUEST_MEMFD_FLAG_NO_DIRECT_MAP != 0;
-        let open_uffd = || {
-            if no_direct_map {
-                PoisonFd::with_fault_events()
-            } else {
-                PoisonFd::new()
-            }
+        let mechanism = match (received, options.revocation) {
+            (Some(uffd), _) => Mechanism::Served(uffd),
+            (None, Revocation::Guard) => Mechanism::Guard(guard::guard()?),
+            (None, Revocation::Remap) => Mechanism::Remap,
+            (None, Revocation::Auto) => guard::guard().map_or(Mechanism::Remap, Mechanism::Guard),
         };
-        let mechanism = match options.revocation {
-            Revocation::Poison => Mechanism::Poison(open_uffd()?),
-            Revocation::Remap => Mechanism::Remap,
-            Revocation::Auto => open_uffd().map_or(Mechanism::Remap, Mechanism::Poison),
-        };
-        let fault_uffd = match (&mechanism, no_direct_map) {
-            (_, false) => None,
-            (Mechanism::Poison(uffd), true) => Some(uffd.try_clone()?),
-            // Without userfaultfd at all, host-mapping faults stay unseen (see DESIGN.md).
-            (Mechanism::Remap, true) => PoisonFd::with_fault_events().ok(),
+        let guard = match &mechanism {
+            Mechanism::Guard(g) => Some(g.clone()),
+            Mechanism::Served(_) | Mechanism::Remap => None,
         };
         // An empty file: every access to a mapping of it is past its end, i.e. SIGBUS.
         let hole = sys::memfd_create(c"gmem-hole")?;
@@ -438,6 +441,11 @@ impl EmulatedGuestMemfd {
             flags,
             ino,
             mechanism,
+            guard,
+            gate: Mutex::new(host::Gate::new(AttributeStore::new(
+                size / PAGE_SIZE,
+                private,
+            ))),
             options,
             state: RwLock::new(State {
                 attrs: AttributeStore::new(size / PAGE_SIZE, private),
@@ -452,30 +460,26 @@ impl EmulatedGuestMemfd {
             pages: Mutex::new(PageBits::default()),
             direct_map: FileView::default(),
             hook_log: OnceLock::new(),
-            faults: OnceLock::new(),
-            peers: peers::Peers::default(),
-            follower: AtomicBool::new(false),
+            owner_pid: sys::peer::getpid(),
         });
-        fork::register(&inner);
-        if let Some(uffd) = fault_uffd {
-            let attrs = AttributeStore::new(size / PAGE_SIZE, private);
-            let service = FaultService::start(Arc::downgrade(&inner), uffd, attrs)?;
-            let _ = inner.faults.set(service);
+        fork::register();
+        if let Some(g) = &inner.guard {
+            g.add_file(ino, &inner);
         }
         Ok(EmulatedGuestMemfd { inner })
     }
 
-    /// Whether the file has a host-fault service thread (NO_DIRECT_MAP files with
-    /// userfaultfd; every other file has none).
+    /// Whether the file's host faults are served at fault time (by the guard, which hands a
+    /// NO_DIRECT_MAP page out then): the owner's copy of a file in Guard mode.
     #[doc(hidden)]
     pub fn has_fault_service(&self) -> bool {
-        self.inner.fault_service().is_some()
+        self.inner.guard.is_some() && !self.inner.is_follower()
     }
 
     /// The revocation mechanism in use.
     pub fn revocation(&self) -> Revocation {
         match self.inner.mechanism {
-            Mechanism::Poison(_) => Revocation::Poison,
+            Mechanism::Guard(_) | Mechanism::Served(_) => Revocation::Guard,
             Mechanism::Remap => Revocation::Remap,
         }
     }
@@ -622,9 +626,25 @@ impl EmulatedGuestMemfd {
         self.inner.is_follower()
     }
 
-    /// How many other processes currently follow this file's conversions.
+    /// How many other address spaces (fork and clone children, processes a file was handed
+    /// to) this process's guard serves, the ones whose end it has not noticed yet included. A
+    /// child's space is added just after `fork` returns (the kernel lets `fork` go once the
+    /// guard read the event; until the space is added the child's faults wait).
     pub fn peer_count(&self) -> usize {
-        self.inner.peers.count()
+        self.inner.guard.as_ref().map_or(0, |g| g.other_spaces())
+    }
+
+    /// Waits until [`EmulatedGuestMemfd::peer_count`] reaches `n`, at most `timeout`; the
+    /// count then.
+    pub fn wait_for_peers(&self, n: usize, timeout: std::time::Duration) -> usize {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let count = self.peer_count();
+            if count >= n || std::time::Instant::now() >= deadline {
+                return count;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     /// Takes a transient reference on the pages of `[offset, offset + len)`: what an in-flight
@@ -694,8 +714,6 @@ impl EmulatedGuestMemfd {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Stop and join the fault service first (no mapping is left: each holds the file).
-        drop(self.faults.take());
         // Release: the memory leaves with the last reference to the file.
         if self.no_direct_map() || self.hooks.reclaim {
             let st = self

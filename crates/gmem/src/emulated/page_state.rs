@@ -31,6 +31,27 @@ impl PageSet {
         *self.words.entry(page / 64).or_insert(0) |= 1 << (page % 64);
     }
 
+    /// The runs `[a, b)` of members inside `[first, end)`, in order.
+    pub(super) fn range(&self, first: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        if first >= end {
+            return out;
+        }
+        for (&k, &w) in self.words.range(first / 64..=(end - 1) / 64) {
+            for bit in 0..64 {
+                let p = k * 64 + bit;
+                if p < first || p >= end || w & (1 << bit) == 0 {
+                    continue;
+                }
+                match out.last_mut() {
+                    Some(last) if last.1 == p => last.1 = p + 1,
+                    _ => out.push((p, p + 1)),
+                }
+            }
+        }
+        out
+    }
+
     /// Removes and returns the members of `[first, end)`.
     pub(super) fn take_range(&mut self, first: u64, end: u64) -> Vec<u64> {
         let mut out = Vec::new();

@@ -1,4 +1,5 @@
-//! Host-mapping revocation: private pages of every host mapping raise SIGBUS.
+//! Host mappings of the file in this process: their registration with the guard (or, in Remap
+//! mode, their hole mappings), and the Remap fallback's revocation.
 
 use std::collections::BTreeMap;
 use std::ops::Bound::{Excluded, Included};
@@ -7,16 +8,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::vma_budget;
-use super::{EmulatedGuestMemfd, Inner, State};
+use super::{EmulatedGuestMemfd, Inner, Mechanism, State};
 use crate::attributes::pages_of;
 use crate::error::{Errno, KernelResult};
 use crate::mapping::MappingRegistry;
-use crate::sys::{Mmap, PoisonError, PoisonFd, PAGE_SIZE};
-
-pub(super) enum Mechanism {
-    Poison(PoisonFd),
-    Remap,
-}
+use crate::sys::{Mmap, PAGE_SIZE};
 
 #[derive(Debug)]
 pub(super) struct MappingEntry {
@@ -27,16 +23,9 @@ pub(super) struct MappingEntry {
     pub(super) addr: usize,
     pub(super) len: usize,
     pub(super) file_offset: u64,
-    /// File ranges `[start, end)` currently replaced by the hole file (coalesced; adjacent
-    /// holes are one VMA because the hole file is mapped at the same offset).
+    /// Remap mode: file ranges `[start, end)` currently replaced by the hole file (coalesced;
+    /// adjacent holes are one VMA because the hole file is mapped at the same offset).
     pub(super) holes: BTreeMap<u64, u64>,
-    /// Whether the last optimistic revocation in this mapping found present PTEs: if so,
-    /// the next ones zap before poisoning instead of trying the marker first. A zap-first
-    /// revocation cannot tell whether PTEs were there, so every 8th one is optimistic again
-    /// to re-learn. A wrong guess costs one extra system call.
-    pub(super) expect_populated: bool,
-    /// Zap-first revocations since the last optimistic one.
-    pub(super) zap_first_streak: u8,
     /// What this mapping's holes charge the process's VMA budget ([`vma_budget`]), released
     /// when the entry goes.
     pub(super) charged: usize,
@@ -140,119 +129,38 @@ impl MappingEntry {
 
 /// Marks `[off, off + len)` of a host mapping `VM_NOHUGEPAGE`, so `MADV_COLLAPSE` there is
 /// EINVAL as on a guest_memfd mapping (which has no huge pages), whatever else the VMA is:
-/// registered with userfaultfd or not (Remap mode), a hole, or re-mapped by a conversion. Every
-/// VMA of a host mapping carries the flag (a `MAP_FIXED` or moved VMA starts without it, so
-/// each layout change sets it again), which also keeps equal neighbours mergeable.
+/// registered with userfaultfd or not, a hole, or re-mapped by a conversion. Every VMA of a
+/// host mapping carries the flag (a `MAP_FIXED` VMA starts without it, so each layout change
+/// sets it again), which also keeps equal neighbours mergeable.
 pub(super) fn no_thp(map: &Mmap, off: usize, len: usize) -> KernelResult<()> {
     map.madvise(off, len, libc::MADV_NOHUGEPAGE)
 }
 
-/// `UFFDIO_POISON` over a range that may span several VMAs (one call must stay inside one
-/// VMA, else ENOENT; adjacent VMAs of the memory file do not always merge after remaps):
-/// halves the range at each ENOENT, so a boundary costs O(log n) calls.
-pub(super) fn poison_split(uffd: &PoisonFd, addr: u64, len: usize) -> Result<(), PoisonError> {
-    match uffd.poison(addr, len) {
-        Err(PoisonError::Failed(Errno::ENOENT)) if len > PAGE_SIZE as usize => {
-            let half = (len / 2) & !(PAGE_SIZE as usize - 1);
-            let half = half.max(PAGE_SIZE as usize);
-            poison_split(uffd, addr, half)?;
-            // `half < len`: still inside the caller's range.
-            let rest = addr + half as u64;
-            poison_split(uffd, rest, len - half).map_err(|e| match e {
-                PoisonError::Exists { done } => PoisonError::Exists {
-                    done: done + half as u64,
-                },
-                other => other,
-            })
-        }
-        other => other,
-    }
-}
-
 impl EmulatedGuestMemfd {
-    /// Makes file range `[start, end)` (bytes), currently shared, inaccessible in mapping
-    /// `m`: a hole mapping for a long run (or always, with [`Revocation::Remap`]; or when
-    /// `force_hole`), poison markers otherwise.
+    /// Remap mode: makes file range `[start, end)` (bytes), currently shared, inaccessible in
+    /// mapping `m` with a hole mapping (ENOMEM past the process's VMA budget, unless
+    /// `forced`: an undo draws on the reserve).
     pub(super) fn revoke_with(
         &self,
         m: &mut MappingEntry,
         start: u64,
         end: u64,
-        force_hole: bool,
+        forced: bool,
     ) -> KernelResult<()> {
         let Some((off, len)) = m.window(start, end) else {
             return Ok(());
         };
         self.inner.fail_after.injected_failure()?;
-        let opts = &self.inner.options;
         let s = start.max(m.file_offset);
-        let uffd = match &self.inner.mechanism {
-            // Markers for a short run, and for a long one past the mapping's hole budget or
-            // the process's VMA budget (markers add no VMA).
-            Mechanism::Poison(uffd)
-                if !force_hole
-                    && ((len as u64) < opts.hole_min_bytes
-                        || m.holes.len() >= opts.hole_budget
-                        || !vma_budget::room(m.hole_delta(s, s + len as u64), false)) =>
-            {
-                uffd
-            }
-            // Remap mode has only holes: past the process's VMA budget a revocation fails
-            // (ENOMEM, rolled back), keeping the rest of the budget for restores.
-            Mechanism::Remap
-                if !force_hole && !vma_budget::room(m.hole_delta(s, s + len as u64), false) =>
-            {
-                return Err(Errno::ENOMEM);
-            }
-            Mechanism::Poison(_) | Mechanism::Remap => {
-                // The window lies inside the mapping. The hole file is empty, so every access
-                // to the new mapping is past its end: SIGBUS.
-                m.map.map_fixed(off, len, self.inner.hole.as_fd(), s)?;
-                no_thp(&m.map, off, len)?;
-                m.add_hole(s, s + len as u64);
-                return Ok(());
-            }
-        };
-        // Markers go only on empty PTEs. Unless the last revocation here found the mapping
-        // populated, poison optimistically (an unpopulated range needs this one call); at the
-        // first present PTE, zap from there and retry. A concurrent access can re-fault a page
-        // between the zap and the marker; the loop then zaps again from that page.
-        let mut done = 0usize;
-        let mut zaps = 0u32;
-        let zap_first = m.expect_populated && m.zap_first_streak < 8;
-        if zap_first {
-            m.zap_first_streak += 1;
-            m.map.madvise(off, len, libc::MADV_DONTNEED)?;
-        } else {
-            m.zap_first_streak = 0;
+        if !forced && !vma_budget::room(m.hole_delta(s, s + len as u64), false) {
+            return Err(Errno::ENOMEM);
         }
-        let mut found_present = false;
-        let mut registered = false;
-        while done < len {
-            let at = m.addr as u64 + (off + done) as u64;
-            match poison_split(uffd, at, len - done) {
-                Ok(()) => break,
-                Err(PoisonError::Exists { done: d }) => {
-                    found_present = true;
-                    done += usize::try_from(d).map_err(|_| Errno::EFAULT)?;
-                    zaps += 1;
-                    if zaps > 10_000 {
-                        return Err(Errno::EAGAIN);
-                    }
-                    m.map.madvise(off + done, len - done, libc::MADV_DONTNEED)?;
-                }
-                // Part of the mapping is not registered (memory-file VMAs are registered
-                // lazily, see `reregister`): register it all and try again, once.
-                Err(PoisonError::Failed(Errno::ENOENT)) if !registered => {
-                    registered = true;
-                    self.reregister(m)?;
-                }
-                Err(PoisonError::Failed(e)) => return Err(e),
-            }
-        }
-        if !zap_first {
-            m.expect_populated = found_present;
-        }
+        // The window lies inside the mapping. The hole file is empty, so every access to the
+        // new mapping is past its end: SIGBUS.
+        m.map.map_fixed(off, len, self.inner.hole.as_fd(), s)?;
+        no_thp(&m.map, off, len)?;
+        m.map.madvise(off, len, libc::MADV_DONTFORK)?;
+        m.add_hole(s, s + len as u64);
         Ok(())
     }
 
@@ -260,8 +168,8 @@ impl EmulatedGuestMemfd {
         self.revoke_with(m, start, end, false)
     }
 
-    /// Undoes a partial restore: a hole over the whole run works whatever mix of holes,
-    /// markers and restored pages it holds.
+    /// Undoes a partial restore: a hole over the whole run works whatever mix of holes and
+    /// restored pages it holds.
     pub(super) fn revoke_forced(
         &self,
         m: &mut MappingEntry,
@@ -271,28 +179,19 @@ impl EmulatedGuestMemfd {
         vma_budget::with_reserve(|| self.revoke_with(m, start, end, true))
     }
 
-    /// Makes file range `[start, end)` (bytes), currently private, accessible again in
-    /// mapping `m`: markers are zapped; a hole inside the range is replaced by the memory
-    /// file; a hole that reaches beyond the range is split around an aligned neighbourhood of
-    /// the range rebuilt with markers, or rebuilt whole as markers when the budgets have no
-    /// room for a split ([`EmulatedGuestMemfd::restore_part`]). At the kernel's VMA limit the
-    /// layout changes draw on the process's reserve ([`vma_budget::with_reserve`]).
+    /// Remap mode: makes file range `[start, end)` (bytes), currently private, accessible
+    /// again in mapping `m`: the memory file is mapped over every hole piece of the range.
+    /// Re-mapping the middle of a hole splits it (one more hole): a restore may use the budget
+    /// up to the hard limit, past it ENOMEM (the whole hole can still be converted back: that
+    /// frees VMAs).
     pub(super) fn restore(&self, m: &mut MappingEntry, start: u64, end: u64) -> KernelResult<()> {
-        let Some((off, len)) = m.window(start, end) else {
+        let Some((_, len)) = m.window(start, end) else {
             return Ok(());
         };
         self.inner.fail_after.injected_failure()?;
         let s = start.max(m.file_offset);
         let e = s + len as u64;
         let holes = m.holes_in(s, e)?;
-        let covered: u64 = holes.iter().map(|(a, b)| b - a).sum();
-        if let Mechanism::Poison(_) = self.inner.mechanism {
-            if covered < e - s {
-                // DONTNEED on a shared mapping drops PTEs and markers only, never file
-                // contents.
-                m.map.madvise(off, len, libc::MADV_DONTNEED)?;
-            }
-        }
         let any_hole = !holes.is_empty();
         for (ps, pe) in holes {
             let (hs, he) = m
@@ -300,24 +199,10 @@ impl EmulatedGuestMemfd {
                 .range(..=ps)
                 .next_back()
                 .map_or((ps, pe), |(&a, &b)| (a, b));
-            match &self.inner.mechanism {
-                Mechanism::Poison(uffd) if hs < ps || pe < he => {
-                    vma_budget::with_reserve(|| self.restore_part(uffd, m, (hs, he), (ps, pe)))?
-                }
-                // Remap mode: re-mapping the middle of a hole splits it (one more hole). A
-                // restore may use the budget up to the hard limit; past it, ENOMEM (the
-                // whole hole can still be converted back: that frees VMAs).
-                Mechanism::Remap if hs < ps && pe < he && !vma_budget::room(1, true) => {
-                    return Err(Errno::ENOMEM)
-                }
-                _ => vma_budget::with_reserve(|| self.unhole(m, ps, pe))?,
+            if hs < ps && pe < he && !vma_budget::room(1, true) {
+                return Err(Errno::ENOMEM);
             }
-        }
-        // NO_DIRECT_MAP: a memory-file VMA mapped over a hole, or moved by `rebuild_hole`,
-        // starts unregistered and its faults would not be seen: register the mapping again
-        // now (not lazily), so the host hand-out covers every shared page.
-        if let Some(service) = self.inner.fault_service() {
-            service.uffd.register(&m.map)?;
+            vma_budget::with_reserve(|| self.unhole(m, ps, pe))?;
         }
         if any_hole {
             vma_budget::refill();
@@ -325,101 +210,14 @@ impl EmulatedGuestMemfd {
         Ok(())
     }
 
-    /// Maps the memory file over hole piece `[hs, he)` of `m` (and registers it).
+    /// Maps the memory file over hole piece `[hs, he)` of `m`.
     pub(super) fn unhole(&self, m: &mut MappingEntry, hs: u64, he: u64) -> KernelResult<()> {
         let Some((off, len)) = m.window(hs, he) else {
             return Ok(());
         };
         m.map.map_fixed(off, len, self.inner.memfd.as_fd(), hs)?;
         no_thp(&m.map, off, len)?;
-        // Not registered yet: the next poison here registers the mapping (`reregister`).
-        m.remove_hole(hs, he);
-        Ok(())
-    }
-
-    /// Registers the whole of mapping `m` with the userfaultfd again. Registration is only
-    /// needed by `UFFDIO_POISON` (markers act without it), and layout changes lose it: a
-    /// memory-file VMA mapped over a hole starts unregistered, and `mremap` merges the moved
-    /// VMA with an equal registered neighbour first and only then drops the userfaultfd
-    /// context of the (merged) result, neighbour included (seen on 6.18). So registration is
-    /// lazy: a poison that fails with ENOENT registers the mapping and retries. Registering a
-    /// registered range with the same userfaultfd is allowed; hole VMAs (shmem too) are
-    /// registered harmlessly.
-    pub(super) fn reregister(&self, m: &MappingEntry) -> KernelResult<()> {
-        match &self.inner.mechanism {
-            Mechanism::Poison(uffd) => uffd.register(&m.map),
-            Mechanism::Remap => Ok(()),
-        }
-    }
-
-    /// Restores `[ps, pe)`, part of hole `[hs, he)` (Poison mode), at a cost that depends on
-    /// the range, not on the hole: only the aligned neighbourhood of the range (granule
-    /// [`EmulatedOptions::hole_min_bytes`](super::EmulatedOptions::hole_min_bytes), at most
-    /// 2 MiB) is rebuilt as the memory file with markers around the range, and the hole is
-    /// split around it. A split adds a hole: when the mapping's hole budget or the process's
-    /// VMA budget has no room, the whole hole is rebuilt as markers instead (no lasting VMA,
-    /// so a conversion to shared never fails for want of one; cost proportional to the hole).
-    fn restore_part(
-        &self,
-        uffd: &PoisonFd,
-        m: &mut MappingEntry,
-        (hs, he): (u64, u64),
-        (ps, pe): (u64, u64),
-    ) -> KernelResult<()> {
-        let g = self.inner.options.hole_min_bytes.clamp(PAGE_SIZE, 2 << 20) / PAGE_SIZE * PAGE_SIZE;
-        let rs = hs.max(ps - ps % g);
-        let re = he.min(pe.div_ceil(g).saturating_mul(g));
-        let splits = hs < rs && re < he;
-        if !splits || (m.holes.len() < self.inner.options.hole_budget && vma_budget::room(1, false))
-        {
-            self.rebuild_hole(uffd, m, (rs, re), (ps, pe))
-        } else {
-            self.rebuild_hole(uffd, m, (hs, he), (ps, pe))
-        }
-    }
-
-    /// Replaces `[hs, he)`, all of it a hole of `m` (a whole hole or a piece of one), by the
-    /// memory file with markers on every page but `[ps, pe)`, atomically: the replacement is
-    /// built at a fresh address and moved over the hole with `mremap` (which splits the hole
-    /// VMA around it if `[hs, he)` is a piece), so no access ever sees a private page of it
-    /// exposed.
-    pub(super) fn rebuild_hole(
-        &self,
-        uffd: &PoisonFd,
-        m: &mut MappingEntry,
-        (hs, he): (u64, u64),
-        (ps, pe): (u64, u64),
-    ) -> KernelResult<()> {
-        let Some((dest, len)) = m.window(hs, he) else {
-            return Ok(());
-        };
-        // Inaccessible until its private pages carry markers: its address is the kernel's
-        // (predictable) choice, so another thread could otherwise read one in between, as a
-        // review showed for new host mappings.
-        let fresh =
-            Mmap::new_inaccessible(Some(self.inner.memfd.as_fd()), hs, len, libc::MAP_SHARED)?;
-        // The flag moves with the VMA.
-        no_thp(&fresh, 0, len)?;
-        uffd.register(&fresh)?;
-        for (a, b) in [(hs, ps), (pe, he)] {
-            if a < b {
-                // Both differences are below `len`, a usize.
-                #[allow(clippy::cast_possible_truncation)]
-                let (off, n) = ((a - hs) as usize, (b - a) as usize);
-                // Inside `fresh`, which nothing has accessed: its PTEs are all none.
-                let at = fresh.as_ptr() as u64 + off as u64;
-                poison_split(uffd, at, n).map_err(|p| match p {
-                    PoisonError::Failed(e) => e,
-                    PoisonError::Exists { .. } => Errno::EAGAIN,
-                })?;
-            }
-        }
-        fresh.protect(libc::PROT_READ | libc::PROT_WRITE)?;
-        // `fresh` is ours and `dest` is inside the mapping; after the move `fresh`'s range is
-        // gone.
-        fresh.move_onto(&m.map, dest)?;
-        // The move drops the userfaultfd registration (the markers stay, and a marker raises
-        // SIGBUS with or without it); the next poison here registers the mapping again.
+        m.map.madvise(off, len, libc::MADV_DONTFORK)?;
         m.remove_hole(hs, he);
         Ok(())
     }
@@ -456,8 +254,10 @@ impl EmulatedGuestMemfd {
     }
 
     /// Adds host mapping `map` (of the file from `file_offset`, mapped `PROT_NONE`) to the
-    /// mappings every conversion revokes in, revokes its private pages, and only then makes it
-    /// readable and writable.
+    /// mappings of this process and makes its private pages refused — registered with the
+    /// guard (every fault checked from now on), with the userfaultfd a received file's sender
+    /// serves, or, in Remap mode, with hole mappings over its private runs — and only then
+    /// makes it readable and writable.
     pub(super) fn register_mapping(&self, map: &Arc<Mmap>, file_offset: u64) -> KernelResult<u64> {
         let mut st = self.write_state();
         let id = u64::try_from(self.inner.next_id.fetch_add(1, Ordering::Relaxed))
@@ -469,52 +269,45 @@ impl EmulatedGuestMemfd {
             len: map.len(),
             file_offset,
             holes: BTreeMap::new(),
-            expect_populated: false,
-            zap_first_streak: 0,
             charged: 0,
         };
         no_thp(map, 0, map.len())?;
-        vma_budget::refill();
-        if let Mechanism::Poison(uffd) = &self.inner.mechanism {
-            uffd.register(map)?;
-        }
-        if let Some(service) = self.inner.fault_service() {
-            // NO_DIRECT_MAP: host faults become events (a no-op re-registration when the
-            // mechanism's userfaultfd is the service's).
-            service.uffd.register(map)?;
-            service
-                .maps()
-                .push((id, entry.addr, entry.len, entry.file_offset));
-        }
-        let file_end = file_offset
-            .saturating_add(map.len() as u64)
-            .min(self.inner.size);
-        let (first, end) = pages_of(file_offset, file_end.saturating_sub(file_offset));
-        let runs = st.attrs.try_runs(first, end).map_err(|_| Errno::ENOMEM);
-        let runs = match runs {
-            Ok(runs) => runs,
-            Err(e) => {
-                self.inner.forget_mapping(id);
-                return Err(e);
-            }
-        };
-        for (s, e, private) in runs {
-            if private {
-                if let Err(e) = self.revoke(&mut entry, s * PAGE_SIZE, e * PAGE_SIZE) {
-                    self.inner.forget_mapping(id);
-                    return Err(e);
+        match &self.inner.mechanism {
+            Mechanism::Guard(g) => g.register(map, &self.inner, file_offset)?,
+            Mechanism::Served(uffd) => uffd.register(map)?,
+            Mechanism::Remap => {
+                // Nothing would see a fork child's accesses: it does not inherit the mapping.
+                map.madvise(0, map.len(), libc::MADV_DONTFORK)?;
+                vma_budget::refill();
+                let file_end = file_offset
+                    .saturating_add(map.len() as u64)
+                    .min(self.inner.size);
+                let (first, end) = pages_of(file_offset, file_end.saturating_sub(file_offset));
+                let runs = st.attrs.try_runs(first, end).map_err(|_| Errno::ENOMEM)?;
+                for (s, e, private) in runs {
+                    if private {
+                        self.revoke(&mut entry, s * PAGE_SIZE, e * PAGE_SIZE)?;
+                    }
                 }
             }
         }
-        // Every private page is revoked: the mapping (made inaccessible by the caller) may
+        // Every private page is refused: the mapping (made inaccessible by the caller) may
         // now be read and written. Under the lock, so no conversion sees it half-made.
         if let Err(e) = map.protect(libc::PROT_READ | libc::PROT_WRITE) {
-            drop(entry);
-            self.inner.forget_mapping(id);
+            self.inner.forget_mapping(entry.addr);
             return Err(e);
         }
         st.mappings.push(entry);
         Ok(id)
+    }
+}
+
+impl Inner {
+    /// The guard forgets the mapping at `addr` (unregistered or never completed).
+    pub(super) fn forget_mapping(&self, addr: usize) {
+        if let Some(g) = &self.guard {
+            g.unregister(addr);
+        }
     }
 }
 
@@ -525,9 +318,12 @@ impl MappingRegistry for Inner {
             .state
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let addr = st.mappings.iter().find(|m| m.id == id).map(|m| m.addr);
         st.mappings.retain(|m| m.id != id);
         drop(st);
-        self.forget_mapping(id);
+        if let Some(addr) = addr {
+            self.forget_mapping(addr);
+        }
     }
 }
 

@@ -15,7 +15,8 @@ pub(crate) mod probe;
 pub(crate) mod uffd;
 
 pub use uffd::{
-    userfaultfd_features, userfaultfd_kernel_faults, FaultEvent, PoisonError, PoisonFd,
+    read_uffd_msg, userfaultfd_features, userfaultfd_kernel_faults, FaultEvent, PoisonFd,
+    RawUffdMsg, UffdEvent,
 };
 
 use std::ffi::CStr;
@@ -456,30 +457,6 @@ impl Mmap {
         }
     }
 
-    /// Moves this mapping's pages onto `[dest_off, dest_off + len)` of `dest`
-    /// (`mremap(MREMAP_FIXED)`), replacing whatever was mapped there in one step: no access
-    /// can see the range unmapped. This mapping is gone afterwards (EINVAL if it does not fit
-    /// inside `dest`; on failure nothing moved and it is unmapped as usual).
-    pub(crate) fn move_onto(self, dest: &Mmap, dest_off: usize) -> KernelResult<()> {
-        dest.check_range(dest_off, self.len)?;
-        // SAFETY: both ranges are owned `Mmap`s without Rust references into them; the source
-        // is given up below (not unmapped again) once the kernel moved it.
-        let p = unsafe {
-            libc::mremap(
-                self.ptr.as_ptr().cast(),
-                self.len,
-                self.len,
-                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                dest.ptr.as_ptr().add(dest_off).cast::<libc::c_void>(),
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(Errno::last());
-        }
-        std::mem::forget(self);
-        Ok(())
-    }
-
     /// Copies `[off, off + buf.len())` of the mapping into `buf` with volatile accesses (EFAULT
     /// outside the mapping). A page that cannot be faulted in raises SIGBUS, as any access to
     /// the mapping would.
@@ -669,63 +646,118 @@ pub fn vmsplice_pin(map: &Mmap, off: usize, len: usize) -> KernelResult<Vec<(Own
     Ok(pipes)
 }
 
-/// An eventfd, used to stop a thread that polls it with other descriptors.
+/// Reads what `pipes` hold (pages [`vmsplice_pin`] put there, in order) into
+/// `[off, off + len)` of `map`, continuing from `*done` bytes already read; the kernel writes
+/// the mapping (`read(2)`), so a page that cannot be allocated is an error (EFAULT), never a
+/// signal. `*done` counts what was read, for a retry.
+pub fn drain_pipes_into(
+    pipes: &[(OwnedFd, OwnedFd)],
+    map: &Mmap,
+    off: usize,
+    len: usize,
+    done: &mut usize,
+) -> KernelResult<()> {
+    map.check_access(off, len)?;
+    // The pipes are read in order; one already drained (by an earlier try) reads nothing.
+    for (r, _) in pipes {
+        while *done < len {
+            // SAFETY: `*done < len`: inside the checked range of the live mapping, which the
+            // kernel writes (read(2)); no Rust reference points into it.
+            let n = unsafe {
+                libc::read(
+                    r.as_raw_fd(),
+                    map.as_ptr().add(off + *done).cast(),
+                    len - *done,
+                )
+            };
+            if n > 0 {
+                *done += n.unsigned_abs();
+                continue;
+            }
+            let e = Errno::last();
+            if n == 0 || e == Errno::EAGAIN {
+                break; // This pipe is empty: the next one.
+            }
+            return Err(e);
+        }
+    }
+    if *done < len {
+        return Err(Errno::EFAULT);
+    }
+    Ok(())
+}
+
+/// An epoll instance: which of many descriptors (each named by a token) are readable.
 #[derive(Debug)]
-pub struct EventFd {
+pub struct Epoll {
     fd: OwnedFd,
 }
 
-impl EventFd {
-    /// `eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)`.
-    pub fn new() -> KernelResult<EventFd> {
-        // SAFETY: plain syscall with integer arguments.
-        let fd = check(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+impl Epoll {
+    /// `epoll_create1(EPOLL_CLOEXEC)`.
+    pub fn new() -> KernelResult<Epoll> {
+        // SAFETY: plain syscall with an integer argument.
+        let fd = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
         // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(EventFd { fd })
+        Ok(Epoll { fd })
     }
 
-    /// Makes the eventfd readable (for good: it is never read).
-    pub fn signal(&self) -> KernelResult<()> {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes the 8 bytes of `one`.
-        let n = unsafe { libc::write(self.fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    /// Watches `fd` for input, reported as `token`.
+    pub fn add(&self, fd: BorrowedFd<'_>, token: u64) -> KernelResult<()> {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        // SAFETY: `ev` is a valid epoll_event for the call; the kernel copies it.
+        check(unsafe {
+            libc::epoll_ctl(
+                self.fd.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                fd.as_raw_fd(),
+                &mut ev,
+            )
+        })
+        .map(drop)
+    }
+
+    /// Stops watching `fd`.
+    pub fn remove(&self, fd: BorrowedFd<'_>) -> KernelResult<()> {
+        // SAFETY: EPOLL_CTL_DEL ignores the event argument (NULL allowed since 2.6.9).
+        check(unsafe {
+            libc::epoll_ctl(
+                self.fd.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd.as_raw_fd(),
+                std::ptr::null_mut(),
+            )
+        })
+        .map(drop)
+    }
+
+    /// Waits at most `timeout_ms` (-1: for ever) and writes the tokens of the readable
+    /// descriptors into `ready` (64 at most); how many. An interrupted wait returns none.
+    /// Allocates nothing.
+    pub fn wait_into(&self, ready: &mut [u64; 64], timeout_ms: i32) -> KernelResult<usize> {
+        const MAX: usize = 64;
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; MAX];
+        // SAFETY: `evs` has room for MAX events for the duration of the call.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.fd.as_raw_fd(),
+                evs.as_mut_ptr(),
+                MAX as libc::c_int,
+                timeout_ms,
+            )
+        };
         if n < 0 {
-            Err(Errno::last())
-        } else {
-            Ok(())
+            let e = Errno::last();
+            return if e == Errno::EINTR { Ok(0) } else { Err(e) };
         }
-    }
-
-    /// The descriptor, for `poll`.
-    pub fn as_fd(&self) -> BorrowedFd<'_> {
-        use std::os::fd::AsFd;
-        self.fd.as_fd()
-    }
-}
-
-/// Blocks until `a` or `b` is readable (or has an error); returns which.
-pub fn poll_two(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> KernelResult<(bool, bool)> {
-    let mut fds = [
-        libc::pollfd {
-            fd: a.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: b.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: `fds` holds two valid `pollfd`s for the duration of the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if r >= 0 {
-            return Ok((fds[0].revents != 0, fds[1].revents != 0));
+        let n = usize::try_from(n).unwrap_or(0).min(MAX);
+        for (r, e) in ready.iter_mut().zip(&evs[..n]) {
+            *r = e.u64;
         }
-        if Errno::last() != Errno::EINTR {
-            return Err(Errno::last());
-        }
+        Ok(n)
     }
 }

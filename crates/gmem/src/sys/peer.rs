@@ -1,100 +1,9 @@
-//! System calls of the peer channels: `SOCK_SEQPACKET` socket pairs, fixed-size records with
-//! a timeout, descriptors passed with `SCM_RIGHTS`, `pthread_atfork`, `dup3`.
+//! System calls between processes: descriptors passed with `SCM_RIGHTS` (a file handed to
+//! another process), `pthread_atfork`, `getpid`.
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::time::Duration;
 
 use crate::error::{Errno, KernelResult};
-
-use super::check;
-
-/// `socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC)`: a reliable, ordered, message-keeping
-/// channel between two processes.
-pub(crate) fn seqpacket_pair() -> KernelResult<(OwnedFd, OwnedFd)> {
-    let mut fds = [-1 as RawFd; 2];
-    // SAFETY: `fds` is a valid array of two ints for the kernel to fill.
-    check(unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    })?;
-    // SAFETY: both descriptors were just returned by the kernel and are owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-/// Sends one record of exactly `N` bytes (one packet), without SIGPIPE on a closed peer.
-pub(crate) fn send_record<const N: usize>(fd: BorrowedFd<'_>, rec: &[u8; N]) -> KernelResult<()> {
-    loop {
-        // SAFETY: `rec` is valid for `N` bytes for the duration of the call.
-        let n = unsafe { libc::send(fd.as_raw_fd(), rec.as_ptr().cast(), N, libc::MSG_NOSIGNAL) };
-        if n >= 0 {
-            return if n as usize == N {
-                Ok(())
-            } else {
-                Err(Errno(libc::EMSGSIZE))
-            };
-        }
-        let e = Errno::last();
-        if e != Errno::EINTR {
-            return Err(e);
-        }
-    }
-}
-
-/// Receives one record of `N` bytes, waiting at most `timeout` (`None`: forever). `Ok(None)`:
-/// the peer closed its end. ETIMEDOUT when nothing came in time.
-pub(crate) fn recv_record<const N: usize>(
-    fd: BorrowedFd<'_>,
-    timeout: Option<Duration>,
-) -> KernelResult<Option<[u8; N]>> {
-    if let Some(t) = timeout {
-        let ms = libc::c_int::try_from(t.as_millis()).unwrap_or(libc::c_int::MAX);
-        let mut p = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        loop {
-            // SAFETY: one valid pollfd.
-            let r = unsafe { libc::poll(&mut p, 1, ms) };
-            if r > 0 {
-                break;
-            }
-            if r == 0 {
-                return Err(Errno(libc::ETIMEDOUT));
-            }
-            let e = Errno::last();
-            if e != Errno::EINTR {
-                return Err(e);
-            }
-        }
-    }
-    let mut rec = [0u8; N];
-    loop {
-        // SAFETY: `rec` is valid and writable for `N` bytes.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), rec.as_mut_ptr().cast(), N, 0) };
-        if n == 0 {
-            return Ok(None);
-        }
-        if n > 0 {
-            return if n as usize == N {
-                Ok(Some(rec))
-            } else {
-                Err(Errno(libc::EMSGSIZE))
-            };
-        }
-        let e = Errno::last();
-        if e == Errno(libc::ECONNRESET) {
-            return Ok(None);
-        }
-        if e != Errno::EINTR {
-            return Err(e);
-        }
-    }
-}
 
 /// Sends `data` with the descriptors `fds` attached (`SCM_RIGHTS`) on a Unix socket.
 pub(crate) fn send_with_fds(
@@ -201,13 +110,6 @@ pub(crate) fn recv_with_fds(
         return Err(Errno(libc::EMSGSIZE));
     }
     Ok((n, out))
-}
-
-/// `dup3(from, onto, O_CLOEXEC)`: `onto`'s number now refers to `from`'s open file.
-pub(crate) fn dup_onto(from: BorrowedFd<'_>, onto: BorrowedFd<'_>) -> KernelResult<()> {
-    // SAFETY: both descriptors are open; dup3 replaces what `onto`'s number refers to, which
-    // its owner keeps using as the same number.
-    check(unsafe { libc::dup3(from.as_raw_fd(), onto.as_raw_fd(), libc::O_CLOEXEC) }).map(drop)
 }
 
 /// This process's id.

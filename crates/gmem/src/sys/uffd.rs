@@ -7,10 +7,12 @@ use super::{check, Mmap};
 use crate::error::{Errno, KernelResult};
 use crate::uapi::{
     uffd_msg, uffdio_api, uffdio_continue, uffdio_poison, uffdio_range, uffdio_register,
-    UFFDIO_API, UFFDIO_CONTINUE, UFFDIO_POISON, UFFDIO_REGISTER, UFFDIO_REGISTER_MODE_MINOR,
-    UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP, UFFDIO_WAKE, UFFD_API,
-    UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_MINOR_SHMEM, UFFD_FEATURE_MISSING_SHMEM,
-    UFFD_FEATURE_POISON, UFFD_FEATURE_WP_HUGETLBFS_SHMEM, UFFD_PAGEFAULT_FLAG_MINOR,
+    uffdio_zeropage, UFFDIO_API, UFFDIO_CONTINUE, UFFDIO_POISON, UFFDIO_REGISTER,
+    UFFDIO_REGISTER_MODE_MINOR, UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP,
+    UFFDIO_UNREGISTER, UFFDIO_WAKE, UFFDIO_ZEROPAGE, UFFD_API, UFFD_EVENT_FORK,
+    UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMAP, UFFD_FEATURE_EVENT_FORK, UFFD_FEATURE_EVENT_REMAP,
+    UFFD_FEATURE_MINOR_SHMEM, UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_POISON,
+    UFFD_FEATURE_THREAD_ID, UFFD_FEATURE_WP_HUGETLBFS_SHMEM, UFFD_PAGEFAULT_FLAG_MINOR,
     UFFD_PAGEFAULT_FLAG_WRITE, UFFD_USER_MODE_ONLY,
 };
 
@@ -66,6 +68,103 @@ pub const POISON_FEATURES: u64 = UFFD_FEATURE_POISON | UFFD_FEATURE_WP_HUGETLBFS
 pub const FAULT_EVENT_FEATURES: u64 =
     POISON_FEATURES | UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MINOR_SHMEM;
 
+/// The features of the guard's userfaultfd ([`PoisonFd::guard`]): missing and minor faults
+/// on shmem, poison markers, and the events that follow an address space: `fork` (and
+/// `clone` without `CLONE_VM`) and `mremap`.
+pub const GUARD_FEATURES: u64 = UFFD_FEATURE_MISSING_SHMEM
+    | UFFD_FEATURE_MINOR_SHMEM
+    | UFFD_FEATURE_POISON
+    | UFFD_FEATURE_EVENT_FORK
+    | UFFD_FEATURE_EVENT_REMAP
+    | UFFD_FEATURE_THREAD_ID;
+
+/// The registration modes of the guard: every fault on a page without a PTE is an event.
+const GUARD_MODES: u64 = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR;
+
+/// One message of a userfaultfd.
+#[derive(Debug)]
+pub enum UffdEvent {
+    /// A fault at `address` on a page without a PTE.
+    Fault(FaultEvent),
+    /// The registered address space was copied by `fork` (or `clone` without `CLONE_VM`):
+    /// the child's own userfaultfd, registered where the parent's mappings were.
+    Fork(PoisonFd),
+    /// `mremap` moved `[from, from + len)` to `to`; a length of 0 is a duplicate of the
+    /// shared mapping at `from` (`mremap(from, 0, n, MREMAP_MAYMOVE)`) made at `to`.
+    Remap {
+        /// Old start.
+        from: u64,
+        /// New start.
+        to: u64,
+        /// Old length (0: a duplicate).
+        len: u64,
+    },
+    /// An event gmem does not ask for.
+    Other(u8),
+}
+
+/// One message of a userfaultfd, as read (`struct uffd_msg`); the all-zero value stands for
+/// none.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RawUffdMsg(uffd_msg);
+
+impl RawUffdMsg {
+    /// What the message says: `None` for the all-zero value. A `UFFD_EVENT_FORK` message
+    /// carries a descriptor the read installed in this process: decode it once, and the
+    /// returned [`PoisonFd`] owns it.
+    pub fn decode(self) -> Option<UffdEvent> {
+        let msg = self.0;
+        Some(match msg.event {
+            0 => return None,
+            UFFD_EVENT_PAGEFAULT => UffdEvent::Fault(FaultEvent {
+                address: msg.address,
+                minor: msg.flags & UFFD_PAGEFAULT_FLAG_MINOR != 0,
+                write: msg.flags & UFFD_PAGEFAULT_FLAG_WRITE != 0,
+                // The low half of the feature word.
+                #[allow(clippy::cast_possible_truncation)]
+                tid: msg.feat as u32,
+            }),
+            UFFD_EVENT_FORK => {
+                // The low half of the first argument is the child's descriptor, installed in
+                // this process by the read.
+                #[allow(clippy::cast_possible_truncation)]
+                let raw = msg.flags as u32 as libc::c_int;
+                // SAFETY: the kernel installed this descriptor in our table for the read that
+                // produced this message, which is decoded once; nothing else owns it.
+                UffdEvent::Fork(PoisonFd::adopt(unsafe { OwnedFd::from_raw_fd(raw) }))
+            }
+            UFFD_EVENT_REMAP => UffdEvent::Remap {
+                from: msg.flags,
+                to: msg.address,
+                len: msg.feat,
+            },
+            other => UffdEvent::Other(other),
+        })
+    }
+}
+
+/// Reads one message from userfaultfd `fd` without blocking: `None` if there is none. Makes
+/// no allocation and takes no C library lock (a `read(2)`), so it may run while another
+/// thread is inside `fork`.
+pub fn read_uffd_msg(fd: libc::c_int) -> KernelResult<Option<RawUffdMsg>> {
+    let mut msg = uffd_msg::default();
+    let want = std::mem::size_of::<uffd_msg>();
+    // SAFETY: reads at most `want` bytes into `msg`, a plain struct of that size.
+    let n = unsafe { libc::read(fd, (&mut msg as *mut uffd_msg).cast(), want) };
+    if n < 0 {
+        let e = Errno::last();
+        return if e == Errno::EAGAIN || e == Errno::EINTR {
+            Ok(None)
+        } else {
+            Err(e)
+        };
+    }
+    if n.unsigned_abs() != want || msg.event == 0 {
+        return Ok(None);
+    }
+    Ok(Some(RawUffdMsg(msg)))
+}
+
 /// A userfaultfd for poison markers: `UFFDIO_POISON` installs markers that make any access
 /// raise SIGBUS. [`PoisonFd::new`] registers mappings in write-protect mode only, which
 /// delivers no missing or minor events, so no service thread is needed.
@@ -88,6 +187,8 @@ pub struct FaultEvent {
     pub minor: bool,
     /// Whether the access was a write.
     pub write: bool,
+    /// The faulting thread (with `UFFD_FEATURE_THREAD_ID`; 0 otherwise).
+    pub tid: u32,
 }
 
 /// Outcome of one `UFFDIO_POISON`.
@@ -123,6 +224,30 @@ impl PoisonFd {
         Self::open(0, features, modes).or_else(|_| Self::open(UFFD_USER_MODE_ONLY, features, modes))
     }
 
+    /// The guard's userfaultfd ([`GUARD_FEATURES`]): mappings are registered in missing and
+    /// minor mode, and the address spaces of fork children come as [`UffdEvent::Fork`]. It
+    /// receives the faults of kernel-mode accesses too where this process may have them (root,
+    /// `CAP_SYS_PTRACE` or `vm.unprivileged_userfaultfd`); elsewhere it is user-mode only and
+    /// a system call touching a page without a PTE fails with EFAULT. The second value says
+    /// which (`true`: kernel-mode faults are events).
+    pub fn guard() -> KernelResult<(PoisonFd, bool)> {
+        match Self::open(0, GUARD_FEATURES, GUARD_MODES) {
+            Ok(fd) => Ok((fd, true)),
+            Err(_) => {
+                Self::open(UFFD_USER_MODE_ONLY, GUARD_FEATURES, GUARD_MODES).map(|f| (f, false))
+            }
+        }
+    }
+
+    /// A userfaultfd the kernel delivered ([`UffdEvent::Fork`]) or another process sent,
+    /// registered in the guard's modes.
+    pub fn adopt(fd: OwnedFd) -> PoisonFd {
+        PoisonFd {
+            fd,
+            modes: GUARD_MODES.into(),
+        }
+    }
+
     fn open(extra: libc::c_int, features: u64, modes: u64) -> KernelResult<PoisonFd> {
         let fd = userfaultfd(extra)?;
         uffdio_api_handshake(std::os::fd::AsFd::as_fd(&fd), features)?;
@@ -142,32 +267,15 @@ impl PoisonFd {
         })
     }
 
-    /// In a forked child: this descriptor's number now refers to a fresh userfaultfd of the
-    /// child's own (the parent's is tied to the parent's address space, and fork does not
-    /// carry registrations over), registered in write-protect mode only (the child has no
-    /// service thread for missing or minor events). Registrations are then made again as
-    /// needed ([`PoisonFd::register`]).
-    pub fn reopen_in_child(&self) -> KernelResult<()> {
-        let fresh = userfaultfd(UFFD_USER_MODE_ONLY)?;
-        uffdio_api_handshake(
-            std::os::fd::AsFd::as_fd(&fresh),
-            UFFD_FEATURE_POISON | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
-        )?;
-        super::peer::dup_onto(
-            std::os::fd::AsFd::as_fd(&fresh),
-            std::os::fd::AsFd::as_fd(&self.fd),
-        )?;
-        self.modes.store(
-            UFFDIO_REGISTER_MODE_WP,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        Ok(())
-    }
-
     /// The descriptor, for `poll`.
     pub fn as_fd(&self) -> BorrowedFd<'_> {
         use std::os::fd::AsFd;
         self.fd.as_fd()
+    }
+
+    /// Reads one message without blocking: `None` if there is none.
+    pub fn read_event(&self) -> KernelResult<Option<UffdEvent>> {
+        Ok(read_uffd_msg(self.fd.as_raw_fd())?.and_then(|m| m.decode()))
     }
 
     /// Reads one event without blocking: `None` if there is none (or it is not a page fault).
@@ -197,6 +305,9 @@ impl PoisonFd {
             address: msg.address,
             minor: msg.flags & UFFD_PAGEFAULT_FLAG_MINOR != 0,
             write: msg.flags & UFFD_PAGEFAULT_FLAG_WRITE != 0,
+            // The low half of the feature word.
+            #[allow(clippy::cast_possible_truncation)]
+            tid: msg.feat as u32,
         }))
     }
 
@@ -212,6 +323,48 @@ impl PoisonFd {
         // SAFETY: UFFDIO_CONTINUE reads and writes a `struct uffdio_continue`; the kernel
         // checks that the range belongs to a registered mapping.
         check(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_CONTINUE(), &mut c) }).map(drop)
+    }
+
+    /// `UFFDIO_ZEROPAGE`: a missing page of `[addr, addr + len)` becomes a new zero-filled
+    /// page of the file, mapped, and the faulters are woken. EEXIST if the page cache already
+    /// holds it (then [`PoisonFd::continue_page`] maps it) or a PTE is there; a poison marker is
+    /// replaced.
+    pub fn zeropage(&self, addr: u64, len: u64) -> KernelResult<()> {
+        let mut z = uffdio_zeropage {
+            range: uffdio_range { start: addr, len },
+            mode: 0,
+            zeropage: 0,
+        };
+        // SAFETY: UFFDIO_ZEROPAGE reads and writes a `struct uffdio_zeropage`; the kernel
+        // checks that the range belongs to a registered mapping.
+        check(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE(), &mut z) }).map(drop)
+    }
+
+    /// Whether the address space this userfaultfd was made for still exists: a zero-length
+    /// `UFFDIO_ZEROPAGE` answers ESRCH once it has gone (the process exited or executed
+    /// another program), EINVAL while it lives.
+    pub fn space_alive(&self) -> bool {
+        self.zeropage(0, 0) != Err(Errno(libc::ESRCH))
+    }
+
+    /// `UFFDIO_UNREGISTER` of `[addr, addr + len)`.
+    pub fn unregister(&self, addr: u64, len: u64) -> KernelResult<()> {
+        let mut r = uffdio_range { start: addr, len };
+        // SAFETY: UFFDIO_UNREGISTER reads a `struct uffdio_range`; it changes no memory.
+        check(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER(), &mut r) }).map(drop)
+    }
+
+    /// Registers `[addr, addr + len)` of the address space this userfaultfd was made for
+    /// (possibly another process's), in this descriptor's modes.
+    pub fn register_range(&self, addr: u64, len: u64) -> KernelResult<()> {
+        let mut reg = uffdio_register {
+            range: uffdio_range { start: addr, len },
+            mode: self.modes.load(std::sync::atomic::Ordering::Relaxed),
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER reads and writes a `struct uffdio_register`; it does not
+        // touch the memory of the range.
+        check(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER(), &mut reg) }).map(drop)
     }
 
     /// `UFFDIO_WAKE`: the faulters waiting on `[addr, addr + len)` retry their access.

@@ -1,0 +1,604 @@
+//! The guard: one chokepoint for every host access to a page of an emulated file, in every
+//! process that maps it, after the kernel's `kvm_gmem_fault_user_mapping`.
+//!
+//! Every host mapping of every emulated file is registered with a userfaultfd in missing and
+//! minor mode, so any access to a page without a PTE is a fault event (fault-around is off for
+//! such mappings: one PTE per event). One thread per process, `gmem-guard`, serves them: it
+//! looks up the file and offset of the address, checks the page's attribute under the file's
+//! gate ([`super::host::Gate`]) and either maps the page (`UFFDIO_CONTINUE`, or
+//! `UFFDIO_ZEROPAGE` for a page the file does not hold yet) or, for a private page, installs a
+//! poison marker and wakes the faulting thread, whose retry raises SIGBUS at the exact address
+//! (EFAULT for a system call). A zap of any kind — `MADV_DONTNEED`, `MADV_PAGEOUT`, punch-hole,
+//! a conversion — leaves a mapping that faults through the check again; markers only spare a
+//! second event.
+//!
+//! An address space is a [`Space`]: this process's own, and every address space the kernel
+//! hands the guard: a child made by `fork` or by `clone` without `CLONE_VM` (atfork handlers or
+//! not) comes as `UFFD_EVENT_FORK` with its own userfaultfd, registered where the parent's
+//! mappings were, and a process the file was handed to sends its userfaultfd over the socket
+//! ([`super::handoff`]). The guard holds those descriptors and serves their faults from here:
+//! the other process needs no thread, cannot close the guard away (the descriptor is ours),
+//! and does not take part in conversions, which act on its address space through its
+//! userfaultfd or through the file ([`super::host`]). `mremap` comes as `UFFD_EVENT_REMAP`:
+//! the registration follows the moved mapping and so does the lookup.
+//!
+//! Two threads: the *reader* only moves messages from the userfaultfds into a queue allocated
+//! up front — it calls nothing that allocates or takes a C library lock — and the *server*
+//! serves them. `fork` needs it: glibc's `fork` takes the allocator's locks before the system
+//! call, and the kernel then waits, inside `fork`, until `UFFD_EVENT_FORK` is read; a thread
+//! that must allocate before it reads (the server does, to record what it mapped) would wait
+//! for `fork` while `fork` waits for it.
+//!
+//! The lookup of an address: this process's mappings are registered by gmem, which records
+//! them ([`Guard::register`]); another space's are found in `/proc/<tid>/maps` of the faulting
+//! thread (the memory file's inode and the mapping's offset), cached per space and forgotten at
+//! a remap there. An address no file claims is never mapped: it gets a marker.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use super::Inner;
+use crate::error::{Errno, KernelResult};
+use crate::sys::{self, Epoll, FaultEvent, Mmap, PoisonFd, UffdEvent, PAGE_SIZE};
+
+/// How often the server looks for address spaces that have gone (ms).
+const SWEEP_MS: u64 = 1000;
+
+/// Address spaces served at once at most (a slot each; a slot is reused once its space has
+/// gone). A child beyond it is not served: its first access to a host mapping waits for
+/// ever (refused, never granted).
+const MAX_SPACES: usize = 4096;
+
+/// Messages the queue between the reader and the server holds. A faulting thread has at most
+/// one message queued; beyond this the reader waits for room.
+const QUEUE: usize = 1 << 16;
+
+/// The slots of the served address spaces: the raw userfaultfd of each (-1: free), which the
+/// reader reads. A space's token (its id) is its slot and a generation, so a reused slot never
+/// answers for a space that has gone.
+struct Slots {
+    fds: Vec<libc::c_int>,
+    generation: Vec<u32>,
+}
+
+/// The queue from the reader to the server: (token, message).
+struct Queue {
+    items: std::collections::VecDeque<(u64, sys::RawUffdMsg)>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One registered range of host mapping: its length, the file and the file offset at its
+/// start.
+#[derive(Clone)]
+struct Range {
+    len: usize,
+    file: Weak<Inner>,
+    offset: u64,
+}
+
+/// An address space whose host mappings the guard serves.
+pub(super) struct Space {
+    /// Names the space in the files' records of markers.
+    pub(super) id: u64,
+    /// The userfaultfd made for this address space (possibly another process's).
+    pub(super) uffd: PoisonFd,
+    /// This process's own address space.
+    pub(super) own: bool,
+    /// Registered ranges by start address: gmem's own records in this process, and what
+    /// `/proc/<tid>/maps` said of the others (a cache).
+    ranges: Mutex<BTreeMap<usize, Range>>,
+    /// In another process's space: the files it maps, kept alive while it does (their pages'
+    /// attributes decide its faults after this process let go of them).
+    keep: Mutex<Vec<Arc<Inner>>>,
+    /// The address space has gone (its process exited or executed another program).
+    dead: AtomicBool,
+}
+
+impl std::fmt::Debug for Space {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Space")
+            .field("id", &self.id)
+            .field("own", &self.own)
+            .finish()
+    }
+}
+
+impl Space {
+    fn new(id: u64, uffd: PoisonFd, own: bool) -> Space {
+        Space {
+            id,
+            uffd,
+            own,
+            ranges: Mutex::new(BTreeMap::new()),
+            keep: Mutex::new(Vec::new()),
+            dead: AtomicBool::new(false),
+        }
+    }
+
+    /// The file and offset behind `addr`, if a recorded range holds it.
+    fn lookup(&self, addr: usize) -> Option<(Arc<Inner>, u64)> {
+        let ranges = lock(&self.ranges);
+        let (&start, r) = ranges.range(..=addr).next_back()?;
+        if addr >= start + r.len {
+            return None;
+        }
+        Some((r.file.upgrade()?, r.offset + (addr - start) as u64))
+    }
+
+    /// Keeps `file` alive while this (other) space lives.
+    fn keep(&self, file: &Arc<Inner>) {
+        if self.own {
+            return;
+        }
+        let mut keep = lock(&self.keep);
+        if !keep.iter().any(|f| Arc::ptr_eq(f, file)) {
+            keep.push(file.clone());
+        }
+    }
+
+    /// Whether the address space still exists (marks it dead once it has gone).
+    pub(super) fn alive(&self) -> bool {
+        if self.dead.load(Ordering::Relaxed) {
+            return false;
+        }
+        if self.own || self.uffd.space_alive() {
+            return true;
+        }
+        self.dead.store(true, Ordering::Relaxed);
+        false
+    }
+}
+
+/// The guard of this process: its userfaultfd, the address spaces it serves, and the thread.
+pub(super) struct Guard {
+    /// The process the guard belongs to (a fork child inherits the object, not the thread).
+    pid: u32,
+    /// Whether faults of kernel-mode accesses are events (else such an access to a page
+    /// without a PTE fails with EFAULT).
+    pub(super) kernel_faults: bool,
+    epoll: Epoll,
+    slots: Mutex<Slots>,
+    queue: Mutex<Queue>,
+    /// Signalled when the queue gains a message (the server waits) or room (the reader).
+    queued: std::sync::Condvar,
+    room: std::sync::Condvar,
+    /// This process's own address space.
+    pub(super) own: Arc<Space>,
+    /// Every space served, by id (the own one included).
+    spaces: Mutex<BTreeMap<u64, Arc<Space>>>,
+    /// The live files of this process by inode, for the lookup in another address space.
+    files: Mutex<BTreeMap<u64, Weak<Inner>>>,
+}
+
+impl std::fmt::Debug for Guard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guard")
+            .field("pid", &self.pid)
+            .field("kernel_faults", &self.kernel_faults)
+            .finish()
+    }
+}
+
+/// This process's guard, made with the first file that needs one.
+static GUARD: Mutex<Option<Arc<Guard>>> = Mutex::new(None);
+
+/// The guard of this process, started on first use. In a fork child the parent's guard object
+/// is inherited without its thread (and its descriptors serve the parent's address space): the
+/// child gets a guard of its own if it creates files.
+pub(super) fn guard() -> KernelResult<Arc<Guard>> {
+    let mut g = lock(&GUARD);
+    let me = sys::peer::getpid();
+    if let Some(existing) = g.as_ref() {
+        if existing.pid == me {
+            return Ok(existing.clone());
+        }
+        // The parent's: never used, never dropped here (its Drop is a no-op in a child,
+        // but its descriptors belong to the parent's address space).
+        if let Some(old) = g.take() {
+            std::mem::forget(old);
+        }
+    }
+    let new = Guard::start()?;
+    *g = Some(new.clone());
+    Ok(new)
+}
+
+impl Guard {
+    fn start() -> KernelResult<Arc<Guard>> {
+        let (uffd, kernel_faults) = PoisonFd::guard()?;
+        let epoll = Epoll::new()?;
+        let mut fds = Vec::new();
+        fds.try_reserve_exact(MAX_SPACES)
+            .map_err(|_| Errno::ENOMEM)?;
+        fds.resize(MAX_SPACES, -1);
+        let mut items = std::collections::VecDeque::new();
+        items.try_reserve_exact(QUEUE).map_err(|_| Errno::ENOMEM)?;
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&uffd.as_fd());
+        fds[0] = raw;
+        epoll.add(uffd.as_fd(), 0)?;
+        let own = Arc::new(Space::new(0, uffd, true));
+        let guard = Arc::new(Guard {
+            pid: sys::peer::getpid(),
+            kernel_faults,
+            epoll,
+            slots: Mutex::new(Slots {
+                fds,
+                generation: vec![0; MAX_SPACES],
+            }),
+            queue: Mutex::new(Queue { items }),
+            queued: std::sync::Condvar::new(),
+            room: std::sync::Condvar::new(),
+            own: own.clone(),
+            spaces: Mutex::new(BTreeMap::from([(0, own)])),
+            files: Mutex::new(BTreeMap::new()),
+        });
+        // The threads hold the guard for the life of the process: a guard is never stopped
+        // (fork children and receivers may depend on it after every file here is gone).
+        let g = guard.clone();
+        std::thread::Builder::new()
+            .name("gmem-guard".into())
+            .spawn(move || g.serve())
+            .map_err(|_| Errno::EAGAIN)?;
+        // The guard is handed out (and a mapping registered, so a fork can wait for the
+        // reader) only once the reader runs its loop: a thread's start allocates (its signal
+        // stack, its thread-locals), and a fork in another thread at that moment, holding the
+        // allocator's locks, would wait for a reader waiting for the allocator.
+        let started = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let (g, s) = (guard.clone(), started.clone());
+        std::thread::Builder::new()
+            .name("gmem-guard-rd".into())
+            .spawn(move || {
+                *lock(&s.0) = true;
+                s.1.notify_all();
+                drop(s);
+                g.read_all();
+            })
+            .map_err(|_| Errno::EAGAIN)?;
+        let mut up = lock(&started.0);
+        while !*up {
+            up = started
+                .1
+                .wait(up)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        drop(up);
+        Ok(guard)
+    }
+
+    /// Records `file` for the lookup by inode in other address spaces.
+    pub(super) fn add_file(&self, ino: u64, file: &Arc<Inner>) {
+        let mut files = lock(&self.files);
+        files.retain(|_, w| w.strong_count() > 0);
+        files.insert(ino, Arc::downgrade(file));
+    }
+
+    /// Registers host mapping `map` of `file` (from `offset`) in this process's address space:
+    /// from now on every fault there is checked.
+    pub(super) fn register(&self, map: &Mmap, file: &Arc<Inner>, offset: u64) -> KernelResult<()> {
+        self.own.uffd.register(map)?;
+        lock(&self.own.ranges).insert(
+            map.as_ptr() as usize,
+            Range {
+                len: map.len(),
+                file: Arc::downgrade(file),
+                offset,
+            },
+        );
+        Ok(())
+    }
+
+    /// Forgets the host mapping at `addr` (about to be unmapped).
+    pub(super) fn unregister(&self, addr: usize) {
+        lock(&self.own.ranges).remove(&addr);
+    }
+
+    /// Serves another address space from now on: a process the file was handed to sent its
+    /// userfaultfd.
+    pub(super) fn add_space(&self, uffd: PoisonFd) -> KernelResult<Arc<Space>> {
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&uffd.as_fd());
+        let id = {
+            let mut slots = lock(&self.slots);
+            let slot = (1..MAX_SPACES)
+                .find(|&i| slots.fds[i] < 0)
+                .ok_or(Errno::ENOMEM)?;
+            slots.generation[slot] = slots.generation[slot].wrapping_add(1);
+            slots.fds[slot] = raw;
+            (u64::from(slots.generation[slot]) << 32) | slot as u64
+        };
+        let space = Arc::new(Space::new(id, uffd, false));
+        lock(&self.spaces).insert(id, space.clone());
+        if let Err(e) = self.epoll.add(space.uffd.as_fd(), id) {
+            self.drop_space(&space);
+            return Err(e);
+        }
+        Ok(space)
+    }
+
+    /// [`Guard::add_space`] for a process `file` was handed to: the file stays alive while
+    /// that process's address space does.
+    pub(super) fn add_space_keeping(&self, uffd: PoisonFd, file: &Arc<Inner>) -> KernelResult<()> {
+        let space = self.add_space(uffd)?;
+        space.keep(file);
+        Ok(())
+    }
+
+    /// The space `id`, if it is still served.
+    pub(super) fn space(&self, id: u64) -> Option<Arc<Space>> {
+        lock(&self.spaces).get(&id).cloned()
+    }
+
+    /// How many address spaces other than this process's are served (live or not yet found
+    /// gone).
+    pub(super) fn other_spaces(&self) -> usize {
+        lock(&self.spaces).len().saturating_sub(1)
+    }
+
+    /// The reader: moves every message of every served userfaultfd into the queue. It
+    /// allocates nothing and takes no C library lock (see the module documentation): epoll,
+    /// `read(2)`, and std's futex-based mutex and condition variables.
+    fn read_all(&self) {
+        let mut ready = [0u64; 64];
+        loop {
+            let Ok(n) = self.epoll.wait_into(&mut ready, -1) else {
+                return;
+            };
+            for &token in &ready[..n] {
+                self.read_space(token);
+            }
+        }
+    }
+
+    /// Reads every message queued on the userfaultfd of the space `token`, under the slots'
+    /// lock (a space is dropped, its descriptor closed, only under it).
+    fn read_space(&self, token: u64) {
+        let slots = lock(&self.slots);
+        #[allow(clippy::cast_possible_truncation)]
+        let slot = (token & 0xffff_ffff) as usize;
+        let Some(&fd) = slots.fds.get(slot) else {
+            return;
+        };
+        if fd < 0 || u64::from(slots.generation[slot]) != token >> 32 {
+            return;
+        }
+        loop {
+            let msg = match sys::read_uffd_msg(fd) {
+                Ok(Some(m)) => m,
+                Ok(None) => return,
+                Err(_) => {
+                    // Unusable: the server drops the space when it sees this.
+                    self.push(token, sys::RawUffdMsg::default());
+                    return;
+                }
+            };
+            self.push(token, msg);
+        }
+    }
+
+    /// Queues one message for the server (waiting for room if the queue is full).
+    fn push(&self, token: u64, msg: sys::RawUffdMsg) {
+        let mut q = lock(&self.queue);
+        while q.items.len() >= QUEUE {
+            q = self
+                .room
+                .wait(q)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        q.items.push_back((token, msg));
+        drop(q);
+        self.queued.notify_one();
+    }
+
+    /// The server: serves the queued messages in order and every [`SWEEP_MS`] drops the
+    /// spaces that have gone.
+    fn serve(&self) {
+        let mut last_sweep = std::time::Instant::now();
+        loop {
+            let next = {
+                let mut q = lock(&self.queue);
+                loop {
+                    if let Some(item) = q.items.pop_front() {
+                        break Some(item);
+                    }
+                    let (g, timeout) = self
+                        .queued
+                        .wait_timeout(q, std::time::Duration::from_millis(SWEEP_MS))
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    q = g;
+                    if timeout.timed_out() {
+                        break None;
+                    }
+                }
+            };
+            if let Some((token, msg)) = next {
+                self.room.notify_one();
+                if let Some(space) = self.space(token) {
+                    self.handle(&space, msg);
+                }
+            }
+            if last_sweep.elapsed().as_millis() >= u128::from(SWEEP_MS) {
+                last_sweep = std::time::Instant::now();
+                self.sweep();
+            }
+        }
+    }
+
+    /// Serves one message of `space`'s userfaultfd.
+    fn handle(&self, space: &Arc<Space>, msg: sys::RawUffdMsg) {
+        match msg.decode() {
+            Some(UffdEvent::Fault(ev)) => self.fault(space, ev),
+            Some(UffdEvent::Fork(child)) => {
+                // The child's mappings are the parent's, at the same addresses: its cache
+                // starts as a copy of the parent's ranges (its faults fill in the rest), and
+                // it keeps their files alive.
+                let ranges = lock(&space.ranges).clone();
+                if let Ok(new) = self.add_space(child) {
+                    for r in ranges.values() {
+                        if let Some(f) = r.file.upgrade() {
+                            new.keep(&f);
+                        }
+                    }
+                    *lock(&new.ranges) = ranges;
+                }
+            }
+            Some(UffdEvent::Remap { from, to, len }) => self.remap(space, from, to, len),
+            Some(UffdEvent::Other(_)) => {}
+            // The reader found the descriptor unusable: stop serving the space.
+            None => self.drop_space(space),
+        }
+    }
+
+    /// One fault: the file's check decides; an address no file claims gets a marker.
+    fn fault(&self, space: &Arc<Space>, ev: FaultEvent) {
+        let page = ev.address & !(PAGE_SIZE - 1);
+        let Ok(addr) = usize::try_from(page) else {
+            return;
+        };
+        let found = space
+            .lookup(addr)
+            .or_else(|| self.find_in_proc(space, addr, ev.tid));
+        match found {
+            Some((file, offset)) => file.serve_host_fault(space, page, offset, ev.minor),
+            None => {
+                let _ = space.uffd.poison(page, PAGE_SIZE as usize);
+                let _ = space.uffd.wake(page, PAGE_SIZE);
+            }
+        }
+    }
+
+    /// The file and offset at `addr` in another address space, from `/proc/<tid>/maps` of the
+    /// faulting thread: the mapping's inode names a live file of this process, its offset the
+    /// place in it. Cached in the space.
+    fn find_in_proc(&self, space: &Space, addr: usize, tid: u32) -> Option<(Arc<Inner>, u64)> {
+        if tid == 0 {
+            return None;
+        }
+        let maps = std::fs::read_to_string(format!("/proc/{tid}/maps")).ok()?;
+        let files = lock(&self.files);
+        for line in maps.lines() {
+            // start-end perms offset dev inode path
+            let mut f = line.split_whitespace();
+            let (Some(range), Some(_), Some(off), Some(_), Some(ino)) =
+                (f.next(), f.next(), f.next(), f.next(), f.next())
+            else {
+                continue;
+            };
+            let Some((s, e)) = range.split_once('-') else {
+                continue;
+            };
+            let (Ok(s), Ok(e), Ok(off), Ok(ino)) = (
+                usize::from_str_radix(s, 16),
+                usize::from_str_radix(e, 16),
+                u64::from_str_radix(off, 16),
+                ino.parse::<u64>(),
+            ) else {
+                continue;
+            };
+            if addr < s || addr >= e {
+                continue;
+            }
+            let file = files.get(&ino)?.upgrade()?;
+            space.keep(&file);
+            lock(&space.ranges).insert(
+                s,
+                Range {
+                    len: e - s,
+                    file: Arc::downgrade(&file),
+                    offset: off,
+                },
+            );
+            return Some((file, off + (addr - s) as u64));
+        }
+        None
+    }
+
+    /// `mremap` in `space`: this process's ranges move with their mappings (a duplicate is a
+    /// new range of the same file, as long as the /proc lookup finds); another space's cache
+    /// is forgotten (its faults look the mappings up again).
+    fn remap(&self, space: &Space, from: u64, to: u64, len: u64) {
+        let (Ok(from), Ok(to), Ok(len)) = (
+            usize::try_from(from),
+            usize::try_from(to),
+            usize::try_from(len),
+        ) else {
+            return;
+        };
+        let mut ranges = lock(&space.ranges);
+        if !space.own {
+            ranges.clear();
+            return;
+        }
+        if len == 0 {
+            // A duplicate of the mapping at `from` (its length is not in the event): found by
+            // its faults through /proc, as in another space.
+            return;
+        }
+        // Moved: the part of each range inside [from, from + len) now starts at `to`.
+        let moved: Vec<(usize, Range)> = ranges
+            .range(..from + len)
+            .filter(|(&s, r)| s + r.len > from)
+            .map(|(&s, r)| (s, r.clone()))
+            .collect();
+        for (s, r) in moved {
+            ranges.remove(&s);
+            let (lo, hi) = (s.max(from), (s + r.len).min(from + len));
+            if s < lo {
+                ranges.insert(
+                    s,
+                    Range {
+                        len: lo - s,
+                        ..r.clone()
+                    },
+                );
+            }
+            if hi < s + r.len {
+                ranges.insert(
+                    hi,
+                    Range {
+                        len: s + r.len - hi,
+                        offset: r.offset + (hi - s) as u64,
+                        ..r.clone()
+                    },
+                );
+            }
+            ranges.insert(
+                to + (lo - from),
+                Range {
+                    len: hi - lo,
+                    offset: r.offset + (lo - s) as u64,
+                    file: r.file,
+                },
+            );
+        }
+    }
+
+    fn drop_space(&self, space: &Space) {
+        if space.own {
+            return;
+        }
+        space.dead.store(true, Ordering::Relaxed);
+        let _ = self.epoll.remove(space.uffd.as_fd());
+        {
+            let mut slots = lock(&self.slots);
+            #[allow(clippy::cast_possible_truncation)]
+            let slot = (space.id & 0xffff_ffff) as usize;
+            if slots.generation.get(slot).map(|&g| u64::from(g)) == Some(space.id >> 32) {
+                slots.fds[slot] = -1;
+            }
+        }
+        lock(&self.spaces).remove(&space.id);
+    }
+
+    /// Drops the spaces whose address space has gone (their files' references go with them).
+    fn sweep(&self) {
+        let spaces: Vec<Arc<Space>> = lock(&self.spaces).values().cloned().collect();
+        for s in spaces {
+            if !s.alive() {
+                self.drop_space(&s);
+            }
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! The host side of one emulated file under the guard ([`super::guard`]): the check every host
+//! fault of the file goes through, in any process, and what a conversion does to host access.
+//!
+//! The file's [`Gate`] is the kernel's invalidate lock for host faults: the guard thread holds
+//! it from the attribute check until the page is mapped (or poisoned); a conversion holds it
+//! from its first zap until the new attributes are recorded in it. Nothing done under the gate
+//! waits for a host fault to be served, so a thread that faults while it holds the file's
+//! state lock (a `read_at` into a host mapping of the same file) never stops a conversion from
+//! being served, nor the reverse.
+//!
+//! A conversion to private takes the pages out of every address space at once, with no other
+//! process taking part:
+//! - this process's host mappings are zapped (`MADV_DONTNEED`; the data stays in the file);
+//! - a page the guard mapped in another address space (a fork child, a process the file was
+//!   handed to) cannot be zapped there, so it is *replaced*: its content is held by reference
+//!   (`vmsplice` into a pipe: every write up to the zap is in it), the page is punched out of
+//!   the file (which zaps it in every process), and the content is written back into a new
+//!   page. A stopped, slow or hostile process neither delays nor fails the conversion, and
+//!   faults through the check when it next touches the page.
+//!
+//! A conversion to shared maps nothing eagerly in this process (the next access faults and is
+//! served); in another address space, the markers the guard left there on private pages are
+//! replaced by the page (`UFFDIO_CONTINUE`, or `UFFDIO_ZEROPAGE` for a page the file lost),
+//! since only that process's own `MADV_DONTNEED` could clear them.
+
+use std::collections::BTreeSet;
+use std::sync::MutexGuard;
+
+use super::guard::Space;
+use super::page_state::PageSet;
+use super::{Inner, State};
+use crate::attributes::{pages_of, AttributeStore};
+use crate::error::{Errno, KernelResult};
+use crate::sys::{self, PAGE_SIZE};
+
+/// What the host side of a file knows, under the file's gate.
+#[derive(Debug)]
+pub(super) struct Gate {
+    /// The attributes the check reads: a copy of the file's, changed by a conversion while it
+    /// holds the gate.
+    pub(super) attrs: AttributeStore,
+    /// Pages the guard mapped in another address space since they last left every one (a
+    /// conversion to private must replace them).
+    pub(super) elsewhere: PageSet,
+    /// Poison markers the guard left in another address space: (page, space, address).
+    pub(super) markers: BTreeSet<(u64, u64, u64)>,
+    /// Markers a failed host hand-out left on shared pages (NO_DIRECT_MAP): (page, space,
+    /// address), cleared when the page leaves the file or changes hands.
+    pub(super) sigbus: BTreeSet<(u64, u64, u64)>,
+}
+
+impl Gate {
+    pub(super) fn new(attrs: AttributeStore) -> Gate {
+        Gate {
+            attrs,
+            elsewhere: PageSet::default(),
+            markers: BTreeSet::new(),
+            sigbus: BTreeSet::new(),
+        }
+    }
+
+    /// The (page, space, address) entries of `set` with a page in `[first, end)`.
+    fn in_pages(set: &BTreeSet<(u64, u64, u64)>, first: u64, end: u64) -> Vec<(u64, u64, u64)> {
+        set.range((first, 0, 0)..(end, 0, 0)).copied().collect()
+    }
+}
+
+impl Inner {
+    pub(super) fn gate(&self) -> MutexGuard<'_, Gate> {
+        self.gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Serves one host fault at page address `addr` of `space`, which maps file offset
+    /// `offset` there (the guard thread): a private page gets a poison marker, and the
+    /// faulting access raises SIGBUS when it retries; a shared page is handed out (with
+    /// NO_DIRECT_MAP: removed from the direct map; a failed removal is a marker too) and
+    /// mapped. Any other outcome (EEXIST: a PTE is there; EFAULT: a concurrent punch took the
+    /// page) wakes the faulter, whose retry faults again.
+    pub(super) fn serve_host_fault(&self, space: &Space, addr: u64, offset: u64, minor: bool) {
+        let ps = PAGE_SIZE as usize;
+        let mut gate = self.gate();
+        let page = offset / PAGE_SIZE;
+        if offset >= self.size || gate.attrs.is_private(page) {
+            if space.uffd.poison(addr, ps).is_ok() && !space.own {
+                gate.markers.insert((page, space.id, addr));
+            }
+            let _ = space.uffd.wake(addr, PAGE_SIZE);
+            return;
+        }
+        if self.hand_out(offset, PAGE_SIZE).is_err() {
+            if space.uffd.poison(addr, ps).is_ok() {
+                gate.sigbus.insert((page, space.id, addr));
+            }
+            let _ = space.uffd.wake(addr, PAGE_SIZE);
+            return;
+        }
+        let mapped = if minor {
+            space.uffd.continue_page(addr, PAGE_SIZE)
+        } else {
+            // A page the file does not hold yet: a new zeroed one (EEXIST if it arrived since
+            // the fault: map that one).
+            space
+                .uffd
+                .zeropage(addr, PAGE_SIZE)
+                .or_else(|_| space.uffd.continue_page(addr, PAGE_SIZE))
+        };
+        match mapped {
+            Ok(()) if !space.own => gate.elsewhere.insert(page),
+            Ok(()) => {}
+            Err(_) => {
+                let _ = space.uffd.wake(addr, PAGE_SIZE);
+            }
+        }
+    }
+
+    /// A conversion's host side, to private, for the changing runs (bytes) of the file:
+    /// under the gate, zap this process's host mappings, replace the pages mapped in another
+    /// address space, then record the new attributes in the gate. On failure nothing is
+    /// recorded (pages zapped here fault back in as shared).
+    pub(super) fn host_to_private(&self, st: &State, runs: &[(u64, u64)]) -> KernelResult<()> {
+        let mut gate = self.gate();
+        for m in &st.mappings {
+            for &(s, e) in runs {
+                if let Some((off, len)) = m.window(s, e) {
+                    self.fail_after.injected_failure()?;
+                    // DONTNEED on a shared mapping drops PTEs (and markers) only, never data.
+                    m.map.madvise(off, len, libc::MADV_DONTNEED)?;
+                }
+            }
+        }
+        for &(s, e) in runs {
+            let (first, end) = pages_of(s, e - s);
+            let mapped = gate.elsewhere.range(first, end);
+            for (a, b) in mapped {
+                self.replace_pages(a, b)?;
+            }
+        }
+        for &(s, e) in runs {
+            let (first, end) = pages_of(s, e - s);
+            gate.elsewhere.take_range(first, end);
+            // Markers left on private pages stay: the pages are private again.
+            gate.attrs.set_range(first, end, true);
+        }
+        Ok(())
+    }
+
+    /// A conversion's host side, to shared: record the attributes in the gate, clear this
+    /// process's markers (`MADV_DONTNEED`) and map the pages over the markers left in another
+    /// address space. `Err` only from this process's zap, with the gate's attributes put back.
+    pub(super) fn host_to_shared(&self, st: &State, runs: &[(u64, u64)]) -> KernelResult<()> {
+        let mut gate = self.gate();
+        for &(s, e) in runs {
+            let (first, end) = pages_of(s, e - s);
+            gate.attrs.set_range(first, end, false);
+        }
+        for m in &st.mappings {
+            for &(s, e) in runs {
+                if let Some((off, len)) = m.window(s, e) {
+                    let zapped = self
+                        .fail_after
+                        .injected_failure()
+                        .and_then(|()| m.map.madvise(off, len, libc::MADV_DONTNEED));
+                    if let Err(err) = zapped {
+                        for &(s, e) in runs {
+                            let (first, end) = pages_of(s, e - s);
+                            gate.attrs.set_range(first, end, true);
+                        }
+                        return Err(err);
+                    }
+                }
+            }
+        }
+        for &(s, e) in runs {
+            let (first, end) = pages_of(s, e - s);
+            for entry in Gate::in_pages(&gate.markers, first, end) {
+                gate.markers.remove(&entry);
+                let (page, space, addr) = entry;
+                if self.map_over_marker(space, addr) {
+                    gate.elsewhere.insert(page);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Maps the file's page over the marker at `addr` of another address space `space`
+    /// (`UFFDIO_CONTINUE`; `UFFDIO_ZEROPAGE` if the file lost the page). False if the space
+    /// has gone or nothing was mapped.
+    fn map_over_marker(&self, space: u64, addr: u64) -> bool {
+        let Some(space) = self.guard.as_ref().and_then(|g| g.space(space)) else {
+            return false;
+        };
+        space.uffd.continue_page(addr, PAGE_SIZE).is_ok()
+            || space.uffd.zeropage(addr, PAGE_SIZE).is_ok()
+    }
+
+    /// Clears the markers failed hand-outs left on pages `[first, end)` (they leave the file or
+    /// change hands): this process's with `MADV_DONTNEED`, another space's by mapping over it.
+    pub(super) fn clear_failure_markers(&self, st: &State, first: u64, end: u64) {
+        let mut gate = self.gate();
+        for entry in Gate::in_pages(&gate.sigbus, first, end) {
+            gate.sigbus.remove(&entry);
+            let (_, space, addr) = entry;
+            let own = self.guard.as_ref().is_some_and(|g| g.own.id == space);
+            if !own {
+                let _ = self.map_over_marker(space, addr);
+                continue;
+            }
+            let Ok(a) = usize::try_from(addr) else {
+                continue;
+            };
+            if let Some(m) = st
+                .mappings
+                .iter()
+                .find(|m| a >= m.addr && a < m.addr + m.len)
+            {
+                let _ = m
+                    .map
+                    .madvise(a - m.addr, PAGE_SIZE as usize, libc::MADV_DONTNEED);
+            }
+        }
+    }
+
+    /// Replaces pages `[first, end)` of the file by new ones with the same content, so that
+    /// no address space maps the old ones any more: the content is held by reference first
+    /// (`vmsplice` of the guest view into pipes: writes up to the zap land in it), the pages
+    /// are punched out (zapped in every process), and the content is written back. A failure
+    /// before the punch changes nothing; after it, the write-back is retried (it needs memory
+    /// for the new pages) until it succeeds.
+    fn replace_pages(&self, first: u64, end: u64) -> KernelResult<()> {
+        let (off, len) = (first * PAGE_SIZE, (end - first) * PAGE_SIZE);
+        let fd = std::os::fd::AsFd::as_fd(&self.memfd);
+        let flags = super::GUEST_VIEW_FLAGS;
+        let mut held = Vec::new();
+        self.guest_view
+            .pieces(fd, self.size, flags, off, len, |view, at, _, n| {
+                held.push(sys::vmsplice_pin(view, at, n)?);
+                Ok(())
+            })?;
+        sys::fallocate(
+            fd,
+            crate::uapi::FALLOC_FL_PUNCH_HOLE | crate::uapi::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        )?;
+        let mut pieces = held.iter();
+        let mut delay = std::time::Duration::from_micros(100);
+        self.guest_view
+            .pieces(fd, self.size, flags, off, len, |view, at, _, n| {
+                let Some(pipes) = pieces.next() else {
+                    return Err(Errno::EFAULT);
+                };
+                let mut done = 0usize;
+                while sys::drain_pipes_into(pipes, view, at, n, &mut done).is_err() {
+                    // Out of memory for the new pages: the content waits in the pipes.
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(std::time::Duration::from_millis(100));
+                }
+                Ok(())
+            })
+    }
+}
