@@ -241,7 +241,32 @@ fn main() {
         ),
         test_unless("conversion", why.clone(), c_program("conversion", &[], &[])),
         test_unless("vcpu", why.clone(), c_program("vcpu", &[], &[])),
-        test_unless("fork", why.clone(), fork),
+        // Fork children share the emulated files only under the guard.
+        test_unless(
+            "fork",
+            why.clone()
+                .or_else(|| needs(&[gmem::emulated::GUARD_NEEDS])),
+            fork,
+        ),
+        // The attacks of the guard's trust boundary, on the platforms' kinds of file.
+        test_unless(
+            "attacks",
+            why.clone()
+                .or_else(|| needs(&[gmem::emulated::GUARD_NEEDS])),
+            c_program("attacks", &[], &[]),
+        ),
+        test_unless(
+            "attacks_no_direct_map",
+            why.clone()
+                .or_else(|| needs(&[gmem::emulated::GUARD_NEEDS])),
+            c_program("attacks", &["-DGMEM_NDM"], &[]),
+        ),
+        test_unless(
+            "attacks_pkvm",
+            why.clone()
+                .or_else(|| needs(&[gmem::emulated::GUARD_NEEDS])),
+            c_program("attacks", &[], &["--platform", "pkvm"]),
+        ),
         test_unless(
             "threads",
             why.clone(),
@@ -266,9 +291,11 @@ fn main() {
     trials.push(test_partly("kvm_ioctls_flow", move || {
         skip.or_else(kvm_ioctls_flow)
     }));
+    // The suite forks (forked_accesses): through the interposer the "kernel" files are the
+    // emulated ones, shared with fork children only under the guard.
     trials.push(test_unless(
         "conformance_kernel_backend_through_the_interposer",
-        needs(&[Feature::Kvm]),
+        needs(&[Feature::Kvm, gmem::emulated::GUARD_NEEDS]),
         conformance_kernel_backend_through_the_interposer,
     ));
     gmem_testkit::run_keeping(trials, dir)

@@ -38,7 +38,7 @@ pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: *mut c_void) -> c_i
 
 #[no_mangle]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
-    if !tracked(fd) {
+    if !tracked(fd) || !fdtable::table_is_ours() {
         // SAFETY: forwarded.
         return unsafe { real::close()(fd) };
     }
@@ -48,7 +48,7 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
 
 #[no_mangle]
 pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
-    if flags as c_uint & libc::CLOSE_RANGE_CLOEXEC == 0 {
+    if flags as c_uint & libc::CLOSE_RANGE_CLOEXEC == 0 && fdtable::table_is_ours() {
         let hi = last.min(c_int::MAX as c_uint) as c_int;
         for fd in first as c_int..=hi {
             if tracked(fd) {
@@ -67,7 +67,7 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
 pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
     // SAFETY: forwarded.
     let new = unsafe { real::dup()(fd) };
-    if new >= 0 && tracked(fd) {
+    if new >= 0 && tracked(fd) && fdtable::table_is_ours() {
         files::duplicated("dup", fd, new);
     }
     new
@@ -75,7 +75,7 @@ pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
 
 #[no_mangle]
 pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
-    if !tracked(old) && !tracked(new) {
+    if !tracked(old) && !tracked(new) || !fdtable::table_is_ours() {
         // SAFETY: forwarded.
         return unsafe { real::dup2()(old, new) };
     }
@@ -92,7 +92,7 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
 
 #[no_mangle]
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
-    if !tracked(old) && !tracked(new) {
+    if !tracked(old) && !tracked(new) || !fdtable::table_is_ours() {
         // SAFETY: forwarded.
         return unsafe { real::dup3()(old, new, flags) };
     }
@@ -115,7 +115,11 @@ fn fcntl_common(
 ) -> c_int {
     // SAFETY: forwarded.
     let r = unsafe { f(fd, cmd, arg) };
-    if r >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) && tracked(fd) {
+    if r >= 0
+        && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC)
+        && tracked(fd)
+        && fdtable::table_is_ours()
+    {
         files::duplicated("fcntl(F_DUPFD)", fd, r);
     }
     r
@@ -185,6 +189,33 @@ pub unsafe extern "C" fn munmap(addr: *mut c_void, len: size_t) -> c_int {
     }
     let _inside = fdtable::Inside::enter();
     files::munmap(addr as usize, len)
+}
+
+/// `mremap(old, old_len, new_len, flags, ... /* new_address */)`: C's variadic fifth argument
+/// is read as a fixed one (the x86_64 SysV convention passes both in the same register), and
+/// used only with `MREMAP_FIXED`, when the caller passed it.
+#[no_mangle]
+pub unsafe extern "C" fn mremap(
+    addr: *mut c_void,
+    old_len: size_t,
+    new_len: size_t,
+    flags: c_int,
+    new_addr: *mut c_void,
+) -> *mut c_void {
+    if fdtable::any_mapping() && !fdtable::inside() {
+        let _inside = fdtable::Inside::enter();
+        if let Some(r) = files::mremap(addr as usize, old_len, new_len, flags, new_addr as usize) {
+            return match r {
+                Ok(p) => p,
+                Err(e) => {
+                    crate::user::set_errno(e.0);
+                    libc::MAP_FAILED
+                }
+            };
+        }
+    }
+    // SAFETY: forwarded.
+    unsafe { real::mremap()(addr, old_len, new_len, flags, new_addr) }
 }
 
 #[no_mangle]

@@ -54,6 +54,37 @@ pub(crate) fn tracked(fd: c_int) -> bool {
     bit(&BITMAP, fd) || bit(&VM_BITMAP, fd)
 }
 
+/// The process whose descriptor table the interposer's records describe (0: none yet).
+static TABLE_OWNER: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Whether the calling process's descriptor table is the one the records describe, so a
+/// `close` or `dup2` here may change them. A child made by `vfork` or `clone(CLONE_VM)`
+/// shares the interposer's memory with its parent but has a table of its own: its changes
+/// to descriptors are its own (CPython's `subprocess` closes every descriptor before `exec`)
+/// and leave the records alone. A copy of the memory (`fork`, `clone` without `CLONE_VM`)
+/// has its own copy of the records and takes them over.
+pub(crate) fn table_is_ours() -> bool {
+    // SAFETY: getpid cannot fail (glibc does not cache it).
+    let me = unsafe { libc::getpid() };
+    let owner = TABLE_OWNER.load(Ordering::Relaxed);
+    if owner == me {
+        return true;
+    }
+    if owner != 0 {
+        // SAFETY: kcmp compares two processes' address spaces; it reads nothing of ours.
+        let same_vm = unsafe {
+            libc::syscall(libc::SYS_kcmp, me, owner, 0 /* KCMP_VM */, 0, 0)
+        };
+        let gone = same_vm < 0 && crate::user::errno() == libc::ESRCH;
+        if same_vm == 0 || (same_vm < 0 && !gone) {
+            // The owner's memory (or no way to tell: leave the records alone).
+            return false;
+        }
+    }
+    TABLE_OWNER.store(me, Ordering::Relaxed);
+    true
+}
+
 /// Whether the program has any mapping of an emulated file.
 #[inline(always)]
 pub(crate) fn any_mapping() -> bool {
@@ -218,6 +249,15 @@ fn dev_ino(fd: c_int) -> Option<(u64, u64)> {
 
 /// Records that `fd` refers to `object`.
 pub(crate) fn register(fd: c_int, object: Object) {
+    // The records now describe this process's table (a new one in a CLONE_VM child is not
+    // supported: it would be the parent's records).
+    let _ = TABLE_OWNER.compare_exchange(
+        0,
+        // SAFETY: getpid cannot fail.
+        unsafe { libc::getpid() },
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
     let (dev, ino) = dev_ino(fd).unwrap_or((0, 0));
     let mut reg = registry();
     set_bit(fd, Some(&object));

@@ -167,6 +167,64 @@ pub(crate) fn munmap(addr: usize, len: usize) -> c_int {
     ret
 }
 
+/// `mremap` of a mapping of an emulated file, through the library's `HostMapping::mremap`,
+/// so the guard follows it (nothing at the old address is touched afterwards). The whole
+/// mapping, as it was mapped, moves or changes length; `MREMAP_MAYMOVE` and `MREMAP_FIXED`
+/// are the kernel's. Documented limits, EINVAL: part of a mapping or a partly unmapped one, a
+/// duplicate (old length 0), `MREMAP_DONTUNMAP`, a fixed target over another emulated
+/// file's mapping. `None`: nothing of an emulated file's.
+pub(crate) fn mremap(
+    addr: usize,
+    old_len: usize,
+    new_len: usize,
+    flags: c_int,
+    new_addr: usize,
+) -> Option<Result<*mut c_void, Errno>> {
+    let span = old_len.max(1).div_ceil(PAGE_SIZE as usize) * PAGE_SIZE as usize;
+    if fdtable::overlapping(&fdtable::registry(), addr, span).is_empty() {
+        return None;
+    }
+    let result = (|| {
+        let _layout = fdtable::layout();
+        if flags & !(libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) != 0 || old_len == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let fixed = flags & libc::MREMAP_FIXED != 0;
+        if fixed && !fdtable::overlapping(&fdtable::registry(), new_addr, new_len.max(1)).is_empty()
+        {
+            return Err(Errno::EINVAL);
+        }
+        let mut entry = {
+            let mut reg = fdtable::registry();
+            match reg.maps.get(&addr) {
+                Some(m) if m.unmapped == 0 && m.end() - m.start() == span => {}
+                _ => return Err(Errno::EINVAL),
+            }
+            fdtable::remove_mapping(&mut reg, addr).ok_or(Errno::EINVAL)?
+        };
+        let at = fixed.then(|| {
+            // SAFETY: the program asked mremap(2) to replace `[new_addr, new_addr + new_len)`
+            // (MREMAP_FIXED), as the kernel would; no emulated file's mapping is there
+            // (checked above).
+            unsafe { Placement::replacing(new_addr, new_len) }
+        });
+        let moved = entry
+            .mapping
+            .mremap(new_len, flags & libc::MREMAP_MAYMOVE != 0, at);
+        let addr = entry.mapping.as_ptr();
+        fdtable::add_mapping(&mut fdtable::registry(), entry);
+        moved.map(|()| addr.cast::<c_void>())
+    })();
+    trace!(
+        "mremap({addr:#x}, {old_len:#x}, {new_len:#x}, {flags:#x}) -> {}",
+        match &result {
+            Ok(p) => format!("{:p}", *p),
+            Err(e) => format!("MAP_FAILED {}", e.name()),
+        }
+    );
+    Some(result)
+}
+
 /// `madvise` on mappings of emulated files: `MADV_COLLAPSE` is EINVAL (no huge page may
 /// expose private neighbours), `MADV_REMOVE` punches the file; everything else goes through.
 pub(crate) fn madvise(addr: usize, len: usize, advice: c_int) -> Option<c_int> {
@@ -190,6 +248,18 @@ pub(crate) fn madvise(addr: usize, len: usize, advice: c_int) -> Option<c_int> {
         libc::MADV_REMOVE => hits
             .iter()
             .try_for_each(|(g, off, n)| g.file.punch_hole(*off, *n)),
+        // A private page answers EFAULT, as the kernel's fault handler refuses it (the
+        // guard's marker would say EHWPOISON).
+        libc::MADV_POPULATE_READ | libc::MADV_POPULATE_WRITE => {
+            // SAFETY: the program's own madvise, forwarded.
+            match unsafe { real::madvise()(addr as *mut c_void, len, advice) } {
+                0 => Ok(()),
+                _ => match Errno::last() {
+                    e if e == Errno(libc::EHWPOISON) => Err(Errno::EFAULT),
+                    e => Err(e),
+                },
+            }
+        }
         // SAFETY: the program's own madvise, forwarded.
         _ => match unsafe { real::madvise()(addr as *mut c_void, len, advice) } {
             0 => Ok(()),

@@ -63,6 +63,7 @@ real_fns! {
     mmap64: fn(*mut c_void, size_t, c_int, c_int, c_int, off_t) -> *mut c_void;
     munmap: fn(*mut c_void, size_t) -> c_int;
     madvise: fn(*mut c_void, size_t, c_int) -> c_int;
+    mremap: fn(*mut c_void, size_t, size_t, c_int, *mut c_void) -> *mut c_void;
     fallocate: fn(c_int, c_int, off_t, off_t) -> c_int;
     fallocate64: fn(c_int, c_int, off_t, off_t) -> c_int;
     read: fn(c_int, *mut c_void, size_t) -> ssize_t;

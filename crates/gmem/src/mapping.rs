@@ -20,11 +20,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::error::{Errno, KernelResult};
-use crate::sys::{self, Mmap};
+use crate::sys::{self, Mmap, Placement};
 
 /// Who must hear of a mapping's end (the emulated file revokes private pages in every live
 /// mapping, so it keeps a list).
 pub(crate) trait MappingRegistry: Send + Sync {
+    /// `mremap` of the mapping `id` (`map`), with the registry following it.
+    fn remap(
+        &self,
+        id: u64,
+        map: &mut Mmap,
+        new_len: usize,
+        may_move: bool,
+        at: Option<Placement>,
+    ) -> KernelResult<()>;
+
+    /// `MADV_REMOVE` on the file's `[offset, offset + len)`: a punch hole.
+    fn punch(&self, offset: u64, len: u64) -> KernelResult<()>;
+
     /// The mapping `id` is about to be unmapped.
     fn unregister(&self, id: u64);
 }
@@ -423,19 +436,80 @@ impl HostMapping {
         self.map.touch_pages(off as u64, len as u64, value)
     }
 
-    /// `madvise(2)` on `[off, off + len)` of the mapping, with guest_memfd's answers: on the
-    /// emulated backend `MADV_COLLAPSE` is refused with EINVAL, as the kernel refuses it on a
-    /// guest_memfd VMA (guest_memfd has no huge folios; a huge page could expose private
-    /// neighbours, kernel-spec §2.5) whatever the revocation mechanism would allow on the
-    /// memfd behind it. Every other advice is the kernel's answer on the mapping.
+    /// `madvise(2)` on `[off, off + len)` of the mapping, with guest_memfd's answers on the
+    /// emulated backend:
+    /// - `MADV_COLLAPSE` is EINVAL, as the kernel refuses it on a guest_memfd VMA (guest_memfd
+    ///   has no huge folios; a huge page could expose private neighbours), whatever the memfd
+    ///   behind it would allow;
+    /// - `MADV_REMOVE` punches the range out of the file (`fallocate(PUNCH_HOLE)`, with its
+    ///   checks and errno), as on any shmem-like file;
+    /// - `MADV_POPULATE_READ`/`WRITE` map the shared pages up to the first private one and
+    ///   answer EFAULT there, as the kernel's fault handler answers SIGBUS for a private page
+    ///   (the guard's marker would otherwise say EHWPOISON).
+    ///
+    /// Every other advice is the kernel's answer on the mapping. `MADV_DONTNEED`,
+    /// `MADV_PAGEOUT` and the like drop page-table entries only: the next access faults
+    /// through the guard's check again.
     pub fn madvise(&self, off: usize, len: usize, advice: libc::c_int) -> KernelResult<()> {
-        if advice == libc::MADV_COLLAPSE && self.registration.is_some() {
+        let Some((registry, _)) = &self.registration else {
+            return self.map.madvise(off, len, advice);
+        };
+        let in_range = || {
             off.checked_add(len)
                 .filter(|&end| end <= self.len())
-                .ok_or(Errno::EINVAL)?;
-            return Err(Errno::EINVAL);
+                .ok_or(Errno::EINVAL)
+        };
+        match advice {
+            libc::MADV_COLLAPSE => {
+                in_range()?;
+                Err(Errno::EINVAL)
+            }
+            libc::MADV_REMOVE => {
+                // madvise's own checks: an aligned start, the length in whole pages, every
+                // page mapped (ENOMEM).
+                const PAGE: usize = sys::PAGE_SIZE as usize;
+                if off % PAGE != 0 {
+                    return Err(Errno::EINVAL);
+                }
+                let len = len.checked_next_multiple_of(PAGE).ok_or(Errno::EINVAL)?;
+                if off.checked_add(len).is_none_or(|end| end > self.len()) {
+                    return Err(Errno::ENOMEM);
+                }
+                registry.punch(self.file_offset + off as u64, len as u64)
+            }
+            libc::MADV_POPULATE_READ | libc::MADV_POPULATE_WRITE => {
+                match self.map.madvise(off, len, advice) {
+                    Err(e) if e == Errno(libc::EHWPOISON) => Err(Errno::EFAULT),
+                    other => other,
+                }
+            }
+            _ => self.map.madvise(off, len, advice),
         }
-        self.map.madvise(off, len, advice)
+    }
+
+    /// `mremap(2)` of the mapping to `new_len` bytes, as the kernel allows it on a guest_memfd
+    /// mapping: in place (shrink, or grow where the addresses after it are free: ENOMEM
+    /// otherwise), moved anywhere (`may_move`, `MREMAP_MAYMOVE`), or moved to `at`
+    /// (`MREMAP_FIXED`; a [`Placement::vacant`] target is EEXIST if anything is mapped
+    /// there). The file offset stays; pages past the file's end raise SIGBUS as always. The
+    /// guard follows the mapping: private pages are refused at the new addresses, and
+    /// nothing at the old ones is touched afterwards. On failure nothing changed.
+    ///
+    /// EOPNOTSUPP where the emulation cannot follow a moved mapping (the Remap fallback,
+    /// whose holes are mapped into it).
+    pub fn mremap(
+        &mut self,
+        new_len: usize,
+        may_move: bool,
+        at: Option<Placement>,
+    ) -> KernelResult<()> {
+        let Some(map) = Arc::get_mut(&mut self.map) else {
+            return Err(Errno::EOPNOTSUPP);
+        };
+        match &self.registration {
+            Some((registry, id)) => registry.remap(*id, map, new_len, may_move, at),
+            None => map.remap(new_len, may_move, at),
+        }
     }
 
     /// Reads `len` bytes at `off` in a child process, so that a fault is reported.

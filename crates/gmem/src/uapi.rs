@@ -138,6 +138,11 @@ pub const UFFD_EVENT_FORK: u8 = 0x13;
 /// `UFFD_EVENT_REMAP`: `mremap` moved (or, with an old length of 0, duplicated) a registered
 /// range.
 pub const UFFD_EVENT_REMAP: u8 = 0x14;
+/// `UFFD_EVENT_UNMAP`: `munmap` (or an `mremap` that shrank or replaced) removed part of a
+/// registered range.
+pub const UFFD_EVENT_UNMAP: u8 = 0x16;
+/// `UFFD_FEATURE_EVENT_UNMAP`.
+pub const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
 /// `UFFD_FEATURE_EVENT_FORK`.
 pub const UFFD_FEATURE_EVENT_FORK: u64 = 1 << 1;
 /// `UFFD_FEATURE_EVENT_REMAP`.
@@ -342,7 +347,7 @@ pub const UFFD_FEATURE_NAMES: [(u64, &str); 17] = [
     (1 << 3, "EVENT_REMOVE"),
     (1 << 4, "MISSING_HUGETLBFS"),
     (UFFD_FEATURE_MISSING_SHMEM, "MISSING_SHMEM"),
-    (1 << 6, "EVENT_UNMAP"),
+    (UFFD_FEATURE_EVENT_UNMAP, "EVENT_UNMAP"),
     (1 << 7, "SIGBUS"),
     (1 << 8, "THREAD_ID"),
     (1 << 9, "MINOR_HUGETLBFS"),

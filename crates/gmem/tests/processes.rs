@@ -277,8 +277,9 @@ fn main() {
         FLAGS,
         a_second_process_follows_over_a_unix_socket,
     ));
-    trials.push(gmem_testkit::test(
+    trials.push(gmem_testkit::test_needing(
         "a_grandchild_follows_too",
+        &[gmem::emulated::GUARD_NEEDS],
         a_grandchild_follows_too,
     ));
     gmem_testkit::run(trials)

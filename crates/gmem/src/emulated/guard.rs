@@ -162,6 +162,10 @@ pub(super) struct Guard {
     pub(super) kernel_faults: bool,
     epoll: Epoll,
     slots: Mutex<Slots>,
+    /// Messages the reader queued (counted under `slots`, with the read) and the server
+    /// handled: [`Guard::flush`] waits until the second reaches the first.
+    queued_count: std::sync::atomic::AtomicU64,
+    handled_count: std::sync::atomic::AtomicU64,
     queue: Mutex<Queue>,
     /// Signalled when the queue gains a message (the server waits) or room (the reader).
     queued: std::sync::Condvar,
@@ -229,6 +233,8 @@ impl Guard {
                 fds,
                 generation: vec![0; MAX_SPACES],
             }),
+            queued_count: std::sync::atomic::AtomicU64::new(0),
+            handled_count: std::sync::atomic::AtomicU64::new(0),
             queue: Mutex::new(Queue { items }),
             queued: std::sync::Condvar::new(),
             room: std::sync::Condvar::new(),
@@ -279,6 +285,9 @@ impl Guard {
     /// Registers host mapping `map` of `file` (from `offset`) in this process's address space:
     /// from now on every fault there is checked.
     pub(super) fn register(&self, map: &Mmap, file: &Arc<Inner>, offset: u64) -> KernelResult<()> {
+        // An unmap of an earlier mapping at these addresses is handled first: handled later,
+        // it would cut the new record.
+        self.flush();
         self.own.uffd.register(map)?;
         lock(&self.own.ranges).insert(
             map.as_ptr() as usize,
@@ -375,6 +384,28 @@ impl Guard {
                 }
             };
             self.push(token, msg);
+            self.queued_count.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Waits until the server has handled every message read so far, so that this process's
+    /// recorded mappings reflect every `mremap` that has returned (the kernel lets `mremap`
+    /// go once its event is read, and a read is counted before the reader lets go of the
+    /// slots). Called by gmem before it zaps by address or registers a new mapping; never
+    /// under a lock the server takes.
+    pub(super) fn flush(&self) {
+        let target = {
+            let _slots = lock(&self.slots);
+            self.queued_count.load(Ordering::SeqCst)
+        };
+        let mut spins = 0u32;
+        while self.handled_count.load(Ordering::SeqCst) < target {
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
         }
     }
 
@@ -417,7 +448,11 @@ impl Guard {
                 self.room.notify_one();
                 if let Some(space) = self.space(token) {
                     self.handle(&space, msg);
+                } else if let Some(UffdEvent::Fork(child)) = msg.decode() {
+                    // A fork in a space that has gone: the child's descriptor closes here.
+                    drop(child);
                 }
+                self.handled_count.fetch_add(1, Ordering::SeqCst);
             }
             if last_sweep.elapsed().as_millis() >= u128::from(SWEEP_MS) {
                 last_sweep = std::time::Instant::now();
@@ -445,6 +480,7 @@ impl Guard {
                 }
             }
             Some(UffdEvent::Remap { from, to, len }) => self.remap(space, from, to, len),
+            Some(UffdEvent::Unmap { start, end }) => self.unmap(space, start, end),
             Some(UffdEvent::Other(_)) => {}
             // The reader found the descriptor unusable: stop serving the space.
             None => self.drop_space(space),
@@ -516,8 +552,8 @@ impl Guard {
     }
 
     /// `mremap` in `space`: this process's ranges move with their mappings (a duplicate is a
-    /// new range of the same file, as long as the /proc lookup finds); another space's cache
-    /// is forgotten (its faults look the mappings up again).
+    /// new range of the same file, found by its faults through `/proc` as in another space);
+    /// another space's cache is forgotten (its faults look the mappings up again).
     fn remap(&self, space: &Space, from: u64, to: u64, len: u64) {
         let (Ok(from), Ok(to), Ok(len)) = (
             usize::try_from(from),
@@ -532,47 +568,86 @@ impl Guard {
             return;
         }
         if len == 0 {
-            // A duplicate of the mapping at `from` (its length is not in the event): found by
-            // its faults through /proc, as in another space.
             return;
         }
         // Moved: the part of each range inside [from, from + len) now starts at `to`.
-        let moved: Vec<(usize, Range)> = ranges
-            .range(..from + len)
-            .filter(|(&s, r)| s + r.len > from)
-            .map(|(&s, r)| (s, r.clone()))
-            .collect();
-        for (s, r) in moved {
-            ranges.remove(&s);
-            let (lo, hi) = (s.max(from), (s + r.len).min(from + len));
-            if s < lo {
-                ranges.insert(
-                    s,
-                    Range {
-                        len: lo - s,
-                        ..r.clone()
-                    },
-                );
-            }
-            if hi < s + r.len {
-                ranges.insert(
-                    hi,
-                    Range {
-                        len: s + r.len - hi,
-                        offset: r.offset + (hi - s) as u64,
-                        ..r.clone()
-                    },
-                );
-            }
-            ranges.insert(
-                to + (lo - from),
-                Range {
-                    len: hi - lo,
-                    offset: r.offset + (lo - s) as u64,
-                    file: r.file,
-                },
-            );
+        for (lo, r) in cut(&mut ranges, from, from.saturating_add(len)) {
+            ranges.insert(to + (lo - from), r);
         }
+    }
+
+    /// `munmap` in `space` of `[start, end)`: this process's ranges lose that part (nothing
+    /// is touched there afterwards); another space's cache is forgotten.
+    fn unmap(&self, space: &Space, start: u64, end: u64) {
+        let (Ok(start), Ok(end)) = (usize::try_from(start), usize::try_from(end)) else {
+            return;
+        };
+        let mut ranges = lock(&space.ranges);
+        if !space.own {
+            ranges.clear();
+            return;
+        }
+        cut(&mut ranges, start, end);
+    }
+
+    /// Records that this process's host mapping at `addr` is now `len` bytes long (after
+    /// the library's own `mremap`, whose events are handled: an in-place growth has none).
+    pub(super) fn resize_range(&self, addr: usize, len: usize) {
+        let mut ranges = lock(&self.own.ranges);
+        let Some(r) = ranges.get(&addr).cloned() else {
+            return;
+        };
+        cut(&mut ranges, addr, addr.saturating_add(len));
+        ranges.insert(addr, Range { len, ..r });
+    }
+
+    /// `MADV_DONTNEED` on this process's host mappings of `file` over the file's `[start,
+    /// end)`, at the addresses the guard knows them by (moved by `mremap`, cut by `munmap`:
+    /// the caller flushes first, before it takes the file's gate, so that every such call
+    /// that has returned is accounted for). `each` runs before each zap (fault injection).
+    #[allow(unsafe_code)] // The one zap by address outside `sys`: see the SAFETY comment.
+    pub(super) fn zap_own(
+        &self,
+        file: &Inner,
+        start: u64,
+        end: u64,
+        mut each: impl FnMut() -> KernelResult<()>,
+    ) -> KernelResult<()> {
+        let ranges = lock(&self.own.ranges);
+        for (&addr, r) in ranges.iter() {
+            if !std::ptr::eq(r.file.as_ptr(), file) {
+                continue;
+            }
+            let (s, e) = (start.max(r.offset), end.min(r.offset + r.len as u64));
+            if s >= e {
+                continue;
+            }
+            each()?;
+            // Both below `r.len`, a usize.
+            #[allow(clippy::cast_possible_truncation)]
+            let (at, n) = (addr + (s - r.offset) as usize, (e - s) as usize);
+            // SAFETY: `[at, at + n)` is part of a `MAP_SHARED` host mapping of `file` in this
+            // process as of every mremap and munmap that has returned (their events are
+            // handled; the ranges' lock keeps the server from changing the record meanwhile).
+            // DONTNEED there drops page-table entries only; the data stays in the file.
+            unsafe { sys::madvise_range(at, n, libc::MADV_DONTNEED)? };
+        }
+        Ok(())
+    }
+
+    /// Clears this process's marker at `addr` if a host mapping of `file` is still there
+    /// (flushed first, as for [`Guard::zap_own`]).
+    #[allow(unsafe_code)] // As in `zap_own`.
+    pub(super) fn zap_own_page(&self, file: &Inner, addr: usize) {
+        let ranges = lock(&self.own.ranges);
+        let Some((&s, r)) = ranges.range(..=addr).next_back() else {
+            return;
+        };
+        if addr >= s + r.len || !std::ptr::eq(r.file.as_ptr(), file) {
+            return;
+        }
+        // SAFETY: as in `zap_own`: one page of a host mapping of `file` in this process.
+        let _ = unsafe { sys::madvise_range(addr, PAGE_SIZE as usize, libc::MADV_DONTNEED) };
     }
 
     fn drop_space(&self, space: &Space) {
@@ -601,4 +676,47 @@ impl Guard {
             }
         }
     }
+}
+
+/// Takes the parts of `ranges` inside `[from, to)` out, returning each as (its start, the
+/// range from there); the parts outside stay.
+fn cut(ranges: &mut BTreeMap<usize, Range>, from: usize, to: usize) -> Vec<(usize, Range)> {
+    let hit: Vec<(usize, Range)> = ranges
+        .range(..to)
+        .filter(|(&s, r)| s + r.len > from)
+        .map(|(&s, r)| (s, r.clone()))
+        .collect();
+    let mut out = Vec::with_capacity(hit.len());
+    for (s, r) in hit {
+        ranges.remove(&s);
+        let (lo, hi) = (s.max(from), (s + r.len).min(to));
+        if s < lo {
+            ranges.insert(
+                s,
+                Range {
+                    len: lo - s,
+                    ..r.clone()
+                },
+            );
+        }
+        if hi < s + r.len {
+            ranges.insert(
+                hi,
+                Range {
+                    len: s + r.len - hi,
+                    offset: r.offset + (hi - s) as u64,
+                    ..r.clone()
+                },
+            );
+        }
+        out.push((
+            lo,
+            Range {
+                len: hi - lo,
+                offset: r.offset + (lo - s) as u64,
+                file: r.file,
+            },
+        ));
+    }
+    out
 }

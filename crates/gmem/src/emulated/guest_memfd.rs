@@ -170,7 +170,7 @@ impl GuestMemfd for EmulatedGuestMemfd {
             self.inner.free_pages(&st.attrs, first, last);
             // NO_DIRECT_MAP: a failed host hand-out left a SIGBUS marker on a shared page; the
             // page leaves the file, so the next access faults afresh.
-            self.inner.clear_failure_markers(&st, first, last);
+            self.inner.clear_failure_markers(first, last);
             sys::fallocate(
                 self.inner.memfd.as_fd(),
                 FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
@@ -364,8 +364,8 @@ impl EmulatedGuestMemfd {
         // the markers other spaces hold are replaced by the pages. Remap mode revokes or
         // restores the runs in this process's mappings, rolling back on failure.
         let host = match &self.inner.mechanism {
-            Mechanism::Guard(_) if to_private => self.inner.host_to_private(&st, &changing),
-            Mechanism::Guard(_) => self.inner.host_to_shared(&st, &changing),
+            Mechanism::Guard(_) if to_private => self.inner.host_to_private(&changing),
+            Mechanism::Guard(_) => self.inner.host_to_shared(&changing),
             Mechanism::Served(_) => Err(Errno::EOPNOTSUPP),
             Mechanism::Remap => {
                 let (op, undo): (RunOp, RunOp) = if to_private {
@@ -394,7 +394,7 @@ impl EmulatedGuestMemfd {
         // KVM's MMU notifier zap its entries, and the guest's next access faults again.
         self.inner.guest_view.zap_changed(&changing);
         // Failure markers of the changed pages go (the pages change hands).
-        self.inner.clear_failure_markers(&st, first, end);
+        self.inner.clear_failure_markers(first, end);
         // §2.4 step 4b: the platform takes back each present page of a range made shared.
         // Platforms without the hook do no per-page work here.
         if !to_private && self.inner.hooks.make_shared {
@@ -468,7 +468,9 @@ impl EmulatedGuestMemfd {
         };
         let map = Arc::new(map);
         let id = self.register_mapping(&map, offset)?;
-        let registry: Arc<dyn MappingRegistry> = self.inner.clone();
+        let registry: Arc<dyn MappingRegistry> = Arc::new(EmulatedGuestMemfd {
+            inner: self.inner.clone(),
+        });
         Ok(HostMapping::new(map, offset, Some((registry, id))))
     }
 

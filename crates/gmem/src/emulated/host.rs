@@ -28,7 +28,7 @@ use std::sync::MutexGuard;
 
 use super::guard::Space;
 use super::page_state::PageSet;
-use super::{Inner, State};
+use super::Inner;
 use crate::attributes::{pages_of, AttributeStore};
 use crate::error::{Errno, KernelResult};
 use crate::sys::{self, PAGE_SIZE};
@@ -119,16 +119,15 @@ impl Inner {
     /// under the gate, zap this process's host mappings, replace the pages mapped in another
     /// address space, then record the new attributes in the gate. On failure nothing is
     /// recorded (pages zapped here fault back in as shared).
-    pub(super) fn host_to_private(&self, st: &State, runs: &[(u64, u64)]) -> KernelResult<()> {
+    pub(super) fn host_to_private(&self, runs: &[(u64, u64)]) -> KernelResult<()> {
+        let Some(guard) = self.guard.as_ref() else {
+            return Err(Errno::EOPNOTSUPP);
+        };
+        guard.flush();
         let mut gate = self.gate();
-        for m in &st.mappings {
-            for &(s, e) in runs {
-                if let Some((off, len)) = m.window(s, e) {
-                    self.fail_after.injected_failure()?;
-                    // DONTNEED on a shared mapping drops PTEs (and markers) only, never data.
-                    m.map.madvise(off, len, libc::MADV_DONTNEED)?;
-                }
-            }
+        for &(s, e) in runs {
+            // DONTNEED on a shared mapping drops PTEs (and markers) only, never data.
+            guard.zap_own(self, s, e, || self.fail_after.injected_failure())?;
         }
         for &(s, e) in runs {
             let (first, end) = pages_of(s, e - s);
@@ -149,27 +148,23 @@ impl Inner {
     /// A conversion's host side, to shared: record the attributes in the gate, clear this
     /// process's markers (`MADV_DONTNEED`) and map the pages over the markers left in another
     /// address space. `Err` only from this process's zap, with the gate's attributes put back.
-    pub(super) fn host_to_shared(&self, st: &State, runs: &[(u64, u64)]) -> KernelResult<()> {
+    pub(super) fn host_to_shared(&self, runs: &[(u64, u64)]) -> KernelResult<()> {
+        let Some(guard) = self.guard.as_ref() else {
+            return Err(Errno::EOPNOTSUPP);
+        };
+        guard.flush();
         let mut gate = self.gate();
         for &(s, e) in runs {
             let (first, end) = pages_of(s, e - s);
             gate.attrs.set_range(first, end, false);
         }
-        for m in &st.mappings {
-            for &(s, e) in runs {
-                if let Some((off, len)) = m.window(s, e) {
-                    let zapped = self
-                        .fail_after
-                        .injected_failure()
-                        .and_then(|()| m.map.madvise(off, len, libc::MADV_DONTNEED));
-                    if let Err(err) = zapped {
-                        for &(s, e) in runs {
-                            let (first, end) = pages_of(s, e - s);
-                            gate.attrs.set_range(first, end, true);
-                        }
-                        return Err(err);
-                    }
+        for &(s, e) in runs {
+            if let Err(err) = guard.zap_own(self, s, e, || self.fail_after.injected_failure()) {
+                for &(s, e) in runs {
+                    let (first, end) = pages_of(s, e - s);
+                    gate.attrs.set_range(first, end, true);
                 }
+                return Err(err);
             }
         }
         for &(s, e) in runs {
@@ -198,27 +193,19 @@ impl Inner {
 
     /// Clears the markers failed hand-outs left on pages `[first, end)` (they leave the file or
     /// change hands): this process's with `MADV_DONTNEED`, another space's by mapping over it.
-    pub(super) fn clear_failure_markers(&self, st: &State, first: u64, end: u64) {
+    pub(super) fn clear_failure_markers(&self, first: u64, end: u64) {
+        let Some(guard) = self.guard.as_ref() else {
+            return;
+        };
+        guard.flush();
         let mut gate = self.gate();
         for entry in Gate::in_pages(&gate.sigbus, first, end) {
             gate.sigbus.remove(&entry);
             let (_, space, addr) = entry;
-            let own = self.guard.as_ref().is_some_and(|g| g.own.id == space);
-            if !own {
+            if guard.own.id != space {
                 let _ = self.map_over_marker(space, addr);
-                continue;
-            }
-            let Ok(a) = usize::try_from(addr) else {
-                continue;
-            };
-            if let Some(m) = st
-                .mappings
-                .iter()
-                .find(|m| a >= m.addr && a < m.addr + m.len)
-            {
-                let _ = m
-                    .map
-                    .madvise(a - m.addr, PAGE_SIZE as usize, libc::MADV_DONTNEED);
+            } else if let Ok(a) = usize::try_from(addr) {
+                guard.zap_own_page(self, a);
             }
         }
     }

@@ -12,14 +12,16 @@ use super::{EmulatedGuestMemfd, Inner, Mechanism, State};
 use crate::attributes::pages_of;
 use crate::error::{Errno, KernelResult};
 use crate::mapping::MappingRegistry;
-use crate::sys::{Mmap, PAGE_SIZE};
+use crate::sys::{Mmap, Placement, PAGE_SIZE};
 
 #[derive(Debug)]
 pub(super) struct MappingEntry {
     pub(super) id: u64,
-    /// The host mapping (shared with its [`HostMapping`](crate::HostMapping), which removes
-    /// this entry before it unmaps).
-    pub(super) map: Arc<Mmap>,
+    /// Remap mode: the host mapping (shared with its [`HostMapping`](crate::HostMapping),
+    /// which removes this entry before it unmaps), into which holes are mapped. Under the
+    /// guard the entry holds no reference: the guard follows the mapping by address, and
+    /// the [`HostMapping`](crate::HostMapping) alone owns it (and may `mremap` it).
+    pub(super) map: Option<Arc<Mmap>>,
     pub(super) addr: usize,
     pub(super) len: usize,
     pub(super) file_offset: u64,
@@ -38,6 +40,11 @@ impl Drop for MappingEntry {
 }
 
 impl MappingEntry {
+    /// Remap mode's mapping (EINVAL under the guard, which never asks for it).
+    fn mmap(&self) -> KernelResult<Arc<Mmap>> {
+        self.map.clone().ok_or(Errno::EINVAL)
+    }
+
     /// The part of file range `[start, end)` this mapping covers, as (offset in the mapping,
     /// length).
     pub(super) fn window(&self, start: u64, end: u64) -> Option<(usize, usize)> {
@@ -157,9 +164,10 @@ impl EmulatedGuestMemfd {
         }
         // The window lies inside the mapping. The hole file is empty, so every access to the
         // new mapping is past its end: SIGBUS.
-        m.map.map_fixed(off, len, self.inner.hole.as_fd(), s)?;
-        no_thp(&m.map, off, len)?;
-        m.map.madvise(off, len, libc::MADV_DONTFORK)?;
+        let map = m.mmap()?;
+        map.map_fixed(off, len, self.inner.hole.as_fd(), s)?;
+        no_thp(&map, off, len)?;
+        map.madvise(off, len, libc::MADV_DONTFORK)?;
         m.add_hole(s, s + len as u64);
         Ok(())
     }
@@ -215,9 +223,10 @@ impl EmulatedGuestMemfd {
         let Some((off, len)) = m.window(hs, he) else {
             return Ok(());
         };
-        m.map.map_fixed(off, len, self.inner.memfd.as_fd(), hs)?;
-        no_thp(&m.map, off, len)?;
-        m.map.madvise(off, len, libc::MADV_DONTFORK)?;
+        let map = m.mmap()?;
+        map.map_fixed(off, len, self.inner.memfd.as_fd(), hs)?;
+        no_thp(&map, off, len)?;
+        map.madvise(off, len, libc::MADV_DONTFORK)?;
         m.remove_hole(hs, he);
         Ok(())
     }
@@ -264,7 +273,7 @@ impl EmulatedGuestMemfd {
             .map_err(|_| Errno::ENOMEM)?;
         let mut entry = MappingEntry {
             id,
-            map: map.clone(),
+            map: matches!(self.inner.mechanism, Mechanism::Remap).then(|| map.clone()),
             addr: map.as_ptr() as usize,
             len: map.len(),
             file_offset,
@@ -311,10 +320,45 @@ impl Inner {
     }
 }
 
-impl MappingRegistry for Inner {
+impl MappingRegistry for EmulatedGuestMemfd {
+    fn remap(
+        &self,
+        id: u64,
+        map: &mut Mmap,
+        new_len: usize,
+        may_move: bool,
+        at: Option<Placement>,
+    ) -> KernelResult<()> {
+        let _fork = super::fork::shared();
+        let mut st = self
+            .inner
+            .state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(entry) = st.mappings.iter_mut().find(|m| m.id == id) else {
+            return Err(Errno::EINVAL);
+        };
+        // Under the state lock: no conversion runs while the mapping moves.
+        map.remap(new_len, may_move, at)?;
+        entry.addr = map.as_ptr() as usize;
+        entry.len = map.len();
+        if let Some(g) = &self.inner.guard {
+            // The move (and a shrink's unmap) came as events; handled, the record is at the
+            // new address, and takes the new length (an in-place growth has no event).
+            g.flush();
+            g.resize_range(entry.addr, entry.len);
+        }
+        Ok(())
+    }
+
+    fn punch(&self, offset: u64, len: u64) -> KernelResult<()> {
+        crate::file::GuestMemfd::punch_hole(self, offset, len)
+    }
+
     fn unregister(&self, id: u64) {
         let _fork = super::fork::shared();
         let mut st = self
+            .inner
             .state
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -322,7 +366,7 @@ impl MappingRegistry for Inner {
         st.mappings.retain(|m| m.id != id);
         drop(st);
         if let Some(addr) = addr {
-            self.forget_mapping(addr);
+            self.inner.forget_mapping(addr);
         }
     }
 }

@@ -550,6 +550,85 @@ impl Mmap {
     }
 }
 
+impl Mmap {
+    /// `mremap` of this mapping to `new_len` bytes: in place, or moved anywhere
+    /// (`MREMAP_MAYMOVE`), or to `at` (`MREMAP_FIXED`; a [`Placement::vacant`] target is
+    /// reserved first, so nothing there is replaced). Afterwards this object is the mapping
+    /// at its new place; on failure nothing changed.
+    pub(crate) fn remap(
+        &mut self,
+        new_len: usize,
+        may_move: bool,
+        at: Option<Placement>,
+    ) -> KernelResult<()> {
+        let new_len = match new_len.checked_next_multiple_of(PAGE_SIZE as usize) {
+            Some(n) if n > 0 => n,
+            _ => return Err(Errno::EINVAL),
+        };
+        let mut flags = if may_move { libc::MREMAP_MAYMOVE } else { 0 };
+        // A vacant target is reserved (EEXIST if anything is there), then replaced.
+        let mut reserved = None;
+        let target = match at {
+            Some(p) => {
+                if !may_move {
+                    return Err(Errno::EINVAL);
+                }
+                flags |= libc::MREMAP_FIXED;
+                if !p.replaces() {
+                    reserved = Some(Mmap::new_at(
+                        Placement::vacant(p.addr(), new_len),
+                        None,
+                        0,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                        libc::PROT_NONE,
+                    )?);
+                }
+                p.addr() as *mut libc::c_void
+            }
+            None => std::ptr::null_mut(),
+        };
+        // SAFETY: the source is this owned mapping, into which no Rust reference exists; a
+        // fixed target was given up by the caller (`Placement::replacing`) or reserved just
+        // above. On success the old range is not unmapped again: this object is updated to
+        // the new one.
+        let p = unsafe { libc::mremap(self.ptr.as_ptr().cast(), self.len, new_len, flags, target) };
+        if p == libc::MAP_FAILED {
+            return Err(Errno::last());
+        }
+        if let Some(r) = reserved {
+            // Replaced by the moved mapping: the reservation no longer exists.
+            std::mem::forget(r);
+        }
+        let Some(ptr) = NonNull::new(p.cast::<u8>()) else {
+            return Err(Errno::ENOMEM);
+        };
+        self.ptr = ptr;
+        self.len = new_len;
+        Ok(())
+    }
+}
+
+/// `madvise(advice)` on `[addr, addr + len)`, a range of this process's address space that no
+/// [`Mmap`] of the caller's stands for (a mapping the guard follows by address).
+///
+/// # Safety
+///
+/// The range must be a `MAP_SHARED` mapping of a file of the caller's, or not mapped, and the
+/// advice one that only drops page-table entries there (`MADV_DONTNEED`): a shared file
+/// mapping loses no data by it.
+pub(crate) unsafe fn madvise_range(
+    addr: usize,
+    len: usize,
+    advice: libc::c_int,
+) -> KernelResult<()> {
+    // SAFETY: per the function's contract.
+    if unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) } == 0 {
+        Ok(())
+    } else {
+        Err(Errno::last())
+    }
+}
+
 impl Drop for Mmap {
     fn drop(&mut self) {
         // SAFETY: the range was mapped by `Mmap::new` and is unmapped exactly once, here.

@@ -10,10 +10,11 @@ use crate::uapi::{
     uffdio_zeropage, UFFDIO_API, UFFDIO_CONTINUE, UFFDIO_POISON, UFFDIO_REGISTER,
     UFFDIO_REGISTER_MODE_MINOR, UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP,
     UFFDIO_UNREGISTER, UFFDIO_WAKE, UFFDIO_ZEROPAGE, UFFD_API, UFFD_EVENT_FORK,
-    UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMAP, UFFD_FEATURE_EVENT_FORK, UFFD_FEATURE_EVENT_REMAP,
-    UFFD_FEATURE_MINOR_SHMEM, UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_POISON,
-    UFFD_FEATURE_THREAD_ID, UFFD_FEATURE_WP_HUGETLBFS_SHMEM, UFFD_PAGEFAULT_FLAG_MINOR,
-    UFFD_PAGEFAULT_FLAG_WRITE, UFFD_USER_MODE_ONLY,
+    UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMAP, UFFD_EVENT_UNMAP, UFFD_FEATURE_EVENT_FORK,
+    UFFD_FEATURE_EVENT_REMAP, UFFD_FEATURE_EVENT_UNMAP, UFFD_FEATURE_MINOR_SHMEM,
+    UFFD_FEATURE_MISSING_SHMEM, UFFD_FEATURE_POISON, UFFD_FEATURE_THREAD_ID,
+    UFFD_FEATURE_WP_HUGETLBFS_SHMEM, UFFD_PAGEFAULT_FLAG_MINOR, UFFD_PAGEFAULT_FLAG_WRITE,
+    UFFD_USER_MODE_ONLY,
 };
 
 /// `userfaultfd(O_CLOEXEC | O_NONBLOCK | extra)`.
@@ -76,6 +77,7 @@ pub const GUARD_FEATURES: u64 = UFFD_FEATURE_MISSING_SHMEM
     | UFFD_FEATURE_POISON
     | UFFD_FEATURE_EVENT_FORK
     | UFFD_FEATURE_EVENT_REMAP
+    | UFFD_FEATURE_EVENT_UNMAP
     | UFFD_FEATURE_THREAD_ID;
 
 /// The registration modes of the guard: every fault on a page without a PTE is an event.
@@ -98,6 +100,13 @@ pub enum UffdEvent {
         to: u64,
         /// Old length (0: a duplicate).
         len: u64,
+    },
+    /// `munmap` (or a shrinking `mremap`) removed `[start, end)`.
+    Unmap {
+        /// First address removed.
+        start: u64,
+        /// End of the removed range.
+        end: u64,
     },
     /// An event gmem does not ask for.
     Other(u8),
@@ -137,6 +146,10 @@ impl RawUffdMsg {
                 from: msg.flags,
                 to: msg.address,
                 len: msg.feat,
+            },
+            UFFD_EVENT_UNMAP => UffdEvent::Unmap {
+                start: msg.flags,
+                end: msg.address,
             },
             other => UffdEvent::Other(other),
         })

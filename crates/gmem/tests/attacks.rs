@@ -1,0 +1,676 @@
+//! What a careless (or curious) program does to its mappings, descriptors and children, tried
+//! against the guard through the library's API: every access to a page private for the whole
+//! access fails (SIGBUS, or EFAULT for a system call), in every process, and the page keeps the
+//! guest's content. One test per attack and kind of file (`<attack>::<kind>`); the kinds are
+//! every platform, with and without NO_DIRECT_MAP where the platform offers it, under the
+//! guard, and the Remap fallback where the attack applies to it. The numbers are the items of
+//! the issue that listed them (DESIGN.md "The guard", trust boundary).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use gmem::emulated::GUARD_NEEDS;
+use gmem::platform::PlatformKind;
+use gmem::uapi::{
+    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
+};
+use gmem::{
+    EmulatedGuestMemfd, EmulatedOptions, GuestMemfd, HostMapping, Probe, Revocation, PAGE_SIZE,
+};
+use gmem_testkit::{needs, test_unless, Trial};
+
+const PS: u64 = PAGE_SIZE;
+const PAGE: usize = PAGE_SIZE as usize;
+const PAGES: u64 = 8;
+const SHARED: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+
+/// A kind of file: its name, options and flags.
+#[derive(Debug, Clone, Copy)]
+struct Kind {
+    name: &'static str,
+    opts: EmulatedOptions,
+    flags: u64,
+}
+
+fn kind(name: &'static str, platform: PlatformKind, revocation: Revocation, ndm: bool) -> Kind {
+    Kind {
+        name,
+        opts: EmulatedOptions {
+            revocation,
+            ..EmulatedOptions::with_platform(platform)
+        },
+        flags: SHARED
+            | if ndm {
+                GUEST_MEMFD_FLAG_NO_DIRECT_MAP
+            } else {
+                0
+            },
+    }
+}
+
+/// Every kind of file under the guard.
+fn guarded() -> Vec<Kind> {
+    use PlatformKind::*;
+    vec![
+        kind("sw", SoftwareProtected, Revocation::Guard, false),
+        kind(
+            "sw_no_direct_map",
+            SoftwareProtected,
+            Revocation::Guard,
+            true,
+        ),
+        kind("pkvm", Pkvm, Revocation::Guard, false),
+        kind("pkvm_no_direct_map", Pkvm, Revocation::Guard, true),
+        kind("snp", Snp, Revocation::Guard, false),
+        kind("tdx", Tdx, Revocation::Guard, false),
+    ]
+}
+
+/// The Remap fallback, for the attacks within one process.
+fn remap() -> Kind {
+    kind(
+        "remap",
+        PlatformKind::SoftwareProtected,
+        Revocation::Remap,
+        false,
+    )
+}
+
+/// A file of [`PAGES`] pages whose every page holds `0x40 + page` (written as shared), with
+/// page 1 made private and page 1 written by the guest since: 0xA1.
+fn file(k: &Kind) -> EmulatedGuestMemfd {
+    let f = EmulatedGuestMemfd::create_with(PAGES * PS, k.flags, k.opts).unwrap();
+    for p in 0..PAGES {
+        f.write_at(p * PS, &[0x40 + p as u8; PAGE]).unwrap();
+    }
+    f.set_private(PS, PS).unwrap();
+    f.guest_write(PS, &[0xA1; 16]).unwrap();
+    f
+}
+
+/// The guest's view of page `p`'s first byte.
+fn guest_byte(f: &EmulatedGuestMemfd, p: u64) -> u8 {
+    let mut b = [0u8];
+    f.guest_read(p * PS, &mut b).unwrap();
+    b[0]
+}
+
+/// The first byte of page `p` through host mapping `m`: `None` for SIGBUS at the page.
+fn look(m: &HostMapping, p: u64) -> Option<u8> {
+    match m.probe_read(p as usize * PAGE, 1).unwrap() {
+        Probe::Done(b) => Some(b[0]),
+        Probe::Fault(f) => {
+            assert!(f.is_sigbus(), "{f:?}");
+            assert_eq!(f.addr, p * PS, "{f:?}");
+            None
+        }
+    }
+}
+
+/// Whether a write of `b` at page `p` through `m` faulted (SIGBUS at the page).
+fn write_faults(m: &HostMapping, p: u64, b: u8) -> bool {
+    match m.probe_write(p as usize * PAGE, 1, b).unwrap() {
+        Probe::Done(()) => false,
+        Probe::Fault(f) => {
+            assert!(f.is_sigbus() && f.addr == p * PS, "{f:?}");
+            true
+        }
+    }
+}
+
+/// The private page refuses the host and keeps the guest's content.
+fn refused(f: &EmulatedGuestMemfd, m: &HostMapping, p: u64) {
+    assert_eq!(look(m, p), None, "page {p} read");
+    assert!(write_faults(m, p, 0xEE), "page {p} written");
+    assert_eq!(guest_byte(f, p), 0xA1, "page {p}: the guest's content");
+}
+
+fn madvise_raw(m: &HostMapping, off: usize, len: usize, advice: libc::c_int) -> i32 {
+    // SAFETY: inside the live mapping `m`; the advice drops page-table entries (or moves
+    // nothing the program references), which the guard re-checks at the next fault.
+    let r = unsafe { libc::madvise(m.as_ptr().add(off).cast(), len, advice) };
+    if r == 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    }
+}
+
+/// Item 1: `MADV_DONTNEED` (and `MADV_PAGEOUT`, `MADV_COLD`) on a private page or the whole
+/// mapping, through the library and as a raw system call: the next access still faults
+/// through the check.
+fn dontneed_does_not_clear_the_guard(k: Kind) {
+    let f = file(&k);
+    let m = f.mmap_all().unwrap();
+    refused(&f, &m, 1);
+    for advice in [libc::MADV_DONTNEED, libc::MADV_PAGEOUT, libc::MADV_COLD] {
+        m.madvise(PAGE, PAGE, advice).unwrap();
+        refused(&f, &m, 1);
+        assert_eq!(madvise_raw(&m, 0, PAGES as usize * PAGE, advice), 0);
+        refused(&f, &m, 1);
+        assert_eq!(look(&m, 2), Some(0x42), "a shared neighbour");
+    }
+}
+
+/// Whether a one-byte read (or write) at `addr` of this process faults, tried in a fork
+/// child (which the guard serves as it serves this process): true for SIGBUS.
+fn faults_at(addr: *mut u8, write: bool) -> bool {
+    // SAFETY: fork(2); the child only touches `addr` and leaves with _exit (or dies of the
+    // fault).
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: a volatile access to one byte the caller names in a mapping of this
+        // process; a fault kills the child, which is what is asked.
+        unsafe {
+            if write {
+                std::ptr::write_volatile(addr, 0xEE);
+            } else {
+                std::ptr::read_volatile(addr);
+            }
+            libc::_exit(0);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: reaps our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    if libc::WIFSIGNALED(status) {
+        assert_eq!(libc::WTERMSIG(status), libc::SIGBUS, "status {status:#x}");
+        true
+    } else {
+        assert_eq!(status, 0);
+        false
+    }
+}
+
+/// The program's own anonymous memory at `at` (if the range is free), filled with 0x5A.
+fn own_memory_at(at: *mut u8, len: usize) -> Option<*mut u8> {
+    // SAFETY: a fresh anonymous mapping where nothing is mapped (NOREPLACE), or none.
+    let p = unsafe {
+        libc::mmap(
+            at.cast(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return None;
+    }
+    let p = p.cast::<u8>();
+    // SAFETY: our own anonymous mapping of `len` bytes.
+    unsafe { std::ptr::write_bytes(p, 0x5A, len) };
+    Some(p)
+}
+
+/// Checks and releases the memory of [`own_memory_at`]: no byte changed.
+fn own_memory_untouched(p: Option<*mut u8>, len: usize) {
+    let Some(p) = p else { return };
+    // SAFETY: our own anonymous mapping of `len` bytes.
+    let all = unsafe { std::slice::from_raw_parts(p, len) };
+    assert!(
+        all.iter().all(|&b| b == 0x5A),
+        "the old address was touched"
+    );
+    // SAFETY: unmaps our own mapping.
+    unsafe { libc::munmap(p.cast(), len) };
+}
+
+/// Item 4: `mremap` of a host mapping through the library (`HostMapping::mremap`: moved, grown,
+/// shrunk): the moved mapping still refuses the private page, the new part is checked like
+/// the rest, and later conversions touch nothing at the old address (the program's own
+/// memory there keeps its content).
+fn mremap_moves_the_guard_with_the_mapping(k: Kind) {
+    let f = file(&k);
+    let len = PAGES as usize * PAGE;
+    let mut m = f.mmap(0, len / 2, gmem::MapKind::Shared).unwrap();
+    let old = m.as_ptr();
+    assert_eq!(look(&m, 2), Some(0x42));
+    m.mremap(len, true, None).unwrap();
+    let mine = own_memory_at(old, len / 2);
+    refused(&f, &m, 1);
+    assert_eq!(look(&m, 2), Some(0x42), "a moved shared page");
+    assert_eq!(look(&m, 6), Some(0x46), "a page of the grown part");
+    f.set_private(3 * PS, 4 * PS).unwrap();
+    f.set_shared(3 * PS, PS).unwrap();
+    assert_eq!(look(&m, 6), None, "page 6, made private after the move");
+    assert_eq!(look(&m, 3), Some(0x43), "page 3, back to shared");
+    // Shrunk in place to three pages: page 3 is gone from it (not checked), page 1 refused.
+    m.mremap(3 * PAGE, false, None).unwrap();
+    assert_eq!(m.len(), 3 * PAGE);
+    f.set_private(2 * PS, PS).unwrap();
+    assert_eq!(look(&m, 2), None);
+    own_memory_untouched(mine, len / 2);
+    assert_eq!(guest_byte(&f, 1), 0xA1);
+}
+
+/// Item 4: The same with a raw `mremap(2)` the library does not see (a C program's system call):
+/// the guard follows the move from the kernel's event; a conversion zaps at the new address
+/// and nothing at the old one.
+fn a_raw_mremap_is_followed(k: Kind) {
+    let f = file(&k);
+    let m = f.mmap_all().unwrap();
+    let len = PAGES as usize * PAGE;
+    let old = m.as_ptr();
+    assert_eq!(look(&m, 3), Some(0x43), "page 3 mapped before the move");
+    // SAFETY: moves the live mapping `m` elsewhere; `m` is not used at its old address
+    // afterwards (its drop unmaps a range the program's own memory held and released).
+    let new = unsafe { libc::mremap(old.cast(), len, len, libc::MREMAP_MAYMOVE) };
+    assert_ne!(new, libc::MAP_FAILED);
+    let new = new.cast::<u8>();
+    let mine = own_memory_at(old, len);
+    // SAFETY: addresses inside the moved mapping.
+    let at = |p: u64| unsafe { new.add(p as usize * PAGE) };
+    assert!(
+        faults_at(at(1), false) && faults_at(at(1), true),
+        "moved private page"
+    );
+    assert!(!faults_at(at(3), false), "a moved shared page");
+    // SAFETY: reads page 3 of the moved mapping in this process (shared, so mapped).
+    assert_eq!(unsafe { std::ptr::read_volatile(at(3)) }, 0x43);
+    f.set_private(3 * PS, 2 * PS).unwrap();
+    assert!(
+        faults_at(at(3), false),
+        "page 3, made private after the move"
+    );
+    f.set_shared(4 * PS, PS).unwrap();
+    assert!(!faults_at(at(4), false), "page 4, back to shared");
+    own_memory_untouched(mine, len);
+    assert_eq!(guest_byte(&f, 1), 0xA1);
+    // SAFETY: the moved mapping goes (the guard forgets it at the unmap's event).
+    unsafe { libc::munmap(new.cast(), len) };
+    drop(m);
+}
+
+/// `MADV_REMOVE` punches (the page reads zero again) and `MADV_POPULATE_*` on a range with a
+/// private page answers EFAULT, as the kernel's guest_memfd does.
+fn madvise_answers_as_the_kernel(k: Kind) {
+    let f = file(&k);
+    let m = f.mmap_all().unwrap();
+    for advice in [libc::MADV_POPULATE_READ, libc::MADV_POPULATE_WRITE] {
+        assert_eq!(
+            m.madvise(0, 3 * PAGE, advice),
+            Err(gmem::Errno::EFAULT),
+            "populate {advice}"
+        );
+        m.madvise(2 * PAGE, 2 * PAGE, advice).unwrap();
+    }
+    m.madvise(2 * PAGE, PAGE, libc::MADV_REMOVE).unwrap();
+    assert_eq!(look(&m, 2), Some(0), "removed: zero on next use");
+    assert_eq!(
+        m.madvise(PAGE + 1, PAGE, libc::MADV_REMOVE),
+        Err(gmem::Errno::EINVAL)
+    );
+    refused(&f, &m, 1);
+}
+
+/// Forks a child that runs `child` (which returns its exit code) with one end of a socket
+/// pair; the parent gets the other end and the child's pid.
+fn fork_with(child: impl FnOnce(UnixStream) -> i32) -> (libc::pid_t, UnixStream) {
+    let (mine, theirs) = UnixStream::pair().unwrap();
+    // SAFETY: fork(2); the child only runs `child` (probes, socket I/O) and leaves with
+    // _exit, without unwinding or running the parent's destructors.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        drop(mine);
+        let code =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| child(theirs))).unwrap_or(99);
+        // SAFETY: ends the child at once.
+        unsafe { libc::_exit(code) };
+    }
+    drop(theirs);
+    (pid, mine)
+}
+
+fn wait(pid: libc::pid_t) -> i32 {
+    let mut status = 0;
+    // SAFETY: reaps our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert!(libc::WIFEXITED(status), "child status {status:#x}");
+    libc::WEXITSTATUS(status)
+}
+
+/// In a child: whether page `p` of `m` reads `want` (`None`: SIGBUS) and, when private,
+/// refuses a write. Exit code 0 when all held.
+fn child_checks(m: &HostMapping, pages: &[(u64, Option<u8>)]) -> i32 {
+    for (i, &(p, want)) in pages.iter().enumerate() {
+        let got = match m.probe_read(p as usize * PAGE, 1) {
+            Ok(Probe::Done(b)) => Some(b[0]),
+            Ok(Probe::Fault(f)) if f.is_sigbus() => None,
+            _ => return 50,
+        };
+        if got != want {
+            return 10 + i as i32;
+        }
+        if want.is_none()
+            && !matches!(
+                m.probe_write(p as usize * PAGE, 1, 0xEE),
+                Ok(Probe::Fault(_))
+            )
+        {
+            return 30 + i as i32;
+        }
+    }
+    0
+}
+
+/// Item 2: A fork child that closes every descriptor (`close_range`, as after a careless
+/// daemonisation): the parent's conversions still reach it at once (no acknowledgement is
+/// waited for), and it faults on the pages made private.
+fn a_child_that_closes_its_descriptors_is_still_guarded(k: Kind) {
+    let f = file(&k);
+    let m = f.mmap_all().unwrap();
+    assert_eq!(look(&m, 3), Some(0x43));
+    let (pid, mut s) = fork_with(|s| {
+        // SAFETY: closes every descriptor but the socket's (kept at 3 by dup2 first).
+        unsafe {
+            use std::os::fd::AsRawFd;
+            libc::dup2(s.as_raw_fd(), 3);
+            libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
+        }
+        // SAFETY: the socket's descriptor, now 3, owned by this object alone.
+        let mut s3 = unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(3) };
+        std::mem::forget(s);
+        let pre = child_checks(&m, &[(1, None), (3, Some(0x43))]);
+        let _ = s3.write_all(&[1]);
+        let mut b = [0u8];
+        let _ = s3.read_exact(&mut b);
+        let post = child_checks(&m, &[(1, None), (3, None), (4, Some(0x44))]);
+        if pre != 0 {
+            pre
+        } else {
+            post
+        }
+    });
+    let mut b = [0u8];
+    s.read_exact(&mut b).unwrap();
+    let t = Instant::now();
+    f.set_private(3 * PS, PS).unwrap();
+    let took = t.elapsed();
+    s.write_all(&[1]).unwrap();
+    assert_eq!(wait(pid), 0, "the child saw a private page");
+    assert!(took < Duration::from_millis(50), "conversion took {took:?}");
+    assert_eq!(guest_byte(&f, 1), 0xA1);
+}
+
+/// Item 5: A stopped fork child (SIGSTOP) neither delays nor fails a conversion, and raises SIGBUS
+/// on the page once it runs again. Measured: the conversion with the child stopped is within
+/// 1 ms of the same conversion without it.
+fn a_stopped_child_delays_nothing(k: Kind) {
+    let f = file(&k);
+    let m = f.mmap_all().unwrap();
+    // The baseline: the same conversion, no child.
+    let time = |off: u64| {
+        let t = Instant::now();
+        f.set_private(off, PS).unwrap();
+        let d = t.elapsed();
+        f.set_shared(off, PS).unwrap();
+        d
+    };
+    let base = (0..5).map(|_| time(5 * PS)).min().unwrap();
+    let (pid, mut s) = fork_with(|mut s| {
+        // Touch page 5 (shared), then wait to be stopped and continued.
+        let pre = child_checks(&m, &[(5, Some(0x45))]);
+        let _ = s.write_all(&[1]);
+        let mut b = [0u8];
+        let _ = s.read_exact(&mut b);
+        let post = child_checks(&m, &[(5, None)]);
+        if pre != 0 {
+            pre
+        } else {
+            post
+        }
+    });
+    let mut b = [0u8];
+    s.read_exact(&mut b).unwrap();
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let t = Instant::now();
+    f.set_private(5 * PS, PS).unwrap();
+    let stopped = t.elapsed();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    s.write_all(&[1]).unwrap();
+    assert_eq!(wait(pid), 0, "the continued child read a private page");
+    assert!(
+        stopped <= base + Duration::from_millis(1),
+        "with a stopped child {stopped:?}, without {base:?}"
+    );
+}
+
+/// Item 8: `fork` while other threads map, unmap, convert and access: every fork returns (the
+/// fork handlers take no lock another thread may hold, and the guard reads the fork event
+/// without allocating), and each child is guarded.
+fn fork_among_busy_threads_never_hangs(k: Kind) {
+    let f = std::sync::Arc::new(file(&k));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..3)
+        .map(|i| {
+            let (f, stop) = (f.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let m = f.mmap_all().unwrap();
+                    let p = 4 + i as u64 % 4;
+                    let _ = f.set_private(p * PS, PS);
+                    let _ = m.probe_read(p as usize * PAGE, 1);
+                    let _ = f.set_shared(p * PS, PS);
+                    let _ = m.probe_write(p as usize * PAGE, 1, 0x40 + p as u8);
+                    drop(m);
+                }
+            })
+        })
+        .collect();
+    let m = f.mmap_all().unwrap();
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    let mut forks = 0;
+    while Instant::now() < deadline {
+        let t = Instant::now();
+        let (pid, _s) = fork_with(|_| child_checks(&m, &[(1, None)]));
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "fork took {:?}",
+            t.elapsed()
+        );
+        assert_eq!(wait(pid), 0);
+        forks += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    assert!(forks > 10, "{forks} forks");
+}
+
+/// Item 9: `fork` with the descriptor table full (RLIMIT_NOFILE reached): the child needs no
+/// descriptor of its own to be guarded, and nothing is done to the parent's mappings (before,
+/// the child revoked every page through the parent's userfaultfd).
+fn fork_with_a_full_descriptor_table_harms_nothing(k: Kind) {
+    let f = file(&k);
+    let m = f.mmap_all().unwrap();
+    let (pid, mut s) = fork_with(|mut s| {
+        // In the child: fill the table, then fork a grandchild that checks.
+        let mut held = Vec::new();
+        while let Ok(d) = std::fs::File::open("/dev/null") {
+            held.push(d);
+            if held.len() > 1 << 20 {
+                break;
+            }
+        }
+        // SAFETY: fork(2) with no descriptor to spare; the grandchild only probes (a probe
+        // forks again, needing none) and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // Probed by plain forks: a probe through the library needs a descriptor.
+            // SAFETY: pages 1 and 2 of the live mapping `m`.
+            let (p1, p2) = unsafe { (m.as_ptr().add(PAGE), m.as_ptr().add(2 * PAGE)) };
+            let code = if !faults_at(p1, false) || !faults_at(p1, true) {
+                11
+            } else if faults_at(p2, false) {
+                12
+            } else if {
+                // SAFETY: page 2 is shared, mapped in this process.
+                unsafe { std::ptr::read_volatile(p2) }
+            } != 0x42
+            {
+                13
+            } else {
+                0
+            };
+            // SAFETY: ends the grandchild at once.
+            unsafe { libc::_exit(code) };
+        }
+        let code = if pid < 0 { 90 } else { wait(pid) };
+        drop(held);
+        let _ = s.write_all(&[1]);
+        code
+    });
+    let mut b = [0u8];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(wait(pid), 0);
+    assert_eq!(look(&m, 2), Some(0x42), "the parent's shared page");
+    assert_eq!(look(&m, 1), None);
+}
+
+extern "C" fn close_everything(_: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: closes the child's copy of the descriptor table (CLONE_VM without CLONE_FILES:
+    // a copy), then the child leaves at once.
+    unsafe {
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        libc::syscall(libc::SYS_exit, 0)
+    };
+    0
+}
+
+/// Item 10: A `clone(CLONE_VM | CLONE_VFORK)` child (what `posix_spawn` and CPython's
+/// `subprocess` make) that closes every descriptor before it leaves: the parent's table is its
+/// own, and the file keeps working.
+fn a_vfork_child_closing_descriptors_changes_nothing_here(k: Kind) {
+    let f = file(&k);
+    let m = f.mmap_all().unwrap();
+    let mut stack = vec![0u8; 64 * 1024];
+    // SAFETY: the child runs `close_everything` on its own stack (the top of `stack`, which
+    // outlives it: the parent is suspended until it exits, CLONE_VFORK).
+    let pid = unsafe {
+        libc::clone(
+            close_everything,
+            stack.as_mut_ptr().add(stack.len()).cast(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            std::ptr::null_mut(),
+        )
+    };
+    assert!(pid > 0);
+    assert_eq!(wait(pid), 0);
+    f.set_private(2 * PS, PS).unwrap();
+    assert_eq!(look(&m, 2), None);
+    f.set_shared(2 * PS, PS).unwrap();
+    assert_eq!(look(&m, 2), Some(0x42));
+    let m2 = f.mmap_all().unwrap();
+    assert_eq!(look(&m2, 1), None);
+}
+
+/// Item 12: A child made by a raw `clone(SIGCHLD)`, which runs no fork handler: it faults on pages
+/// made private before the clone and after it.
+fn a_raw_clone_child_is_guarded(k: Kind) {
+    let f = file(&k);
+    let m = f.mmap_all().unwrap();
+    let (mine, theirs) = UnixStream::pair().unwrap();
+    // SAFETY: a raw clone without CLONE_VM: a copy of the address space, like fork but with
+    // no fork handler run; the child only probes and uses the socket, then leaves with
+    // _exit.
+    let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
+    assert!(pid >= 0);
+    if pid == 0 {
+        let mut s = theirs.try_clone().unwrap();
+        let pre = child_checks(&m, &[(1, None), (6, Some(0x46))]);
+        let _ = s.write_all(&[1]);
+        let mut b = [0u8];
+        let _ = s.read_exact(&mut b);
+        let post = child_checks(&m, &[(6, None)]);
+        // SAFETY: ends the child at once (a raw exit: its C library is the parent's copy).
+        unsafe { libc::syscall(libc::SYS_exit, if pre != 0 { pre } else { post }) };
+    }
+    drop(theirs);
+    let mut s = mine;
+    let mut b = [0u8];
+    s.read_exact(&mut b).unwrap();
+    f.set_private(6 * PS, PS).unwrap();
+    s.write_all(&[1]).unwrap();
+    assert_eq!(wait(pid as libc::pid_t), 0);
+}
+
+fn main() {
+    let guard = needs(&[GUARD_NEEDS]);
+    let mut trials: Vec<Trial> = Vec::new();
+    let mut add = |name: &str, kinds: Vec<Kind>, f: fn(Kind)| {
+        for k in kinds {
+            let why = if k.opts.revocation == Revocation::Guard {
+                guard.clone()
+            } else {
+                None
+            };
+            trials.push(test_unless(format!("{name}::{}", k.name), why, move || {
+                f(k)
+            }));
+        }
+    };
+    let all = || {
+        let mut v = guarded();
+        v.push(remap());
+        v
+    };
+    add(
+        "dontneed_does_not_clear_the_guard",
+        all(),
+        dontneed_does_not_clear_the_guard,
+    );
+    add(
+        "mremap_moves_the_guard_with_the_mapping",
+        guarded(),
+        mremap_moves_the_guard_with_the_mapping,
+    );
+    add(
+        "a_raw_mremap_is_followed",
+        guarded(),
+        a_raw_mremap_is_followed,
+    );
+    add(
+        "madvise_answers_as_the_kernel",
+        guarded(),
+        madvise_answers_as_the_kernel,
+    );
+    add(
+        "a_child_that_closes_its_descriptors_is_still_guarded",
+        guarded(),
+        a_child_that_closes_its_descriptors_is_still_guarded,
+    );
+    add(
+        "a_stopped_child_delays_nothing",
+        guarded(),
+        a_stopped_child_delays_nothing,
+    );
+    add(
+        "fork_among_busy_threads_never_hangs",
+        vec![guarded()[0], guarded()[1]],
+        fork_among_busy_threads_never_hangs,
+    );
+    add(
+        "fork_with_a_full_descriptor_table_harms_nothing",
+        guarded(),
+        fork_with_a_full_descriptor_table_harms_nothing,
+    );
+    add(
+        "a_vfork_child_closing_descriptors_changes_nothing_here",
+        all(),
+        a_vfork_child_closing_descriptors_changes_nothing_here,
+    );
+    add(
+        "a_raw_clone_child_is_guarded",
+        guarded(),
+        a_raw_clone_child_is_guarded,
+    );
+    gmem_testkit::run(trials)
+}
