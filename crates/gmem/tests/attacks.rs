@@ -572,6 +572,72 @@ fn a_vfork_child_closing_descriptors_changes_nothing_here(k: Kind) {
     assert_eq!(look(&m2, 1), None);
 }
 
+/// Item 3: the memory file behind an emulated file cannot be opened anew through
+/// `/proc/<pid>/fd` by another process of the same user (which needs only PTRACE_MODE_READ):
+/// EACCES for reading and for writing, so no private page is reached without an address.
+/// Run as an unprivileged user (`nobody` when the test runs as root: root may read any
+/// process's memory anyway).
+fn no_reopen_through_proc(k: Kind) {
+    let (pid, mut s) = fork_with(|mut s| {
+        // SAFETY: drops this child's privileges (root only; else already unprivileged) and
+        // keeps it dumpable, so /proc/<pid>/fd of it is its user's to read.
+        unsafe {
+            if libc::geteuid() == 0 && (libc::setgid(65534) != 0 || libc::setuid(65534) != 0) {
+                return 60;
+            }
+            libc::prctl(libc::PR_SET_DUMPABLE, 1);
+        }
+        let opts = EmulatedOptions {
+            revocation: Revocation::Auto,
+            ..k.opts
+        };
+        let Ok(f) = EmulatedGuestMemfd::create_with(PAGES * PS, k.flags, opts) else {
+            return 61;
+        };
+        if f.write_at(PS, &[0x41; PAGE]).is_err() || f.set_private(PS, PS).is_err() {
+            return 62;
+        }
+        let _ = f.guest_write(PS, &[0xA1; 16]);
+        let me = std::process::id();
+        // SAFETY: fork(2); the grandchild (same user) only opens files and leaves with _exit.
+        let g = unsafe { libc::fork() };
+        if g == 0 {
+            let mut code = 0;
+            let mut seen = 0;
+            for e in std::fs::read_dir(format!("/proc/{me}/fd")).into_iter().flatten() {
+                let Ok(e) = e else { continue };
+                let link = std::fs::read_link(e.path()).unwrap_or_default();
+                if !link.to_string_lossy().contains("memfd:gmem") {
+                    continue;
+                }
+                seen += 1;
+                for write in [false, true] {
+                    match std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(write)
+                        .open(e.path())
+                    {
+                        Err(err) if err.raw_os_error() == Some(libc::EACCES) => {}
+                        _ => code = 70,
+                    }
+                }
+            }
+            if seen == 0 {
+                code = 71;
+            }
+            // SAFETY: ends the grandchild at once.
+            unsafe { libc::_exit(code) };
+        }
+        let code = if g < 0 { 63 } else { wait(g) };
+        let _ = s.write_all(&[1]);
+        drop(f);
+        code
+    });
+    let mut b = [0u8];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(wait(pid), 0, "60s: set-up, 70: a reopen worked, 71: no memory file seen");
+}
+
 /// Item 12: A child made by a raw `clone(SIGCHLD)`, which runs no fork handler: it faults on pages
 /// made private before the clone and after it.
 fn a_raw_clone_child_is_guarded(k: Kind) {
@@ -667,6 +733,7 @@ fn main() {
         all(),
         a_vfork_child_closing_descriptors_changes_nothing_here,
     );
+    add("no_reopen_through_proc", all(), no_reopen_through_proc);
     add(
         "a_raw_clone_child_is_guarded",
         guarded(),

@@ -37,12 +37,23 @@ fn check(ret: libc::c_int) -> KernelResult<libc::c_int> {
     }
 }
 
-/// Creates an anonymous memory file (`memfd_create(name, MFD_CLOEXEC)`).
+/// Creates an anonymous memory file (`memfd_create(name, MFD_CLOEXEC)`) that only this
+/// descriptor (and its duplicates) reaches: its mode is 0, so opening it anew through
+/// `/proc/<pid>/fd` — which another process of the same user may do — is EACCES. The
+/// descriptor's own access, checked when it was made, is read and write.
 pub fn memfd_create(name: &CStr) -> KernelResult<OwnedFd> {
     // SAFETY: `name` is a valid NUL-terminated string; the call has no other inputs.
     let fd = check(unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) })?;
     // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    fchmod(std::os::fd::AsFd::as_fd(&fd), 0)?;
+    Ok(fd)
+}
+
+/// `fchmod(fd, mode)`.
+pub fn fchmod(fd: BorrowedFd<'_>, mode: libc::mode_t) -> KernelResult<()> {
+    // SAFETY: changes the mode of the caller's open file; no memory is passed.
+    check(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }).map(|_| ())
 }
 
 /// `ftruncate(fd, size)`.
