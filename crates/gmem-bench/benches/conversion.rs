@@ -2,25 +2,42 @@
 //! backend for 4 KiB, 2 MiB and 1 GiB (populated and unpopulated) beside the single-syscall
 //! floor measured in the same run, and the worst-case metadata size.
 
-use gmem::Revocation;
+use gmem::{EmulatedOptions, HostPages, Revocation};
 use gmem_bench::floor::{conversion_latency, worst_case_metadata};
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    for revocation in [Revocation::Guard, Revocation::Remap] {
-        println!("revocation: {}", revocation.name());
+    let configs = [
+        (
+            "guard (host pages replaced, the default)",
+            Revocation::Guard,
+            HostPages::Replace,
+        ),
+        (
+            "guard (host pages zapped, HostPages::Zap)",
+            Revocation::Guard,
+            HostPages::Zap,
+        ),
+        ("remap", Revocation::Remap, HostPages::Replace),
+    ];
+    for (name, revocation, host_pages) in configs {
+        println!("revocation: {name}");
+        let options = EmulatedOptions {
+            host_pages,
+            ..EmulatedOptions::with_revocation(revocation)
+        };
         println!(
             "{:<32} {:>12} {:<34} {:>12} {:>7}",
             "conversion", "median_us", "baseline", "median_us", "ratio"
         );
-        let figures =
-            match conversion_latency(quick, revocation, |l| eprintln!("  measuring {l} ...")) {
-                Ok(f) => f,
-                Err(e) => {
-                    eprintln!("benchmark failed: {e}");
-                    std::process::exit(1);
-                }
-            };
+        let figures = match conversion_latency(quick, options, |l| eprintln!("  measuring {l} ..."))
+        {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("benchmark failed: {e}");
+                std::process::exit(1);
+            }
+        };
         for f in &figures {
             println!(
                 "{:<32} {:>12.2} {:<34} {:>12.2} {:>7.2}",

@@ -8,7 +8,7 @@
 //! reported beside it. A to-shared conversion's floor is the same DONTNEED on an unpopulated
 //! range.
 
-use gmem::emulated::{EmulatedGuestMemfd, EmulatedOptions, Revocation};
+use gmem::emulated::{EmulatedGuestMemfd, EmulatedOptions};
 use gmem::error::KernelResult;
 use gmem::file::GuestMemfd;
 use gmem::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
@@ -88,11 +88,11 @@ fn floors(len: u64, samples: usize) -> KernelResult<(f64, f64, f64, f64)> {
 /// Median latencies of one `set_attributes` to private and back, for `len` bytes, with the
 /// pages populated (allocated and mapped in the host mapping) or not: returns
 /// (to_private_populated, to_shared_populated, to_private_unpopulated, to_shared_unpopulated).
-fn conversions(len: u64, samples: usize, revocation: Revocation) -> KernelResult<[f64; 4]> {
+fn conversions(len: u64, samples: usize, options: EmulatedOptions) -> KernelResult<[f64; 4]> {
     let f = EmulatedGuestMemfd::create_with(
         len,
         GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
-        EmulatedOptions::with_revocation(revocation),
+        options,
     )?;
     let m = f.mmap_all()?;
     let n = m.len();
@@ -116,14 +116,14 @@ fn conversions(len: u64, samples: usize, revocation: Revocation) -> KernelResult
 /// the single-syscall floor for 4 KiB and 2 MiB).
 pub fn conversion_latency(
     quick: bool,
-    revocation: Revocation,
+    options: EmulatedOptions,
     mut progress: impl FnMut(&str),
 ) -> KernelResult<Vec<Figure>> {
     let mut figures = Vec::new();
     for (label, len, samples) in sizes(quick) {
         progress(label);
         let (dontneed, mprotect, empty, mprotect_empty) = floors(len, samples)?;
-        let [pp, sp, pu, su] = conversions(len, samples, revocation)?;
+        let [pp, sp, pu, su] = conversions(len, samples, options)?;
         let fig = Figure::new;
         figures.push(fig(
             format!("to_private {label} populated"),

@@ -604,7 +604,10 @@ fn no_reopen_through_proc(k: Kind) {
         if g == 0 {
             let mut code = 0;
             let mut seen = 0;
-            for e in std::fs::read_dir(format!("/proc/{me}/fd")).into_iter().flatten() {
+            for e in std::fs::read_dir(format!("/proc/{me}/fd"))
+                .into_iter()
+                .flatten()
+            {
                 let Ok(e) = e else { continue };
                 let link = std::fs::read_link(e.path()).unwrap_or_default();
                 if !link.to_string_lossy().contains("memfd:gmem") {
@@ -635,7 +638,58 @@ fn no_reopen_through_proc(k: Kind) {
     });
     let mut b = [0u8];
     s.read_exact(&mut b).unwrap();
-    assert_eq!(wait(pid), 0, "60s: set-up, 70: a reopen worked, 71: no memory file seen");
+    assert_eq!(
+        wait(pid),
+        0,
+        "60s: set-up, 70: a reopen worked, 71: no memory file seen"
+    );
+}
+
+/// Item 7: a page reference gmem does not see (a raw `vmsplice` into a pipe, as an io_uring
+/// fixed buffer or an RDMA registration would hold one): the conversion to private cannot
+/// refuse it. With `HostPages::Replace` the page leaves the file, so the holder reads the
+/// content as of the conversion, never what the guest writes after it. (With the default
+/// `HostPages::Zap` it does: the trust boundary in DESIGN.md.)
+fn an_unseen_reference_reaches_nothing_of_the_guest(k: Kind) {
+    let k = Kind {
+        opts: EmulatedOptions {
+            host_pages: gmem::HostPages::Replace,
+            ..k.opts
+        },
+        ..k
+    };
+    let f = file(&k);
+    let m = f.mmap_all().unwrap();
+    assert_eq!(look(&m, 2), Some(0x42));
+    let mut fds = [0; 2];
+    // SAFETY: makes a pipe into `fds`.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let iov = libc::iovec {
+        // SAFETY: page 2 of the live mapping `m`, shared and mapped.
+        iov_base: unsafe { m.as_ptr().add(2 * PAGE) }.cast(),
+        iov_len: PAGE,
+    };
+    // SAFETY: vmsplice takes references to the page (no copy); the pipe holds them.
+    let n = unsafe { libc::vmsplice(fds[1], &iov, 1, 0) };
+    assert_eq!(n, PAGE as isize);
+    f.set_private(2 * PS, PS).unwrap();
+    f.guest_write(2 * PS, &[0xB2; PAGE]).unwrap();
+    let mut got = vec![0u8; PAGE];
+    // SAFETY: reads the pipe into our buffer.
+    let r = unsafe { libc::read(fds[0], got.as_mut_ptr().cast(), PAGE) };
+    assert_eq!(r, PAGE as isize);
+    assert!(
+        got.iter().all(|&b| b == 0x42),
+        "the reference reached the guest's write after the conversion"
+    );
+    let mut g = [0u8; 1];
+    f.guest_read(2 * PS, &mut g).unwrap();
+    assert_eq!(g[0], 0xB2);
+    // SAFETY: closes our pipe.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
 }
 
 /// Item 12: A child made by a raw `clone(SIGCHLD)`, which runs no fork handler: it faults on pages
@@ -734,6 +788,11 @@ fn main() {
         a_vfork_child_closing_descriptors_changes_nothing_here,
     );
     add("no_reopen_through_proc", all(), no_reopen_through_proc);
+    add(
+        "an_unseen_reference_reaches_nothing_of_the_guest",
+        guarded(),
+        an_unseen_reference_reaches_nothing_of_the_guest,
+    );
     add(
         "a_raw_clone_child_is_guarded",
         guarded(),

@@ -19,6 +19,7 @@ fn enomem_from_a_refused_mapping_change_changes_nothing(rev: Revocation) {
     maps[0].write_volatile(0, &[7u8; 8 * PS as usize]).unwrap();
     // Pages 2..4 private first, so the request below is mixed.
     f.set_private(2 * PS, 2 * PS).unwrap();
+    // The mapping operations of the request: one per run (two) and mapping (three).
     for fail_after in 0..6 {
         f.inject_mapping_failure(fail_after);
         let mut a = kvm_memory_attributes2::new(PS, 6 * PS, KVM_MEMORY_ATTRIBUTE_PRIVATE);

@@ -162,10 +162,12 @@ pub(super) struct Guard {
     pub(super) kernel_faults: bool,
     epoll: Epoll,
     slots: Mutex<Slots>,
-    /// Messages the reader queued (counted under `slots`, with the read) and the server
-    /// handled: [`Guard::flush`] waits until the second reaches the first.
-    queued_count: std::sync::atomic::AtomicU64,
-    handled_count: std::sync::atomic::AtomicU64,
+    /// Events other than faults (fork, remap, unmap) the reader queued (counted under
+    /// `slots`, with the read) and the server handled: [`Guard::flush`] waits until the
+    /// second reaches the first. Faults are not counted: they change no record a zap relies
+    /// on (a fault found through `/proc` records its range before the page is mapped).
+    events_queued: std::sync::atomic::AtomicU64,
+    events_handled: std::sync::atomic::AtomicU64,
     queue: Mutex<Queue>,
     /// Signalled when the queue gains a message (the server waits) or room (the reader).
     queued: std::sync::Condvar,
@@ -233,8 +235,8 @@ impl Guard {
                 fds,
                 generation: vec![0; MAX_SPACES],
             }),
-            queued_count: std::sync::atomic::AtomicU64::new(0),
-            handled_count: std::sync::atomic::AtomicU64::new(0),
+            events_queued: std::sync::atomic::AtomicU64::new(0),
+            events_handled: std::sync::atomic::AtomicU64::new(0),
             queue: Mutex::new(Queue { items }),
             queued: std::sync::Condvar::new(),
             room: std::sync::Condvar::new(),
@@ -383,23 +385,25 @@ impl Guard {
                     return;
                 }
             };
+            if !msg.is_fault() {
+                self.events_queued.fetch_add(1, Ordering::SeqCst);
+            }
             self.push(token, msg);
-            self.queued_count.fetch_add(1, Ordering::SeqCst);
         }
     }
 
-    /// Waits until the server has handled every message read so far, so that this process's
-    /// recorded mappings reflect every `mremap` that has returned (the kernel lets `mremap`
-    /// go once its event is read, and a read is counted before the reader lets go of the
-    /// slots). Called by gmem before it zaps by address or registers a new mapping; never
+    /// Waits until the server has handled every event read so far, so that this process's
+    /// recorded mappings reflect every `mremap` and `munmap` that has returned (the kernel
+    /// lets them go once their event is read, and a read is counted before the reader lets go
+    /// of the slots). Without such an event pending it costs a lock and two loads. Called by gmem before it zaps by address or registers a new mapping; never
     /// under a lock the server takes.
     pub(super) fn flush(&self) {
         let target = {
             let _slots = lock(&self.slots);
-            self.queued_count.load(Ordering::SeqCst)
+            self.events_queued.load(Ordering::SeqCst)
         };
         let mut spins = 0u32;
-        while self.handled_count.load(Ordering::SeqCst) < target {
+        while self.events_handled.load(Ordering::SeqCst) < target {
             spins += 1;
             if spins < 64 {
                 std::hint::spin_loop();
@@ -446,13 +450,16 @@ impl Guard {
             };
             if let Some((token, msg)) = next {
                 self.room.notify_one();
+                let event = !msg.is_fault();
                 if let Some(space) = self.space(token) {
                     self.handle(&space, msg);
                 } else if let Some(UffdEvent::Fork(child)) = msg.decode() {
                     // A fork in a space that has gone: the child's descriptor closes here.
                     drop(child);
                 }
-                self.handled_count.fetch_add(1, Ordering::SeqCst);
+                if event {
+                    self.events_handled.fetch_add(1, Ordering::SeqCst);
+                }
             }
             if last_sweep.elapsed().as_millis() >= u128::from(SWEEP_MS) {
                 last_sweep = std::time::Instant::now();

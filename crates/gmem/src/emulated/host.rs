@@ -42,11 +42,16 @@ pub(super) struct Gate {
     /// Pages the guard mapped in another address space since they last left every one (a
     /// conversion to private must replace them).
     pub(super) elsewhere: PageSet,
+    /// Pages the guard mapped in this process since they were last replaced
+    /// ([`super::HostPages::Replace`]: a conversion to private replaces them too).
+    pub(super) exposed: PageSet,
     /// Poison markers the guard left in another address space: (page, space, address).
     pub(super) markers: BTreeSet<(u64, u64, u64)>,
     /// Markers a failed host hand-out left on shared pages (NO_DIRECT_MAP): (page, space,
     /// address), cleared when the page leaves the file or changes hands.
     pub(super) sigbus: BTreeSet<(u64, u64, u64)>,
+    /// The pipe [`Inner::replace_pages`] holds pages in (made on first use, kept).
+    pipe: Option<sys::HoldPipe>,
 }
 
 impl Gate {
@@ -54,8 +59,10 @@ impl Gate {
         Gate {
             attrs,
             elsewhere: PageSet::default(),
+            exposed: PageSet::default(),
             markers: BTreeSet::new(),
             sigbus: BTreeSet::new(),
+            pipe: None,
         }
     }
 
@@ -108,6 +115,9 @@ impl Inner {
         };
         match mapped {
             Ok(()) if !space.own => gate.elsewhere.insert(page),
+            Ok(()) if self.options.host_pages == super::HostPages::Replace => {
+                gate.exposed.insert(page);
+            }
             Ok(()) => {}
             Err(_) => {
                 let _ = space.uffd.wake(addr, PAGE_SIZE);
@@ -125,20 +135,36 @@ impl Inner {
         };
         guard.flush();
         let mut gate = self.gate();
-        for &(s, e) in runs {
-            // DONTNEED on a shared mapping drops PTEs (and markers) only, never data.
-            guard.zap_own(self, s, e, || self.fail_after.injected_failure())?;
+        let replace_own = self.options.host_pages == super::HostPages::Replace;
+        if !replace_own {
+            for &(s, e) in runs {
+                // DONTNEED on a shared mapping drops PTEs (and markers) only, never data.
+                guard.zap_own(self, s, e, || self.fail_after.injected_failure())?;
+            }
         }
         for &(s, e) in runs {
             let (first, end) = pages_of(s, e - s);
-            let mapped = gate.elsewhere.range(first, end);
+            // The pages mapped anywhere leave the file (a punch zaps them in every process);
+            // the others have no page-table entry to zap, only markers, which stay right.
+            let mut mapped = gate.elsewhere.range(first, end);
+            if replace_own {
+                mapped.extend(gate.exposed.range(first, end));
+                mapped.sort_unstable();
+            }
+            let mut done = first;
             for (a, b) in mapped {
-                self.replace_pages(a, b)?;
+                let a = a.max(done);
+                if a < b {
+                    self.fail_after.injected_failure()?;
+                    self.replace_pages(&mut gate, a, b)?;
+                    done = b;
+                }
             }
         }
         for &(s, e) in runs {
             let (first, end) = pages_of(s, e - s);
             gate.elsewhere.take_range(first, end);
+            gate.exposed.take_range(first, end);
             // Markers left on private pages stay: the pages are private again.
             gate.attrs.set_range(first, end, true);
         }
@@ -197,6 +223,9 @@ impl Inner {
         let Some(guard) = self.guard.as_ref() else {
             return;
         };
+        if Gate::in_pages(&self.gate().sigbus, first, end).is_empty() {
+            return;
+        }
         guard.flush();
         let mut gate = self.gate();
         for entry in Gate::in_pages(&gate.sigbus, first, end) {
@@ -211,41 +240,44 @@ impl Inner {
     }
 
     /// Replaces pages `[first, end)` of the file by new ones with the same content, so that
-    /// no address space maps the old ones any more: the content is held by reference first
-    /// (`vmsplice` of the guest view into pipes: writes up to the zap land in it), the pages
-    /// are punched out (zapped in every process), and the content is written back. A failure
-    /// before the punch changes nothing; after it, the write-back is retried (it needs memory
-    /// for the new pages) until it succeeds.
-    fn replace_pages(&self, first: u64, end: u64) -> KernelResult<()> {
-        let (off, len) = (first * PAGE_SIZE, (end - first) * PAGE_SIZE);
+    /// no address space maps the old ones any more and no reference to them reaches the
+    /// file: the content is held by reference first (`vmsplice` of the guest view into the
+    /// gate's pipe: writes up to the zap land in it), the pages are punched out (zapped in
+    /// every process), and the content is written back. A step at a time (what the pipe
+    /// holds, 1 MiB where the kernel allows). A failure before a step's punch changes nothing
+    /// of it; after it, the write-back is retried (it needs memory for the new pages) until
+    /// it succeeds.
+    fn replace_pages(&self, gate: &mut Gate, first: u64, end: u64) -> KernelResult<()> {
+        // Taken out while in use, put back only empty (after a failure it is dropped, with
+        // whatever it may still hold).
+        let pipe = match gate.pipe.take() {
+            Some(p) => p,
+            None => sys::HoldPipe::new()?,
+        };
         let fd = std::os::fd::AsFd::as_fd(&self.memfd);
-        let flags = super::GUEST_VIEW_FLAGS;
-        let mut held = Vec::new();
-        self.guest_view
-            .pieces(fd, self.size, flags, off, len, |view, at, _, n| {
-                held.push(sys::vmsplice_pin(view, at, n)?);
-                Ok(())
-            })?;
-        sys::fallocate(
-            fd,
-            crate::uapi::FALLOC_FL_PUNCH_HOLE | crate::uapi::FALLOC_FL_KEEP_SIZE,
-            off,
-            len,
-        )?;
-        let mut pieces = held.iter();
-        let mut delay = std::time::Duration::from_micros(100);
-        self.guest_view
-            .pieces(fd, self.size, flags, off, len, |view, at, _, n| {
-                let Some(pipes) = pieces.next() else {
-                    return Err(Errno::EFAULT);
-                };
-                let mut done = 0usize;
-                while sys::drain_pipes_into(pipes, view, at, n, &mut done).is_err() {
-                    // Out of memory for the new pages: the content waits in the pipes.
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(std::time::Duration::from_millis(100));
-                }
-                Ok(())
-            })
+        let (mut off, end) = (first * PAGE_SIZE, end * PAGE_SIZE);
+        while off < end {
+            let want = usize::try_from(end - off).unwrap_or(usize::MAX);
+            let held = pipe.hold_file(fd, off, want)?;
+            if let Err(e) = sys::fallocate(
+                fd,
+                crate::uapi::FALLOC_FL_PUNCH_HOLE | crate::uapi::FALLOC_FL_KEEP_SIZE,
+                off,
+                held as u64,
+            ) {
+                // Nothing changed; the pipe goes with what it holds.
+                return Err(e);
+            }
+            let mut done = 0usize;
+            let mut delay = std::time::Duration::from_micros(100);
+            while pipe.release_into_file(fd, off, held, &mut done).is_err() {
+                // Out of memory for the new pages: the content waits in the pipe.
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(std::time::Duration::from_millis(100));
+            }
+            off += held as u64;
+        }
+        gate.pipe = Some(pipe);
+        Ok(())
     }
 }

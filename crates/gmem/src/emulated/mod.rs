@@ -144,6 +144,36 @@ pub struct EmulatedOptions {
     /// then the file's `KVM_SET_MEMORY_ATTRIBUTES2` is ENOTTY and the VM's
     /// `KVM_SET_MEMORY_ATTRIBUTES` sets the attributes ([`EmulatedGuestMemfd::set_vm_attributes`]).
     pub attribute_tracking: AttributeTracking,
+    /// What a conversion to private does to pages this process's host mappings had mapped:
+    /// their page-table entries go (default), or the pages are replaced ([`HostPages`]).
+    pub host_pages: HostPages,
+}
+
+/// What a conversion to private does to the pages host userspace had mapped in this process.
+///
+/// The kernel refuses the conversion (EAGAIN) while any reference it counts is held on a
+/// page, long-term pins it did not make included (io_uring fixed buffers, RDMA, a raw
+/// `vmsplice`). gmem sees the references it makes and those made through its API, not
+/// those (userspace cannot read a page's reference count): it cannot refuse for them. It can
+/// make them harmless, at a price: a page that left the file takes a holder's reads and
+/// writes with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostPages {
+    /// Only the page-table entries go (`MADV_DONTNEED`), as the kernel does (default): exact
+    /// for the guest and the fastest, and exact for the host when every reference to a host
+    /// page goes through gmem. A reference gmem did not see, taken while the page was shared,
+    /// then still reaches the page after it became private, the guest's later data included
+    /// (DESIGN.md, trust boundary).
+    #[default]
+    Zap,
+    /// The pages host userspace mapped are replaced by new ones with the same content (the
+    /// old ones leave the file): a reference gmem did not see keeps the old page, with the
+    /// content as of the conversion, and never reaches what the guest writes after it; its
+    /// writes after the conversion are lost (the kernel would have refused the conversion).
+    /// Costs a page allocation and a copy per mapped page (`cargo bench --bench conversion`
+    /// prints both), and while a page is being replaced a guest access to it sees it empty
+    /// (a vCPU must not touch a page while it converts it).
+    Replace,
 }
 
 /// Where PRIVATE is tracked (kernel-spec §2.1).
@@ -164,6 +194,7 @@ impl Default for EmulatedOptions {
             hook_placement: HookPlacement::V8,
             vm_private_mem: true,
             attribute_tracking: AttributeTracking::PerFile,
+            host_pages: HostPages::Zap,
         }
     }
 }

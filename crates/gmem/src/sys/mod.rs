@@ -695,6 +695,86 @@ pub fn pipe() -> KernelResult<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// A pipe kept to hold pages by reference for a moment (`vmsplice`), then read empty: made
+/// once, grown to 1 MiB where the kernel allows (`fs.pipe-max-size`).
+#[derive(Debug)]
+pub struct HoldPipe {
+    r: OwnedFd,
+    w: OwnedFd,
+}
+
+impl HoldPipe {
+    /// A new, empty pipe.
+    pub fn new() -> KernelResult<HoldPipe> {
+        let (r, w) = pipe()?;
+        // SAFETY: F_SETPIPE_SZ on our own pipe; a refusal leaves the default size, which
+        // only makes more steps.
+        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+        Ok(HoldPipe { r, w })
+    }
+
+    /// Takes references to the pages of `[off, off + len)` of file `fd` (`splice` from the
+    /// file: its page-cache pages, no copy and no mapping): returns how many bytes it holds
+    /// (at most what the pipe takes). The pipe must be empty.
+    pub fn hold_file(&self, fd: BorrowedFd<'_>, off: u64, len: usize) -> KernelResult<usize> {
+        let mut done = 0usize;
+        while done < len {
+            let mut at = libc::loff_t::try_from(off + done as u64).map_err(|_| Errno::EINVAL)?;
+            // SAFETY: splice between our file and our pipe; `at` is a valid offset cell.
+            let n = unsafe {
+                libc::splice(
+                    fd.as_raw_fd(),
+                    &mut at,
+                    self.w.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    len - done,
+                    libc::SPLICE_F_NONBLOCK,
+                )
+            };
+            if n > 0 {
+                done += n.unsigned_abs();
+                continue;
+            }
+            if done > 0 && (n == 0 || Errno::last() == Errno::EAGAIN) {
+                break;
+            }
+            return Err(if n == 0 { Errno::EFAULT } else { Errno::last() });
+        }
+        Ok(done)
+    }
+
+    /// Writes what the pipe holds into file `fd` at `off` (`splice`: new page-cache pages),
+    /// from `*done` on (`*done` counts what was written, for a retry).
+    pub fn release_into_file(
+        &self,
+        fd: BorrowedFd<'_>,
+        off: u64,
+        len: usize,
+        done: &mut usize,
+    ) -> KernelResult<()> {
+        while *done < len {
+            let mut at = libc::loff_t::try_from(off + *done as u64).map_err(|_| Errno::EINVAL)?;
+            // SAFETY: splice between our pipe and our file; `at` is a valid offset cell.
+            let n = unsafe {
+                libc::splice(
+                    self.r.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    fd.as_raw_fd(),
+                    &mut at,
+                    len - *done,
+                    0,
+                )
+            };
+            if n > 0 {
+                *done += n.unsigned_abs();
+                continue;
+            }
+            return Err(if n == 0 { Errno::EFAULT } else { Errno::last() });
+        }
+        Ok(())
+    }
+}
+
 /// Vmsplices `[off, off + len)` of `map` into pipes that are never read; returns them. While
 /// they are open the kernel holds a reference on every page (EFAULT outside the mapping).
 pub fn vmsplice_pin(map: &Mmap, off: usize, len: usize) -> KernelResult<Vec<(OwnedFd, OwnedFd)>> {
@@ -734,47 +814,6 @@ pub fn vmsplice_pin(map: &Mmap, off: usize, len: usize) -> KernelResult<Vec<(Own
         pipes.push((r, w));
     }
     Ok(pipes)
-}
-
-/// Reads what `pipes` hold (pages [`vmsplice_pin`] put there, in order) into
-/// `[off, off + len)` of `map`, continuing from `*done` bytes already read; the kernel writes
-/// the mapping (`read(2)`), so a page that cannot be allocated is an error (EFAULT), never a
-/// signal. `*done` counts what was read, for a retry.
-pub fn drain_pipes_into(
-    pipes: &[(OwnedFd, OwnedFd)],
-    map: &Mmap,
-    off: usize,
-    len: usize,
-    done: &mut usize,
-) -> KernelResult<()> {
-    map.check_access(off, len)?;
-    // The pipes are read in order; one already drained (by an earlier try) reads nothing.
-    for (r, _) in pipes {
-        while *done < len {
-            // SAFETY: `*done < len`: inside the checked range of the live mapping, which the
-            // kernel writes (read(2)); no Rust reference points into it.
-            let n = unsafe {
-                libc::read(
-                    r.as_raw_fd(),
-                    map.as_ptr().add(off + *done).cast(),
-                    len - *done,
-                )
-            };
-            if n > 0 {
-                *done += n.unsigned_abs();
-                continue;
-            }
-            let e = Errno::last();
-            if n == 0 || e == Errno::EAGAIN {
-                break; // This pipe is empty: the next one.
-            }
-            return Err(e);
-        }
-    }
-    if *done < len {
-        return Err(Errno::EFAULT);
-    }
-    Ok(())
 }
 
 /// An epoll instance: which of many descriptors (each named by a token) are readable.

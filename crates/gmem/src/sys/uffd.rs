@@ -118,6 +118,11 @@ pub enum UffdEvent {
 pub struct RawUffdMsg(uffd_msg);
 
 impl RawUffdMsg {
+    /// Whether the message is a page fault (not an event such as fork, remap or unmap).
+    pub fn is_fault(&self) -> bool {
+        self.0.event == UFFD_EVENT_PAGEFAULT
+    }
+
     /// What the message says: `None` for the all-zero value. A `UFFD_EVENT_FORK` message
     /// carries a descriptor the read installed in this process: decode it once, and the
     /// returned [`PoisonFd`] owns it.
