@@ -9,16 +9,16 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let configs = [
         (
-            "guard (host pages replaced, the default)",
-            Revocation::Guard,
-            HostPages::Replace,
-        ),
-        (
-            "guard (host pages zapped, HostPages::Zap)",
+            "guard (host pages zapped, the default)",
             Revocation::Guard,
             HostPages::Zap,
         ),
-        ("remap", Revocation::Remap, HostPages::Replace),
+        (
+            "guard (host pages replaced, HostPages::Replace)",
+            Revocation::Guard,
+            HostPages::Replace,
+        ),
+        ("remap", Revocation::Remap, HostPages::Zap),
     ];
     for (name, revocation, host_pages) in configs {
         println!("revocation: {name}");
