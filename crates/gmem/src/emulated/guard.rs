@@ -642,6 +642,25 @@ impl Guard {
         Ok(())
     }
 
+    /// Maps the file's pages of `[start, end)` (present in the file, shared) in this
+    /// process's host mappings of `file` (`UFFDIO_CONTINUE`), under the file's gate. Best
+    /// effort: a page with an entry already, or missing from the file, is left to fault.
+    pub(super) fn premap_own(&self, file: &Inner, start: u64, end: u64) {
+        let ranges = lock(&self.own.ranges);
+        for (&addr, r) in ranges.iter() {
+            if !std::ptr::eq(r.file.as_ptr(), file) {
+                continue;
+            }
+            let (s, e) = (start.max(r.offset), end.min(r.offset + r.len as u64));
+            if s < e {
+                let _ = self
+                    .own
+                    .uffd
+                    .continue_page(addr as u64 + (s - r.offset), e - s);
+            }
+        }
+    }
+
     /// Clears this process's marker at `addr` if a host mapping of `file` is still there
     /// (flushed first, as for [`Guard::zap_own`]).
     #[allow(unsafe_code)] // As in `zap_own`.

@@ -42,9 +42,14 @@ pub(super) struct Gate {
     /// Pages the guard mapped in another address space since they last left every one (a
     /// conversion to private must replace them).
     pub(super) elsewhere: PageSet,
-    /// Pages the guard mapped in this process since they were last replaced
-    /// ([`super::HostPages::Replace`]: a conversion to private replaces them too).
+    /// Pages the guard mapped in this process since they were last made private (with
+    /// [`super::HostPages::Replace`] a conversion to private replaces them too).
     pub(super) exposed: PageSet,
+    /// Pages this process's host mappings had mapped when they were made private: a
+    /// conversion back to shared maps them again at once (`UFFDIO_CONTINUE`, one call per
+    /// run), so the host's working set does not fault through the guard page by page. Not
+    /// for NO_DIRECT_MAP files (a page is handed out only at a fault).
+    pub(super) was_mapped: PageSet,
     /// Poison markers the guard left in another address space: (page, space, address).
     pub(super) markers: BTreeSet<(u64, u64, u64)>,
     /// Markers a failed host hand-out left on shared pages (NO_DIRECT_MAP): (page, space,
@@ -60,6 +65,7 @@ impl Gate {
             attrs,
             elsewhere: PageSet::default(),
             exposed: PageSet::default(),
+            was_mapped: PageSet::default(),
             markers: BTreeSet::new(),
             sigbus: BTreeSet::new(),
             pipe: None,
@@ -115,10 +121,7 @@ impl Inner {
         };
         match mapped {
             Ok(()) if !space.own => gate.elsewhere.insert(page),
-            Ok(()) if self.options.host_pages == super::HostPages::Replace => {
-                gate.exposed.insert(page);
-            }
-            Ok(()) => {}
+            Ok(()) => gate.exposed.insert(page),
             Err(_) => {
                 let _ = space.uffd.wake(addr, PAGE_SIZE);
             }
@@ -161,10 +164,15 @@ impl Inner {
                 }
             }
         }
+        let remember = !self.no_direct_map();
         for &(s, e) in runs {
             let (first, end) = pages_of(s, e - s);
             gate.elsewhere.take_range(first, end);
-            gate.exposed.take_range(first, end);
+            for page in gate.exposed.take_range(first, end) {
+                if remember {
+                    gate.was_mapped.insert(page);
+                }
+            }
             // Markers left on private pages stay: the pages are private again.
             gate.attrs.set_range(first, end, true);
         }
@@ -192,6 +200,18 @@ impl Inner {
                 }
                 return Err(err);
             }
+        }
+        // The host's working set comes back at once (best effort: a page not mapped here
+        // faults through the guard as any other).
+        for &(s, e) in runs {
+            let (first, end) = pages_of(s, e - s);
+            for (a, b) in gate.was_mapped.range(first, end) {
+                guard.premap_own(self, a * PAGE_SIZE, b * PAGE_SIZE);
+                for page in a..b {
+                    gate.exposed.insert(page);
+                }
+            }
+            gate.was_mapped.take_range(first, end);
         }
         for &(s, e) in runs {
             let (first, end) = pages_of(s, e - s);
