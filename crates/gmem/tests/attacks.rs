@@ -206,6 +206,26 @@ fn own_memory_at(at: *mut u8, len: usize) -> Option<*mut u8> {
     Some(p)
 }
 
+/// The program's own anonymous memory, anywhere, filled with 0x5A.
+fn own_memory(len: usize) -> *mut u8 {
+    // SAFETY: a fresh anonymous mapping the kernel places.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    let p = p.cast::<u8>();
+    // SAFETY: our own anonymous mapping of `len` bytes.
+    unsafe { std::ptr::write_bytes(p, 0x5A, len) };
+    p
+}
+
 /// Checks and releases the memory of [`own_memory_at`]: no byte changed.
 fn own_memory_untouched(p: Option<*mut u8>, len: usize) {
     let Some(p) = p else { return };
@@ -283,6 +303,36 @@ fn a_raw_mremap_is_followed(k: Kind) {
     // SAFETY: the moved mapping goes (the guard forgets it at the unmap's event).
     unsafe { libc::munmap(new.cast(), len) };
     drop(m);
+}
+
+/// Item 4: An unmap or move event the guard handles late, after another mapping was made
+/// and registered at its addresses (a `munmap` lets its range go before its event is read,
+/// so another thread can map there first), neither loses that mapping's record (a
+/// conversion still zaps it) nor records the program's own memory as a host mapping (a
+/// conversion would then zap it and lose its data).
+fn a_late_event_cuts_no_newer_record(k: Kind) {
+    let f = file(&k);
+    let m = f.mmap_all().unwrap();
+    let len = PAGES as usize * PAGE;
+    assert_eq!(look(&m, 3), Some(0x43), "page 3 mapped");
+    assert!(f.replay_late_event(m.as_ptr() as usize, len, None));
+    f.set_private(3 * PS, PS).unwrap();
+    assert_eq!(
+        look(&m, 3),
+        None,
+        "page 3, made private after a late unmap event"
+    );
+    let mine = own_memory(len);
+    assert_eq!(look(&m, 4), Some(0x44), "page 4 mapped");
+    assert!(f.replay_late_event(m.as_ptr() as usize, len, Some(mine as usize)));
+    f.set_private(4 * PS, PS).unwrap();
+    assert_eq!(
+        look(&m, 4),
+        None,
+        "page 4, made private after a late move event"
+    );
+    own_memory_untouched(Some(mine), len);
+    assert_eq!(guest_byte(&f, 1), 0xA1);
 }
 
 /// `MADV_REMOVE` punches (the page reads zero again) and `MADV_POPULATE_*` on a range with a
@@ -756,6 +806,11 @@ fn main() {
         "a_raw_mremap_is_followed",
         guarded(),
         a_raw_mremap_is_followed,
+    );
+    add(
+        "a_late_event_cuts_no_newer_record",
+        guarded(),
+        a_late_event_cuts_no_newer_record,
     );
     add(
         "madvise_answers_as_the_kernel",

@@ -521,47 +521,66 @@ impl Guard {
         }
         let maps = std::fs::read_to_string(format!("/proc/{tid}/maps")).ok()?;
         let files = lock(&self.files);
-        for line in maps.lines() {
-            // start-end perms offset dev inode path
-            let mut f = line.split_whitespace();
-            let (Some(range), Some(_), Some(off), Some(_), Some(ino)) =
-                (f.next(), f.next(), f.next(), f.next(), f.next())
-            else {
-                continue;
-            };
-            let Some((s, e)) = range.split_once('-') else {
-                continue;
-            };
-            let (Ok(s), Ok(e), Ok(off), Ok(ino)) = (
-                usize::from_str_radix(s, 16),
-                usize::from_str_radix(e, 16),
-                u64::from_str_radix(off, 16),
-                ino.parse::<u64>(),
-            ) else {
-                continue;
-            };
-            if addr < s || addr >= e {
-                continue;
-            }
-            let file = files.get(&ino)?.upgrade()?;
-            space.keep(&file);
-            lock(&space.ranges).insert(
+        let (s, e, off, ino) = maps
+            .lines()
+            .filter_map(maps_line)
+            .find(|&(s, e, _, _)| s <= addr && addr < e)?;
+        let file = files.get(&ino)?.upgrade()?;
+        space.keep(&file);
+        lock(&space.ranges).insert(
+            s,
+            Range {
+                len: e - s,
+                file: Arc::downgrade(&file),
+                offset: off,
+            },
+        );
+        Some((file, off + (addr - s) as u64))
+    }
+
+    /// Makes this process's records of `[lo, hi)` what the kernel says is mapped there now
+    /// (`/proc/self/maps`): every mapping of a live file of this process overlapping it is
+    /// recorded whole, and nothing else. An event is handled after the change it reports,
+    /// possibly after later changes by other threads (a `munmap` lets its range go before
+    /// its event is read, so a new mapping can be made and registered there first): applied
+    /// blindly, it would cut or move the newer record, and a conversion would then not zap
+    /// that mapping. The maps are read under the ranges' lock, so a registration either
+    /// comes after (and is kept) or its mapping is seen. If the maps cannot be read the
+    /// records stay as the event left them.
+    fn reconcile_own(&self, lo: usize, hi: usize) {
+        let files = lock(&self.files);
+        let mut ranges = lock(&self.own.ranges);
+        let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+            return;
+        };
+        let live: Vec<(usize, usize, u64, Weak<Inner>)> = maps
+            .lines()
+            .filter_map(maps_line)
+            .filter(|&(s, e, _, _)| s < hi && e > lo)
+            .filter_map(|(s, e, off, ino)| {
+                let f = files.get(&ino)?;
+                (f.strong_count() > 0).then(|| (s, e, off, f.clone()))
+            })
+            .collect();
+        let lo = live.iter().map(|v| v.0).fold(lo, usize::min);
+        let hi = live.iter().map(|v| v.1).fold(hi, usize::max);
+        cut(&mut ranges, lo, hi);
+        for (s, e, offset, file) in live {
+            ranges.insert(
                 s,
                 Range {
                     len: e - s,
-                    file: Arc::downgrade(&file),
-                    offset: off,
+                    file,
+                    offset,
                 },
             );
-            return Some((file, off + (addr - s) as u64));
         }
-        None
     }
 
     /// `mremap` in `space`: this process's ranges move with their mappings (a duplicate is a
     /// new range of the same file, found by its faults through `/proc` as in another space);
     /// another space's cache is forgotten (its faults look the mappings up again).
-    fn remap(&self, space: &Space, from: u64, to: u64, len: u64) {
+    pub(super) fn remap(&self, space: &Space, from: u64, to: u64, len: u64) {
         let (Ok(from), Ok(to), Ok(len)) = (
             usize::try_from(from),
             usize::try_from(to),
@@ -577,15 +596,19 @@ impl Guard {
         if len == 0 {
             return;
         }
-        // Moved: the part of each range inside [from, from + len) now starts at `to`.
+        // Moved: the part of each range inside [from, from + len) now starts at `to`; then
+        // both places are checked against the kernel (the event may be late).
         for (lo, r) in cut(&mut ranges, from, from.saturating_add(len)) {
             ranges.insert(to + (lo - from), r);
         }
+        drop(ranges);
+        self.reconcile_own(from, from.saturating_add(len));
+        self.reconcile_own(to, to.saturating_add(len));
     }
 
     /// `munmap` in `space` of `[start, end)`: this process's ranges lose that part (nothing
     /// is touched there afterwards); another space's cache is forgotten.
-    fn unmap(&self, space: &Space, start: u64, end: u64) {
+    pub(super) fn unmap(&self, space: &Space, start: u64, end: u64) {
         let (Ok(start), Ok(end)) = (usize::try_from(start), usize::try_from(end)) else {
             return;
         };
@@ -595,6 +618,9 @@ impl Guard {
             return;
         }
         cut(&mut ranges, start, end);
+        drop(ranges);
+        // A mapping made there since the unmap (and registered before this event) stays.
+        self.reconcile_own(start, end);
     }
 
     /// Records that this process's host mapping at `addr` is now `len` bytes long (after
@@ -702,6 +728,20 @@ impl Guard {
             }
         }
     }
+}
+
+/// One line of `/proc/<pid>/maps` ("start-end perms offset dev inode path"): start, end,
+/// offset and inode.
+fn maps_line(line: &str) -> Option<(usize, usize, u64, u64)> {
+    let mut f = line.split_whitespace();
+    let (range, _, off, _, ino) = (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+    let (s, e) = range.split_once('-')?;
+    Some((
+        usize::from_str_radix(s, 16).ok()?,
+        usize::from_str_radix(e, 16).ok()?,
+        u64::from_str_radix(off, 16).ok()?,
+        ino.parse::<u64>().ok()?,
+    ))
 }
 
 /// Takes the parts of `ranges` inside `[from, to)` out, returning each as (its start, the

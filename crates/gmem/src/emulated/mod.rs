@@ -528,6 +528,23 @@ impl EmulatedGuestMemfd {
         self.inner.fail_after.arm(ops);
     }
 
+    /// Testing hook: the guard handles, now, an unmap event of `[addr, addr + len)` in this
+    /// process, or with `to` a move of that range to `to`, as it handles one that arrives
+    /// late (a `munmap` lets its range go before its event is read, and another thread's
+    /// mapping may be made and registered there first). False without a guard.
+    #[doc(hidden)]
+    pub fn replay_late_event(&self, addr: usize, len: usize, to: Option<usize>) -> bool {
+        let Some(g) = self.inner.guard.as_ref() else {
+            return false;
+        };
+        let (a, l) = (addr as u64, len as u64);
+        match to {
+            Some(t) => g.remap(&g.own, a, t as u64, l),
+            None => g.unmap(&g.own, a, a.saturating_add(l)),
+        }
+        true
+    }
+
     /// The guest's view: a full mapping of the file in which private pages are accessible.
     /// Created on first use; once it exists, every conversion zaps its PTEs of the range.
     pub fn create_guest_view(&self) -> KernelResult<()> {
