@@ -260,6 +260,62 @@ fn a_second_process_follows_over_a_unix_socket(opts: EmulatedOptions) {
     f.set_shared(0, PAGE_SIZE).unwrap();
 }
 
+/// A process the file was handed to, stopped (SIGSTOP) after it mapped a page, delays a
+/// conversion of that page by at most 1 ms against the same conversion while it runs, the
+/// conversion succeeds, and once continued the process gets SIGBUS there.
+fn a_stopped_second_process_delays_nothing(opts: EmulatedOptions) {
+    let (f, m) = prepare(opts);
+    let dir = gmem_testkit::TempDir::new("gmem-stop").unwrap();
+    let path = dir.join("sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(SECOND_PROCESS, &path)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut s = accept_bounded(&listener, &mut child);
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    f.send_to(&s).unwrap();
+    let mut ready = [0u8; 1];
+    s.read_exact(&mut ready).unwrap();
+    // The baseline: page 5 mapped there (it reads it), converted while the process runs.
+    let mut base = Duration::MAX;
+    for _ in 0..5 {
+        assert_eq!(ask(&mut s, b'L', 5, 0), 0xaa);
+        let t = std::time::Instant::now();
+        f.set_private(5 * PAGE_SIZE, PAGE_SIZE).unwrap();
+        base = base.min(t.elapsed());
+        f.set_shared(5 * PAGE_SIZE, PAGE_SIZE).unwrap();
+    }
+    assert_eq!(ask(&mut s, b'L', 5, 0), 0xaa);
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    let mut status = 0;
+    // SAFETY: signals our own child and waits until it has stopped (not reaped).
+    unsafe {
+        libc::kill(pid, libc::SIGSTOP);
+        libc::waitpid(pid, &mut status, libc::WUNTRACED);
+    }
+    assert!(
+        libc::WIFSTOPPED(status),
+        "second process status {status:#x}"
+    );
+    let t = std::time::Instant::now();
+    f.set_private(5 * PAGE_SIZE, PAGE_SIZE).unwrap();
+    let stopped = t.elapsed();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_eq!(ask(&mut s, b'L', 5, 0), SIGBUS, "read there after SIGCONT");
+    assert_eq!(ask(&mut s, b'W', 5, 0x11), 1, "written there after SIGCONT");
+    s.write_all(b"Q\0\0").unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(
+        stopped <= base + Duration::from_millis(1),
+        "with a stopped process {stopped:?}, while it runs {base:?}"
+    );
+    f.set_shared(5 * PAGE_SIZE, PAGE_SIZE).unwrap();
+    assert_eq!(look(&m, 5), Some(0xaa), "the page's content");
+}
+
 fn main() {
     if let Some(path) = std::env::var_os(SECOND_PROCESS) {
         second_process(&path);
@@ -276,6 +332,12 @@ fn main() {
         &modes(),
         FLAGS,
         a_second_process_follows_over_a_unix_socket,
+    ));
+    trials.extend(per_mode(
+        "a_stopped_second_process_delays_nothing",
+        &modes(),
+        FLAGS,
+        a_stopped_second_process_delays_nothing,
     ));
     trials.push(gmem_testkit::test_needing(
         "a_grandchild_follows_too",
