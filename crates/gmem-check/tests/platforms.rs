@@ -286,7 +286,7 @@ fn snp_guards_gmem_writes_to_assigned_pages() {
 }
 
 /// kvm_gmem_populate clamps npages to the end of the memslot and GUPs the source page by page
-/// (kernel-spec §2.7): a range past the end and a short source both give the pages done.
+/// (docs/series.md §2.7): a range past the end and a short source both give the pages done.
 fn populate_clamps_and_gups_the_source_per_page() {
     for p in [PlatformKind::SoftwareProtected, PlatformKind::Tdx] {
         let f = file(p, 4, GUEST_MEMFD_FLAG_MMAP);

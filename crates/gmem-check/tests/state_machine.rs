@@ -1,7 +1,7 @@
 //! State-machine property test: random sequences of create, convert, pin/unpin, punch,
 //! allocate, host read/write (through `HostMapping::probe_*`, so SIGBUS is observed) and guest
 //! read/write (`conformance::InternalGuest`) run against the emulated backend and against a
-//! plain in-memory reference model of the spec (kernel-spec §2.3-§2.5: page → attribute and
+//! plain in-memory reference model of the spec (docs/series.md §2.3-§2.5: page → attribute and
 //! content, plus pins), comparing every result: errno, `error_offset`, SIGBUS offset, bytes.
 //!
 //! `PROPTEST_CASES` sets the number of sequences (default 128, about a second), one property

@@ -37,7 +37,7 @@ pub struct ConvertRequest {
 }
 
 impl ConvertRequest {
-    /// Decodes `KVM_HC_MAP_GPA_RANGE(gpa, npages, attrs)` (kernel-spec §1.5): `npages` counts
+    /// Decodes `KVM_HC_MAP_GPA_RANGE(gpa, npages, attrs)` (docs/series.md §1.5): `npages` counts
     /// 4 KiB pages, attrs bit 4 is ENCRYPTED (private), bits 0-1 the page size hint. EINVAL for
     /// an unaligned gpa, zero or overflowing pages, or unknown attribute bits.
     pub fn from_map_gpa_range(gpa: u64, npages: u64, attrs: u64) -> KernelResult<Self> {

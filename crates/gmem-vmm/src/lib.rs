@@ -5,8 +5,8 @@
 //!
 //! - emulated backend: an ordinary memslot (`KVM_SET_USER_MEMORY_REGION`) over the file's guest
 //!   view, a full `MAP_SHARED` mapping of the memfd in which private pages stay accessible;
-//! - kernel backend: `KVM_SET_USER_MEMORY_REGION2` with `KVM_MEM_GUEST_MEMFD`, the guest_memfd
-//!   and its offset, and `userspace_addr` equal to the file's own mapping (host.md: emulated
+//! - kernel backend: `KVM_SET_USER_MEMORY_REGION2` with `KVM_MEM_GUEST_MEMFD`, the guest_memfd and
+//!   its offset, and `userspace_addr` equal to the file's own mapping (docs/host-facts.md: emulated
 //!   accesses go through `userspace_addr`, so it must be that mapping);
 //! - the two-backing layout ([`two_backing::TwoBacking`], for comparison): an ordinary memslot over
 //!   its composite view, in which each page maps the private store or the shared memfd as its

@@ -62,7 +62,7 @@ pub enum VmAccess {
     Other(String),
 }
 
-/// A VM with memslots over guest_memfd files and a vCPU that runs guest code (kernel-spec
+/// A VM with memslots over guest_memfd files and a vCPU that runs guest code (docs/series.md
 /// §4.4). Provided by a [`GuestPort`] through [`GuestPort::vm`].
 pub trait VmPort: Send + Sync + fmt::Debug {
     /// Binds `[offset, offset + size)` of `file` at guest physical address `gpa`; returns the

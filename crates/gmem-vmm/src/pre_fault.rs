@@ -1,4 +1,4 @@
-//! `KVM_PRE_FAULT_MEMORY` (kernel-spec §1.6; `kvm_vcpu_pre_fault_memory` in virt/kvm/kvm_main.c
+//! `KVM_PRE_FAULT_MEMORY` (docs/series.md §1.6; `kvm_vcpu_pre_fault_memory` in virt/kvm/kvm_main.c
 //! and x86's `kvm_arch_vcpu_pre_fault_memory`): map `[gpa, gpa + size)` ahead of the guest.
 //!
 //! On a VM of the kernel backend the vCPU ioctl is issued and its answer returned (EOPNOTSUPP

@@ -1,4 +1,4 @@
-//! Per-VM attribute tracking (kernel-spec §2.1): the module-parameter mode (v8
+//! Per-VM attribute tracking (docs/series.md §2.1): the module-parameter mode (v8
 //! `kvm.gmem_in_place_conversion=0`, v7 `kvm.vm_memory_attributes=1`) in which PRIVATE is set
 //! per guest frame with the VM ioctl `KVM_SET_MEMORY_ATTRIBUTES` and the guest_memfd ioctl is
 //! off (ENOTTY), and memslots without a guest_memfd ([`Vm::bind_anonymous`]).

@@ -222,7 +222,7 @@ impl AttributeStore {
     }
 
     /// Whether page `page` is private. Pages past the end count as shared, like a GFN with no
-    /// file (kernel-spec §2.1).
+    /// file (docs/series.md §2.1).
     pub fn is_private(&self, page: u64) -> bool {
         if page >= self.npages {
             return false;

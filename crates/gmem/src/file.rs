@@ -253,7 +253,7 @@ pub trait GuestMemfd: Send + Sync + fmt::Debug {
 pub enum MemslotSource<'a> {
     /// The kernel's guest_memfd: `KVM_SET_USER_MEMORY_REGION2` with `KVM_MEM_GUEST_MEMFD`,
     /// this descriptor and the file offset, on the VM that created the file;
-    /// `userspace_addr` is the file's own shared mapping (host.md: emulated accesses go
+    /// `userspace_addr` is the file's own shared mapping (docs/host-facts.md: emulated accesses go
     /// through it).
     GuestMemfd {
         /// The guest_memfd.

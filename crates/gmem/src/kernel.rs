@@ -248,12 +248,12 @@ impl fmt::Debug for KernelGuestMemfd {
 }
 
 impl KernelGuestMemfd {
-    /// A full `MAP_SHARED` mapping of the file (offset 0, `size` bytes), made on first use and
-    /// kept for the file's lifetime. Its address is the `userspace_addr` to bind a memslot
-    /// with (the kernel routes emulated guest accesses through `userspace_addr`, so it must be
-    /// this mapping, host.md). Private pages in it raise SIGBUS, like any host mapping; the
-    /// safe accessors check the attribute mirror first. Fails with the kernel's mmap errno
-    /// (ENODEV for a file created without `GUEST_MEMFD_FLAG_MMAP`).
+    /// A full `MAP_SHARED` mapping of the file (offset 0, `size` bytes), made on first use and kept
+    /// for the file's lifetime. Its address is the `userspace_addr` to bind a memslot with (the
+    /// kernel routes emulated guest accesses through `userspace_addr`, so it must be this mapping,
+    /// docs/host-facts.md). Private pages in it raise SIGBUS, like any host mapping; the safe
+    /// accessors check the attribute mirror first. Fails with the kernel's mmap errno (ENODEV for a
+    /// file created without `GUEST_MEMFD_FLAG_MMAP`).
     pub(crate) fn host_view(&self) -> KernelResult<&Mmap> {
         self.inner
             .host_view

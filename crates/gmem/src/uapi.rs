@@ -3,7 +3,7 @@
 //! What `kvm-bindings` 0.14 already has is re-exported from it; what it lacks (the
 //! `GUEST_MEMFD_FLAG_*` flags, `KVM_CAP_GUEST_MEMFD_FLAGS`, and everything from the unmerged
 //! in-place conversion series such as `struct kvm_memory_attributes2`) is defined here with the
-//! upstream name and value. Sources: `kernel-spec.md` §1 (v7 with the v8 deltas).
+//! upstream name and value. Sources: docs/series.md §1 (v7 with the v8 deltas).
 //!
 //! Capability numbers of unmerged series move between revisions, so they are not loose
 //! constants: [`SeriesRevision`] is the one table that maps a revision to its numbers.

@@ -1,4 +1,4 @@
-//! In-flight accesses hold transient references (kernel-spec §2.4 step 3b: any extra
+//! In-flight accesses hold transient references (docs/series.md §2.4 step 3b: any extra
 //! reference fails a conversion to private with EAGAIN): a conversion raced against guest
 //! accesses and the safe accessors sees EAGAIN at least once, with a page-aligned
 //! `error_offset` inside the range and nothing changed; once the accesses stop, it succeeds.

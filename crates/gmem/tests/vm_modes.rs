@@ -1,4 +1,4 @@
-//! The owning VM's type and attribute-tracking mode on the emulated backend (kernel-spec §2.1,
+//! The owning VM's type and attribute-tracking mode on the emulated backend (docs/series.md §2.1,
 //! §2.3): a VM type without private memory, and per-VM tracking (the module-parameter mode).
 
 use gmem::uapi::{

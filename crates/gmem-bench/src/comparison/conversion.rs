@@ -41,7 +41,7 @@ fn conversion_medians(len: u64, reps: usize) -> Result<Vec<[f64; 4]>, BenchError
         .collect::<Result<Vec<_>, _>>()?;
     let mut samples: Vec<[Vec<f64>; 4]> = models.iter().map(|_| Default::default()).collect();
     // One untimed warm-up repetition: the first touch of fresh machine memory costs extra
-    // (the outer hypervisor backs it lazily, host.md).
+    // (the outer hypervisor backs it lazily, docs/host-facts.md).
     for rep in 0..=reps {
         for (m, s) in models.iter().zip(samples.iter_mut()) {
             let mut t = [0.0; 4];

@@ -1,4 +1,4 @@
-//! Cases from `tools/testing/selftests/kvm/x86/guest_memfd_conversions_test.c` (kernel-spec
+//! Cases from `tools/testing/selftests/kvm/x86/guest_memfd_conversions_test.c` (docs/series.md
 //! §4.2), and the validation rules of `KVM_SET_MEMORY_ATTRIBUTES2` (§2.3–§2.4).
 
 use super::{ensure, host_read, host_rmw, host_write, Case, CaseFailure, CaseResult, Ctx, Need};
@@ -18,7 +18,7 @@ const CONV_SHARED: &[Need] = &[Need::Mmap, Need::InitShared, Need::Conversion, N
 
 pub(super) fn cases() -> Vec<Case> {
     const SRC: &str = "guest_memfd_conversions_test.c";
-    const SPEC: &str = "kernel-spec §2.3-§2.4";
+    const SPEC: &str = "docs/series.md §2.3-§2.4";
     vec![
         Case {
             name: "init_private",

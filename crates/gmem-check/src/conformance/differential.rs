@@ -57,7 +57,7 @@ pub const KNOWN_DEVIATIONS: &[Deviation] = &[Deviation {
 
 const NO_DIRECT_MAP: &str = "The emulated backend's default platform (software-protected) offers \
      GUEST_MEMFD_FLAG_NO_DIRECT_MAP as the v10 series does for x86 VMs other than TDX \
-     (kernel-spec §3.1); a kernel without that series does not advertise it in \
+     (docs/series.md §3.1); a kernel without that series does not advertise it in \
      KVM_CAP_GUEST_MEMFD_FLAGS and refuses it. The emulated SNP and TDX platforms refuse it too.";
 
 const PS: u64 = gmem::os::PAGE_SIZE;
@@ -76,8 +76,8 @@ fn s(name: &'static str, source: &'static str, needs: &'static [Need], text: &st
 pub fn scripts() -> Vec<Script> {
     const GMT: &str = "guest_memfd_test.c";
     const GMCT: &str = "guest_memfd_conversions_test.c";
-    const SPEC25: &str = "kernel-spec §2.5";
-    const SPEC23: &str = "kernel-spec §2.3-§2.4";
+    const SPEC25: &str = "docs/series.md §2.5";
+    const SPEC23: &str = "docs/series.md §2.3-§2.4";
     let flags = (0..64)
         .map(|b| format!("create 4k {:#x}\n", 1u64 << b))
         .collect::<String>();
@@ -189,7 +189,7 @@ pub fn scripts() -> Vec<Script> {
         ),
         s(
             "pins",
-            "kernel-spec §4.2 (elevated_refcount setup)",
+            "docs/series.md §4.2 (elevated_refcount setup)",
             &[Need::Mmap, Need::InitShared],
             "create 16k mmap|init_shared\nmmap\npin 0 0\npin 0 20k\npin 16k 4k\npin 4k 4k\npin 0 16k\n\
              mwrite 4k 4k 0x33\nmread 0 16k\nfpunch 4k 4k\nmread 4k 4k\nunpin 4k 4k\nunpin 0 16k\n\
@@ -265,14 +265,14 @@ pub fn scripts() -> Vec<Script> {
         ),
         s(
             "pin_private",
-            "kernel-spec §2.5, §4.2",
+            "docs/series.md §2.5, §4.2",
             CONV,
             "create 16k mmap|init_shared\nmmap\nconvert private 4k 4k\npin 4k 4k\npin 0 8k\npin 0 4k\n\
              convert private 0 4k\nunpin 0 4k\nconvert private 0 4k\nattrs 0 16k",
         ),
         s(
             "mapping_after_conversion",
-            "kernel-spec §2.5",
+            "docs/series.md §2.5",
             CONV,
             "create 16k mmap|init_shared\nmmap\nmwrite 0 16k 0x3\nmunmap\nconvert private 4k 8k\nmmap\nmread 0 16k\nmwrite 0 4k 0x7\n\
              mread 0 4k\nmread 12k 4k\nmunmap\nconvert shared 8k 4k\nmmap\nmread 0 16k\nmread 8k 4k",

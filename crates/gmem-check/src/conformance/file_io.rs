@@ -1,4 +1,4 @@
-//! `test_file_read_write` of `guest_memfd_test.c` (kernel-spec §4.1, §2.5): file I/O on the
+//! `test_file_read_write` of `guest_memfd_test.c` (docs/series.md §4.1, §2.5): file I/O on the
 //! guest_memfd descriptor fails, and so does changing its size.
 
 use std::os::fd::AsRawFd;

@@ -1,4 +1,4 @@
-//! Cases from `tools/testing/selftests/kvm/guest_memfd_test.c` (kernel-spec §4.1).
+//! Cases from `tools/testing/selftests/kvm/guest_memfd_test.c` (docs/series.md §4.1).
 
 use super::{ensure, Case, CaseFailure, CaseResult, Ctx, Need};
 use gmem::error::Errno;
@@ -108,7 +108,7 @@ pub(super) fn cases() -> Vec<Case> {
     ]
 }
 
-/// The flag sets `__test_guest_memfd` runs for (kernel-spec §4.1): 0, MMAP, MMAP|INIT_SHARED,
+/// The flag sets `__test_guest_memfd` runs for (docs/series.md §4.1): 0, MMAP, MMAP|INIT_SHARED,
 /// and each of them with NO_DIRECT_MAP, those the backend accepts.
 fn flag_sets(supported: u64) -> Vec<u64> {
     [0, GUEST_MEMFD_FLAG_MMAP, SHARED]
@@ -315,7 +315,7 @@ fn fault_private(ctx: &Ctx) -> CaseResult {
     )
 }
 
-/// `test_fallocate` for every flag set, plus the mode checks of kernel-spec §2.5.
+/// `test_fallocate` for every flag set, plus the mode checks of docs/series.md §2.5.
 fn fallocate(ctx: &Ctx) -> CaseResult {
     for flags in flag_sets(ctx.backend.supported_flags()) {
         fallocate_one(ctx, flags).map_err(|e| format!("{}: {e}", flag_names(flags)))?;

@@ -1,4 +1,4 @@
-//! Cases from `tools/testing/selftests/kvm/x86/private_mem_kvm_exits_test.c` (kernel-spec
+//! Cases from `tools/testing/selftests/kvm/x86/private_mem_kvm_exits_test.c` (docs/series.md
 //! §4.4, §2.6), in their per-guest_memfd (in-place conversion) form. Both need a VM that runs
 //! guest code ([`Need::Vm`]); a backend without one skips them.
 

@@ -1,4 +1,4 @@
-//! Backend-generic conformance cases, after the kernel selftests (kernel-spec §4).
+//! Backend-generic conformance cases, after the kernel selftests (docs/series.md §4).
 //!
 //! Every case is a function over a [`Ctx`]: a backend that creates files, and a [`GuestPort`]
 //! that plays the guest's part (reads and writes through the guest's view of the file). A

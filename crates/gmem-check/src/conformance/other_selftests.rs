@@ -1,4 +1,4 @@
-//! Cases from the series' other selftests (kernel-spec §4.5): `gmem_convert_fault_race.c` and
+//! Cases from the series' other selftests (docs/series.md §4.5): `gmem_convert_fault_race.c` and
 //! `pre_fault_memory_test.c`.
 
 use std::sync::atomic::{AtomicBool, Ordering};

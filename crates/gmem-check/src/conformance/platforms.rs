@@ -1,4 +1,4 @@
-//! Platform-model cases (kernel-spec §2.4–§2.9, §3; seeds 000, 001, 003): each platform's
+//! Platform-model cases (docs/series.md §2.4–§2.9, §3; seeds 000, 001, 003): each platform's
 //! hooks run where the spec says and change contents as its hardware would.
 //!
 //! The platform models exist on the emulated backend only ([`Need::PlatformModels`]). The
@@ -25,7 +25,7 @@ const SHARED: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
 const NEEDS: &[Need] = &[Need::PlatformModels];
 
 pub(super) fn cases() -> Vec<Case> {
-    const SPEC: &str = "kernel-spec §2.4-§2.9, §3; seeds 000, 001, 003";
+    const SPEC: &str = "docs/series.md §2.4-§2.9, §3; seeds 000, 001, 003";
     vec![
         Case {
             name: "pkvm_preserves_on_conversion_scrubs_on_punch",

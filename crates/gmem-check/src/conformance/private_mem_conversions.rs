@@ -1,5 +1,5 @@
 //! Cases from `tools/testing/selftests/kvm/x86/private_mem_conversions_test.c` with the
-//! in-place changes (kernel-spec §4.3), host-driven: the guest's part is played by the
+//! in-place changes (docs/series.md §4.3), host-driven: the guest's part is played by the
 //! context's [`GuestPort`](super::GuestPort), the hypercall handler's part (fallocate, then
 //! `KVM_SET_MEMORY_ATTRIBUTES2`) is called directly, and the host syncs read the file's
 //! `MMAP|INIT_SHARED` mapping (a private page must SIGBUS).

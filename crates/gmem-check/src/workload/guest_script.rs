@@ -77,11 +77,11 @@ impl Script {
     }
 }
 
-/// The PMCT guest flows for the window at `base`, with content checks after each conversion
-/// and punch-hole that follow the content rules (to private, to shared) (kernel-spec §2.8): the selftest assumes
-/// the software-protected rule (preserved both ways) and writes after each conversion, so
-/// these checks are added, and the one check it makes across a transition (a punched private
-/// page reads zeros) is made by the host through the guest path where the rule scrambles.
+/// The PMCT guest flows for the window at `base`, with content checks after each conversion and
+/// punch-hole that follow the content rules (to private, to shared) (docs/series.md §2.8): the
+/// selftest assumes the software-protected rule (preserved both ways) and writes after each
+/// conversion, so these checks are added, and the one check it makes across a transition (a punched
+/// private page reads zeros) is made by the host through the guest path where the rule scrambles.
 pub(super) fn script(base: u64, samples: u64, rules: Rules) -> Script {
     let Rules {
         to_private,

@@ -1,4 +1,4 @@
-//! The private_mem_conversions workload (kernel-spec §4.3) on real vCPUs.
+//! The private_mem_conversions workload (docs/series.md §4.3) on real vCPUs.
 //!
 //! Each vCPU owns a window of 2 MiB + 4 KiB (spaced 4 MiB apart, `align_up(2M + 4K, 2M)` as in
 //! the selftest) and runs, as guest code generated at run time and executed at CPL3:

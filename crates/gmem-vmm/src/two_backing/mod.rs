@@ -1,7 +1,7 @@
 //! The two-backing model, as every production VMM implements guest_memfd conversion today
 //! (QEMU's `kvm_convert_memory` + `RamBlockAttributes`, Cloud Hypervisor's SEV-SNP path,
-//! libkrun's conversion worker; ecosystem.md §2): the baseline gmem's in-place model is
-//! measured against.
+//! libkrun's conversion worker; DESIGN.md "The two models"): the baseline gmem's in-place
+//! model is measured against.
 //!
 //! - A **private store**: a memfd standing for a flags-0 guest_memfd (private-only; the guest
 //!   reaches it through KVM, modelled here by an internal mapping the VMM never hands out).
@@ -303,7 +303,7 @@ impl TwoBacking {
     }
 
     /// Converts `[offset, offset + len)`: EINVAL for an empty, unaligned or out-of-range
-    /// request (kernel-spec §2.3). Runs already in the target state are left alone. A failure
+    /// request (docs/series.md §2.3). Runs already in the target state are left alone. A failure
     /// reports the start of the run that failed in `error_offset`; runs before it are
     /// converted.
     fn convert(&self, offset: u64, len: u64, to_private: bool) -> Result<(), ConversionError> {

@@ -22,7 +22,7 @@ use crate::uapi::{
 
 impl EmulatedGuestMemfd {
     pub(super) fn validate_attributes(&self, a: &kvm_memory_attributes2) -> KernelResult<()> {
-        // kernel-spec §2.3, in order. Step 1 (ENOTTY) is the caller's; step 2 (EFAULT) cannot
+        // docs/series.md §2.3, in order. Step 1 (ENOTTY) is the caller's; step 2 (EFAULT) cannot
         // happen here.
         if a.flags != 0 || a.reserved.iter().any(|&r| r != 0) {
             return Err(Errno::EINVAL);
@@ -139,7 +139,7 @@ impl GuestMemfd for EmulatedGuestMemfd {
 
     fn fallocate(&self, mode: u32, offset: u64, len: u64) -> KernelResult<()> {
         self.owner_only()?;
-        // vfs_fallocate's own checks, then guest_memfd's (kernel-spec §2.5).
+        // vfs_fallocate's own checks, then guest_memfd's (docs/series.md §2.5).
         if i64::try_from(offset).is_err() || len == 0 || i64::try_from(len).is_err() {
             return Err(Errno::EINVAL);
         }
@@ -218,7 +218,7 @@ impl GuestMemfd for EmulatedGuestMemfd {
         if self.inner.flags & GUEST_MEMFD_FLAG_MMAP == 0 || end > self.inner.size {
             return Err(Errno::EFAULT);
         }
-        // GUP refuses AS_NO_DIRECT_MAP mappings (kernel-spec §3.2).
+        // GUP refuses AS_NO_DIRECT_MAP mappings (docs/series.md §3.2).
         if self.inner.no_direct_map() {
             return Err(Errno::EFAULT);
         }
@@ -425,7 +425,7 @@ impl EmulatedGuestMemfd {
             Ok(p) => p.len(),
             Err(len) => *len,
         };
-        // The kernel's generic checks answer before guest_memfd's own (kernel-spec §2.5):
+        // The kernel's generic checks answer before guest_memfd's own (docs/series.md §2.5):
         // `sys::mmap_checks`, then for a fixed address one below `mmap_min_addr` is EPERM
         // (unprivileged) and an occupied range with MAP_FIXED_NOREPLACE EEXIST; only then
         // ENODEV without MMAP, then EINVAL for a private mapping.

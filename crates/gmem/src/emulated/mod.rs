@@ -72,7 +72,7 @@ const GUEST_VIEW_FLAGS: libc::c_int = libc::MAP_SHARED | libc::MAP_NORESERVE;
 pub const EMULATED_SUPPORTED_FLAGS: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
 
 /// The flags the emulated backend accepts for files of `platform`: NO_DIRECT_MAP only where
-/// the platform offers it (kernel-spec §3.1).
+/// the platform offers it (docs/series.md §3.1).
 pub fn supported_flags(platform: PlatformKind) -> u64 {
     if platform.supports_no_direct_map() {
         EMULATED_SUPPORTED_FLAGS | GUEST_MEMFD_FLAG_NO_DIRECT_MAP
@@ -137,7 +137,7 @@ pub struct EmulatedOptions {
     pub hook_placement: HookPlacement,
     /// Whether the owning VM's type has private memory (SW_PROTECTED, SNP, TDX; default).
     /// Without it, v8 answers `KVM_SET_MEMORY_ATTRIBUTES2` with EINVAL even for attributes 0
-    /// (kernel-spec §2.1).
+    /// (docs/series.md §2.1).
     pub vm_private_mem: bool,
     /// Where PRIVATE is tracked: in the file (in-place conversion, default) or per VM (the
     /// module-parameter mode, v8 `gmem_in_place_conversion=0`, v7 `vm_memory_attributes=1`):
@@ -176,7 +176,7 @@ pub enum HostPages {
     Replace,
 }
 
-/// Where PRIVATE is tracked (kernel-spec §2.1).
+/// Where PRIVATE is tracked (docs/series.md §2.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AttributeTracking {
     /// Per guest_memfd: `KVM_SET_MEMORY_ATTRIBUTES2` on the file.
@@ -698,7 +698,7 @@ impl EmulatedGuestMemfd {
     /// Takes a transient reference on the pages of `[offset, offset + len)`: what an in-flight
     /// access holds, as the kernel's GUP or guest fault holds a folio reference for the
     /// duration of the access. While it lives, converting the pages to private fails with
-    /// EAGAIN and `error_offset` at the first of them, as for a pin (kernel-spec §2.4 step
+    /// EAGAIN and `error_offset` at the first of them, as for a pin (docs/series.md §2.4 step
     /// 3b). Taken under the state lock the caller holds, so a conversion either sees it or
     /// completed before the access checked the pages.
     fn transient_ref(&self, offset: u64, len: u64) -> KernelResult<Option<guest_memfd::PinHold>> {

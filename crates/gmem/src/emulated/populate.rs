@@ -21,7 +21,7 @@ pub(super) fn source_page(source: Option<&[u8]>, i: u64) -> KernelResult<Option<
 }
 
 impl EmulatedGuestMemfd {
-    /// `kvm_gmem_populate` (kernel-spec §2.7) over `npages` pages from `offset`, clamped to
+    /// `kvm_gmem_populate` (docs/series.md §2.7) over `npages` pages from `offset`, clamped to
     /// the end of the file (the kernel clamps to the end of the memslot; a memslot here is the
     /// whole file): each page must be private (EINVAL otherwise); a page not up to date is
     /// zeroed first; with a `source` its page is copied in (the legacy flow), GUP-ed page by

@@ -1,5 +1,5 @@
 //! Platform models: what the confidential-computing platform under a guest_memfd does to its
-//! pages, on one hook contract (kernel-spec §2.4–§2.9; seeds 001, 000, 003).
+//! pages, on one hook contract (docs/series.md §2.4–§2.9; seeds 001, 000, 003).
 //!
 //! The kernel's single `kvm_arch_gmem_invalidate` hook serves two callers (conversion to shared
 //! and folio free) that pKVM needs to behave oppositely (seed 001). The [`Platform`] trait has
@@ -96,7 +96,7 @@ pub enum Direction {
     ToShared,
 }
 
-/// What the other side reads after a conversion (kernel-spec §2.8).
+/// What the other side reads after a conversion (docs/series.md §2.8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContentRule {
     /// The bytes written before the conversion.
@@ -262,7 +262,7 @@ impl PlatformKind {
         }
     }
 
-    /// What the other side reads after a runtime conversion in `dir` (kernel-spec §2.8).
+    /// What the other side reads after a runtime conversion in `dir` (docs/series.md §2.8).
     pub fn content_rule(self, dir: Direction) -> ContentRule {
         match (self, dir) {
             (PlatformKind::SoftwareProtected | PlatformKind::Pkvm, _) => ContentRule::Preserved,
@@ -422,7 +422,7 @@ pub trait Platform: Send + Sync + fmt::Debug {
     }
 }
 
-/// Where a platform's page-state changes come from (kernel-spec §2.9; seed 001). The models'
+/// Where a platform's page-state changes come from (docs/series.md §2.9; seed 001). The models'
 /// methods and their content effects are the same in both placements; what differs is which
 /// kernel mechanism drives them at each call site, and so what the hook log records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
