@@ -249,6 +249,111 @@ fn real_vma_exhaustion_is_enomem_not_an_abort() {
     );
 }
 
+/// Issue 20 item 11: an emulated file holds one descriptor of its own, as the kernel's does
+/// (the memory file; the hole file and the guard's userfaultfd are the process's), and
+/// mapping, converting and dropping add none or leave none behind.
+fn one_descriptor_per_file() {
+    if !is_child() {
+        return in_child("one_descriptor_per_file", 60);
+    }
+    let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let opts = EmulatedOptions::with_revocation(Revocation::Guard);
+    let warm = EmulatedGuestMemfd::create_with(16 * PS, SHARED, opts).unwrap();
+    drop(warm.mmap_all().unwrap());
+    // A conversion waits until the guard has handled every unmap event (it reads
+    // `/proc/self/maps` for each: a descriptor open for a moment).
+    let settle = || {
+        warm.set_private(0, PS).unwrap();
+        warm.set_shared(0, PS).unwrap();
+    };
+    settle();
+    let before = fds();
+    let files: Vec<EmulatedGuestMemfd> = (0..64)
+        .map(|i| {
+            let flags = if i % 2 == 0 {
+                SHARED
+            } else {
+                SHARED | GUEST_MEMFD_FLAG_NO_DIRECT_MAP
+            };
+            EmulatedGuestMemfd::create_with(16 * PS, flags, opts).unwrap()
+        })
+        .collect();
+    assert_eq!(fds() - before, 64, "descriptors for 64 files");
+    let maps: Vec<HostMapping> = files.iter().map(|f| f.mmap_all().unwrap()).collect();
+    for (f, m) in files.iter().zip(&maps) {
+        f.write_at(0, &[1; 8]).unwrap();
+        m.write_volatile(PS as usize, &[2; 8]).unwrap();
+        f.set_private(0, 2 * PS).unwrap();
+        assert!(sigbus_at(m, PS));
+        f.set_shared(0, 2 * PS).unwrap();
+    }
+    assert_eq!(fds() - before, 64, "after mapping and converting");
+    drop(maps);
+    drop(files);
+    settle();
+    assert_eq!(fds(), before, "after dropping");
+}
+
+/// Issue 20 item 11: under the guard a conversion takes no VMA, so with the process at
+/// `vm.max_map_count` (less a few for the probes) 512 separate private runs all succeed, are
+/// refused to the host, and go back to shared.
+fn guard_conversions_at_the_vma_limit_succeed() {
+    if !is_child() {
+        return in_child("guard_conversions_at_the_vma_limit_succeed", 120);
+    }
+    let max = max_map_count().expect("vm.max_map_count");
+    let pages = 1024u64;
+    let opts = EmulatedOptions::with_revocation(Revocation::Guard);
+    let f = EmulatedGuestMemfd::create_with(pages * PS, SHARED, opts).unwrap();
+    let m = f.mmap_all().unwrap();
+    m.write_volatile(0, &vec![7u8; (pages * PS) as usize])
+        .unwrap();
+    let map_count = || {
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .count()
+    };
+    let filler_pages = 2 * max.saturating_sub(map_count()).saturating_sub(40) / 2;
+    let filler = gmem::os::Mmap::new(
+        None,
+        0,
+        filler_pages * PS as usize,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+    )
+    .unwrap();
+    for p in (0..filler_pages).step_by(2) {
+        // SAFETY: a page of our own anonymous mapping, never accessed.
+        let r = unsafe {
+            libc::mprotect(
+                filler.as_ptr().add(p * PS as usize).cast(),
+                PS as usize,
+                libc::PROT_READ,
+            )
+        };
+        assert_eq!(r, 0, "mprotect at page {p}");
+    }
+    let left = max.saturating_sub(map_count());
+    for p in (0..pages).step_by(2) {
+        f.set_private(p * PS, PS).unwrap();
+    }
+    assert_eq!(f.fragments(), pages as usize);
+    assert!(sigbus_at(&m, 0) && sigbus_at(&m, 510 * PS));
+    assert!(!sigbus_at(&m, PS));
+    f.set_shared(0, pages * PS).unwrap();
+    assert_eq!(
+        m.probe_read(510 * PS as usize, 1).unwrap(),
+        Probe::Done(vec![7])
+    );
+    assert_eq!(
+        max.saturating_sub(map_count()),
+        left,
+        "VMAs taken by conversions"
+    );
+    drop(filler);
+    println!("max_map_count {max}: 512 private runs with {left} VMAs left, none taken");
+}
+
 /// `vm.max_map_count`.
 fn max_map_count() -> Option<usize> {
     std::fs::read_to_string("/proc/sys/vm/max_map_count")
@@ -277,6 +382,17 @@ fn main() {
             "many_mappings_and_runs_never_fail_a_conversion_to_shared",
             &poison.into_iter().collect::<Vec<_>>(),
             many_mappings_and_runs_never_fail_a_conversion_to_shared,
+        ),
+        gmem_testkit::test_needing(
+            "one_descriptor_per_file",
+            &poison.into_iter().collect::<Vec<_>>(),
+            one_descriptor_per_file,
+        ),
+        gmem_testkit::test_unless(
+            "guard_conversions_at_the_vma_limit_succeed",
+            exhaustion_too_slow()
+                .or_else(|| gmem_testkit::needs(&poison.into_iter().collect::<Vec<_>>())),
+            guard_conversions_at_the_vma_limit_succeed,
         ),
         gmem_testkit::test(
             "remap_mode_at_the_budget_is_enomem_with_nothing_changed",

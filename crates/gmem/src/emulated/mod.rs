@@ -30,7 +30,7 @@
 //! unlocked). Every holder of a state lock first holds [`fork::FORK_LOCK`] shared.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -286,11 +286,24 @@ enum Mechanism {
     Remap,
 }
 
+/// The process's empty file: every access to a mapping of it is past its end, i.e. SIGBUS,
+/// at any offset, so every emulated file of the process shares it (made with the first).
+fn hole() -> KernelResult<BorrowedFd<'static>> {
+    static HOLE: OnceLock<OwnedFd> = OnceLock::new();
+    if let Some(fd) = HOLE.get() {
+        return Ok(fd.as_fd());
+    }
+    let new = sys::memfd_create(c"gmem-hole")?;
+    // Another thread may have made one meanwhile: its is kept, this one closed.
+    Ok(HOLE.get_or_init(|| new).as_fd())
+}
+
 struct Inner {
     memfd: OwnedFd,
     /// The empty file whose mappings stand in for private runs (Remap mode) and for pages
-    /// removed from the direct map.
-    hole: OwnedFd,
+    /// removed from the direct map: one per process ([`hole`]), so a file holds one
+    /// descriptor of its own, as the kernel's does.
+    hole: BorrowedFd<'static>,
     size: u64,
     flags: u64,
     ino: u64,
@@ -455,8 +468,7 @@ impl EmulatedGuestMemfd {
             Mechanism::Guard(g) => Some(g.clone()),
             Mechanism::Served(_) | Mechanism::Remap => None,
         };
-        // An empty file: every access to a mapping of it is past its end, i.e. SIGBUS.
-        let hole = sys::memfd_create(c"gmem-hole")?;
+        let hole = hole()?;
         let private = flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0;
         // A per-VM key for models that encrypt (SNP); only needs to differ between files.
         let nanos = std::time::SystemTime::now()
