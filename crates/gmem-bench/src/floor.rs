@@ -165,3 +165,61 @@ pub fn worst_case_metadata() -> (usize, usize, f64) {
     let bytes = store.metadata_bytes();
     (bytes, store.fragments(), bytes as f64 / (1u64 << 30) as f64)
 }
+
+/// Median latencies of a conversion to private of `len` bytes (the default options) with
+/// `followers` fork children that have every page of it mapped: before each sample each child
+/// reads every page (so the conversion must take the pages out of its address space too),
+/// then waits. With no follower the owner's own mapping is populated instead. Returns the
+/// median in µs.
+fn with_followers(len: u64, samples: usize, followers: usize) -> KernelResult<f64> {
+    let f = EmulatedGuestMemfd::create_with(
+        len,
+        GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+        EmulatedOptions::default(),
+    )?;
+    let m = f.mmap_all()?;
+    let n = m.len();
+    let mut children = Vec::new();
+    for _ in 0..followers {
+        children.push(sys::Follower::fork(m.as_ptr(), n)?);
+    }
+    let err = |e: gmem::error::ConversionError| e.errno;
+    let mut v = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        if children.is_empty() {
+            m.mmap().madvise(0, n, libc::MADV_POPULATE_READ)?;
+        }
+        for c in &mut children {
+            c.touch_all()?;
+        }
+        v.push(time_us(|| f.set_private(0, len).map_err(err))?);
+        f.set_shared(0, len).map_err(err)?;
+    }
+    drop(children);
+    Ok(median(&mut v))
+}
+
+/// Conversion to private of 4 KiB and 2 MiB with 1, 4 and 16 fork children that have the
+/// pages mapped, against the same conversion without any.
+pub fn follower_conversions(
+    quick: bool,
+    mut progress: impl FnMut(&str),
+) -> KernelResult<Vec<Figure>> {
+    let mut figures = Vec::new();
+    for (label, len, samples) in [
+        ("4KiB", PAGE_SIZE, if quick { 21 } else { 101 }),
+        ("2MiB", 2 << 20, if quick { 7 } else { 21 }),
+    ] {
+        progress(label);
+        let base = with_followers(len, samples, 0)?;
+        for n in [1, 4, 16] {
+            figures.push(Figure::new(
+                format!("to_private {label}, {n} followers"),
+                with_followers(len, samples, n)?,
+                "the same, no follower",
+                base,
+            ));
+        }
+    }
+    Ok(figures)
+}

@@ -105,3 +105,68 @@ pub(crate) fn memslot_add_remove_us(
         }
     }
 }
+
+/// A fork child that reads every page of a mapping of the parent's each time it is asked
+/// (one byte over a socket pair), answers, and waits; it exits when the socket closes. The
+/// child runs only `read`, `write`, volatile loads and `_exit` (async-signal-safe: the parent
+/// has other threads).
+pub(crate) struct Follower {
+    pid: libc::pid_t,
+    sock: std::os::unix::net::UnixStream,
+}
+
+impl Follower {
+    /// Forks a follower reading `[at, at + len)` (a live host mapping of the parent, inherited
+    /// by the child at the same address).
+    pub(crate) fn fork(at: *mut u8, len: usize) -> KernelResult<Follower> {
+        let (mine, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| io_errno(&e))?;
+        let (at, fd) = (at as usize, theirs.as_raw_fd());
+        // SAFETY: fork(2). The child touches only the inherited mapping (volatile reads of
+        // its pages) and its end of the socket, and leaves with _exit without running the
+        // parent's destructors.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(Errno::last());
+        }
+        if pid == 0 {
+            let mut b = 0u8;
+            loop {
+                // SAFETY: one byte into a local, on a descriptor this child owns.
+                if unsafe { libc::read(fd, (&raw mut b).cast(), 1) } != 1 {
+                    // SAFETY: ends the child at once.
+                    unsafe { libc::_exit(0) };
+                }
+                for off in (0..len).step_by(gmem::PAGE_SIZE as usize) {
+                    // SAFETY: a page of the mapping the parent made before the fork and
+                    // keeps alive while this child lives (it waits for the child first).
+                    unsafe { std::ptr::read_volatile((at + off) as *const u8) };
+                }
+                // SAFETY: one byte from a local.
+                unsafe { libc::write(fd, (&raw const b).cast(), 1) };
+            }
+        }
+        drop(theirs);
+        Ok(Follower { pid, sock: mine })
+    }
+
+    /// Has the follower read every page, and waits until it has.
+    pub(crate) fn touch_all(&mut self) -> KernelResult<()> {
+        use std::io::{Read, Write};
+        let mut b = [1u8];
+        self.sock.write_all(&b).map_err(|e| io_errno(&e))?;
+        self.sock.read_exact(&mut b).map_err(|e| io_errno(&e))
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        let mut status = 0;
+        // SAFETY: reaps our own child, which exits once its socket is closed.
+        unsafe { libc::waitpid(self.pid, &mut status, 0) };
+    }
+}
+
+fn io_errno(e: &std::io::Error) -> Errno {
+    Errno(e.raw_os_error().unwrap_or(libc::EIO))
+}
