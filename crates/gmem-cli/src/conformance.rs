@@ -51,8 +51,9 @@ pub struct Args {
     /// Output format: `text` (a table), `ktap` (KTAP version 1, as kselftest), `json`.
     #[arg(long, value_enum, default_value = "text")]
     format: FormatArg,
-    /// Print JSON instead of the table (the same as `--format json`).
-    #[arg(long)]
+    /// Print JSON instead of the table (the same as `--format json`; not with another
+    /// `--format`).
+    #[arg(long, conflicts_with = "format")]
     json: bool,
 }
 

@@ -56,8 +56,17 @@ pub enum ExecError {
         /// This executable.
         exe: String,
     },
+    /// `GMEM_PRELOAD` names something that is not the interposer (the loader would print
+    /// "ignored" and run the program against the real kernel).
+    #[error("GMEM_PRELOAD={path}: {why}; refusing to run the program without the interposer")]
+    BadPreload {
+        /// As given.
+        path: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// The program was not found or not readable.
-    #[error("{program}: {source}")]
+    #[error("{program}: {}", describe(source))]
     Program {
         /// As given.
         program: String,
@@ -82,13 +91,69 @@ pub enum ExecError {
     },
 }
 
-/// Finds the interposer: `$GMEM_PRELOAD`, else the newer of the one next to this executable
+/// An I/O error as a user reads it ("No such file or directory", not "entity not found").
+fn describe(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "No such file or directory (nor on PATH)".into(),
+        std::io::ErrorKind::PermissionDenied => "Permission denied".into(),
+        _ => e.to_string(),
+    }
+}
+
+impl ExecError {
+    /// The exit status, as `env`'s: 127 for a program not found, 126 for one found but not
+    /// runnable, 1 for gmem's own failures and refusals.
+    pub fn exit_status(&self) -> u8 {
+        let not_found = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+        match self {
+            ExecError::Program { source, .. } | ExecError::Exec { source, .. } => {
+                if not_found(source) {
+                    127
+                } else {
+                    126
+                }
+            }
+            // gmem's refusal, not the program's: as a failure of gmem.
+            ExecError::Unreachable { .. }
+            | ExecError::NoPreload { .. }
+            | ExecError::BadPreload { .. } => 1,
+        }
+    }
+}
+
+/// A string every build of the interposer holds (the variable it reads its platform from).
+const PRELOAD_MARK: &[u8] = b"GMEM_EXEC_PLATFORM";
+
+/// Why `path` is not the interposer, if it is not: missing, not an ELF shared object, or
+/// without [`PRELOAD_MARK`].
+fn bad_preload(path: &Path) -> Option<String> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) => return Some(e.to_string()),
+    };
+    if !bytes.starts_with(b"\x7fELF") || bytes.get(16) != Some(&3) {
+        return Some("not an ELF shared object".into());
+    }
+    if !bytes.windows(PRELOAD_MARK.len()).any(|w| w == PRELOAD_MARK) {
+        return Some(format!("not {PRELOAD} (a shared object without its marks)"));
+    }
+    None
+}
+
+/// Finds the interposer: `$GMEM_PRELOAD` (checked: see [`bad_preload`]), else the newer of the one next to this executable
 /// and the one in its `deps/` (where cargo leaves it when it is built as a dependency of
 /// `gmem`: a later `cargo build -p gmem-cli` updates only that one, so the one next to the
 /// executable may be stale).
 pub fn find_preload() -> Result<PathBuf, ExecError> {
     if let Some(p) = std::env::var_os("GMEM_PRELOAD") {
-        return Ok(PathBuf::from(p));
+        let p = PathBuf::from(p);
+        if let Some(why) = bad_preload(&p) {
+            return Err(ExecError::BadPreload {
+                path: p.display().to_string(),
+                why,
+            });
+        }
+        return Ok(p);
     }
     let exe = std::env::current_exe().unwrap_or_default();
     let dir = exe.parent().unwrap_or(Path::new("."));
@@ -178,6 +243,13 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         program: shown.clone(),
         source,
     })?;
+    if meta.is_dir() || meta.mode() & 0o111 == 0 {
+        return Err(ExecError::Program {
+            program: shown,
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        }
+        .into());
+    }
     let bytes = std::fs::read(&path).map_err(|source| ExecError::Program {
         program: shown.clone(),
         source,

@@ -37,7 +37,11 @@ the emulated backend, with host-driven conversions in place of guests.";
     about = "gmem: Linux guest_memfd in-place shared/private conversion, emulated and on KVM",
     long_about = LONG_ABOUT,
     after_help = "Writing to a closed pipe (gmem probe | head -1) ends gmem quietly, as SIGPIPE \
-                  ends other Unix tools. Exit status: 0 success, 1 failure, 2 usage error."
+                  ends other Unix tools; any other write error is reported and ends gmem with status 1. \
+                  Exit status: 0 success, 1 failure, 2 usage error, 4 every conformance case \
+                  skipped (kselftest's KSFT_SKIP); `gmem exec` exits with the program's status, \
+                  or 127 when the program is not found and 126 when it cannot be run, as env \
+                  does."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -78,6 +82,7 @@ fn restore_sigpipe() {
 
 fn main() -> ExitCode {
     restore_sigpipe();
+    report_write_errors();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench::run(&args),
@@ -91,12 +96,34 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("gmem: {e}");
+            eprintln!("error: {e}");
             if e.downcast_ref::<usage::UsageError>().is_some() {
                 ExitCode::from(2)
+            } else if let Some(x) = e.downcast_ref::<exec::ExecError>() {
+                ExitCode::from(x.exit_status())
             } else {
                 ExitCode::FAILURE
             }
         }
     }
+}
+
+/// Makes a failed write to standard output (`gmem probe > /dev/full`: ENOSPC) a reported
+/// error with status 1, as coreutils do, instead of the panic `println!` raises. A closed
+/// pipe never gets here (SIGPIPE ends gmem first, see [`restore_sigpipe`]).
+fn report_write_errors() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if let Some(why) = msg.strip_prefix("failed printing to stdout: ") {
+            eprintln!("error: standard output: {why}");
+            std::process::exit(1);
+        }
+        default(info);
+    }));
 }

@@ -39,8 +39,10 @@ pub enum Model {
     TwoBackingCopy,
 }
 
-/// `gmem run` options.
+/// `gmem run` options. Negative numbers are taken as values, so `--samples -1` is refused
+/// as an invalid number rather than as an unknown flag.
 #[derive(Debug, clap::Args)]
+#[command(allow_negative_numbers = true)]
 pub struct Args {
     /// vCPUs, one 2 MiB + 4 KiB window each.
     #[arg(long, default_value_t = 2)]

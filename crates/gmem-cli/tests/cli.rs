@@ -372,6 +372,58 @@ fn no_script() -> Option<String> {
     }
 }
 
+/// `gmem exec` exits as `env` does for a program it cannot start (127 not found, 126 not
+/// executable), refuses a `GMEM_PRELOAD` that is not the interposer (the loader would ignore
+/// it and run the program against the real kernel), a write error on standard output is
+/// reported with status 1 (not a panic), and the usage slips exit 2 naming the problem.
+fn exits_and_errors_as_unix_tools_do() {
+    let status = |o: &std::process::Output| o.status.code();
+    let err = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    let o = common::gmem(&["exec", "--", "gmem-no-such-program"]);
+    assert_eq!(status(&o), Some(127), "{}", err(&o));
+    assert!(
+        err(&o).starts_with("error: gmem-no-such-program: No such file"),
+        "{}",
+        err(&o)
+    );
+    let dir = common::TempDir::new("gmem-cli-exec").unwrap();
+    let plain = dir.join("plain");
+    std::fs::write(&plain, b"#!/bin/sh\n").unwrap();
+    let o = common::gmem(&["exec", "--", plain.to_str().unwrap()]);
+    assert_eq!(status(&o), Some(126), "{}", err(&o));
+    for bad in [dir.join("missing"), plain.clone(), "/bin/sh".into()] {
+        let o = common::gmem_env(
+            &["exec", "--", "/bin/true"],
+            &[("GMEM_PRELOAD", bad.to_str().unwrap())],
+        );
+        assert_eq!(status(&o), Some(1), "{bad:?}: {}", err(&o));
+        assert!(err(&o).contains("refusing to run"), "{bad:?}: {}", err(&o));
+    }
+    if let Ok(full) = std::fs::File::create("/dev/full") {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_gmem"))
+            .arg("probe")
+            .stdout(full)
+            .output()
+            .unwrap();
+        assert_eq!(status(&o), Some(1), "{}", err(&o));
+        assert!(
+            err(&o).starts_with("error: standard output:"),
+            "{}",
+            err(&o)
+        );
+    }
+    let o = common::gmem(&["run", "--samples", "-1"]);
+    assert_eq!(status(&o), Some(2));
+    assert!(
+        err(&o).contains("invalid value '-1' for '--samples"),
+        "{}",
+        err(&o)
+    );
+    let o = common::gmem(&["conformance", "--json", "--format", "ktap"]);
+    assert_eq!(status(&o), Some(2));
+    assert!(err(&o).contains("cannot be used with"), "{}", err(&o));
+}
+
 fn main() {
     let mut trials = common::tests!(
         a_closed_pipe_ends_every_command_quietly,
@@ -385,6 +437,7 @@ fn main() {
         every_json_output_is_a_versioned_object,
         demo_says_sigbus_and_prints_no_debug_dump,
         conformance_filter_matching_nothing_is_refused,
+        exits_and_errors_as_unix_tools_do,
     );
     trials.push(common::test_unless(
         "no_permission_on_dev_kvm_is_told_precisely",
