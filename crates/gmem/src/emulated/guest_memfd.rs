@@ -171,6 +171,7 @@ impl GuestMemfd for EmulatedGuestMemfd {
             // NO_DIRECT_MAP: a failed host hand-out left a SIGBUS marker on a shared page; the
             // page leaves the file, so the next access faults afresh.
             self.inner.clear_failure_markers(first, last);
+            self.inner.forget_mapped(first, last);
             sys::fallocate(
                 self.inner.memfd.as_fd(),
                 FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,

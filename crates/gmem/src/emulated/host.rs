@@ -167,12 +167,10 @@ impl Inner {
         let remember = !self.no_direct_map();
         for &(s, e) in runs {
             let (first, end) = pages_of(s, e - s);
-            gate.elsewhere.take_range(first, end);
-            for page in gate.exposed.take_range(first, end) {
-                if remember {
-                    gate.was_mapped.insert(page);
-                }
-            }
+            gate.elsewhere.move_range(first, end, None);
+            let gate = &mut *gate;
+            let to = remember.then_some(&mut gate.was_mapped);
+            gate.exposed.move_range(first, end, to);
             // Markers left on private pages stay: the pages are private again.
             gate.attrs.set_range(first, end, true);
         }
@@ -207,11 +205,9 @@ impl Inner {
             let (first, end) = pages_of(s, e - s);
             for (a, b) in gate.was_mapped.range(first, end) {
                 guard.premap_own(self, a * PAGE_SIZE, b * PAGE_SIZE);
-                for page in a..b {
-                    gate.exposed.insert(page);
-                }
+                gate.exposed.insert_range(a, b);
             }
-            gate.was_mapped.take_range(first, end);
+            gate.was_mapped.move_range(first, end, None);
         }
         for &(s, e) in runs {
             let (first, end) = pages_of(s, e - s);
@@ -235,6 +231,16 @@ impl Inner {
         };
         space.uffd.continue_page(addr, PAGE_SIZE).is_ok()
             || space.uffd.zeropage(addr, PAGE_SIZE).is_ok()
+    }
+
+    /// Pages `[first, end)` leave the file (punch-hole): the punch unmaps them from every
+    /// process, so none is mapped anywhere any more, and none is to be mapped again at the
+    /// next conversion to shared.
+    pub(super) fn forget_mapped(&self, first: u64, end: u64) {
+        let mut gate = self.gate();
+        gate.exposed.move_range(first, end, None);
+        gate.elsewhere.move_range(first, end, None);
+        gate.was_mapped.move_range(first, end, None);
     }
 
     /// Clears the markers failed hand-outs left on pages `[first, end)` (they leave the file or

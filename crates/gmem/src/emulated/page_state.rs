@@ -52,6 +52,52 @@ impl PageSet {
         out
     }
 
+    /// The bits of word `k` that fall inside `[first, end)`.
+    fn mask(k: u64, first: u64, end: u64) -> u64 {
+        let lo = first.saturating_sub(k * 64).min(64);
+        let hi = end.saturating_sub(k * 64).min(64);
+        if lo >= hi {
+            return 0;
+        }
+        let upto = |n: u64| if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
+        upto(hi) & !upto(lo)
+    }
+
+    /// Adds every page of `[first, end)` (a word at a time).
+    pub(super) fn insert_range(&mut self, first: u64, end: u64) {
+        if first >= end {
+            return;
+        }
+        for k in first / 64..=(end - 1) / 64 {
+            *self.words.entry(k).or_insert(0) |= Self::mask(k, first, end);
+        }
+    }
+
+    /// Removes the members of `[first, end)` and adds them to `to` (a word at a time; no
+    /// list of pages is built).
+    pub(super) fn move_range(&mut self, first: u64, end: u64, mut to: Option<&mut PageSet>) {
+        if first >= end {
+            return;
+        }
+        let hit: Vec<(u64, u64)> = self
+            .words
+            .range(first / 64..=(end - 1) / 64)
+            .map(|(&k, &w)| (k, w & Self::mask(k, first, end)))
+            .filter(|&(_, m)| m != 0)
+            .collect();
+        for (k, m) in hit {
+            if let Some(w) = self.words.get_mut(&k) {
+                *w &= !m;
+                if *w == 0 {
+                    self.words.remove(&k);
+                }
+            }
+            if let Some(t) = to.as_deref_mut() {
+                *t.words.entry(k).or_insert(0) |= m;
+            }
+        }
+    }
+
     /// Removes and returns the members of `[first, end)`.
     pub(super) fn take_range(&mut self, first: u64, end: u64) -> Vec<u64> {
         let mut out = Vec::new();
@@ -362,5 +408,43 @@ impl Inner {
             }
         }
         bits.uptodate.take_range(first, end);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PageSet;
+
+    /// The word-level range operations agree with page-by-page ones, across word edges.
+    #[test]
+    fn range_operations_match_page_by_page() {
+        let ranges = [
+            (0, 1),
+            (3, 64),
+            (63, 65),
+            (64, 128),
+            (5, 200),
+            (190, 191),
+            (0, 256),
+        ];
+        for &(a, b) in &ranges {
+            for &(c, d) in &ranges {
+                let mut s = PageSet::default();
+                s.insert_range(a, b);
+                let mut moved = PageSet::default();
+                s.move_range(c, d, Some(&mut moved));
+                for p in 0..300 {
+                    let was = p >= a && p < b;
+                    let cut = p >= c && p < d;
+                    assert_eq!(s.contains(p), was && !cut, "[{a},{b}) - [{c},{d}) at {p}");
+                    assert_eq!(
+                        moved.contains(p),
+                        was && cut,
+                        "[{a},{b}) & [{c},{d}) at {p}"
+                    );
+                }
+                assert!(s.words.values().all(|&w| w != 0), "no empty word kept");
+            }
+        }
     }
 }
