@@ -338,6 +338,29 @@ fn a_late_event_cuts_no_newer_record(k: Kind) {
     assert_eq!(guest_byte(&f, 1), 0xA1);
 }
 
+/// The markers a refused access left in this process go at the conversion back to shared,
+/// also after the mapping moved: the page reads and writes again (content by the platform's
+/// rule), and pages without a marker are left alone.
+fn a_conversion_to_shared_clears_the_markers_left_here(k: Kind) {
+    let f = file(&k);
+    let mut m = f
+        .mmap(0, PAGES as usize * PAGE / 2, gmem::MapKind::Shared)
+        .unwrap();
+    refused(&f, &m, 1);
+    f.set_private(2 * PS, PS).unwrap();
+    assert_eq!(look(&m, 2), None, "page 2 refused");
+    m.mremap(PAGES as usize * PAGE, true, None).unwrap();
+    f.set_shared(PS, 2 * PS).unwrap();
+    for p in [1, 2] {
+        assert!(
+            look(&m, p).is_some(),
+            "page {p} after the conversion to shared"
+        );
+        assert!(!write_faults(&m, p, 0x77), "page {p} written");
+    }
+    assert_eq!(look(&m, 3), Some(0x43), "a neighbour");
+}
+
 /// `MADV_REMOVE` punches (the page reads zero again) and `MADV_POPULATE_*` on a range with a
 /// private page answers EFAULT, as the kernel's guest_memfd does.
 fn madvise_answers_as_the_kernel(k: Kind) {
@@ -832,6 +855,11 @@ fn main() {
         "a_late_event_cuts_no_newer_record",
         guarded(),
         a_late_event_cuts_no_newer_record,
+    );
+    add(
+        "a_conversion_to_shared_clears_the_markers_left_here",
+        guarded(),
+        a_conversion_to_shared_clears_the_markers_left_here,
     );
     add(
         "madvise_answers_as_the_kernel",

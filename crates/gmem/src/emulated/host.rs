@@ -18,10 +18,12 @@
 //!   page. A stopped, slow or hostile process neither delays nor fails the conversion, and
 //!   faults through the check when it next touches the page.
 //!
-//! A conversion to shared maps nothing eagerly in this process (the next access faults and is
-//! served); in another address space, the markers the guard left there on private pages are
-//! replaced by the page (`UFFDIO_CONTINUE`, or `UFFDIO_ZEROPAGE` for a page the file lost),
-//! since only that process's own `MADV_DONTNEED` could clear them.
+//! A conversion to shared clears the markers the guard left in this process's host mappings
+//! (`MADV_DONTNEED` over the pages that have one, and only those) and maps again at once the
+//! pages these mappings had mapped when they were made private (the host's working set:
+//! `UFFDIO_CONTINUE`, one call per run); in another address space, the markers the guard left
+//! there on private pages are replaced by the page (`UFFDIO_CONTINUE`, or `UFFDIO_ZEROPAGE`
+//! for a page the file lost), since only that process's own `MADV_DONTNEED` could clear them.
 
 use std::collections::BTreeSet;
 use std::sync::MutexGuard;
@@ -50,6 +52,9 @@ pub(super) struct Gate {
     /// run), so the host's working set does not fault through the guard page by page. Not
     /// for NO_DIRECT_MAP files (a page is handed out only at a fault).
     pub(super) was_mapped: PageSet,
+    /// Pages on which the guard left a poison marker in this process's host mappings (a
+    /// private page touched): a conversion to shared zaps these, and only these.
+    pub(super) own_markers: PageSet,
     /// Poison markers the guard left in another address space: (page, space, address).
     pub(super) markers: BTreeSet<(u64, u64, u64)>,
     /// Markers a failed host hand-out left on shared pages (NO_DIRECT_MAP): (page, space,
@@ -66,6 +71,7 @@ impl Gate {
             elsewhere: PageSet::default(),
             exposed: PageSet::default(),
             was_mapped: PageSet::default(),
+            own_markers: PageSet::default(),
             markers: BTreeSet::new(),
             sigbus: BTreeSet::new(),
             pipe: None,
@@ -96,8 +102,12 @@ impl Inner {
         let mut gate = self.gate();
         let page = offset / PAGE_SIZE;
         if offset >= self.size || gate.attrs.is_private(page) {
-            if space.uffd.poison(addr, ps).is_ok() && !space.own {
-                gate.markers.insert((page, space.id, addr));
+            if space.uffd.poison(addr, ps).is_ok() {
+                if space.own {
+                    gate.own_markers.insert(page);
+                } else {
+                    gate.markers.insert((page, space.id, addr));
+                }
             }
             let _ = space.uffd.wake(addr, PAGE_SIZE);
             return;
@@ -178,8 +188,8 @@ impl Inner {
     }
 
     /// A conversion's host side, to shared: record the attributes in the gate, clear this
-    /// process's markers (`MADV_DONTNEED`) and map the pages over the markers left in another
-    /// address space. `Err` only from this process's zap, with the gate's attributes put back.
+    /// process's markers (`MADV_DONTNEED` on the pages that have one), map this process's
+    /// working set again and map the pages over the markers left in another address space. `Err` only from this process's zap, with the gate's attributes put back.
     pub(super) fn host_to_shared(&self, runs: &[(u64, u64)]) -> KernelResult<()> {
         let Some(guard) = self.guard.as_ref() else {
             return Err(Errno::EOPNOTSUPP);
@@ -191,13 +201,23 @@ impl Inner {
             gate.attrs.set_range(first, end, false);
         }
         for &(s, e) in runs {
-            if let Err(err) = guard.zap_own(self, s, e, || self.fail_after.injected_failure()) {
-                for &(s, e) in runs {
-                    let (first, end) = pages_of(s, e - s);
-                    gate.attrs.set_range(first, end, true);
+            let (first, end) = pages_of(s, e - s);
+            for (a, b) in gate.own_markers.range(first, end) {
+                let zapped = guard.zap_own(self, a * PAGE_SIZE, b * PAGE_SIZE, || {
+                    self.fail_after.injected_failure()
+                });
+                if let Err(err) = zapped {
+                    for &(s, e) in runs {
+                        let (first, end) = pages_of(s, e - s);
+                        gate.attrs.set_range(first, end, true);
+                    }
+                    return Err(err);
                 }
-                return Err(err);
             }
+        }
+        for &(s, e) in runs {
+            let (first, end) = pages_of(s, e - s);
+            gate.own_markers.move_range(first, end, None);
         }
         // The host's working set comes back at once (best effort: a page not mapped here
         // faults through the guard as any other).
