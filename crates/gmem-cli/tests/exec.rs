@@ -241,6 +241,7 @@ fn main() {
         ),
         test_unless("conversion", why.clone(), c_program("conversion", &[], &[])),
         test_unless("vcpu", why.clone(), c_program("vcpu", &[], &[])),
+        test_unless("prefault", why.clone(), c_program("prefault", &[], &[])),
         // Fork children share the emulated files only under the guard.
         test_unless(
             "fork",

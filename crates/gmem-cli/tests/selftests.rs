@@ -100,6 +100,12 @@ fn main() {
             why.clone(),
             expect("x86/private_mem_kvm_exits_test", 0, None),
         ),
+        // KVM_PRE_FAULT_MEMORY: the interposer answers where the host's KVM cannot.
+        test_unless(
+            "pre_fault_memory_test_passes",
+            why.clone(),
+            expect("pre_fault_memory_test", 0, None),
+        ),
     ];
     common::run(trials)
 }

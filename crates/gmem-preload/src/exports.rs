@@ -23,6 +23,8 @@ fn kvm_request(req: c_ulong) -> bool {
             | kvm::KVM_CREATE_GUEST_MEMFD
             | kvm::KVM_SET_USER_MEMORY_REGION2
             | kvm::KVM_SET_USER_MEMORY_REGION
+            | kvm::KVM_PRE_FAULT_MEMORY
+            | kvm::KVM_CREATE_VCPU
     )
 }
 

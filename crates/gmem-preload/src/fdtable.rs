@@ -97,6 +97,7 @@ fn set_bit(fd: c_int, object: Option<&Object>) {
     if fd < BITMAP_FDS {
         let bit = 1u64 << (fd % 64);
         match object {
+            Some(Object::Vcpu(_)) => {}
             Some(Object::Vm(_)) => {
                 VM_BITMAP[fd / 64].fetch_or(bit, Ordering::Relaxed);
             }
@@ -122,9 +123,20 @@ pub(crate) struct Vm {
     pub(crate) vm_type: u64,
     /// Whether it is one of the emulated protected types (has private memory).
     pub(crate) protected: bool,
-    /// Memslots by `slot` (address space in the high 16 bits): `Some` for a guest_memfd
-    /// binding. Its lock serialises memslot changes of the VM.
-    pub(crate) slots: Mutex<BTreeMap<u32, Option<Binding>>>,
+    /// Memslots by `slot` (address space in the high 16 bits). Its lock serialises memslot
+    /// changes of the VM.
+    pub(crate) slots: Mutex<BTreeMap<u32, Slot>>,
+}
+
+/// A memslot as the program made it: where it is in guest physical memory, the host address
+/// the kernel's slot maps (for a guest_memfd slot, the file's guest view), and the binding.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    pub(crate) gpa: u64,
+    pub(crate) size: u64,
+    pub(crate) userspace_addr: u64,
+    /// `Some` for a guest_memfd slot.
+    pub(crate) binding: Option<Binding>,
 }
 
 /// A guest_memfd binding of a memslot: it keeps the file (and its guest view, which the
@@ -160,6 +172,9 @@ pub(crate) enum Object {
     GupTest(Arc<Pins>),
     /// A pipe holding `vmsplice`d pages of an emulated file.
     Pipe(Arc<Pins>),
+    /// A vCPU of a VM created through the interposer: recorded for `KVM_PRE_FAULT_MEMORY`
+    /// only, in neither bitmap, so its other calls (`KVM_RUN`) stay on the fast path.
+    Vcpu(Arc<Vm>),
 }
 
 impl Object {
@@ -169,6 +184,7 @@ impl Object {
             Object::Gmem(_) => "guest_memfd",
             Object::GupTest(_) => "gup_test",
             Object::Pipe(_) => "pipe",
+            Object::Vcpu(_) => "vcpu",
         }
     }
 }

@@ -1,20 +1,22 @@
 //! The KVM ioctls the interposer answers: capabilities, `KVM_CREATE_VM`,
-//! `KVM_CREATE_GUEST_MEMFD`, memslots and `KVM_SET_MEMORY_ATTRIBUTES2`. Everything else
-//! (`KVM_RUN` first of all) goes to the kernel untouched.
+//! `KVM_CREATE_GUEST_MEMFD`, memslots, `KVM_SET_MEMORY_ATTRIBUTES2`, and
+//! `KVM_PRE_FAULT_MEMORY` where the kernel cannot. Everything else (`KVM_RUN` first of all)
+//! goes to the kernel untouched.
 
 use std::ffi::{c_int, c_ulong, c_void};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use gmem::uapi::{
-    kvm_create_guest_memfd, kvm_memory_attributes2, kvm_userspace_memory_region2,
-    KVM_CAP_GUEST_MEMFD, KVM_CAP_GUEST_MEMFD_FLAGS, KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_VM_TYPES,
+    kvm_create_guest_memfd, kvm_memory_attributes2, kvm_pre_fault_memory,
+    kvm_userspace_memory_region2, KVM_CAP_GUEST_MEMFD, KVM_CAP_GUEST_MEMFD_FLAGS,
+    KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_PRE_FAULT_MEMORY, KVM_CAP_VM_TYPES,
     KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEM_GUEST_MEMFD,
 };
 use gmem::{EmulatedGuestMemfd, EmulatedOptions, Errno, GuestMemfd, MemslotSource, PAGE_SIZE};
 
 use crate::config;
-use crate::fdtable::{self, Binding, Gmem, Object, Pins, Vm};
+use crate::fdtable::{self, Binding, Gmem, Object, Pins, Slot, Vm};
 use crate::real;
 use crate::trace::{self, trace};
 use crate::user::{copy_from, copy_to, errno, set_errno};
@@ -23,6 +25,10 @@ use crate::user::{copy_from, copy_to, errno, set_errno};
 pub(crate) const KVM_CREATE_VM: u32 = 0xAE01;
 /// `_IO(KVMIO, 0x03)`.
 pub(crate) const KVM_CHECK_EXTENSION: u32 = 0xAE03;
+/// `_IO(KVMIO, 0x41)`.
+pub(crate) const KVM_CREATE_VCPU: u32 = 0xAE41;
+/// `_IOWR(KVMIO, 0xd5, struct kvm_pre_fault_memory)` (a vCPU ioctl).
+pub(crate) const KVM_PRE_FAULT_MEMORY: u32 = 0xC040_AED5;
 /// `_IOW(KVMIO, 0x46, struct kvm_userspace_memory_region)`.
 pub(crate) const KVM_SET_USER_MEMORY_REGION: u32 = 0x4020_AE46;
 /// `_IOW(KVMIO, 0x49, struct kvm_userspace_memory_region2)`.
@@ -80,6 +86,7 @@ pub(crate) fn ioctl(fd: c_int, req: c_ulong, arg: *mut c_void) -> c_int {
     match nr {
         KVM_CHECK_EXTENSION => return check_extension(fd, req, arg as c_ulong),
         KVM_CREATE_VM => return create_vm(fd, req, arg as u64),
+        KVM_PRE_FAULT_MEMORY => return pre_fault_memory(fd, req, arg),
         _ => {}
     }
     let object = if fdtable::tracked(fd) {
@@ -92,6 +99,7 @@ pub(crate) fn ioctl(fd: c_int, req: c_ulong, arg: *mut c_void) -> c_int {
             KVM_CREATE_GUEST_MEMFD => create_guest_memfd(&vm, arg),
             KVM_SET_USER_MEMORY_REGION2 => set_region2(&vm, fd, req, arg),
             KVM_SET_USER_MEMORY_REGION => set_region1(&vm, fd, req, arg),
+            KVM_CREATE_VCPU => create_vcpu(&vm, fd, req, arg),
             _ => pass(fd, req, arg),
         },
         Some(Object::Gmem(g)) => match nr {
@@ -103,7 +111,7 @@ pub(crate) fn ioctl(fd: c_int, req: c_ulong, arg: *mut c_void) -> c_int {
             }
         },
         Some(Object::GupTest(pins)) => gup_test(&pins, fd, nr, arg),
-        Some(Object::Pipe(_)) | None => pass(fd, req, arg),
+        Some(Object::Pipe(_) | Object::Vcpu(_)) | None => pass(fd, req, arg),
     }
 }
 
@@ -139,6 +147,9 @@ fn check_extension(fd: c_int, req: c_ulong, cap: c_ulong) -> c_int {
     } else if cap32 == KVM_CAP_MEMORY_ATTRIBUTES {
         // Per-guest_memfd mode: the VM ioctl supports no attribute.
         0
+    } else if cap32 == KVM_CAP_PRE_FAULT_MEMORY && real == 0 {
+        // The interposer answers the vCPU ioctl where the kernel cannot (`pre_fault_memory`).
+        1
     } else {
         return real;
     };
@@ -260,7 +271,7 @@ fn create_guest_memfd(vm: &Arc<Vm>, arg: *mut c_void) -> c_int {
 /// slot is rewritten as a plain one (`kvm_set_memory_region`, `kvm_gmem_bind`).
 fn check_gmem_region(
     vm: &Vm,
-    slots: &std::collections::BTreeMap<u32, Option<Binding>>,
+    slots: &std::collections::BTreeMap<u32, Slot>,
     r: &kvm_userspace_memory_region2,
 ) -> Result<Arc<Gmem>, Errno> {
     if r.flags & !(KVM_MEM_GUEST_MEMFD | KVM_MEM_READONLY) != 0 {
@@ -297,7 +308,7 @@ fn check_gmem_region(
     if end > g.file.size() {
         return Err(Errno::EINVAL);
     }
-    let overlaps = slots.values().flatten().any(|b| {
+    let overlaps = slots.values().filter_map(|s| s.binding.as_ref()).any(|b| {
         Arc::ptr_eq(&b.file, &g) && b.offset < end && r.guest_memfd_offset < b.offset + b.size
     });
     if overlaps {
@@ -335,7 +346,15 @@ fn set_region2(vm: &Arc<Vm>, fd: c_int, req: c_ulong, arg: *mut c_void) -> c_int
     if r.flags & KVM_MEM_GUEST_MEMFD == 0 {
         let ret = pass(fd, req, arg);
         if ret == 0 {
-            slots.insert(r.slot, None);
+            slots.insert(
+                r.slot,
+                Slot {
+                    gpa: r.guest_phys_addr,
+                    size: r.memory_size,
+                    userspace_addr: r.userspace_addr,
+                    binding: None,
+                },
+            );
         }
         return ret;
     }
@@ -364,11 +383,16 @@ fn set_region2(vm: &Arc<Vm>, fd: c_int, req: c_ulong, arg: *mut c_void) -> c_int
     if ret == 0 {
         slots.insert(
             r.slot,
-            Some(Binding {
-                file: g,
-                offset: r.guest_memfd_offset,
+            Slot {
+                gpa: r.guest_phys_addr,
                 size: r.memory_size,
-            }),
+                userspace_addr: plain.userspace_addr,
+                binding: Some(Binding {
+                    file: g,
+                    offset: r.guest_memfd_offset,
+                    size: r.memory_size,
+                }),
+            },
         );
     }
     trace!(
@@ -388,7 +412,7 @@ fn set_region1(vm: &Arc<Vm>, fd: c_int, req: c_ulong, arg: *mut c_void) -> c_int
         Err(e) => return fail(e),
     };
     let mut slots = vm.slots.lock().unwrap_or_else(|e| e.into_inner());
-    if r.memory_size != 0 && matches!(slots.get(&r.slot), Some(Some(_))) {
+    if r.memory_size != 0 && slots.get(&r.slot).is_some_and(|s| s.binding.is_some()) {
         return fail(Errno::EINVAL);
     }
     let ret = pass(fd, req, arg);
@@ -396,10 +420,136 @@ fn set_region1(vm: &Arc<Vm>, fd: c_int, req: c_ulong, arg: *mut c_void) -> c_int
         if r.memory_size == 0 {
             slots.remove(&r.slot);
         } else {
-            slots.insert(r.slot, None);
+            slots.insert(
+                r.slot,
+                Slot {
+                    gpa: r.guest_phys_addr,
+                    size: r.memory_size,
+                    userspace_addr: r.userspace_addr,
+                    binding: None,
+                },
+            );
         }
     }
     ret
+}
+
+/// `KVM_CREATE_VCPU`: the kernel's vCPU, recorded as the VM's (for `KVM_PRE_FAULT_MEMORY`).
+fn create_vcpu(vm: &Arc<Vm>, fd: c_int, req: c_ulong, arg: *mut c_void) -> c_int {
+    let ret = pass(fd, req, arg);
+    let e = errno();
+    if ret >= 0 {
+        fdtable::register(ret, Object::Vcpu(vm.clone()));
+    }
+    set_errno(e);
+    ret
+}
+
+/// The VM of vCPU descriptor `fd`, if it is still a vCPU created through the interposer.
+fn vcpu_vm(fd: c_int) -> Option<Arc<Vm>> {
+    let Some(Object::Vcpu(vm)) = fdtable::lookup(fd) else {
+        return None;
+    };
+    // Every anonymous-inode file shares one inode: the link names the kind.
+    let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+    link.to_string_lossy()
+        .starts_with("anon_inode:kvm-vcpu")
+        .then_some(vm)
+}
+
+/// `KVM_PRE_FAULT_MEMORY` on a vCPU: the kernel's answer where it has one. Where it cannot
+/// (EOPNOTSUPP: no two-dimensional paging, as under PVM; ENOTTY: a kernel without the
+/// ioctl), the interposer answers for a vCPU of a VM it created, with the kernel's semantics
+/// (`kvm_vcpu_pre_fault_memory`): flags, alignment and wrap-around (size 0 included) are
+/// EINVAL; then page by page, a GPA in no memslot of address space 0 ends the walk with
+/// ENOENT; a page of a guest_memfd slot takes the guest fault of its file (allocated,
+/// prepared, private or shared as its attribute says); a page of another slot is faulted in
+/// at its host address (EFAULT if nothing is mapped there). `gpa` and `size` advance per
+/// page; the call succeeds if at least one page was done, else fails with the error,
+/// `range` unchanged.
+fn pre_fault_memory(fd: c_int, req: c_ulong, arg: *mut c_void) -> c_int {
+    let ret = pass(fd, req, arg);
+    let kernel = errno();
+    if ret >= 0 || !(kernel == libc::EOPNOTSUPP || kernel == libc::ENOTTY) {
+        return ret;
+    }
+    let Some(vm) = vcpu_vm(fd) else {
+        set_errno(kernel);
+        return ret;
+    };
+    let mut range: kvm_pre_fault_memory = match copy_from(arg) {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    let (gpa, size) = (range.gpa, range.size);
+    let result = pre_fault_range(&vm, &mut range);
+    let ret = match result {
+        Ok(()) => match copy_to(arg, &range) {
+            Ok(()) => 0,
+            Err(e) => fail(e),
+        },
+        Err(e) => fail(e),
+    };
+    let e = errno();
+    trace!(
+        "ioctl({fd}, KVM_PRE_FAULT_MEMORY, gpa={gpa:#x} size={size:#x}) vcpu of vm{} -> {} (left {:#x}; emulated: kernel {})",
+        vm.id,
+        trace::ret(ret.into(), e),
+        range.size,
+        Errno(kernel).name()
+    );
+    set_errno(e);
+    ret
+}
+
+/// The walk of [`pre_fault_memory`]: `Ok` with `range` advanced if a page was done.
+fn pre_fault_range(vm: &Vm, range: &mut kvm_pre_fault_memory) -> Result<(), Errno> {
+    if range.flags != 0
+        || range.gpa % PAGE_SIZE != 0
+        || range.size % PAGE_SIZE != 0
+        || range
+            .gpa
+            .checked_add(range.size)
+            .is_none_or(|end| end <= range.gpa)
+    {
+        return Err(Errno::EINVAL);
+    }
+    let full = range.size;
+    let mut error = Errno::ENOENT;
+    while range.size > 0 {
+        if let Err(e) = pre_fault_page(vm, range.gpa) {
+            error = e;
+            break;
+        }
+        range.gpa += PAGE_SIZE;
+        range.size -= PAGE_SIZE;
+    }
+    if range.size < full {
+        Ok(())
+    } else {
+        Err(error)
+    }
+}
+
+/// One page of [`pre_fault_range`], under the VM's memslot lock (a concurrent delete waits).
+fn pre_fault_page(vm: &Vm, gpa: u64) -> Result<(), Errno> {
+    let slots = vm.slots.lock().unwrap_or_else(|e| e.into_inner());
+    let slot = slots
+        .iter()
+        .find(|(&id, s)| id >> 16 == 0 && gpa >= s.gpa && gpa - s.gpa < s.size)
+        .map(|(_, s)| s)
+        .ok_or(Errno::ENOENT)?;
+    let delta = gpa - slot.gpa;
+    match &slot.binding {
+        Some(b) => b.file.file.guest_fault(b.offset + delta, PAGE_SIZE),
+        None => {
+            let addr = slot
+                .userspace_addr
+                .checked_add(delta)
+                .ok_or(Errno::EFAULT)?;
+            copy_from::<u8>(addr as *const c_void).map(|_| ())
+        }
+    }
 }
 
 /// `KVM_SET_MEMORY_ATTRIBUTES2` on an emulated file: the kernel's validation order, the
@@ -512,6 +662,10 @@ mod tests {
         assert_eq!(
             KVM_SET_MEMORY_ATTRIBUTES2 as c_ulong,
             gmem::uapi::KVM_SET_MEMORY_ATTRIBUTES2()
+        );
+        assert_eq!(
+            KVM_PRE_FAULT_MEMORY as c_ulong,
+            gmem::uapi::KVM_PRE_FAULT_MEMORY()
         );
         assert_eq!(std::mem::size_of::<Region1>(), 32);
         assert_eq!(std::mem::size_of::<PinLongtermTest>(), 24);
