@@ -5,8 +5,8 @@
 //!   `private_mem_kvm_exits_test`) over any backend, and the differential check;
 //! - [`script`]: the `gmem io` interpreter, one stable line per guest_memfd operation;
 //! - [`workload`]: the private_mem_conversions workload behind `gmem run`;
-//! - [`host_report`]: what the host offers, per feature and backend (`gmem probe`);
-//! - [`skip`]: why a check cannot run on this host, decided before it runs.
+//! - [`host_report`]: what the host offers, per feature and backend (`gmem probe`); why a
+//!   check cannot run on this host is `gmem::host`'s probe, asked before it runs.
 
 pub mod conformance;
 pub mod host_report;

@@ -53,13 +53,14 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         ),
         IoBackend::Kernel => {
             let b = KernelBackend::with_vm_type(args.vm_type).map_err(|e| {
-                let access = crate::kvm_access::check(std::path::Path::new("/dev/kvm"))
+                let access = crate::kvm_access::check(&crate::kvm_access::kvm_device())
                     .err()
                     .map_or_else(String::new, |why| format!("\n  {why}"));
                 format!(
-                    "kernel backend unavailable: {} VM (type {}) on /dev/kvm: {e}{access}",
+                    "kernel backend unavailable: {} VM (type {}) on {}: {e}{access}",
                     BackendArg::vm_type_name(args.vm_type),
-                    args.vm_type
+                    args.vm_type,
+                    crate::kvm_access::kvm_device().display()
                 )
             })?;
             Session::new(Arc::new(b), None)

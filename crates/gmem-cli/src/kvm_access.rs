@@ -2,8 +2,8 @@
 //! it (EACCES on open: name the group to join), or a security module refusing guest_memfd
 //! (EACCES from `KVM_CREATE_GUEST_MEMFD` although the device opened, as SELinux does).
 //!
-//! `GMEM_KVM_DEV` names another device path for `gmem probe` and for this diagnosis (a seam
-//! for tests: `GMEM_KVM_DEV=/nonexistent` is a host without KVM).
+//! `GMEM_KVM_DEV` names another device path for every part of gmem, this diagnosis included
+//! (`gmem::host::kvm_device`; `GMEM_KVM_DEV=/nonexistent` is a host without KVM).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -13,13 +13,7 @@ use gmem::{Errno, KernelBackend, PAGE_SIZE};
 
 const EACCES: Errno = Errno(libc::EACCES);
 
-/// The environment variable naming the KVM device in place of `/dev/kvm`.
-pub const KVM_DEV_ENV: &str = "GMEM_KVM_DEV";
-
-/// The KVM device path: `$GMEM_KVM_DEV`, else `/dev/kvm`.
-pub fn kvm_device() -> PathBuf {
-    std::env::var_os(KVM_DEV_ENV).map_or_else(|| PathBuf::from("/dev/kvm"), PathBuf::from)
-}
+pub use gmem::host::kvm_device;
 
 /// Which step refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

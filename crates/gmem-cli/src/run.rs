@@ -9,7 +9,6 @@ use gmem::platform::{ContentRule, Direction};
 use gmem::BackendKind;
 use gmem_check::workload::{self, Config, HypercallCheck, Mode, Report, TARGET_RATIO};
 use gmem_vmm::backing::BackingKind;
-use std::path::Path;
 
 use crate::kvm_access::{self, KvmProblem};
 use crate::progress::Ticker;
@@ -380,7 +379,7 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Ok(r) => r,
         // The kernel backend could not be opened: say precisely why, if it is access.
         Err(e) if args.backend == Backend::Kernel => {
-            return Err(match kvm_access::check(Path::new("/dev/kvm")) {
+            return Err(match kvm_access::check(&kvm_access::kvm_device()) {
                 Err(why) => format!("{e}\n  {why}").into(),
                 Ok(()) => e.into(),
             })
@@ -389,7 +388,7 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     };
     // Host-driven: the workload found no usable /dev/kvm; say why, precisely.
     let kvm = (report.mode != Mode::Kvm)
-        .then(|| kvm_access::check(Path::new("/dev/kvm")).err())
+        .then(|| kvm_access::check(&kvm_access::kvm_device()).err())
         .flatten();
     if args.json {
         println!(

@@ -6,7 +6,7 @@
 //!
 //! Design, in short:
 //!
-//! - **Fast path.** Every interposed function first asks [`fdtable::owned`], one relaxed
+//! - **Fast path.** Every interposed function first asks `fdtable::owned`, one relaxed
 //!   load from a bitmap of descriptor numbers; `ioctl` also looks at the request's type byte
 //!   (KVM's is `0xAE`). A call on a descriptor that is not the interposer's, with a non-KVM
 //!   request, goes straight to the C library's function (`dlsym(RTLD_NEXT)`, cached).

@@ -251,7 +251,7 @@ impl Vm {
     }
 
     /// Whether `KVM_EXIT_MEMORY_FAULT` is served by converting to the access's type (the
-    /// default, QEMU's and Cloud Hypervisor's policy) or reported as [`Stop::MemoryFault`].
+    /// default, QEMU's and Cloud Hypervisor's policy) or reported as [`crate::vcpu::Stop::MemoryFault`].
     pub fn set_memory_fault_conversion(&self, convert: bool) {
         self.memory_fault_conversion
             .store(convert, Ordering::SeqCst);

@@ -103,7 +103,12 @@ pub fn kvm_available() -> Result<(), KvmUnavailable> {
 impl Vm {
     /// Files of the emulated backend bind to it.
     pub fn new(vcpus: usize) -> Result<Vm, VmError> {
-        let kvm = Kvm::new().map_err(VmError::kvm("open /dev/kvm"))?;
+        let dev = gmem::host::kvm_device();
+        let path = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dev.as_os_str()))
+            .map_err(|_| {
+                VmError::kvm("open the KVM device")(kvm_ioctls::Error::new(libc::EINVAL))
+            })?;
+        let kvm = Kvm::new_with_path(path.as_c_str()).map_err(VmError::kvm("open /dev/kvm"))?;
         let vm = kvm.create_vm().map_err(VmError::kvm("KVM_CREATE_VM(0)"))?;
         Self::with_handle(VmHandle::Own { _kvm: kvm, vm }, vcpus)
     }

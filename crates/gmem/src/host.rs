@@ -31,8 +31,18 @@ use crate::uapi::{
     KVM_CAP_PRE_FAULT_MEMORY, KVM_X86_DEFAULT_VM,
 };
 
-/// The KVM device gmem uses.
+/// The KVM device gmem uses unless [`KVM_DEVICE_ENV`] names another.
 pub const KVM_DEVICE: &str = "/dev/kvm";
+
+/// The environment variable naming the KVM device every part of gmem opens in place of
+/// [`KVM_DEVICE`] (the probe, the kernel backend, VMs, `gmem probe`/`run`/`io`): a device
+/// elsewhere, or a missing path for a host without KVM.
+pub const KVM_DEVICE_ENV: &str = "GMEM_KVM_DEV";
+
+/// The KVM device path: `$GMEM_KVM_DEV`, else `/dev/kvm`.
+pub fn kvm_device() -> PathBuf {
+    std::env::var_os(KVM_DEVICE_ENV).map_or_else(|| PathBuf::from(KVM_DEVICE), PathBuf::from)
+}
 
 /// A capability a caller (a test, a conformance case, a subcommand) needs of the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -366,11 +376,11 @@ impl HostFeatures {
     /// of the process (the kernel does not change under a running process).
     pub fn get() -> &'static HostFeatures {
         static HOST: OnceLock<HostFeatures> = OnceLock::new();
-        HOST.get_or_init(|| HostFeatures::probe(Path::new(KVM_DEVICE)))
+        HOST.get_or_init(|| HostFeatures::probe(&kvm_device()))
     }
 }
 
-/// `Ok` if this host (`/dev/kvm`, probed once per process) offers `feature`, else why not.
+/// `Ok` if this host ([`kvm_device`], probed once per process) offers `feature`, else why not.
 pub fn require(feature: Feature) -> Result<(), Missing> {
     HostFeatures::get().require(feature)
 }

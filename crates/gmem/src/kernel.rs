@@ -82,9 +82,10 @@ impl KernelBackend {
         Self::with_vm_type(u64::from(KVM_X86_DEFAULT_VM))
     }
 
-    /// Opens `/dev/kvm` and creates a VM of type `vm_type` (`KVM_X86_*_VM`).
+    /// Opens the KVM device ([`crate::host::kvm_device`]) and creates a VM of type
+    /// `vm_type` (`KVM_X86_*_VM`).
     pub fn with_vm_type(vm_type: u64) -> KernelResult<Self> {
-        Self::open(Path::new("/dev/kvm"), vm_type)
+        Self::open(&crate::host::kvm_device(), vm_type)
     }
 
     /// Opens the KVM device at `path` (normally `/dev/kvm`) and creates a VM of type

@@ -75,7 +75,7 @@
 //! # Where things are
 //!
 //! - [`uapi`]: every number and struct of the kernel interface under its upstream name;
-//! - [`file`]: the [`GuestMemfd`] and [`GuestMemfdBackend`] traits;
+//! - [`mod@file`]: the [`GuestMemfd`] and [`GuestMemfdBackend`] traits;
 //! - [`attributes`]: the per-file shared/private store;
 //! - [`emulated`]: the emulated backend (revocation of private pages from host mappings,
 //!   per-page state, the direct map, the fault service, populate);

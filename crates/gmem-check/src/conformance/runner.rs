@@ -152,7 +152,7 @@ pub struct NoCaseMatches {
 }
 
 /// `Ok` if `filter` is absent or selects at least one case or differential script (by the
-/// rule of [`matches`]); otherwise the error naming the filter.
+/// rule of [`matches()`]); otherwise the error naming the filter.
 pub fn check_filter(filter: Option<&str>) -> Result<(), NoCaseMatches> {
     let Some(f) = filter else {
         return Ok(());

@@ -122,7 +122,7 @@ fn kernel_release() -> Option<String> {
 
 /// Collects the host report. Never panics; what cannot be read is reported.
 pub fn collect() -> HostReport {
-    collect_with_kvm_device(Path::new("/dev/kvm"))
+    collect_with_kvm_device(&gmem::host::kvm_device())
 }
 
 /// [`collect`] with the KVM device at `dev_kvm` (a missing path reports a host without KVM).

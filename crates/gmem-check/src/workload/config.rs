@@ -6,7 +6,7 @@ use gmem_vmm::backing::BackingKind;
 
 use super::{WorkloadError, WINDOW_STRIDE};
 
-/// Options of [`run`].
+/// Options of [`super::run`].
 #[derive(Debug, Clone)]
 pub struct Config {
     /// vCPUs (one window each).

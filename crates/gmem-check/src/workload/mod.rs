@@ -12,7 +12,7 @@
 //! the same operations run with host-driven conversions: the guest's reads and writes go
 //! through the emulated file's guest view.
 //!
-//! [`Config::model`] runs the same flows on the two-backing model instead (a private store
+//! [`Config::memory`] runs the same flows on the two-backing model instead (a private store
 //! and a shared memfd, the inactive copy discarded), for comparison: its content rule is its
 //! own (zeroed, or preserved when it copies), and since it has no SIGBUS a private sync checks
 //! that the VMM's accessor refuses the page and that the shared memfd no longer holds it.

@@ -7,11 +7,11 @@
 //! DESIGN.md "The guard" for the measurements and the trust boundary):
 //!
 //! - [`Revocation::Guard`] (default where userfaultfd offers it): every host mapping, in every
-//!   process, takes its faults through one check, the process's guard ([`guard`]): a
+//!   process, takes its faults through one check, the process's guard (`guard`): a
 //!   userfaultfd in missing and minor mode whose thread maps a shared page and poisons a
 //!   private one at fault time, as the kernel's `kvm_gmem_fault_user_mapping` does. A
 //!   conversion to private zaps this process's host mappings and replaces the pages another
-//!   address space had mapped ([`host`]); fork and clone children and processes the file was
+//!   address space had mapped (`host`); fork and clone children and processes the file was
 //!   handed to are served by the guard through their own userfaultfds, with no part in
 //!   conversions.
 //! - [`Revocation::Remap`] (the fallback without userfaultfd): private runs of every host
@@ -23,11 +23,11 @@
 //! The guest's view is an internal full mapping of the memfd that sees private and shared pages
 //! alike (stage 2); memslots and the conformance suite's guest use it.
 //!
-//! Locking: [`State`] sits behind one `RwLock`, the kernel's invalidate lock for everything but
-//! host faults, which take the file's gate ([`host::Gate`]) instead. Conversion and
+//! Locking: `State` sits behind one `RwLock`, the kernel's invalidate lock for everything but
+//! host faults, which take the file's gate (`host::Gate`) instead. Conversion and
 //! punch-hole take the lock exclusively; safe accessors, guest accesses and pins take it
 //! shared, only to check the pages and take a transient reference (the copy itself runs
-//! unlocked). Every holder of a state lock first holds [`fork::FORK_LOCK`] shared.
+//! unlocked). Every holder of a state lock first holds `fork::FORK_LOCK` shared.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -88,7 +88,7 @@ pub enum Revocation {
     #[default]
     Auto,
     /// The guard: every host fault, in every process, is checked against the page's
-    /// attribute ([`guard`]).
+    /// attribute (`guard`).
     Guard,
     /// `MAP_FIXED` of an empty memfd over private runs (no userfaultfd needed; host mappings
     /// are not inherited by fork children and the file cannot be handed on).
@@ -118,7 +118,7 @@ impl Revocation {
     }
 }
 
-/// What the guard needs of the kernel: a userfaultfd with [`sys::uffd::GUARD_FEATURES`].
+/// What the guard needs of the kernel: a userfaultfd with `sys::uffd::GUARD_FEATURES`.
 pub const GUARD_NEEDS: Feature = Feature::Userfaultfd(sys::uffd::GUARD_FEATURES);
 
 /// What a `NO_DIRECT_MAP` file's host hand-out at fault time needs: the guard

@@ -94,7 +94,7 @@ pub fn keystream_words(key: u64, index: u64, transition: u64) -> impl Iterator<I
     })
 }
 
-/// A page of keystream with no zero byte ([`keystream_words`] as bytes).
+/// A page of keystream with no zero byte (`keystream_words` as bytes).
 pub fn keystream(key: u64, index: u64, transition: u64) -> Vec<u8> {
     keystream_words(key, index, transition)
         .flat_map(u64::to_le_bytes)

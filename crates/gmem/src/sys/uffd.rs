@@ -242,8 +242,8 @@ impl PoisonFd {
         Self::open(0, features, modes).or_else(|_| Self::open(UFFD_USER_MODE_ONLY, features, modes))
     }
 
-    /// The guard's userfaultfd ([`GUARD_FEATURES`]): mappings are registered in missing and
-    /// minor mode, and the address spaces of fork children come as [`UffdEvent::Fork`]. It
+    /// The guard's userfaultfd (`GUARD_FEATURES`): mappings are registered in missing and
+    /// minor mode, and the address spaces of fork children come as `UffdEvent::Fork`. It
     /// receives the faults of kernel-mode accesses too where this process may have them (root,
     /// `CAP_SYS_PTRACE` or `vm.unprivileged_userfaultfd`); elsewhere it is user-mode only and
     /// a system call touching a page without a PTE fails with EFAULT. The second value says
@@ -257,7 +257,7 @@ impl PoisonFd {
         }
     }
 
-    /// A userfaultfd the kernel delivered ([`UffdEvent::Fork`]) or another process sent,
+    /// A userfaultfd the kernel delivered (`UffdEvent::Fork`) or another process sent,
     /// registered in the guard's modes.
     pub fn adopt(fd: OwnedFd) -> PoisonFd {
         PoisonFd {
