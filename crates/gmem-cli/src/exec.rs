@@ -1,8 +1,10 @@
 //! `gmem exec`: runs a program with the `gmem-preload` interposer, which presents gmem's
 //! emulated guest_memfd through the KVM uAPI of a kernel with the in-place conversion series
 //! (`KVM_X86_SW_PROTECTED_VM`, per-guest_memfd attributes). The interposer is the
-//! `libgmem_preload.so` built with `gmem` (found next to the executable); the program replaces
-//! this process, so its exit status is `gmem exec`'s.
+//! `libgmem_preload.so` built with `gmem`: found next to the executable (a workspace build),
+//! or carried inside it (a release build, as `cargo install` makes: written once to the
+//! user's cache folder); the program replaces this process, so its exit status is `gmem
+//! exec`'s.
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
@@ -50,6 +52,12 @@ pub struct Args {
 /// Why a program cannot run under the interposer.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
+    /// The carried interposer could not be written where the loader can open it.
+    #[error("cannot write the interposer this gmem carries: {source}")]
+    Embedded {
+        /// Why.
+        source: std::io::Error,
+    },
     /// The interposer is not where `gmem` looks.
     #[error("{PRELOAD} not found next to {exe} (nor in its deps/): build the workspace with `cargo build` (it is built with `gmem`), or set GMEM_PRELOAD to its path")]
     NoPreload {
@@ -116,6 +124,7 @@ impl ExecError {
             // gmem's refusal, not the program's: as a failure of gmem.
             ExecError::Unreachable { .. }
             | ExecError::NoPreload { .. }
+            | ExecError::Embedded { .. }
             | ExecError::BadPreload { .. } => 1,
         }
     }
@@ -138,6 +147,63 @@ fn bad_preload(path: &Path) -> Option<String> {
         return Some(format!("not {PRELOAD} (a shared object without its marks)"));
     }
     None
+}
+
+/// The interposer carried inside this binary (release builds: see the build script).
+#[cfg(gmem_embedded_preload)]
+const EMBEDDED: Option<&[u8]> = Some(include_bytes!(env!("GMEM_EMBEDDED_PRELOAD")));
+#[cfg(not(gmem_embedded_preload))]
+const EMBEDDED: Option<&[u8]> = None;
+
+/// The carried interposer as a file the loader can open: in the user's cache folder
+/// (`$XDG_CACHE_HOME/gmem`, else `~/.cache/gmem`), named by its content's hash and written
+/// once (a temporary file renamed into place); where that folder cannot be written, a
+/// memfd inherited by the program (`/proc/self/fd/N` in it).
+fn materialize(bytes: &[u8]) -> Result<PathBuf, ExecError> {
+    // FNV-1a: a name per build, not a security measure (the folder is the user's own).
+    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let dir = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|d| d.join("gmem"));
+    if let Some(dir) = dir {
+        let path = dir.join(format!("libgmem_preload-{hash:016x}.so"));
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == bytes.len() as u64) {
+            return Ok(path);
+        }
+        let tmp = dir.join(format!(
+            ".libgmem_preload-{hash:016x}.{}",
+            std::process::id()
+        ));
+        let written = std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if written.is_ok() {
+            return Ok(path);
+        }
+        let _ = std::fs::remove_file(&tmp);
+    }
+    memfd_preload(bytes)
+}
+
+/// The carried interposer in a memfd the program inherits (not close-on-exec).
+fn memfd_preload(bytes: &[u8]) -> Result<PathBuf, ExecError> {
+    let io = |source| ExecError::Embedded { source };
+    // SAFETY: memfd_create with a constant name; the descriptor is owned below.
+    let fd = unsafe { libc::memfd_create(c"libgmem_preload.so".as_ptr(), 0) };
+    if fd < 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    let mut file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    std::io::Write::write_all(&mut file, bytes).map_err(io)?;
+    let path = PathBuf::from(format!("/proc/self/fd/{fd}"));
+    // Kept open, to be inherited by the program `exec` replaces this process with.
+    std::mem::forget(file);
+    Ok(path)
 }
 
 /// Finds the interposer: `$GMEM_PRELOAD` (checked: see [`bad_preload`]), else the newer of the one next to this executable
@@ -165,9 +231,15 @@ pub fn find_preload() -> Result<PathBuf, ExecError> {
                 .and_then(|m| m.modified())
                 .unwrap_or(std::time::UNIX_EPOCH)
         })
-        .ok_or_else(|| ExecError::NoPreload {
-            exe: exe.display().to_string(),
-        })
+        .map_or_else(
+            || match EMBEDDED {
+                Some(bytes) => materialize(bytes),
+                None => Err(ExecError::NoPreload {
+                    exe: exe.display().to_string(),
+                }),
+            },
+            Ok,
+        )
 }
 
 /// `program` as `execvp` would find it.
@@ -262,7 +334,13 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         .into());
     }
     let preload = find_preload()?;
-    let preload = std::fs::canonicalize(&preload).unwrap_or(preload);
+    // An absolute path for the program's children too (a memfd's `/proc/self/fd/N` stays as
+    // it is: it names the descriptor the program inherits).
+    let preload = if preload.starts_with("/proc/self/fd") {
+        preload
+    } else {
+        std::fs::canonicalize(&preload).unwrap_or(preload)
+    };
     let mut ld_preload = preload.into_os_string();
     if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
         ld_preload.push(":");
