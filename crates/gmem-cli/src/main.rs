@@ -10,6 +10,7 @@ mod demo;
 mod exec;
 mod io;
 mod kvm_access;
+mod map;
 mod probe;
 mod progress;
 mod run;
@@ -57,6 +58,9 @@ enum Command {
     /// Run a program with the KVM uAPI of a kernel with the in-place series: guest_memfd
     /// calls are answered by the emulated file (gmem exec -- PROGRAM [ARGS...]).
     Exec(exec::Args),
+    /// Draw guest memory over time (an SVG memory map of each guest_memfd: shared and
+    /// private pages, conversions, memslots) from a `gmem exec --trace` file.
+    Map(map::Args),
     /// Report what this host offers guest_memfd and which backend provides each feature.
     Probe(probe::Args),
     /// Run the conformance suite on a backend (or both, and the differential check).
@@ -88,6 +92,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Exec(args) => exec::run(&args),
+        Command::Map(args) => map::run(&args),
         Command::Probe(args) => probe::run(&args),
         Command::Conformance(args) => conformance::run(&args),
         Command::Io(args) => io::run(&args),

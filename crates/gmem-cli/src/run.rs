@@ -76,6 +76,10 @@ pub struct Args {
     /// found.
     #[arg(long, short)]
     verbose: bool,
+    /// Draw the file's memory over time (shared and private pages, every conversion, the
+    /// memslots) to FILE.svg, as `gmem map` draws a trace (emulated backend, in-place model).
+    #[arg(long, value_name = "FILE.svg")]
+    map: Option<std::path::PathBuf>,
 }
 
 /// The content rule of each direction, as data: `preserved`, `zeroed` or `scrambled`.
@@ -353,6 +357,49 @@ fn memory(args: &Args) -> Result<BackingKind, UsageError> {
     Ok(memory)
 }
 
+/// `--map`: the file's conversions as `gmem map` draws them; the memslots where the run had
+/// a VM (host-driven runs bind none).
+fn write_map(
+    path: &std::path::Path,
+    config: &Config,
+    report: &Report,
+    log: &gmem::ConversionLog,
+) -> Result<(), UsageError> {
+    let size = config.mem_mib << 20;
+    let piece = size / config.memslots.max(1);
+    let memslots = if report.mode == Mode::Kvm {
+        (0..config.memslots)
+            .map(|i| crate::map::Binding {
+                slot: i,
+                gpa: gmem_vmm::guest::DATA_GPA + i * piece,
+                size: piece,
+                offset: i * piece,
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let (records, dropped) = log.records();
+    let mut label = format!(
+        "gmem run: {} vCPU(s), {} MiB, platform {}",
+        config.vcpus,
+        config.mem_mib,
+        config.platform.name()
+    );
+    if dropped > 0 {
+        label.push_str(&format!(" (the last {dropped} conversions not recorded)"));
+    }
+    let file = crate::map::from_log(label, size, memslots, &records);
+    let title = format!("gmem run --map ({:?} mode)", report.mode);
+    std::fs::write(path, crate::map::render(&[file], &title)).map_err(|source| {
+        UsageError::Unwritable {
+            flag: "--map",
+            path: path.to_path_buf(),
+            source,
+        }
+    })
+}
+
 /// Runs `gmem run`.
 pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let config = Config {
@@ -365,7 +412,16 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         expect_rules_of: None,
         check_hypercall: true,
         memory: memory(args)?,
+        conversion_log: args.map.as_ref().map(|_| gmem::ConversionLog::default()),
     };
+    if args.map.is_some() && config.memory != BackingKind::InPlace(BackendKind::Emulated) {
+        return Err(UsageError::value(
+            "--map",
+            "",
+            "draws the emulated backend's in-place file only (--backend emulated --model in-place)",
+        )
+        .into());
+    }
     validate(args, &config)?;
     let ticker = (!args.json).then(|| {
         Ticker::start(format!(
@@ -386,6 +442,9 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
         Err(e) => return Err(e.into()),
     };
+    if let (Some(path), Some(log)) = (&args.map, &config.conversion_log) {
+        write_map(path, &config, &report, log)?;
+    }
     // Host-driven: the workload found no usable /dev/kvm; say why, precisely.
     let kvm = (report.mode != Mode::Kvm)
         .then(|| kvm_access::check(&kvm_access::kvm_device()).err())

@@ -16,6 +16,16 @@ pub enum UsageError {
         /// What is allowed, and why.
         allowed: String,
     },
+    /// An input file that cannot be read.
+    #[error("{flag} {}: cannot be read ({source})", path.display())]
+    Unreadable {
+        /// The argument.
+        flag: &'static str,
+        /// The path given.
+        path: PathBuf,
+        /// Why it cannot be read.
+        source: std::io::Error,
+    },
     /// An output file that cannot be written.
     #[error("{flag} {}: cannot be written ({source}); the directory must exist and be writable", path.display())]
     Unwritable {

@@ -424,6 +424,34 @@ fn exits_and_errors_as_unix_tools_do() {
     assert!(err(&o).contains("cannot be used with"), "{}", err(&o));
 }
 
+/// `gmem map` draws a trace as an SVG; an unreadable trace is a usage error (2).
+fn map_draws_a_trace() {
+    let dir = common::TempDir::new("gmem-map").unwrap();
+    let trace = dir.join("t.trace");
+    std::fs::write(
+        &trace,
+        "# gmem exec -- prog\n\
+         1 1 ioctl(vm1, KVM_CREATE_GUEST_MEMFD, size=0x4000 flags=mmap|init_shared) -> 11 (guard revocation)\n\
+         1 1 ioctl(11, KVM_SET_MEMORY_ATTRIBUTES2, offset=0x1000 size=0x1000 attributes=0x8) -> 0\n",
+    )
+    .unwrap();
+    let svg = dir.join("m.svg");
+    let o = common::gmem(&["map", trace.to_str().unwrap(), "-o", svg.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("1 guest_memfd(s), 1 changes"));
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<svg") && text.contains("guest_memfd 1 (vm1, fd 11)"));
+    let o = common::gmem(&["map", "/nonexistent/trace", "-o", svg.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = common::gmem(&["run", "--backend", "kernel", "--map", svg.to_str().unwrap()]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 fn main() {
     let mut trials = common::tests!(
         a_closed_pipe_ends_every_command_quietly,
@@ -438,6 +466,7 @@ fn main() {
         demo_says_sigbus_and_prints_no_debug_dump,
         conformance_filter_matching_nothing_is_refused,
         exits_and_errors_as_unix_tools_do,
+        map_draws_a_trace,
     );
     trials.push(common::test_unless(
         "no_permission_on_dev_kvm_is_told_precisely",

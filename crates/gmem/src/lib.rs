@@ -106,7 +106,8 @@ mod sys;
 pub mod uapi;
 
 pub use emulated::{
-    AttributeTracking, EmulatedBackend, EmulatedGuestMemfd, EmulatedOptions, HostPages, Revocation,
+    AttributeTracking, ConversionLog, ConversionRecord, EmulatedBackend, EmulatedGuestMemfd,
+    EmulatedOptions, HostPages, Revocation,
 };
 pub use error::{AccessError, ConversionError, ConversionUnsupported, Errno, KernelResult};
 pub use file::{

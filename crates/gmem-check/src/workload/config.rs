@@ -32,6 +32,9 @@ pub struct Config {
     /// Whether to check, before the workload, if the MAP_GPA_RANGE hypercall reaches
     /// userspace here (up to 300 ms on a host where it does not).
     pub check_hypercall: bool,
+    /// Where the file's conversions are recorded (`gmem run --map`): the emulated backend's
+    /// file only.
+    pub conversion_log: Option<gmem::ConversionLog>,
 }
 
 impl Default for Config {
@@ -46,6 +49,7 @@ impl Default for Config {
             expect_rules_of: None,
             memory: BackingKind::InPlace(BackendKind::Emulated),
             check_hypercall: true,
+            conversion_log: None,
         }
     }
 }

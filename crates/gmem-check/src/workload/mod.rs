@@ -164,6 +164,9 @@ fn run_inner(config: &Config) -> Result<Report, WorkloadError> {
                 op: "creating the emulated guest_memfd",
                 errno,
             })?;
+            if let Some(log) = &config.conversion_log {
+                file.log_conversions_to(log.clone());
+            }
             let file = in_place(Arc::new(file)).map_err(|errno| WorkloadError::Kernel {
                 op: "mmap of the gmem file",
                 errno,

@@ -130,7 +130,9 @@ impl GuestMemfd for EmulatedGuestMemfd {
         if self.inner.options.attribute_tracking == AttributeTracking::PerVm {
             return Err(Errno::ENOTTY);
         }
-        self.convert(a)
+        let r = self.convert(a);
+        self.log_conversion(a, r);
+        r
     }
 
     fn set_vm_attributes(&self, a: &mut kvm_memory_attributes2) -> KernelResult<()> {

@@ -286,6 +286,63 @@ enum Mechanism {
     Remap,
 }
 
+/// One conversion of a file ([`EmulatedGuestMemfd::log_conversions_to`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConversionRecord {
+    /// When, since the log was made.
+    pub at: std::time::Duration,
+    /// Start of the range, bytes into the file.
+    pub offset: u64,
+    /// Length of the range, bytes.
+    pub size: u64,
+    /// The attributes asked for (`KVM_MEMORY_ATTRIBUTE_PRIVATE` or 0).
+    pub attributes: u64,
+    /// The answer.
+    pub result: KernelResult<()>,
+}
+
+/// A shared, bounded log of conversions: one or more files append to it.
+#[derive(Debug, Clone)]
+pub struct ConversionLog {
+    started: std::time::Instant,
+    records: Arc<Mutex<(Vec<ConversionRecord>, u64)>>,
+}
+
+impl Default for ConversionLog {
+    fn default() -> Self {
+        ConversionLog {
+            started: std::time::Instant::now(),
+            records: Arc::default(),
+        }
+    }
+}
+
+impl ConversionLog {
+    /// Conversions kept; later ones are only counted.
+    pub const CAPACITY: usize = 1 << 20;
+
+    fn push(&self, r: ConversionRecord) {
+        let mut g = self
+            .records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if g.0.len() < Self::CAPACITY && g.0.try_reserve(1).is_ok() {
+            g.0.push(r);
+        } else {
+            g.1 += 1;
+        }
+    }
+
+    /// The conversions kept, in order, and how many were not kept.
+    pub fn records(&self) -> (Vec<ConversionRecord>, u64) {
+        let g = self
+            .records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (g.0.clone(), g.1)
+    }
+}
+
 /// The process's empty file: every access to a mapping of it is past its end, i.e. SIGBUS,
 /// at any offset, so every emulated file of the process shares it (made with the first).
 fn hole() -> KernelResult<BorrowedFd<'static>> {
@@ -330,6 +387,8 @@ struct Inner {
     direct_map: FileView,
     /// Hook calls, when recording ([`EmulatedGuestMemfd::record_hooks`]).
     hook_log: OnceLock<Arc<Mutex<Vec<HookCall>>>>,
+    /// Conversions, when recording ([`EmulatedGuestMemfd::log_conversions_to`]).
+    conversion_log: OnceLock<ConversionLog>,
     /// The process that created the file: in any other (a fork or clone child) this copy is
     /// a follower.
     owner_pid: u32,
@@ -503,6 +562,7 @@ impl EmulatedGuestMemfd {
             pages: Mutex::new(PageBits::default()),
             direct_map: FileView::default(),
             hook_log: OnceLock::new(),
+            conversion_log: OnceLock::new(),
             owner_pid: sys::peer::getpid(),
         });
         fork::register();
@@ -764,6 +824,31 @@ impl EmulatedGuestMemfd {
 
     /// Starts recording hook calls (and gmem's zeroing and direct-map changes) in the
     /// returned log, which outlives the file (release is recorded too).
+    /// Records every conversion of this file from now on (`set_attributes`: range,
+    /// attributes, result, time) in `log`, for a picture of the file over time (`gmem run
+    /// --map`). False if the file already records into a log. At most
+    /// [`ConversionLog::CAPACITY`] conversions are kept; the rest are counted.
+    pub fn log_conversions_to(&self, log: ConversionLog) -> bool {
+        self.inner.conversion_log.set(log).is_ok()
+    }
+
+    /// Appends one conversion to the log, if the file records.
+    pub(super) fn log_conversion(
+        &self,
+        a: &crate::uapi::kvm_memory_attributes2,
+        result: KernelResult<()>,
+    ) {
+        if let Some(log) = self.inner.conversion_log.get() {
+            log.push(ConversionRecord {
+                at: log.started.elapsed(),
+                offset: a.offset,
+                size: a.size,
+                attributes: a.attributes,
+                result,
+            });
+        }
+    }
+
     pub fn record_hooks(&self) -> Arc<Mutex<Vec<HookCall>>> {
         self.inner
             .hook_log
