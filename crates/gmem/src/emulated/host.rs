@@ -84,6 +84,24 @@ impl Gate {
     }
 }
 
+/// Installs a poison marker at `addr` of `space`. The kernel answers EAGAIN while a mapping
+/// change of that address space (an `munmap` or `mremap` of a registered range in another
+/// thread) waits for its event to be read; the guard's reader reads it at once, so the call
+/// is retried (yielding, for at most about 10 ms: never waiting on the server, which may be
+/// this thread). False if no marker could be installed.
+fn poison(space: &Space, addr: u64, len: usize) -> bool {
+    for _ in 0..1000 {
+        match space.uffd.poison(addr, len) {
+            Ok(()) => return true,
+            Err(sys::uffd::PoisonError::Failed(Errno::EAGAIN)) => {
+                std::thread::sleep(std::time::Duration::from_micros(10));
+            }
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
 impl Inner {
     pub(super) fn gate(&self) -> MutexGuard<'_, Gate> {
         self.gate
@@ -102,7 +120,7 @@ impl Inner {
         let mut gate = self.gate();
         let page = offset / PAGE_SIZE;
         if offset >= self.size || gate.attrs.is_private(page) {
-            if space.uffd.poison(addr, ps).is_ok() {
+            if poison(space, addr, ps) {
                 if space.own {
                     gate.own_markers.insert(page);
                 } else {
@@ -113,7 +131,10 @@ impl Inner {
             return;
         }
         if self.hand_out(offset, PAGE_SIZE).is_err() {
-            if space.uffd.poison(addr, ps).is_ok() {
+            // The access gets SIGBUS, as the kernel's fault does when the removal fails: a
+            // marker, retried while another thread's unmap is in flight (without it the
+            // faulter's retry would be served afresh, and succeed).
+            if poison(space, addr, ps) {
                 gate.sigbus.insert((page, space.id, addr));
             }
             let _ = space.uffd.wake(addr, PAGE_SIZE);
@@ -249,8 +270,21 @@ impl Inner {
         let Some(space) = self.guard.as_ref().and_then(|g| g.space(space)) else {
             return false;
         };
-        space.uffd.continue_page(addr, PAGE_SIZE).is_ok()
-            || space.uffd.zeropage(addr, PAGE_SIZE).is_ok()
+        // EAGAIN while a mapping change of that address space waits for its event: retried
+        // as for a marker (`poison`).
+        for _ in 0..1000 {
+            match space.uffd.continue_page(addr, PAGE_SIZE) {
+                Ok(()) => return true,
+                Err(Errno::EAGAIN) => {}
+                Err(_) => match space.uffd.zeropage(addr, PAGE_SIZE) {
+                    Ok(()) => return true,
+                    Err(Errno::EAGAIN) => {}
+                    Err(_) => return false,
+                },
+            }
+            std::thread::sleep(std::time::Duration::from_micros(10));
+        }
+        false
     }
 
     /// Pages `[first, end)` leave the file (punch-hole): the punch unmaps them from every
