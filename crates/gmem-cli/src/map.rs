@@ -108,7 +108,10 @@ pub fn parse_trace(text: &str) -> Vec<FileHistory> {
                 .and_then(|f| f.split(')').next())
                 .unwrap_or("");
             files.push(FileHistory {
-                label: format!("guest_memfd {} ({vm}, fd {fd})", files.len() + 1),
+                label: format!(
+                    "guest_memfd {} ({vm}, fd {fd}, flags {flags})",
+                    files.len() + 1
+                ),
                 size,
                 init_private: !flags.contains("init_shared") && !flags.contains("0x2"),
                 memslots: Vec::new(),

@@ -440,7 +440,10 @@ fn map_draws_a_trace() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).contains("1 guest_memfd(s), 1 changes"));
     let text = std::fs::read_to_string(&svg).unwrap();
-    assert!(text.starts_with("<svg") && text.contains("guest_memfd 1 (vm1, fd 11)"));
+    assert!(
+        text.starts_with("<svg")
+            && text.contains("guest_memfd 1 (vm1, fd 11, flags mmap|init_shared)")
+    );
     let o = common::gmem(&["map", "/nonexistent/trace", "-o", svg.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
     let o = common::gmem(&["run", "--backend", "kernel", "--map", svg.to_str().unwrap()]);
