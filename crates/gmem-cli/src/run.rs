@@ -316,6 +316,11 @@ fn validate(args: &Args, config: &Config) -> Result<(), Box<dyn std::error::Erro
         .into());
     }
     in_range("--timeout-secs", args.timeout_secs, 1, MAX_TIMEOUT_SECS, "")?;
+    // Options that cannot go together (a platform model on the kernel backend, or with the
+    // two-backing model) are usage errors, like the others.
+    if let Err(workload::WorkloadError::Config(why)) = config.validate() {
+        return Err(UsageError::Conflict(why).into());
+    }
     let max = workload::max_samples(config)?;
     in_range(
         "--samples",

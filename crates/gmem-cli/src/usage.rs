@@ -16,6 +16,9 @@ pub enum UsageError {
         /// What is allowed, and why.
         allowed: String,
     },
+    /// Options that cannot be used together.
+    #[error("{0}")]
+    Conflict(String),
     /// An input file that cannot be read.
     #[error("{flag} {}: cannot be read ({source})", path.display())]
     Unreadable {

@@ -419,6 +419,8 @@ fn exits_and_errors_as_unix_tools_do() {
         "{}",
         err(&o)
     );
+    let o = common::gmem(&["run", "--backend", "kernel", "--platform", "snp"]);
+    assert_eq!(status(&o), Some(2), "{}", err(&o));
     let o = common::gmem(&["conformance", "--json", "--format", "ktap"]);
     assert_eq!(status(&o), Some(2));
     assert!(err(&o).contains("cannot be used with"), "{}", err(&o));
