@@ -608,7 +608,9 @@ fn stress_file(name: &str, opts: EmulatedOptions, extra_flags: u64) {
         conv.conversions > MIN_CONVERSIONS
             && strict_total > 100
             && conv.guest_faults > MIN_GUEST_FAULTS
-            && checked > 0,
+            // On a platform whose conversions change content, every page may have been
+            // converted since its last write (nothing left to compare exactly; seen on TDX).
+            && (checked > 0 || (destructive && changed > 0)),
         "{name}: too little happened to mean anything: {line}"
     );
     if destructive {
