@@ -354,6 +354,54 @@ fn guard_conversions_at_the_vma_limit_succeed() {
     println!("max_map_count {max}: 512 private runs with {left} VMAs left, none taken");
 }
 
+/// Issue 20 item 11: under a tight `RLIMIT_AS` (64 MiB above what the process uses), a
+/// NO_DIRECT_MAP file is created as the kernel creates one (no address space needed, even for
+/// 1 GiB), mapping more than the limit allows is the kernel's ENOMEM with nothing changed, and
+/// a fork child keeps every shared page and is refused every private one.
+fn a_tight_address_space_limit_changes_nothing_silently() {
+    if !is_child() {
+        return in_child("a_tight_address_space_limit_changes_nothing_silently", 60);
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let vm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    let limit = (vm_kib << 10) + (64 << 20);
+    let rl = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: setrlimit on this (child) process only.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &rl) }, 0);
+    let flags = SHARED | GUEST_MEMFD_FLAG_NO_DIRECT_MAP;
+    let opts = EmulatedOptions::with_revocation(Revocation::Guard);
+    let big = EmulatedGuestMemfd::create_with(1 << 30, flags, opts).unwrap();
+    assert_eq!(big.mmap_all().unwrap_err(), Errno::ENOMEM);
+    assert_eq!(big.attributes(0).unwrap(), 0, "nothing changed");
+    let f = EmulatedGuestMemfd::create_with(16 * PS, flags, opts).unwrap();
+    let m = f.mmap_all().unwrap();
+    f.write_at(0, &[0x11; 8]).unwrap();
+    f.set_private(PS, PS).unwrap();
+    // SAFETY: fork(2); the child only probes the mapping and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        let ok = m.probe_read(0, 1).map(|p| p == Probe::Done(vec![0x11])) == Ok(true)
+            && sigbus_at(&m, PS);
+        // SAFETY: ends the child at once.
+        unsafe { libc::_exit(i32::from(!ok)) };
+    }
+    let mut st = 0;
+    // SAFETY: reaps our own child.
+    unsafe { libc::waitpid(pid, &mut st, 0) };
+    assert!(
+        libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0,
+        "child {st:#x}"
+    );
+}
+
 /// `vm.max_map_count`.
 fn max_map_count() -> Option<usize> {
     std::fs::read_to_string("/proc/sys/vm/max_map_count")
@@ -393,6 +441,11 @@ fn main() {
             exhaustion_too_slow()
                 .or_else(|| gmem_testkit::needs(&poison.into_iter().collect::<Vec<_>>())),
             guard_conversions_at_the_vma_limit_succeed,
+        ),
+        gmem_testkit::test_needing(
+            "a_tight_address_space_limit_changes_nothing_silently",
+            &poison.into_iter().collect::<Vec<_>>(),
+            a_tight_address_space_limit_changes_nothing_silently,
         ),
         gmem_testkit::test(
             "remap_mode_at_the_budget_is_enomem_with_nothing_changed",
