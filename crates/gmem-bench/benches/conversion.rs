@@ -6,6 +6,20 @@
 use gmem::{EmulatedOptions, HostPages, Revocation};
 use gmem_bench::floor::{conversion_latency, follower_conversions, worst_case_metadata};
 
+/// One line per figure: name, median, baseline, its median, ratio.
+fn print_figures(figures: &[gmem_bench::floor::Figure]) {
+    for f in figures {
+        println!(
+            "{:<32} {:>12.2} {:<34} {:>12.2} {:>7.2}",
+            f.name,
+            f.median_us,
+            f.baseline,
+            f.baseline_median_us,
+            f.ratio()
+        );
+    }
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let configs = [
@@ -39,34 +53,14 @@ fn main() {
                 std::process::exit(1);
             }
         };
-        for f in &figures {
-            println!(
-                "{:<32} {:>12.2} {:<34} {:>12.2} {:>7.2}",
-                f.name,
-                f.median_us,
-                f.baseline,
-                f.baseline_median_us,
-                f.ratio()
-            );
-        }
+        print_figures(&figures);
         println!();
     }
     println!(
         "followers (fork children that read every page before each conversion; default options)"
     );
     match follower_conversions(quick, |l| eprintln!("  measuring {l} with followers ...")) {
-        Ok(figures) => {
-            for f in &figures {
-                println!(
-                    "{:<32} {:>12.2} {:<34} {:>12.2} {:>7.2}",
-                    f.name,
-                    f.median_us,
-                    f.baseline,
-                    f.baseline_median_us,
-                    f.ratio()
-                );
-            }
-        }
+        Ok(figures) => print_figures(&figures),
         Err(e) => {
             eprintln!("benchmark failed: {e}");
             std::process::exit(1);

@@ -139,6 +139,18 @@ pub(crate) struct Slot {
     pub(crate) binding: Option<Binding>,
 }
 
+impl Slot {
+    /// A slot of ordinary memory (no guest_memfd).
+    pub(crate) fn plain(gpa: u64, size: u64, userspace_addr: u64) -> Slot {
+        Slot {
+            gpa,
+            size,
+            userspace_addr,
+            binding: None,
+        }
+    }
+}
+
 /// A guest_memfd binding of a memslot: it keeps the file (and its guest view, which the
 /// memslot maps) alive until the slot is deleted.
 #[derive(Debug)]

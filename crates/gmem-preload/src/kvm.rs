@@ -348,12 +348,7 @@ fn set_region2(vm: &Arc<Vm>, fd: c_int, req: c_ulong, arg: *mut c_void) -> c_int
         if ret == 0 {
             slots.insert(
                 r.slot,
-                Slot {
-                    gpa: r.guest_phys_addr,
-                    size: r.memory_size,
-                    userspace_addr: r.userspace_addr,
-                    binding: None,
-                },
+                Slot::plain(r.guest_phys_addr, r.memory_size, r.userspace_addr),
             );
         }
         return ret;
@@ -422,12 +417,7 @@ fn set_region1(vm: &Arc<Vm>, fd: c_int, req: c_ulong, arg: *mut c_void) -> c_int
         } else {
             slots.insert(
                 r.slot,
-                Slot {
-                    gpa: r.guest_phys_addr,
-                    size: r.memory_size,
-                    userspace_addr: r.userspace_addr,
-                    binding: None,
-                },
+                Slot::plain(r.guest_phys_addr, r.memory_size, r.userspace_addr),
             );
         }
     }
@@ -482,7 +472,7 @@ fn pre_fault_memory(fd: c_int, req: c_ulong, arg: *mut c_void) -> c_int {
         Err(e) => return fail(e),
     };
     let (gpa, size) = (range.gpa, range.size);
-    let result = pre_fault_range(&vm, &mut range);
+    let result = gmem::pre_fault::walk(&mut range, |gpa| pre_fault_page(&vm, gpa));
     let ret = match result {
         Ok(()) => match copy_to(arg, &range) {
             Ok(()) => 0,
@@ -502,36 +492,7 @@ fn pre_fault_memory(fd: c_int, req: c_ulong, arg: *mut c_void) -> c_int {
     ret
 }
 
-/// The walk of [`pre_fault_memory`]: `Ok` with `range` advanced if a page was done.
-fn pre_fault_range(vm: &Vm, range: &mut kvm_pre_fault_memory) -> Result<(), Errno> {
-    if range.flags != 0
-        || range.gpa % PAGE_SIZE != 0
-        || range.size % PAGE_SIZE != 0
-        || range
-            .gpa
-            .checked_add(range.size)
-            .is_none_or(|end| end <= range.gpa)
-    {
-        return Err(Errno::EINVAL);
-    }
-    let full = range.size;
-    let mut error = Errno::ENOENT;
-    while range.size > 0 {
-        if let Err(e) = pre_fault_page(vm, range.gpa) {
-            error = e;
-            break;
-        }
-        range.gpa += PAGE_SIZE;
-        range.size -= PAGE_SIZE;
-    }
-    if range.size < full {
-        Ok(())
-    } else {
-        Err(error)
-    }
-}
-
-/// One page of [`pre_fault_range`], under the VM's memslot lock (a concurrent delete waits).
+/// One page of [`pre_fault_memory`]'s walk, under the VM's memslot lock (a concurrent delete waits).
 fn pre_fault_page(vm: &Vm, gpa: u64) -> Result<(), Errno> {
     let slots = vm.slots.lock().unwrap_or_else(|e| e.into_inner());
     let slot = slots

@@ -39,31 +39,7 @@ impl Vcpu {
 impl Vm {
     /// The emulated backend's `KVM_PRE_FAULT_MEMORY` (module documentation).
     pub(crate) fn pre_fault_emulated(&self, range: &mut kvm_pre_fault_memory) -> KernelResult<()> {
-        if range.flags != 0
-            || range.gpa % PAGE_SIZE != 0
-            || range.size % PAGE_SIZE != 0
-            || range
-                .gpa
-                .checked_add(range.size)
-                .is_none_or(|end| end <= range.gpa)
-        {
-            return Err(Errno::EINVAL);
-        }
-        let full = range.size;
-        let mut result = Ok(());
-        while range.size > 0 {
-            if let Err(e) = self.pre_fault_page(range.gpa) {
-                result = Err(e);
-                break;
-            }
-            range.gpa += PAGE_SIZE;
-            range.size -= PAGE_SIZE;
-        }
-        if range.size < full {
-            Ok(())
-        } else {
-            result
-        }
+        gmem::pre_fault::walk(range, |gpa| self.pre_fault_page(gpa))
     }
 
     fn pre_fault_page(&self, gpa: u64) -> KernelResult<()> {

@@ -101,6 +101,7 @@ pub mod kernel;
 pub mod mapping;
 pub mod os;
 pub mod platform;
+pub mod pre_fault;
 #[allow(unsafe_code)]
 mod sys;
 pub mod uapi;

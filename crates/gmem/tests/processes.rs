@@ -233,8 +233,9 @@ fn accept_bounded(listener: &UnixListener, child: &mut std::process::Child) -> U
     }
 }
 
-fn a_second_process_follows_over_a_unix_socket(opts: EmulatedOptions) {
-    let (f, m) = prepare(opts);
+/// Starts the second process (this test binary with [`SECOND_PROCESS`] set), hands it `f`
+/// and waits until it has mapped the file.
+fn hand_to_second_process(f: &EmulatedGuestMemfd) -> (std::process::Child, UnixStream) {
     // A directory of its own: the variants run in parallel.
     let dir = gmem_testkit::TempDir::new("gmem-proc").unwrap();
     let path = dir.join("sock");
@@ -249,6 +250,12 @@ fn a_second_process_follows_over_a_unix_socket(opts: EmulatedOptions) {
     f.send_to(&s).unwrap();
     let mut ready = [0u8; 1];
     s.read_exact(&mut ready).unwrap();
+    (child, s)
+}
+
+fn a_second_process_follows_over_a_unix_socket(opts: EmulatedOptions) {
+    let (f, m) = prepare(opts);
+    let (mut child, mut s) = hand_to_second_process(&f);
     assert!(f.wait_for_peers(1, Duration::from_secs(5)) >= 1);
     check_follower(&f, &m, &mut s);
     s.write_all(b"Q\0\0").unwrap();
@@ -265,19 +272,7 @@ fn a_second_process_follows_over_a_unix_socket(opts: EmulatedOptions) {
 /// conversion succeeds, and once continued the process gets SIGBUS there.
 fn a_stopped_second_process_delays_nothing(opts: EmulatedOptions) {
     let (f, m) = prepare(opts);
-    let dir = gmem_testkit::TempDir::new("gmem-stop").unwrap();
-    let path = dir.join("sock");
-    let listener = UnixListener::bind(&path).unwrap();
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .env(SECOND_PROCESS, &path)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut s = accept_bounded(&listener, &mut child);
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    f.send_to(&s).unwrap();
-    let mut ready = [0u8; 1];
-    s.read_exact(&mut ready).unwrap();
+    let (mut child, mut s) = hand_to_second_process(&f);
     // The baseline: page 5 mapped there (it reads it), converted while the process runs.
     let mut base = Duration::MAX;
     for _ in 0..5 {

@@ -183,32 +183,7 @@ fn real_vma_exhaustion_is_enomem_not_an_abort() {
     let opts = EmulatedOptions::with_revocation(Revocation::Remap);
     let f = EmulatedGuestMemfd::create_with(pages * PS, SHARED, opts).unwrap();
     let m = f.mmap_all().unwrap();
-    // Pages with alternating protections cannot merge: one VMA each.
-    let map_count = || {
-        std::fs::read_to_string("/proc/self/maps")
-            .unwrap()
-            .lines()
-            .count()
-    };
-    let filler_pages = max.saturating_sub(map_count()).saturating_sub(600);
-    let filler = gmem::os::Mmap::new(
-        None,
-        0,
-        filler_pages * PS as usize,
-        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-    )
-    .unwrap();
-    for p in (0..filler_pages).step_by(2) {
-        // SAFETY: a page of our own anonymous mapping, never accessed.
-        let r = unsafe {
-            libc::mprotect(
-                filler.as_ptr().add(p * PS as usize).cast(),
-                PS as usize,
-                libc::PROT_READ,
-            )
-        };
-        assert_eq!(r, 0, "mprotect at page {p}");
-    }
+    let filler = fill_vmas(max, 600);
     let mut refused = None;
     for i in 0..pages / 2 {
         let mut a = kvm_memory_attributes2::new(2 * i * PS, PS, KVM_MEMORY_ATTRIBUTE_PRIVATE);
@@ -308,31 +283,7 @@ fn guard_conversions_at_the_vma_limit_succeed() {
     let m = f.mmap_all().unwrap();
     m.write_volatile(0, &vec![7u8; (pages * PS) as usize])
         .unwrap();
-    let map_count = || {
-        std::fs::read_to_string("/proc/self/maps")
-            .unwrap()
-            .lines()
-            .count()
-    };
-    let filler_pages = 2 * max.saturating_sub(map_count()).saturating_sub(40) / 2;
-    let filler = gmem::os::Mmap::new(
-        None,
-        0,
-        filler_pages * PS as usize,
-        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-    )
-    .unwrap();
-    for p in (0..filler_pages).step_by(2) {
-        // SAFETY: a page of our own anonymous mapping, never accessed.
-        let r = unsafe {
-            libc::mprotect(
-                filler.as_ptr().add(p * PS as usize).cast(),
-                PS as usize,
-                libc::PROT_READ,
-            )
-        };
-        assert_eq!(r, 0, "mprotect at page {p}");
-    }
+    let filler = fill_vmas(max, 40);
     let left = max.saturating_sub(map_count());
     for p in (0..pages).step_by(2) {
         f.set_private(p * PS, PS).unwrap();
@@ -400,6 +351,39 @@ fn a_tight_address_space_limit_changes_nothing_silently() {
         libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0,
         "child {st:#x}"
     );
+}
+
+/// This process's VMAs (lines of `/proc/self/maps`).
+fn map_count() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .count()
+}
+
+/// Anonymous memory that takes this process's VMAs up to `max` less about `spare`: pages
+/// with alternating protections cannot merge, one VMA each.
+fn fill_vmas(max: usize, spare: usize) -> gmem::os::Mmap {
+    let pages = max.saturating_sub(map_count()).saturating_sub(spare);
+    let filler = gmem::os::Mmap::new(
+        None,
+        0,
+        pages * PS as usize,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+    )
+    .unwrap();
+    for p in (0..pages).step_by(2) {
+        // SAFETY: a page of our own anonymous mapping, never accessed.
+        let r = unsafe {
+            libc::mprotect(
+                filler.as_ptr().add(p * PS as usize).cast(),
+                PS as usize,
+                libc::PROT_READ,
+            )
+        };
+        assert_eq!(r, 0, "mprotect at page {p}");
+    }
+    filler
 }
 
 /// `vm.max_map_count`.
