@@ -624,6 +624,73 @@ fn a_new_mapping_never_shows_a_private_page(rev: Revocation) {
     assert_eq!(n, 0, "{opts:?}: private page read at a new mapping");
 }
 
+/// A conversion to shared maps back only the first page of the host's working set, and a
+/// fault there maps a window of it at once (fault-around): the windows stop at a page that
+/// stayed private, at the end of a mapping, and never outlive a later conversion to private;
+/// every page keeps its content. Both `HostPages` (with `Replace` the pages mapped here are
+/// replaced, not zapped: a window must count as mapped).
+fn the_working_set_comes_back_by_fault_around_and_stops_at_private_pages(rev: Revocation) {
+    const N: u64 = 512;
+    for host_pages in [HostPages::Zap, HostPages::Replace] {
+        let opts = EmulatedOptions {
+            host_pages,
+            ..EmulatedOptions::with_revocation(rev)
+        };
+        let f = EmulatedGuestMemfd::create_with(N * PS, SHARED, opts).unwrap();
+        let whole = f.mmap_all().unwrap();
+        // A second mapping of 8 pages from page 300: a window must not run past its end.
+        let part = f.mmap(300 * PS, 8 * PS as usize, MapKind::Shared).unwrap();
+        for p in 0..N {
+            whole
+                .write_volatile((p * PS) as usize, &[p as u8 ^ 0xa5; 64])
+                .unwrap();
+        }
+        for p in 300..308 {
+            part.probe_read(((p - 300) * PS) as usize, 1).unwrap();
+        }
+        for round in 0..3 {
+            let at = format!("{opts:?} round {round}");
+            f.set_private(0, N * PS).unwrap();
+            // Back to shared except page 100 and pages 200..=201.
+            f.set_shared(0, 100 * PS).unwrap();
+            f.set_shared(101 * PS, 99 * PS).unwrap();
+            f.set_shared(202 * PS, (N - 202) * PS).unwrap();
+            for p in (0..N).filter(|&p| p != 100 && p != 200 && p != 201) {
+                let mut b = [0u8; 64];
+                whole.read_volatile((p * PS) as usize, &mut b).unwrap();
+                assert_eq!(b, [p as u8 ^ 0xa5; 64], "{at}: page {p}");
+            }
+            for p in [100, 200, 201] {
+                assert!(sigbus_at(&whole, p * PS), "{at}: private page {p} read");
+            }
+            for p in 300..308 {
+                let mut b = [0u8; 64];
+                part.read_volatile(((p - 300) * PS) as usize, &mut b)
+                    .unwrap();
+                assert_eq!(b, [p as u8 ^ 0xa5; 64], "{at}: page {p} (second mapping)");
+            }
+            // Every page mapped by a window is taken away by the next conversion.
+            f.set_private(0, N * PS).unwrap();
+            for p in [1, 17, 99, 150, 300, 307, 511] {
+                assert!(
+                    sigbus_at(&whole, p * PS),
+                    "{at}: page {p} read after to_private"
+                );
+            }
+            assert!(
+                sigbus_at(&part, 0),
+                "{at}: second mapping read after to_private"
+            );
+            f.set_shared(0, N * PS).unwrap();
+            for p in [100, 200, 201] {
+                whole
+                    .write_volatile((p * PS) as usize, &[p as u8 ^ 0xa5; 64])
+                    .unwrap();
+            }
+        }
+    }
+}
+
 /// Both revocation mechanisms.
 const BOTH: [Revocation; 2] = [Revocation::Guard, Revocation::Remap];
 
@@ -653,6 +720,12 @@ fn main() {
         &BOTH,
         SHARED,
         a_mapping_at_a_chosen_address,
+    ));
+    trials.extend(per_revocation(
+        "the_working_set_comes_back_by_fault_around_and_stops_at_private_pages",
+        &BOTH,
+        SHARED,
+        the_working_set_comes_back_by_fault_around_and_stops_at_private_pages,
     ));
     trials.extend(per_revocation(
         "a_new_mapping_never_shows_a_private_page",

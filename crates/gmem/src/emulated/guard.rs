@@ -119,14 +119,16 @@ impl Space {
         }
     }
 
-    /// The file and offset behind `addr`, if a recorded range holds it.
-    fn lookup(&self, addr: usize) -> Option<(Arc<Inner>, u64)> {
+    /// The file and offset behind `addr`, if a recorded range holds it, and the bytes of the
+    /// range from `addr` to its end.
+    fn lookup(&self, addr: usize) -> Option<(Arc<Inner>, u64, u64)> {
         let ranges = lock(&self.ranges);
         let (&start, r) = ranges.range(..=addr).next_back()?;
         if addr >= start + r.len {
             return None;
         }
-        Some((r.file.upgrade()?, r.offset + (addr - start) as u64))
+        let room = (start + r.len - addr) as u64;
+        Some((r.file.upgrade()?, r.offset + (addr - start) as u64, room))
     }
 
     /// Keeps `file` alive while this (other) space lives.
@@ -500,11 +502,14 @@ impl Guard {
         let Ok(addr) = usize::try_from(page) else {
             return;
         };
-        let found = space
-            .lookup(addr)
-            .or_else(|| self.find_in_proc(space, addr, ev.tid));
+        let found = space.lookup(addr).or_else(|| {
+            self.find_in_proc(space, addr, ev.tid)
+                .map(|(file, offset)| (file, offset, PAGE_SIZE))
+        });
         match found {
-            Some((file, offset)) => file.serve_host_fault(space, page, offset, ev.minor),
+            Some((file, offset, room)) => {
+                file.serve_host_fault(space, page, offset, room, ev.minor);
+            }
             None => {
                 let _ = space.uffd.poison(page, PAGE_SIZE as usize);
                 let _ = space.uffd.wake(page, PAGE_SIZE);

@@ -20,20 +20,29 @@
 //!
 //! A conversion to shared clears the markers the guard left in this process's host mappings
 //! (`MADV_DONTNEED` over the pages that have one, and only those) and maps again at once the
-//! pages these mappings had mapped when they were made private (the host's working set:
-//! `UFFDIO_CONTINUE`, one call per run); in another address space, the markers the guard left
-//! there on private pages are replaced by the page (`UFFDIO_CONTINUE`, or `UFFDIO_ZEROPAGE`
-//! for a page the file lost), since only that process's own `MADV_DONTNEED` could clear them.
+//! first page of each run these mappings had mapped when they were made private (the host's
+//! working set, `UFFDIO_CONTINUE`); the rest of it comes back by fault-around, a window per
+//! guard fault ([`Inner::serve_host_fault`]). In another address space, the markers the guard
+//! left there on private pages are replaced by the page (`UFFDIO_CONTINUE`, or
+//! `UFFDIO_ZEROPAGE` for a page the file lost), since only that process's own
+//! `MADV_DONTNEED` could clear them.
 
 use std::collections::BTreeSet;
 use std::sync::MutexGuard;
 
 use super::guard::Space;
-use super::page_state::PageSet;
+use super::page_state::{PageSet, RunSet};
 use super::Inner;
 use crate::attributes::{pages_of, AttributeStore};
 use crate::error::{Errno, KernelResult};
 use crate::sys::{self, PAGE_SIZE};
+
+/// Pages a guard fault in the remembered working set maps at least (the kernel's
+/// `fault_around_bytes`, 64 KiB).
+const FAULT_AROUND: u64 = 16;
+
+/// Pages a guard fault maps at most (2 MiB).
+const FAULT_AROUND_MAX: u64 = 512;
 
 /// What the host side of a file knows, under the file's gate.
 #[derive(Debug)]
@@ -46,12 +55,13 @@ pub(super) struct Gate {
     pub(super) elsewhere: PageSet,
     /// Pages the guard mapped in this process since they were last made private (with
     /// [`super::HostPages::Replace`] a conversion to private replaces them too).
-    pub(super) exposed: PageSet,
-    /// Pages this process's host mappings had mapped when they were made private: a
-    /// conversion back to shared maps them again at once (`UFFDIO_CONTINUE`, one call per
-    /// run), so the host's working set does not fault through the guard page by page. Not
+    pub(super) exposed: RunSet,
+    /// Pages this process's host mappings had mapped when they were last made private (the
+    /// host's working set, not yet mapped again): a conversion back to shared maps the first
+    /// page of each run at once, and a guard fault on one maps a window of the run
+    /// (fault-around), so the working set does not fault through the guard page by page. Not
     /// for NO_DIRECT_MAP files (a page is handed out only at a fault).
-    pub(super) was_mapped: PageSet,
+    pub(super) was_mapped: RunSet,
     /// Pages on which the guard left a poison marker in this process's host mappings (a
     /// private page touched): a conversion to shared zaps these, and only these.
     pub(super) own_markers: PageSet,
@@ -69,8 +79,8 @@ impl Gate {
         Gate {
             attrs,
             elsewhere: PageSet::default(),
-            exposed: PageSet::default(),
-            was_mapped: PageSet::default(),
+            exposed: RunSet::default(),
+            was_mapped: RunSet::default(),
             own_markers: PageSet::default(),
             markers: BTreeSet::new(),
             sigbus: BTreeSet::new(),
@@ -115,7 +125,21 @@ impl Inner {
     /// NO_DIRECT_MAP: removed from the direct map; a failed removal is a marker too) and
     /// mapped. Any other outcome (EEXIST: a PTE is there; EFAULT: a concurrent punch took the
     /// page) wakes the faulter, whose retry faults again.
-    pub(super) fn serve_host_fault(&self, space: &Space, addr: u64, offset: u64, minor: bool) {
+    ///
+    /// In this process's own mappings, a fault on a page of the remembered working set
+    /// ([`Gate::was_mapped`]) maps a window of it at once, as the kernel's fault-around and
+    /// readahead do: from the faulting page on, as many pages as are mapped just below it (at
+    /// least [`FAULT_AROUND`], at most [`FAULT_AROUND_MAX`]), each shared and remembered, and
+    /// within the mapping (`room` bytes from `addr`). A host that walks its working set takes
+    /// a handful of faults per 2 MiB; one that touches a page takes one.
+    pub(super) fn serve_host_fault(
+        &self,
+        space: &Space,
+        addr: u64,
+        offset: u64,
+        room: u64,
+        minor: bool,
+    ) {
         let ps = PAGE_SIZE as usize;
         let mut gate = self.gate();
         let page = offset / PAGE_SIZE;
@@ -141,7 +165,29 @@ impl Inner {
             return;
         }
         let mapped = if minor {
-            space.uffd.continue_page(addr, PAGE_SIZE)
+            let end = if space.own {
+                self.fault_around_end(&gate, page, room)
+            } else {
+                page + 1
+            };
+            if end > page + 1 {
+                // Every page of the window counts as mapped here, whether or not the call
+                // got to it (a conversion to private zaps by address anyway).
+                gate.exposed.insert_range(page + 1, end);
+                gate.was_mapped.move_range(page + 1, end, None);
+            }
+            space
+                .uffd
+                .continue_page(addr, (end - page) * PAGE_SIZE)
+                .or_else(|e| {
+                    // A page of the window had an entry already, or left the file: the faulting
+                    // page alone (the first of the window) decides.
+                    if end > page + 1 {
+                        space.uffd.continue_page(addr, PAGE_SIZE)
+                    } else {
+                        Err(e)
+                    }
+                })
         } else {
             // A page the file does not hold yet: a new zeroed one (EEXIST if it arrived since
             // the fault: map that one).
@@ -152,11 +198,35 @@ impl Inner {
         };
         match mapped {
             Ok(()) if !space.own => gate.elsewhere.insert(page),
-            Ok(()) => gate.exposed.insert(page),
+            Ok(()) => {
+                gate.exposed.insert(page);
+                gate.was_mapped.move_range(page, page + 1, None);
+            }
             Err(_) => {
                 let _ = space.uffd.wake(addr, PAGE_SIZE);
             }
         }
+    }
+
+    /// The end (page, exclusive) of the fault-around window from `page` (see
+    /// [`Inner::serve_host_fault`]): `page + 1` unless `page` is in the remembered working
+    /// set.
+    fn fault_around_end(&self, gate: &Gate, page: u64, room: u64) -> u64 {
+        if !gate.was_mapped.contains(page) {
+            return page + 1;
+        }
+        let want = gate
+            .exposed
+            .run_below(page, FAULT_AROUND_MAX)
+            .max(FAULT_AROUND);
+        let limit = (page + want)
+            .min(page + (room / PAGE_SIZE).max(1))
+            .min(self.size / PAGE_SIZE);
+        let mut end = page + 1;
+        while end < limit && gate.was_mapped.contains(end) && !gate.attrs.is_private(end) {
+            end += 1;
+        }
+        end
     }
 
     /// A conversion's host side, to private, for the changing runs (bytes) of the file:
@@ -200,6 +270,9 @@ impl Inner {
             let (first, end) = pages_of(s, e - s);
             gate.elsewhere.move_range(first, end, None);
             let gate = &mut *gate;
+            // The working set is what was mapped in this shared period: pages remembered
+            // before it and not touched since are forgotten.
+            gate.was_mapped.move_range(first, end, None);
             let to = remember.then_some(&mut gate.was_mapped);
             gate.exposed.move_range(first, end, to);
             // Markers left on private pages stay: the pages are private again.
@@ -240,15 +313,16 @@ impl Inner {
             let (first, end) = pages_of(s, e - s);
             gate.own_markers.move_range(first, end, None);
         }
-        // The host's working set comes back at once (best effort: a page not mapped here
-        // faults through the guard as any other).
+        // The first page of each run of the host's working set comes back at once (best
+        // effort: a page not mapped here faults through the guard as any other); the rest
+        // stays remembered, for the fault-around of the guard's next fault there.
         for &(s, e) in runs {
             let (first, end) = pages_of(s, e - s);
-            for (a, b) in gate.was_mapped.range(first, end) {
-                guard.premap_own(self, a * PAGE_SIZE, b * PAGE_SIZE);
-                gate.exposed.insert_range(a, b);
+            for (a, _) in gate.was_mapped.range(first, end) {
+                guard.premap_own(self, a * PAGE_SIZE, (a + 1) * PAGE_SIZE);
+                gate.exposed.insert(a);
+                gate.was_mapped.move_range(a, a + 1, None);
             }
-            gate.was_mapped.move_range(first, end, None);
         }
         for &(s, e) in runs {
             let (first, end) = pages_of(s, e - s);

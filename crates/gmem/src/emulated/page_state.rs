@@ -31,22 +31,26 @@ impl PageSet {
         *self.words.entry(page / 64).or_insert(0) |= 1 << (page % 64);
     }
 
-    /// The runs `[a, b)` of members inside `[first, end)`, in order.
+    /// The runs `[a, b)` of members inside `[first, end)`, in order (a word at a time).
     pub(super) fn range(&self, first: u64, end: u64) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
         if first >= end {
             return out;
         }
         for (&k, &w) in self.words.range(first / 64..=(end - 1) / 64) {
-            for bit in 0..64 {
-                let p = k * 64 + bit;
-                if p < first || p >= end || w & (1 << bit) == 0 {
-                    continue;
-                }
+            let mut m = w & Self::mask(k, first, end);
+            while m != 0 {
+                let lo = u64::from(m.trailing_zeros());
+                let ones = u64::from((m >> lo).trailing_ones());
+                let (a, b) = (k * 64 + lo, k * 64 + lo + ones);
                 match out.last_mut() {
-                    Some(last) if last.1 == p => last.1 = p + 1,
-                    _ => out.push((p, p + 1)),
+                    Some(last) if last.1 == a => last.1 = b,
+                    _ => out.push((a, b)),
                 }
+                if lo + ones >= 64 {
+                    break;
+                }
+                m &= !((1u64 << (lo + ones)) - 1);
             }
         }
         out
@@ -64,6 +68,7 @@ impl PageSet {
     }
 
     /// Adds every page of `[first, end)` (a word at a time).
+    #[cfg(test)]
     pub(super) fn insert_range(&mut self, first: u64, end: u64) {
         if first >= end {
             return;
@@ -125,6 +130,107 @@ impl PageSet {
             }
         }
         out
+    }
+}
+
+/// A set of page indices kept as maximal runs `[start, end)` (by start): for sets that are
+/// mostly long runs (the pages a host mapping has mapped), where every operation costs
+/// O(log runs) and a 1 GiB run is one entry.
+#[derive(Debug, Default)]
+pub(super) struct RunSet {
+    runs: BTreeMap<u64, u64>,
+}
+
+impl RunSet {
+    /// The run holding `page`, if any.
+    fn run_of(&self, page: u64) -> Option<(u64, u64)> {
+        let (&a, &b) = self.runs.range(..=page).next_back()?;
+        (page < b).then_some((a, b))
+    }
+
+    pub(super) fn contains(&self, page: u64) -> bool {
+        self.run_of(page).is_some()
+    }
+
+    pub(super) fn insert(&mut self, page: u64) {
+        self.insert_range(page, page + 1);
+    }
+
+    /// Adds `[first, end)`, merged with the runs it touches.
+    pub(super) fn insert_range(&mut self, mut first: u64, mut end: u64) {
+        if first >= end {
+            return;
+        }
+        if let Some((&a, &b)) = self.runs.range(..=first).next_back() {
+            if b >= first {
+                first = a;
+                end = end.max(b);
+            }
+        }
+        let inside: Vec<(u64, u64)> = self
+            .runs
+            .range(first..=end)
+            .map(|(&a, &b)| (a, b))
+            .collect();
+        for (a, b) in inside {
+            self.runs.remove(&a);
+            end = end.max(b);
+        }
+        self.runs.insert(first, end);
+    }
+
+    /// The runs inside `[first, end)`, cut to it, in order.
+    pub(super) fn range(&self, first: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        if first >= end {
+            return out;
+        }
+        if let Some((a, b)) = self.run_of(first) {
+            out.push((a.max(first), b.min(end)));
+        }
+        for (&a, &b) in self.runs.range(first + 1..end) {
+            out.push((a, b.min(end)));
+        }
+        out
+    }
+
+    /// Removes the members of `[first, end)` and adds them to `to`.
+    pub(super) fn move_range(&mut self, first: u64, end: u64, to: Option<&mut RunSet>) {
+        let hit = self.range(first, end);
+        if hit.is_empty() {
+            return;
+        }
+        // The runs cut at both edges: what lies outside `[first, end)` stays.
+        if let Some((a, b)) = self.run_of(first) {
+            self.runs.remove(&a);
+            if a < first {
+                self.runs.insert(a, first);
+            }
+            if b > first {
+                self.runs.insert(first, b);
+            }
+        }
+        let keys: Vec<u64> = self.runs.range(first..end).map(|(&a, _)| a).collect();
+        for a in keys {
+            if let Some(b) = self.runs.remove(&a) {
+                if b > end {
+                    self.runs.insert(end, b);
+                }
+            }
+        }
+        if let Some(t) = to {
+            for (a, b) in hit {
+                t.insert_range(a, b);
+            }
+        }
+    }
+
+    /// How many pages just below `page` are members, at most `cap`.
+    pub(super) fn run_below(&self, page: u64, cap: u64) -> u64 {
+        match page.checked_sub(1).and_then(|p| self.run_of(p)) {
+            Some((a, _)) => (page - a).min(cap),
+            None => 0,
+        }
     }
 }
 
@@ -413,7 +519,7 @@ impl Inner {
 
 #[cfg(test)]
 mod tests {
-    use super::PageSet;
+    use super::{PageSet, RunSet};
 
     /// The word-level range operations agree with page-by-page ones, across word edges.
     #[test]
@@ -444,6 +550,61 @@ mod tests {
                     );
                 }
                 assert!(s.words.values().all(|&w| w != 0), "no empty word kept");
+                for (x, y) in [(0, 300), (a, d), (c, b), (a + 1, b)] {
+                    let runs = s.range(x, y);
+                    let pages: Vec<u64> = runs.iter().flat_map(|&(p, q)| p..q).collect();
+                    let walked: Vec<u64> = (x..y).filter(|&p| s.contains(p)).collect();
+                    assert_eq!(pages, walked, "runs of [{a},{b}) - [{c},{d}) in [{x},{y})");
+                    assert!(runs.windows(2).all(|w| w[0].1 < w[1].0), "runs are maximal");
+                }
+            }
+        }
+    }
+
+    /// The run-based set answers as the word-based one for every operation.
+    #[test]
+    fn run_set_matches_page_set() {
+        let ranges = [
+            (0, 1),
+            (3, 64),
+            (63, 65),
+            (64, 128),
+            (5, 200),
+            (190, 191),
+            (0, 256),
+        ];
+        for &(a, b) in &ranges {
+            for &(c, d) in &ranges {
+                for &(e, f) in &[(1, 2), (200, 210), (60, 70)] {
+                    let (mut w, mut r) = (PageSet::default(), RunSet::default());
+                    w.insert_range(a, b);
+                    r.insert_range(a, b);
+                    w.insert_range(e, f);
+                    r.insert_range(e, f);
+                    w.insert(150);
+                    r.insert(150);
+                    let (mut wm, mut rm) = (PageSet::default(), RunSet::default());
+                    rm.insert(300);
+                    wm.insert(300);
+                    w.move_range(c, d, Some(&mut wm));
+                    r.move_range(c, d, Some(&mut rm));
+                    for p in 0..310 {
+                        let at = format!("[{a},{b})+[{e},{f}) - [{c},{d}) at {p}");
+                        assert_eq!(r.contains(p), w.contains(p), "{at}");
+                        assert_eq!(rm.contains(p), wm.contains(p), "moved: {at}");
+                        let walked = (0..p).rev().take_while(|&q| w.contains(q)).count();
+                        assert_eq!(r.run_below(p, 40), (walked as u64).min(40), "{at}");
+                    }
+                    for (x, y) in [(0, 310), (a, d), (c, b), (a + 1, b)] {
+                        assert_eq!(r.range(x, y), w.range(x, y), "range [{x},{y})");
+                    }
+                    let runs: Vec<(u64, u64)> = r.runs.iter().map(|(&a, &b)| (a, b)).collect();
+                    assert!(
+                        runs.windows(2).all(|w| w[0].1 < w[1].0),
+                        "maximal: {runs:?}"
+                    );
+                    assert!(runs.iter().all(|&(a, b)| a < b), "no empty run");
+                }
             }
         }
     }
