@@ -112,9 +112,56 @@ pub(crate) fn recv_with_fds(
     Ok((n, out))
 }
 
-/// This process's id.
+/// The id of the process that owns this address space, without a system call once known: it
+/// is kept in a page marked `MADV_WIPEONFORK`, which every child made without `CLONE_VM` (by
+/// `fork`, or a raw `clone` that runs no fork handler) finds zero-filled, and so asks the
+/// kernel afresh. A `CLONE_VM` child shares the address space, and so the answer, with the
+/// process it was cloned from: gmem's decisions by pid are decisions about an address space.
+/// Where the page cannot be had, every call asks the kernel.
 pub(crate) fn getpid() -> u32 {
-    std::process::id()
+    static CELL: std::sync::OnceLock<Option<&'static std::sync::atomic::AtomicU32>> =
+        std::sync::OnceLock::new();
+    let Some(cell) = CELL.get_or_init(wipe_on_fork_cell) else {
+        return std::process::id();
+    };
+    match cell.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => {
+            let pid = std::process::id();
+            cell.store(pid, std::sync::atomic::Ordering::Relaxed);
+            pid
+        }
+        pid => pid,
+    }
+}
+
+/// A `u32` in a page of its own that a child made without `CLONE_VM` sees as zero (never
+/// freed: one page per process).
+fn wipe_on_fork_cell() -> Option<&'static std::sync::atomic::AtomicU32> {
+    let len = crate::sys::PAGE_SIZE as usize;
+    // SAFETY: a new private anonymous mapping at an address the kernel chooses; it replaces
+    // nothing.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return None;
+    }
+    // SAFETY: `addr` is the page mapped above; WIPEONFORK only changes what a child sees.
+    if unsafe { libc::madvise(addr, len, libc::MADV_WIPEONFORK) } != 0 {
+        // SAFETY: the page mapped above, referenced by nothing.
+        unsafe { libc::munmap(addr, len) };
+        return None;
+    }
+    // SAFETY: the page is mapped for the life of the process (never unmapped), zero-filled,
+    // page-aligned, and only ever accessed through this atomic.
+    Some(unsafe { &*addr.cast::<std::sync::atomic::AtomicU32>() })
 }
 
 /// Registers fork handlers (`pthread_atfork`): `prepare` runs in the forking thread before
@@ -130,5 +177,42 @@ pub(crate) fn atfork(
         Err(Errno(r))
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The cached pid is the kernel's in the process, in a fork child and in a child of a raw
+    /// `clone` (no fork handlers run), each asked in the child after the parent knew its own.
+    #[test]
+    fn the_cached_pid_is_right_after_fork_and_raw_clone() {
+        assert_eq!(super::getpid(), std::process::id());
+        for raw in [false, true] {
+            // SAFETY: the child only reads its pid, compares and `_exit`s (async-signal-safe
+            // calls, no allocation, no lock).
+            let pid = unsafe {
+                if raw {
+                    libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) as libc::pid_t
+                } else {
+                    libc::fork()
+                }
+            };
+            assert!(pid >= 0, "fork/clone failed");
+            if pid == 0 {
+                // SAFETY: `getpid` and `_exit` are async-signal-safe.
+                let real = unsafe { libc::getpid() } as u32;
+                let ok = super::getpid() == real && super::getpid() == real;
+                // SAFETY: ends the child without running the parent's exit handlers.
+                unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+            }
+            let mut status = 0;
+            // SAFETY: waits for the child made above.
+            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "{}: the child's cached pid was its parent's",
+                if raw { "raw clone" } else { "fork" }
+            );
+        }
     }
 }
