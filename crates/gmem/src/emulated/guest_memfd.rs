@@ -2,7 +2,6 @@
 //! accessors.
 
 use std::os::fd::AsFd;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::revocation::MappingEntry;
@@ -49,11 +48,11 @@ impl EmulatedGuestMemfd {
 /// A pin or a transient reference: an entry of the file's pins, removed on drop.
 pub(super) struct PinHold {
     inner: Arc<Inner>,
-    id: u64,
+    id: super::pins::PinId,
 }
 
 impl PinHold {
-    pub(super) fn new(inner: Arc<Inner>, id: u64) -> Self {
+    pub(super) fn new(inner: Arc<Inner>, id: super::pins::PinId) -> Self {
         PinHold { inner, id }
     }
 }
@@ -61,12 +60,7 @@ impl PinHold {
 impl Drop for PinHold {
     fn drop(&mut self) {
         let _fork = super::fork::shared();
-        let mut pins = self
-            .inner
-            .pins
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        pins.remove(&self.id);
+        self.inner.pins.release(self.id);
     }
 }
 
@@ -182,18 +176,7 @@ impl GuestMemfd for EmulatedGuestMemfd {
             )?;
             // The punched pages leave the file: pins on them no longer hold file pages.
             let (first, last) = pages_of(offset, end - offset);
-            let mut pins = self
-                .inner
-                .pins
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            for ranges in pins.values_mut() {
-                *ranges = ranges
-                    .iter()
-                    .flat_map(|&(s, e)| [(s, e.min(first)), (s.max(last), e)])
-                    .filter(|(s, e)| s < e)
-                    .collect();
-            }
+            self.inner.pins.detach(first, last);
             Ok(())
         } else {
             if offset + len > size {
@@ -237,13 +220,7 @@ impl GuestMemfd for EmulatedGuestMemfd {
             first * PAGE_SIZE,
             (last - first) * PAGE_SIZE,
         )?;
-        let id = u64::try_from(self.inner.next_id.fetch_add(1, Ordering::Relaxed))
-            .map_err(|_| Errno::ENOMEM)?;
-        self.inner
-            .pins
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(id, vec![(first, last)]);
+        let id = self.inner.pins.take_long_term(first, last)?;
         drop(st);
         let hold = PinHold {
             inner: self.inner.clone(),

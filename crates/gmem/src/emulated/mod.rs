@@ -29,7 +29,6 @@
 //! shared, only to check the pages and take a transient reference (the copy itself runs
 //! unlocked). Every holder of a state lock first holds `fork::FORK_LOCK` shared.
 
-use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -53,6 +52,7 @@ mod guest_memfd;
 mod handoff;
 mod host;
 mod page_state;
+mod pins;
 mod populate;
 mod revocation;
 mod vma_budget;
@@ -272,9 +272,6 @@ struct State {
     mappings: Vec<MappingEntry>,
 }
 
-/// Pins: id → page ranges still attached to the file (punch-hole detaches pages).
-type Pins = BTreeMap<u64, Vec<(u64, u64)>>;
-
 /// How host access to private pages is refused, for one file.
 enum Mechanism {
     /// The guard of the process that created the file serves every host fault.
@@ -372,8 +369,10 @@ struct Inner {
     gate: Mutex<host::Gate>,
     options: EmulatedOptions,
     state: RwLock<State>,
-    pins: Mutex<Pins>,
-    next_id: AtomicI64,
+    /// Every reference counted on the file's pages: pins and in-flight accesses.
+    pins: pins::PinTable,
+    /// Ids of this process's host mappings of the file.
+    next_mapping_id: AtomicI64,
     guest_view: FileView,
     /// Fault injection ([`EmulatedGuestMemfd::inject_mapping_failure`]).
     fail_after: FaultInjection,
@@ -553,8 +552,8 @@ impl EmulatedGuestMemfd {
                 attrs: AttributeStore::new(size / PAGE_SIZE, private),
                 mappings: Vec::new(),
             }),
-            pins: Mutex::new(BTreeMap::new()),
-            next_id: AtomicI64::new(1),
+            pins: pins::PinTable::default(),
+            next_mapping_id: AtomicI64::new(1),
             guest_view: FileView::default(),
             fail_after: FaultInjection::off(),
             platform: options.platform.model(vm_key),
@@ -778,32 +777,13 @@ impl EmulatedGuestMemfd {
             return Ok(None);
         }
         let (first, last) = crate::attributes::pages_of(offset, len);
-        let id = u64::try_from(
-            self.inner
-                .next_id
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        )
-        .map_err(|_| Errno::ENOMEM)?;
-        self.inner
-            .pins
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(id, vec![(first, last)]);
+        let id = self.inner.pins.take_transient(first, last)?;
         Ok(Some(guest_memfd::PinHold::new(self.inner.clone(), id)))
     }
 
     /// The first pinned page in `[first, end)` (long-term pins and transient references).
     fn first_pinned(&self, first: u64, end: u64) -> Option<u64> {
-        let pins = self
-            .inner
-            .pins
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        pins.values()
-            .flatten()
-            .filter(|(s, e)| *s < end && *e > first)
-            .map(|(s, _)| (*s).max(first))
-            .min()
+        self.inner.pins.first_pinned(first, end)
     }
 
     /// The platform model under the file.

@@ -269,7 +269,7 @@ impl EmulatedGuestMemfd {
     /// makes it readable and writable.
     pub(super) fn register_mapping(&self, map: &Arc<Mmap>, file_offset: u64) -> KernelResult<u64> {
         let mut st = self.write_state();
-        let id = u64::try_from(self.inner.next_id.fetch_add(1, Ordering::Relaxed))
+        let id = u64::try_from(self.inner.next_mapping_id.fetch_add(1, Ordering::Relaxed))
             .map_err(|_| Errno::ENOMEM)?;
         let mut entry = MappingEntry {
             id,
