@@ -4,11 +4,9 @@
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
-use super::revocation::MappingEntry;
-use super::{AttributeTracking, EmulatedGuestMemfd, Inner, Mechanism};
+use super::{AttributeTracking, EmulatedGuestMemfd, Inner};
 
 /// A revocation or restore of one run in one mapping (Remap mode).
-type RunOp = fn(&EmulatedGuestMemfd, &mut MappingEntry, u64, u64) -> KernelResult<()>;
 use crate::attributes::{check_host_access, pages_of};
 use crate::error::{AccessError, Errno, KernelResult};
 use crate::file::{BackendKind, GuestMemfd, GuestMemfdStat, PinGuard};
@@ -338,27 +336,8 @@ impl EmulatedGuestMemfd {
             a.error_offset = a.offset;
             return Err(Errno::ENOMEM);
         }
-        // Host access (§2.4 step 3a): with the guard, every host mapping of every process
-        // faults through the check, which reads the gate's attributes; to private, the pages
-        // leave every address space before the new attributes are recorded there, to shared
-        // the markers other spaces hold are replaced by the pages. Remap mode revokes or
-        // restores the runs in this process's mappings, rolling back on failure.
-        let host = match &self.inner.mechanism {
-            Mechanism::Guard(_) if to_private => self.inner.host_to_private(&changing),
-            Mechanism::Guard(_) => self.inner.host_to_shared(&changing),
-            Mechanism::Served(_) => Err(Errno::EOPNOTSUPP),
-            Mechanism::Remap => {
-                let (op, undo): (RunOp, RunOp) = if to_private {
-                    (Self::revoke, Self::restore)
-                } else {
-                    (Self::restore, Self::revoke_forced)
-                };
-                self.apply_all(&mut st, &changing, op, undo).map(|()| {
-                    let mut gate = self.inner.gate();
-                    gate.attrs.set_range(first, end, to_private);
-                })
-            }
-        };
+        // Host access (§2.4 step 3a): one call to the host side ([`super::host`]).
+        let host = self.host_convert(&mut st, &changing, to_private);
         if let Err(e) = host {
             a.error_offset = a.offset;
             return Err(if e == Errno::EAGAIN {

@@ -30,9 +30,11 @@
 use std::collections::BTreeSet;
 use std::sync::MutexGuard;
 
-use super::guard::Space;
+use std::sync::Arc;
+
+use super::guard::{Guard, Space};
 use super::page_state::{PageSet, RunSet};
-use super::Inner;
+use super::{Inner, Mechanism};
 use crate::attributes::{pages_of, AttributeStore};
 use crate::error::{Errno, KernelResult};
 use crate::sys::{self, PAGE_SIZE};
@@ -112,7 +114,38 @@ fn poison(space: &Space, addr: u64, len: usize) -> bool {
     false
 }
 
+impl super::EmulatedGuestMemfd {
+    /// The host side of a conversion of the changing runs (bytes; §2.4 step 3a), between the
+    /// safety check and the point of no return: with the guard, every host mapping of every
+    /// process faults through the check, which reads the gate's attributes; to private, the
+    /// pages leave every address space before the new attributes are recorded there, to
+    /// shared the markers left anywhere are replaced by the pages. Remap mode revokes or
+    /// restores the runs in this process's mappings. On failure nothing is changed.
+    pub(super) fn host_convert(
+        &self,
+        st: &mut super::State,
+        changing: &[(u64, u64)],
+        to_private: bool,
+    ) -> KernelResult<()> {
+        match &self.inner.mechanism {
+            Mechanism::Guard(_) if to_private => self.inner.host_to_private(changing),
+            Mechanism::Guard(_) => self.inner.host_to_shared(changing),
+            // A received file's conversions are its owner's.
+            Mechanism::Served(_) => Err(Errno::EOPNOTSUPP),
+            Mechanism::Remap => self.remap_convert(st, changing, to_private),
+        }
+    }
+}
+
 impl Inner {
+    /// The guard serving this file's host faults (the owner's copy of a file in Guard mode).
+    pub(super) fn guard(&self) -> Option<&Arc<Guard>> {
+        match &self.mechanism {
+            Mechanism::Guard(g) => Some(g),
+            Mechanism::Served(_) | Mechanism::Remap => None,
+        }
+    }
+
     pub(super) fn gate(&self) -> MutexGuard<'_, Gate> {
         self.gate
             .lock()
@@ -234,7 +267,7 @@ impl Inner {
     /// address space, then record the new attributes in the gate. On failure nothing is
     /// recorded (pages zapped here fault back in as shared).
     pub(super) fn host_to_private(&self, runs: &[(u64, u64)]) -> KernelResult<()> {
-        let Some(guard) = self.guard.as_ref() else {
+        let Some(guard) = self.guard() else {
             return Err(Errno::EOPNOTSUPP);
         };
         guard.flush();
@@ -285,7 +318,7 @@ impl Inner {
     /// process's markers (`MADV_DONTNEED` on the pages that have one), map this process's
     /// working set again and map the pages over the markers left in another address space. `Err` only from this process's zap, with the gate's attributes put back.
     pub(super) fn host_to_shared(&self, runs: &[(u64, u64)]) -> KernelResult<()> {
-        let Some(guard) = self.guard.as_ref() else {
+        let Some(guard) = self.guard() else {
             return Err(Errno::EOPNOTSUPP);
         };
         guard.flush();
@@ -341,7 +374,7 @@ impl Inner {
     /// (`UFFDIO_CONTINUE`; `UFFDIO_ZEROPAGE` if the file lost the page). False if the space
     /// has gone or nothing was mapped.
     fn map_over_marker(&self, space: u64, addr: u64) -> bool {
-        let Some(space) = self.guard.as_ref().and_then(|g| g.space(space)) else {
+        let Some(space) = self.guard().and_then(|g| g.space(space)) else {
             return false;
         };
         // EAGAIN while a mapping change of that address space waits for its event: retried
@@ -374,7 +407,7 @@ impl Inner {
     /// Clears the markers failed hand-outs left on pages `[first, end)` (they leave the file or
     /// change hands): this process's with `MADV_DONTNEED`, another space's by mapping over it.
     pub(super) fn clear_failure_markers(&self, first: u64, end: u64) {
-        let Some(guard) = self.guard.as_ref() else {
+        let Some(guard) = self.guard() else {
             return;
         };
         if Gate::in_pages(&self.gate().sigbus, first, end).is_empty() {

@@ -362,8 +362,6 @@ struct Inner {
     flags: u64,
     ino: u64,
     mechanism: Mechanism,
-    /// The guard (with [`Revocation::Guard`]), for the host side ([`host`]).
-    guard: Option<Arc<guard::Guard>>,
     /// The host side's gate: the attributes host faults are checked against, and what the
     /// guard mapped or poisoned elsewhere ([`host::Gate`]).
     gate: Mutex<host::Gate>,
@@ -522,10 +520,6 @@ impl EmulatedGuestMemfd {
             (None, Revocation::Remap) => Mechanism::Remap,
             (None, Revocation::Auto) => guard::guard().map_or(Mechanism::Remap, Mechanism::Guard),
         };
-        let guard = match &mechanism {
-            Mechanism::Guard(g) => Some(g.clone()),
-            Mechanism::Served(_) | Mechanism::Remap => None,
-        };
         let hole = hole()?;
         let private = flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0;
         // A per-VM key for models that encrypt (SNP); only needs to differ between files.
@@ -542,7 +536,6 @@ impl EmulatedGuestMemfd {
             flags,
             ino,
             mechanism,
-            guard,
             gate: Mutex::new(host::Gate::new(AttributeStore::new(
                 size / PAGE_SIZE,
                 private,
@@ -565,7 +558,7 @@ impl EmulatedGuestMemfd {
             owner_pid: sys::peer::getpid(),
         });
         fork::register();
-        if let Some(g) = &inner.guard {
+        if let Some(g) = inner.guard() {
             g.add_file(ino, &inner);
         }
         Ok(EmulatedGuestMemfd { inner })
@@ -575,7 +568,7 @@ impl EmulatedGuestMemfd {
     /// NO_DIRECT_MAP page out then): the owner's copy of a file in Guard mode.
     #[doc(hidden)]
     pub fn has_fault_service(&self) -> bool {
-        self.inner.guard.is_some() && !self.inner.is_follower()
+        self.inner.guard().is_some() && !self.inner.is_follower()
     }
 
     /// The revocation mechanism in use.
@@ -605,7 +598,7 @@ impl EmulatedGuestMemfd {
     /// mapping may be made and registered there first). False without a guard.
     #[doc(hidden)]
     pub fn replay_late_event(&self, addr: usize, len: usize, to: Option<usize>) -> bool {
-        let Some(g) = self.inner.guard.as_ref() else {
+        let Some(g) = self.inner.guard() else {
             return false;
         };
         let (a, l) = (addr as u64, len as u64);
@@ -750,7 +743,7 @@ impl EmulatedGuestMemfd {
     /// child's space is added just after `fork` returns (the kernel lets `fork` go once the
     /// guard read the event; until the space is added the child's faults wait).
     pub fn peer_count(&self) -> usize {
-        self.inner.guard.as_ref().map_or(0, |g| g.other_spaces())
+        self.inner.guard().map_or(0, |g| g.other_spaces())
     }
 
     /// Waits until [`EmulatedGuestMemfd::peer_count`] reaches `n`, at most `timeout`; the

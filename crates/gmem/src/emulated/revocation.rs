@@ -231,6 +231,33 @@ impl EmulatedGuestMemfd {
         Ok(())
     }
 
+    /// Remap mode's host side of a conversion of the changing runs: hole mappings over them
+    /// in every host mapping of this process (to private) or the memory file mapped back (to
+    /// shared), rolled back on failure; then the gate's copy of the attributes.
+    pub(super) fn remap_convert(
+        &self,
+        st: &mut State,
+        changing: &[(u64, u64)],
+        to_private: bool,
+    ) -> KernelResult<()> {
+        type RunOp = fn(&EmulatedGuestMemfd, &mut MappingEntry, u64, u64) -> KernelResult<()>;
+        let (op, undo): (RunOp, RunOp) = if to_private {
+            (Self::revoke, Self::restore)
+        } else {
+            (Self::restore, Self::revoke_forced)
+        };
+        self.apply_all(st, changing, op, undo)?;
+        let mut gate = self.inner.gate();
+        for &(s, e) in changing {
+            gate.attrs.set_range(
+                s / crate::sys::PAGE_SIZE,
+                e / crate::sys::PAGE_SIZE,
+                to_private,
+            );
+        }
+        Ok(())
+    }
+
     /// Applies `op` to every run in every mapping; on failure, undoes what was done with
     /// `undo` and returns the error.
     pub(super) fn apply_all(
@@ -314,7 +341,7 @@ impl EmulatedGuestMemfd {
 impl Inner {
     /// The guard forgets the mapping at `addr` (unregistered or never completed).
     pub(super) fn forget_mapping(&self, addr: usize) {
-        if let Some(g) = &self.guard {
+        if let Some(g) = self.guard() {
             g.unregister(addr);
         }
     }
@@ -342,7 +369,7 @@ impl MappingRegistry for EmulatedGuestMemfd {
         map.remap(new_len, may_move, at)?;
         entry.addr = map.as_ptr() as usize;
         entry.len = map.len();
-        if let Some(g) = &self.inner.guard {
+        if let Some(g) = self.inner.guard() {
             // The move (and a shrink's unmap) came as events; handled, the record is at the
             // new address, and takes the new length (an in-place growth has no event).
             g.flush();
