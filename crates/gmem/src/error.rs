@@ -145,6 +145,11 @@ pub enum AccessError {
         /// The file's flags, by name.
         flags: String,
     },
+    /// This process follows the file's owner (a fork child's copy of the file, or a file
+    /// received from another process): its copy of the attributes is not the owner's, so it
+    /// reaches the pages only through host mappings, whose faults the owner's guard checks.
+    #[error("this copy of the file follows its owner's (a fork child or a receiver); host access is through host mappings only")]
+    Follower,
     /// With `GUEST_MEMFD_FLAG_NO_DIRECT_MAP`: the page could not be removed from the direct
     /// map when it was handed out (nothing was accessed or marked).
     #[error("removing the page at offset {offset:#x} from the direct map failed: {errno}")]

@@ -16,7 +16,8 @@ use gmem::uapi::{
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
 };
 use gmem::{
-    EmulatedGuestMemfd, EmulatedOptions, GuestMemfd, HostMapping, Probe, Revocation, PAGE_SIZE,
+    AccessError, EmulatedGuestMemfd, EmulatedOptions, Errno, GuestMemfd, HostMapping, Probe,
+    Revocation, PAGE_SIZE,
 };
 use gmem_testkit::{needs, test_unless, Trial};
 
@@ -666,6 +667,80 @@ fn a_vfork_child_closing_descriptors_changes_nothing_here(k: Kind) {
     assert_eq!(look(&m2, 1), None);
 }
 
+/// Item 3, in a fork child: no descriptor the child holds reads or writes the data (the
+/// memory file's descriptor is replaced by an empty one at the fork: `pread` at a private
+/// page's offset finds nothing, `pwrite` changes nothing of the file), and the safe API of its
+/// copy of the file refuses every access its stale attributes would allow: `read_at` and
+/// `write_at` of a page made private after the fork answer `Follower`, `mmap` EOPNOTSUPP (its
+/// guard is the parent's), guest accesses EOPNOTSUPP. The page keeps the guest's content.
+fn a_fork_child_holds_no_path_to_the_data(k: Kind) {
+    let remap = k.opts.revocation == Revocation::Remap;
+    let f = file(&k);
+    let m = f.mmap_all().unwrap();
+    let (pid, mut s) = fork_with(|mut s| {
+        let mut b = [0u8];
+        if s.read_exact(&mut b).is_err() {
+            return 40;
+        }
+        // Page 2 was shared at the fork and is private now; page 1 has been private all along.
+        let mut code = 0;
+        for e in std::fs::read_dir("/proc/self/fd").into_iter().flatten() {
+            let Ok(e) = e else { continue };
+            let Ok(n) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            for p in [1u64, 2] {
+                let mut buf = [0u8; 16];
+                // SAFETY: reads into a local buffer from descriptor `n`, whatever it is.
+                let got =
+                    unsafe { libc::pread(n, buf.as_mut_ptr().cast(), buf.len(), (p * PS) as i64) };
+                if got > 0 && (buf[0] == 0xA1 || buf[0] == 0x40 + p as u8) {
+                    code = 10 + n;
+                }
+                // SAFETY: writes a local buffer to descriptor `n` (the checks below and the
+                // parent see whether it reached the file).
+                let _ =
+                    unsafe { libc::pwrite(n, [0xEEu8; 16].as_ptr().cast(), 16, (p * PS) as i64) };
+            }
+        }
+        if code != 0 {
+            return code.min(250);
+        }
+        let mut b = [0u8; 4];
+        if !matches!(f.read_at(2 * PS, &mut b), Err(AccessError::Follower)) {
+            return 1;
+        }
+        if !matches!(f.write_at(2 * PS, &[0xEE; 4]), Err(AccessError::Follower)) {
+            return 2;
+        }
+        if f.mmap_all().err() != Some(Errno::EOPNOTSUPP) {
+            return 3;
+        }
+        if f.guest_read(2 * PS, &mut b) != Err(Errno::EOPNOTSUPP) {
+            return 4;
+        }
+        if remap {
+            // Remap mode's host mappings are not inherited (MADV_DONTFORK).
+            return 0;
+        }
+        child_checks(&m, &[(1, None), (2, None), (3, Some(0x43))])
+    });
+    f.set_private(2 * PS, PS).unwrap();
+    f.guest_write(2 * PS, &[0xA2; 16]).unwrap();
+    s.write_all(&[1]).unwrap();
+    assert_eq!(
+        wait(pid),
+        0,
+        "1-4: the safe API allowed an access; 10+n: descriptor n read the data; else a host check"
+    );
+    assert_eq!(guest_byte(&f, 1), 0xA1, "page 1: the guest's content");
+    assert_eq!(guest_byte(&f, 2), 0xA2, "page 2: the guest's content");
+    f.set_shared(PS, 2 * PS).unwrap();
+    let mut b = [0u8; 16];
+    f.read_at(3 * PS, &mut b).unwrap();
+    assert_eq!(b, [0x43; 16], "page 3 unchanged by the child's writes");
+}
+
 /// Item 3: the memory file behind an emulated file cannot be opened anew through
 /// `/proc/<pid>/fd` by another process of the same user (which needs only PTRACE_MODE_READ):
 /// EACCES for reading and for writing, so no private page is reached without an address.
@@ -892,6 +967,11 @@ fn main() {
         a_vfork_child_closing_descriptors_changes_nothing_here,
     );
     add("no_reopen_through_proc", all(), no_reopen_through_proc);
+    add(
+        "a_fork_child_holds_no_path_to_the_data",
+        all(),
+        a_fork_child_holds_no_path_to_the_data,
+    );
     add(
         "an_unseen_reference_reaches_nothing_of_the_guest",
         guarded(),

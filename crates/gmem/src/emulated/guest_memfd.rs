@@ -389,6 +389,13 @@ impl EmulatedGuestMemfd {
         // (unprivileged) and an occupied range with MAP_FIXED_NOREPLACE EEXIST; only then
         // ENODEV without MMAP, then EINVAL for a private mapping.
         let len = sys::mmap_checks(at.as_ref().ok().map(Placement::addr), len, offset)?;
+        // A fork child keeps the host mappings it inherited (the parent's guard serves them
+        // through the child's userfaultfd) but makes none: the guard this copy of the file
+        // knows is the parent's, whose userfaultfd acts on the parent's address space.
+        if self.inner.is_follower() && !matches!(self.inner.mechanism, super::Mechanism::Served(_))
+        {
+            return Err(Errno::EOPNOTSUPP);
+        }
         let refused = if self.inner.flags & GUEST_MEMFD_FLAG_MMAP == 0 {
             Some(Errno::ENODEV)
         } else if kind == MapKind::Private {
@@ -462,6 +469,11 @@ impl EmulatedGuestMemfd {
         len: usize,
     ) -> Result<super::StateRead<'_>, AccessError> {
         check_host_access(offset, len, self.inner.size, self.inner.flags)?;
+        // A follower's attributes are a copy (a fork child's, as of the fork) or a guess (a
+        // receiver's): the owner's guard is the only check that holds there.
+        if self.inner.is_follower() {
+            return Err(AccessError::Follower);
+        }
         let st = self.read_state();
         st.attrs.check_shared(offset, len as u64)?;
         Ok(st)

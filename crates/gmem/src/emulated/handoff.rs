@@ -86,6 +86,12 @@ impl EmulatedGuestMemfd {
             return Err(Errno(libc::EPROTO));
         }
         let memfd = fds.pop().ok_or(Errno(libc::EPROTO))?;
+        // Recorded at once, so that a fork child of this process does not keep it (a fork in
+        // the instant since `recvmsg` returned is the one not covered).
+        let placeholder = super::hole()?;
+        let fork = super::fork::shared();
+        let memfd = super::fork::DataFd::track(memfd, placeholder, &fork)?;
+        drop(fork);
         let (uffd, _) = PoisonFd::guard()?;
         let reply = REPLY.to_le_bytes();
         peer::send_with_fds(socket.as_fd(), &reply, &[uffd.as_fd()])?;

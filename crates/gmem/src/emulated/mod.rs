@@ -353,7 +353,9 @@ fn hole() -> KernelResult<BorrowedFd<'static>> {
 }
 
 struct Inner {
-    memfd: OwnedFd,
+    /// The memory: the one descriptor of the file's data (a fork child gets the hole file in
+    /// its place, [`fork::DataFd`]).
+    memfd: fork::DataFd,
     /// The empty file whose mappings stand in for private runs (Remap mode) and for pages
     /// removed from the direct map: one per process ([`hole`]), so a file holds one
     /// descriptor of its own, as the kernel's does.
@@ -482,7 +484,10 @@ impl EmulatedGuestMemfd {
         if size == 0 || size % PAGE_SIZE != 0 || i64::try_from(size).is_err() {
             return Err(Errno::EINVAL);
         }
-        let memfd = sys::memfd_create(c"gmem")?;
+        let placeholder = hole()?;
+        let fork = fork::shared();
+        let memfd = fork::DataFd::track(sys::memfd_create(c"gmem")?, placeholder, &fork)?;
+        drop(fork);
         sys::ftruncate(memfd.as_fd(), size).map_err(|e| {
             if e == Errno(libc::EFBIG) {
                 Errno::EINVAL
@@ -496,7 +501,7 @@ impl EmulatedGuestMemfd {
     /// The file over `memfd` (of `size` bytes), initially all shared with `INIT_SHARED` in
     /// `flags`, all private otherwise.
     fn with_memfd(
-        memfd: OwnedFd,
+        memfd: fork::DataFd,
         size: u64,
         flags: u64,
         options: EmulatedOptions,
@@ -507,7 +512,7 @@ impl EmulatedGuestMemfd {
     /// The file over `memfd`; `received`: the userfaultfd of a file received from another
     /// process (its host mappings are registered with it; that process's guard serves them).
     fn build(
-        memfd: OwnedFd,
+        memfd: fork::DataFd,
         size: u64,
         flags: u64,
         options: EmulatedOptions,
@@ -621,6 +626,8 @@ impl EmulatedGuestMemfd {
     /// memslot (which would make every conversion zap its whole runs).
     #[doc(hidden)]
     pub fn guest_view(&self) -> KernelResult<&Mmap> {
+        // The guest is the owner's: a follower has no guest view.
+        self.owner_only()?;
         self.inner
             .guest_view
             .whole(self.inner.memfd.as_fd(), self.inner.size, GUEST_VIEW_FLAGS)
@@ -691,6 +698,8 @@ impl EmulatedGuestMemfd {
     }
 
     fn guest_range(&self, offset: u64, len: usize) -> KernelResult<usize> {
+        // The guest is the owner's: a follower has no guest view.
+        self.owner_only()?;
         match offset.checked_add(len as u64) {
             Some(end) if end <= self.inner.size => {
                 usize::try_from(offset).map_err(|_| Errno::EFAULT)

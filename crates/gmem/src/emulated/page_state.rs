@@ -258,6 +258,7 @@ impl EmulatedGuestMemfd {
     /// touching them would cause: the VMM calls it for pages its vCPUs access through a
     /// memslot, which the emulated backend does not see (like `KVM_PRE_FAULT_MEMORY`).
     pub fn guest_fault(&self, offset: u64, len: u64) -> KernelResult<()> {
+        self.owner_only()?;
         match offset.checked_add(len) {
             Some(end) if end <= self.inner.size => {}
             _ => return Err(Errno::EFAULT),

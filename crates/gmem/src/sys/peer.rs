@@ -1,7 +1,7 @@
 //! System calls between processes: descriptors passed with `SCM_RIGHTS` (a file handed to
 //! another process), `pthread_atfork`, `getpid`.
 
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 
 use crate::error::{Errno, KernelResult};
 
@@ -162,6 +162,37 @@ fn wipe_on_fork_cell() -> Option<&'static std::sync::atomic::AtomicU32> {
     // SAFETY: the page is mapped for the life of the process (never unmapped), zero-filled,
     // page-aligned, and only ever accessed through this atomic.
     Some(unsafe { &*addr.cast::<std::sync::atomic::AtomicU32>() })
+}
+
+/// `dup3(from, to, O_CLOEXEC)` by system call (never an interposed C library function): for a
+/// fork handler, which may call nothing that takes a lock. Async-signal-safe.
+pub(crate) fn dup3_raw(from: RawFd, to: RawFd) -> KernelResult<()> {
+    // SAFETY: dup3 replaces descriptor `to` with a duplicate of `from`; it touches no memory.
+    let r = unsafe { libc::syscall(libc::SYS_dup3, from, to, libc::O_CLOEXEC) };
+    if r < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(())
+    }
+}
+
+/// Closes `fd` by system call (never an interposed C library function: the descriptor is
+/// gmem's own, unknown to any interposer).
+pub(crate) fn close_raw(fd: OwnedFd) {
+    let raw = fd.into_raw_fd();
+    // SAFETY: `raw` was owned (taken out of its `OwnedFd` above) and is closed once.
+    unsafe { libc::syscall(libc::SYS_close, raw) };
+}
+
+/// `fcntl(fd, F_DUPFD_CLOEXEC, 0)`: a duplicate at the lowest free number.
+pub(crate) fn dup_low(fd: BorrowedFd<'_>) -> KernelResult<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor; it touches no memory.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: `r` was just returned by the kernel and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(r) })
 }
 
 /// Registers fork handlers (`pthread_atfork`): `prepare` runs in the forking thread before
