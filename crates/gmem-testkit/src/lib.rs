@@ -76,6 +76,13 @@ pub fn run(trials: Vec<Trial>) -> ! {
     libtest_mimic::run(&Arguments::from_args(), trials).exit()
 }
 
+/// [`run`], then `after` (a clean-up that must run whatever the result), then exit.
+pub fn run_then(trials: Vec<Trial>, after: impl FnOnce()) -> ! {
+    let conclusion = libtest_mimic::run(&Arguments::from_args(), trials);
+    after();
+    conclusion.exit()
+}
+
 /// `tests!(f, g, ...)`: one test per function, named after it.
 #[macro_export]
 macro_rules! tests {

@@ -65,6 +65,11 @@ pub enum Feature {
     /// A userfaultfd that also receives the faults of kernel-mode accesses (a system call
     /// reading a registered range): root, `CAP_SYS_PTRACE` or `vm.unprivileged_userfaultfd`.
     UserfaultfdKernelFaults,
+    /// 2 MiB shmem folios (shmem THP) for a mapping that asks with `MADV_HUGEPAGE`: the
+    /// 2048 kB size's `shmem_enabled` (or the global one it inherits) is `always`,
+    /// `within_size`, `advise` or `force`. Read afresh on every question: an administrator
+    /// (or a test, as root) may change it under a running process.
+    HugeFolios,
 }
 
 /// Why `/dev/kvm` cannot be used.
@@ -182,6 +187,42 @@ pub enum Missing {
         .0.name()
     )]
     UserfaultfdKernelFaults(Errno),
+    /// No 2 MiB shmem folios for a mapping that asks.
+    #[error("no 2 MiB shmem folios (shmem THP): {0}")]
+    HugeFolios(String),
+}
+
+/// The sysfs directory of transparent huge pages.
+const THP_SYSFS: &str = "/sys/kernel/mm/transparent_hugepage";
+
+/// The selected value of a sysfs THP setting (`always [advise] never` → `advise`).
+fn thp_setting(path: &str) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))
+        .map(str::to_string)
+        .ok_or_else(|| format!("{path}: no selected value in {:?}", text.trim()))
+}
+
+/// Whether a mapping that asks (`MADV_HUGEPAGE`, 2 MiB-aligned) gets 2 MiB shmem folios
+/// here, read from sysfs now: `Ok(setting)` (e.g. "advise"), or why not.
+pub fn huge_folios() -> Result<String, Missing> {
+    let global = format!("{THP_SYSFS}/shmem_enabled");
+    let per_size = format!("{THP_SYSFS}/hugepages-2048kB/shmem_enabled");
+    let (path, value) = match thp_setting(&per_size) {
+        Ok(v) if v != "inherit" => (per_size, v),
+        // Older kernels have only the global setting.
+        _ => (
+            global.clone(),
+            thp_setting(&global).map_err(Missing::HugeFolios)?,
+        ),
+    };
+    match value.as_str() {
+        "always" | "within_size" | "advise" | "force" => Ok(value),
+        other => Err(Missing::HugeFolios(format!(
+            "{path} is {other:?} (as root: echo advise > {path})"
+        ))),
+    }
 }
 
 fn offered_names(features: u64) -> String {
@@ -368,6 +409,7 @@ impl HostFeatures {
             Feature::Userfaultfd(_) | Feature::UserfaultfdKernelFaults => {
                 self.userfaultfd.require(feature)
             }
+            Feature::HugeFolios => huge_folios().map(drop),
             _ => self.kvm.require(feature),
         }
     }

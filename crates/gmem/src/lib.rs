@@ -108,7 +108,7 @@ pub mod uapi;
 
 pub use emulated::{
     AttributeTracking, ConversionLog, ConversionRecord, EmulatedBackend, EmulatedGuestMemfd,
-    EmulatedOptions, HostPages, Revocation,
+    EmulatedOptions, FolioSize, HostPages, Revocation,
 };
 pub use error::{AccessError, ConversionError, ConversionUnsupported, Errno, KernelResult};
 pub use file::{

@@ -56,9 +56,21 @@ impl WholeFileView {
         size: u64,
         flags: libc::c_int,
     ) -> KernelResult<&Mmap> {
+        self.get_or_map_with(fd, size, flags, false)
+    }
+
+    /// [`WholeFileView::get_or_map`], 2 MiB-aligned and asking for huge folios
+    /// (`MADV_HUGEPAGE`) when `huge`.
+    pub(crate) fn get_or_map_with(
+        &self,
+        fd: BorrowedFd<'_>,
+        size: u64,
+        flags: libc::c_int,
+        huge: bool,
+    ) -> KernelResult<&Mmap> {
         let view = self.0.get_or_init(|| {
             let len = usize::try_from(size).map_err(|_| Errno::ENOMEM)?;
-            Mmap::new(Some(fd), 0, len, flags)
+            map_view(fd, 0, len, flags, huge)
         });
         view.as_ref().map_err(|e| *e)
     }
@@ -68,6 +80,27 @@ impl WholeFileView {
         self.0.get().and_then(|v| v.as_ref().ok())
     }
 }
+
+/// A view of `len` bytes of `fd` from `offset`: with `huge`, 2 MiB-aligned and marked
+/// `MADV_HUGEPAGE`, so that a 2 MiB block of the file allocated through it is one huge folio
+/// and is mapped by one PMD.
+fn map_view(
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    len: usize,
+    flags: libc::c_int,
+    huge: bool,
+) -> KernelResult<Mmap> {
+    if !huge {
+        return Mmap::new(Some(fd), offset, len, flags);
+    }
+    let map = Mmap::new_aligned(Some(fd), offset, len, flags, HUGE_ALIGN)?;
+    map.madvise(0, len, libc::MADV_HUGEPAGE)?;
+    Ok(map)
+}
+
+/// The alignment of a view that maps huge folios (a PMD's span).
+const HUGE_ALIGN: usize = 2 << 20;
 
 /// Files larger than this are seen through windows ([`VIEW_CHUNK`] each, mapped on first use)
 /// instead of one mapping of the whole file: a whole-file view of a file of 2^47 bytes or more
@@ -113,6 +146,8 @@ pub(crate) struct FileView {
     accessed: Mutex<Accessed>,
     /// The whole view's address was handed out (a memslot): anything may be mapped in it.
     exposed: AtomicBool,
+    /// Mapped 2 MiB-aligned with `MADV_HUGEPAGE` (a file of huge folios).
+    huge: bool,
 }
 
 /// The part of a [`FileView`] that gmem's own accesses may have mapped: byte range
@@ -166,6 +201,15 @@ impl Drop for AccessGuard<'_> {
 }
 
 impl FileView {
+    /// A view of a file of huge folios (`huge`: mapped 2 MiB-aligned, `MADV_HUGEPAGE`) or of
+    /// 4 KiB ones.
+    pub(crate) fn new(huge: bool) -> FileView {
+        FileView {
+            huge,
+            ..FileView::default()
+        }
+    }
+
     /// The whole-file view (mapped on the first call; ENOMEM where the file does not fit).
     pub(crate) fn whole(
         &self,
@@ -173,7 +217,7 @@ impl FileView {
         size: u64,
         flags: libc::c_int,
     ) -> KernelResult<&Mmap> {
-        self.whole.get_or_map(fd, size, flags)
+        self.whole.get_or_map_with(fd, size, flags, self.huge)
     }
 
     /// The view holding `[off, off + len)` of the file and the range's offset in it; EFAULT
@@ -214,7 +258,7 @@ impl FileView {
                 // At most VIEW_CHUNK bytes.
                 #[allow(clippy::cast_possible_truncation)]
                 let n = VIEW_CHUNK.min(size - base) as usize;
-                let w = Arc::new(Mmap::new(Some(fd), base, n, flags)?);
+                let w = Arc::new(map_view(fd, base, n, flags, self.huge)?);
                 windows.insert(base, w.clone());
                 w
             }

@@ -181,6 +181,11 @@ impl GuestMemfd for EmulatedGuestMemfd {
                 return Err(Errno::EINVAL);
             }
             let _st = self.read_state();
+            // With huge folios, each empty 2 MiB block is allocated whole first (fallocate
+            // alone allocates 4 KiB folios under `advise`); fallocate then has nothing left
+            // to do there.
+            let (first, last) = pages_of(offset, len);
+            self.inner.allocate_blocks(first, last)?;
             sys::fallocate(self.inner.memfd.as_fd(), FALLOC_FL_KEEP_SIZE, offset, len)
         }
     }
@@ -211,7 +216,8 @@ impl GuestMemfd for EmulatedGuestMemfd {
         if st.attrs.first_with(first, last, true).is_some() {
             return Err(Errno::EFAULT);
         }
-        // GUP faults the pages in.
+        // GUP faults the pages in (with huge folios, a block at a time).
+        self.inner.allocate_blocks(first, last)?;
         sys::fallocate(
             self.inner.memfd.as_fd(),
             FALLOC_FL_KEEP_SIZE,
@@ -266,6 +272,11 @@ impl GuestMemfd for EmulatedGuestMemfd {
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), AccessError> {
         let st = self.check_access(offset, data.len())?;
         self.inner.hand_out(offset, data.len() as u64)?;
+        // With huge folios, a write into an empty 2 MiB block allocates the block whole
+        // (`pwrite` alone would allocate 4 KiB). Best effort: without it the write still
+        // lands, in 4 KiB folios.
+        let (first, last) = pages_of(offset, data.len() as u64);
+        let _ = self.inner.allocate_blocks(first, last);
         // In flight: the pages hold a transient reference (a conversion to private answers
         // EAGAIN meanwhile), not the lock.
         let _ref = self.transient_ref(offset, data.len() as u64).map_err(|_| {

@@ -221,6 +221,15 @@ impl Inner {
                         Err(e)
                     }
                 })
+        } else if self.options.folio_size == super::FolioSize::Huge
+            && self.allocate_blocks(page, page + 1).is_ok()
+        {
+            // A page the file does not hold yet, in a file of huge folios: its 2 MiB block
+            // was allocated whole (one folio where the kernel can), and the page is mapped.
+            space
+                .uffd
+                .continue_page(addr, PAGE_SIZE)
+                .or_else(|_| space.uffd.zeropage(addr, PAGE_SIZE))
         } else {
             // A page the file does not hold yet: a new zeroed one (EEXIST if it arrived since
             // the fault: map that one).

@@ -46,6 +46,7 @@ use crate::uapi::{
 };
 
 mod fault_injection;
+mod folios;
 mod fork;
 mod guard;
 mod guest_memfd;
@@ -59,6 +60,7 @@ mod vma_budget;
 
 use crate::host::Feature;
 use fault_injection::FaultInjection;
+pub use folios::memslot_max_order;
 use page_state::PageBits;
 use revocation::MappingEntry;
 pub use vma_budget::{
@@ -147,7 +149,65 @@ pub struct EmulatedOptions {
     /// What a conversion to private does to pages this process's host mappings had mapped:
     /// their page-table entries go (default), or the pages are replaced ([`HostPages`]).
     pub host_pages: HostPages,
+    /// The size of the folios that back the file: 4 KiB pages (default), or 2 MiB huge
+    /// folios where the host offers shmem THP ([`FolioSize`]).
+    pub folio_size: FolioSize,
 }
+
+/// The size of the folios behind an emulated file, as the kernel's guest_memfd has them: one
+/// page each (order 0), or one 2 MiB folio (PMD order) per aligned 2 MiB of the file.
+///
+/// With [`FolioSize::Huge`] the file's memory is shmem THP: each 2 MiB block is allocated
+/// whole, at its first use, through gmem's own views (2 MiB-aligned, `MADV_HUGEPAGE`), so the
+/// guest's view maps it with one PMD and [`EmulatedGuestMemfd::max_order`] reports order 9
+/// for it. The host's view stays exact to 4 KiB: every host mapping takes its faults through
+/// the guard, which maps 4 KiB entries of the folio (userfaultfd installs no PMD for shmem).
+/// A punch of part of a block splits its folio (the kernel's shmem does), and the block is
+/// 4 KiB pages from then until it is punched whole. Creating such a file needs the size to be
+/// a multiple of 2 MiB (EINVAL) and the host to offer shmem THP ([`crate::host::huge_folios`];
+/// EOPNOTSUPP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FolioSize {
+    /// 4 KiB folios (order 0).
+    #[default]
+    Small,
+    /// 2 MiB folios (PMD order, shmem THP).
+    Huge,
+}
+
+impl FolioSize {
+    /// The name used by the CLI and reports: `4k` or `2m`.
+    pub fn name(self) -> &'static str {
+        match self {
+            FolioSize::Small => "4k",
+            FolioSize::Huge => "2m",
+        }
+    }
+
+    /// The folio size by name (`4k`, `2m`), if it is one.
+    pub fn from_name(name: &str) -> Option<FolioSize> {
+        match name {
+            "4k" | "4K" | "small" => Some(FolioSize::Small),
+            "2m" | "2M" | "huge" => Some(FolioSize::Huge),
+            _ => None,
+        }
+    }
+
+    /// The folio's order (pages are 2^order).
+    pub fn order(self) -> u8 {
+        match self {
+            FolioSize::Small => 0,
+            FolioSize::Huge => HUGE_ORDER,
+        }
+    }
+}
+
+/// The order of a 2 MiB folio.
+pub const HUGE_ORDER: u8 = 9;
+/// Pages in a 2 MiB folio.
+pub const HUGE_PAGES: u64 = 1 << HUGE_ORDER;
+/// Bytes in a 2 MiB folio.
+pub const HUGE_SIZE: u64 = HUGE_PAGES * PAGE_SIZE;
 
 /// What a conversion to private does to the pages host userspace had mapped in this process.
 ///
@@ -195,6 +255,7 @@ impl Default for EmulatedOptions {
             vm_private_mem: true,
             attribute_tracking: AttributeTracking::PerFile,
             host_pages: HostPages::Zap,
+            folio_size: FolioSize::Small,
         }
     }
 }
@@ -484,6 +545,14 @@ impl EmulatedGuestMemfd {
         if size == 0 || size % PAGE_SIZE != 0 || i64::try_from(size).is_err() {
             return Err(Errno::EINVAL);
         }
+        if options.folio_size == FolioSize::Huge {
+            if size % HUGE_SIZE != 0 {
+                return Err(Errno::EINVAL);
+            }
+            if crate::host::huge_folios().is_err() {
+                return Err(Errno::EOPNOTSUPP);
+            }
+        }
         let placeholder = hole()?;
         let fork = fork::shared();
         let memfd = fork::DataFd::track(sys::memfd_create(c"gmem")?, placeholder, &fork)?;
@@ -521,6 +590,14 @@ impl EmulatedGuestMemfd {
         let ino = sys::fstat(memfd.as_fd())?.st_ino;
         let mechanism = match (received, options.revocation) {
             (Some(uffd), _) => Mechanism::Served(uffd),
+            // Huge folios need the guard: a host fault on a page not allocated yet must
+            // allocate its whole block, and only the guard sees it.
+            (None, Revocation::Remap) if options.folio_size == FolioSize::Huge => {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            (None, Revocation::Auto) if options.folio_size == FolioSize::Huge => {
+                Mechanism::Guard(guard::guard().map_err(|_| Errno::EOPNOTSUPP)?)
+            }
             (None, Revocation::Guard) => Mechanism::Guard(guard::guard()?),
             (None, Revocation::Remap) => Mechanism::Remap,
             (None, Revocation::Auto) => guard::guard().map_or(Mechanism::Remap, Mechanism::Guard),
@@ -552,12 +629,12 @@ impl EmulatedGuestMemfd {
             }),
             pins: pins::PinTable::default(),
             next_mapping_id: AtomicI64::new(1),
-            guest_view: FileView::default(),
+            guest_view: FileView::new(options.folio_size == FolioSize::Huge),
             fail_after: FaultInjection::off(),
             platform: options.platform.model(vm_key),
             hooks: options.platform.hooks(),
             pages: Mutex::new(PageBits::default()),
-            direct_map: FileView::default(),
+            direct_map: FileView::new(options.folio_size == FolioSize::Huge),
             hook_log: OnceLock::new(),
             conversion_log: OnceLock::new(),
             owner_pid: sys::peer::getpid(),

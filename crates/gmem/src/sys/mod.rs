@@ -332,6 +332,81 @@ impl Mmap {
         Ok(Mmap { ptr, len })
     }
 
+    /// [`Mmap::new`] at an address aligned to `align` (a power of two, a multiple of the page
+    /// size): an inaccessible anonymous reservation `len + align` long is made, the mapping
+    /// placed inside it at the aligned address (`MAP_FIXED`), and the rest of the reservation
+    /// unmapped. For a view that may map huge folios with one PMD each (2 MiB alignment).
+    pub fn new_aligned(
+        fd: Option<BorrowedFd<'_>>,
+        offset: u64,
+        len: usize,
+        flags: libc::c_int,
+        align: usize,
+    ) -> KernelResult<Mmap> {
+        if !align.is_power_of_two() || align % PAGE_SIZE as usize != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let len_pages = len
+            .checked_next_multiple_of(PAGE_SIZE as usize)
+            .ok_or(Errno::ENOMEM)?;
+        let room = len_pages.checked_add(align).ok_or(Errno::ENOMEM)?;
+        let reservation = Mmap::new_prot(
+            None,
+            0,
+            room,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            libc::PROT_NONE,
+        )?;
+        let start = reservation.as_ptr() as usize;
+        let at = start.next_multiple_of(align);
+        // The reservation is given up: the mapping below replaces part of it, the rest is
+        // unmapped here.
+        std::mem::forget(reservation);
+        // SAFETY: [at, at + len_pages) lies inside the reservation made above, which nothing
+        // else knows of and which was given up (forgotten) for this mapping.
+        let placement = unsafe { Placement::replacing(at, len_pages) };
+        let mapped = Mmap::new_at(
+            placement,
+            fd,
+            offset,
+            flags,
+            libc::PROT_READ | libc::PROT_WRITE,
+        );
+        let head = at - start;
+        let tail_start = at + len_pages;
+        let tail = start + room - tail_start;
+        // SAFETY: the head and tail of the reservation made above (not part of the mapping),
+        // which nothing else knows of.
+        unsafe {
+            if head > 0 {
+                libc::munmap(start as *mut libc::c_void, head);
+            }
+            if tail > 0 {
+                libc::munmap(tail_start as *mut libc::c_void, tail);
+            }
+        }
+        match mapped {
+            Ok(m) => Ok(m),
+            Err(e) => {
+                // SAFETY: the middle of the reservation, still reserved (the placement failed).
+                unsafe { libc::munmap(at as *mut libc::c_void, len_pages) };
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether every page of `[off, off + len)` of this mapping is mapped by a huge page-table
+    /// entry (a PMD: `PAGEMAP_SCAN`'s `PAGE_IS_HUGE`). Ok(false) where the kernel has no
+    /// `PAGEMAP_SCAN` (before 6.7).
+    pub fn is_huge_mapped(&self, off: usize, len: usize) -> KernelResult<bool> {
+        let end = off.checked_add(len).ok_or(Errno::EFAULT)?;
+        if end > self.len || len == 0 {
+            return Err(Errno::EFAULT);
+        }
+        let start = self.ptr.as_ptr() as u64 + off as u64;
+        pagemap_all_huge(start, start + len as u64)
+    }
+
     /// `mprotect` of the whole mapping.
     pub fn protect(&self, prot: libc::c_int) -> KernelResult<()> {
         // SAFETY: the range is this mapping's own; no Rust reference points into it (module
@@ -889,4 +964,77 @@ impl Epoll {
         }
         Ok(n)
     }
+}
+
+/// `PAGEMAP_SCAN` (`linux/fs.h`, 6.7): `struct pm_scan_arg`.
+#[repr(C)]
+#[derive(Default)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+/// `struct page_region`.
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+/// `PAGE_IS_HUGE`: mapped by a PMD (THP) or a hugetlb entry.
+const PAGE_IS_HUGE: u64 = 1 << 6;
+/// `PAGE_IS_PRESENT`.
+const PAGE_IS_PRESENT: u64 = 1 << 3;
+/// `PAGEMAP_SCAN = _IOWR('f', 16, struct pm_scan_arg)`.
+const PAGEMAP_SCAN: libc::c_ulong = (3 << 30) | (96 << 16) | ((b'f' as libc::c_ulong) << 8) | 16;
+
+/// Whether every page of this process's `[start, end)` is present and mapped huge.
+fn pagemap_all_huge(start: u64, end: u64) -> KernelResult<bool> {
+    static PAGEMAP: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
+    let Some(fd) = PAGEMAP.get_or_init(|| {
+        std::fs::File::open("/proc/self/pagemap")
+            .ok()
+            .map(OwnedFd::from)
+    }) else {
+        return Ok(false);
+    };
+    let mut regions = [PageRegion::default(); 4];
+    let mut arg = PmScanArg {
+        size: std::mem::size_of::<PmScanArg>() as u64,
+        start,
+        end,
+        vec: regions.as_mut_ptr() as u64,
+        vec_len: regions.len() as u64,
+        // Regions that are not present and huge: any one answers "no".
+        category_inverted: PAGE_IS_HUGE | PAGE_IS_PRESENT,
+        category_anyof_mask: PAGE_IS_HUGE | PAGE_IS_PRESENT,
+        return_mask: PAGE_IS_HUGE | PAGE_IS_PRESENT,
+        ..PmScanArg::default()
+    };
+    // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most `vec_len` regions into `regions`,
+    // which outlives the call; it only reads this process's page tables.
+    let n = unsafe { libc::ioctl(fd.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg) };
+    if n < 0 {
+        let e = Errno::last();
+        // No PAGEMAP_SCAN on this kernel: nothing is known to be huge.
+        return if e == Errno::EINVAL || e == Errno(libc::ENOTTY) {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    // A region lacking either category (inverted: reported when either is missing).
+    Ok(n == 0)
 }
