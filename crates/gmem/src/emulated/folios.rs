@@ -28,7 +28,7 @@
 
 use super::{EmulatedGuestMemfd, FolioSize, Inner, GUEST_VIEW_FLAGS, HUGE_ORDER, HUGE_PAGES};
 use crate::error::{Errno, KernelResult};
-use crate::sys::{Mmap, PAGE_SIZE};
+use crate::sys::PAGE_SIZE;
 use std::os::fd::AsFd;
 
 impl Inner {
@@ -62,14 +62,15 @@ impl Inner {
     /// answers whether the block is then mapped with one huge entry; the mapping goes.
     fn block_view(&self, b: u64, advice: libc::c_int) -> KernelResult<bool> {
         let len = (HUGE_PAGES * PAGE_SIZE) as usize;
-        let view = Mmap::new_aligned(
-            Some(self.memfd.as_fd()),
+        // Private, as gmem's views are: never inherited by a fork child.
+        let view = crate::mapping::map_view(
+            self.memfd.as_fd(),
             b * PAGE_SIZE,
             len,
             GUEST_VIEW_FLAGS,
-            len,
+            true,
+            true,
         )?;
-        view.madvise(0, len, libc::MADV_HUGEPAGE)?;
         view.madvise(0, len, advice)?;
         view.is_huge_mapped(0, len)
     }

@@ -34,15 +34,33 @@ use crate::sys::peer;
 /// exclusively by the fork handlers across `fork()`.
 pub(super) static FORK_LOCK: RwLock<()> = RwLock::new(());
 
+/// Held shared across the system calls that make (or close) one of gmem's private
+/// descriptors or a mapping a fork child must not inherit, until it is recorded (or after it
+/// is forgotten): no fork happens in between. Taken exclusively by the *prepare* handler
+/// after [`FORK_LOCK`]. Its holders call nothing that waits on gmem, so the guard's server
+/// thread, which never takes [`FORK_LOCK`], may take it.
+static QUIET: RwLock<()> = RwLock::new(());
+
 static HANDLERS: Once = Once::new();
 
+type Held = (RwLockWriteGuard<'static, ()>, RwLockWriteGuard<'static, ()>);
+
 thread_local! {
-    static HELD: RefCell<Option<RwLockWriteGuard<'static, ()>>> = const { RefCell::new(None) };
+    static HELD: RefCell<Option<Held>> = const { RefCell::new(None) };
 }
 
 /// Shared access to the fork lock.
 pub(super) fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
     FORK_LOCK
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// No fork until the guard goes ([`QUIET`]): hold it across making (or closing) a private
+/// descriptor or a mapping and recording (or forgetting) it.
+pub(super) fn quiet() -> std::sync::RwLockReadGuard<'static, ()> {
+    register();
+    QUIET
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -60,7 +78,10 @@ extern "C" fn prepare() {
     let fork = FORK_LOCK
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    HELD.with(|h| *h.borrow_mut() = Some(fork));
+    let quiet = QUIET
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    HELD.with(|h| *h.borrow_mut() = Some((fork, quiet)));
 }
 
 extern "C" fn release() {
@@ -69,30 +90,59 @@ extern "C" fn release() {
 
 extern "C" fn child() {
     release();
-    forget_data_fds();
+    forget_private_fds();
 }
 
-/// Data descriptors are tracked below this number (the kernel's default `fs.nr_open`): a
+/// Private descriptors are tracked below this number (the kernel's default `fs.nr_open`): a
 /// bit each, 128 KiB of zero pages until used.
 const TRACKED: usize = 1 << 20;
 
-/// Bit `n`: descriptor `n` is an emulated file's data descriptor.
-static DATA_FDS: [AtomicU64; TRACKED / 64] = [const { AtomicU64::new(0) }; TRACKED / 64];
+/// Bit `n`: descriptor `n` is one of gmem's private descriptors (a file's data, the guard's
+/// userfaultfds and epoll, a replacement pipe, a receiver's userfaultfd), which a fork child
+/// must not keep.
+static PRIVATE_FDS: [AtomicU64; TRACKED / 64] = [const { AtomicU64::new(0) }; TRACKED / 64];
 
-/// One past the highest word of [`DATA_FDS`] ever used (the child handler scans below it).
+/// One past the highest word of [`PRIVATE_FDS`] ever used (the child handler scans below it).
 static WORDS_USED: AtomicUsize = AtomicUsize::new(0);
 
-/// The descriptor a fork child gets in place of each data descriptor: the empty hole file.
+/// The descriptor a fork child gets in place of each private one: the empty hole file.
 static PLACEHOLDER: AtomicI32 = AtomicI32::new(-1);
 
-/// In a fork child: every data descriptor becomes the placeholder. System calls only (no
+/// Records `fd` as private (the caller holds [`quiet`] since it was made, or is the guard's
+/// reader, which may take no lock). False if it is past [`TRACKED`].
+pub(super) fn track_fd(fd: RawFd) -> bool {
+    match usize::try_from(fd) {
+        Ok(n) if n < TRACKED => {
+            WORDS_USED.fetch_max(n / 64 + 1, Ordering::Relaxed);
+            PRIVATE_FDS[n / 64].fetch_or(1 << (n % 64), Ordering::Relaxed);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Forgets `fd` (the caller holds [`quiet`] until it is closed).
+pub(super) fn untrack_fd(fd: RawFd) {
+    if let Ok(n) = usize::try_from(fd) {
+        if n < TRACKED {
+            PRIVATE_FDS[n / 64].fetch_and(!(1 << (n % 64)), Ordering::Relaxed);
+        }
+    }
+}
+
+/// Sets the placeholder fork children get (the process's hole file).
+pub(super) fn set_placeholder(fd: BorrowedFd<'static>) {
+    PLACEHOLDER.store(fd.as_raw_fd(), Ordering::Relaxed);
+}
+
+/// In a fork child: every private descriptor becomes the placeholder. System calls only (no
 /// allocation, no lock, nothing an interposer sees).
-fn forget_data_fds() {
+fn forget_private_fds() {
     let placeholder = PLACEHOLDER.load(Ordering::Relaxed);
     if placeholder < 0 {
         return;
     }
-    for (k, word) in DATA_FDS[..WORDS_USED.load(Ordering::Relaxed).min(TRACKED / 64)]
+    for (k, word) in PRIVATE_FDS[..WORDS_USED.load(Ordering::Relaxed).min(TRACKED / 64)]
         .iter()
         .enumerate()
     {
@@ -109,8 +159,8 @@ fn forget_data_fds() {
 }
 
 /// The descriptor of an emulated file's memory, recorded so that a fork child does not keep
-/// it (see the module documentation). Made and dropped under the fork lock, so no fork sees
-/// it open and unrecorded.
+/// it (see the module documentation). Made and dropped under [`quiet`], so no fork sees it
+/// open and unrecorded.
 #[derive(Debug)]
 pub(super) struct DataFd {
     fd: Option<OwnedFd>,
@@ -119,25 +169,22 @@ pub(super) struct DataFd {
 
 impl DataFd {
     /// Records `fd` (moved below [`TRACKED`] if it is not), with `placeholder` to stand for it
-    /// in fork children. `_fork` is the fork lock, held since `fd` was made. EMFILE if no
-    /// number below [`TRACKED`] is free.
+    /// in fork children. `_quiet` is [`quiet`], held since `fd` was made. EMFILE if no number
+    /// below [`TRACKED`] is free.
     pub(super) fn track(
         fd: OwnedFd,
         placeholder: BorrowedFd<'static>,
-        _fork: &std::sync::RwLockReadGuard<'static, ()>,
+        _quiet: &std::sync::RwLockReadGuard<'static, ()>,
     ) -> KernelResult<DataFd> {
         let fd = if usize::try_from(fd.as_raw_fd()).is_ok_and(|n| n < TRACKED) {
             fd
         } else {
             peer::dup_low(fd.as_fd())?
         };
-        let n = usize::try_from(fd.as_raw_fd()).map_err(|_| Errno::EBADF)?;
-        if n >= TRACKED {
+        set_placeholder(placeholder);
+        if !track_fd(fd.as_raw_fd()) {
             return Err(Errno(libc::EMFILE));
         }
-        PLACEHOLDER.store(placeholder.as_raw_fd(), Ordering::Relaxed);
-        WORDS_USED.fetch_max(n / 64 + 1, Ordering::Relaxed);
-        DATA_FDS[n / 64].fetch_or(1 << (n % 64), Ordering::Relaxed);
         Ok(DataFd {
             fd: Some(fd),
             placeholder,
@@ -154,16 +201,48 @@ impl AsFd for DataFd {
 
 impl Drop for DataFd {
     fn drop(&mut self) {
-        let _fork = shared();
+        // Not the fork lock: the guard's server thread may drop the last reference to a file
+        // (found in review: it would wait on a fork that waits on it).
+        let _quiet = quiet();
         if let Some(fd) = self.fd.take() {
             // Forgotten, then closed, with no fork in between: the number is free only once
             // its bit is clear, so a file made meanwhile by another thread keeps its own.
-            if let Ok(n) = usize::try_from(fd.as_raw_fd()) {
-                if n < TRACKED {
-                    DATA_FDS[n / 64].fetch_and(!(1 << (n % 64)), Ordering::Relaxed);
-                }
-            }
+            untrack_fd(fd.as_raw_fd());
             peer::close_raw(fd);
         }
     }
+}
+
+/// A new replacement pipe, recorded as private (made under [`quiet`]).
+pub(super) fn private_pipe() -> KernelResult<crate::sys::HoldPipe> {
+    let _quiet = quiet();
+    let pipe = crate::sys::HoldPipe::new()?;
+    for fd in pipe.raw_fds() {
+        track_fd(fd);
+    }
+    Ok(pipe)
+}
+
+/// Forgets and closes a pipe made by [`private_pipe`] (under [`quiet`], by system call).
+pub(super) fn close_private_pipe(pipe: crate::sys::HoldPipe) {
+    let _quiet = quiet();
+    for fd in pipe.raw_fds() {
+        untrack_fd(fd);
+    }
+    pipe.close_raw();
+}
+
+/// Forgets and closes a private userfaultfd that is not kept (under [`quiet`], by system
+/// call).
+pub(super) fn close_private_uffd(uffd: crate::sys::PoisonFd) {
+    let _quiet = quiet();
+    untrack_fd(uffd.raw_fd());
+    uffd.close_raw();
+}
+
+/// Records a userfaultfd this process received or made as private (under [`quiet`]; one
+/// received by `recvmsg` was open, unrecorded, since that call returned).
+pub(super) fn track_uffd(uffd: &crate::sys::PoisonFd) {
+    let _quiet = quiet();
+    track_fd(uffd.raw_fd());
 }

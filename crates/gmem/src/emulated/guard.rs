@@ -157,8 +157,9 @@ impl Space {
 
 /// The guard of this process: its userfaultfd, the address spaces it serves, and the thread.
 pub(super) struct Guard {
-    /// The process the guard belongs to (a fork child inherits the object, not the thread).
-    pid: u32,
+    /// The address space the guard belongs to ([`sys::peer::address_space`]; a fork child
+    /// inherits the object, not the thread).
+    space: u64,
     /// Whether faults of kernel-mode accesses are events (else such an access to a page
     /// without a PTE fails with EFAULT).
     pub(super) kernel_faults: bool,
@@ -185,7 +186,7 @@ pub(super) struct Guard {
 impl std::fmt::Debug for Guard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Guard")
-            .field("pid", &self.pid)
+            .field("space", &self.space)
             .field("kernel_faults", &self.kernel_faults)
             .finish()
     }
@@ -199,9 +200,9 @@ static GUARD: Mutex<Option<Arc<Guard>>> = Mutex::new(None);
 /// child gets a guard of its own if it creates files.
 pub(super) fn guard() -> KernelResult<Arc<Guard>> {
     let mut g = lock(&GUARD);
-    let me = sys::peer::getpid();
+    let me = sys::peer::address_space();
     if let Some(existing) = g.as_ref() {
-        if existing.pid == me {
+        if existing.space == me {
             return Ok(existing.clone());
         }
         // The parent's: never used, never dropped here (its Drop is a no-op in a child,
@@ -217,8 +218,15 @@ pub(super) fn guard() -> KernelResult<Arc<Guard>> {
 
 impl Guard {
     fn start() -> KernelResult<Arc<Guard>> {
+        // The guard's descriptors are private: a fork child gets the hole file in their place
+        // (found in review: a child could UFFDIO_CONTINUE over a marker in this process's
+        // host mapping through the inherited userfaultfd, or take the guard's epoll apart).
+        let quiet = super::fork::quiet();
         let (uffd, kernel_faults) = PoisonFd::guard()?;
+        super::fork::track_fd(uffd.raw_fd());
         let epoll = Epoll::new()?;
+        super::fork::track_fd(epoll.raw_fd());
+        drop(quiet);
         let mut fds = Vec::new();
         fds.try_reserve_exact(MAX_SPACES)
             .map_err(|_| Errno::ENOMEM)?;
@@ -230,7 +238,7 @@ impl Guard {
         epoll.add(uffd.as_fd(), 0)?;
         let own = Arc::new(Space::new(0, uffd, true));
         let guard = Arc::new(Guard {
-            pid: sys::peer::getpid(),
+            space: sys::peer::address_space(),
             kernel_faults,
             epoll,
             slots: Mutex::new(Slots {
@@ -315,9 +323,11 @@ impl Guard {
         let raw = std::os::fd::AsRawFd::as_raw_fd(&uffd.as_fd());
         let id = {
             let mut slots = lock(&self.slots);
-            let slot = (1..MAX_SPACES)
-                .find(|&i| slots.fds[i] < 0)
-                .ok_or(Errno::ENOMEM)?;
+            let Some(slot) = (1..MAX_SPACES).find(|&i| slots.fds[i] < 0) else {
+                drop(slots);
+                super::fork::close_private_uffd(uffd);
+                return Err(Errno::ENOMEM);
+            };
             slots.generation[slot] = slots.generation[slot].wrapping_add(1);
             slots.fds[slot] = raw;
             (u64::from(slots.generation[slot]) << 32) | slot as u64
@@ -390,6 +400,11 @@ impl Guard {
             if !msg.is_fault() {
                 self.events_queued.fetch_add(1, Ordering::SeqCst);
             }
+            // A child's userfaultfd is private from the moment the read installed it (an
+            // atomic bit: the reader takes no lock).
+            if let Some(fd) = msg.fork_fd() {
+                super::fork::track_fd(fd);
+            }
             self.push(token, msg);
         }
     }
@@ -457,7 +472,7 @@ impl Guard {
                     self.handle(&space, msg);
                 } else if let Some(UffdEvent::Fork(child)) = msg.decode() {
                     // A fork in a space that has gone: the child's descriptor closes here.
-                    drop(child);
+                    super::fork::close_private_uffd(child);
                 }
                 if event {
                     self.events_handled.fetch_add(1, Ordering::SeqCst);
@@ -713,6 +728,9 @@ impl Guard {
         }
         space.dead.store(true, Ordering::Relaxed);
         let _ = self.epoll.remove(space.uffd.as_fd());
+        // Its descriptor closes when the last reference to the space goes; the space is
+        // gone, so a fork child that still got it could do nothing with it.
+        super::fork::untrack_fd(space.uffd.raw_fd());
         {
             let mut slots = lock(&self.slots);
             #[allow(clippy::cast_possible_truncation)]

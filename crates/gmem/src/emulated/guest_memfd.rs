@@ -400,11 +400,10 @@ impl EmulatedGuestMemfd {
         // (unprivileged) and an occupied range with MAP_FIXED_NOREPLACE EEXIST; only then
         // ENODEV without MMAP, then EINVAL for a private mapping.
         let len = sys::mmap_checks(at.as_ref().ok().map(Placement::addr), len, offset)?;
-        // A fork child keeps the host mappings it inherited (the parent's guard serves them
-        // through the child's userfaultfd) but makes none: the guard this copy of the file
-        // knows is the parent's, whose userfaultfd acts on the parent's address space.
-        if self.inner.is_follower() && !matches!(self.inner.mechanism, super::Mechanism::Served(_))
-        {
+        // A fork child (of the owner or of a receiver) keeps the host mappings it inherited
+        // (the owner's guard serves them through the child's userfaultfd) but makes none:
+        // the userfaultfd this copy of the file knows acts on its parent's address space.
+        if !self.inner.in_own_space() {
             return Err(Errno::EOPNOTSUPP);
         }
         let refused = if self.inner.flags & GUEST_MEMFD_FLAG_MMAP == 0 {

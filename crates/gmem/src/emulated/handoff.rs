@@ -71,8 +71,10 @@ impl EmulatedGuestMemfd {
         if word(&reply, 0) != REPLY || fds.len() != 1 {
             return Err(Errno(libc::EPROTO));
         }
-        let uffd = fds.pop().ok_or(Errno(libc::EPROTO))?;
-        guard.add_space_keeping(PoisonFd::adopt(uffd), &self.inner)?;
+        let uffd = PoisonFd::adopt(fds.pop().ok_or(Errno(libc::EPROTO))?);
+        // Private from now on: a fork child of this process does not keep it.
+        super::fork::track_uffd(&uffd);
+        guard.add_space_keeping(uffd, &self.inner)?;
         Ok(())
     }
 
@@ -89,10 +91,13 @@ impl EmulatedGuestMemfd {
         // Recorded at once, so that a fork child of this process does not keep it (a fork in
         // the instant since `recvmsg` returned is the one not covered).
         let placeholder = super::hole()?;
-        let fork = super::fork::shared();
-        let memfd = super::fork::DataFd::track(memfd, placeholder, &fork)?;
-        drop(fork);
+        let quiet = super::fork::quiet();
+        let memfd = super::fork::DataFd::track(memfd, placeholder, &quiet)?;
+        drop(quiet);
         let (uffd, _) = PoisonFd::guard()?;
+        // The receiver's own userfaultfd is private too: a fork child of the receiver does
+        // not keep it.
+        super::fork::track_uffd(&uffd);
         let reply = REPLY.to_le_bytes();
         peer::send_with_fds(socket.as_fd(), &reply, &[uffd.as_fd()])?;
         // A follower keeps only the flags that say what the host may do; platform models and

@@ -76,6 +76,14 @@ pub(super) struct Gate {
     pipe: Option<sys::HoldPipe>,
 }
 
+impl Drop for Gate {
+    fn drop(&mut self) {
+        if let Some(p) = self.pipe.take() {
+            super::fork::close_private_pipe(p);
+        }
+    }
+}
+
 impl Gate {
     pub(super) fn new(attrs: AttributeStore) -> Gate {
         Gate {
@@ -204,10 +212,13 @@ impl Inner {
                 page + 1
             };
             if end > page + 1 {
-                // Every page of the window counts as mapped here, whether or not the call
-                // got to it (a conversion to private zaps by address anyway).
-                gate.exposed.insert_range(page + 1, end);
-                gate.was_mapped.move_range(page + 1, end, None);
+                // Every page of the window counts as mapped here, the faulting one included,
+                // whether or not the call got to it: a call that stops part-way (a page of
+                // the window left the file) has mapped the pages before it, and with
+                // `HostPages::Replace` a conversion to private takes away only the pages
+                // counted here (found in review: the faulting page stayed mapped, uncounted).
+                gate.exposed.insert_range(page, end);
+                gate.was_mapped.move_range(page, end, None);
             }
             space
                 .uffd
@@ -444,11 +455,22 @@ impl Inner {
     /// of it; after it, the write-back is retried (it needs memory for the new pages) until
     /// it succeeds.
     fn replace_pages(&self, gate: &mut Gate, first: u64, end: u64) -> KernelResult<()> {
-        // Taken out while in use, put back only empty (after a failure it is dropped, with
-        // whatever it may still hold).
-        let pipe = match gate.pipe.take() {
+        // Taken out while in use, put back only empty (after a failure it is closed, with
+        // whatever it may still hold). A private descriptor: a fork child does not keep it.
+        struct InUse(Option<sys::HoldPipe>);
+        impl Drop for InUse {
+            fn drop(&mut self) {
+                if let Some(p) = self.0.take() {
+                    super::fork::close_private_pipe(p);
+                }
+            }
+        }
+        let mut in_use = InUse(Some(match gate.pipe.take() {
             Some(p) => p,
-            None => sys::HoldPipe::new()?,
+            None => super::fork::private_pipe()?,
+        }));
+        let Some(pipe) = in_use.0.as_ref() else {
+            return Err(Errno::EBADF);
         };
         let fd = std::os::fd::AsFd::as_fd(&self.memfd);
         let (mut off, end) = (first * PAGE_SIZE, end * PAGE_SIZE);
@@ -471,7 +493,7 @@ impl Inner {
             }
             off += held as u64;
         }
-        gate.pipe = Some(pipe);
+        gate.pipe = in_use.0.take();
         Ok(())
     }
 }

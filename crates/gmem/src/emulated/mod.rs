@@ -61,6 +61,12 @@ mod vma_budget;
 use crate::host::Feature;
 use fault_injection::FaultInjection;
 pub use folios::memslot_max_order;
+
+/// No fork until the guard goes: for gmem's own views, between their mapping and their
+/// `MADV_DONTFORK` ([`fork::quiet`]).
+pub(crate) fn fork_quiet() -> std::sync::RwLockReadGuard<'static, ()> {
+    fork::quiet()
+}
 use page_state::PageBits;
 use revocation::MappingEntry;
 pub use vma_budget::{
@@ -451,7 +457,7 @@ struct Inner {
     conversion_log: OnceLock<ConversionLog>,
     /// The process that created the file: in any other (a fork or clone child) this copy is
     /// a follower.
-    owner_pid: u32,
+    owner_space: u64,
 }
 
 /// A shared hold on a file's state (and on the fork lock, taken first, released last).
@@ -510,7 +516,13 @@ impl Inner {
     /// receiver makes new mappings, a child keeps the ones it inherited); everything else is
     /// the owner's (EOPNOTSUPP).
     fn is_follower(&self) -> bool {
-        matches!(self.mechanism, Mechanism::Served(_)) || self.owner_pid != sys::peer::getpid()
+        matches!(self.mechanism, Mechanism::Served(_)) || !self.in_own_space()
+    }
+
+    /// Whether this is the address space the file was made (or received) in: not a fork or
+    /// clone child's copy.
+    fn in_own_space(&self) -> bool {
+        self.owner_space == sys::peer::address_space()
     }
 }
 
@@ -554,9 +566,9 @@ impl EmulatedGuestMemfd {
             }
         }
         let placeholder = hole()?;
-        let fork = fork::shared();
-        let memfd = fork::DataFd::track(sys::memfd_create(c"gmem")?, placeholder, &fork)?;
-        drop(fork);
+        let quiet = fork::quiet();
+        let memfd = fork::DataFd::track(sys::memfd_create(c"gmem")?, placeholder, &quiet)?;
+        drop(quiet);
         sys::ftruncate(memfd.as_fd(), size).map_err(|e| {
             if e == Errno(libc::EFBIG) {
                 Errno::EINVAL
@@ -637,7 +649,7 @@ impl EmulatedGuestMemfd {
             direct_map: FileView::new(options.folio_size == FolioSize::Huge),
             hook_log: OnceLock::new(),
             conversion_log: OnceLock::new(),
-            owner_pid: sys::peer::getpid(),
+            owner_space: sys::peer::address_space(),
         });
         fork::register();
         if let Some(g) = inner.guard() {
@@ -918,6 +930,16 @@ impl EmulatedGuestMemfd {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        // A receiver's userfaultfd is private: forgotten and closed together.
+        if let Mechanism::Served(_) = &self.mechanism {
+            if let Mechanism::Served(uffd) =
+                std::mem::replace(&mut self.mechanism, Mechanism::Remap)
+            {
+                if self.in_own_space() {
+                    fork::close_private_uffd(uffd);
+                }
+            }
+        }
         // Release: the memory leaves with the last reference to the file.
         if self.no_direct_map() || self.hooks.reclaim {
             let st = self

@@ -454,8 +454,11 @@ impl Inner {
     /// Maps the memory file back at page `index` of the direct map.
     pub(super) fn restore_direct_map(&self, index: u64) -> KernelResult<()> {
         let (dm, off) = self.dm_page(index)?;
-        // As in `remove_from_direct_map`.
-        dm.map_fixed(off, PAGE, self.memfd.as_fd(), index * PAGE_SIZE)
+        // As in `remove_from_direct_map`; a new mapping of the file is not inherited by fork
+        // children, as the rest of the direct map is not (no fork in between).
+        let _quiet = super::fork::quiet();
+        dm.map_fixed(off, PAGE, self.memfd.as_fd(), index * PAGE_SIZE)?;
+        dm.madvise(off, PAGE, libc::MADV_DONTFORK)
     }
 
     /// §2.4 step 4b: make-shared on every present page of `[first, end)`.

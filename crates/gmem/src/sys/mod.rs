@@ -779,6 +779,20 @@ pub struct HoldPipe {
 }
 
 impl HoldPipe {
+    /// The raw descriptors, read end and write end (for the record of private descriptors a
+    /// fork child must not keep).
+    pub fn raw_fds(&self) -> [libc::c_int; 2] {
+        [self.r.as_raw_fd(), self.w.as_raw_fd()]
+    }
+
+    /// Closes both ends by system call (never an interposed C library function), with
+    /// whatever the pipe still holds.
+    pub fn close_raw(self) {
+        let HoldPipe { r, w } = self;
+        peer::close_raw(r);
+        peer::close_raw(w);
+    }
+
     /// A new, empty pipe.
     pub fn new() -> KernelResult<HoldPipe> {
         let (r, w) = pipe()?;
@@ -898,6 +912,11 @@ pub struct Epoll {
 }
 
 impl Epoll {
+    /// The raw descriptor (for the record of private descriptors a fork child must not keep).
+    pub fn raw_fd(&self) -> libc::c_int {
+        self.fd.as_raw_fd()
+    }
+
     /// `epoll_create1(EPOLL_CLOEXEC)`.
     pub fn new() -> KernelResult<Epoll> {
         // SAFETY: plain syscall with an integer argument.

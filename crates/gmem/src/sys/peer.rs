@@ -112,31 +112,70 @@ pub(crate) fn recv_with_fds(
     Ok((n, out))
 }
 
-/// The id of the process that owns this address space, without a system call once known: it
-/// is kept in a page marked `MADV_WIPEONFORK`, which every child made without `CLONE_VM` (by
-/// `fork`, or a raw `clone` that runs no fork handler) finds zero-filled, and so asks the
-/// kernel afresh. A `CLONE_VM` child shares the address space, and so the answer, with the
-/// process it was cloned from: gmem's decisions by pid are decisions about an address space.
-/// Where the page cannot be had, every call asks the kernel.
-pub(crate) fn getpid() -> u32 {
-    static CELL: std::sync::OnceLock<Option<&'static std::sync::atomic::AtomicU32>> =
-        std::sync::OnceLock::new();
-    let Some(cell) = CELL.get_or_init(wipe_on_fork_cell) else {
-        return std::process::id();
-    };
-    match cell.load(std::sync::atomic::Ordering::Relaxed) {
+/// A token naming this address space, without a system call once known: it is kept in a page
+/// marked `MADV_WIPEONFORK`, which every child made without `CLONE_VM` (by `fork`, or a raw
+/// `clone` that runs no fork handler, in a new pid namespace or not) finds zero-filled, and so
+/// makes a new token. A `CLONE_VM` child shares the address space, and so the token: gmem's
+/// decisions "is this the process that made the file" are decisions about an address space.
+/// Where the page cannot be had, the token is the pid (asked every time).
+pub(crate) fn address_space() -> u64 {
+    use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+    // The page, installed once without blocking (a fork while another thread is in here must
+    // not leave the child waiting on a half-made initialisation): every racer makes a page,
+    // one wins, the others unmap theirs.
+    static CELL: AtomicPtr<AtomicU64> = AtomicPtr::new(std::ptr::null_mut());
+    let mut cell = CELL.load(Ordering::Acquire);
+    if cell.is_null() {
+        let Some(new) = wipe_on_fork_cell() else {
+            return u64::from(std::process::id());
+        };
+        cell = match CELL.compare_exchange(
+            std::ptr::null_mut(),
+            new,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => new,
+            Err(winner) => {
+                // SAFETY: `new` is the page this call mapped and nothing else refers to.
+                unsafe { libc::munmap(new.cast(), crate::sys::PAGE_SIZE as usize) };
+                winner
+            }
+        };
+    }
+    // SAFETY: `cell` points into a page mapped for the life of the process (never unmapped
+    // once installed), page-aligned, accessed only through this atomic.
+    let cell = unsafe { &*cell };
+    match cell.load(Ordering::Acquire) {
         0 => {
-            let pid = std::process::id();
-            cell.store(pid, std::sync::atomic::Ordering::Relaxed);
-            pid
+            let token = new_token();
+            match cell.compare_exchange(0, token, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => token,
+                Err(other) => other,
+            }
         }
-        pid => pid,
+        token => token,
     }
 }
 
-/// A `u32` in a page of its own that a child made without `CLONE_VM` sees as zero (never
-/// freed: one page per process).
-fn wipe_on_fork_cell() -> Option<&'static std::sync::atomic::AtomicU32> {
+/// A token no other address space of this boot has: 8 random bytes (`getrandom`), else the
+/// pid and the time; never 0.
+fn new_token() -> u64 {
+    let mut t = 0u64;
+    // SAFETY: getrandom writes at most 8 bytes into `t`.
+    let n = unsafe { libc::getrandom(std::ptr::addr_of_mut!(t).cast(), 8, libc::GRND_NONBLOCK) };
+    if n != 8 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        t = (u64::from(std::process::id()) << 32) ^ nanos;
+    }
+    t.max(1)
+}
+
+/// A `u64` at the start of a page of its own that a child made without `CLONE_VM` sees as
+/// zero (never freed once installed).
+fn wipe_on_fork_cell() -> Option<*mut std::sync::atomic::AtomicU64> {
     let len = crate::sys::PAGE_SIZE as usize;
     // SAFETY: a new private anonymous mapping at an address the kernel chooses; it replaces
     // nothing.
@@ -159,9 +198,7 @@ fn wipe_on_fork_cell() -> Option<&'static std::sync::atomic::AtomicU32> {
         unsafe { libc::munmap(addr, len) };
         return None;
     }
-    // SAFETY: the page is mapped for the life of the process (never unmapped), zero-filled,
-    // page-aligned, and only ever accessed through this atomic.
-    Some(unsafe { &*addr.cast::<std::sync::atomic::AtomicU32>() })
+    Some(addr.cast())
 }
 
 /// `dup3(from, to, O_CLOEXEC)` by system call (never an interposed C library function): for a
@@ -213,37 +250,62 @@ pub(crate) fn atfork(
 
 #[cfg(test)]
 mod tests {
-    /// The cached pid is the kernel's in the process, in a fork child and in a child of a raw
-    /// `clone` (no fork handlers run), each asked in the child after the parent knew its own.
+    /// Every child made without `CLONE_VM` (fork, a raw clone, one in a new pid namespace
+    /// when permitted) has an address-space token of its own, different from its parent's,
+    /// and stable within it; a `CLONE_VM` child shares its parent's.
     #[test]
-    fn the_cached_pid_is_right_after_fork_and_raw_clone() {
-        assert_eq!(super::getpid(), std::process::id());
-        for raw in [false, true] {
-            // SAFETY: the child only reads its pid, compares and `_exit`s (async-signal-safe
-            // calls, no allocation, no lock).
+    fn each_address_space_has_its_own_token() {
+        let mine = super::address_space();
+        assert_ne!(mine, 0);
+        assert_eq!(super::address_space(), mine);
+        for how in ["fork", "raw clone", "clone newpid"] {
+            let (r, w) = {
+                let mut fds = [0; 2];
+                // SAFETY: pipe writes two descriptors into `fds`.
+                assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+                (fds[0], fds[1])
+            };
+            // SAFETY: the child only computes its token, writes it to the pipe and `_exit`s.
             let pid = unsafe {
-                if raw {
-                    libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) as libc::pid_t
-                } else {
-                    libc::fork()
+                match how {
+                    "fork" => libc::fork(),
+                    "raw clone" => {
+                        libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) as libc::pid_t
+                    }
+                    _ => libc::syscall(
+                        libc::SYS_clone,
+                        libc::SIGCHLD | libc::CLONE_NEWPID,
+                        0,
+                        0,
+                        0,
+                        0,
+                    ) as libc::pid_t,
                 }
             };
-            assert!(pid >= 0, "fork/clone failed");
-            if pid == 0 {
-                // SAFETY: `getpid` and `_exit` are async-signal-safe.
-                let real = unsafe { libc::getpid() } as u32;
-                let ok = super::getpid() == real && super::getpid() == real;
-                // SAFETY: ends the child without running the parent's exit handlers.
-                unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+            if pid < 0 {
+                // A new pid namespace needs privilege.
+                continue;
             }
-            let mut status = 0;
-            // SAFETY: waits for the child made above.
-            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-            assert!(
-                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-                "{}: the child's cached pid was its parent's",
-                if raw { "raw clone" } else { "fork" }
-            );
+            if pid == 0 {
+                let t = super::address_space();
+                let ok = t != mine && t != 0 && super::address_space() == t;
+                let b = [u8::from(ok)];
+                // SAFETY: writes one byte to the pipe, then ends the child.
+                unsafe {
+                    libc::write(w, b.as_ptr().cast(), 1);
+                    libc::_exit(0);
+                }
+            }
+            let mut b = [0u8];
+            // SAFETY: reads one byte from the pipe; waits for the child made above.
+            unsafe {
+                libc::close(w);
+                assert_eq!(libc::read(r, b.as_mut_ptr().cast(), 1), 1, "{how}");
+                libc::close(r);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+            assert_eq!(b[0], 1, "{how}: the child's token was its parent's");
         }
+        assert_eq!(super::address_space(), mine);
     }
 }

@@ -123,6 +123,14 @@ impl RawUffdMsg {
         self.0.event == UFFD_EVENT_PAGEFAULT
     }
 
+    /// The descriptor a `UFFD_EVENT_FORK` message carries (installed in this process by the
+    /// read), without taking it; `None` for any other message.
+    pub fn fork_fd(&self) -> Option<libc::c_int> {
+        // The low half of the first argument, as in `decode`.
+        #[allow(clippy::cast_possible_truncation)]
+        (self.0.event == UFFD_EVENT_FORK).then_some(self.0.flags as u32 as libc::c_int)
+    }
+
     /// What the message says: `None` for the all-zero value. A `UFFD_EVENT_FORK` message
     /// carries a descriptor the read installed in this process: decode it once, and the
     /// returned [`PoisonFd`] owns it.
@@ -255,6 +263,16 @@ impl PoisonFd {
                 Self::open(UFFD_USER_MODE_ONLY, GUARD_FEATURES, GUARD_MODES).map(|f| (f, false))
             }
         }
+    }
+
+    /// The raw descriptor (for the record of private descriptors a fork child must not keep).
+    pub fn raw_fd(&self) -> libc::c_int {
+        self.fd.as_raw_fd()
+    }
+
+    /// Closes the descriptor by system call (never an interposed C library function).
+    pub fn close_raw(self) {
+        super::peer::close_raw(self.fd);
     }
 
     /// A userfaultfd the kernel delivered (`UffdEvent::Fork`) or another process sent,
