@@ -146,6 +146,9 @@ fn print_text(r: &Report, quick: bool) {
             t.ratio
         );
     }
+    if let Some(setting) = &r.huge_folios_setting {
+        println!("huge folios: shmem THP {setting:?} (the host's setting for this run)");
+    }
     for s in &r.skipped {
         println!("skipped: {s}");
     }
@@ -189,6 +192,7 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 "target": vocab(t.what), "ratio": t.ratio, "met": t.met, "floor_ratio": t.floor,
             })).collect::<Vec<_>>(),
             "skipped": report.skipped,
+            "huge_folios_setting": report.huge_folios_setting,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {

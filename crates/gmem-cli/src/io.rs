@@ -34,6 +34,10 @@ pub struct Args {
     /// A script: one command a line; blank lines and `#` comments are skipped.
     #[arg(short = 'f', value_name = "SCRIPT")]
     script: Option<std::path::PathBuf>,
+    /// Folios of the files `create` makes (emulated backend): 4k, or 2m (2 MiB shmem THP
+    /// where the host offers it; sizes a multiple of 2 MiB, else `create` answers EINVAL).
+    #[arg(long = "folio-size", value_name = "SIZE", default_value = "4k", value_parser = crate::run::parse_folio_size)]
+    folio_size: gmem::FolioSize,
 }
 
 /// `--backend` of `gmem io` (one backend).
@@ -46,9 +50,20 @@ enum IoBackend {
 }
 
 pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    if args.backend == IoBackend::Kernel && args.folio_size != gmem::FolioSize::Small {
+        return Err(crate::usage::UsageError::value(
+            "--folio-size",
+            args.folio_size.name(),
+            "4k with --backend kernel (the kernel's folios are its own)",
+        )
+        .into());
+    }
     let mut session = match args.backend {
         IoBackend::Emulated => Session::new(
-            Arc::new(EmulatedBackend::default()),
+            Arc::new(EmulatedBackend::new(gmem::EmulatedOptions {
+                folio_size: args.folio_size,
+                ..gmem::EmulatedOptions::default()
+            })),
             Some(Arc::new(InternalGuest)),
         ),
         IoBackend::Kernel => {

@@ -1,7 +1,8 @@
 //! `gmem probe`: what this host offers guest_memfd, and which backend provides each feature.
 //!
 //! `--json` prints one object with the keys `version`, `kernel_release`, `kvm`,
-//! `kvm_access`, `userfaultfd`, `shmem_thp`, `nr_hugepages`, `max_map_count` and `features`;
+//! `kvm_access`, `userfaultfd`, `shmem_thp`, `huge_folios`, `nr_hugepages`, `max_map_count` and
+//! `features`;
 //! see [`to_json`] and docs/json.md. `GMEM_KVM_DEV` probes another device path than
 //! `/dev/kvm`.
 
@@ -113,6 +114,10 @@ pub fn to_json(r: &HostReport) -> Value {
             "unprivileged_userfaultfd": u.unprivileged_userfaultfd,
         },
         "shmem_thp": r.shmem_thp,
+        "huge_folios": match gmem::host::huge_folios() {
+            Ok(setting) => json!({"available": true, "setting": setting}),
+            Err(why) => json!({"available": false, "error": why.to_string()}),
+        },
         "nr_hugepages": r.nr_hugepages,
         "max_map_count": r.max_map_count,
         "features": r.features.iter().map(|f| json!({
@@ -212,6 +217,12 @@ fn print_text(r: &HostReport, dev: &std::path::Path, access: &Result<(), KvmProb
         opt(u.unprivileged_userfaultfd)
     );
     println!("shmem THP         {}", opt(r.shmem_thp.as_deref()));
+    match gmem::host::huge_folios() {
+        Ok(setting) => println!(
+            "huge folios       available ({setting}): EmulatedOptions::folio_size = Huge, --folio-size 2m"
+        ),
+        Err(why) => println!("huge folios       unavailable: {why}"),
+    }
     println!("nr_hugepages      {}", opt(r.nr_hugepages));
     println!("max_map_count     {}", opt(r.max_map_count));
     println!("\nfeature             emulated  kernel");

@@ -80,6 +80,15 @@ pub struct Args {
     /// memslots) to FILE.svg, as `gmem map` draws a trace (emulated backend, in-place model).
     #[arg(long, value_name = "FILE.svg")]
     map: Option<std::path::PathBuf>,
+    /// Folios of the emulated file: 4k, or 2m (2 MiB shmem THP where the host offers it:
+    /// `gmem probe` says; emulated backend, in-place model, --mem-mib even).
+    #[arg(long = "folio-size", value_name = "SIZE", default_value = "4k", value_parser = parse_folio_size)]
+    folio_size: gmem::FolioSize,
+}
+
+/// `4k` or `2m`.
+pub(crate) fn parse_folio_size(s: &str) -> Result<gmem::FolioSize, String> {
+    gmem::FolioSize::from_name(s).ok_or_else(|| format!("{s:?}: allowed 4k or 2m"))
 }
 
 /// The content rule of each direction, as data: `preserved`, `zeroed` or `scrambled`.
@@ -123,6 +132,7 @@ fn to_json(args: &Args, r: &Report, kvm: Option<&KvmProblem>) -> Value {
         "backend": r.backend(),
         "model": r.model(),
         "platform": (args.model == Model::InPlace).then(|| args.platform.name()),
+        "folio_size": args.folio_size.name(),
         "content_rules": { "to_private": rule_name(to_private), "to_shared": rule_name(to_shared) },
         "content_checks": r.content_checks,
         "mode": r.mode.name(),
@@ -418,6 +428,7 @@ pub fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         check_hypercall: true,
         memory: memory(args)?,
         conversion_log: args.map.as_ref().map(|_| gmem::ConversionLog::default()),
+        folio_size: args.folio_size,
     };
     if args.map.is_some() && config.memory != BackingKind::InPlace(BackendKind::Emulated) {
         return Err(UsageError::value(

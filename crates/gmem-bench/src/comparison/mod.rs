@@ -31,6 +31,7 @@ use gmem_vmm::two_backing::{TwoBacking, TwoBackingOptions};
 use crate::floor::Figure;
 
 mod conversion;
+mod folios;
 mod footprint;
 mod kernel;
 mod plot;
@@ -51,6 +52,8 @@ pub enum Unit {
     Micros,
     /// Mebibytes (footprint; deterministic, measured once).
     Mebibytes,
+    /// Kibibytes (page tables and metadata; measured once).
+    Kibibytes,
 }
 
 impl Unit {
@@ -59,6 +62,7 @@ impl Unit {
         match self {
             Unit::Micros => "us",
             Unit::Mebibytes => "MiB",
+            Unit::Kibibytes => "KiB",
         }
     }
 }
@@ -97,6 +101,8 @@ pub struct Report {
     pub curves: Vec<Curve>,
     /// Parts that were skipped, and why.
     pub skipped: Vec<String>,
+    /// The host's shmem THP setting the huge-folio section ran with.
+    pub huge_folios_setting: Option<String>,
 }
 
 /// What to run.
@@ -314,6 +320,7 @@ pub fn steps(options: Options) -> usize {
         + 2
         + 2
         + 4
+        + 2
 }
 
 /// Runs every section.
@@ -344,5 +351,13 @@ pub fn run(options: Options, progress: Progress<'_>) -> Result<Report, BenchErro
         report.skipped.push(format!("kernel vs emulated: {why}"));
     }
     report.lines.extend(kernel_lines);
+    let mut huge_lines = Vec::new();
+    match folios::measure(quick, &mut step, &mut huge_lines) {
+        Ok(setting) => {
+            report.huge_folios_setting = Some(setting);
+            report.lines.extend(huge_lines);
+        }
+        Err(why) => report.skipped.push(format!("huge folios: {why}")),
+    }
     Ok(report)
 }

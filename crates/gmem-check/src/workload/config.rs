@@ -35,6 +35,9 @@ pub struct Config {
     /// Where the file's conversions are recorded (`gmem run --map`): the emulated backend's
     /// file only.
     pub conversion_log: Option<gmem::ConversionLog>,
+    /// The folios of the emulated file (`--folio-size`): 4 KiB, or 2 MiB where the host
+    /// offers shmem THP (emulated backend, in-place model).
+    pub folio_size: gmem::FolioSize,
 }
 
 impl Default for Config {
@@ -50,6 +53,7 @@ impl Default for Config {
             memory: BackingKind::InPlace(BackendKind::Emulated),
             check_hypercall: true,
             conversion_log: None,
+            folio_size: gmem::FolioSize::Small,
         }
     }
 }
@@ -58,6 +62,23 @@ impl Config {
     /// `Err` naming the option if this configuration cannot run.
     pub fn validate(&self) -> Result<(), WorkloadError> {
         let config = self;
+        if config.folio_size == gmem::FolioSize::Huge {
+            if config.memory != BackingKind::InPlace(BackendKind::Emulated) {
+                return Err(WorkloadError::Config(format!(
+                    "--folio-size 2m: the emulated backend's in-place file only (not {:?})",
+                    config.memory
+                )));
+            }
+            if config.mem_mib % 2 != 0 {
+                return Err(WorkloadError::Config(format!(
+                    "--folio-size 2m --mem-mib {}: allowed a multiple of 2 MiB",
+                    config.mem_mib
+                )));
+            }
+            if let Err(why) = gmem::host::huge_folios() {
+                return Err(WorkloadError::Config(format!("--folio-size 2m: {why}")));
+            }
+        }
         let need = WINDOW_STRIDE * config.vcpus as u64;
         let size = config.mem_mib << 20;
         if config.vcpus == 0 || config.vcpus > gmem_vmm::guest::MAX_VCPUS {

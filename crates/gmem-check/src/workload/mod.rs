@@ -158,7 +158,10 @@ fn run_inner(config: &Config) -> Result<Report, WorkloadError> {
             let file = EmulatedGuestMemfd::create_with(
                 size,
                 flags,
-                gmem::emulated::EmulatedOptions::with_platform(config.platform),
+                gmem::emulated::EmulatedOptions {
+                    folio_size: config.folio_size,
+                    ..gmem::emulated::EmulatedOptions::with_platform(config.platform)
+                },
             )
             .map_err(|errno| WorkloadError::Kernel {
                 op: "creating the emulated guest_memfd",
