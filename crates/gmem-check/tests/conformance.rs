@@ -56,6 +56,8 @@ fn run_case(ctx: Ctx, case: Case) -> Option<String> {
 }
 
 fn main() {
+    // The huge-folio cases need shmem THP: as root, switched on for this run and put back.
+    let switch = gmem_testkit::ThpSwitch::for_this_run("conformance");
     let mut trials: Vec<Trial> = Vec::new();
     for case in cases() {
         let name = case.name;
@@ -86,5 +88,5 @@ fn main() {
             });
         }
     }
-    gmem_testkit::run(trials)
+    gmem_testkit::run_then(trials, move || drop(switch))
 }

@@ -204,3 +204,54 @@ mod tests {
         assert!(!kept.exists());
     }
 }
+
+/// The host's shmem THP setting, switched from `never` to `advise` for one test binary's run
+/// (as root, where no 2 MiB shmem folios are offered), and put back when dropped; both said
+/// on standard error. `GMEM_THP_SWITCH=0` leaves the host alone (the tests needing huge
+/// folios are then ignored with the reason).
+#[derive(Debug)]
+pub struct ThpSwitch {
+    path: &'static str,
+    was: String,
+    who: &'static str,
+}
+
+impl ThpSwitch {
+    const PATH: &'static str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+
+    /// Switches for the run of the test binary `who`, if it may and needs to.
+    pub fn for_this_run(who: &'static str) -> Option<ThpSwitch> {
+        if gmem::host::huge_folios().is_ok()
+            || std::env::var("GMEM_THP_SWITCH").as_deref() == Ok("0")
+        {
+            return None;
+        }
+        let text = std::fs::read_to_string(Self::PATH).ok()?;
+        let was = text
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))?
+            .to_string();
+        if was != "never" {
+            return None;
+        }
+        // Refused unless root: then nothing changes.
+        std::fs::write(Self::PATH, "advise").ok()?;
+        eprintln!(
+            "{who}: {} was {was:?}; set to \"advise\" for this run (root), put back at its end \
+             (GMEM_THP_SWITCH=0 leaves it alone)",
+            Self::PATH
+        );
+        Some(ThpSwitch {
+            path: Self::PATH,
+            was,
+            who,
+        })
+    }
+}
+
+impl Drop for ThpSwitch {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path, &self.was);
+        eprintln!("{}: {} put back to {:?}", self.who, self.path, self.was);
+    }
+}

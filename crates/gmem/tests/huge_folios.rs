@@ -7,7 +7,7 @@
 //! run and puts it back when the run ends (and says so on standard error); with
 //! `GMEM_THP_SWITCH=0` it leaves the host alone (the tests are then ignored with the reason).
 
-use gmem::host::{huge_folios, Feature};
+use gmem::host::Feature;
 use gmem::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 use gmem::{
     EmulatedGuestMemfd, EmulatedOptions, Errno, FolioSize, GuestMemfd, MapKind, Probe, Revocation,
@@ -242,56 +242,11 @@ fn remap_is_eopnotsupp() {
     assert_eq!(r.err(), Some(Errno::EOPNOTSUPP));
 }
 
-/// The host setting, switched to `advise` for this run where it is `never` and we are root.
-struct ThpSwitch {
-    path: &'static str,
-    was: String,
-}
-
-impl ThpSwitch {
-    const PATH: &'static str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
-
-    fn for_this_run() -> Option<ThpSwitch> {
-        if huge_folios().is_ok() || std::env::var("GMEM_THP_SWITCH").as_deref() == Ok("0") {
-            return None;
-        }
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return None;
-        }
-        let text = std::fs::read_to_string(Self::PATH).ok()?;
-        let was = text
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))?
-            .to_string();
-        if was != "never" {
-            return None;
-        }
-        std::fs::write(Self::PATH, "advise").ok()?;
-        eprintln!(
-            "huge_folios: {} was {was:?}; set to \"advise\" for this run (root), put back at its end \
-             (GMEM_THP_SWITCH=0 leaves it alone)",
-            Self::PATH
-        );
-        Some(ThpSwitch {
-            path: Self::PATH,
-            was,
-        })
-    }
-}
-
-impl Drop for ThpSwitch {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.path, &self.was);
-        eprintln!("huge_folios: {} put back to {:?}", self.path, self.was);
-    }
-}
-
 /// A test run under the guard: its name and function.
 type Case = (&'static str, fn(Revocation));
 
 fn main() {
-    let switch = ThpSwitch::for_this_run();
+    let switch = gmem_testkit::ThpSwitch::for_this_run("huge_folios");
     let why = needs(&[Feature::HugeFolios]);
     let mut trials: Vec<Trial> = vec![test(
         "the_size_must_be_a_multiple_of_2mib",

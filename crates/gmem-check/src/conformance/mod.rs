@@ -13,6 +13,7 @@ mod conversions;
 pub mod differential;
 mod file_io;
 mod guest_memfd_test;
+mod huge_folios;
 mod kvm_exits;
 mod other_selftests;
 mod platforms;
@@ -54,6 +55,9 @@ pub enum Need {
     Fd,
     /// The platform models (SW, SNP, TDX, pKVM) of [`gmem::platform`]: the emulated backend.
     PlatformModels,
+    /// Files of 2 MiB folios (`FolioSize::Huge`): the emulated backend, where the host offers
+    /// shmem THP (asked afresh: [`gmem::host::huge_folios`]).
+    HugeFolios,
 }
 
 impl Need {
@@ -198,6 +202,7 @@ pub fn cases() -> Vec<Case> {
     all.extend(private_mem_conversions::cases());
     all.extend(kvm_exits::cases());
     all.extend(other_selftests::cases());
+    all.extend(huge_folios::cases());
     all.extend(platforms::cases());
     all
 }
@@ -304,6 +309,11 @@ impl Ctx {
                 "the platform models (sw, snp, tdx, pkvm) exist on the emulated backend; the {} backend runs this host's VM type",
                 self.backend.kind()
             )),
+            Need::HugeFolios if self.backend.kind() != BackendKind::Emulated => Some(format!(
+                "2 MiB folios are an option of the emulated file; the {} backend's folios are the kernel's own",
+                self.backend.kind()
+            )),
+            Need::HugeFolios => gmem::host::huge_folios().err().map(|e| e.to_string()),
             Need::Fd if self.backend.kind() == BackendKind::Emulated => Some(
                 "the emulated file exposes no guest_memfd descriptor: read(2)/write(2) cannot reach it"
                     .to_string(),
