@@ -249,6 +249,14 @@ fn main() {
                 .or_else(|| needs(&[gmem::emulated::GUARD_NEEDS])),
             fork,
         ),
+        // Forks racing mappings in another thread: no child hangs on the interposer's locks
+        // or inherits a mapping the guard does not see.
+        test_unless(
+            "fork_race",
+            why.clone()
+                .or_else(|| needs(&[gmem::emulated::GUARD_NEEDS])),
+            c_program("fork_race", &[], &[]),
+        ),
         // The attacks of the guard's trust boundary, on the platforms' kinds of file.
         test_unless(
             "attacks",

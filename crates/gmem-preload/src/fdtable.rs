@@ -263,6 +263,38 @@ pub(crate) fn registry() -> MutexGuard<'static, Registry> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The locks a fork takes, in the interposer's order, so a child never inherits one held by
+/// another thread (found in review: a thread waiting in gmem's `mmap` under [`LAYOUT`] while
+/// another forked left the child's first `munmap` waiting for ever).
+type ForkHeld = (MutexGuard<'static, ()>, MutexGuard<'static, Registry>);
+
+thread_local! {
+    static FORK_HELD: std::cell::RefCell<Option<ForkHeld>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+extern "C" fn fork_prepare() {
+    let held = (layout(), registry());
+    FORK_HELD.with(|h| *h.borrow_mut() = Some(held));
+}
+
+extern "C" fn fork_release() {
+    FORK_HELD.with(|h| drop(h.borrow_mut().take()));
+}
+
+/// Installs the interposer's fork handlers once, after gmem's (called once gmem has made a
+/// file, which installs gmem's): *prepare* handlers run in the reverse order of their
+/// installation, so these take [`LAYOUT`] and [`REGISTRY`] before gmem takes its fork lock —
+/// the order every other path takes them in (`LAYOUT`, then gmem).
+pub(crate) fn install_fork_handlers() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: pthread_atfork stores three function pointers to functions of this library,
+        // which is never unloaded while the program runs.
+        unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_release), Some(fork_release)) };
+    });
+}
+
 fn dev_ino(fd: c_int) -> Option<(u64, u64)> {
     let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
     // SAFETY: fstat writes a `struct stat` into the buffer, which is large enough.

@@ -252,6 +252,7 @@ fn create_guest_memfd(vm: &Arc<Vm>, arg: *mut c_void) -> c_int {
                 vm_protected: vm.protected,
             });
             fdtable::register(fd, Object::Gmem(g));
+            fdtable::install_fork_handlers();
             fd
         }
         Err(e) => {

@@ -16,8 +16,8 @@ use gmem::uapi::{
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
 };
 use gmem::{
-    AccessError, EmulatedGuestMemfd, EmulatedOptions, Errno, GuestMemfd, HostMapping, Probe,
-    Revocation, PAGE_SIZE,
+    AccessError, EmulatedGuestMemfd, EmulatedOptions, Errno, GuestMemfd, HostMapping, MapKind,
+    Probe, Revocation, PAGE_SIZE,
 };
 use gmem_testkit::{needs, test_unless, Trial};
 
@@ -835,6 +835,130 @@ fn a_partial_fault_around_window_is_taken_away(k: Kind) {
     }
 }
 
+/// Found in review: host code that clears the guard's `MADV_NOHUGEPAGE` with a raw
+/// `MADV_HUGEPAGE` and asks for `MADV_COLLAPSE` on a 2 MiB-aligned host mapping had the
+/// kernel map the whole folio with one PMD, private pages included (the collapse ignores the
+/// sysfs setting). The guard's mappings are armed for write-protect, which THP collapse
+/// leaves alone: the private page still faults, in this process and in a fork child.
+fn a_raw_collapse_maps_no_private_page(k: Kind) {
+    const BLOCK: usize = 2 << 20;
+    let f = EmulatedGuestMemfd::create_with(2 * BLOCK as u64, k.flags, k.opts).unwrap();
+    f.write_at(0, &vec![0x40; 2 * BLOCK]).unwrap();
+    f.set_private(5 * PS, PS).unwrap();
+    f.guest_write(5 * PS, &[0xA1; 16]).unwrap();
+    // A host mapping of the first block at a 2 MiB-aligned address.
+    let room = gmem::os::Mmap::new(
+        None,
+        0,
+        2 * BLOCK,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+    )
+    .unwrap();
+    room.protect(libc::PROT_NONE).unwrap();
+    let at = (room.as_ptr() as usize).next_multiple_of(BLOCK);
+    let mut m = f.mmap(0, PAGE, MapKind::Shared).unwrap();
+    // SAFETY: [at, at + BLOCK) lies inside `room`, reserved above for this mapping (given
+    // up: forgotten, and unmapped with the mapping).
+    let place = unsafe { gmem::os::Placement::replacing(at, BLOCK) };
+    std::mem::forget(room);
+    m.mremap(BLOCK, true, Some(place)).unwrap();
+    assert_eq!(m.mmap().as_ptr() as usize, at);
+    for p in [0u64, 4, 6] {
+        assert_eq!(look(&m, p), Some(0x40));
+    }
+    assert_eq!(look(&m, 5), None, "private before the collapse");
+    let (pid, mut s) = fork_with(|mut s| {
+        let mut b = [0u8];
+        if s.read_exact(&mut b).is_err() {
+            return 40;
+        }
+        let _ = madvise_raw(&m, 0, BLOCK, libc::MADV_HUGEPAGE);
+        let _ = madvise_raw(&m, 0, BLOCK, 25 /* MADV_COLLAPSE */);
+        child_checks(&m, &[(5, None), (6, None), (4, Some(0x40))])
+    });
+    let hp = madvise_raw(&m, 0, BLOCK, libc::MADV_HUGEPAGE);
+    let c1 = madvise_raw(&m, 0, BLOCK, 25 /* MADV_COLLAPSE */);
+    let c2 = madvise_raw(&m, 0, BLOCK, 25);
+    assert_eq!(
+        look(&m, 5),
+        None,
+        "private page read after a raw collapse ({hp} {c1} {c2})"
+    );
+    assert!(
+        write_faults(&m, 5, 0xEE),
+        "private page written after a raw collapse"
+    );
+    f.set_private(6 * PS, PS).unwrap();
+    s.write_all(&[1]).unwrap();
+    assert_eq!(
+        wait(pid),
+        0,
+        "the child read a private page after its collapse"
+    );
+    assert_eq!(guest_byte(&f, 5), 0xA1);
+}
+
+/// Found in review: a host mapping was made before it was registered with the guard (or, in
+/// Remap mode, marked `MADV_DONTFORK`), and a fork in between gave the child a mapping no
+/// check saw, which it could make readable. One thread maps and drops mappings without pause
+/// while the main thread forks: every mapping of the file a child inherits is registered
+/// with the guard (`um` in its smaps flags), or there is none (Remap).
+fn a_fork_racing_a_new_mapping_inherits_none_unguarded(k: Kind) {
+    let f = std::sync::Arc::new(file(&k));
+    let m = f.mmap_all().unwrap();
+    let host = m.mmap().as_ptr() as usize;
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let inode = maps
+        .lines()
+        .find(|l| l.starts_with(&format!("{host:x}-")))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .unwrap()
+        .to_string();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mapper = {
+        let (f, stop) = (f.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                drop(f.mmap(0, 2 * PAGE, MapKind::Shared));
+            }
+        })
+    };
+    let remap = k.opts.revocation == Revocation::Remap;
+    let mut bad = 0;
+    for _ in 0..300 {
+        let (pid, _s) = fork_with(|_| {
+            let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+            let mut ours = false;
+            for line in smaps.lines() {
+                let mut words = line.split_whitespace();
+                if let (Some(range), Some(_), Some(_), Some(_), Some(ino)) = (
+                    words.next(),
+                    words.next(),
+                    words.next(),
+                    words.next(),
+                    words.next(),
+                ) {
+                    if range.contains('-') && !range.ends_with(':') {
+                        ours = ino == inode;
+                        continue;
+                    }
+                }
+                if ours && line.starts_with("VmFlags:") && (remap || !line.contains(" um")) {
+                    return 1;
+                }
+            }
+            0
+        });
+        bad += wait(pid);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    mapper.join().unwrap();
+    assert_eq!(
+        bad, 0,
+        "{bad} of 300 fork children inherited a mapping the guard does not see"
+    );
+}
+
 /// Item 3: the memory file behind an emulated file cannot be opened anew through
 /// `/proc/<pid>/fd` by another process of the same user (which needs only PTRACE_MODE_READ):
 /// EACCES for reading and for writing, so no private page is reached without an address.
@@ -1061,6 +1185,16 @@ fn main() {
         a_vfork_child_closing_descriptors_changes_nothing_here,
     );
     add("no_reopen_through_proc", all(), no_reopen_through_proc);
+    add(
+        "a_fork_racing_a_new_mapping_inherits_none_unguarded",
+        vec![guarded()[0], guarded()[1], remap()],
+        a_fork_racing_a_new_mapping_inherits_none_unguarded,
+    );
+    add(
+        "a_raw_collapse_maps_no_private_page",
+        guarded(),
+        a_raw_collapse_maps_no_private_page,
+    );
     add(
         "a_partial_fault_around_window_is_taken_away",
         guarded(),

@@ -221,21 +221,28 @@ impl Guard {
         // The guard's descriptors are private: a fork child gets the hole file in their place
         // (found in review: a child could UFFDIO_CONTINUE over a marker in this process's
         // host mapping through the inherited userfaultfd, or take the guard's epoll apart).
-        let quiet = super::fork::quiet();
-        let (uffd, kernel_faults) = PoisonFd::guard()?;
-        super::fork::track_fd(uffd.raw_fd());
-        let epoll = Epoll::new()?;
-        super::fork::track_fd(epoll.raw_fd());
-        drop(quiet);
         let mut fds = Vec::new();
         fds.try_reserve_exact(MAX_SPACES)
             .map_err(|_| Errno::ENOMEM)?;
         fds.resize(MAX_SPACES, -1);
         let mut items = std::collections::VecDeque::new();
         items.try_reserve_exact(QUEUE).map_err(|_| Errno::ENOMEM)?;
+        let quiet = super::fork::quiet();
+        let (uffd, kernel_faults) = PoisonFd::guard()?;
+        let epoll = Epoll::new()?;
+        super::fork::track_fd(uffd.raw_fd());
+        super::fork::track_fd(epoll.raw_fd());
+        drop(quiet);
+        // Once recorded, the two are kept for the life of the process whatever follows: a
+        // guard that fails to start leaks them (closed while recorded, a number would replace
+        // an unrelated descriptor in fork children: found in review).
         let raw = std::os::fd::AsRawFd::as_raw_fd(&uffd.as_fd());
         fds[0] = raw;
-        epoll.add(uffd.as_fd(), 0)?;
+        if let Err(e) = epoll.add(uffd.as_fd(), 0) {
+            std::mem::forget(uffd);
+            std::mem::forget(epoll);
+            return Err(e);
+        }
         let own = Arc::new(Space::new(0, uffd, true));
         let guard = Arc::new(Guard {
             space: sys::peer::address_space(),
@@ -257,10 +264,15 @@ impl Guard {
         // The threads hold the guard for the life of the process: a guard is never stopped
         // (fork children and receivers may depend on it after every file here is gone).
         let g = guard.clone();
-        std::thread::Builder::new()
+        if std::thread::Builder::new()
             .name("gmem-guard".into())
             .spawn(move || g.serve())
-            .map_err(|_| Errno::EAGAIN)?;
+            .is_err()
+        {
+            // Its descriptors stay open (and recorded) with it.
+            std::mem::forget(guard);
+            return Err(Errno::EAGAIN);
+        }
         // The guard is handed out (and a mapping registered, so a fork can wait for the
         // reader) only once the reader runs its loop: a thread's start allocates (its signal
         // stack, its thread-locals), and a fork in another thread at that moment, holding the
@@ -494,6 +506,20 @@ impl Guard {
                 // starts as a copy of the parent's ranges (its faults fill in the rest), and
                 // it keeps their files alive.
                 let ranges = lock(&space.ranges).clone();
+                // The kernel copied the page-table entries of these (write-protect armed)
+                // mappings into the child: every page mapped in the parent is mapped in the
+                // child too, and a conversion to private must take it from there (replace
+                // it). Handled before any later conversion: a conversion first waits until
+                // every event read so far is handled (`flush`).
+                let mut seen: Vec<*const Inner> = Vec::new();
+                for r in ranges.values() {
+                    if let Some(f) = r.file.upgrade() {
+                        if !seen.contains(&Arc::as_ptr(&f)) {
+                            seen.push(Arc::as_ptr(&f));
+                            f.forked_from(space.own);
+                        }
+                    }
+                }
                 if let Ok(new) = self.add_space(child) {
                     for r in ranges.values() {
                         if let Some(f) = r.file.upgrade() {

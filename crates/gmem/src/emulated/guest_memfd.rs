@@ -437,13 +437,18 @@ impl EmulatedGuestMemfd {
         // (`register_mapping`): an access at an address known in advance (a fixed one, or the
         // kernel's predictable next choice), from another thread or through
         // `process_vm_readv`, once read a private page in between.
+        // Made and registered under the state lock, which holds the fork lock: a fork child
+        // never inherits it unregistered (found in review: a fork between the two gave the
+        // child a mapping no check saw, which it could make readable).
+        let mut st = self.write_state();
         let fd = Some(self.inner.memfd.as_fd());
         let map = match at {
             Err(_) => Mmap::new_inaccessible(fd, offset, len, libc::MAP_SHARED)?,
             Ok(p) => Mmap::new_at(p, fd, offset, libc::MAP_SHARED, libc::PROT_NONE)?,
         };
         let map = Arc::new(map);
-        let id = self.register_mapping(&map, offset)?;
+        let id = self.register_mapping(&mut st, &map, offset)?;
+        drop(st);
         let registry: Arc<dyn MappingRegistry> = Arc::new(EmulatedGuestMemfd {
             inner: self.inner.clone(),
         });

@@ -94,12 +94,20 @@ impl EmulatedGuestMemfd {
         let quiet = super::fork::quiet();
         let memfd = super::fork::DataFd::track(memfd, placeholder, &quiet)?;
         drop(quiet);
-        let (uffd, _) = PoisonFd::guard()?;
-        // The receiver's own userfaultfd is private too: a fork child of the receiver does
-        // not keep it.
-        super::fork::track_uffd(&uffd);
+        // The receiver's own userfaultfd is private too: a fork child of the receiver does not
+        // keep it (made and recorded with no fork in between; closed and forgotten if the
+        // receive fails).
+        let uffd = {
+            let _quiet = super::fork::quiet();
+            let (uffd, _) = PoisonFd::guard()?;
+            super::fork::track_fd(uffd.raw_fd());
+            uffd
+        };
         let reply = REPLY.to_le_bytes();
-        peer::send_with_fds(socket.as_fd(), &reply, &[uffd.as_fd()])?;
+        if let Err(e) = peer::send_with_fds(socket.as_fd(), &reply, &[uffd.as_fd()]) {
+            super::fork::close_private_uffd(uffd);
+            return Err(e);
+        }
         // A follower keeps only the flags that say what the host may do; platform models and
         // the direct map are the owner's.
         let flags = flags & (GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED);

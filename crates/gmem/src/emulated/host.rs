@@ -147,10 +147,14 @@ impl super::EmulatedGuestMemfd {
 
 impl Inner {
     /// The guard serving this file's host faults (the owner's copy of a file in Guard mode).
+    /// None in a fork child's copy: the guard object there is the parent's, its descriptors
+    /// act on the parent's address space, and its locks may have been inherited held by its
+    /// threads, which the child does not have (found in review: a child's `munmap` waited
+    /// for ever on the record of mappings).
     pub(super) fn guard(&self) -> Option<&Arc<Guard>> {
         match &self.mechanism {
-            Mechanism::Guard(g) => Some(g),
-            Mechanism::Served(_) | Mechanism::Remap => None,
+            Mechanism::Guard(g) if self.in_own_space() => Some(g),
+            Mechanism::Guard(_) | Mechanism::Served(_) | Mechanism::Remap => None,
         }
     }
 
@@ -258,6 +262,20 @@ impl Inner {
             Err(_) => {
                 let _ = space.uffd.wake(addr, PAGE_SIZE);
             }
+        }
+    }
+
+    /// A fork of an address space that maps this file: the child has a copy of its
+    /// page-table entries. From this process (`own`), every page mapped here is now mapped
+    /// elsewhere too; from another space, its pages are in `elsewhere` already.
+    pub(super) fn forked_from(&self, own: bool) {
+        if !own {
+            return;
+        }
+        let mut gate = self.gate();
+        let pages = self.size / PAGE_SIZE;
+        for (a, b) in gate.exposed.range(0, pages) {
+            gate.elsewhere.insert_range(a, b);
         }
     }
 

@@ -599,7 +599,19 @@ impl EmulatedGuestMemfd {
         options: EmulatedOptions,
         received: Option<PoisonFd>,
     ) -> KernelResult<Self> {
-        let ino = sys::fstat(memfd.as_fd())?.st_ino;
+        // A received userfaultfd is recorded as private: on failure it is forgotten as it
+        // closes (a number left recorded would replace an unrelated descriptor in fork
+        // children: found in review).
+        let first = sys::fstat(memfd.as_fd()).and_then(|st| hole().map(|h| (st.st_ino, h)));
+        let (ino, hole) = match first {
+            Ok(v) => v,
+            Err(e) => {
+                if let Some(uffd) = received {
+                    fork::close_private_uffd(uffd);
+                }
+                return Err(e);
+            }
+        };
         let mechanism = match (received, options.revocation) {
             (Some(uffd), _) => Mechanism::Served(uffd),
             // Huge folios need the guard: a host fault on a page not allocated yet must
@@ -614,7 +626,6 @@ impl EmulatedGuestMemfd {
             (None, Revocation::Remap) => Mechanism::Remap,
             (None, Revocation::Auto) => guard::guard().map_or(Mechanism::Remap, Mechanism::Guard),
         };
-        let hole = hole()?;
         let private = flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0;
         // A per-VM key for models that encrypt (SNP); only needs to differ between files.
         let nanos = std::time::SystemTime::now()
@@ -930,15 +941,19 @@ impl EmulatedGuestMemfd {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // A receiver's userfaultfd is private: forgotten and closed together.
+        // A receiver's userfaultfd is private: forgotten and closed together (in a fork child
+        // the descriptor is the hole file put in its place, recorded all the same).
         if let Mechanism::Served(_) = &self.mechanism {
             if let Mechanism::Served(uffd) =
                 std::mem::replace(&mut self.mechanism, Mechanism::Remap)
             {
-                if self.in_own_space() {
-                    fork::close_private_uffd(uffd);
-                }
+                fork::close_private_uffd(uffd);
             }
+        }
+        // A fork child's copy: the file, its memory and gmem's views are its parent's (the
+        // views are not even mapped here); nothing is released or remapped from here.
+        if !self.in_own_space() {
+            return;
         }
         // Release: the memory leaves with the last reference to the file.
         if self.no_direct_map() || self.hooks.reclaim {

@@ -68,7 +68,6 @@ impl PageSet {
     }
 
     /// Adds every page of `[first, end)` (a word at a time).
-    #[cfg(test)]
     pub(super) fn insert_range(&mut self, first: u64, end: u64) {
         if first >= end {
             return;

@@ -294,8 +294,12 @@ impl EmulatedGuestMemfd {
     /// guard (every fault checked from now on), with the userfaultfd a received file's sender
     /// serves, or, in Remap mode, with hole mappings over its private runs — and only then
     /// makes it readable and writable.
-    pub(super) fn register_mapping(&self, map: &Arc<Mmap>, file_offset: u64) -> KernelResult<u64> {
-        let mut st = self.write_state();
+    pub(super) fn register_mapping(
+        &self,
+        st: &mut super::StateWrite<'_>,
+        map: &Arc<Mmap>,
+        file_offset: u64,
+    ) -> KernelResult<u64> {
         let id = u64::try_from(self.inner.next_mapping_id.fetch_add(1, Ordering::Relaxed))
             .map_err(|_| Errno::ENOMEM)?;
         let mut entry = MappingEntry {

@@ -186,6 +186,11 @@ pub fn for_each_data_run(
 pub struct Mmap {
     ptr: NonNull<u8>,
     len: usize,
+    /// Set once any part of the mapping is `MADV_DONTFORK`: the address space it lives in
+    /// ([`peer::address_space`]). A fork child's copy of this object then describes a range
+    /// the child does not have, and dropping it there unmaps nothing (found in review: it
+    /// unmapped whatever the child had put there since).
+    only_in: std::sync::atomic::AtomicU64,
 }
 
 // SAFETY: a `Mmap` is an address range, not a reference into Rust-managed memory; every access
@@ -329,7 +334,11 @@ impl Mmap {
             return Err(Errno::last());
         }
         let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(Errno::ENOMEM)?;
-        Ok(Mmap { ptr, len })
+        Ok(Mmap {
+            ptr,
+            len,
+            only_in: std::sync::atomic::AtomicU64::new(0),
+        })
     }
 
     /// [`Mmap::new`] at an address aligned to `align` (a power of two, a multiple of the page
@@ -466,7 +475,11 @@ impl Mmap {
             unsafe { libc::munmap(ptr.as_ptr().cast(), len) };
             return Err(Errno(libc::EEXIST));
         }
-        Ok(Mmap { ptr, len })
+        Ok(Mmap {
+            ptr,
+            len,
+            only_in: std::sync::atomic::AtomicU64::new(0),
+        })
     }
 
     /// Start of the mapping.
@@ -508,6 +521,10 @@ impl Mmap {
     /// `madvise` on `[off, off + len)` of this mapping (EINVAL outside it).
     pub fn madvise(&self, off: usize, len: usize, advice: libc::c_int) -> KernelResult<()> {
         self.check_range(off, len)?;
+        if advice == libc::MADV_DONTFORK {
+            self.only_in
+                .store(peer::address_space(), std::sync::atomic::Ordering::Relaxed);
+        }
         // SAFETY: the range lies inside this mapping, which this object owns and into which no
         // Rust reference exists (module documentation).
         check(unsafe { libc::madvise(self.ptr.as_ptr().add(off).cast(), len, advice) }).map(drop)
@@ -717,6 +734,11 @@ pub(crate) unsafe fn madvise_range(
 
 impl Drop for Mmap {
     fn drop(&mut self) {
+        let only_in = *self.only_in.get_mut();
+        if only_in != 0 && only_in != peer::address_space() {
+            // A fork child's copy of a mapping it did not inherit: nothing of it is ours.
+            return;
+        }
         // SAFETY: the range was mapped by `Mmap::new` and is unmapped exactly once, here.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
@@ -1021,14 +1043,13 @@ const PAGEMAP_SCAN: libc::c_ulong = (3 << 30) | (96 << 16) | ((b'f' as libc::c_u
 
 /// Whether every page of this process's `[start, end)` is present and mapped huge.
 fn pagemap_all_huge(start: u64, end: u64) -> KernelResult<bool> {
-    static PAGEMAP: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
-    let Some(fd) = PAGEMAP.get_or_init(|| {
-        std::fs::File::open("/proc/self/pagemap")
-            .ok()
-            .map(OwnedFd::from)
-    }) else {
+    // Opened per call: a `/proc/self/pagemap` descriptor reads the page tables of the
+    // address space that opened it, and one kept would answer for the parent in a fork child
+    // (found in review). A query costs a block mapping and a populate anyway.
+    let Ok(file) = std::fs::File::open("/proc/self/pagemap") else {
         return Ok(false);
     };
+    let fd = OwnedFd::from(file);
     let mut regions = [PageRegion::default(); 4];
     let mut arg = PmScanArg {
         size: std::mem::size_of::<PmScanArg>() as u64,
@@ -1054,6 +1075,8 @@ fn pagemap_all_huge(start: u64, end: u64) -> KernelResult<bool> {
             Err(e)
         };
     }
-    // A region lacking either category (inverted: reported when either is missing).
-    Ok(n == 0)
+    // No region lacking either category (inverted: one is reported when either is missing),
+    // over the whole range: the walk must have reached its end (a range with no VMA reports
+    // nothing and ends the walk early).
+    Ok(n == 0 && arg.walk_end >= end)
 }

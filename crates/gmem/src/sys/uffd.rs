@@ -74,14 +74,22 @@ pub const FAULT_EVENT_FEATURES: u64 =
 /// `clone` without `CLONE_VM`) and `mremap`.
 pub const GUARD_FEATURES: u64 = UFFD_FEATURE_MISSING_SHMEM
     | UFFD_FEATURE_MINOR_SHMEM
+    | UFFD_FEATURE_WP_HUGETLBFS_SHMEM
     | UFFD_FEATURE_POISON
     | UFFD_FEATURE_EVENT_FORK
     | UFFD_FEATURE_EVENT_REMAP
     | UFFD_FEATURE_EVENT_UNMAP
     | UFFD_FEATURE_THREAD_ID;
 
-/// The registration modes of the guard: every fault on a page without a PTE is an event.
-const GUARD_MODES: u64 = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR;
+/// The registration modes of the guard: every fault on a page without a PTE is an event
+/// (missing, minor), and write-protect mode, which no page is ever protected in: a VMA armed
+/// for it is one the kernel's THP collapse leaves alone (`MADV_COLLAPSE` and khugepaged keep
+/// its page table), where otherwise host code could `MADV_HUGEPAGE` + `MADV_COLLAPSE` a host
+/// mapping into one PMD over the whole folio, private pages included (found in review). The
+/// price: `fork` copies such a VMA's page-table entries into the child (the guard counts
+/// every page this process had mapped as mapped elsewhere at a fork event).
+const GUARD_MODES: u64 =
+    UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR | UFFDIO_REGISTER_MODE_WP;
 
 /// One message of a userfaultfd.
 #[derive(Debug)]
