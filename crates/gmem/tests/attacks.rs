@@ -959,6 +959,58 @@ fn a_fork_racing_a_new_mapping_inherits_none_unguarded(k: Kind) {
     );
 }
 
+/// Found in review: a fork child dropping its copy of a file unmapped the child's own memory
+/// where the parent's views were (they are not inherited), and with NO_DIRECT_MAP mapped the
+/// hole file there. The child maps its own memory over the parent's guest-view range, drops
+/// every handle of the file, and finds its memory intact.
+fn a_fork_child_dropping_the_file_keeps_its_own_memory(k: Kind) {
+    let f = file(&k);
+    let view = f.guest_view().unwrap();
+    let (at, len) = (view.as_ptr() as usize, view.len());
+    let (pid, _s) = fork_with(move |_| {
+        // SAFETY: an anonymous mapping of this child's own at an address its copy of the file
+        // names but does not map here (the view is not inherited): MAP_FIXED_NOREPLACE.
+        let p = unsafe {
+            libc::mmap(
+                at as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if p as usize != at {
+            return 60;
+        }
+        // SAFETY: the mapping just made, `len` bytes.
+        unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0x5c, len) };
+        drop(f);
+        let mut b = [0u8; 8];
+        let local = libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: 8,
+        };
+        let remote = libc::iovec {
+            iov_base: (at + len / 2) as *mut libc::c_void,
+            iov_len: 8,
+        };
+        // SAFETY: reads this child's own mapping into a local buffer, if it is still there
+        // (process_vm_readv answers EFAULT instead of faulting where nothing is mapped).
+        let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+        if n == 8 && b == [0x5c; 8] {
+            0
+        } else {
+            1
+        }
+    });
+    assert_eq!(
+        wait(pid),
+        0,
+        "the child's own memory went with its copy of the file"
+    );
+}
+
 /// Item 3: the memory file behind an emulated file cannot be opened anew through
 /// `/proc/<pid>/fd` by another process of the same user (which needs only PTRACE_MODE_READ):
 /// EACCES for reading and for writing, so no private page is reached without an address.
@@ -1185,6 +1237,11 @@ fn main() {
         a_vfork_child_closing_descriptors_changes_nothing_here,
     );
     add("no_reopen_through_proc", all(), no_reopen_through_proc);
+    add(
+        "a_fork_child_dropping_the_file_keeps_its_own_memory",
+        all(),
+        a_fork_child_dropping_the_file_keeps_its_own_memory,
+    );
     add(
         "a_fork_racing_a_new_mapping_inherits_none_unguarded",
         vec![guarded()[0], guarded()[1], remap()],
