@@ -198,10 +198,17 @@ fn second_process(path: &std::ffi::OsStr) {
     let f = EmulatedGuestMemfd::receive(&s).unwrap();
     assert!(f.is_follower());
     let m = f.mmap_all().unwrap();
-    // Conversions are the owner's.
+    // Conversions go to the owner, which runs its one conversion sequence for them (the
+    // kernel lets any holder convert): the last page private here, refused to this process's
+    // host mapping, and shared again with its content; the owner's validation answers.
+    let last = (PAGES - 1) * PAGE_SIZE;
+    f.set_private(last, PAGE_SIZE).unwrap();
+    assert!(m.probe_read(last as usize, 1).unwrap().is_sigbus());
+    f.set_shared(last, PAGE_SIZE).unwrap();
+    assert_eq!(look(&m, PAGES - 1), Some(0xaa));
     assert_eq!(
-        f.set_private(0, PAGE_SIZE).unwrap_err().errno,
-        gmem::Errno::EOPNOTSUPP
+        f.set_private(1, PAGE_SIZE).unwrap_err().errno,
+        gmem::Errno::EINVAL
     );
     s.write_all(b"R").unwrap();
     serve(&mut s, &m);

@@ -246,3 +246,37 @@ pub(super) fn track_uffd(uffd: &crate::sys::PoisonFd) {
     let _quiet = quiet();
     track_fd(uffd.raw_fd());
 }
+
+/// A socket recorded as private (a fork child gets the hole file in its place): the link
+/// between a receiver and the owner it asks to convert ([`super::handoff`]). Forgotten and
+/// closed (by system call) under [`quiet`] when dropped.
+#[derive(Debug)]
+pub(super) struct PrivateStream {
+    s: Option<std::os::unix::net::UnixStream>,
+}
+
+impl PrivateStream {
+    /// Records `s` (made under `_quiet`, held since).
+    pub(super) fn track(
+        s: std::os::unix::net::UnixStream,
+        _quiet: &std::sync::RwLockReadGuard<'static, ()>,
+    ) -> PrivateStream {
+        track_fd(s.as_raw_fd());
+        PrivateStream { s: Some(s) }
+    }
+
+    /// The socket (None only inside `drop`).
+    pub(super) fn get(&self) -> Option<&std::os::unix::net::UnixStream> {
+        self.s.as_ref()
+    }
+}
+
+impl Drop for PrivateStream {
+    fn drop(&mut self) {
+        let _quiet = quiet();
+        if let Some(s) = self.s.take() {
+            untrack_fd(s.as_raw_fd());
+            peer::close_raw(OwnedFd::from(s));
+        }
+    }
+}

@@ -317,6 +317,10 @@ impl EmulatedGuestMemfd {
 
     /// The conversion of `KVM_SET_MEMORY_ATTRIBUTES2` (§2.3 steps 2-8, §2.4).
     fn convert(&self, a: &mut kvm_memory_attributes2) -> KernelResult<()> {
+        // A receiver converts through its owner, who runs this same sequence.
+        if self.inner.owner_link.is_some() {
+            return self.convert_through_owner(a);
+        }
         self.owner_only()?;
         self.validate_attributes(a)?;
         let to_private = a.attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0;

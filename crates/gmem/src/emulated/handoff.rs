@@ -10,19 +10,33 @@
 //! in them. The receiver is a follower: it maps the file; everything else is the owner's.
 //!
 //! Without the guard (Remap mode) nothing would see the receiver's accesses: EOPNOTSUPP.
+//!
+//! Conversions: the kernel lets any holder of a guest_memfd convert it. A receiver does so
+//! through its owner: the first message also carries one end of a socket pair (the *link*),
+//! and a thread of the owner's serves it, running the one conversion sequence
+//! ([`EmulatedGuestMemfd::set_attributes`]) for each request and answering its errno and
+//! `error_offset`. Both ends are private descriptors (a fork child of either process gets
+//! the hole file in their place). Once the owner has gone, a receiver's conversions answer
+//! EOPNOTSUPP (the trust boundary's "owner death").
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 
 use super::{EmulatedGuestMemfd, EmulatedOptions, Mechanism};
 use crate::error::{Errno, KernelResult};
+use crate::file::GuestMemfd;
+use crate::uapi::kvm_memory_attributes2;
 use crate::sys::{peer, PoisonFd};
 use crate::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 
-const MAGIC: u64 = u64::from_le_bytes(*b"GMEMFD02");
+const MAGIC: u64 = u64::from_le_bytes(*b"GMEMFD03");
 const REPLY: u64 = u64::from_le_bytes(*b"GMEMUF02");
 const HEADER: usize = 24;
+/// A conversion request over the link: offset, size, attributes, flags.
+const LINK_REQUEST: usize = 32;
+/// Its answer: errno (0: success), error_offset.
+const LINK_REPLY: usize = 16;
 
 fn io_errno(e: &std::io::Error) -> Errno {
     Errno(e.raw_os_error().unwrap_or(libc::EIO))
@@ -66,7 +80,26 @@ impl EmulatedGuestMemfd {
         header[0..8].copy_from_slice(&MAGIC.to_le_bytes());
         header[8..16].copy_from_slice(&self.inner.size.to_le_bytes());
         header[16..24].copy_from_slice(&self.inner.flags.to_le_bytes());
-        peer::send_with_fds(socket.as_fd(), &header, &[self.inner.memfd.as_fd()])?;
+        // The link the receiver converts through: both ends private from the moment they
+        // exist (the receiver's end is closed here once sent).
+        let (mine, theirs) = {
+            let quiet = super::fork::quiet();
+            let (a, b) = UnixStream::pair().map_err(|e| io_errno(&e))?;
+            (
+                super::fork::PrivateStream::track(a, &quiet),
+                super::fork::PrivateStream::track(b, &quiet),
+            )
+        };
+        let (Some(mine_s), Some(theirs_s)) = (mine.get(), theirs.get()) else {
+            return Err(Errno::EBADF);
+        };
+        peer::send_with_fds(
+            socket.as_fd(),
+            &header,
+            &[self.inner.memfd.as_fd(), theirs_s.as_fd()],
+        )?;
+        let _ = mine_s;
+        drop(theirs);
         let (reply, mut fds) = recv_record::<8>(socket, 1)?;
         if word(&reply, 0) != REPLY || fds.len() != 1 {
             return Err(Errno(libc::EPROTO));
@@ -75,19 +108,97 @@ impl EmulatedGuestMemfd {
         // Private from now on: a fork child of this process does not keep it.
         super::fork::track_uffd(&uffd);
         guard.add_space_keeping(uffd, &self.inner)?;
+        let owner = self.clone();
+        std::thread::Builder::new()
+            .name("gmem-link".into())
+            .spawn(move || owner.serve_link(&mine))
+            .map_err(|_| Errno::EAGAIN)?;
         Ok(())
+    }
+
+    /// The owner's side of a receiver's link: each request (offset, size, attributes, flags)
+    /// is converted here, by the one conversion sequence, and answered (errno, error_offset),
+    /// until the receiver closes its end.
+    fn serve_link(&self, link: &super::fork::PrivateStream) {
+        let Some(mut s) = link.get() else {
+            return;
+        };
+        loop {
+            let mut req = [0u8; LINK_REQUEST];
+            if s.read_exact(&mut req).is_err() {
+                return;
+            }
+            let mut a = kvm_memory_attributes2 {
+                offset: word(&req, 0),
+                size: word(&req, 8),
+                attributes: word(&req, 16),
+                flags: word(&req, 24),
+                ..kvm_memory_attributes2::default()
+            };
+            let errno = match GuestMemfd::set_attributes(self, &mut a) {
+                Ok(()) => 0,
+                Err(e) => e.0,
+            };
+            let mut reply = [0u8; LINK_REPLY];
+            reply[0..8].copy_from_slice(&i64::from(errno).to_le_bytes());
+            reply[8..16].copy_from_slice(&a.error_offset.to_le_bytes());
+            if s.write_all(&reply).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// A receiver's conversion, run by the owner over the link: the owner's answer, or
+    /// EOPNOTSUPP once the owner has gone (or for a fork child's copy, which has no link).
+    pub(super) fn convert_through_owner(
+        &self,
+        a: &mut kvm_memory_attributes2,
+    ) -> KernelResult<()> {
+        let Some(link) = self.inner.owner_link.as_ref() else {
+            return Err(Errno::EOPNOTSUPP);
+        };
+        if !self.inner.in_own_space() {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        let link = link
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(mut s) = link.get() else {
+            return Err(Errno::EOPNOTSUPP);
+        };
+        let mut req = [0u8; LINK_REQUEST];
+        req[0..8].copy_from_slice(&a.offset.to_le_bytes());
+        req[8..16].copy_from_slice(&a.size.to_le_bytes());
+        req[16..24].copy_from_slice(&a.attributes.to_le_bytes());
+        req[24..32].copy_from_slice(&a.flags.to_le_bytes());
+        let mut reply = [0u8; LINK_REPLY];
+        if s.write_all(&req).is_err() || s.read_exact(&mut reply).is_err() {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        let errno = i64::from_le_bytes(reply[0..8].try_into().unwrap_or([0; 8]));
+        a.error_offset = word(&reply, 8);
+        match i32::try_from(errno) {
+            Ok(0) => Ok(()),
+            Ok(e) => Err(Errno(e)),
+            Err(_) => Err(Errno(libc::EPROTO)),
+        }
     }
 
     /// Receives a file sent with [`EmulatedGuestMemfd::send_to`]: a follower whose host
     /// mappings the sender's guard serves. EPROTO for anything that is not such a message;
     /// the errno of `userfaultfd()` where this process can have none.
     pub fn receive(socket: &UnixStream) -> KernelResult<EmulatedGuestMemfd> {
-        let (header, mut fds) = recv_record::<HEADER>(socket, 1)?;
+        let (header, mut fds) = recv_record::<HEADER>(socket, 2)?;
         let (magic, size, flags) = (word(&header, 0), word(&header, 8), word(&header, 16));
-        if magic != MAGIC || fds.len() != 1 {
+        if magic != MAGIC || fds.len() != 2 {
             return Err(Errno(libc::EPROTO));
         }
+        let link = fds.pop().ok_or(Errno(libc::EPROTO))?;
         let memfd = fds.pop().ok_or(Errno(libc::EPROTO))?;
+        let link = {
+            let quiet = super::fork::quiet();
+            super::fork::PrivateStream::track(UnixStream::from(link), &quiet)
+        };
         // Recorded at once, so that a fork child of this process does not keep it (a fork in
         // the instant since `recvmsg` returned is the one not covered).
         let placeholder = super::hole()?;
@@ -111,6 +222,12 @@ impl EmulatedGuestMemfd {
         // A follower keeps only the flags that say what the host may do; platform models and
         // the direct map are the owner's.
         let flags = flags & (GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED);
-        Self::build(memfd, size, flags, EmulatedOptions::default(), Some(uffd))
+        Self::build(
+            memfd,
+            size,
+            flags,
+            EmulatedOptions::default(),
+            Some((uffd, link)),
+        )
     }
 }

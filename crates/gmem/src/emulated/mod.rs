@@ -458,6 +458,8 @@ struct Inner {
     /// The process that created the file: in any other (a fork or clone child) this copy is
     /// a follower.
     owner_space: u64,
+    /// A received file's link to its owner, who runs its conversions ([`handoff`]).
+    owner_link: Option<Mutex<fork::PrivateStream>>,
 }
 
 /// A shared hold on a file's state (and on the fork lock, taken first, released last).
@@ -591,14 +593,19 @@ impl EmulatedGuestMemfd {
     }
 
     /// The file over `memfd`; `received`: the userfaultfd of a file received from another
-    /// process (its host mappings are registered with it; that process's guard serves them).
+    /// process (its host mappings are registered with it; that process's guard serves them)
+    /// and the link its conversions go to that process through.
     fn build(
         memfd: fork::DataFd,
         size: u64,
         flags: u64,
         options: EmulatedOptions,
-        received: Option<PoisonFd>,
+        received: Option<(PoisonFd, fork::PrivateStream)>,
     ) -> KernelResult<Self> {
+        let (received, link) = match received {
+            Some((uffd, link)) => (Some(uffd), Some(link)),
+            None => (None, None),
+        };
         // A received userfaultfd is recorded as private: on failure it is forgotten as it
         // closes (a number left recorded would replace an unrelated descriptor in fork
         // children: found in review).
@@ -661,6 +668,7 @@ impl EmulatedGuestMemfd {
             hook_log: OnceLock::new(),
             conversion_log: OnceLock::new(),
             owner_space: sys::peer::address_space(),
+            owner_link: link.map(Mutex::new),
         });
         fork::register();
         if let Some(g) = inner.guard() {
