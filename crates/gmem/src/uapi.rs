@@ -202,6 +202,16 @@ pub struct uffdio_register {
     pub ioctls: u64,
 }
 
+/// `struct uffdio_writeprotect`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct uffdio_writeprotect {
+    /// The range.
+    pub range: uffdio_range,
+    /// `UFFDIO_WRITEPROTECT_MODE_*` (0: resolve, i.e. not protected).
+    pub mode: u64,
+}
+
 /// `struct uffdio_continue`.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -266,6 +276,8 @@ ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, uffdio_zeropage);
 ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, uffdio_range);
 // `UFFDIO_CONTINUE`.
 ioctl_iowr_nr!(UFFDIO_CONTINUE, UFFDIO, 0x07, uffdio_continue);
+// `UFFDIO_WRITEPROTECT`.
+ioctl_iowr_nr!(UFFDIO_WRITEPROTECT, UFFDIO, 0x06, uffdio_writeprotect);
 // `UFFDIO_POISON`.
 ioctl_iowr_nr!(UFFDIO_POISON, UFFDIO, 0x08, uffdio_poison);
 // `UFFDIO_API`.

@@ -1011,6 +1011,29 @@ fn a_fork_child_dropping_the_file_keeps_its_own_memory(k: Kind) {
     );
 }
 
+/// Found in review: a fork copies the parent's poison markers into the child (the guard's
+/// mappings are write-protect armed), and nothing recorded them, so the child kept SIGBUS on a
+/// page made shared again. The parent touches a private page (a marker), forks, makes it
+/// shared: the child reads it.
+fn a_fork_child_reads_a_page_shared_again_after_the_fork(k: Kind) {
+    let f = file(&k);
+    let m = f.mmap_all().unwrap();
+    assert_eq!(look(&m, 1), None, "a marker on private page 1 here");
+    let (pid, mut s) = fork_with(|mut s| {
+        let mut b = [0u8];
+        if s.read_exact(&mut b).is_err() {
+            return 40;
+        }
+        match m.probe_read(PAGE, 1) {
+            Ok(Probe::Done(_)) => 0,
+            _ => 1,
+        }
+    });
+    f.set_shared(PS, PS).unwrap();
+    s.write_all(&[1]).unwrap();
+    assert_eq!(wait(pid), 0, "the child got SIGBUS on a page shared again");
+}
+
 /// Item 3: the memory file behind an emulated file cannot be opened anew through
 /// `/proc/<pid>/fd` by another process of the same user (which needs only PTRACE_MODE_READ):
 /// EACCES for reading and for writing, so no private page is reached without an address.
@@ -1237,6 +1260,11 @@ fn main() {
         a_vfork_child_closing_descriptors_changes_nothing_here,
     );
     add("no_reopen_through_proc", all(), no_reopen_through_proc);
+    add(
+        "a_fork_child_reads_a_page_shared_again_after_the_fork",
+        guarded(),
+        a_fork_child_reads_a_page_shared_again_after_the_fork,
+    );
     add(
         "a_fork_child_dropping_the_file_keeps_its_own_memory",
         all(),

@@ -691,6 +691,38 @@ fn the_working_set_comes_back_by_fault_around_and_stops_at_private_pages(rev: Re
     }
 }
 
+/// Found in review: a process holding the memory file's descriptor (a receiver) could
+/// `ftruncate` it, and the owner's next access to the file raised SIGBUS. The size is sealed,
+/// as the kernel's guest_memfd refuses size changes: every descriptor of this process naming
+/// an emulated file's memory refuses `ftruncate` (EPERM).
+fn the_memory_file_size_is_sealed() {
+    let f = EmulatedGuestMemfd::create(4 * PS, SHARED).unwrap();
+    let before = f.mmap_all().unwrap();
+    let mut seen = 0;
+    for e in std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(Result::ok)
+    {
+        let link = std::fs::read_link(e.path()).unwrap_or_default();
+        let link = link.to_string_lossy();
+        if !link.contains("memfd:gmem ") && !link.ends_with("memfd:gmem (deleted)") {
+            continue;
+        }
+        let Ok(n) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        seen += 1;
+        for size in [0, 8 * PS as libc::off_t] {
+            // SAFETY: ftruncate on a descriptor of this process; refused by the seal.
+            let r = unsafe { libc::ftruncate(n, size) };
+            assert_eq!(r, -1, "ftruncate({size}) of {link} succeeded");
+            assert_eq!(Errno::last(), Errno(libc::EPERM));
+        }
+    }
+    assert!(seen > 0, "no memory file found");
+    before.write_volatile(3 * PS as usize, &[1]).unwrap();
+}
+
 /// Both revocation mechanisms.
 const BOTH: [Revocation; 2] = [Revocation::Guard, Revocation::Remap];
 
@@ -741,6 +773,7 @@ fn main() {
         probes_work_with_a_low_descriptor_limit,
         huge_files_work_through_windows,
         fixed_errnos_follow_the_kernel,
+        the_memory_file_size_is_sealed,
     ));
     trials.push(test_needing(
         "worst_case_alternating_pattern_over_one_gib",

@@ -208,6 +208,43 @@ fn a_punch_of_part_of_a_block_splits_its_folio(rev: Revocation) {
     );
 }
 
+/// Found in review: replacing a page of a 2 MiB folio (a page another process had mapped, or
+/// any host-mapped page with `HostPages::Replace`) wrote zeros back: the punch of part of a
+/// folio the replacement held could not split it and zeroed that part. A fork child maps the
+/// pages, the owner makes one private: the guest reads the content; with Replace, the same
+/// without a fork.
+fn replacing_a_page_of_a_huge_folio_keeps_its_content(rev: Revocation) {
+    for host_pages in [gmem::HostPages::Zap, gmem::HostPages::Replace] {
+        let o = EmulatedOptions {
+            host_pages,
+            ..opts(rev)
+        };
+        let f = EmulatedGuestMemfd::create_with(BLOCK * PS, SHARED, o).unwrap();
+        let m = f.mmap_all().unwrap();
+        for p in 0..BLOCK {
+            m.write_volatile((p * PS) as usize, &[p as u8; 8]).unwrap();
+        }
+        // SAFETY: fork(2); the child only exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: ends the child at once.
+            unsafe { libc::_exit(0) };
+        }
+        // SAFETY: reaps the child made above.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        f.set_private(5 * PS, PS).unwrap();
+        let mut b = [0u8; 8];
+        f.guest_read(5 * PS, &mut b).unwrap();
+        assert_eq!(b, [5; 8], "{host_pages:?}: page 5 after the conversion");
+        f.set_shared(5 * PS, PS).unwrap();
+        for p in [0u64, 4, 6, 300, 511] {
+            m.read_volatile((p * PS) as usize, &mut b).unwrap();
+            assert_eq!(b, [p as u8; 8], "{host_pages:?}: page {p} of the block");
+        }
+    }
+}
+
 /// A file of huge folios needs a size that is a multiple of 2 MiB (EINVAL), checked before
 /// anything is asked of the host.
 fn the_size_must_be_a_multiple_of_2mib() {
@@ -253,7 +290,11 @@ fn main() {
         the_size_must_be_a_multiple_of_2mib,
     )];
     let guard = needs(&[gmem::emulated::GUARD_NEEDS]);
-    let per_rev: [Case; 6] = [
+    let per_rev: [Case; 7] = [
+        (
+            "replacing_a_page_of_a_huge_folio_keeps_its_content",
+            replacing_a_page_of_a_huge_folio_keeps_its_content,
+        ),
         (
             "a_block_is_allocated_whole_by_any_first_use",
             a_block_is_allocated_whole_by_any_first_use,

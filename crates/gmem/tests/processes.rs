@@ -318,9 +318,66 @@ fn a_stopped_second_process_delays_nothing(opts: EmulatedOptions) {
     assert_eq!(look(&m, 5), Some(0xaa), "the page's content");
 }
 
+/// The environment variable that makes this test binary the process of
+/// [`the_spaces_of_children_that_exited_are_dropped`].
+const REAPER_PROCESS: &str = "GMEM_REAPER_PROCESS";
+
+/// Found in review: the guard's check that an address space has gone always said "alive", so
+/// every fork child ever made kept a slot, a descriptor and the file for good, and once the
+/// slots ran out the guard closed live children's userfaultfds (which unregisters their
+/// mappings). In a process of its own: 40 fork children that exit at once; within two
+/// sweeps the guard serves no other space and holds one userfaultfd, its own.
+fn the_spaces_of_children_that_exited_are_dropped() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(REAPER_PROCESS, "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn reaper_process() {
+    let f = file(EmulatedOptions::with_revocation(gmem::Revocation::Guard));
+    let _m = f.mmap_all().unwrap();
+    for _ in 0..40 {
+        // SAFETY: fork(2); the child exits at once.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: ends the child at once.
+            unsafe { libc::_exit(0) };
+        }
+        // SAFETY: reaps the child made above.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+    }
+    let uffds = || {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| {
+                std::fs::read_link(e.path())
+                    .is_ok_and(|l| l.to_string_lossy().contains("userfaultfd"))
+            })
+            .count()
+    };
+    let started = std::time::Instant::now();
+    while (f.peer_count() > 0 || uffds() > 1) && started.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(f.peer_count(), 0, "spaces of exited children still served");
+    assert_eq!(uffds(), 1, "userfaultfds of exited children still held");
+}
+
 fn main() {
     if let Some(path) = std::env::var_os(SECOND_PROCESS) {
         second_process(&path);
+        return;
+    }
+    if std::env::var_os(REAPER_PROCESS).is_some() {
+        reaper_process();
         return;
     }
     let mut trials = per_mode(
@@ -340,6 +397,11 @@ fn main() {
         &modes(),
         FLAGS,
         a_stopped_second_process_delays_nothing,
+    ));
+    trials.push(gmem_testkit::test_needing(
+        "the_spaces_of_children_that_exited_are_dropped",
+        &[gmem::emulated::GUARD_NEEDS],
+        the_spaces_of_children_that_exited_are_dropped,
     ));
     trials.push(gmem_testkit::test_needing(
         "a_grandchild_follows_too",

@@ -336,8 +336,11 @@ impl Guard {
         let id = {
             let mut slots = lock(&self.slots);
             let Some(slot) = (1..MAX_SPACES).find(|&i| slots.fds[i] < 0) else {
-                drop(slots);
-                super::fork::close_private_uffd(uffd);
+                // No room to serve it. Its descriptor is kept open, never closed: closing the
+                // last descriptor of a userfaultfd unregisters every mapping of that address
+                // space, and the process would read private pages freely (found in review).
+                // Unserved, its faults wait: refused, never granted.
+                std::mem::forget(uffd);
                 return Err(Errno::ENOMEM);
             };
             slots.generation[slot] = slots.generation[slot].wrapping_add(1);
@@ -404,8 +407,13 @@ impl Guard {
                 Ok(Some(m)) => m,
                 Ok(None) => return,
                 Err(_) => {
-                    // Unusable: the server drops the space when it sees this.
+                    // The server drops the space if its address space has gone, and keeps
+                    // it otherwise (counted as an event, as the server counts it handled).
+                    // A pause, so that an error that persists (EMFILE for a fork event)
+                    // does not spin.
+                    self.events_queued.fetch_add(1, Ordering::SeqCst);
                     self.push(token, sys::RawUffdMsg::default());
+                    std::thread::sleep(std::time::Duration::from_millis(1));
                     return;
                 }
             };
@@ -483,8 +491,9 @@ impl Guard {
                 if let Some(space) = self.space(token) {
                     self.handle(&space, msg);
                 } else if let Some(UffdEvent::Fork(child)) = msg.decode() {
-                    // A fork in a space that has gone: the child's descriptor closes here.
-                    super::fork::close_private_uffd(child);
+                    // A fork in a space no longer served: the child lives, and closing its
+                    // descriptor would unregister its mappings; it is served from now on.
+                    let _ = self.add_space(child);
                 }
                 if event {
                     self.events_handled.fetch_add(1, Ordering::SeqCst);
@@ -526,14 +535,38 @@ impl Guard {
                             new.keep(&f);
                         }
                     }
+                    // The fork copied the parent's poison markers too: they are the child's
+                    // now, to be replaced by the page when it is shared again (found in
+                    // review: the child kept SIGBUS on pages shared since).
+                    for &f in &seen {
+                        let Some(file) = ranges
+                            .values()
+                            .filter_map(|r| r.file.upgrade())
+                            .find(|x| Arc::as_ptr(x) == f)
+                        else {
+                            continue;
+                        };
+                        let own: Vec<(usize, u64, usize)> = ranges
+                            .iter()
+                            .filter(|(_, r)| r.file.as_ptr() == f)
+                            .map(|(&a, r)| (a, r.offset, r.len))
+                            .collect();
+                        file.markers_forked(space.own, space.id, new.id, &own);
+                    }
                     *lock(&new.ranges) = ranges;
                 }
             }
             Some(UffdEvent::Remap { from, to, len }) => self.remap(space, from, to, len),
             Some(UffdEvent::Unmap { start, end }) => self.unmap(space, start, end),
             Some(UffdEvent::Other(_)) => {}
-            // The reader found the descriptor unusable: stop serving the space.
-            None => self.drop_space(space),
+            // The reader could not read the descriptor: stop serving the space only if its
+            // address space has gone (closing a live one's descriptor would unregister its
+            // mappings: found in review).
+            None => {
+                if !space.alive() {
+                    self.drop_space(space);
+                }
+            }
         }
     }
 

@@ -20,14 +20,14 @@
 //! EOPNOTSUPP (the trust boundary's "owner death").
 
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 
 use super::{EmulatedGuestMemfd, EmulatedOptions, Mechanism};
 use crate::error::{Errno, KernelResult};
 use crate::file::GuestMemfd;
-use crate::uapi::kvm_memory_attributes2;
 use crate::sys::{peer, PoisonFd};
+use crate::uapi::kvm_memory_attributes2;
 use crate::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"GMEMFD03");
@@ -104,7 +104,15 @@ impl EmulatedGuestMemfd {
         if word(&reply, 0) != REPLY || fds.len() != 1 {
             return Err(Errno(libc::EPROTO));
         }
-        let uffd = PoisonFd::adopt(fds.pop().ok_or(Errno(libc::EPROTO))?);
+        let uffd = fds.pop().ok_or(Errno(libc::EPROTO))?;
+        // A userfaultfd and nothing else (found in review: a pipe's read end, always readable
+        // once its writer closed, kept the guard's reader spinning).
+        let link =
+            std::fs::read_link(format!("/proc/self/fd/{}", uffd.as_raw_fd())).unwrap_or_default();
+        if link.as_os_str() != "anon_inode:[userfaultfd]" {
+            return Err(Errno(libc::EPROTO));
+        }
+        let uffd = PoisonFd::adopt(uffd);
         // Private from now on: a fork child of this process does not keep it.
         super::fork::track_uffd(&uffd);
         guard.add_space_keeping(uffd, &self.inner)?;
@@ -150,10 +158,7 @@ impl EmulatedGuestMemfd {
 
     /// A receiver's conversion, run by the owner over the link: the owner's answer, or
     /// EOPNOTSUPP once the owner has gone (or for a fork child's copy, which has no link).
-    pub(super) fn convert_through_owner(
-        &self,
-        a: &mut kvm_memory_attributes2,
-    ) -> KernelResult<()> {
+    pub(super) fn convert_through_owner(&self, a: &mut kvm_memory_attributes2) -> KernelResult<()> {
         let Some(link) = self.inner.owner_link.as_ref() else {
             return Err(Errno::EOPNOTSUPP);
         };

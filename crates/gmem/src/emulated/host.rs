@@ -279,6 +279,47 @@ impl Inner {
         }
     }
 
+    /// A fork of address space `parent` made `child`, which got copies of the parent's poison
+    /// markers (its page-table entries were copied): record them as the child's, so that a
+    /// conversion to shared replaces them by the page. `ranges` are the parent's mappings of
+    /// this file (address, file offset, length): in this process the markers are kept by page
+    /// (`own_markers`), elsewhere by address.
+    pub(super) fn markers_forked(
+        &self,
+        parent_own: bool,
+        parent: u64,
+        child: u64,
+        ranges: &[(usize, u64, usize)],
+    ) {
+        let mut gate = self.gate();
+        let mut copies: Vec<(u64, u64, u64)> = Vec::new();
+        if parent_own {
+            for &(addr, offset, len) in ranges {
+                let (first, end) = pages_of(offset, len as u64);
+                for (a, b) in gate.own_markers.range(first, end) {
+                    for p in a..b {
+                        copies.push((p, child, addr as u64 + (p * PAGE_SIZE - offset)));
+                    }
+                }
+            }
+        } else {
+            copies.extend(
+                gate.markers
+                    .iter()
+                    .filter(|m| m.1 == parent)
+                    .map(|&(p, _, a)| (p, child, a)),
+            );
+        }
+        gate.markers.extend(copies);
+        let failed: Vec<(u64, u64, u64)> = gate
+            .sigbus
+            .iter()
+            .filter(|m| m.1 == parent)
+            .map(|&(p, _, a)| (p, child, a))
+            .collect();
+        gate.sigbus.extend(failed);
+    }
+
     /// The end (page, exclusive) of the fault-around window from `page` (see
     /// [`Inner::serve_host_fault`]): `page + 1` unless `page` is in the remembered working
     /// set.
@@ -473,20 +514,72 @@ impl Inner {
     /// of it; after it, the write-back is retried (it needs memory for the new pages) until
     /// it succeeds.
     fn replace_pages(&self, gate: &mut Gate, first: u64, end: u64) -> KernelResult<()> {
-        // Taken out while in use, put back only empty (after a failure it is closed, with
-        // whatever it may still hold). A private descriptor: a fork child does not keep it.
-        struct InUse(Option<sys::HoldPipe>);
-        impl Drop for InUse {
-            fn drop(&mut self) {
-                if let Some(p) = self.0.take() {
-                    super::fork::close_private_pipe(p);
-                }
-            }
+        if self.options.folio_size == super::FolioSize::Huge {
+            return self.replace_blocks(first, end);
         }
         let mut in_use = InUse(Some(match gate.pipe.take() {
             Some(p) => p,
             None => super::fork::private_pipe()?,
         }));
+        self.replace_through(&mut in_use, first, end)?;
+        gate.pipe = in_use.0.take();
+        Ok(())
+    }
+
+    /// [`Inner::replace_pages`] for a file of huge folios, a whole 2 MiB block at a time: a
+    /// punch of part of a folio that a pipe holds cannot split it, and zeroes that part of
+    /// the very folio the pipe holds (found in review: the write-back wrote zeros). So every
+    /// page of each block is held (in as many pipes as that takes), the block is punched
+    /// whole (the folio leaves the file, unchanged), and everything is written back.
+    fn replace_blocks(&self, first: u64, end: u64) -> KernelResult<()> {
+        let pages = self.size / PAGE_SIZE;
+        let mut b = first - first % super::HUGE_PAGES;
+        while b < end {
+            let block_end = (b + super::HUGE_PAGES).min(pages);
+            let fd = std::os::fd::AsFd::as_fd(&self.memfd);
+            let mut held: Vec<(InUse, u64, usize)> = Vec::new();
+            let (mut off, stop) = (b * PAGE_SIZE, block_end * PAGE_SIZE);
+            while off < stop {
+                let pipe = InUse(Some(super::fork::private_pipe()?));
+                let Some(p) = pipe.0.as_ref() else {
+                    return Err(Errno::EBADF);
+                };
+                let want = usize::try_from(stop - off).unwrap_or(usize::MAX);
+                let n = p.hold_file(fd, off, want)?;
+                if n == 0 {
+                    return Err(Errno::EAGAIN);
+                }
+                held.try_reserve(1).map_err(|_| Errno::ENOMEM)?;
+                held.push((pipe, off, n));
+                off += n as u64;
+            }
+            // A failure before the punch changes nothing (the pipes go with what they hold).
+            sys::fallocate(
+                fd,
+                crate::uapi::FALLOC_FL_PUNCH_HOLE | crate::uapi::FALLOC_FL_KEEP_SIZE,
+                b * PAGE_SIZE,
+                stop - b * PAGE_SIZE,
+            )?;
+            // The new pages: one 2 MiB folio again where the kernel can give one.
+            let _ = self.allocate_blocks(b, block_end);
+            for (pipe, off, n) in &held {
+                let Some(p) = pipe.0.as_ref() else { continue };
+                let mut done = 0usize;
+                let mut delay = std::time::Duration::from_micros(100);
+                while p.release_into_file(fd, *off, *n, &mut done).is_err() {
+                    // Out of memory for the new pages: the content waits in the pipe.
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(std::time::Duration::from_millis(100));
+                }
+            }
+            b = block_end;
+        }
+        Ok(())
+    }
+
+    /// Replaces pages `[first, end)` through the pipe `in_use` holds, a pipe's worth at a
+    /// time (4 KiB folios: a punch of part of what is held splits nothing).
+    fn replace_through(&self, in_use: &mut InUse, first: u64, end: u64) -> KernelResult<()> {
         let Some(pipe) = in_use.0.as_ref() else {
             return Err(Errno::EBADF);
         };
@@ -511,7 +604,18 @@ impl Inner {
             }
             off += held as u64;
         }
-        gate.pipe = in_use.0.take();
         Ok(())
+    }
+}
+
+/// A replacement pipe in use: closed (a private descriptor: forgotten first) if dropped with
+/// whatever it may still hold; put back in the gate only empty.
+struct InUse(Option<sys::HoldPipe>);
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            super::fork::close_private_pipe(p);
+        }
     }
 }

@@ -569,7 +569,7 @@ impl EmulatedGuestMemfd {
         }
         let placeholder = hole()?;
         let quiet = fork::quiet();
-        let memfd = fork::DataFd::track(sys::memfd_create(c"gmem")?, placeholder, &quiet)?;
+        let memfd = fork::DataFd::track(sys::memfd_create_sealable(c"gmem")?, placeholder, &quiet)?;
         drop(quiet);
         sys::ftruncate(memfd.as_fd(), size).map_err(|e| {
             if e == Errno(libc::EFBIG) {
@@ -578,6 +578,8 @@ impl EmulatedGuestMemfd {
                 e
             }
         })?;
+        // The size is the file's for good, as the kernel's guest_memfd's is.
+        sys::seal_size(memfd.as_fd())?;
         Self::with_memfd(memfd, size, flags, options)
     }
 
