@@ -7,7 +7,8 @@
 //! with it. The sender's guard serves that userfaultfd from then on, as it serves the sender's
 //! fork children: the receiver's faults are checked against the sender's attributes, its
 //! pages are taken out of its address space by the sender's conversions, and it takes no part
-//! in them. The receiver is a follower: it maps the file; everything else is the owner's.
+//! in them. The receiver is a follower: it maps the file and asks the owner for conversions
+//! (below); everything else is the owner's.
 //!
 //! Without the guard (Remap mode) nothing would see the receiver's accesses: EOPNOTSUPP.
 //!

@@ -515,8 +515,8 @@ impl Inner {
 
     /// Whether this copy of the file follows another process's: it was received, or this is
     /// a fork (or clone) child of the process that created it. A follower maps the file (a
-    /// receiver makes new mappings, a child keeps the ones it inherited); everything else is
-    /// the owner's (EOPNOTSUPP).
+    /// receiver makes new mappings, a child keeps the ones it inherited) and a receiver
+    /// converts through the owner; everything else is the owner's (EOPNOTSUPP).
     fn is_follower(&self) -> bool {
         matches!(self.mechanism, Mechanism::Served(_)) || !self.in_own_space()
     }
