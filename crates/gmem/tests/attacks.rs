@@ -1034,6 +1034,59 @@ fn a_fork_child_reads_a_page_shared_again_after_the_fork(k: Kind) {
     assert_eq!(wait(pid), 0, "the child got SIGBUS on a page shared again");
 }
 
+/// Found in review: a conversion to shared mapped the page over the markers another address
+/// space held (`UFFDIO_CONTINUE` at the marker's address), and `UFFDIO_CONTINUE` maps whatever
+/// the mapping at that address holds *now*: a fork child that moved its mapping of a private
+/// page onto a marker's address (`mremap`) read it once the marker's page was made shared.
+/// Open (DESIGN.md trust boundary 9): ignored with that reason until it is closed.
+fn a_fork_child_cannot_move_a_private_page_under_a_marker(k: Kind) {
+    let f = file(&k);
+    f.set_private(2 * PS, PS).unwrap();
+    f.guest_write(2 * PS, &[0xA2; 16]).unwrap();
+    let m = f.mmap_all().unwrap();
+    let base = m.mmap().as_ptr() as usize;
+    let (pid, mut s) = fork_with(|mut s| {
+        if look(&m, 1).is_some() {
+            return 10;
+        }
+        // SAFETY: moves one page of this child's own copy of the host mapping (private page
+        // 2) onto page 1's address, inside the same mapping; nothing else refers to it.
+        let moved = unsafe {
+            libc::mremap(
+                (base + 2 * PAGE) as *mut libc::c_void,
+                PAGE,
+                PAGE,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                (base + PAGE) as *mut libc::c_void,
+            )
+        };
+        if moved as usize != base + PAGE {
+            return 11;
+        }
+        if s.write_all(&[1]).is_err() {
+            return 12;
+        }
+        let mut b = [0u8];
+        if s.read_exact(&mut b).is_err() {
+            return 13;
+        }
+        match m.probe_read(PAGE, 1) {
+            Ok(Probe::Done(v)) if v[0] == 0xA2 => 1,
+            _ => 0,
+        }
+    });
+    let mut b = [0u8];
+    s.read_exact(&mut b).unwrap();
+    f.set_shared(PS, PS).unwrap();
+    s.write_all(&[1]).unwrap();
+    assert_eq!(
+        wait(pid),
+        0,
+        "the child read private page 2 under page 1's marker"
+    );
+    assert_eq!(guest_byte(&f, 2), 0xA2);
+}
+
 /// Item 3: the memory file behind an emulated file cannot be opened anew through
 /// `/proc/<pid>/fd` by another process of the same user (which needs only PTRACE_MODE_READ):
 /// EACCES for reading and for writing, so no private page is reached without an address.
@@ -1300,5 +1353,20 @@ fn main() {
         guarded(),
         a_raw_clone_child_is_guarded,
     );
+    for k in guarded() {
+        trials.push(test_unless(
+            format!(
+                "a_fork_child_cannot_move_a_private_page_under_a_marker::{}",
+                k.name
+            ),
+            Some(
+                "known open hole, DESIGN.md trust boundary 9: a fork child that moves a mapping \
+                 of a private page under its own marker reads it once the marker's page is \
+                 shared again"
+                    .to_string(),
+            ),
+            move || a_fork_child_cannot_move_a_private_page_under_a_marker(k),
+        ));
+    }
     gmem_testkit::run(trials)
 }

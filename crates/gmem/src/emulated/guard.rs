@@ -350,7 +350,18 @@ impl Guard {
         let space = Arc::new(Space::new(id, uffd, false));
         lock(&self.spaces).insert(id, space.clone());
         if let Err(e) = self.epoll.add(space.uffd.as_fd(), id) {
-            self.drop_space(&space);
+            // Not served: its slot and record go, its descriptor stays open and recorded
+            // (closing a live space's userfaultfd unregisters its mappings: found in review).
+            lock(&self.spaces).remove(&id);
+            {
+                let mut slots = lock(&self.slots);
+                #[allow(clippy::cast_possible_truncation)]
+                let slot = (id & 0xffff_ffff) as usize;
+                if let Some(fd) = slots.fds.get_mut(slot) {
+                    *fd = -1;
+                }
+            }
+            std::mem::forget(space);
             return Err(e);
         }
         Ok(space)

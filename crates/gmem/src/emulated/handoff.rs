@@ -114,6 +114,7 @@ impl EmulatedGuestMemfd {
             return Err(Errno(libc::EPROTO));
         }
         let uffd = PoisonFd::adopt(uffd);
+        uffd.ensure_initialised();
         // Private from now on: a fork child of this process does not keep it.
         super::fork::track_uffd(&uffd);
         guard.add_space_keeping(uffd, &self.inner)?;

@@ -273,6 +273,14 @@ impl PoisonFd {
         }
     }
 
+    /// Completes the `UFFDIO_API` handshake of a userfaultfd another process sent, if that
+    /// process did not (an uninitialised one polls readable for ever and cannot be read:
+    /// found in review, the guard's reader spun). One already initialised answers EINVAL,
+    /// which is what is expected.
+    pub fn ensure_initialised(&self) {
+        let _ = uffdio_api_handshake(std::os::fd::AsFd::as_fd(&self.fd), GUARD_FEATURES);
+    }
+
     /// The raw descriptor (for the record of private descriptors a fork child must not keep).
     pub fn raw_fd(&self) -> libc::c_int {
         self.fd.as_raw_fd()
