@@ -384,6 +384,18 @@ fn madvise_answers_as_the_kernel(k: Kind) {
     refused(&f, &m, 1);
 }
 
+/// The inode of the memory file behind host mapping `m`, as `/proc/self/maps` names it (other
+/// trials' files map other inodes).
+fn inode_of(m: &HostMapping) -> String {
+    let host = m.mmap().as_ptr() as usize;
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines()
+        .find(|l| l.starts_with(&format!("{host:x}-")))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .unwrap()
+        .to_string()
+}
+
 /// Forks a child that runs `child` (which returns its exit code) with one end of a socket
 /// pair; the parent gets the other end and the child's pid.
 fn fork_with(child: impl FnOnce(UnixStream) -> i32) -> (libc::pid_t, UnixStream) {
@@ -679,13 +691,7 @@ fn a_fork_child_holds_no_path_to_the_data(k: Kind) {
     let m = f.mmap_all().unwrap();
     // This file's inode, from its host mapping's line (other trials' files map other inodes).
     let host = m.mmap().as_ptr() as usize;
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    let inode = maps
-        .lines()
-        .find(|l| l.starts_with(&format!("{host:x}-")))
-        .and_then(|l| l.split_whitespace().nth(4))
-        .unwrap()
-        .to_string();
+    let inode = inode_of(&m);
     let (pid, mut s) = fork_with(|mut s| {
         let mut b = [0u8];
         if s.read_exact(&mut b).is_err() {
@@ -906,14 +912,7 @@ fn a_raw_collapse_maps_no_private_page(k: Kind) {
 fn a_fork_racing_a_new_mapping_inherits_none_unguarded(k: Kind) {
     let f = std::sync::Arc::new(file(&k));
     let m = f.mmap_all().unwrap();
-    let host = m.mmap().as_ptr() as usize;
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    let inode = maps
-        .lines()
-        .find(|l| l.starts_with(&format!("{host:x}-")))
-        .and_then(|l| l.split_whitespace().nth(4))
-        .unwrap()
-        .to_string();
+    let inode = inode_of(&m);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mapper = {
         let (f, stop) = (f.clone(), stop.clone());

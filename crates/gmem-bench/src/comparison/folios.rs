@@ -8,60 +8,16 @@
 use std::sync::Arc;
 
 use crate::floor::Figure;
-use gmem::error::KernelResult;
-use gmem::os::Mmap;
 use gmem::{FolioSize, PAGE_SIZE};
 use gmem_vmm::backing::{GuestBacking, InPlace};
 use gmem_vmm::stats::{median, time_us};
 
+use super::round_trip::RoundTripFloor;
 use super::{create_backing, Baseline, Measurement, Touch, Unit};
 use crate::error::BenchError;
 
 const GROUP: &str = "huge-folios";
 const HUGE: usize = 2 << 20;
-
-/// The floor on 2 MiB folios: a memfd mapped twice, both mappings 2 MiB-aligned with
-/// `MADV_HUGEPAGE`, so each maps the folio with one PMD; zaps and re-faults only.
-struct HugeFloor {
-    _fd: std::os::fd::OwnedFd,
-    host: Mmap,
-    guest: Mmap,
-}
-
-impl HugeFloor {
-    fn new(len: u64) -> KernelResult<Self> {
-        let fd = gmem::os::memfd_create(c"gmem-bench-floor")?;
-        gmem::os::ftruncate(std::os::fd::AsFd::as_fd(&fd), len)?;
-        let n = usize::try_from(len).map_err(|_| gmem::Errno::ENOMEM)?;
-        let map = || -> KernelResult<Mmap> {
-            let m = Mmap::new_aligned(
-                Some(std::os::fd::AsFd::as_fd(&fd)),
-                0,
-                n,
-                libc::MAP_SHARED,
-                HUGE,
-            )?;
-            m.madvise(0, n, libc::MADV_HUGEPAGE)?;
-            Ok(m)
-        };
-        let (host, guest) = (map()?, map()?);
-        Ok(HugeFloor {
-            _fd: fd,
-            host,
-            guest,
-        })
-    }
-
-    fn round_trip(&self, touched: u64, v: u8) -> KernelResult<()> {
-        let n = self.host.len();
-        self.host.madvise(0, n, libc::MADV_DONTNEED)?;
-        self.guest.madvise(0, n, libc::MADV_DONTNEED)?;
-        self.guest.touch_pages(0, touched, v)?;
-        self.guest.madvise(0, n, libc::MADV_DONTNEED)?;
-        self.host.touch_pages(0, touched, v)?;
-        Ok(())
-    }
-}
 
 fn in_place(size: u64, folio_size: FolioSize) -> Result<Arc<InPlace>, BenchError> {
     Ok(Arc::new(InPlace::emulated(
@@ -99,7 +55,7 @@ fn round_trips(reps: usize, lines: &mut Vec<Measurement>) -> Result<(), BenchErr
     let huge = in_place(len, FolioSize::Huge)?;
     let small = in_place(len, FolioSize::Small)?;
     let copy = create_backing(Baseline::Preserving.kind(), len, false)?;
-    let floor = HugeFloor::new(len)?;
+    let floor = RoundTripFloor::new_huge(len)?;
     for m in [&*huge as &dyn GuestBacking, &*small, &*copy] {
         m.host_touch(0, len, 1)?;
     }

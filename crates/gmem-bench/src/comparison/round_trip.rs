@@ -28,13 +28,38 @@ pub(super) fn round_trip_sizes(quick: bool) -> Vec<(&'static str, u64, usize)> {
 /// mapping, no attributes and no conversion; "to private" only zaps the range's PTEs in both
 /// mappings (the host's must go; KVM's stage-2 entries go), "to shared" only zaps the guest's,
 /// and the touches re-fault the same pages. No in-place implementation does less.
-struct RoundTripFloor {
+pub(super) struct RoundTripFloor {
     _fd: std::os::fd::OwnedFd,
     host: Mmap,
     guest: Mmap,
 }
 
 impl RoundTripFloor {
+    /// The floor on 2 MiB folios: both mappings 2 MiB-aligned with `MADV_HUGEPAGE`, so each
+    /// maps a folio with one PMD (where the host offers shmem THP).
+    pub(super) fn new_huge(len: u64) -> KernelResult<Self> {
+        const HUGE: usize = 2 << 20;
+        let fd = sys::memfd(len)?;
+        let n = usize::try_from(len).map_err(|_| gmem::Errno::ENOMEM)?;
+        let map = || -> KernelResult<Mmap> {
+            let m = Mmap::new_aligned(
+                Some(std::os::fd::AsFd::as_fd(&fd)),
+                0,
+                n,
+                libc::MAP_SHARED,
+                HUGE,
+            )?;
+            m.madvise(0, n, libc::MADV_HUGEPAGE)?;
+            Ok(m)
+        };
+        let (host, guest) = (map()?, map()?);
+        Ok(RoundTripFloor {
+            _fd: fd,
+            host,
+            guest,
+        })
+    }
+
     /// A floor for ranges of `len` bytes.
     fn new(len: u64) -> KernelResult<Self> {
         let fd = sys::memfd(len)?;
@@ -54,7 +79,7 @@ impl RoundTripFloor {
 
     /// One round trip: zaps, the guest touches the first `touched` bytes' pages, zap, the
     /// host touches them.
-    fn round_trip(&self, touched: u64, v: u8) -> KernelResult<()> {
+    pub(super) fn round_trip(&self, touched: u64, v: u8) -> KernelResult<()> {
         let n = self.host.len();
         self.host.madvise(0, n, libc::MADV_DONTNEED)?;
         self.guest.madvise(0, n, libc::MADV_DONTNEED)?;

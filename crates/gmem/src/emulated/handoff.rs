@@ -91,7 +91,7 @@ impl EmulatedGuestMemfd {
                 super::fork::PrivateStream::track(b, &quiet),
             )
         };
-        let (Some(mine_s), Some(theirs_s)) = (mine.get(), theirs.get()) else {
+        let Some(theirs_s) = theirs.get() else {
             return Err(Errno::EBADF);
         };
         peer::send_with_fds(
@@ -99,7 +99,6 @@ impl EmulatedGuestMemfd {
             &header,
             &[self.inner.memfd.as_fd(), theirs_s.as_fd()],
         )?;
-        let _ = mine_s;
         drop(theirs);
         let (reply, mut fds) = recv_record::<8>(socket, 1)?;
         if word(&reply, 0) != REPLY || fds.len() != 1 {

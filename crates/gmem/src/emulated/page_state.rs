@@ -524,18 +524,21 @@ impl Inner {
 mod tests {
     use super::{PageSet, RunSet};
 
+    /// Page ranges across and along 64-page word edges.
+    const EDGES: [(u64, u64); 7] = [
+        (0, 1),
+        (3, 64),
+        (63, 65),
+        (64, 128),
+        (5, 200),
+        (190, 191),
+        (0, 256),
+    ];
+
     /// The word-level range operations agree with page-by-page ones, across word edges.
     #[test]
     fn range_operations_match_page_by_page() {
-        let ranges = [
-            (0, 1),
-            (3, 64),
-            (63, 65),
-            (64, 128),
-            (5, 200),
-            (190, 191),
-            (0, 256),
-        ];
+        let ranges = EDGES;
         for &(a, b) in &ranges {
             for &(c, d) in &ranges {
                 let mut s = PageSet::default();
@@ -567,15 +570,7 @@ mod tests {
     /// The run-based set answers as the word-based one for every operation.
     #[test]
     fn run_set_matches_page_set() {
-        let ranges = [
-            (0, 1),
-            (3, 64),
-            (63, 65),
-            (64, 128),
-            (5, 200),
-            (190, 191),
-            (0, 256),
-        ];
+        let ranges = EDGES;
         for &(a, b) in &ranges {
             for &(c, d) in &ranges {
                 for &(e, f) in &[(1, 2), (200, 210), (60, 70)] {

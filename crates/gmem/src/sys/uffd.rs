@@ -134,7 +134,8 @@ impl RawUffdMsg {
     /// The descriptor a `UFFD_EVENT_FORK` message carries (installed in this process by the
     /// read), without taking it; `None` for any other message.
     pub fn fork_fd(&self) -> Option<libc::c_int> {
-        // The low half of the first argument, as in `decode`.
+        // The low half of the first argument is the child's descriptor, installed in this
+        // process by the read.
         #[allow(clippy::cast_possible_truncation)]
         (self.0.event == UFFD_EVENT_FORK).then_some(self.0.flags as u32 as libc::c_int)
     }
@@ -155,10 +156,7 @@ impl RawUffdMsg {
                 tid: msg.feat as u32,
             }),
             UFFD_EVENT_FORK => {
-                // The low half of the first argument is the child's descriptor, installed in
-                // this process by the read.
-                #[allow(clippy::cast_possible_truncation)]
-                let raw = msg.flags as u32 as libc::c_int;
+                let raw = self.fork_fd()?;
                 // SAFETY: the kernel installed this descriptor in our table for the read that
                 // produced this message, which is decoded once; nothing else owns it.
                 UffdEvent::Fork(PoisonFd::adopt(unsafe { OwnedFd::from_raw_fd(raw) }))
