@@ -1313,6 +1313,11 @@ fn main() {
     );
     add("no_reopen_through_proc", all(), no_reopen_through_proc);
     add(
+        "remap_file_pages_makes_no_unguarded_mapping",
+        all(),
+        remap_file_pages_makes_no_unguarded_mapping,
+    );
+    add(
         "a_fork_child_reads_a_page_shared_again_after_the_fork",
         guarded(),
         a_fork_child_reads_a_page_shared_again_after_the_fork,
@@ -1368,4 +1373,42 @@ fn main() {
         ));
     }
     gmem_testkit::run(trials)
+}
+
+/// `remap_file_pages` at `addr` (one page, file page `pgoff` of the mapping's own file): 0,
+/// or the errno.
+fn remap_file_pages(addr: usize, pgoff: usize) -> i32 {
+    // SAFETY: the call only replaces the mapping at `addr`, a page of a host mapping of this
+    // test (or answers an error); nothing holds a reference into it.
+    let r = unsafe { libc::syscall(libc::SYS_remap_file_pages, addr, PAGE, 0, pgoff, 0) };
+    if r == 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    }
+}
+
+/// `remap_file_pages` on a host mapping (found in review): the kernel emulates it with a new
+/// mapping of the same file at any offset, which no userfaultfd registration covers, so it
+/// mapped private page 1 readable at page 3's address. Refused (EPERM) in this process and in
+/// a fork child, and the private page stays refused.
+fn remap_file_pages_makes_no_unguarded_mapping(k: Kind) {
+    let f = file(&k);
+    let m = f.mmap_all().unwrap();
+    let base = m.mmap().as_ptr() as usize;
+    assert_eq!(remap_file_pages(base + 3 * PAGE, 1), libc::EPERM);
+    assert_eq!(look(&m, 3), Some(0x43));
+    refused(&f, &m, 1);
+    if k.opts.revocation == Revocation::Guard {
+        let (pid, _s) = fork_with(|_| {
+            if remap_file_pages(base + 3 * PAGE, 1) != libc::EPERM {
+                return 10;
+            }
+            match (look(&m, 3), look(&m, 1)) {
+                (Some(0x43), None) => 0,
+                _ => 11,
+            }
+        });
+        assert_eq!(wait(pid), 0, "the fork child");
+    }
 }

@@ -272,6 +272,29 @@ static void raw_clone_child(void)
 	close(to_child[0]), close(to_child[1]), close(to_parent[0]), close(to_parent[1]);
 }
 
+/* remap_file_pages makes a new mapping of the mapping's own file at any offset, which no
+ * guard would cover: refused (EPERM), here and in a fork child. */
+static void remap_file_pages_refused(void)
+{
+	CHECK_ERRNO(syscall(SYS_remap_file_pages, m + 3 * page_size, page_size, 0, 1, 0), EPERM);
+	reads(m, 3, 0x43, "page 3 after remap_file_pages");
+	refused(m, 1, "after remap_file_pages");
+	pid_t pid = fork();
+	CHECK(pid >= 0, "fork");
+	if (pid == 0) {
+		char x;
+		if (syscall(SYS_remap_file_pages, m + 3 * page_size, page_size, 0, 1, 0) != -1 ||
+		    errno != EPERM)
+			_exit(31);
+		if (!read_sigbus(m + page_size, &x))
+			_exit(32);
+		_exit(0);
+	}
+	int st;
+	CHECK(waitpid(pid, &st, 0) == pid, "waitpid");
+	CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "remap_file_pages child: status %#x", st);
+}
+
 int main(void)
 {
 	gm_prog = "attacks";
@@ -297,6 +320,7 @@ int main(void)
 	stopped_child();
 	vfork_child_closes(vm);
 	raw_clone_child();
+	remap_file_pages_refused();
 
 	/* the private page kept its content */
 	set_shared(fd, page_size, page_size);

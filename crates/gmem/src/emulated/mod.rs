@@ -672,6 +672,10 @@ impl EmulatedGuestMemfd {
             owner_space: sys::peer::address_space(),
             owner_link: link.map(Mutex::new),
         });
+        // No mapping of the file can be made out of a host mapping without the guard
+        // (`remap_file_pages`), here or in a child, from now on: installed with the first
+        // file, before a program's own filters (which `gmem exec --seccomp-list` is for).
+        let _ = sys::seccomp::refuse_remap_file_pages();
         fork::register();
         if let Some(g) = inner.guard() {
             g.add_file(ino, &inner);

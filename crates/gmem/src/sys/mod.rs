@@ -12,6 +12,7 @@
 pub(crate) mod kvm;
 pub(crate) mod peer;
 pub(crate) mod probe;
+pub(crate) mod seccomp;
 pub(crate) mod uffd;
 
 pub use uffd::{
