@@ -60,6 +60,24 @@ const QUEUE: usize = 1 << 16;
 struct Slots {
     fds: Vec<libc::c_int>,
     generation: Vec<u32>,
+    /// Events (not faults) read from each slot's userfaultfd since it was taken.
+    read: Vec<u64>,
+    /// The slot's events are not to be read for now ([`Guard::hold`]).
+    held: Vec<bool>,
+}
+
+/// The events of one address space held unread ([`Guard::hold`]); read again on drop.
+pub(super) struct Hold<'a> {
+    guard: &'a Guard,
+    slot: usize,
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        if let Some(h) = lock(&self.guard.slots).held.get_mut(self.slot) {
+            *h = false;
+        }
+    }
 }
 
 /// The queue from the reader to the server: (token, message).
@@ -96,6 +114,10 @@ pub(super) struct Space {
     keep: Mutex<Vec<Arc<Inner>>>,
     /// The address space has gone (its process exited or executed another program).
     dead: AtomicBool,
+    /// Events (not faults) of this space the server has handled: with the slot's count of
+    /// those read, whether a change of the space's mappings is read but not yet reflected in
+    /// the records ([`Guard::settled`]).
+    handled: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Space {
@@ -116,6 +138,7 @@ impl Space {
             ranges: Mutex::new(BTreeMap::new()),
             keep: Mutex::new(Vec::new()),
             dead: AtomicBool::new(false),
+            handled: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -251,6 +274,8 @@ impl Guard {
             slots: Mutex::new(Slots {
                 fds,
                 generation: vec![0; MAX_SPACES],
+                read: vec![0; MAX_SPACES],
+                held: vec![false; MAX_SPACES],
             }),
             events_queued: std::sync::atomic::AtomicU64::new(0),
             events_handled: std::sync::atomic::AtomicU64::new(0),
@@ -345,6 +370,8 @@ impl Guard {
             };
             slots.generation[slot] = slots.generation[slot].wrapping_add(1);
             slots.fds[slot] = raw;
+            slots.read[slot] = 0;
+            slots.held[slot] = false;
             (u64::from(slots.generation[slot]) << 32) | slot as u64
         };
         let space = Arc::new(Space::new(id, uffd, false));
@@ -395,47 +422,63 @@ impl Guard {
             let Ok(n) = self.epoll.wait_into(&mut ready, -1) else {
                 return;
             };
+            let mut held = false;
             for &token in &ready[..n] {
-                self.read_space(token);
+                held |= self.read_space(token);
+            }
+            if held {
+                // A held space stays readable (level-triggered): a pause instead of a spin
+                // while its hold lasts (microseconds).
+                std::thread::sleep(std::time::Duration::from_micros(20));
             }
         }
     }
 
-    /// Reads every message queued on the userfaultfd of the space `token`, under the slots'
-    /// lock (a space is dropped, its descriptor closed, only under it).
-    fn read_space(&self, token: u64) {
-        let slots = lock(&self.slots);
+    /// Reads every message queued on the userfaultfd of the space `token`, each under the
+    /// slots' lock (a space is dropped, its descriptor closed, held, only under it; an event
+    /// is counted with its read), and queues it for the server without the lock (the server
+    /// takes it, and the queue may be full). True if the space's events are held (nothing
+    /// read).
+    fn read_space(&self, token: u64) -> bool {
         #[allow(clippy::cast_possible_truncation)]
         let slot = (token & 0xffff_ffff) as usize;
-        let Some(&fd) = slots.fds.get(slot) else {
-            return;
-        };
-        if fd < 0 || u64::from(slots.generation[slot]) != token >> 32 {
-            return;
-        }
         loop {
+            let mut slots = lock(&self.slots);
+            let Some(&fd) = slots.fds.get(slot) else {
+                return false;
+            };
+            if fd < 0 || u64::from(slots.generation[slot]) != token >> 32 {
+                return false;
+            }
+            if slots.held[slot] {
+                return true;
+            }
             let msg = match sys::read_uffd_msg(fd) {
                 Ok(Some(m)) => m,
-                Ok(None) => return,
+                Ok(None) => return false,
                 Err(_) => {
                     // The server drops the space if its address space has gone, and keeps
                     // it otherwise (counted as an event, as the server counts it handled).
                     // A pause, so that an error that persists (EMFILE for a fork event)
                     // does not spin.
                     self.events_queued.fetch_add(1, Ordering::SeqCst);
+                    slots.read[slot] += 1;
+                    drop(slots);
                     self.push(token, sys::RawUffdMsg::default());
                     std::thread::sleep(std::time::Duration::from_millis(1));
-                    return;
+                    return false;
                 }
             };
             if !msg.is_fault() {
                 self.events_queued.fetch_add(1, Ordering::SeqCst);
+                slots.read[slot] += 1;
             }
             // A child's userfaultfd is private from the moment the read installed it (an
-            // atomic bit: the reader takes no lock).
+            // atomic bit: the reader takes no C library lock).
             if let Some(fd) = msg.fork_fd() {
                 super::fork::track_fd(fd);
             }
+            drop(slots);
             self.push(token, msg);
         }
     }
@@ -459,6 +502,40 @@ impl Guard {
                 std::thread::yield_now();
             }
         }
+    }
+
+    /// Holds `space`'s events unread until the [`Hold`] drops: while held, a change of its
+    /// mappings (an `munmap`, `mremap`, `mmap` over a registered range) waits for its event
+    /// to be read, and the kernel answers EAGAIN to every `UFFDIO_*` that would install an
+    /// entry there. So with a hold, and every event read before it handled ([`Guard::flush`],
+    /// or [`Guard::settled`] in the server), what the guard records of the space's mappings
+    /// is what they are: an entry installed then lands where the record says (found in
+    /// review: a fork child moved a private page under its own marker). Never for this
+    /// process's own space.
+    pub(super) fn hold(&self, space: &Space) -> Option<Hold<'_>> {
+        if space.own {
+            return None;
+        }
+        let mut slots = lock(&self.slots);
+        #[allow(clippy::cast_possible_truncation)]
+        let slot = (space.id & 0xffff_ffff) as usize;
+        if slots.generation.get(slot).map(|&g| u64::from(g)) != Some(space.id >> 32) {
+            return None;
+        }
+        slots.held[slot] = true;
+        Some(Hold { guard: self, slot })
+    }
+
+    /// Whether every event of `space` read so far has been handled (for the server, which
+    /// handles them, so the answer stays true while it serves one fault under a hold).
+    fn settled(&self, space: &Space) -> bool {
+        let slots = lock(&self.slots);
+        #[allow(clippy::cast_possible_truncation)]
+        let slot = (space.id & 0xffff_ffff) as usize;
+        if slots.generation.get(slot).map(|&g| u64::from(g)) != Some(space.id >> 32) {
+            return false;
+        }
+        slots.read[slot] == space.handled.load(Ordering::SeqCst)
     }
 
     /// Queues one message for the server (waiting for room if the queue is full).
@@ -501,6 +578,9 @@ impl Guard {
                 let event = !msg.is_fault();
                 if let Some(space) = self.space(token) {
                     self.handle(&space, msg);
+                    if event {
+                        space.handled.fetch_add(1, Ordering::SeqCst);
+                    }
                 } else if let Some(UffdEvent::Fork(child)) = msg.decode() {
                     // A fork in a space no longer served: the child lives, and closing its
                     // descriptor would unregister its mappings; it is served from now on.
@@ -587,6 +667,14 @@ impl Guard {
         let Ok(addr) = usize::try_from(page) else {
             return;
         };
+        // In another space, the lookup and what the fault installs must agree with its
+        // mappings as they are: its events are held, and a fault served while one of them
+        // is read but not handled is not served (the faulting thread faults again, after it).
+        let hold = self.hold(space);
+        if !space.own && (hold.is_none() || !self.settled(space)) {
+            let _ = space.uffd.wake(page, PAGE_SIZE);
+            return;
+        }
         let found = space.lookup(addr).or_else(|| {
             self.find_in_proc(space, addr, ev.tid)
                 .map(|(file, offset)| (file, offset, PAGE_SIZE))
@@ -669,7 +757,8 @@ impl Guard {
 
     /// `mremap` in `space`: this process's ranges move with their mappings (a duplicate is a
     /// new range of the same file, found by its faults through `/proc` as in another space);
-    /// another space's cache is forgotten (its faults look the mappings up again).
+    /// another space's cache is forgotten (its faults look the mappings up again) and the
+    /// markers recorded there move with their entries.
     pub(super) fn remap(&self, space: &Space, from: u64, to: u64, len: u64) {
         let (Ok(from), Ok(to), Ok(len)) = (
             usize::try_from(from),
@@ -681,6 +770,11 @@ impl Guard {
         let mut ranges = lock(&space.ranges);
         if !space.own {
             ranges.clear();
+            drop(ranges);
+            // The markers moved with their page-table entries.
+            for file in self.live_files() {
+                file.markers_moved(space.id, from as u64, to as u64, len as u64);
+            }
             return;
         }
         if len == 0 {
@@ -697,7 +791,8 @@ impl Guard {
     }
 
     /// `munmap` in `space` of `[start, end)`: this process's ranges lose that part (nothing
-    /// is touched there afterwards); another space's cache is forgotten.
+    /// is touched there afterwards); another space's cache is forgotten, and so are the
+    /// markers recorded there.
     pub(super) fn unmap(&self, space: &Space, start: u64, end: u64) {
         let (Ok(start), Ok(end)) = (usize::try_from(start), usize::try_from(end)) else {
             return;
@@ -705,12 +800,25 @@ impl Guard {
         let mut ranges = lock(&space.ranges);
         if !space.own {
             ranges.clear();
+            drop(ranges);
+            // The markers went with the mapping.
+            for file in self.live_files() {
+                file.markers_unmapped(space.id, start as u64, end as u64);
+            }
             return;
         }
         cut(&mut ranges, start, end);
         drop(ranges);
         // A mapping made there since the unmap (and registered before this event) stays.
         self.reconcile_own(start, end);
+    }
+
+    /// The files of this process that are alive (whose markers other spaces may hold).
+    fn live_files(&self) -> Vec<Arc<Inner>> {
+        lock(&self.files)
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect()
     }
 
     /// Records that this process's host mapping at `addr` is now `len` bytes long (after

@@ -106,11 +106,14 @@ impl Gate {
 
 /// Installs a poison marker at `addr` of `space`. The kernel answers EAGAIN while a mapping
 /// change of that address space (an `munmap` or `mremap` of a registered range in another
-/// thread) waits for its event to be read; the guard's reader reads it at once, so the call
-/// is retried (yielding, for at most about 10 ms: never waiting on the server, which may be
-/// this thread). False if no marker could be installed.
+/// thread) waits for its event to be read; in this process's space the guard's reader reads
+/// it at once, so the call is retried (yielding, for at most about 10 ms: never waiting on
+/// the server, which may be this thread). In another space the events are held while the
+/// fault is served ([`Guard::hold`]): no retry, the faulting thread faults again. False if no
+/// marker could be installed.
 fn poison(space: &Space, addr: u64, len: usize) -> bool {
-    for _ in 0..1000 {
+    let tries = if space.own { 1000 } else { 1 };
+    for _ in 0..tries {
         match space.uffd.poison(addr, len) {
             Ok(()) => return true,
             Err(sys::uffd::PoisonError::Failed(Errno::EAGAIN)) => {
@@ -120,6 +123,25 @@ fn poison(space: &Space, addr: u64, len: usize) -> bool {
         }
     }
     false
+}
+
+/// Which markers of other address spaces [`Inner::map_over_markers`] replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Markers {
+    /// Those on private pages ([`Gate::markers`]).
+    Private,
+    /// Those failed NO_DIRECT_MAP hand-outs left ([`Gate::sigbus`]).
+    FailedHandOut,
+}
+
+/// Maps the file's page over the marker at `addr` of `space` (`UFFDIO_CONTINUE`;
+/// `UFFDIO_ZEROPAGE` if the file lost the page), once.
+fn map_over(space: &Space, addr: u64) -> Result<(), Errno> {
+    match space.uffd.continue_page(addr, PAGE_SIZE) {
+        Err(Errno::EAGAIN) => Err(Errno::EAGAIN),
+        Err(_) => space.uffd.zeropage(addr, PAGE_SIZE),
+        Ok(()) => Ok(()),
+    }
 }
 
 impl super::EmulatedGuestMemfd {
@@ -320,6 +342,36 @@ impl Inner {
         gate.sigbus.extend(failed);
     }
 
+    /// `mremap` in another address space `space` moved `[from, from + len)` to `to`: the
+    /// markers recorded there moved with their page-table entries. (A destination that was
+    /// mapped was unmapped first, with an event of its own.)
+    pub(super) fn markers_moved(&self, space: u64, from: u64, to: u64, len: u64) {
+        let end = from.saturating_add(len);
+        let mut gate = self.gate();
+        let gate = &mut *gate;
+        for set in [&mut gate.markers, &mut gate.sigbus] {
+            let moved: Vec<(u64, u64, u64)> = set
+                .iter()
+                .filter(|m| m.1 == space && (from..end).contains(&m.2))
+                .copied()
+                .collect();
+            for m in &moved {
+                set.remove(m);
+            }
+            set.extend(moved.iter().map(|m| (m.0, space, m.2 - from + to)));
+        }
+    }
+
+    /// `[start, end)` of another address space `space` was unmapped: the markers recorded
+    /// there went with it.
+    pub(super) fn markers_unmapped(&self, space: u64, start: u64, end: u64) {
+        let mut gate = self.gate();
+        let gate = &mut *gate;
+        for set in [&mut gate.markers, &mut gate.sigbus] {
+            set.retain(|m| m.1 != space || !(start..end).contains(&m.2));
+        }
+    }
+
     /// The end (page, exclusive) of the fault-around window from `page` (see
     /// [`Inner::serve_host_fault`]): `page + 1` unless `page` is in the remembered working
     /// set.
@@ -436,41 +488,80 @@ impl Inner {
                 gate.was_mapped.move_range(a, a + 1, None);
             }
         }
-        for &(s, e) in runs {
-            let (first, end) = pages_of(s, e - s);
-            for entry in Gate::in_pages(&gate.markers, first, end) {
-                gate.markers.remove(&entry);
-                let (page, space, addr) = entry;
-                if self.map_over_marker(space, addr) {
-                    gate.elsewhere.insert(page);
-                }
-            }
-        }
+        drop(gate);
+        self.map_over_markers(guard, runs, Markers::Private);
         Ok(())
     }
 
-    /// Maps the file's page over the marker at `addr` of another address space `space`
-    /// (`UFFDIO_CONTINUE`; `UFFDIO_ZEROPAGE` if the file lost the page). False if the space
-    /// has gone or nothing was mapped.
-    fn map_over_marker(&self, space: u64, addr: u64) -> bool {
-        let Some(space) = self.guard().and_then(|g| g.space(space)) else {
-            return false;
+    /// Maps the file's pages over the markers of kind `which` left in other address spaces
+    /// on pages of `runs` (bytes), and forgets them (`UFFDIO_CONTINUE` at the recorded
+    /// address; `UFFDIO_ZEROPAGE` if the file lost the page). Called without the gate.
+    ///
+    /// A marker is recorded by address, and `UFFDIO_CONTINUE` maps whatever page the mapping
+    /// at that address holds *now*: a process that moved a mapping of a private page there
+    /// would get that page (found in review). So each space's markers are
+    /// mapped with its events held ([`Guard::hold`]) after every event read before is handled
+    /// ([`Guard::flush`]; an `munmap` or `mremap` there moves or drops the recorded markers):
+    /// the record is then what the space maps, and a change still in flight makes the kernel
+    /// answer EAGAIN, after which the hold is let go, the event handled, and the space tried
+    /// again (for about 10 ms; a marker that cannot be replaced by then is forgotten, and
+    /// that process keeps SIGBUS on the page: refused, never granted).
+    fn map_over_markers(&self, guard: &Guard, runs: &[(u64, u64)], which: Markers) {
+        let in_runs = |gate: &Gate, space: Option<u64>| -> Vec<(u64, u64, u64)> {
+            let set = match which {
+                Markers::Private => &gate.markers,
+                Markers::FailedHandOut => &gate.sigbus,
+            };
+            runs.iter()
+                .flat_map(|&(s, e)| {
+                    let (first, end) = pages_of(s, e - s);
+                    Gate::in_pages(set, first, end)
+                })
+                .filter(|m| space.is_none_or(|id| m.1 == id))
+                .collect()
         };
-        // EAGAIN while a mapping change of that address space waits for its event: retried
-        // as for a marker (`poison`).
-        for _ in 0..1000 {
-            match space.uffd.continue_page(addr, PAGE_SIZE) {
-                Ok(()) => return true,
-                Err(Errno::EAGAIN) => {}
-                Err(_) => match space.uffd.zeropage(addr, PAGE_SIZE) {
-                    Ok(()) => return true,
-                    Err(Errno::EAGAIN) => {}
-                    Err(_) => return false,
-                },
+        let mut spaces: Vec<u64> = in_runs(&self.gate(), None).iter().map(|m| m.1).collect();
+        spaces.sort_unstable();
+        spaces.dedup();
+        for id in spaces {
+            let space = guard.space(id);
+            for _ in 0..1000 {
+                let hold = space.as_ref().and_then(|sp| guard.hold(sp));
+                guard.flush();
+                let mut gate = self.gate();
+                let mut again = false;
+                for entry in in_runs(&gate, Some(id)) {
+                    let mapped = match (&space, &hold) {
+                        (Some(sp), Some(_)) => map_over(sp, entry.2),
+                        _ => Err(Errno::EINVAL),
+                    };
+                    if mapped == Err(Errno::EAGAIN) {
+                        again = true;
+                        break;
+                    }
+                    match which {
+                        Markers::Private => gate.markers.remove(&entry),
+                        Markers::FailedHandOut => gate.sigbus.remove(&entry),
+                    };
+                    if mapped.is_ok() && which == Markers::Private {
+                        gate.elsewhere.insert(entry.0);
+                    }
+                }
+                drop(gate);
+                drop(hold);
+                if !again {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_micros(10));
             }
-            std::thread::sleep(std::time::Duration::from_micros(10));
+            let mut gate = self.gate();
+            for entry in in_runs(&gate, Some(id)) {
+                match which {
+                    Markers::Private => gate.markers.remove(&entry),
+                    Markers::FailedHandOut => gate.sigbus.remove(&entry),
+                };
+            }
         }
-        false
     }
 
     /// Pages `[first, end)` leave the file (punch-hole): the punch unmaps them from every
@@ -493,16 +584,23 @@ impl Inner {
             return;
         }
         guard.flush();
-        let mut gate = self.gate();
-        for entry in Gate::in_pages(&gate.sigbus, first, end) {
-            gate.sigbus.remove(&entry);
-            let (_, space, addr) = entry;
-            if guard.own.id != space {
-                let _ = self.map_over_marker(space, addr);
-            } else if let Ok(a) = usize::try_from(addr) {
-                guard.zap_own_page(self, a);
+        {
+            let mut gate = self.gate();
+            for entry in Gate::in_pages(&gate.sigbus, first, end) {
+                let (_, space, addr) = entry;
+                if guard.own.id == space {
+                    gate.sigbus.remove(&entry);
+                    if let Ok(a) = usize::try_from(addr) {
+                        guard.zap_own_page(self, a);
+                    }
+                }
             }
         }
+        self.map_over_markers(
+            guard,
+            &[(first * PAGE_SIZE, end * PAGE_SIZE)],
+            Markers::FailedHandOut,
+        );
     }
 
     /// Replaces pages `[first, end)` of the file by new ones with the same content, so that
