@@ -155,6 +155,61 @@ fn a_fork_child_faults_on_private_pages_and_sees_shared_writes(opts: EmulatedOpt
     f.set_shared(0, PAGE_SIZE).unwrap();
 }
 
+/// The kernel lets any holder of a guest_memfd convert it, and a fork child holds the
+/// owner's descriptors: its copy of the file converts through the owner (the fork link), with
+/// the owner's validation and answers, and the conversion holds in both processes.
+fn a_fork_child_converts_through_the_owner(opts: EmulatedOptions) {
+    let (f, m) = prepare(opts);
+    let (mut mine, mut theirs) = UnixStream::pair().unwrap();
+    // SAFETY: fork(2). The child only converts, probes its mapping and uses the socket, then
+    // leaves with _exit without unwinding or running destructors.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        drop(mine);
+        let code = (|| {
+            if f.set_private(2 * PAGE_SIZE, PAGE_SIZE).is_err() {
+                return 10;
+            }
+            if look(&m, 2).is_some() {
+                return 11;
+            }
+            if f.set_private(PAGE_SIZE + 1, PAGE_SIZE).map_err(|e| e.errno)
+                != Err(gmem::Errno::EINVAL)
+            {
+                return 12;
+            }
+            let mut b = [0u8];
+            if theirs.write_all(&[1]).is_err() || theirs.read_exact(&mut b).is_err() {
+                return 13;
+            }
+            if f.set_shared(2 * PAGE_SIZE, PAGE_SIZE).is_err() {
+                return 14;
+            }
+            if look(&m, 2) != Some(0xb2) {
+                return 15;
+            }
+            0
+        })();
+        // SAFETY: ends the child at once.
+        unsafe { libc::_exit(code) };
+    }
+    drop(theirs);
+    let mut b = [0u8];
+    mine.read_exact(&mut b).unwrap();
+    assert_eq!(look(&m, 2), None, "the child's conversion to private");
+    f.guest_write(2 * PAGE_SIZE, &[0xb2]).unwrap();
+    mine.write_all(&[1]).unwrap();
+    let mut status = 0;
+    // SAFETY: reaps our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{opts:?}: child status {status:#x} (10-15: which step failed)"
+    );
+    assert_eq!(look(&m, 2), Some(0xb2), "the child's conversion to shared");
+}
+
 fn a_grandchild_follows_too() {
     let (f, m) = prepare(EmulatedOptions::default());
     let (mut mine, mut theirs) = UnixStream::pair().unwrap();
@@ -391,6 +446,12 @@ fn main() {
         &modes(),
         FLAGS,
         a_second_process_follows_over_a_unix_socket,
+    ));
+    trials.extend(per_mode(
+        "a_fork_child_converts_through_the_owner",
+        &modes(),
+        FLAGS,
+        a_fork_child_converts_through_the_owner,
     ));
     trials.extend(per_mode(
         "a_stopped_second_process_delays_nothing",

@@ -1,7 +1,8 @@
 /*
  * fork (guest_memfd_conversions_test `forked_accesses`): a child keeps the parent's mappings
  * and the rules: it sees the parent's shared writes, and private pages raise SIGBUS in it,
- * including pages converted after the fork. Exit status 3 means the fork part failed (the
+ * including pages converted after the fork; and it converts (it holds the descriptor). Exit
+ * status 3 means the fork part failed (the
  * child could read a private page), 1 any other failure.
  */
 #include "gmem_test.h"
@@ -45,6 +46,17 @@ int main(void)
 			fprintf(stderr, "fork child: page 2 (made private after the fork) read '%c' instead of SIGBUS\n", x);
 			bad = 1;
 		}
+		/* The child holds the descriptor, so it converts, as with the kernel's. */
+		set_private(fd, 3 * page_size, page_size);
+		if (!read_sigbus(m + 3 * page_size, &x)) {
+			fprintf(stderr, "fork child: page 3 (made private by the child) read '%c'\n", x);
+			bad = 1;
+		}
+		set_shared(fd, 2 * page_size, page_size);
+		if (read_sigbus(m + 2 * page_size, &x) || x != 'A') {
+			fprintf(stderr, "fork child: page 2 (made shared by the child) unreadable or wrong\n");
+			_exit(1);
+		}
 		_exit(bad ? 3 : 0);
 	}
 	char r;
@@ -58,9 +70,10 @@ int main(void)
 		fprintf(stderr, "fork: child failed (status %#x)\n", status);
 		return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
 	}
-	/* and the parent still follows the rules */
+	/* and the parent sees the child's conversions */
 	char x;
-	CHECK(read_sigbus(m + 2 * page_size, &x), "parent: page 2 private");
+	CHECK(read_sigbus(m + 3 * page_size, &x), "parent: page 3 made private by the child");
+	CHECK(!read_sigbus(m + 2 * page_size, &x) && x == 'A', "parent: page 2 made shared by the child");
 	done();
 	return 0;
 }

@@ -204,6 +204,10 @@ pub(super) struct Guard {
     spaces: Mutex<BTreeMap<u64, Arc<Space>>>,
     /// The live files of this process by inode, for the lookup in another address space.
     files: Mutex<BTreeMap<u64, Weak<Inner>>>,
+    /// The end of the fork link that fork (and clone) children inherit and send their
+    /// conversion requests on ([`super::handoff`]); the other end is private, served by the
+    /// `gmem-fork-link` thread.
+    fork_link: std::os::unix::net::UnixDatagram,
 }
 
 impl std::fmt::Debug for Guard {
@@ -255,6 +259,20 @@ impl Guard {
         let epoll = Epoll::new()?;
         super::fork::track_fd(uffd.raw_fd());
         super::fork::track_fd(epoll.raw_fd());
+        // The fork link: the serving end is private (recorded), the asking end is what
+        // children inherit.
+        let (fork_link, serve_link) = match std::os::unix::net::UnixDatagram::pair() {
+            Ok((ask, serve)) => {
+                super::fork::track_fd(std::os::fd::AsRawFd::as_raw_fd(&serve));
+                (ask, serve)
+            }
+            Err(e) => {
+                drop(quiet);
+                std::mem::forget(uffd);
+                std::mem::forget(epoll);
+                return Err(Errno(e.raw_os_error().unwrap_or(libc::EMFILE)));
+            }
+        };
         drop(quiet);
         // Once recorded, the two are kept for the life of the process whatever follows: a
         // guard that fails to start leaks them (closed while recorded, a number would replace
@@ -285,6 +303,7 @@ impl Guard {
             own: own.clone(),
             spaces: Mutex::new(BTreeMap::from([(0, own)])),
             files: Mutex::new(BTreeMap::new()),
+            fork_link,
         });
         // The threads hold the guard for the life of the process: a guard is never stopped
         // (fork children and receivers may depend on it after every file here is gone).
@@ -321,7 +340,24 @@ impl Guard {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
         drop(up);
+        // Without its thread nobody would answer a child's request: the guard fails to
+        // start, as without the server (the serving end stays open and recorded with it).
+        let g = guard.clone();
+        std::thread::Builder::new()
+            .name("gmem-fork-link".into())
+            .spawn(move || super::handoff::serve_fork_link(&g, &serve_link))
+            .map_err(|_| Errno::EAGAIN)?;
         Ok(guard)
+    }
+
+    /// The asking end of the fork link ([`super::handoff`]).
+    pub(super) fn fork_link(&self) -> &std::os::unix::net::UnixDatagram {
+        &self.fork_link
+    }
+
+    /// The live file of this process with inode `ino`.
+    pub(super) fn file(&self, ino: u64) -> Option<Arc<Inner>> {
+        lock(&self.files).get(&ino).and_then(Weak::upgrade)
     }
 
     /// Records `file` for the lookup by inode in other address spaces.

@@ -321,6 +321,10 @@ impl EmulatedGuestMemfd {
         if self.inner.owner_link.is_some() {
             return self.convert_through_owner(a);
         }
+        // So does a fork (or clone) child, over the fork link.
+        if !self.inner.in_own_space() {
+            return self.convert_through_fork_link(a);
+        }
         self.owner_only()?;
         self.validate_attributes(a)?;
         let to_private = a.attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0;

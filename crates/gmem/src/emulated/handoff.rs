@@ -19,6 +19,16 @@
 //! `error_offset`. Both ends are private descriptors (a fork child of either process gets
 //! the hole file in their place). Once the owner has gone, a receiver's conversions answer
 //! EOPNOTSUPP (the trust boundary's "owner death").
+//!
+//! A fork (or clone) child of the owner holds, in the kernel's model, every descriptor the
+//! owner had at the fork, and may convert with any of them. Its copy of a file asks the owner
+//! over the *fork link*, a datagram socket pair made with the guard: the child inherits one
+//! end (not private), the owner's `gmem-fork-link` thread serves the other (private). A
+//! request names the file by inode and by the file's secret, which the child has from its
+//! copy of the owner's memory (so a file made after the fork, whose secret it never saw,
+//! cannot be named), and carries one end of a fresh socket pair for the answer, which the
+//! owner sends without waiting (a child that does not read it delays nothing). Many
+//! children share the link; each request is one datagram.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
@@ -38,6 +48,91 @@ const HEADER: usize = 24;
 const LINK_REQUEST: usize = 32;
 /// Its answer: errno (0: success), error_offset.
 const LINK_REPLY: usize = 16;
+/// A fork child's request over the fork link: inode, the file's secret, then a
+/// [`LINK_REQUEST`].
+const FORK_REQUEST: usize = 8 + 16 + LINK_REQUEST;
+
+/// The request bytes of conversion `a` (offset, size, attributes, flags).
+fn request(a: &kvm_memory_attributes2) -> [u8; LINK_REQUEST] {
+    let mut req = [0u8; LINK_REQUEST];
+    req[0..8].copy_from_slice(&a.offset.to_le_bytes());
+    req[8..16].copy_from_slice(&a.size.to_le_bytes());
+    req[16..24].copy_from_slice(&a.attributes.to_le_bytes());
+    req[24..32].copy_from_slice(&a.flags.to_le_bytes());
+    req
+}
+
+/// The conversion a request asks for.
+fn requested(req: &[u8]) -> kvm_memory_attributes2 {
+    kvm_memory_attributes2 {
+        offset: word(req, 0),
+        size: word(req, 8),
+        attributes: word(req, 16),
+        flags: word(req, 24),
+        ..kvm_memory_attributes2::default()
+    }
+}
+
+/// The answer to conversion `a` (its outcome and `error_offset`).
+fn answer(outcome: KernelResult<()>, a: &kvm_memory_attributes2) -> [u8; LINK_REPLY] {
+    let errno = match outcome {
+        Ok(()) => 0,
+        Err(e) => e.0,
+    };
+    let mut reply = [0u8; LINK_REPLY];
+    reply[0..8].copy_from_slice(&i64::from(errno).to_le_bytes());
+    reply[8..16].copy_from_slice(&a.error_offset.to_le_bytes());
+    reply
+}
+
+/// The outcome an answer reports (its `error_offset` into `a`).
+fn answered(reply: &[u8; LINK_REPLY], a: &mut kvm_memory_attributes2) -> KernelResult<()> {
+    let errno = i64::from_le_bytes(reply[0..8].try_into().unwrap_or([0; 8]));
+    a.error_offset = word(reply, 8);
+    match i32::try_from(errno) {
+        Ok(0) => Ok(()),
+        Ok(e) => Err(Errno(e)),
+        Err(_) => Err(Errno(libc::EPROTO)),
+    }
+}
+
+/// The owner's side of the fork link (the `gmem-fork-link` thread, for the life of the
+/// process): each request names a live file of this process by inode and secret, is
+/// converted by the one conversion sequence, and answered on the socket that came with it.
+/// A request that names no such file is answered EOPNOTSUPP; one without a socket, or of
+/// the wrong size, is dropped.
+pub(super) fn serve_fork_link(
+    guard: &super::guard::Guard,
+    link: &std::os::unix::net::UnixDatagram,
+) {
+    loop {
+        let mut req = [0u8; FORK_REQUEST];
+        let (n, mut fds) = match peer::recv_with_fds(link.as_fd(), &mut req, 1) {
+            Ok(v) => v,
+            Err(_) => {
+                // Nothing to read is not an error on a blocking socket; a pause keeps an
+                // unexpected one from spinning.
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                continue;
+            }
+        };
+        let Some(reply_to) = fds.pop() else {
+            continue;
+        };
+        if n != FORK_REQUEST {
+            continue;
+        }
+        let mut a = requested(&req[24..]);
+        let outcome = match guard.file(word(&req, 0)) {
+            Some(inner) if inner.fork_secret[..] == req[8..24] && inner.in_own_space() => {
+                let file = EmulatedGuestMemfd { inner };
+                GuestMemfd::set_attributes(&file, &mut a)
+            }
+            _ => Err(Errno::EOPNOTSUPP),
+        };
+        let _ = peer::send_nonblocking(reply_to.as_fd(), &answer(outcome, &a));
+    }
+}
 
 fn io_errno(e: &std::io::Error) -> Errno {
     Errno(e.raw_os_error().unwrap_or(libc::EIO))
@@ -137,28 +232,16 @@ impl EmulatedGuestMemfd {
             if s.read_exact(&mut req).is_err() {
                 return;
             }
-            let mut a = kvm_memory_attributes2 {
-                offset: word(&req, 0),
-                size: word(&req, 8),
-                attributes: word(&req, 16),
-                flags: word(&req, 24),
-                ..kvm_memory_attributes2::default()
-            };
-            let errno = match GuestMemfd::set_attributes(self, &mut a) {
-                Ok(()) => 0,
-                Err(e) => e.0,
-            };
-            let mut reply = [0u8; LINK_REPLY];
-            reply[0..8].copy_from_slice(&i64::from(errno).to_le_bytes());
-            reply[8..16].copy_from_slice(&a.error_offset.to_le_bytes());
-            if s.write_all(&reply).is_err() {
+            let mut a = requested(&req);
+            let outcome = GuestMemfd::set_attributes(self, &mut a);
+            if s.write_all(&answer(outcome, &a)).is_err() {
                 return;
             }
         }
     }
 
     /// A receiver's conversion, run by the owner over the link: the owner's answer, or
-    /// EOPNOTSUPP once the owner has gone (or for a fork child's copy, which has no link).
+    /// EOPNOTSUPP once the owner has gone (a receiver's fork child has no link).
     pub(super) fn convert_through_owner(&self, a: &mut kvm_memory_attributes2) -> KernelResult<()> {
         let Some(link) = self.inner.owner_link.as_ref() else {
             return Err(Errno::EOPNOTSUPP);
@@ -172,22 +255,36 @@ impl EmulatedGuestMemfd {
         let Some(mut s) = link.get() else {
             return Err(Errno::EOPNOTSUPP);
         };
-        let mut req = [0u8; LINK_REQUEST];
-        req[0..8].copy_from_slice(&a.offset.to_le_bytes());
-        req[8..16].copy_from_slice(&a.size.to_le_bytes());
-        req[16..24].copy_from_slice(&a.attributes.to_le_bytes());
-        req[24..32].copy_from_slice(&a.flags.to_le_bytes());
         let mut reply = [0u8; LINK_REPLY];
-        if s.write_all(&req).is_err() || s.read_exact(&mut reply).is_err() {
+        if s.write_all(&request(a)).is_err() || s.read_exact(&mut reply).is_err() {
             return Err(Errno::EOPNOTSUPP);
         }
-        let errno = i64::from_le_bytes(reply[0..8].try_into().unwrap_or([0; 8]));
-        a.error_offset = word(&reply, 8);
-        match i32::try_from(errno) {
-            Ok(0) => Ok(()),
-            Ok(e) => Err(Errno(e)),
-            Err(_) => Err(Errno(libc::EPROTO)),
-        }
+        answered(&reply, a)
+    }
+
+    /// A fork (or clone) child's conversion, run by the owner over the fork link: the
+    /// owner's answer, or EOPNOTSUPP once the owner has gone, for a copy of a file the owner
+    /// no longer has, and for a received file's children (they have no link).
+    pub(super) fn convert_through_fork_link(
+        &self,
+        a: &mut kvm_memory_attributes2,
+    ) -> KernelResult<()> {
+        let Mechanism::Guard(guard) = &self.inner.mechanism else {
+            return Err(Errno::EOPNOTSUPP);
+        };
+        let (mine, theirs) = UnixStream::pair().map_err(|e| io_errno(&e))?;
+        let mut req = [0u8; FORK_REQUEST];
+        req[0..8].copy_from_slice(&self.inner.ino.to_le_bytes());
+        req[8..24].copy_from_slice(&self.inner.fork_secret);
+        req[24..].copy_from_slice(&request(a));
+        peer::send_with_fds(guard.fork_link().as_fd(), &req, &[theirs.as_fd()])
+            .map_err(|_| Errno::EOPNOTSUPP)?;
+        drop(theirs);
+        let mut reply = [0u8; LINK_REPLY];
+        (&mine)
+            .read_exact(&mut reply)
+            .map_err(|_| Errno::EOPNOTSUPP)?;
+        answered(&reply, a)
     }
 
     /// Receives a file sent with [`EmulatedGuestMemfd::send_to`]: a follower whose host

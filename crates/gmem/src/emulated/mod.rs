@@ -460,6 +460,10 @@ struct Inner {
     owner_space: u64,
     /// A received file's link to its owner, who runs its conversions ([`handoff`]).
     owner_link: Option<Mutex<fork::PrivateStream>>,
+    /// Names the file in a fork child's conversion request to the owner ([`handoff`]): a
+    /// child knows the secrets of the files that existed at its fork, as it holds their
+    /// descriptors in the kernel's model, and no other.
+    fork_secret: [u8; 16],
 }
 
 /// A shared hold on a file's state (and on the fork lock, taken first, released last).
@@ -515,8 +519,8 @@ impl Inner {
 
     /// Whether this copy of the file follows another process's: it was received, or this is
     /// a fork (or clone) child of the process that created it. A follower maps the file (a
-    /// receiver makes new mappings, a child keeps the ones it inherited) and a receiver
-    /// converts through the owner; everything else is the owner's (EOPNOTSUPP).
+    /// receiver makes new mappings, a child keeps the ones it inherited) and converts through
+    /// the owner ([`handoff`]); everything else is the owner's (EOPNOTSUPP).
     fn is_follower(&self) -> bool {
         matches!(self.mechanism, Mechanism::Served(_)) || !self.in_own_space()
     }
@@ -635,6 +639,14 @@ impl EmulatedGuestMemfd {
             (None, Revocation::Remap) => Mechanism::Remap,
             (None, Revocation::Auto) => guard::guard().map_or(Mechanism::Remap, Mechanism::Guard),
         };
+        // getrandom fails only on a kernel without it (before 3.17): then the time and the
+        // inode, which a child could guess — only files made after its fork are at stake.
+        let fork_secret = sys::peer::random_secret().unwrap_or_else(|| {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            (nanos ^ u128::from(ino)).to_le_bytes()
+        });
         let private = flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0;
         // A per-VM key for models that encrypt (SNP); only needs to differ between files.
         let nanos = std::time::SystemTime::now()
@@ -671,6 +683,7 @@ impl EmulatedGuestMemfd {
             conversion_log: OnceLock::new(),
             owner_space: sys::peer::address_space(),
             owner_link: link.map(Mutex::new),
+            fork_secret,
         });
         // No mapping of the file can be made out of a host mapping without the guard
         // (`remap_file_pages`), here or in a child, from now on: installed with the first

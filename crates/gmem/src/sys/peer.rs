@@ -173,6 +173,36 @@ fn new_token() -> u64 {
     t.max(1)
 }
 
+/// 16 random bytes (`getrandom`, waiting for the pool only before it was ever initialised);
+/// None if the kernel gives none.
+pub(crate) fn random_secret() -> Option<[u8; 16]> {
+    let mut t = [0u8; 16];
+    // SAFETY: getrandom writes at most 16 bytes into `t`.
+    let n = unsafe { libc::getrandom(t.as_mut_ptr().cast(), 16, 0) };
+    (n == 16).then_some(t)
+}
+
+/// Sends `data` on socket `fd` without waiting (`MSG_DONTWAIT`) and without SIGPIPE: an
+/// answer to a process that may not read it. ENOTSOCK for anything but a socket.
+pub(crate) fn send_nonblocking(fd: BorrowedFd<'_>, data: &[u8]) -> KernelResult<()> {
+    // SAFETY: `data` is valid for reads of its length across the call.
+    let n = unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        Err(Errno::last())
+    } else if n as usize != data.len() {
+        Err(Errno(libc::EMSGSIZE))
+    } else {
+        Ok(())
+    }
+}
+
 /// A `u64` at the start of a page of its own that a child made without `CLONE_VM` sees as
 /// zero (never freed once installed).
 fn wipe_on_fork_cell() -> Option<*mut std::sync::atomic::AtomicU64> {
