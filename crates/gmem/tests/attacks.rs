@@ -1182,6 +1182,83 @@ fn a_fork_child_racing_a_conversion_cannot_move_a_private_page_under_a_marker(k:
     assert_eq!(guest_byte(&f, 2), 0xA2);
 }
 
+/// Found in review: a fork child made a userfaultfd of its own (any user may, in user mode)
+/// and `UFFDIO_CONTINUE`d private page 1 into the host mapping it inherited — the kernel
+/// checks that the mapping is registered, not with which userfaultfd. A fork child may make
+/// one (a program it executes may receive a file) but install no page with it (EPERM); nor
+/// make a new pid or user namespace, in which the thread ids its faults report would name
+/// other processes. The page stays refused.
+fn a_fork_child_installs_no_page_with_a_userfaultfd_of_its_own(k: Kind) {
+    let f = file(&k);
+    let m = f.mmap_all().unwrap();
+    refused(&f, &m, 1);
+    let base = m.mmap().as_ptr() as usize;
+    let (pid, _s) = fork_with(|_| {
+        // SAFETY: system calls on this child's own descriptors and its own mapping.
+        unsafe {
+            let flags = libc::O_CLOEXEC | 1; // UFFD_USER_MODE_ONLY
+            let uffd = libc::syscall(libc::SYS_userfaultfd, flags) as i32;
+            if uffd < 0 {
+                return 20;
+            }
+            let mut api = [0xAA_u64, 1 << 10, 0]; // UFFD_API, UFFD_FEATURE_MINOR_SHMEM
+            if libc::ioctl(uffd, 0xc018_aa3f, api.as_mut_ptr()) != 0 {
+                return 21;
+            }
+            // UFFDIO_CONTINUE of page 1 into the inherited host mapping.
+            let mut cont = [(base + PAGE) as u64, PS, 0, 0];
+            let r = libc::ioctl(uffd, 0xc020_aa07, cont.as_mut_ptr());
+            if r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
+                return 22;
+            }
+            if look(&m, 1).is_some() {
+                return 23;
+            }
+            if libc::unshare(libc::CLONE_NEWPID) == 0
+                || std::io::Error::last_os_error().raw_os_error() != Some(libc::EPERM)
+            {
+                return 24;
+            }
+            0
+        }
+    });
+    assert_eq!(
+        wait(pid),
+        0,
+        "20-21: no userfaultfd could be made, 22: UFFDIO_CONTINUE not refused, 23: the \
+         private page was read, 24: a new pid namespace"
+    );
+    refused(&f, &m, 1);
+}
+
+/// `shmat` with `SHM_REMAP` replaces what is mapped at an address without an unmap event, so
+/// the guard's record of it would go stale (found in review): refused in every process with
+/// an emulated file (EPERM); `shmat` without it works.
+fn shmat_remap_is_refused(k: Kind) {
+    let f = file(&k);
+    let m = f.mmap_all().unwrap();
+    // SAFETY: a private SysV segment of one page, attached over page 3 of this test's own
+    // mapping (refused) and at an address the kernel picks (allowed), then removed.
+    unsafe {
+        let id = libc::shmget(libc::IPC_PRIVATE, PAGE, libc::IPC_CREAT | 0o600);
+        assert!(id >= 0);
+        let at = m.mmap().as_ptr().add(3 * PAGE).cast::<libc::c_void>();
+        let r = libc::shmat(id, at, libc::SHM_REMAP);
+        let err = std::io::Error::last_os_error().raw_os_error();
+        let fine = libc::shmat(id, std::ptr::null(), 0);
+        libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut());
+        assert_eq!(
+            (r as isize, err),
+            (-1, Some(libc::EPERM)),
+            "shmat SHM_REMAP"
+        );
+        assert_ne!(fine as isize, -1, "plain shmat");
+        libc::shmdt(fine);
+    }
+    assert_eq!(look(&m, 3), Some(0x43));
+    refused(&f, &m, 1);
+}
+
 /// Item 3: the memory file behind an emulated file cannot be opened anew through
 /// `/proc/<pid>/fd` by another process of the same user (which needs only PTRACE_MODE_READ):
 /// EACCES for reading and for writing, so no private page is reached without an address.
@@ -1408,6 +1485,12 @@ fn main() {
         a_vfork_child_closing_descriptors_changes_nothing_here,
     );
     add("no_reopen_through_proc", all(), no_reopen_through_proc);
+    add(
+        "a_fork_child_installs_no_page_with_a_userfaultfd_of_its_own",
+        guarded(),
+        a_fork_child_installs_no_page_with_a_userfaultfd_of_its_own,
+    );
+    add("shmat_remap_is_refused", all(), shmat_remap_is_refused);
     add(
         "remap_file_pages_makes_no_unguarded_mapping",
         all(),

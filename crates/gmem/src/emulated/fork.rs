@@ -91,6 +91,25 @@ extern "C" fn release() {
 extern "C" fn child() {
     release();
     forget_private_fds();
+    if INHERITS_HOST_MAPPINGS.load(Ordering::Relaxed) {
+        // What the child cannot be trusted with (its own userfaultfd, new pid namespaces):
+        // `sys::seccomp`. System calls only.
+        let _ = crate::sys::seccomp::restrict_fork_child();
+    }
+}
+
+/// Set once this process has made a host mapping that fork children inherit (under the
+/// guard, or a received file's): from then on every fork child gets the child's filter.
+static INHERITS_HOST_MAPPINGS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Records that this process has a host mapping fork children inherit (the child's filter
+/// is assembled now: the child handler may not allocate).
+pub(super) fn host_mapping_inherited() {
+    if !INHERITS_HOST_MAPPINGS.load(Ordering::Relaxed) {
+        crate::sys::seccomp::prepare_fork_child_filter();
+        INHERITS_HOST_MAPPINGS.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Private descriptors are tracked below this number (the kernel's default `fs.nr_open`): a

@@ -256,6 +256,12 @@ impl Guard {
         items.try_reserve_exact(QUEUE).map_err(|_| Errno::ENOMEM)?;
         let quiet = super::fork::quiet();
         let (uffd, kernel_faults) = PoisonFd::guard()?;
+        // A descendant of a fork child of a process with host mappings may install no page
+        // with a userfaultfd (`sys::seccomp`): no guard here (`Auto` then uses Remap).
+        if sys::seccomp::continue_refused(uffd.as_fd()) {
+            uffd.close_raw();
+            return Err(Errno::EOPNOTSUPP);
+        }
         let epoll = Epoll::new()?;
         super::fork::track_fd(uffd.raw_fd());
         super::fork::track_fd(epoll.raw_fd());

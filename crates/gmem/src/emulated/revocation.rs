@@ -312,6 +312,9 @@ impl EmulatedGuestMemfd {
             charged: 0,
         };
         no_thp(map, 0, map.len())?;
+        if !matches!(self.inner.mechanism, Mechanism::Remap) {
+            super::fork::host_mapping_inherited();
+        }
         match &self.inner.mechanism {
             Mechanism::Guard(g) => g.register(map, &self.inner, file_offset)?,
             Mechanism::Served(uffd) => uffd.register(map)?,

@@ -1,27 +1,50 @@
-//! The one system call that makes a new mapping of a file out of an existing mapping, with no
-//! descriptor and no `UFFD_EVENT_*`: `remap_file_pages(2)`. Since Linux 3.16 it is emulated by
-//! a fresh `mmap(MAP_FIXED)` of the mapping's own file at any offset (`MAP_POPULATE`), and that
-//! new mapping inherits no userfaultfd registration. Called on a host mapping of an emulated
-//! file, it gave an unguarded mapping of any page of the memory file, private ones included,
-//! in the owner and in every fork child (found in review, December 2026). The kernel's
-//! guest_memfd needs no such rule: its fault handler checks every mapping however it was made.
-//! gmem's guard is registration per mapping, so the call is refused instead, from the first
-//! emulated file a process makes or receives, by a seccomp filter that every thread and every
-//! child of the process inherits and none can remove
-//! (EPERM, for every mapping: the filter cannot tell which file a range maps).
+//! Seccomp filters: the calls that would take a mapping of an emulated file out of the guard's
+//! sight, which the kernel's guest_memfd needs no rule for (its fault handler checks every
+//! mapping however it was made, and a process cannot impersonate another to it) and gmem's
+//! guard — a userfaultfd registration per mapping, looked up through `/proc/<tid>/maps` —
+//! does.
+//!
+//! **In every process with an emulated file** ([`refuse_remap_file_pages`], from the first
+//! file a process makes or receives; every thread through `SECCOMP_FILTER_FLAG_TSYNC`,
+//! inherited by every child, kept across `exec`, removable by none):
+//! - `remap_file_pages(2)`, emulated since Linux 3.16 by a fresh `mmap(MAP_FIXED)` of the
+//!   mapping's own file at any offset, which inherits no registration and makes no event: on
+//!   a host mapping it mapped any page of the memory file, private ones included (found in
+//!   review, December 2026). EPERM, for every mapping (the filter cannot tell which file a
+//!   range maps).
+//! - `shmat(2)` with `SHM_REMAP`, which replaces whatever is mapped at an address with no
+//!   unmap event, so the guard's record of what an address maps could go stale (found in
+//!   review). EPERM; `shmat` without it is untouched.
+//!
+//! **In fork children of a process with host mappings** ([`restrict_fork_child`], from the
+//! fork child handler, by system calls only):
+//! - the userfaultfd calls that install a page — `UFFDIO_CONTINUE`, `UFFDIO_COPY`,
+//!   `UFFDIO_ZEROPAGE`: with a userfaultfd of its own (any user may make one, in user mode) a
+//!   child could `UFFDIO_CONTINUE` a private page into the host mapping it inherited, or
+//!   place a page of its choosing in one the file does not hold yet (the kernel checks that
+//!   the mapping is registered, not with which userfaultfd: found in review). EPERM. Making
+//!   a userfaultfd, registering it and sending it on stay allowed, so a program the child
+//!   executes can still receive a file; its own emulated files use the Remap mechanism
+//!   (the guard needs `UFFDIO_CONTINUE`, and finds it refused: [`continue_refused`]).
+//! - new pid (and user) namespaces — `clone`/`unshare` with `CLONE_NEWPID` or
+//!   `CLONE_NEWUSER`, `setns`, and `clone3`, whose flags a filter cannot read (ENOSYS: the C
+//!   library falls back to `clone`): the thread id a fault reports is counted in the faulting
+//!   thread's pid namespace, so a thread of a grandchild in a new one could name another
+//!   process, whose maps the guard would then read (found in review). EPERM.
+//! - every x32 call (an ABI of its own numbers, off in common kernels).
 //!
 //! Installing a filter needs `CAP_SYS_ADMIN` or `no_new_privs`; without the capability gmem
-//! sets `no_new_privs` (process-wide through `SECCOMP_FILTER_FLAG_TSYNC`: a setuid program the
-//! process executes later runs without its privileges). If another thread already has a
-//! filter of its own (a VMM that filters per thread), `TSYNC` is refused and the filter is
-//! installed on the calling thread only, which covers every thread it creates afterwards;
-//! [`RemapFilePages`] says which.
+//! sets `no_new_privs` (a set-user-ID program the process executes later gains no
+//! privileges). If another thread already has a filter of its own (a VMM that filters per
+//! thread), `TSYNC` is refused and the process-wide filter is installed on the calling thread
+//! only, which covers every thread and child it creates afterwards; [`RemapFilePages`] says
+//! which.
 
 use std::sync::OnceLock;
 
 use crate::error::Errno;
 
-/// How `remap_file_pages(2)` is refused in this process.
+/// How `remap_file_pages(2)` (and `shmat` with `SHM_REMAP`) is refused in this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RemapFilePages {
     /// In every thread and every child (EPERM).
@@ -39,64 +62,248 @@ pub enum RemapFilePages {
 
 const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
 const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+const JSET_K: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
 const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
-/// Offsets in `struct seccomp_data`.
+/// Offsets in `struct seccomp_data`: the call's number, the architecture, the arguments (the
+/// low 32 bits of argument `i` at `ARGS + 8 * i`, little-endian).
 const NR: u32 = 0;
 const ARCH: u32 = 4;
+const ARGS: u32 = 16;
 
-/// The native architecture, its number of the call, and the compat ABI's (x32 shares the
-/// native architecture with `__X32_SYSCALL_BIT` set).
+const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
+const EPERM: u32 = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+const ENOSYS: u32 = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+
+/// The system call numbers the filters name, per ABI.
+struct Abi {
+    arch: u32,
+    remap_file_pages: u32,
+    /// `shmat`, and the argument holding its flags.
+    shmat: (u32, u32),
+    /// i386's `ipc` multiplexer (call `SHMAT` = 21 in argument 0, flags in argument 2).
+    ipc: Option<u32>,
+    ioctl: u32,
+    unshare: u32,
+    clone: u32,
+    clone3: u32,
+    setns: u32,
+}
+
 #[cfg(target_arch = "x86_64")]
-const NATIVE: (u32, u32, u32) = (0xC000_003E, 216, 0x4000_0000 | 216);
+const NATIVE: Abi = Abi {
+    arch: 0xC000_003E,
+    remap_file_pages: 216,
+    shmat: (30, 2),
+    ipc: None,
+    ioctl: 16,
+    unshare: 272,
+    clone: 56,
+    clone3: 435,
+    setns: 308,
+};
 #[cfg(target_arch = "x86_64")]
-const COMPAT: (u32, u32) = (0x4000_0003, 257);
+const COMPAT: Abi = Abi {
+    arch: 0x4000_0003,
+    remap_file_pages: 257,
+    shmat: (397, 2),
+    ipc: Some(117),
+    ioctl: 54,
+    unshare: 310,
+    clone: 120,
+    clone3: 435,
+    setns: 346,
+};
+/// x32 calls carry this bit on the native architecture.
+#[cfg(target_arch = "x86_64")]
+const X32: Option<u32> = Some(0x4000_0000);
+
 #[cfg(target_arch = "aarch64")]
-const NATIVE: (u32, u32, u32) = (0xC000_00B7, 234, 234);
+const NATIVE: Abi = Abi {
+    arch: 0xC000_00B7,
+    remap_file_pages: 234,
+    shmat: (196, 2),
+    ipc: None,
+    ioctl: 29,
+    unshare: 97,
+    clone: 220,
+    clone3: 435,
+    setns: 268,
+};
 #[cfg(target_arch = "aarch64")]
-const COMPAT: (u32, u32) = (0x4000_0028, 253);
+const COMPAT: Abi = Abi {
+    arch: 0x4000_0028,
+    remap_file_pages: 253,
+    shmat: (305, 2),
+    ipc: None,
+    ioctl: 54,
+    unshare: 337,
+    clone: 120,
+    clone3: 435,
+    setns: 375,
+};
+#[cfg(target_arch = "aarch64")]
+const X32: Option<u32> = None;
 
-fn stmt(code: u16, k: u32) -> libc::sock_filter {
-    libc::sock_filter {
-        code,
-        jt: 0,
-        jf: 0,
-        k,
+/// `SHM_REMAP`.
+const SHM_REMAP: u32 = 0o40000;
+/// `UFFDIO_CONTINUE`, `UFFDIO_COPY`, `UFFDIO_ZEROPAGE` (`_IOWR(0xAA, n, struct)`; the
+/// structures have the same size in every ABI).
+const UFFDIO_CONTINUE: u32 = 0xC020_AA07;
+const UFFDIO_COPY: u32 = 0xC028_AA03;
+const UFFDIO_ZEROPAGE: u32 = 0xC020_AA04;
+const NEW_NAMESPACES: u32 = (libc::CLONE_NEWPID | libc::CLONE_NEWUSER) as u32;
+
+/// One instruction of a filter before its jumps are resolved: jumps name a label; a jump not
+/// taken falls through.
+#[derive(Clone, Copy)]
+enum Op {
+    Ld(u32),
+    /// Jump to the label if the accumulator equals the constant.
+    Jeq(u32, usize),
+    /// Jump to the label if the accumulator has a bit of the constant.
+    Jset(u32, usize),
+    Ret(u32),
+    Label(usize),
+}
+
+/// Resolves the labels of `ops` into a classic BPF program. Panics only on a program this
+/// module wrote wrongly (a label used but never placed, a jump of more than 255): the tests
+/// build both programs.
+fn assemble(ops: &[Op]) -> Vec<libc::sock_filter> {
+    let mut at = std::collections::BTreeMap::new();
+    let mut n = 0usize;
+    for op in ops {
+        match op {
+            Op::Label(l) => {
+                at.insert(*l, n);
+            }
+            _ => n += 1,
+        }
     }
-}
-
-fn jeq(k: u32, jt: u8, jf: u8) -> libc::sock_filter {
-    libc::sock_filter {
-        code: JEQ_K,
-        jt,
-        jf,
-        k,
+    let mut prog = Vec::with_capacity(n);
+    for op in ops {
+        let here = prog.len();
+        let jump = |l: &usize| -> u8 {
+            let to = at[l];
+            u8::try_from(to - here - 1).expect("a filter jump fits in 8 bits")
+        };
+        let (code, jt, k) = match op {
+            Op::Label(_) => continue,
+            Op::Ld(off) => (LD_W_ABS, 0, *off),
+            Op::Jeq(k, l) => (JEQ_K, jump(l), *k),
+            Op::Jset(k, l) => (JSET_K, jump(l), *k),
+            Op::Ret(k) => (RET_K, 0, *k),
+        };
+        prog.push(libc::sock_filter { code, jt, jf: 0, k });
     }
+    prog
 }
 
-/// The classic BPF program: EPERM for `remap_file_pages` in the native ABI, x32 and the
-/// 32-bit compat ABI; everything else allowed.
-fn program() -> [libc::sock_filter; 11] {
-    let deny = libc::SECCOMP_RET_ERRNO | (libc::EPERM as u32 & libc::SECCOMP_RET_DATA);
-    [
-        stmt(LD_W_ABS, ARCH),
-        jeq(NATIVE.0, 0, 4),                  // 1: native → 2, else → 6
-        stmt(LD_W_ABS, NR),                   // 2
-        jeq(NATIVE.1, 6, 0),                  // 3: → 10 (deny)
-        jeq(NATIVE.2, 5, 0),                  // 4: → 10 (deny)
-        stmt(RET_K, libc::SECCOMP_RET_ALLOW), // 5
-        jeq(COMPAT.0, 0, 2),                  // 6: compat → 7, else → 9
-        stmt(LD_W_ABS, NR),                   // 7
-        jeq(COMPAT.1, 1, 0),                  // 8: → 10 (deny)
-        stmt(RET_K, libc::SECCOMP_RET_ALLOW), // 9
-        stmt(RET_K, deny),                    // 10
-    ]
+/// The process-wide filter: EPERM for `remap_file_pages` and `shmat(…, SHM_REMAP)` in the
+/// native ABI, x32 and the compat ABI.
+fn process_program() -> Vec<libc::sock_filter> {
+    const COMPAT_L: usize = 1;
+    const SHMAT: usize = 2;
+    const IPC: usize = 3;
+    const DENY: usize = 4;
+    let mut ops = vec![
+        Op::Ld(ARCH),
+        Op::Jeq(COMPAT.arch, COMPAT_L),
+        Op::Jeq(NATIVE.arch, 10),
+        Op::Ret(ALLOW),
+        Op::Label(10),
+        Op::Ld(NR),
+        Op::Jeq(NATIVE.remap_file_pages, DENY),
+        Op::Jeq(NATIVE.shmat.0, SHMAT),
+    ];
+    if let Some(bit) = X32 {
+        ops.push(Op::Jeq(bit | NATIVE.remap_file_pages, DENY));
+        ops.push(Op::Jeq(bit | NATIVE.shmat.0, SHMAT));
+    }
+    ops.extend([
+        Op::Ret(ALLOW),
+        Op::Label(COMPAT_L),
+        Op::Ld(NR),
+        Op::Jeq(COMPAT.remap_file_pages, DENY),
+        Op::Jeq(COMPAT.shmat.0, SHMAT),
+    ]);
+    if let Some(ipc) = COMPAT.ipc {
+        ops.push(Op::Jeq(ipc, IPC));
+    }
+    ops.extend([
+        Op::Ret(ALLOW),
+        Op::Label(IPC),
+        Op::Ld(ARGS),
+        Op::Jeq(21, 11),
+        Op::Ret(ALLOW),
+        Op::Label(11),
+        Op::Label(SHMAT),
+        Op::Ld(ARGS + 8 * NATIVE.shmat.1),
+        Op::Jset(SHM_REMAP, DENY),
+        Op::Ret(ALLOW),
+        Op::Label(DENY),
+        Op::Ret(EPERM),
+    ]);
+    assemble(&ops)
 }
 
-/// `seccomp(SECCOMP_SET_MODE_FILTER, flags, prog)`: the raw return value.
-fn set_filter(flags: libc::c_ulong) -> Result<i64, Errno> {
-    let prog = program();
+/// The fork child's filter (see the module documentation).
+fn fork_child_program() -> Vec<libc::sock_filter> {
+    const COMPAT_L: usize = 1;
+    const IOCTL: usize = 2;
+    const NS: usize = 3;
+    const DENY: usize = 4;
+    const NOSYS: usize = 5;
+    const NATIVE_L: usize = 6;
+    let calls = |abi: &Abi| {
+        [
+            Op::Ld(NR),
+            Op::Jeq(abi.setns, DENY),
+            Op::Jeq(abi.clone3, NOSYS),
+            Op::Jeq(abi.ioctl, IOCTL),
+            Op::Jeq(abi.unshare, NS),
+            Op::Jeq(abi.clone, NS),
+        ]
+    };
+    let mut ops = vec![
+        Op::Ld(ARCH),
+        Op::Jeq(NATIVE.arch, NATIVE_L),
+        Op::Jeq(COMPAT.arch, COMPAT_L),
+        Op::Ret(ALLOW),
+        Op::Label(NATIVE_L),
+    ];
+    ops.extend(calls(&NATIVE));
+    if let Some(bit) = X32 {
+        ops.push(Op::Jset(bit, DENY));
+    }
+    ops.push(Op::Ret(ALLOW));
+    ops.push(Op::Label(COMPAT_L));
+    ops.extend(calls(&COMPAT));
+    ops.extend([
+        Op::Ret(ALLOW),
+        Op::Label(IOCTL),
+        Op::Ld(ARGS + 8),
+        Op::Jeq(UFFDIO_CONTINUE, DENY),
+        Op::Jeq(UFFDIO_COPY, DENY),
+        Op::Jeq(UFFDIO_ZEROPAGE, DENY),
+        Op::Ret(ALLOW),
+        Op::Label(NS),
+        Op::Ld(ARGS),
+        Op::Jset(NEW_NAMESPACES, DENY),
+        Op::Ret(ALLOW),
+        Op::Label(DENY),
+        Op::Ret(EPERM),
+        Op::Label(NOSYS),
+        Op::Ret(ENOSYS),
+    ]);
+    assemble(&ops)
+}
+
+/// `seccomp(SECCOMP_SET_MODE_FILTER, flags, prog)` by system call (no allocation, no lock: a
+/// fork child handler may call it): the raw return value.
+fn set_filter(prog: &[libc::sock_filter], flags: libc::c_ulong) -> Result<i64, Errno> {
     let fprog = libc::sock_fprog {
-        len: prog.len() as u16,
+        len: u16::try_from(prog.len()).map_err(|_| Errno::EINVAL)?,
         filter: prog.as_ptr().cast_mut(),
     };
     // SAFETY: `fprog` points at `prog`, a valid classic BPF program that lives across the
@@ -116,19 +323,35 @@ fn set_filter(flags: libc::c_ulong) -> Result<i64, Errno> {
     }
 }
 
-fn install() -> RemapFilePages {
-    let mut r = set_filter(libc::SECCOMP_FILTER_FLAG_TSYNC);
-    if r == Err(Errno(libc::EACCES)) {
-        // Neither CAP_SYS_ADMIN nor no_new_privs: set the latter (TSYNC then sets it in
-        // every thread).
-        // SAFETY: prctl with integer arguments only.
-        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } == 0 {
-            r = set_filter(libc::SECCOMP_FILTER_FLAG_TSYNC);
+/// `set_filter`, setting `no_new_privs` first where the kernel asks for it (no
+/// `CAP_SYS_ADMIN`).
+fn set_filter_as_allowed(prog: &[libc::sock_filter], flags: libc::c_ulong) -> Result<i64, Errno> {
+    match set_filter(prog, flags) {
+        Err(e) if e == Errno(libc::EACCES) => {
+            // SAFETY: prctl with integer arguments only.
+            if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+                return Err(e);
+            }
+            set_filter(prog, flags)
         }
+        r => r,
+    }
+}
+
+fn install() -> RemapFilePages {
+    let prog = process_program();
+    let mut r = set_filter_as_allowed(&prog, libc::SECCOMP_FILTER_FLAG_TSYNC);
+    // TSYNC answers EAGAIN while another thread is being created or is exiting: retried.
+    for _ in 0..100 {
+        if r != Err(Errno::EAGAIN) && r != Err(Errno::EINTR) {
+            break;
+        }
+        std::thread::yield_now();
+        r = set_filter_as_allowed(&prog, libc::SECCOMP_FILTER_FLAG_TSYNC);
     }
     match r {
         Ok(0) => RemapFilePages::Refused,
-        Ok(tid) => match set_filter(0) {
+        Ok(tid) => match set_filter(&prog, 0) {
             Ok(_) => RemapFilePages::RefusedFromThisThread { tid },
             Err(e) => RemapFilePages::NotRefused(e),
         },
@@ -136,28 +359,82 @@ fn install() -> RemapFilePages {
     }
 }
 
-/// Refuses `remap_file_pages(2)` in this process from now on (once; a fork child inherits the
-/// filter and the answer), and says how.
+/// The answer once the filter is in place (a fork child inherits filter and answer).
+static INSTALLED: OnceLock<RemapFilePages> = OnceLock::new();
+
+/// Refuses `remap_file_pages(2)` and `shmat(…, SHM_REMAP)` in this process from now on, and
+/// says how. Once in place it is not installed again; a failure is tried again at the next
+/// call.
 pub(crate) fn refuse_remap_file_pages() -> RemapFilePages {
-    static DONE: OnceLock<RemapFilePages> = OnceLock::new();
-    *DONE.get_or_init(install)
+    if let Some(done) = INSTALLED.get() {
+        return *done;
+    }
+    let r = install();
+    if matches!(r, RemapFilePages::NotRefused(_)) {
+        return r;
+    }
+    *INSTALLED.get_or_init(|| r)
+}
+
+/// How the process-wide filter stands in this process: `None` if no emulated file installed
+/// it yet.
+pub fn remap_file_pages_refused() -> Option<RemapFilePages> {
+    INSTALLED.get().copied()
+}
+
+/// Whether this process may not install pages with a userfaultfd (a descendant of a fork
+/// child, under the child's filter): `UFFDIO_CONTINUE` of nothing answers EPERM from the
+/// filter where the kernel would answer EINVAL. `uffd` is a userfaultfd of this process.
+pub(crate) fn continue_refused(uffd: std::os::fd::BorrowedFd<'_>) -> bool {
+    let mut arg = [0u64; 4];
+    // SAFETY: UFFDIO_CONTINUE of an empty range at address 0: the kernel reads and writes
+    // `arg` (32 bytes, the size of `struct uffdio_continue`) and maps nothing.
+    let r = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&uffd),
+            libc::c_ulong::from(UFFDIO_CONTINUE),
+            arg.as_mut_ptr(),
+        )
+    };
+    r == -1 && Errno::last() == Errno::EPERM
+}
+
+/// The fork child's filter, assembled in the parent (the child handler may not allocate).
+static FORK_CHILD: OnceLock<Vec<libc::sock_filter>> = OnceLock::new();
+
+/// Prepares [`restrict_fork_child`] (in the parent, before any fork that needs it).
+pub(crate) fn prepare_fork_child_filter() {
+    let _ = FORK_CHILD.get_or_init(fork_child_program);
+}
+
+/// Installs the fork child's filter in this (child) process: system calls only, no lock, no
+/// allocation. False if it could not be installed (the child then runs unrestricted, as a
+/// raw `clone` child does; see the trust boundary).
+pub(crate) fn restrict_fork_child() -> bool {
+    let Some(prog) = FORK_CHILD.get() else {
+        return false;
+    };
+    set_filter_as_allowed(prog, 0).is_ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_program_jumps_stay_inside_it() {
-        let p = program();
+    fn check(p: &[libc::sock_filter]) {
         for (i, ins) in p.iter().enumerate() {
-            if ins.code == JEQ_K {
-                assert!(i + 1 + usize::from(ins.jt) < p.len());
-                assert!(i + 1 + usize::from(ins.jf) < p.len());
-                let t = &p[i + 1 + usize::from(ins.jt)];
-                assert!(t.code == LD_W_ABS || t.code == RET_K || t.code == JEQ_K);
+            if ins.code == JEQ_K || ins.code == JSET_K {
+                let t = i + 1 + usize::from(ins.jt);
+                assert!(t < p.len() && i + 1 < p.len(), "instruction {i} jumps out");
             }
         }
-        assert_eq!(p[p.len() - 1].code, RET_K);
+        assert_eq!(p[p.len() - 1].code, RET_K, "the program ends in a return");
+        assert!(p.len() < 100);
+    }
+
+    #[test]
+    fn both_programs_jump_inside_themselves_and_end_in_a_return() {
+        check(&process_program());
+        check(&fork_child_program());
     }
 }
