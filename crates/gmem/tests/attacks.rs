@@ -1231,6 +1231,59 @@ fn a_fork_child_installs_no_page_with_a_userfaultfd_of_its_own(k: Kind) {
     refused(&f, &m, 1);
 }
 
+/// Found in review: the fork event recorded this process's markers as the child's at the same
+/// addresses, also where the child inherited nothing (`MADV_DONTFORK`); the child then grew
+/// another mapping of the file over that address in place (no event) and the next
+/// conversion to shared of the marker's page mapped what that mapping holds there: a
+/// private page. Here page 1 has a marker and is not inherited; the child moves its mapping of
+/// page 5 to page 0's place and grows it over page 1's address, where it maps private page 6.
+fn a_fork_child_cannot_grow_a_mapping_under_a_marker_it_did_not_inherit(k: Kind) {
+    let f = file(&k);
+    f.set_private(6 * PS, PS).unwrap();
+    let m = f.mmap_all().unwrap();
+    let base = m.mmap().as_ptr() as usize;
+    refused(&f, &m, 1);
+    assert_eq!(madvise_raw(&m, PAGE, PAGE, libc::MADV_DONTFORK), 0);
+    let (pid, mut s) = fork_with(|mut s| {
+        // SAFETY: moves and grows this child's own copies of the host mapping's pages; the
+        // addresses are this mapping's, which nothing else here refers to.
+        unsafe {
+            let moved = libc::mremap(
+                (base + 5 * PAGE) as *mut libc::c_void,
+                PAGE,
+                PAGE,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                base as *mut libc::c_void,
+            );
+            if moved as usize != base {
+                return 10;
+            }
+            let grown = libc::mremap(base as *mut libc::c_void, PAGE, 2 * PAGE, 0);
+            if grown as usize != base {
+                return 11;
+            }
+        }
+        let mut b = [0u8];
+        if s.write_all(&[1]).is_err() || s.read_exact(&mut b).is_err() {
+            return 12;
+        }
+        match kernel_read(base + PAGE) {
+            Some(0x46) => 20,
+            _ => 0,
+        }
+    });
+    let mut b = [0u8];
+    s.read_exact(&mut b).unwrap();
+    f.set_shared(PS, PS).unwrap();
+    s.write_all(&[1]).unwrap();
+    assert_eq!(
+        wait(pid),
+        0,
+        "20: the child read private page 6 under page 1's marker"
+    );
+    assert_eq!(madvise_raw(&m, PAGE, PAGE, libc::MADV_DOFORK), 0);
+}
+
 /// `shmat` with `SHM_REMAP` replaces what is mapped at an address without an unmap event, so
 /// the guard's record of it would go stale (found in review): refused in every process with
 /// an emulated file (EPERM); `shmat` without it works.
@@ -1491,6 +1544,11 @@ fn main() {
         a_fork_child_installs_no_page_with_a_userfaultfd_of_its_own,
     );
     add("shmat_remap_is_refused", all(), shmat_remap_is_refused);
+    add(
+        "a_fork_child_cannot_grow_a_mapping_under_a_marker_it_did_not_inherit",
+        guarded(),
+        a_fork_child_cannot_grow_a_mapping_under_a_marker_it_did_not_inherit,
+    );
     add(
         "remap_file_pages_makes_no_unguarded_mapping",
         all(),

@@ -42,6 +42,9 @@ use super::Inner;
 use crate::error::{Errno, KernelResult};
 use crate::sys::{self, Epoll, FaultEvent, Mmap, PoisonFd, UffdEvent, PAGE_SIZE};
 
+/// The id of this process's own address space.
+pub(super) const OWN_SPACE: u64 = 0;
+
 /// How often the server looks for address spaces that have gone (ms).
 const SWEEP_MS: u64 = 1000;
 
@@ -62,20 +65,24 @@ struct Slots {
     generation: Vec<u32>,
     /// Events (not faults) read from each slot's userfaultfd since it was taken.
     read: Vec<u64>,
-    /// The slot's events are not to be read for now ([`Guard::hold`]).
-    held: Vec<bool>,
+    /// Holds on the slot's events ([`Guard::hold`]): not read while any is held.
+    held: Vec<u32>,
 }
 
-/// The events of one address space held unread ([`Guard::hold`]); read again on drop.
+/// The events of one address space held unread ([`Guard::hold`]); let go on drop. Holds
+/// count (the server and a conversion may hold the same space at once: found in review, a
+/// flag let the first to finish clear the other's) and name their slot's generation.
 pub(super) struct Hold<'a> {
     guard: &'a Guard,
     slot: usize,
+    generation: u32,
 }
 
 impl Drop for Hold<'_> {
     fn drop(&mut self) {
-        if let Some(h) = lock(&self.guard.slots).held.get_mut(self.slot) {
-            *h = false;
+        let mut slots = lock(&self.guard.slots);
+        if slots.generation.get(self.slot) == Some(&self.generation) {
+            slots.held[self.slot] = slots.held[self.slot].saturating_sub(1);
         }
     }
 }
@@ -290,7 +297,7 @@ impl Guard {
             std::mem::forget(epoll);
             return Err(e);
         }
-        let own = Arc::new(Space::new(0, uffd, true));
+        let own = Arc::new(Space::new(OWN_SPACE, uffd, true));
         let guard = Arc::new(Guard {
             space: sys::peer::address_space(),
             kernel_faults,
@@ -299,7 +306,7 @@ impl Guard {
                 fds,
                 generation: vec![0; MAX_SPACES],
                 read: vec![0; MAX_SPACES],
-                held: vec![false; MAX_SPACES],
+                held: vec![0; MAX_SPACES],
             }),
             events_queued: std::sync::atomic::AtomicU64::new(0),
             events_handled: std::sync::atomic::AtomicU64::new(0),
@@ -307,7 +314,7 @@ impl Guard {
             queued: std::sync::Condvar::new(),
             room: std::sync::Condvar::new(),
             own: own.clone(),
-            spaces: Mutex::new(BTreeMap::from([(0, own)])),
+            spaces: Mutex::new(BTreeMap::from([(OWN_SPACE, own)])),
             files: Mutex::new(BTreeMap::new()),
             fork_link,
         });
@@ -413,7 +420,7 @@ impl Guard {
             slots.generation[slot] = slots.generation[slot].wrapping_add(1);
             slots.fds[slot] = raw;
             slots.read[slot] = 0;
-            slots.held[slot] = false;
+            slots.held[slot] = 0;
             (u64::from(slots.generation[slot]) << 32) | slot as u64
         };
         let space = Arc::new(Space::new(id, uffd, false));
@@ -492,7 +499,7 @@ impl Guard {
             if fd < 0 || u64::from(slots.generation[slot]) != token >> 32 {
                 return false;
             }
-            if slots.held[slot] {
+            if slots.held[slot] > 0 {
                 return true;
             }
             let msg = match sys::read_uffd_msg(fd) {
@@ -561,11 +568,16 @@ impl Guard {
         let mut slots = lock(&self.slots);
         #[allow(clippy::cast_possible_truncation)]
         let slot = (space.id & 0xffff_ffff) as usize;
-        if slots.generation.get(slot).map(|&g| u64::from(g)) != Some(space.id >> 32) {
+        let generation = *slots.generation.get(slot)?;
+        if u64::from(generation) != space.id >> 32 {
             return None;
         }
-        slots.held[slot] = true;
-        Some(Hold { guard: self, slot })
+        slots.held[slot] += 1;
+        Some(Hold {
+            guard: self,
+            slot,
+            generation,
+        })
     }
 
     /// Whether every event of `space` read so far has been handled (for the server, which
@@ -670,7 +682,17 @@ impl Guard {
                     }
                     // The fork copied the parent's poison markers too: they are the child's
                     // now, to be replaced by the page when it is shared again (found in
-                    // review: the child kept SIGBUS on pages shared since).
+                    // review: the child kept SIGBUS on pages shared since). Recorded only
+                    // where the child is known to map what the parent did: from this
+                    // process, whose records are exact, outside the ranges it marked
+                    // `MADV_DONTFORK` (the child has nothing there, and could put another
+                    // page there unseen: found in review); from another space, whose
+                    // layout is known only at a fault, none (that child keeps SIGBUS on
+                    // those pages: refused, never granted).
+                    if !space.own {
+                        return;
+                    }
+                    let dontfork = dontfork_ranges();
                     for &f in &seen {
                         let Some(file) = ranges
                             .values()
@@ -682,11 +704,10 @@ impl Guard {
                         let own: Vec<(usize, u64, usize)> = ranges
                             .iter()
                             .filter(|(_, r)| r.file.as_ptr() == f)
-                            .map(|(&a, r)| (a, r.offset, r.len))
+                            .flat_map(|(&a, r)| inherited(a, r.offset, r.len, &dontfork))
                             .collect();
-                        file.markers_forked(space.own, space.id, new.id, &own);
+                        file.markers_forked(new.id, &own);
                     }
-                    *lock(&new.ranges) = ranges;
                 }
             }
             Some(UffdEvent::Remap { from, to, len }) => self.remap(space, from, to, len),
@@ -717,10 +738,15 @@ impl Guard {
             let _ = space.uffd.wake(page, PAGE_SIZE);
             return;
         }
-        let found = space.lookup(addr).or_else(|| {
+        // This process's mappings are gmem's exact records; another space's are read afresh
+        // from the kernel at every fault (a cached range could go stale without an event
+        // reaching the guard: found in review).
+        let found = if space.own {
+            space.lookup(addr)
+        } else {
             self.find_in_proc(space, addr, ev.tid)
                 .map(|(file, offset)| (file, offset, PAGE_SIZE))
-        });
+        };
         match found {
             Some((file, offset, room)) => {
                 file.serve_host_fault(space, page, offset, room, ev.minor);
@@ -975,6 +1001,64 @@ impl Guard {
 
 /// One line of `/proc/<pid>/maps` ("start-end perms offset dev inode path"): start, end,
 /// offset and inode.
+/// This process's ranges marked `MADV_DONTFORK` (`VmFlags` "dc" in `/proc/self/smaps`),
+/// which a fork child does not inherit. If smaps cannot be read, everything counts as not
+/// inherited (nothing is recorded for the child).
+fn dontfork_ranges() -> Vec<(usize, usize)> {
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+        return vec![(0, usize::MAX)];
+    };
+    let mut out = Vec::new();
+    let mut current: Option<(usize, usize)> = None;
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if let Some(r) = current {
+                if flags.split_whitespace().any(|f| f == "dc") {
+                    out.push(r);
+                }
+            }
+        } else if let Some((range, _)) = line.split_once(' ') {
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                {
+                    current = Some((a, b));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The parts of range `[addr, addr + len)` (of file offset `offset`) a fork child inherited:
+/// outside `dontfork`, as (address, offset, length).
+fn inherited(
+    addr: usize,
+    offset: u64,
+    len: usize,
+    dontfork: &[(usize, usize)],
+) -> Vec<(usize, u64, usize)> {
+    let mut parts = vec![(addr, addr + len)];
+    for &(a, b) in dontfork {
+        parts = parts
+            .into_iter()
+            .flat_map(|(s, e)| {
+                if b <= s || a >= e {
+                    vec![(s, e)]
+                } else {
+                    [(s, a.max(s)), (b.min(e), e)]
+                        .into_iter()
+                        .filter(|(x, y)| x < y)
+                        .collect()
+                }
+            })
+            .collect();
+    }
+    parts
+        .into_iter()
+        .map(|(s, e)| (s, offset + (s - addr) as u64, e - s))
+        .collect()
+}
+
 fn maps_line(line: &str) -> Option<(usize, usize, u64, u64)> {
     let mut f = line.split_whitespace();
     let (range, _, off, _, ino) = (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);

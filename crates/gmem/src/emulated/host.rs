@@ -301,42 +301,32 @@ impl Inner {
         }
     }
 
-    /// A fork of address space `parent` made `child`, which got copies of the parent's poison
-    /// markers (its page-table entries were copied): record them as the child's, so that a
-    /// conversion to shared replaces them by the page. `ranges` are the parent's mappings of
-    /// this file (address, file offset, length): in this process the markers are kept by page
-    /// (`own_markers`), elsewhere by address.
-    pub(super) fn markers_forked(
-        &self,
-        parent_own: bool,
-        parent: u64,
-        child: u64,
-        ranges: &[(usize, u64, usize)],
-    ) {
+    /// A fork of this process made `child`, which got copies of this process's poison
+    /// markers (the page-table entries of its write-protect-armed host mappings were copied):
+    /// record them as the child's, so that a conversion to shared replaces them by the page.
+    /// `ranges` are the parts of this process's mappings of this file the child inherited
+    /// (address, file offset, length).
+    pub(super) fn markers_forked(&self, child: u64, ranges: &[(usize, u64, usize)]) {
         let mut gate = self.gate();
         let mut copies: Vec<(u64, u64, u64)> = Vec::new();
-        if parent_own {
-            for &(addr, offset, len) in ranges {
-                let (first, end) = pages_of(offset, len as u64);
-                for (a, b) in gate.own_markers.range(first, end) {
-                    for p in a..b {
-                        copies.push((p, child, addr as u64 + (p * PAGE_SIZE - offset)));
-                    }
+        for &(addr, offset, len) in ranges {
+            let (first, end) = pages_of(offset, len as u64);
+            for (a, b) in gate.own_markers.range(first, end) {
+                for p in a..b {
+                    copies.push((p, child, addr as u64 + (p * PAGE_SIZE - offset)));
                 }
             }
-        } else {
-            copies.extend(
-                gate.markers
-                    .iter()
-                    .filter(|m| m.1 == parent)
-                    .map(|&(p, _, a)| (p, child, a)),
-            );
         }
         gate.markers.extend(copies);
+        let inherited = |a: u64| {
+            ranges
+                .iter()
+                .any(|&(s, _, l)| (s as u64..s as u64 + l as u64).contains(&a))
+        };
         let failed: Vec<(u64, u64, u64)> = gate
             .sigbus
             .iter()
-            .filter(|m| m.1 == parent)
+            .filter(|m| m.1 == super::guard::OWN_SPACE && inherited(m.2))
             .map(|&(p, _, a)| (p, child, a))
             .collect();
         gate.sigbus.extend(failed);
@@ -347,9 +337,15 @@ impl Inner {
     /// mapped was unmapped first, with an event of its own.)
     pub(super) fn markers_moved(&self, space: u64, from: u64, to: u64, len: u64) {
         let end = from.saturating_add(len);
+        let to_end = to.saturating_add(len);
         let mut gate = self.gate();
         let gate = &mut *gate;
         for set in [&mut gate.markers, &mut gate.sigbus] {
+            // Whatever was recorded at the destination went (unmapped, with an event of its
+            // own that may not have been handled yet).
+            set.retain(|m| {
+                m.1 != space || !(to..to_end).contains(&m.2) || (from..end).contains(&m.2)
+            });
             let moved: Vec<(u64, u64, u64)> = set
                 .iter()
                 .filter(|m| m.1 == space && (from..end).contains(&m.2))
@@ -531,8 +527,14 @@ impl Inner {
                 let mut gate = self.gate();
                 let mut again = false;
                 for entry in in_runs(&gate, Some(id)) {
+                    // Never a page the gate says is private (a failed hand-out's marker is
+                    // cleared after conversions both ways: found in review), and a
+                    // NO_DIRECT_MAP page only once handed out, as a fault would.
+                    let allowed = !gate.attrs.is_private(entry.0)
+                        && (which == Markers::Private
+                            || self.hand_out(entry.0 * PAGE_SIZE, PAGE_SIZE).is_ok());
                     let mapped = match (&space, &hold) {
-                        (Some(sp), Some(_)) => map_over(sp, entry.2),
+                        (Some(sp), Some(_)) if allowed => map_over(sp, entry.2),
                         _ => Err(Errno::EINVAL),
                     };
                     if mapped == Err(Errno::EAGAIN) {
