@@ -223,6 +223,25 @@ fn print_text(r: &HostReport, dev: &std::path::Path, access: &Result<(), KvmProb
         ),
         Err(why) => println!("huge folios       unavailable: {why}"),
     }
+    // The filter the first emulated file installs: one is made (and dropped) to see it.
+    let _ = gmem::EmulatedGuestMemfd::create(
+        gmem::PAGE_SIZE,
+        gmem::uapi::GUEST_MEMFD_FLAG_MMAP | gmem::uapi::GUEST_MEMFD_FLAG_INIT_SHARED,
+    );
+    match gmem::os::remap_file_pages_refused() {
+        Some(gmem::os::RemapFilePages::Refused) => println!(
+            "seccomp filter    in place: remap_file_pages and shmat(SHM_REMAP) answer EPERM in every thread"
+        ),
+        Some(gmem::os::RemapFilePages::RefusedFromThisThread { tid }) => println!(
+            "seccomp filter    in place from the first file's thread on (thread {tid} had a filter of its own)"
+        ),
+        Some(gmem::os::RemapFilePages::NotRefused(e)) => println!(
+            "seccomp filter    NOT in place ({e}): remap_file_pages could map a private page unguarded"
+        ),
+        None => println!(
+            "seccomp filter    not installed in this process yet (it is with the first emulated file)"
+        ),
+    }
     println!("nr_hugepages      {}", opt(r.nr_hugepages));
     println!("max_map_count     {}", opt(r.max_map_count));
     println!("\nfeature             emulated  kernel");
