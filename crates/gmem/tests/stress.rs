@@ -38,7 +38,6 @@
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -298,16 +297,16 @@ fn start_second_process(
     cmd.env(SOCK, &path)
         .env(STATE_FD, state_fd.to_string())
         .stdout(std::process::Stdio::null());
-    // SAFETY: fcntl(2) only (async-signal-safe): the state memfd survives the exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::fcntl(state_fd, libc::F_SETFD, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().unwrap();
+    // The state memfd survives the exec: its close-on-exec flag is cleared around the spawn
+    // (not in a `pre_exec` hook, which makes the child by `fork`: a fork child of a process
+    // with host mappings may make no userfaultfd, so the second process could not receive
+    // the file; without the hook it is made by `posix_spawn`, which runs no fork handler).
+    // SAFETY: fcntl(2) on this test's own descriptor.
+    assert!(unsafe { libc::fcntl(state_fd, libc::F_SETFD, 0) } >= 0);
+    let spawned = cmd.spawn();
+    // SAFETY: as above.
+    unsafe { libc::fcntl(state_fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    let mut child = spawned.unwrap();
     let started = Instant::now();
     let mut sock = loop {
         match listener.accept() {

@@ -91,10 +91,13 @@ extern "C" fn release() {
 extern "C" fn child() {
     release();
     forget_private_fds();
-    if INHERITS_HOST_MAPPINGS.load(Ordering::Relaxed) {
-        // What the child cannot be trusted with (its own userfaultfd, new pid namespaces):
-        // `sys::seccomp`. System calls only.
-        let _ = crate::sys::seccomp::restrict_fork_child();
+    if INHERITS_HOST_MAPPINGS.load(Ordering::Relaxed) && !crate::sys::seccomp::restrict_fork_child()
+    {
+        // What the child cannot be trusted with (a userfaultfd, remote accesses, new pid
+        // namespaces: `sys::seccomp`) could not be taken from it: it does not run (fail
+        // closed; the kernel refuses a filter only without memory or past its length limit).
+        // System calls only.
+        crate::sys::peer::exit_unrestricted_child();
     }
 }
 
@@ -175,6 +178,9 @@ fn forget_private_fds() {
             let _ = peer::dup3_raw(placeholder, fd);
         }
     }
+    // And those installed an instant before their record (a fork event's userfaultfd, a
+    // received file's memory): found by kind.
+    peer::replace_unrecorded_private_fds(placeholder);
 }
 
 /// The descriptor of an emulated file's memory, recorded so that a fork child does not keep

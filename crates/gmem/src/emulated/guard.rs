@@ -113,8 +113,14 @@ pub(super) struct Space {
     pub(super) uffd: PoisonFd,
     /// This process's own address space.
     pub(super) own: bool,
-    /// Registered ranges by start address: gmem's own records in this process, and what
-    /// `/proc/<tid>/maps` said of the others (a cache).
+    /// Whether `ranges` is the space's exact record, kept by its events: this process's own
+    /// (made by gmem), and a fork child's of a recorded space (copied at the fork and kept by
+    /// the child's unmap and remap events; a fork child can make no mapping of the file and
+    /// no `MADV_DONTFORK`). Otherwise (a process the file was handed to, which registers its
+    /// own mappings) faults are looked up in `/proc/<tid>/maps`.
+    recorded: bool,
+    /// Registered ranges by start address: the record (see `recorded`), or what
+    /// `/proc/<tid>/maps` said (a cache, unused).
     ranges: Mutex<BTreeMap<usize, Range>>,
     /// In another process's space: the files it maps, kept alive while it does (their pages'
     /// attributes decide its faults after this process let go of them).
@@ -137,11 +143,12 @@ impl std::fmt::Debug for Space {
 }
 
 impl Space {
-    fn new(id: u64, uffd: PoisonFd, own: bool) -> Space {
+    fn new(id: u64, uffd: PoisonFd, own: bool, recorded: bool) -> Space {
         Space {
             id,
             uffd,
             own,
+            recorded,
             ranges: Mutex::new(BTreeMap::new()),
             keep: Mutex::new(Vec::new()),
             dead: AtomicBool::new(false),
@@ -297,7 +304,7 @@ impl Guard {
             std::mem::forget(epoll);
             return Err(e);
         }
-        let own = Arc::new(Space::new(OWN_SPACE, uffd, true));
+        let own = Arc::new(Space::new(OWN_SPACE, uffd, true, true));
         let guard = Arc::new(Guard {
             space: sys::peer::address_space(),
             kernel_faults,
@@ -405,7 +412,7 @@ impl Guard {
 
     /// Serves another address space from now on: a process the file was handed to sent its
     /// userfaultfd.
-    pub(super) fn add_space(&self, uffd: PoisonFd) -> KernelResult<Arc<Space>> {
+    pub(super) fn add_space(&self, uffd: PoisonFd, recorded: bool) -> KernelResult<Arc<Space>> {
         let raw = std::os::fd::AsRawFd::as_raw_fd(&uffd.as_fd());
         let id = {
             let mut slots = lock(&self.slots);
@@ -423,7 +430,7 @@ impl Guard {
             slots.held[slot] = 0;
             (u64::from(slots.generation[slot]) << 32) | slot as u64
         };
-        let space = Arc::new(Space::new(id, uffd, false));
+        let space = Arc::new(Space::new(id, uffd, false, recorded));
         lock(&self.spaces).insert(id, space.clone());
         if let Err(e) = self.epoll.add(space.uffd.as_fd(), id) {
             // Not served: its slot and record go, its descriptor stays open and recorded
@@ -446,7 +453,7 @@ impl Guard {
     /// [`Guard::add_space`] for a process `file` was handed to: the file stays alive while
     /// that process's address space does.
     pub(super) fn add_space_keeping(&self, uffd: PoisonFd, file: &Arc<Inner>) -> KernelResult<()> {
-        let space = self.add_space(uffd)?;
+        let space = self.add_space(uffd, false)?;
         space.keep(file);
         Ok(())
     }
@@ -637,8 +644,9 @@ impl Guard {
                     }
                 } else if let Some(UffdEvent::Fork(child)) = msg.decode() {
                     // A fork in a space no longer served: the child lives, and closing its
-                    // descriptor would unregister its mappings; it is served from now on.
-                    let _ = self.add_space(child);
+                    // descriptor would unregister its mappings; it is served from now on,
+                    // with an empty record (its layout is unknown: every access refused).
+                    let _ = self.add_space(child, true);
                 }
                 if event {
                     self.events_handled.fetch_add(1, Ordering::SeqCst);
@@ -674,7 +682,32 @@ impl Guard {
                         }
                     }
                 }
-                if let Ok(new) = self.add_space(child) {
+                // The child's record: this process's exact record less what the child did
+                // not inherit (`MADV_DONTFORK`: it has nothing there, and could put another
+                // page of the file there unseen: found in review); a recorded fork child's
+                // whole (it can mark nothing `MADV_DONTFORK`); none for the child of a space
+                // looked up through `/proc`.
+                let dontfork = if space.own {
+                    dontfork_ranges()
+                } else {
+                    Vec::new()
+                };
+                let mut inherited_ranges: BTreeMap<usize, Range> = BTreeMap::new();
+                if space.recorded {
+                    for (&a, r) in &ranges {
+                        for (s, offset, len) in inherited(a, r.offset, r.len, &dontfork) {
+                            inherited_ranges.insert(
+                                s,
+                                Range {
+                                    len,
+                                    file: r.file.clone(),
+                                    offset,
+                                },
+                            );
+                        }
+                    }
+                }
+                if let Ok(new) = self.add_space(child, space.recorded) {
                     for r in ranges.values() {
                         if let Some(f) = r.file.upgrade() {
                             new.keep(&f);
@@ -682,31 +715,27 @@ impl Guard {
                     }
                     // The fork copied the parent's poison markers too: they are the child's
                     // now, to be replaced by the page when it is shared again (found in
-                    // review: the child kept SIGBUS on pages shared since). Recorded only
-                    // where the child is known to map what the parent did: from this
-                    // process, whose records are exact, outside the ranges it marked
-                    // `MADV_DONTFORK` (the child has nothing there, and could put another
-                    // page there unseen: found in review); from another space, whose
-                    // layout is known only at a fault, none (that child keeps SIGBUS on
-                    // those pages: refused, never granted).
-                    if !space.own {
-                        return;
-                    }
-                    let dontfork = dontfork_ranges();
-                    for &f in &seen {
-                        let Some(file) = ranges
-                            .values()
-                            .filter_map(|r| r.file.upgrade())
-                            .find(|x| Arc::as_ptr(x) == f)
-                        else {
-                            continue;
-                        };
-                        let own: Vec<(usize, u64, usize)> = ranges
-                            .iter()
-                            .filter(|(_, r)| r.file.as_ptr() == f)
-                            .flat_map(|(&a, r)| inherited(a, r.offset, r.len, &dontfork))
-                            .collect();
-                        file.markers_forked(new.id, &own);
+                    // review: the child kept SIGBUS on pages shared since) — where the
+                    // child's record holds the parent's mapping. The child of a space looked
+                    // up through `/proc` gets none recorded (it keeps SIGBUS on those pages:
+                    // refused, never granted).
+                    if space.recorded {
+                        for &f in &seen {
+                            let Some(file) = ranges
+                                .values()
+                                .filter_map(|r| r.file.upgrade())
+                                .find(|x| Arc::as_ptr(x) == f)
+                            else {
+                                continue;
+                            };
+                            let kept: Vec<(usize, u64, usize)> = inherited_ranges
+                                .iter()
+                                .filter(|(_, r)| r.file.as_ptr() == f)
+                                .map(|(&a, r)| (a, r.offset, r.len))
+                                .collect();
+                            file.markers_forked(space.own, space.id, new.id, &kept);
+                        }
+                        *lock(&new.ranges) = inherited_ranges;
                     }
                 }
             }
@@ -738,13 +767,22 @@ impl Guard {
             let _ = space.uffd.wake(page, PAGE_SIZE);
             return;
         }
-        // This process's mappings are gmem's exact records; another space's are read afresh
-        // from the kernel at every fault (a cached range could go stale without an event
-        // reaching the guard: found in review).
+        // This process's mappings are gmem's records, and what `/proc/self/maps` says of an
+        // address they miss (a duplicate made by a raw `mremap`); a recorded fork child's are
+        // its record alone (an address it misses, a part grown in place, is refused: its
+        // filter allows no growth); a received file's process is read afresh from the
+        // kernel at every fault. Never the maps of the thread the fault names, for a space
+        // whose record exists: for a remote access (`process_vm_readv`, `/proc/<pid>/mem`)
+        // it is the accessing thread, in another address space (found in review).
         let found = if space.own {
+            space.lookup(addr).or_else(|| {
+                self.find_in_proc(space, addr, None)
+                    .map(|(file, offset)| (file, offset, PAGE_SIZE))
+            })
+        } else if space.recorded {
             space.lookup(addr)
         } else {
-            self.find_in_proc(space, addr, ev.tid)
+            self.find_in_proc(space, addr, Some(ev.tid))
                 .map(|(file, offset)| (file, offset, PAGE_SIZE))
         };
         match found {
@@ -758,14 +796,21 @@ impl Guard {
         }
     }
 
-    /// The file and offset at `addr` in another address space, from `/proc/<tid>/maps` of the
-    /// faulting thread: the mapping's inode names a live file of this process, its offset the
-    /// place in it. Cached in the space.
-    fn find_in_proc(&self, space: &Space, addr: usize, tid: u32) -> Option<(Arc<Inner>, u64)> {
-        if tid == 0 {
-            return None;
-        }
-        let maps = std::fs::read_to_string(format!("/proc/{tid}/maps")).ok()?;
+    /// The file and offset at `addr` of `space`, from `/proc/<tid>/maps` of the faulting
+    /// thread (`None`: this process's own, `/proc/self/maps`): the mapping's inode names a
+    /// live file of this process, its offset the place in it. Recorded in the space.
+    fn find_in_proc(
+        &self,
+        space: &Space,
+        addr: usize,
+        tid: Option<u32>,
+    ) -> Option<(Arc<Inner>, u64)> {
+        let path = match tid {
+            None => "/proc/self/maps".to_string(),
+            Some(0) => return None,
+            Some(t) => format!("/proc/{t}/maps"),
+        };
+        let maps = std::fs::read_to_string(path).ok()?;
         let files = lock(&self.files);
         let (s, e, off, ino) = maps
             .lines()
@@ -837,9 +882,18 @@ impl Guard {
         };
         let mut ranges = lock(&space.ranges);
         if !space.own {
-            ranges.clear();
-            drop(ranges);
             // The markers moved with their page-table entries.
+            if space.recorded {
+                // The destination was unmapped first (its own event); what was moved
+                // starts at `to` now.
+                cut(&mut ranges, to, to.saturating_add(len));
+                for (lo, r) in cut(&mut ranges, from, from.saturating_add(len)) {
+                    ranges.insert(to + (lo - from), r);
+                }
+            } else {
+                ranges.clear();
+            }
+            drop(ranges);
             for file in self.live_files() {
                 file.markers_moved(space.id, from as u64, to as u64, len as u64);
             }
@@ -867,7 +921,11 @@ impl Guard {
         };
         let mut ranges = lock(&space.ranges);
         if !space.own {
-            ranges.clear();
+            if space.recorded {
+                cut(&mut ranges, start, end);
+            } else {
+                ranges.clear();
+            }
             drop(ranges);
             // The markers went with the mapping.
             for file in self.live_files() {

@@ -119,7 +119,10 @@ pub(super) fn serve_fork_link(
         let Some(reply_to) = fds.pop() else {
             continue;
         };
-        if n != FORK_REQUEST {
+        // A Unix stream socket and nothing else: the answer is sent without waiting, and a
+        // socket of another kind could still hold the sender in a lock (found in review: a
+        // kTLS socket whose peer does not read).
+        if n != FORK_REQUEST || !peer::is_unix_stream(reply_to.as_fd()) {
             continue;
         }
         let mut a = requested(&req[24..]);

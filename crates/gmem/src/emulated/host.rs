@@ -301,32 +301,48 @@ impl Inner {
         }
     }
 
-    /// A fork of this process made `child`, which got copies of this process's poison
-    /// markers (the page-table entries of its write-protect-armed host mappings were copied):
-    /// record them as the child's, so that a conversion to shared replaces them by the page.
-    /// `ranges` are the parts of this process's mappings of this file the child inherited
-    /// (address, file offset, length).
-    pub(super) fn markers_forked(&self, child: u64, ranges: &[(usize, u64, usize)]) {
+    /// A fork of address space `parent` made `child`, which got copies of the parent's
+    /// poison markers (the page-table entries of its write-protect-armed host mappings were
+    /// copied): record them as the child's, so that a conversion to shared replaces them by
+    /// the page. `ranges` are the parts of the parent's mappings of this file the child
+    /// inherited (address, file offset, length); in this process the markers are kept by
+    /// page, elsewhere by address.
+    pub(super) fn markers_forked(
+        &self,
+        parent_own: bool,
+        parent: u64,
+        child: u64,
+        ranges: &[(usize, u64, usize)],
+    ) {
         let mut gate = self.gate();
-        let mut copies: Vec<(u64, u64, u64)> = Vec::new();
-        for &(addr, offset, len) in ranges {
-            let (first, end) = pages_of(offset, len as u64);
-            for (a, b) in gate.own_markers.range(first, end) {
-                for p in a..b {
-                    copies.push((p, child, addr as u64 + (p * PAGE_SIZE - offset)));
-                }
-            }
-        }
-        gate.markers.extend(copies);
         let inherited = |a: u64| {
             ranges
                 .iter()
                 .any(|&(s, _, l)| (s as u64..s as u64 + l as u64).contains(&a))
         };
+        let mut copies: Vec<(u64, u64, u64)> = Vec::new();
+        if parent_own {
+            for &(addr, offset, len) in ranges {
+                let (first, end) = pages_of(offset, len as u64);
+                for (a, b) in gate.own_markers.range(first, end) {
+                    for p in a..b {
+                        copies.push((p, child, addr as u64 + (p * PAGE_SIZE - offset)));
+                    }
+                }
+            }
+        } else {
+            copies.extend(
+                gate.markers
+                    .iter()
+                    .filter(|m| m.1 == parent && inherited(m.2))
+                    .map(|&(p, _, a)| (p, child, a)),
+            );
+        }
+        gate.markers.extend(copies);
         let failed: Vec<(u64, u64, u64)> = gate
             .sigbus
             .iter()
-            .filter(|m| m.1 == super::guard::OWN_SPACE && inherited(m.2))
+            .filter(|m| m.1 == parent && inherited(m.2))
             .map(|&(p, _, a)| (p, child, a))
             .collect();
         gate.sigbus.extend(failed);

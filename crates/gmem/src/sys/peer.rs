@@ -182,6 +182,26 @@ pub(crate) fn random_secret() -> Option<[u8; 16]> {
     (n == 16).then_some(t)
 }
 
+/// Whether `fd` is a Unix stream socket (`SO_DOMAIN`, `SO_TYPE`).
+pub(crate) fn is_unix_stream(fd: BorrowedFd<'_>) -> bool {
+    let opt = |name: libc::c_int| -> Option<libc::c_int> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `v`, which lives across the call.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                name,
+                std::ptr::addr_of_mut!(v).cast(),
+                &mut len,
+            )
+        };
+        (r == 0).then_some(v)
+    };
+    opt(libc::SO_DOMAIN) == Some(libc::AF_UNIX) && opt(libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+}
+
 /// Sends `data` on socket `fd` without waiting (`MSG_DONTWAIT`) and without SIGPIPE: an
 /// answer to a process that may not read it. ENOTSOCK for anything but a socket.
 pub(crate) fn send_nonblocking(fd: BorrowedFd<'_>, data: &[u8]) -> KernelResult<()> {
@@ -240,6 +260,90 @@ pub(crate) fn dup3_raw(from: RawFd, to: RawFd) -> KernelResult<()> {
         Err(Errno::last())
     } else {
         Ok(())
+    }
+}
+
+/// Ends a fork child that could not be restricted: a line on standard error and
+/// `_exit(127)`, by system calls only (a fork child handler).
+pub(crate) fn exit_unrestricted_child() -> ! {
+    const MSG: &[u8] = b"gmem: a fork child of a process with guest memory could not be restricted (seccomp); it exits\n";
+    // SAFETY: write(2) of a static buffer, then _exit(2): async-signal-safe, no memory of
+    // the process touched.
+    unsafe {
+        libc::syscall(libc::SYS_write, 2, MSG.as_ptr(), MSG.len());
+        libc::_exit(127)
+    }
+}
+
+/// In a fork child: replaces with `placeholder` every descriptor that is a userfaultfd or an
+/// emulated file's memory (`/memfd:gmem`) — the ones a read of a fork event or a `recvmsg`
+/// of a received file install in the parent an instant before gmem records them, so that a
+/// fork in that instant would hand them to the child (found by a test). System calls and
+/// stack buffers only (a fork child handler): `getdents64` over `/proc/self/fd`,
+/// `readlinkat`, `dup3`.
+pub(crate) fn replace_unrecorded_private_fds(placeholder: RawFd) {
+    const UFFD: &[u8] = b"anon_inode:[userfaultfd]";
+    const DATA: &[u8] = b"/memfd:gmem (deleted)";
+    // SAFETY: openat of a constant path; getdents64 and readlinkat write into the stack
+    // buffers below within their lengths; dup3 and close act on descriptors only.
+    unsafe {
+        let dir = libc::syscall(
+            libc::SYS_openat,
+            libc::AT_FDCWD,
+            c"/proc/self/fd".as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        ) as RawFd;
+        if dir < 0 {
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = libc::syscall(libc::SYS_getdents64, dir, buf.as_mut_ptr(), buf.len());
+            if n <= 0 {
+                break;
+            }
+            let n = n as usize;
+            let mut at = 0usize;
+            while at + 19 <= n {
+                // struct linux_dirent64: ino (8), off (8), reclen (2), type (1), name.
+                let reclen = u16::from_ne_bytes([buf[at + 16], buf[at + 17]]) as usize;
+                if reclen == 0 || at + reclen > n {
+                    break;
+                }
+                let name = &buf[at + 19..at + reclen];
+                let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+                let name = &name[..len];
+                let mut fd: RawFd = 0;
+                let mut digits = !name.is_empty();
+                for &b in name {
+                    if b.is_ascii_digit() {
+                        fd = fd.saturating_mul(10).saturating_add(RawFd::from(b - b'0'));
+                    } else {
+                        digits = false;
+                    }
+                }
+                if digits && fd != dir && fd != placeholder {
+                    let mut cname = [0u8; 16];
+                    cname[..len.min(15)].copy_from_slice(&name[..len.min(15)]);
+                    let mut link = [0u8; 64];
+                    let l = libc::syscall(
+                        libc::SYS_readlinkat,
+                        dir,
+                        cname.as_ptr(),
+                        link.as_mut_ptr(),
+                        link.len(),
+                    );
+                    if l > 0 {
+                        let link = &link[..l as usize];
+                        if link == UFFD || link == DATA {
+                            libc::syscall(libc::SYS_dup3, placeholder, fd, libc::O_CLOEXEC);
+                        }
+                    }
+                }
+                at += reclen;
+            }
+        }
+        libc::syscall(libc::SYS_close, dir);
     }
 }
 

@@ -18,14 +18,21 @@
 //!
 //! **In fork children of a process with host mappings** ([`restrict_fork_child`], from the
 //! fork child handler, by system calls only):
-//! - the userfaultfd calls that install a page — `UFFDIO_CONTINUE`, `UFFDIO_COPY`,
-//!   `UFFDIO_ZEROPAGE`: with a userfaultfd of its own (any user may make one, in user mode) a
-//!   child could `UFFDIO_CONTINUE` a private page into the host mapping it inherited, or
-//!   place a page of its choosing in one the file does not hold yet (the kernel checks that
-//!   the mapping is registered, not with which userfaultfd: found in review). EPERM. Making
-//!   a userfaultfd, registering it and sending it on stay allowed, so a program the child
-//!   executes can still receive a file; its own emulated files use the Remap mechanism
-//!   (the guard needs `UFFDIO_CONTINUE`, and finds it refused: [`continue_refused`]).
+//! - userfaultfds: `userfaultfd(2)`, `USERFAULTFD_IOC_NEW`, and the calls that install a
+//!   page with one — `UFFDIO_CONTINUE`, `UFFDIO_COPY`, `UFFDIO_ZEROPAGE`. With a userfaultfd
+//!   of its own (any user may make one, in user mode) a child could `UFFDIO_CONTINUE` a
+//!   private page into the host mapping it inherited, or have a process it sends the
+//!   descriptor to do it (a userfaultfd acts on the address space it was made for, from
+//!   anywhere: found in review, twice) — the kernel checks that the mapping is registered,
+//!   not with which userfaultfd. EPERM. A program the child executes can therefore not
+//!   receive a file, and its own emulated files use the Remap mechanism; spawn such programs
+//!   with `posix_spawn` or `vfork` (Rust's `Command` without `pre_exec`), which run no fork
+//!   handler.
+//! - `mremap` that grows a mapping (a new length above the old one, a duplicate of old
+//!   length 0): the kernel's event tells only the old length, so the grown part, which may
+//!   cover an address the child's record still names (a range it did not pass on to its own
+//!   child, `MADV_DONTFORK`), would map a page of the file unseen. EPERM (the C library's
+//!   `realloc` falls back to copying).
 //! - new pid (and user) namespaces — `clone`/`unshare` with `CLONE_NEWPID` or
 //!   `CLONE_NEWUSER`, `setns`, and `clone3`, whose flags a filter cannot read (ENOSYS: the C
 //!   library falls back to `clone`): the thread id a fault reports is counted in the faulting
@@ -64,6 +71,11 @@ const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
 const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
 const JSET_K: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
 const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+const AND_K: u16 = (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16;
+const ST: u16 = libc::BPF_ST as u16;
+const LDX_MEM: u16 = (libc::BPF_LDX | libc::BPF_W | libc::BPF_MEM) as u16;
+const JGT_X: u16 = (libc::BPF_JMP | libc::BPF_JGT | libc::BPF_X) as u16;
+const JEQ_X: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_X) as u16;
 /// Offsets in `struct seccomp_data`: the call's number, the architecture, the arguments (the
 /// low 32 bits of argument `i` at `ARGS + 8 * i`, little-endian).
 const NR: u32 = 0;
@@ -83,6 +95,8 @@ struct Abi {
     /// i386's `ipc` multiplexer (call `SHMAT` = 21 in argument 0, flags in argument 2).
     ipc: Option<u32>,
     ioctl: u32,
+    userfaultfd: u32,
+    mremap: u32,
     unshare: u32,
     clone: u32,
     clone3: u32,
@@ -96,6 +110,8 @@ const NATIVE: Abi = Abi {
     shmat: (30, 2),
     ipc: None,
     ioctl: 16,
+    userfaultfd: 323,
+    mremap: 25,
     unshare: 272,
     clone: 56,
     clone3: 435,
@@ -108,6 +124,8 @@ const COMPAT: Abi = Abi {
     shmat: (397, 2),
     ipc: Some(117),
     ioctl: 54,
+    userfaultfd: 374,
+    mremap: 163,
     unshare: 310,
     clone: 120,
     clone3: 435,
@@ -124,6 +142,8 @@ const NATIVE: Abi = Abi {
     shmat: (196, 2),
     ipc: None,
     ioctl: 29,
+    userfaultfd: 282,
+    mremap: 216,
     unshare: 97,
     clone: 220,
     clone3: 435,
@@ -136,6 +156,8 @@ const COMPAT: Abi = Abi {
     shmat: (305, 2),
     ipc: None,
     ioctl: 54,
+    userfaultfd: 388,
+    mremap: 163,
     unshare: 337,
     clone: 120,
     clone3: 435,
@@ -151,6 +173,9 @@ const SHM_REMAP: u32 = 0o40000;
 const UFFDIO_CONTINUE: u32 = 0xC020_AA07;
 const UFFDIO_COPY: u32 = 0xC028_AA03;
 const UFFDIO_ZEROPAGE: u32 = 0xC020_AA04;
+/// `USERFAULTFD_IOC_NEW` (`/dev/userfaultfd`): `_IO(0xAA, 0x00)`.
+const USERFAULTFD_IOC_NEW: u32 = 0xAA00;
+
 const NEW_NAMESPACES: u32 = (libc::CLONE_NEWPID | libc::CLONE_NEWUSER) as u32;
 
 /// One instruction of a filter before its jumps are resolved: jumps name a label; a jump not
@@ -158,6 +183,16 @@ const NEW_NAMESPACES: u32 = (libc::CLONE_NEWPID | libc::CLONE_NEWUSER) as u32;
 #[derive(Clone, Copy)]
 enum Op {
     Ld(u32),
+    /// `A &= k`.
+    And(u32),
+    /// `M[k] = A`.
+    St(u32),
+    /// `X = M[k]`.
+    LdxMem(u32),
+    /// Jump to the label if `A > X` (unsigned).
+    JgtX(usize),
+    /// Jump to the label if `A == X`.
+    JeqX(usize),
     /// Jump to the label if the accumulator equals the constant.
     Jeq(u32, usize),
     /// Jump to the label if the accumulator has a bit of the constant.
@@ -190,6 +225,11 @@ fn assemble(ops: &[Op]) -> Vec<libc::sock_filter> {
         let (code, jt, k) = match op {
             Op::Label(_) => continue,
             Op::Ld(off) => (LD_W_ABS, 0, *off),
+            Op::And(k) => (AND_K, 0, *k),
+            Op::St(k) => (ST, 0, *k),
+            Op::LdxMem(k) => (LDX_MEM, 0, *k),
+            Op::JgtX(l) => (JGT_X, jump(l), 0),
+            Op::JeqX(l) => (JEQ_X, jump(l), 0),
             Op::Jeq(k, l) => (JEQ_K, jump(l), *k),
             Op::Jset(k, l) => (JSET_K, jump(l), *k),
             Op::Ret(k) => (RET_K, 0, *k),
@@ -234,6 +274,9 @@ fn process_program() -> Vec<libc::sock_filter> {
         Op::Ret(ALLOW),
         Op::Label(IPC),
         Op::Ld(ARGS),
+        // The kernel reads the call from the low 16 bits (the rest is a version: found in
+        // review, `21 | 2 << 16` went past a whole-word compare).
+        Op::And(0xffff),
         Op::Jeq(21, 11),
         Op::Ret(ALLOW),
         Op::Label(11),
@@ -255,9 +298,13 @@ fn fork_child_program() -> Vec<libc::sock_filter> {
     const DENY: usize = 4;
     const NOSYS: usize = 5;
     const NATIVE_L: usize = 6;
+    const MREMAP: usize = 7;
+    const MREMAP_LOW: usize = 8;
     let calls = |abi: &Abi| {
         [
             Op::Ld(NR),
+            Op::Jeq(abi.userfaultfd, DENY),
+            Op::Jeq(abi.mremap, MREMAP),
             Op::Jeq(abi.setns, DENY),
             Op::Jeq(abi.clone3, NOSYS),
             Op::Jeq(abi.ioctl, IOCTL),
@@ -286,6 +333,24 @@ fn fork_child_program() -> Vec<libc::sock_filter> {
         Op::Jeq(UFFDIO_CONTINUE, DENY),
         Op::Jeq(UFFDIO_COPY, DENY),
         Op::Jeq(UFFDIO_ZEROPAGE, DENY),
+        Op::Jeq(USERFAULTFD_IOC_NEW, DENY),
+        Op::Ret(ALLOW),
+        // mremap growing a mapping (new length, argument 2, above the old, argument 1; a
+        // duplicate has old length 0): compared high words first.
+        Op::Label(MREMAP),
+        Op::Ld(ARGS + 8 + 4),
+        Op::St(0),
+        Op::LdxMem(0),
+        Op::Ld(ARGS + 16 + 4),
+        Op::JgtX(DENY),
+        Op::JeqX(MREMAP_LOW),
+        Op::Ret(ALLOW),
+        Op::Label(MREMAP_LOW),
+        Op::Ld(ARGS + 8),
+        Op::St(0),
+        Op::LdxMem(0),
+        Op::Ld(ARGS + 16),
+        Op::JgtX(DENY),
         Op::Ret(ALLOW),
         Op::Label(NS),
         Op::Ld(ARGS),
@@ -366,6 +431,15 @@ static INSTALLED: OnceLock<RemapFilePages> = OnceLock::new();
 /// says how. Once in place it is not installed again; a failure is tried again at the next
 /// call.
 pub(crate) fn refuse_remap_file_pages() -> RemapFilePages {
+    /// One install at a time (two threads making their first files at once would stack
+    /// two filters).
+    static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if let Some(done) = INSTALLED.get() {
+        return *done;
+    }
+    let _one = INSTALLING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(done) = INSTALLED.get() {
         return *done;
     }
@@ -423,7 +497,7 @@ mod tests {
 
     fn check(p: &[libc::sock_filter]) {
         for (i, ins) in p.iter().enumerate() {
-            if ins.code == JEQ_K || ins.code == JSET_K {
+            if [JEQ_K, JSET_K, JGT_X, JEQ_X].contains(&ins.code) {
                 let t = i + 1 + usize::from(ins.jt);
                 assert!(t < p.len() && i + 1 < p.len(), "instruction {i} jumps out");
             }
