@@ -426,7 +426,75 @@ fn reaper_process() {
     assert_eq!(uffds(), 1, "userfaultfds of exited children still held");
 }
 
+/// The environment variable that makes this test binary the owner of
+/// [`a_fork_child_does_not_outlive_the_owner`].
+const DYING_OWNER: &str = "GMEM_DYING_OWNER";
+
+/// The owner of [`a_fork_child_does_not_outlive_the_owner`]: makes a file with a private page,
+/// maps it, forks a child that sleeps (it would read the page once the owner's guard is gone),
+/// prints the child's pid and exits without waiting for it.
+fn dying_owner() {
+    let f = file(EmulatedOptions::with_revocation(gmem::Revocation::Guard));
+    let m = f.mmap_all().unwrap();
+    f.set_private(PAGE_SIZE, PAGE_SIZE).unwrap();
+    // SAFETY: fork(2); the child only sleeps and then reads its own mapping by system call.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: sleeps, then reads one byte of the inherited mapping into a pipe (a
+        // kernel-mode read: EFAULT while guarded), and leaves with _exit.
+        unsafe {
+            // Its standard output is the test's pipe: closed, so the test sees the end of it
+            // when the owner exits, not when this child does.
+            libc::close(1);
+            libc::sleep(3);
+            let mut p = [0i32; 2];
+            libc::pipe(p.as_mut_ptr());
+            let n = libc::write(p[1], m.mmap().as_ptr().add(PS).cast(), 1);
+            libc::_exit(if n == 1 { 1 } else { 0 });
+        }
+    }
+    println!("{pid}");
+    std::mem::forget(m);
+    std::mem::forget(f);
+    std::process::exit(0);
+}
+
+/// Found in review: when the owner exits, the userfaultfds of its fork children's address
+/// spaces close with it, the kernel unregisters their host mappings, and a child that
+/// outlived it read every page, private ones included. A fork child of a process with host
+/// mappings dies with the thread that forked it (`PR_SET_PDEATHSIG`): here it is gone within
+/// two seconds of its owner's exit, long before it would have read.
+fn a_fork_child_does_not_outlive_the_owner() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(DYING_OWNER, "1")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the owner failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pid: i32 = text
+        .lines()
+        .find_map(|l| l.trim().parse().ok())
+        .expect("the owner printed its child's pid");
+    let started = std::time::Instant::now();
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+            !s.lines()
+                .any(|l| l.starts_with("State:") && l.contains('Z'))
+        })
+    };
+    while alive() && started.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!alive(), "the fork child {pid} outlived its owner");
+}
+
 fn main() {
+    if std::env::var_os(DYING_OWNER).is_some() {
+        dying_owner();
+        return;
+    }
     if let Some(path) = std::env::var_os(SECOND_PROCESS) {
         second_process(&path);
         return;
@@ -463,6 +531,11 @@ fn main() {
         "the_spaces_of_children_that_exited_are_dropped",
         &[gmem::emulated::GUARD_NEEDS],
         the_spaces_of_children_that_exited_are_dropped,
+    ));
+    trials.push(gmem_testkit::test_needing(
+        "a_fork_child_does_not_outlive_the_owner",
+        &[gmem::emulated::GUARD_NEEDS],
+        a_fork_child_does_not_outlive_the_owner,
     ));
     trials.push(gmem_testkit::test_needing(
         "a_grandchild_follows_too",

@@ -82,7 +82,11 @@ extern "C" fn prepare() {
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     HELD.with(|h| *h.borrow_mut() = Some((fork, quiet)));
+    FORKING_PID.store(peer::getpid_raw(), Ordering::Relaxed);
 }
+
+/// The pid of the process in `fork` (set by `prepare`): the child's parent.
+static FORKING_PID: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
 
 extern "C" fn release() {
     HELD.with(|h| drop(h.borrow_mut().take()));
@@ -91,12 +95,15 @@ extern "C" fn release() {
 extern "C" fn child() {
     release();
     forget_private_fds();
-    if INHERITS_HOST_MAPPINGS.load(Ordering::Relaxed) && !crate::sys::seccomp::restrict_fork_child()
+    if INHERITS_HOST_MAPPINGS.load(Ordering::Relaxed)
+        && !(crate::sys::seccomp::restrict_fork_child()
+            && peer::die_with_parent(FORKING_PID.load(Ordering::Relaxed)))
     {
-        // What the child cannot be trusted with (a userfaultfd, remote accesses, new pid
-        // namespaces: `sys::seccomp`) could not be taken from it: it does not run (fail
-        // closed; the kernel refuses a filter only without memory or past its length limit).
-        // System calls only.
+        // What the child cannot be trusted with (a userfaultfd, growing mappings, new pid
+        // namespaces: `sys::seccomp`) could not be taken from it, or its parent has gone
+        // already (its host mappings are no longer guarded): it does not run (fail closed;
+        // the kernel refuses a filter only without memory or past its length limit). System
+        // calls only.
         crate::sys::peer::exit_unrestricted_child();
     }
 }

@@ -263,10 +263,36 @@ pub(crate) fn dup3_raw(from: RawFd, to: RawFd) -> KernelResult<()> {
     }
 }
 
+/// `getpid(2)` by system call (no C library cache, no lock: for a fork handler).
+pub(crate) fn getpid_raw() -> i64 {
+    // SAFETY: getpid has no arguments and touches no memory.
+    unsafe { libc::syscall(libc::SYS_getpid) }
+}
+
+/// In a fork child: dies (SIGKILL) when the thread that forked it exits
+/// (`PR_SET_PDEATHSIG`), and says false if `parent` has already gone. When the owner of a file
+/// exits, the userfaultfds of its children's address spaces close with it and the kernel
+/// unregisters their host mappings: a child that outlived it would read every page, private
+/// ones included. System calls only (a fork child handler).
+pub(crate) fn die_with_parent(parent: i64) -> bool {
+    // SAFETY: prctl and getppid by system call, integer arguments only.
+    unsafe {
+        libc::syscall(
+            libc::SYS_prctl,
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL,
+            0,
+            0,
+            0,
+        ) == 0
+            && libc::syscall(libc::SYS_getppid) == parent
+    }
+}
+
 /// Ends a fork child that could not be restricted: a line on standard error and
 /// `_exit(127)`, by system calls only (a fork child handler).
 pub(crate) fn exit_unrestricted_child() -> ! {
-    const MSG: &[u8] = b"gmem: a fork child of a process with guest memory could not be restricted (seccomp); it exits\n";
+    const MSG: &[u8] = b"gmem: a fork child of a process with guest memory could not be restricted (seccomp), or its parent has gone; it exits\n";
     // SAFETY: write(2) of a static buffer, then _exit(2): async-signal-safe, no memory of
     // the process touched.
     unsafe {
