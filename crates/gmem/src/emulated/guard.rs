@@ -664,10 +664,20 @@ impl Guard {
         match msg.decode() {
             Some(UffdEvent::Fault(ev)) => self.fault(space, ev),
             Some(UffdEvent::Fork(child)) => {
-                // The child's mappings are the parent's, at the same addresses: its cache
-                // starts as a copy of the parent's ranges (its faults fill in the rest), and
-                // it keeps their files alive.
-                let ranges = lock(&space.ranges).clone();
+                // The child's mappings are the parent's, at the same addresses, and it keeps
+                // their files alive. This process's record is first made what the kernel
+                // says (a record of a mapping gone, kept for an address another mapping
+                // reuses, would otherwise shadow the live one in the child's record, which
+                // has no other source: found by a test, a raw clone child refused a shared
+                // page 1 run in 8).
+                if space.own {
+                    self.reconcile_own(0, usize::MAX);
+                }
+                let ranges: BTreeMap<usize, Range> = lock(&space.ranges)
+                    .iter()
+                    .filter(|(_, r)| r.file.strong_count() > 0)
+                    .map(|(&a, r)| (a, r.clone()))
+                    .collect();
                 // The kernel copied the page-table entries of these (write-protect armed)
                 // mappings into the child: every page mapped in the parent is mapped in the
                 // child too, and a conversion to private must take it from there (replace
