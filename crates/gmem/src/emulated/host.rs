@@ -500,8 +500,11 @@ impl Inner {
                 gate.was_mapped.move_range(a, a + 1, None);
             }
         }
+        let elsewhere = !gate.markers.is_empty();
         drop(gate);
-        self.map_over_markers(guard, runs, Markers::Private);
+        if elsewhere {
+            self.map_over_markers(guard, runs, Markers::Private);
+        }
         Ok(())
     }
 
