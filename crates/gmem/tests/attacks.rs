@@ -1234,6 +1234,9 @@ fn a_fork_child_makes_no_userfaultfd_and_reaches_no_other_space(k: Kind) {
             if !eperm(i64::from(libc::unshare(libc::CLONE_NEWPID))) {
                 return 26;
             }
+            if !eperm(i64::from(libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0))) {
+                return 28;
+            }
             0
         }
     });
@@ -1241,7 +1244,7 @@ fn a_fork_child_makes_no_userfaultfd_and_reaches_no_other_space(k: Kind) {
         wait(pid),
         0,
         "20: a userfaultfd was made (21: and it mapped the private page), 22: by \
-         /dev/userfaultfd, 25/27: an mremap duplicate/growth, 26: a new pid \
+         /dev/userfaultfd, 25/27: an mremap duplicate/growth, 28: the death signal cancelled, 26: a new pid \
          namespace"
     );
     refused(&f, &m, 1);

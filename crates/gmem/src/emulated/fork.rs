@@ -96,8 +96,8 @@ extern "C" fn child() {
     release();
     forget_private_fds();
     if INHERITS_HOST_MAPPINGS.load(Ordering::Relaxed)
-        && !(crate::sys::seccomp::restrict_fork_child()
-            && peer::die_with_parent(FORKING_PID.load(Ordering::Relaxed)))
+        && !(peer::die_with_parent(FORKING_PID.load(Ordering::Relaxed))
+            && crate::sys::seccomp::restrict_fork_child())
     {
         // What the child cannot be trusted with (a userfaultfd, growing mappings, new pid
         // namespaces: `sys::seccomp`) could not be taken from it, or its parent has gone

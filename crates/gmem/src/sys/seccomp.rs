@@ -33,6 +33,9 @@
 //!   cover an address the child's record still names (a range it did not pass on to its own
 //!   child, `MADV_DONTFORK`), would map a page of the file unseen. EPERM (the C library's
 //!   `realloc` falls back to copying).
+//! - `prctl(PR_SET_PDEATHSIG)` to anything but SIGKILL: the child dies with the thread that
+//!   forked it (once the owner has gone nothing guards its mappings) and may not cancel that.
+//!   EPERM.
 //! - new pid (and user) namespaces — `clone`/`unshare` with `CLONE_NEWPID` or
 //!   `CLONE_NEWUSER`, `setns`, and `clone3`, whose flags a filter cannot read (ENOSYS: the C
 //!   library falls back to `clone`): the thread id a fault reports is counted in the faulting
@@ -97,6 +100,7 @@ struct Abi {
     ioctl: u32,
     userfaultfd: u32,
     mremap: u32,
+    prctl: u32,
     unshare: u32,
     clone: u32,
     clone3: u32,
@@ -112,6 +116,7 @@ const NATIVE: Abi = Abi {
     ioctl: 16,
     userfaultfd: 323,
     mremap: 25,
+    prctl: 157,
     unshare: 272,
     clone: 56,
     clone3: 435,
@@ -126,6 +131,7 @@ const COMPAT: Abi = Abi {
     ioctl: 54,
     userfaultfd: 374,
     mremap: 163,
+    prctl: 172,
     unshare: 310,
     clone: 120,
     clone3: 435,
@@ -144,6 +150,7 @@ const NATIVE: Abi = Abi {
     ioctl: 29,
     userfaultfd: 282,
     mremap: 216,
+    prctl: 167,
     unshare: 97,
     clone: 220,
     clone3: 435,
@@ -158,6 +165,7 @@ const COMPAT: Abi = Abi {
     ioctl: 54,
     userfaultfd: 388,
     mremap: 163,
+    prctl: 172,
     unshare: 337,
     clone: 120,
     clone3: 435,
@@ -300,11 +308,15 @@ fn fork_child_program() -> Vec<libc::sock_filter> {
     const NATIVE_L: usize = 6;
     const MREMAP: usize = 7;
     const MREMAP_LOW: usize = 8;
+    const PRCTL: usize = 9;
+    const PDEATHSIG: usize = 10;
+    const ALLOW_L: usize = 11;
     let calls = |abi: &Abi| {
         [
             Op::Ld(NR),
             Op::Jeq(abi.userfaultfd, DENY),
             Op::Jeq(abi.mremap, MREMAP),
+            Op::Jeq(abi.prctl, PRCTL),
             Op::Jeq(abi.setns, DENY),
             Op::Jeq(abi.clone3, NOSYS),
             Op::Jeq(abi.ioctl, IOCTL),
@@ -344,6 +356,18 @@ fn fork_child_program() -> Vec<libc::sock_filter> {
         Op::Ld(ARGS + 16 + 4),
         Op::JgtX(DENY),
         Op::JeqX(MREMAP_LOW),
+        Op::Ret(ALLOW),
+        // prctl(PR_SET_PDEATHSIG) to anything but SIGKILL: the child may not cancel dying
+        // with its parent (its own children, which inherit this filter, set SIGKILL).
+        Op::Label(PRCTL),
+        Op::Ld(ARGS),
+        Op::Jeq(libc::PR_SET_PDEATHSIG as u32, PDEATHSIG),
+        Op::Ret(ALLOW),
+        Op::Label(PDEATHSIG),
+        Op::Ld(ARGS + 8),
+        Op::Jeq(libc::SIGKILL as u32, ALLOW_L),
+        Op::Ret(EPERM),
+        Op::Label(ALLOW_L),
         Op::Ret(ALLOW),
         Op::Label(MREMAP_LOW),
         Op::Ld(ARGS + 8),
