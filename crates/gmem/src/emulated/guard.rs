@@ -30,9 +30,11 @@
 //! for `fork` while `fork` waits for it.
 //!
 //! The lookup of an address: this process's mappings are registered by gmem, which records
-//! them ([`Guard::register`]); another space's are found in `/proc/<tid>/maps` of the faulting
-//! thread (the memory file's inode and the mapping's offset), cached per space and forgotten at
-//! a remap there. An address no file claims is never mapped: it gets a marker.
+//! them ([`Guard::register`]); a fork child's space has a record of its own, copied from its
+//! parent's at the fork event and kept by its unmap and remap events; a space of a process the
+//! file was handed to is looked up in `/proc/<tid>/maps` of the faulting thread (the memory
+//! file's inode and the mapping's offset) at every fault. An address no record or file claims
+//! is never mapped: it gets a marker.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -879,9 +881,10 @@ impl Guard {
     }
 
     /// `mremap` in `space`: this process's ranges move with their mappings (a duplicate is a
-    /// new range of the same file, found by its faults through `/proc` as in another space);
-    /// another space's cache is forgotten (its faults look the mappings up again) and the
-    /// markers recorded there move with their entries.
+    /// new range of the same file, found by its faults through `/proc/self/maps`); a fork
+    /// child's record moves the same way (what was at the destination went with its own
+    /// unmap event); a receiver's cache is forgotten; the markers recorded there move with
+    /// their entries.
     pub(super) fn remap(&self, space: &Space, from: u64, to: u64, len: u64) {
         let (Ok(from), Ok(to), Ok(len)) = (
             usize::try_from(from),
@@ -923,8 +926,8 @@ impl Guard {
     }
 
     /// `munmap` in `space` of `[start, end)`: this process's ranges lose that part (nothing
-    /// is touched there afterwards); another space's cache is forgotten, and so are the
-    /// markers recorded there.
+    /// is touched there afterwards), and so does a fork child's record; a receiver's cache
+    /// is forgotten; the markers recorded there go.
     pub(super) fn unmap(&self, space: &Space, start: u64, end: u64) {
         let (Ok(start), Ok(end)) = (usize::try_from(start), usize::try_from(end)) else {
             return;
