@@ -1231,6 +1231,15 @@ fn a_fork_child_makes_no_userfaultfd_and_reaches_no_other_space(k: Kind) {
             if !eperm(libc::mremap(base as *mut libc::c_void, PAGE, 2 * PAGE, 0) as i64) {
                 return 27;
             }
+            if !eperm(libc::mremap(
+                base as *mut libc::c_void,
+                2 * PAGE,
+                PAGE,
+                libc::MREMAP_MAYMOVE,
+            ) as i64)
+            {
+                return 29;
+            }
             if !eperm(i64::from(libc::unshare(libc::CLONE_NEWPID))) {
                 return 26;
             }
@@ -1244,7 +1253,7 @@ fn a_fork_child_makes_no_userfaultfd_and_reaches_no_other_space(k: Kind) {
         wait(pid),
         0,
         "20: a userfaultfd was made (21: and it mapped the private page), 22: by \
-         /dev/userfaultfd, 25/27: an mremap duplicate/growth, 28: the death signal cancelled, 26: a new pid \
+         /dev/userfaultfd, 25/27/29: an mremap duplicate/growth/shrink, 28: the death signal cancelled, 26: a new pid \
          namespace"
     );
     refused(&f, &m, 1);

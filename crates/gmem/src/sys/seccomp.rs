@@ -28,11 +28,12 @@
 //!   receive a file, and its own emulated files use the Remap mechanism; spawn such programs
 //!   with `posix_spawn` or `vfork` (Rust's `Command` without `pre_exec`), which run no fork
 //!   handler.
-//! - `mremap` that grows a mapping (a new length above the old one, a duplicate of old
-//!   length 0): the kernel's event tells only the old length, so the grown part, which may
-//!   cover an address the child's record still names (a range it did not pass on to its own
-//!   child, `MADV_DONTFORK`), would map a page of the file unseen. EPERM (the C library's
-//!   `realloc` falls back to copying).
+//! - `mremap` to another length (a growth, a duplicate of old length 0, a shrink): the
+//!   kernel's event tells only the old length, so a grown part, which may cover an address
+//!   the child's record still names, would map a page of the file unseen, and a shrinking
+//!   move's event, sent before the tail is unmapped, moves the tail's record over whatever
+//!   lies beyond the new end. EPERM (the C library's `realloc` falls back to copying; a
+//!   shrink is an `munmap`).
 //! - `prctl(PR_SET_PDEATHSIG)` to anything but SIGKILL: the child dies with the thread that
 //!   forked it (once the owner has gone nothing guards its mappings) and may not cancel that.
 //!   EPERM.
@@ -79,7 +80,6 @@ const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
 const AND_K: u16 = (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16;
 const ST: u16 = libc::BPF_ST as u16;
 const LDX_MEM: u16 = (libc::BPF_LDX | libc::BPF_W | libc::BPF_MEM) as u16;
-const JGT_X: u16 = (libc::BPF_JMP | libc::BPF_JGT | libc::BPF_X) as u16;
 const JEQ_X: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_X) as u16;
 /// Offsets in `struct seccomp_data`: the call's number, the architecture, the arguments (the
 /// low 32 bits of argument `i` at `ARGS + 8 * i`, little-endian).
@@ -199,8 +199,6 @@ enum Op {
     St(u32),
     /// `X = M[k]`.
     LdxMem(u32),
-    /// Jump to the label if `A > X` (unsigned).
-    JgtX(usize),
     /// Jump to the label if `A == X`.
     JeqX(usize),
     /// Jump to the label if the accumulator equals the constant.
@@ -230,6 +228,7 @@ fn assemble(ops: &[Op]) -> Vec<libc::sock_filter> {
         let here = prog.len();
         let jump = |l: &usize| -> u8 {
             let to = at[l];
+            assert!(to > here, "a filter jump goes forward");
             u8::try_from(to - here - 1).expect("a filter jump fits in 8 bits")
         };
         let (code, jt, k) = match op {
@@ -238,7 +237,6 @@ fn assemble(ops: &[Op]) -> Vec<libc::sock_filter> {
             Op::And(k) => (AND_K, 0, *k),
             Op::St(k) => (ST, 0, *k),
             Op::LdxMem(k) => (LDX_MEM, 0, *k),
-            Op::JgtX(l) => (JGT_X, jump(l), 0),
             Op::JeqX(l) => (JEQ_X, jump(l), 0),
             Op::Jeq(k, l) => (JEQ_K, jump(l), *k),
             Op::Jset(k, l) => (JSET_K, jump(l), *k),
@@ -312,6 +310,7 @@ fn fork_child_program() -> Vec<libc::sock_filter> {
     const PRCTL: usize = 9;
     const PDEATHSIG: usize = 10;
     const ALLOW_L: usize = 11;
+    const SAME_LENGTH: usize = 12;
     let calls = |abi: &Abi| {
         [
             Op::Ld(NR),
@@ -348,16 +347,17 @@ fn fork_child_program() -> Vec<libc::sock_filter> {
         Op::Jeq(UFFDIO_ZEROPAGE, DENY),
         Op::Jeq(USERFAULTFD_IOC_NEW, DENY),
         Op::Ret(ALLOW),
-        // mremap growing a mapping (new length, argument 2, above the old, argument 1; a
-        // duplicate has old length 0): compared high words first.
+        // mremap to another length (new length, argument 2, not the old, argument 1): a
+        // growth or a duplicate (old length 0) maps more than its event says, a shrinking
+        // move reports the old length and unmaps the tail only after it (found in review).
+        // Moves of the same length pass. High words, then low.
         Op::Label(MREMAP),
         Op::Ld(ARGS + 8 + 4),
         Op::St(0),
         Op::LdxMem(0),
         Op::Ld(ARGS + 16 + 4),
-        Op::JgtX(DENY),
         Op::JeqX(MREMAP_LOW),
-        Op::Ret(ALLOW),
+        Op::Ret(EPERM),
         // prctl(PR_SET_PDEATHSIG) to anything but SIGKILL: the child may not cancel dying
         // with its parent (its own children, which inherit this filter, set SIGKILL).
         Op::Label(PRCTL),
@@ -375,7 +375,9 @@ fn fork_child_program() -> Vec<libc::sock_filter> {
         Op::St(0),
         Op::LdxMem(0),
         Op::Ld(ARGS + 16),
-        Op::JgtX(DENY),
+        Op::JeqX(SAME_LENGTH),
+        Op::Ret(EPERM),
+        Op::Label(SAME_LENGTH),
         Op::Ret(ALLOW),
         Op::Label(NS),
         Op::Ld(ARGS),
@@ -522,7 +524,7 @@ mod tests {
 
     fn check(p: &[libc::sock_filter]) {
         for (i, ins) in p.iter().enumerate() {
-            if [JEQ_K, JSET_K, JGT_X, JEQ_X].contains(&ins.code) {
+            if [JEQ_K, JSET_K, JEQ_X].contains(&ins.code) {
                 let t = i + 1 + usize::from(ins.jt);
                 assert!(t < p.len() && i + 1 < p.len(), "instruction {i} jumps out");
             }
