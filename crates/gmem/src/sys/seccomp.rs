@@ -509,8 +509,7 @@ pub(crate) fn prepare_fork_child_filter() {
 }
 
 /// Installs the fork child's filter in this (child) process: system calls only, no lock, no
-/// allocation. False if it could not be installed (the child then runs unrestricted, as a
-/// raw `clone` child does; see the trust boundary).
+/// allocation. False if it could not be installed (the child handler then ends the child).
 pub(crate) fn restrict_fork_child() -> bool {
     let Some(prog) = FORK_CHILD.get() else {
         return false;
