@@ -698,6 +698,19 @@ fn the_working_set_comes_back_by_fault_around_and_stops_at_private_pages(rev: Re
 fn the_memory_file_size_is_sealed() {
     let f = EmulatedGuestMemfd::create(4 * PS, SHARED).unwrap();
     let before = f.mmap_all().unwrap();
+    // This file's memory only (its inode, from the mapping): another test's file may be
+    // between its creation and its seal at this moment, and shrinking it would kill the
+    // whole test process with SIGBUS (found by CI).
+    let addr = before.mmap().as_ptr() as usize;
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let ino: u64 = maps
+        .lines()
+        .find_map(|l| {
+            let mut it = l.split_whitespace();
+            let (lo, _) = it.next()?.split_once('-')?;
+            (usize::from_str_radix(lo, 16).ok()? == addr).then(|| it.nth(3)?.parse().ok())?
+        })
+        .expect("the mapping's inode");
     let mut seen = 0;
     for e in std::fs::read_dir("/proc/self/fd")
         .unwrap()
@@ -711,6 +724,10 @@ fn the_memory_file_size_is_sealed() {
         let Ok(n) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
+        match std::fs::metadata(e.path()) {
+            Ok(m) if std::os::unix::fs::MetadataExt::ino(&m) == ino => {}
+            _ => continue,
+        }
         seen += 1;
         for size in [0, 8 * PS as libc::off_t] {
             // SAFETY: ftruncate on a descriptor of this process; refused by the seal.
