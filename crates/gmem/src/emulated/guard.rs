@@ -122,7 +122,8 @@ pub(super) struct Space {
     /// own mappings) faults are looked up in `/proc/<tid>/maps`.
     recorded: bool,
     /// Registered ranges by start address: the record (see `recorded`), or what
-    /// `/proc/<tid>/maps` said (a cache, unused).
+    /// `/proc/<tid>/maps` said (not used for lookups; it names the files a fork child of the
+    /// space keeps alive).
     ranges: Mutex<BTreeMap<usize, Range>>,
     /// In another process's space: the files it maps, kept alive while it does (their pages'
     /// attributes decide its faults after this process let go of them).
@@ -272,12 +273,6 @@ impl Guard {
         items.try_reserve_exact(QUEUE).map_err(|_| Errno::ENOMEM)?;
         let quiet = super::fork::quiet();
         let (uffd, kernel_faults) = PoisonFd::guard()?;
-        // A descendant of a fork child of a process with host mappings may install no page
-        // with a userfaultfd (`sys::seccomp`): no guard here (`Auto` then uses Remap).
-        if sys::seccomp::continue_refused(uffd.as_fd()) {
-            uffd.close_raw();
-            return Err(Errno::EOPNOTSUPP);
-        }
         let epoll = Epoll::new()?;
         super::fork::track_fd(uffd.raw_fd());
         super::fork::track_fd(epoll.raw_fd());

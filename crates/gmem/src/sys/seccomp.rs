@@ -483,23 +483,6 @@ pub fn remap_file_pages_refused() -> Option<RemapFilePages> {
     INSTALLED.get().copied()
 }
 
-/// Whether this process may not install pages with a userfaultfd (a descendant of a fork
-/// child, under the child's filter): `UFFDIO_CONTINUE` of nothing answers EPERM from the
-/// filter where the kernel would answer EINVAL. `uffd` is a userfaultfd of this process.
-pub(crate) fn continue_refused(uffd: std::os::fd::BorrowedFd<'_>) -> bool {
-    let mut arg = [0u64; 4];
-    // SAFETY: UFFDIO_CONTINUE of an empty range at address 0: the kernel reads and writes
-    // `arg` (32 bytes, the size of `struct uffdio_continue`) and maps nothing.
-    let r = unsafe {
-        libc::ioctl(
-            std::os::fd::AsRawFd::as_raw_fd(&uffd),
-            libc::c_ulong::from(UFFDIO_CONTINUE),
-            arg.as_mut_ptr(),
-        )
-    };
-    r == -1 && Errno::last() == Errno::EPERM
-}
-
 /// The fork child's filter, assembled in the parent (the child handler may not allocate).
 static FORK_CHILD: OnceLock<Vec<libc::sock_filter>> = OnceLock::new();
 
