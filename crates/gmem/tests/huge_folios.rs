@@ -16,6 +16,9 @@ use gmem::{
 use gmem_testkit::{needs, test, test_unless, Trial};
 
 const PS: u64 = PAGE_SIZE;
+
+/// Held by each case of this binary while it runs ([`main`]).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 const BLOCK: u64 = 512;
 const SHARED: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
 
@@ -245,6 +248,447 @@ fn replacing_a_page_of_a_huge_folio_keeps_its_content(rev: Revocation) {
     }
 }
 
+/// Whether the VMA holding `addr` is a released block (`/proc/self/smaps`: not inherited
+/// by children, `dc`; registered for write-protect alone, `uw` without `ui` or `um`): its
+/// faults are the kernel's, which maps a huge folio there with one PMD when it can.
+fn released_at(addr: usize) -> bool {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    for line in smaps.lines() {
+        let head = line.split(' ').next().unwrap_or("");
+        if let Some((s, e)) = head.split_once('-') {
+            if let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16)) {
+                inside = s <= addr && addr < e;
+                continue;
+            }
+        }
+        if inside {
+            if let Some(flags) = line.strip_prefix("VmFlags:") {
+                let f: Vec<&str> = flags.split_whitespace().collect();
+                return f.contains(&"dc")
+                    && f.contains(&"uw")
+                    && !f.contains(&"ui")
+                    && !f.contains(&"um");
+            }
+        }
+    }
+    false
+}
+
+/// Waits (at most 2 s) until the block at `addr` is released: the guard releases it while
+/// the faulting thread, woken by the release's unregistration, may already run on.
+fn wait_released(addr: usize) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(2) {
+        if released_at(addr) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    false
+}
+
+/// Whether page `p` of `m` refuses a read and a write (SIGBUS at that page).
+fn refused(m: &gmem::HostMapping, p: u64) -> bool {
+    let r = matches!(m.probe_read((p * PS) as usize, 1).unwrap(),
+        Probe::Fault(x) if x.is_sigbus() && x.addr == p * PS);
+    let w = matches!(m.probe_write((p * PS) as usize, 1, 0xEE).unwrap(),
+        Probe::Fault(x) if x.is_sigbus() && x.addr == p * PS);
+    r && w
+}
+
+fn read_page(m: &gmem::HostMapping, p: u64) -> u8 {
+    let mut b = [0u8];
+    m.read_volatile((p * PS) as usize, &mut b).unwrap();
+    b[0]
+}
+
+/// Issue 22: a wholly shared block of a host mapping is released to the kernel's faults,
+/// which map its folio with one PMD; a conversion to private of one page of it guards it again first, so the page refuses the
+/// host (SIGBUS exact to the page, read and write), its neighbours stay readable, and the
+/// guest's content is kept; shared again, the block is released again at the host's next
+/// fault in it.
+fn a_wholly_shared_block_is_mapped_huge_on_the_host(rev: Revocation) {
+    let f = huge(2, SHARED, rev);
+    let m = f.mmap_all().unwrap();
+    let block = (BLOCK * PS) as usize;
+    assert_eq!(
+        m.as_ptr() as usize % block,
+        0,
+        "a huge file's mapping is 2 MiB-aligned"
+    );
+    for p in 0..2 * BLOCK {
+        m.write_volatile((p * PS) as usize, &[p as u8; 8]).unwrap();
+    }
+    let at = m.as_ptr() as usize;
+    assert!(
+        wait_released(at) && wait_released(at + block),
+        "both blocks released"
+    );
+    for p in (0..2 * BLOCK).step_by(64) {
+        assert_eq!(read_page(&m, p), p as u8, "page {p}");
+    }
+    assert!(
+        m.mmap().is_huge_mapped(0, 2 * block).unwrap(),
+        "each block: one PMD"
+    );
+    f.set_private(5 * PS, PS).unwrap();
+    assert!(refused(&m, 5), "page 5, made private");
+    assert_eq!(byte(&f, 5), 5, "the guest's content");
+    for p in [4u64, 6, 511, 512, 700] {
+        assert_eq!(read_page(&m, p), p as u8, "page {p}");
+    }
+    assert!(!released_at(at), "a mixed block is guarded");
+    assert!(
+        !m.mmap().is_huge_mapped(0, block).unwrap(),
+        "a mixed block: 4 KiB"
+    );
+    f.set_shared(5 * PS, PS).unwrap();
+    assert_eq!(read_page(&m, 5), 5, "page 5, shared again");
+    // Whole again: released at the host's next fault in the block (the entries mapped at
+    // 4 KiB meanwhile stay until something zaps them, as a host's balloon or reclaim does).
+    m.mmap().madvise(0, block, libc::MADV_DONTNEED).unwrap();
+    assert_eq!(read_page(&m, 300), 300u64 as u8);
+    assert!(wait_released(at), "whole again: released");
+    assert_eq!(read_page(&m, 301), 301u64 as u8);
+    assert!(
+        m.mmap().is_huge_mapped(0, block).unwrap(),
+        "whole again: one PMD"
+    );
+    // The whole block private and back: the same.
+    f.set_private(0, BLOCK * PS).unwrap();
+    assert!(refused(&m, 0) && refused(&m, 511), "the block, private");
+    assert_eq!(read_page(&m, 512), 0, "page 512 (written 512 as u8)");
+    f.set_shared(0, BLOCK * PS).unwrap();
+    assert_eq!(read_page(&m, 9), 9);
+    assert!(wait_released(at), "shared again: released");
+    assert_eq!(read_page(&m, 10), 10);
+    assert!(
+        m.mmap().is_huge_mapped(0, block).unwrap(),
+        "shared again: one PMD"
+    );
+}
+
+/// A mapping with a released block is resized (and possibly moved) by `HostMapping::mremap`:
+/// the block is guarded again first, so the mapping is one VMA again (`mremap` refuses a range
+/// of several: EFAULT), and the guard follows it: a page made private afterwards refuses the
+/// host at the mapping's new address, and the part past the file's end raises SIGBUS.
+fn a_mapping_with_a_released_block_moves(rev: Revocation) {
+    let f = huge(2, SHARED, rev);
+    let mut m = f.mmap_all().unwrap();
+    let block = (BLOCK * PS) as usize;
+    for p in 0..BLOCK {
+        m.write_volatile((p * PS) as usize, &[p as u8; 8]).unwrap();
+    }
+    assert!(wait_released(m.as_ptr() as usize), "block 0 released");
+    m.mremap(3 * block, true, None).unwrap();
+    f.set_private(7 * PS, PS).unwrap();
+    assert!(refused(&m, 7), "page 7 after the move");
+    assert_eq!(read_page(&m, 8), 8);
+    assert_eq!(byte(&f, 7), 7);
+    assert!(refused(&m, 2 * BLOCK), "past the file's end");
+}
+
+/// Whether an access to `addr` in a fork child faulted (SIGBUS; the child's SIGSEGV, where it
+/// has nothing mapped, fails the test).
+fn faults_in_child(addr: *mut u8, write: bool) -> bool {
+    // SAFETY: fork(2); the child only touches `addr` and leaves with _exit (or dies of the
+    // fault).
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: a volatile access to one byte of a mapping of this process; a fault kills
+        // the child, which is what is asked.
+        unsafe {
+            if write {
+                std::ptr::write_volatile(addr, 0xEE);
+            } else {
+                std::ptr::read_volatile(addr);
+            }
+            libc::_exit(0);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: reaps our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    if libc::WIFSIGNALED(status) {
+        assert_eq!(libc::WTERMSIG(status), libc::SIGBUS, "status {status:#x}");
+        true
+    } else {
+        assert_eq!(status, 0);
+        false
+    }
+}
+
+/// A released block moved by a raw `mremap` (not through the library) is guarded again at
+/// its new address when its event is handled: a page made private afterwards refuses a fork
+/// child there (which inherits the block again), and a shared one reads. Without that, the
+/// moved block would be the kernel's, unseen, and read the private page.
+fn a_raw_mremap_of_a_released_block_is_guarded(rev: Revocation) {
+    let f = huge(1, SHARED, rev);
+    let m = f.mmap_all().unwrap();
+    let block = (BLOCK * PS) as usize;
+    for p in 0..BLOCK {
+        m.write_volatile((p * PS) as usize, &[p as u8; 8]).unwrap();
+    }
+    assert!(wait_released(m.as_ptr() as usize), "released");
+    let old = m.as_ptr();
+    // SAFETY: a fresh inaccessible reservation, twice the block, for the move's target.
+    let room = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            2 * block,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(room, libc::MAP_FAILED);
+    let target = (room as usize).next_multiple_of(block);
+    // SAFETY: moves the live mapping `m` (one VMA: the whole mapping is the released block)
+    // into the reservation made above, 2 MiB-aligned; `m` is not used at its old address
+    // afterwards, where this test puts memory of its own at once.
+    let new = unsafe {
+        libc::mremap(
+            old.cast(),
+            block,
+            block,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            target as *mut libc::c_void,
+        )
+    };
+    assert_eq!(new as usize, target, "moved");
+    let new = new.cast::<u8>();
+    // SAFETY: an anonymous mapping where the old one was (NOREPLACE: if another thread took
+    // the range, nothing is mapped and the range stays theirs).
+    let mine = unsafe {
+        libc::mmap(
+            old.cast(),
+            block,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    f.set_private(7 * PS, PS).unwrap();
+    // SAFETY: page 7 of the moved mapping.
+    let at = |p: u64| unsafe { new.add((p * PS) as usize) };
+    assert!(
+        faults_in_child(at(7), false) && faults_in_child(at(7), true),
+        "page 7, moved"
+    );
+    assert!(!faults_in_child(at(8), false), "page 8, shared");
+    // SAFETY: page 8 of the moved mapping, shared.
+    assert_eq!(unsafe { std::ptr::read_volatile(at(8)) }, 8);
+    assert_eq!(byte(&f, 7), 7);
+    // SAFETY: the reservation goes with the moved mapping in it; the memory put at the old
+    // address goes too (if it was made), and `m`, which no longer owns its range, is
+    // forgotten.
+    unsafe {
+        libc::munmap(room, 2 * block);
+        if mine != libc::MAP_FAILED {
+            libc::munmap(mine, block);
+        }
+    }
+    std::mem::forget(m);
+}
+
+/// A fork child inherits a released block guarded (the fork's prepare handler registers it
+/// again): it reads the shared pages, and a page made private after the fork — one it had
+/// read, and one it had not — refuses it (SIGBUS), as it refuses the parent; without the
+/// re-registration the child would have nothing there (SIGSEGV), or the page unguarded.
+fn a_fork_child_inherits_a_released_block_guarded(rev: Revocation) {
+    for split in [false, true] {
+        fork_child_of_a_released_block(rev, split);
+    }
+}
+
+/// One run of [`a_fork_child_inherits_a_released_block_guarded`]; `split`: part of the
+/// block was punched first, so its folio is 4 KiB pages and the kernel maps the block with
+/// 4 KiB entries, which the fork copies into the child (a child that got them so, not
+/// through its own faults, must lose them at the conversion all the same).
+fn fork_child_of_a_released_block(rev: Revocation, split: bool) {
+    let f = huge(1, SHARED, rev);
+    let m = f.mmap_all().unwrap();
+    let block = (BLOCK * PS) as usize;
+    for p in 0..BLOCK {
+        m.write_volatile((p * PS) as usize, &[p as u8; 8]).unwrap();
+    }
+    let base = m.as_ptr();
+    assert!(wait_released(base as usize), "released");
+    if split {
+        f.punch_hole(100 * PS, PS).unwrap();
+        m.write_volatile((100 * PS) as usize, &[100; 8]).unwrap();
+        for p in 0..BLOCK {
+            assert_eq!(read_page(&m, p), p as u8, "page {p} after the split");
+        }
+        assert_eq!(f.folio_order(9).unwrap(), 0, "split");
+    }
+    // SAFETY: pages of the live mapping `m`.
+    let at = |p: u64| unsafe { base.add((p * PS) as usize) };
+    assert!(
+        !faults_in_child(at(7), false),
+        "a shared page, in a fork child"
+    );
+    let (mut to_child, mut from_child) = ([0; 2], [0; 2]);
+    // SAFETY: two pipes, their descriptors written into the arrays.
+    unsafe {
+        assert_eq!(libc::pipe(to_child.as_mut_ptr()), 0);
+        assert_eq!(libc::pipe(from_child.as_mut_ptr()), 0);
+    }
+    // SAFETY: fork(2); the child reads page 9, says so, waits for the parent, reads page 9
+    // and page 10 again (a fault kills it), and leaves with _exit: system calls and volatile
+    // reads only.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: as above.
+        unsafe {
+            let first = std::ptr::read_volatile(at(9));
+            libc::write(from_child[1], [first].as_ptr().cast(), 1);
+            let mut b = [0u8];
+            libc::read(to_child[0], b.as_mut_ptr().cast(), 1);
+            std::ptr::read_volatile(at(if b[0] == 9 { 9 } else { 10 }));
+            libc::_exit(0);
+        }
+    }
+    let mut b = [0u8];
+    // SAFETY: reads one byte from the child's pipe into `b`.
+    let n = unsafe { libc::read(from_child[0], b.as_mut_ptr().cast(), 1) };
+    assert_eq!(n, 1);
+    assert_eq!(b[0], 9, "the child read the shared page 9");
+    f.set_private(9 * PS, 2 * PS).unwrap();
+    // SAFETY: tells the child to read page 9 again; reaps it.
+    let status = unsafe {
+        libc::write(to_child[1], [9u8].as_ptr().cast(), 1);
+        let mut status = 0;
+        libc::waitpid(pid, &mut status, 0);
+        status
+    };
+    assert!(
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGBUS,
+        "split {split}: the child read page 9 after it became private (status {status:#x})"
+    );
+    assert!(
+        faults_in_child(at(10), false) && faults_in_child(at(9), true),
+        "pages 9 and 10, private, in a new child"
+    );
+    assert!(refused(&m, 9) && refused(&m, 10), "and in this process");
+    assert_eq!(byte(&f, 9), 9, "split {split}");
+    // SAFETY: the pipes' descriptors, made above.
+    unsafe {
+        for fd in to_child.into_iter().chain(from_child) {
+            libc::close(fd);
+        }
+    }
+    let _ = block;
+}
+
+/// Released blocks under racing conversions: accessor threads read random pages of a host
+/// mapping (each read in a child sharing this memory, so a fault is reported) while a
+/// converter makes random pages private and shared again, with periods in which the whole
+/// block is shared (so the guard releases it at the next fault and the kernel maps it). A read
+/// made while its page was private for the whole read must fault (SIGBUS at the page), one
+/// made while it was shared for the whole read must succeed; and the block was seen released
+/// (the check is not vacuous). A per-page generation, odd while a conversion of the page is in
+/// flight, decides "for the whole read".
+fn released_blocks_race_conversions(rev: Revocation) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+    use std::sync::Arc;
+    const PAGES: usize = 32;
+    let f = Arc::new(huge(1, SHARED, rev));
+    let m = Arc::new(f.mmap_all().unwrap());
+    for p in 0..BLOCK {
+        m.write_volatile((p * PS) as usize, &[0x5A; 8]).unwrap();
+    }
+    let gen: Arc<Vec<AtomicU64>> = Arc::new((0..PAGES).map(|_| AtomicU64::new(0)).collect());
+    let private: Arc<Vec<AtomicBool>> =
+        Arc::new((0..PAGES).map(|_| AtomicBool::new(false)).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    let checked = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+    let mut accessors = Vec::new();
+    for t in 0..2u64 {
+        let (m, gen, private, stop, checked) = (
+            m.clone(),
+            gen.clone(),
+            private.clone(),
+            stop.clone(),
+            checked.clone(),
+        );
+        accessors.push(std::thread::spawn(move || {
+            let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ t;
+            while !stop.load(SeqCst) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let p = (x % PAGES as u64) as usize;
+                let g1 = gen[p].load(SeqCst);
+                let was_private = private[p].load(SeqCst);
+                let r = m.probe_read(p * PS as usize, 1).unwrap();
+                let g2 = gen[p].load(SeqCst);
+                if g1 != g2 || g1 % 2 == 1 {
+                    continue;
+                }
+                match r {
+                    Probe::Fault(x) => {
+                        assert!(was_private, "page {p}, shared for the whole read: {x:?}");
+                        assert!(x.is_sigbus() && x.addr == p as u64 * PS, "{x:?}");
+                        checked[0].fetch_add(1, SeqCst);
+                    }
+                    Probe::Done(b) => {
+                        assert!(
+                            !was_private,
+                            "page {p}, private for the whole read, read {b:?}"
+                        );
+                        checked[1].fetch_add(1, SeqCst);
+                    }
+                }
+            }
+        }));
+    }
+    let start = std::time::Instant::now();
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let (mut seen_released, mut round) = (0, 0u64);
+    while start.elapsed() < std::time::Duration::from_millis(1500) {
+        round += 1;
+        if round % 8 == 0 {
+            // A period with the whole block shared: released at the next fault in it.
+            let _ = m
+                .mmap()
+                .madvise(0, (BLOCK * PS) as usize, libc::MADV_DONTNEED);
+            assert_eq!(read_page(&m, 100), 0x5A);
+            if wait_released(m.as_ptr() as usize) {
+                seen_released += 1;
+            }
+            continue;
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let p = (x % PAGES as u64) as usize;
+        gen[p].fetch_add(1, SeqCst);
+        f.set_private(p as u64 * PS, PS).unwrap();
+        private[p].store(true, SeqCst);
+        gen[p].fetch_add(1, SeqCst);
+        std::thread::sleep(std::time::Duration::from_micros(500));
+        gen[p].fetch_add(1, SeqCst);
+        f.set_shared(p as u64 * PS, PS).unwrap();
+        private[p].store(false, SeqCst);
+        gen[p].fetch_add(1, SeqCst);
+    }
+    stop.store(true, SeqCst);
+    for a in accessors {
+        a.join().unwrap();
+    }
+    let (faults, reads) = (checked[0].load(SeqCst), checked[1].load(SeqCst));
+    assert!(
+        faults > 0 && reads > 0 && seen_released > 0,
+        "vacuous: {faults} faults, {reads} reads checked, released {seen_released} times"
+    );
+}
+
 /// A file of huge folios needs a size that is a multiple of 2 MiB (EINVAL), checked before
 /// anything is asked of the host.
 fn the_size_must_be_a_multiple_of_2mib() {
@@ -290,7 +734,27 @@ fn main() {
         the_size_must_be_a_multiple_of_2mib,
     )];
     let guard = needs(&[gmem::emulated::GUARD_NEEDS]);
-    let per_rev: [Case; 7] = [
+    let per_rev: [Case; 12] = [
+        (
+            "released_blocks_race_conversions",
+            released_blocks_race_conversions,
+        ),
+        (
+            "a_fork_child_inherits_a_released_block_guarded",
+            a_fork_child_inherits_a_released_block_guarded,
+        ),
+        (
+            "a_wholly_shared_block_is_mapped_huge_on_the_host",
+            a_wholly_shared_block_is_mapped_huge_on_the_host,
+        ),
+        (
+            "a_mapping_with_a_released_block_moves",
+            a_mapping_with_a_released_block_moves,
+        ),
+        (
+            "a_raw_mremap_of_a_released_block_is_guarded",
+            a_raw_mremap_of_a_released_block_is_guarded,
+        ),
         (
             "replacing_a_page_of_a_huge_folio_keeps_its_content",
             replacing_a_page_of_a_huge_folio_keeps_its_content,
@@ -322,7 +786,14 @@ fn main() {
     ];
     let why = why.or(guard);
     for (name, f) in per_rev {
-        trials.push(test_unless(name, why.clone(), move || f(Revocation::Guard)));
+        trials.push(test_unless(name, why.clone(), move || {
+            // One case at a time: a fork anywhere in the process guards every released block
+            // again (so the child inherits them), and several cases fork.
+            let _one = ONE_AT_A_TIME
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            f(Revocation::Guard)
+        }));
     }
     trials.push(test("remap_is_eopnotsupp", remap_is_eopnotsupp));
     gmem_testkit::run_then(trials, move || drop(switch))

@@ -7,8 +7,10 @@
 //! its faults and reaches its address space in every conversion ([`super::guard`]). So the
 //! fork handlers (`pthread_atfork`, installed with the first file) only order `fork` with
 //! gmem's own locks: *prepare* takes [`FORK_LOCK`] exclusively — every holder of a file's
-//! lock holds it shared — and *parent* and *child* release it. They call nothing else (no
-//! allocation, no system call another library may interpose), so a fork cannot hang in them;
+//! lock holds it shared — and *parent* and *child* release it. Besides, *prepare* guards again
+//! the blocks of huge-folio files released to the kernel's faults, by system calls alone
+//! ([`super::guard::reguard_for_fork`]). They call nothing else (no allocation, no C library
+//! function another library may interpose), so a fork cannot hang in them;
 //! the guard thread never takes the lock, so `fork`, which waits for the guard to read the
 //! event, never waits for it either. A raw `clone` bypasses the handlers and is guarded all
 //! the same (it only risks a lock held at that moment in its own copy of gmem, which it does
@@ -81,6 +83,9 @@ extern "C" fn prepare() {
     let quiet = QUIET
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // Released blocks of huge-folio files are guarded again, so the child inherits them
+    // (system calls only: `guard::reguard_for_fork`).
+    super::guard::reguard_for_fork();
     HELD.with(|h| *h.borrow_mut() = Some((fork, quiet)));
     FORKING_PID.store(peer::getpid_raw(), Ordering::Relaxed);
 }

@@ -195,6 +195,54 @@ impl Space {
     }
 }
 
+/// The blocks of this process's host mappings released to the kernel's faults
+/// ([`Guard::release_own_block`]), by address: `false` while released, `true` once the fork
+/// *prepare* handler guarded them again ([`reguard_for_fork`]) — the file's gate, which knows
+/// them as released, learns it at its next look ([`released_state`]). Process-wide and
+/// outside the gates because the prepare handler may take no file's lock.
+static RELEASED: Mutex<BTreeMap<usize, bool>> = Mutex::new(BTreeMap::new());
+
+/// The guard's own userfaultfd (-1 until the guard starts), for [`reguard_for_fork`].
+static OWN_UFFD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Whether the block at `addr` is released (`Some(false)`), was guarded again by a fork
+/// (`Some(true)`), or is not known as released (`None`).
+pub(super) fn released_state(addr: usize) -> Option<bool> {
+    lock(&RELEASED).get(&addr).copied()
+}
+
+/// Records the block at `addr` as released (`true`) or forgets it (`false`).
+pub(super) fn note_released(addr: usize, released: bool) {
+    let mut t = lock(&RELEASED);
+    if released {
+        t.insert(addr, false);
+    } else {
+        t.remove(&addr);
+    }
+}
+
+/// From the fork *prepare* handler (the fork lock held exclusively: no conversion, no
+/// mapping change of gmem's runs): guards every released block again, so that the child
+/// inherits it registered where the kernel gives the child the parent's mappings (a released
+/// block is `MADV_DONTFORK`: the child would have nothing there). System calls only, no
+/// allocation. A block that cannot be registered stays released and the child does not
+/// inherit it (SIGSEGV there, never an unguarded page).
+pub(super) fn reguard_for_fork() {
+    let fd = OWN_UFFD.load(Ordering::Relaxed);
+    if fd < 0 {
+        return;
+    }
+    let mut t = lock(&RELEASED);
+    for (&addr, guarded) in t.iter_mut() {
+        // SAFETY: a released block of a host mapping of this process (a `MAP_SHARED` shmem
+        // mapping), as recorded under its file's gate after its events were handled.
+        #[allow(unsafe_code)]
+        if !*guarded && unsafe { sys::uffd::reguard_raw(fd, addr as u64, super::HUGE_SIZE) } {
+            *guarded = true;
+        }
+    }
+}
+
 /// The guard of this process: its userfaultfd, the address spaces it serves, and the thread.
 pub(super) struct Guard {
     /// The address space the guard belongs to ([`sys::peer::address_space`]; a fork child
@@ -275,6 +323,7 @@ impl Guard {
         let (uffd, kernel_faults) = PoisonFd::guard()?;
         let epoll = Epoll::new()?;
         super::fork::track_fd(uffd.raw_fd());
+        OWN_UFFD.store(uffd.raw_fd(), Ordering::Relaxed);
         super::fork::track_fd(epoll.raw_fd());
         // The fork link: the serving end is private (recorded), the asking end is what
         // children inherit.
@@ -918,6 +967,9 @@ impl Guard {
         drop(ranges);
         self.reconcile_own(from, from.saturating_add(len));
         self.reconcile_own(to, to.saturating_add(len));
+        for file in self.live_files() {
+            file.released_moved(self, from as u64, len as u64, Some(to as u64));
+        }
     }
 
     /// `munmap` in `space` of `[start, end)`: this process's ranges lose that part (nothing
@@ -945,6 +997,9 @@ impl Guard {
         drop(ranges);
         // A mapping made there since the unmap (and registered before this event) stays.
         self.reconcile_own(start, end);
+        for file in self.live_files() {
+            file.released_moved(self, start as u64, (end - start) as u64, None);
+        }
     }
 
     /// The files of this process that are alive (whose markers other spaces may hold).
@@ -1017,6 +1072,84 @@ impl Guard {
                     .continue_page(addr as u64 + (s - r.offset), e - s);
             }
         }
+    }
+
+    /// Whether `[addr, addr + len)` lies inside one recorded host mapping of `file` in this
+    /// process, mapping file offset `offset` at `addr`.
+    pub(super) fn own_maps(&self, file: &Inner, addr: usize, len: usize, offset: u64) -> bool {
+        let ranges = lock(&self.own.ranges);
+        let Some((&s, r)) = ranges.range(..=addr).next_back() else {
+            return false;
+        };
+        std::ptr::eq(r.file.as_ptr(), file)
+            && addr.checked_add(len).is_some_and(|e| e <= s + r.len)
+            && r.offset + (addr - s) as u64 == offset
+    }
+
+    /// *Releases* the 2 MiB block of this process's host mapping at `addr` (2 MiB-aligned,
+    /// recorded as a mapping of a wholly shared block of a file of huge folios; the caller
+    /// holds the file's gate): its faults are the kernel's from now on, which maps the
+    /// block's folio with one PMD, until [`Guard::reguard_own`]. In order: `MADV_DONTFORK`
+    /// (no child, however made, inherits it: a raw `clone` child would have it unguarded),
+    /// `MADV_HUGEPAGE`, `MADV_DONTNEED` of the entries the guard had mapped while every
+    /// fault there still waits for the gate (the emptied page table is reclaimed, so the next
+    /// fault can map a PMD), then registered in write-protect mode alone (unregistered
+    /// first: a registered range keeps its modes; `munmap`, `mremap` and the THP collapse's
+    /// refusal still apply). The unregistration wakes the threads waiting there; their
+    /// retry is the kernel's fault (found by a test: with the zap after it, a retry in
+    /// between mapped 4 KiB and kept the page table). Err: nothing changed (the block is
+    /// guarded as before), except if both registrations failed, which leaves it released
+    /// (`Ok`) without the write-protect mode's events.
+    #[allow(unsafe_code)] // madvise by address: see the SAFETY comments.
+    pub(super) fn release_own_block(&self, addr: usize) -> KernelResult<()> {
+        let len = super::HUGE_SIZE as usize;
+        // SAFETY: `[addr, addr + len)` is a `MAP_SHARED` host mapping of a file of this
+        // process (the caller checked the record under the gate, after every event read was
+        // handled); DONTFORK and HUGEPAGE change only VMA flags (what a child inherits, what
+        // a fault may map), DONTNEED drops page-table entries only (the block is wholly
+        // shared: no data is lost).
+        unsafe {
+            sys::madvise_range(addr, len, libc::MADV_DONTFORK)?;
+            let _ = sys::madvise_range(addr, len, libc::MADV_HUGEPAGE);
+            let _ = sys::madvise_range(addr, len, libc::MADV_DONTNEED);
+        }
+        let uffd = &self.own.uffd;
+        let undo = |e: Errno| {
+            // SAFETY: as above; the block is inherited again, registered as it was.
+            unsafe {
+                let _ = sys::madvise_range(addr, len, libc::MADV_DOFORK);
+                let _ = sys::madvise_range(addr, len, libc::MADV_NOHUGEPAGE);
+            }
+            Err(e)
+        };
+        if let Err(e) = uffd.unregister(addr as u64, len as u64) {
+            return undo(e);
+        }
+        if let Err(e) = uffd.register_wp_only(addr as u64, len as u64) {
+            if uffd.register_range(addr as u64, len as u64).is_ok() {
+                return undo(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Guards `[addr, addr + len)` of this process's host mappings again after
+    /// [`Guard::release_own_block`] (the caller holds the file's gate): registered in the
+    /// guard's modes, so every fault on a page without an entry is checked again — the
+    /// caller zaps what the kernel mapped — and then inherited by children again, without
+    /// `MADV_HUGEPAGE` (as every host mapping is made). Err: the registration failed and the
+    /// range is still released.
+    #[allow(unsafe_code)] // madvise by address: see the SAFETY comment.
+    pub(super) fn reguard_own(&self, addr: usize, len: usize) -> KernelResult<()> {
+        self.own.uffd.register_range(addr as u64, len as u64)?;
+        // SAFETY: `[addr, addr + len)` is (part of) a released block of a host mapping of
+        // this process: a `MAP_SHARED` mapping of a file of the caller's; both advices
+        // change only VMA flags.
+        unsafe {
+            let _ = sys::madvise_range(addr, len, libc::MADV_DOFORK);
+            let _ = sys::madvise_range(addr, len, libc::MADV_NOHUGEPAGE);
+        }
+        Ok(())
     }
 
     /// Clears this process's marker at `addr` if a host mapping of `file` is still there

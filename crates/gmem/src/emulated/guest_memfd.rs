@@ -451,6 +451,17 @@ impl EmulatedGuestMemfd {
         let mut st = self.write_state();
         let fd = Some(self.inner.memfd.as_fd());
         let map = match at {
+            // A file of huge folios: each whole 2 MiB block inside the mapping is 2 MiB-aligned
+            // in memory, so the host may map it with one PMD ([`super::host`]'s released blocks).
+            Err(_) if self.inner.options.folio_size == super::FolioSize::Huge => {
+                Mmap::new_inaccessible_aligned(
+                    fd,
+                    offset,
+                    len,
+                    libc::MAP_SHARED,
+                    super::HUGE_SIZE as usize,
+                )?
+            }
             Err(_) => Mmap::new_inaccessible(fd, offset, len, libc::MAP_SHARED)?,
             Ok(p) => Mmap::new_at(p, fd, offset, libc::MAP_SHARED, libc::PROT_NONE)?,
         };

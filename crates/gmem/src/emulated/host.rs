@@ -72,6 +72,9 @@ pub(super) struct Gate {
     /// Markers a failed host hand-out left on shared pages (NO_DIRECT_MAP): (page, space,
     /// address), cleared when the page leaves the file or changes hands.
     pub(super) sigbus: BTreeSet<(u64, u64, u64)>,
+    /// Blocks of this process's host mappings the guard released to the kernel (see
+    /// [`Inner::try_release`]): (block index, address of the block in the mapping).
+    pub(super) released: BTreeSet<(u64, usize)>,
     /// The pipe [`Inner::replace_pages`] holds pages in (made on first use, kept).
     pipe: Option<sys::HoldPipe>,
 }
@@ -94,6 +97,7 @@ impl Gate {
             own_markers: PageSet::default(),
             markers: BTreeSet::new(),
             sigbus: BTreeSet::new(),
+            released: BTreeSet::new(),
             pipe: None,
         }
     }
@@ -102,6 +106,18 @@ impl Gate {
     fn in_pages(set: &BTreeSet<(u64, u64, u64)>, first: u64, end: u64) -> Vec<(u64, u64, u64)> {
         set.range((first, 0, 0)..(end, 0, 0)).copied().collect()
     }
+}
+
+/// A 2 MiB block of a file (its index) and its address in a host mapping of this process.
+type Block = (u64, usize);
+
+/// The 2 MiB block of the file holding `offset`, and where that block starts in the mapping
+/// whose page at `addr` maps `offset` (not necessarily inside the mapping).
+fn block_of(addr: u64, offset: u64) -> (u64, usize) {
+    let block = offset / super::HUGE_SIZE;
+    let baddr = addr.wrapping_sub(offset - block * super::HUGE_SIZE);
+    // An address past usize (none is) gives an unaligned one, which nothing releases.
+    (block, usize::try_from(baddr).unwrap_or(1))
 }
 
 /// Installs a poison marker at `addr` of `space`. The kernel answers EAGAIN while a mapping
@@ -231,6 +247,24 @@ impl Inner {
             let _ = space.uffd.wake(addr, PAGE_SIZE);
             return;
         }
+        if space.own && self.may_release() {
+            if let Some(guard) = self.guard() {
+                let (block, baddr) = block_of(addr, offset);
+                if gate.released.contains(&(block, baddr))
+                    && super::guard::released_state(baddr) != Some(false)
+                {
+                    // Guarded again by a fork since: known as guarded from now on.
+                    Self::forget_released(&mut gate, block, baddr);
+                }
+                if gate.released.contains(&(block, baddr))
+                    || self.try_release(&mut gate, guard, block, baddr)
+                {
+                    // The retry is the kernel's fault: one PMD for the whole block.
+                    let _ = space.uffd.wake(addr, PAGE_SIZE);
+                    return;
+                }
+            }
+        }
         let mapped = if minor {
             let end = if space.own {
                 self.fault_around_end(&gate, page, room)
@@ -287,6 +321,207 @@ impl Inner {
         }
     }
 
+    /// Whether this file's blocks may be released to the kernel's faults in this process's
+    /// host mappings: huge folios, host pages zapped (with `HostPages::Replace` every page
+    /// the host maps must be counted), and not NO_DIRECT_MAP (every host page is handed out
+    /// at its fault).
+    fn may_release(&self) -> bool {
+        self.options.folio_size == super::FolioSize::Huge
+            && self.options.host_pages == super::HostPages::Zap
+            && !self.no_direct_map()
+    }
+
+    /// *Releases* block `block` of the file at `baddr` of this process's host mappings
+    /// (under the gate): if the block is wholly shared, wholly in the file, and mapped whole
+    /// and 2 MiB-aligned there, the guard stops checking its faults
+    /// ([`Guard::release_own_block`]) and the kernel maps it with one PMD, as it maps a huge
+    /// folio of a guest_memfd. It is guarded again first by a conversion to private of any
+    /// page of it ([`Inner::reguard_released`]), by the library's `mremap` of its mapping, by
+    /// an unmap or remap event touching it ([`Inner::released_moved`]), and by the fork
+    /// *prepare* handler, so that a fork child inherits it guarded
+    /// ([`super::guard::reguard_for_fork`]; a raw `clone` child, which runs no handler, does
+    /// not inherit it: `MADV_DONTFORK`). Released at a guard fault only, never by a
+    /// conversion to shared (measured: releasing again at every conversion to shared made
+    /// the first-page round trip 3.5× its floor and the 1 GiB round trip 6.6× instead of
+    /// 205× faster than with 4 KiB folios). Only this process's mappings: other address
+    /// spaces are served at 4 KiB. False: nothing changed.
+    pub(super) fn try_release(
+        &self,
+        gate: &mut Gate,
+        guard: &Guard,
+        block: u64,
+        baddr: usize,
+    ) -> bool {
+        let (first, end) = (block * super::HUGE_PAGES, (block + 1) * super::HUGE_PAGES);
+        let (boff, len) = (block * super::HUGE_SIZE, super::HUGE_SIZE);
+        if baddr % super::HUGE_SIZE as usize != 0
+            || boff + len > self.size
+            || !gate.attrs.range_is(first, end, false)
+            || !guard.own_maps(self, baddr, len as usize, boff)
+        {
+            return false;
+        }
+        // Wholly in the file (a page the kernel's fault would allocate is allocated here, as
+        // every allocation of a block is: whole).
+        let whole = sys::data_runs(std::os::fd::AsFd::as_fd(&self.memfd), boff, boff + len)
+            .is_ok_and(|r| {
+                r.first()
+                    .is_some_and(|&(s, e)| s <= boff && e >= boff + len)
+            });
+        // Not while a fork is under way (its prepare handler guarded every released block
+        // for the child; one released now would be missing there): the server never waits
+        // for the fork lock, it only tries it.
+        let Ok(_no_fork) = super::fork::FORK_LOCK.try_read() else {
+            return false;
+        };
+        if !whole || guard.release_own_block(baddr).is_err() {
+            return false;
+        }
+        gate.released.insert((block, baddr));
+        super::guard::note_released(baddr, true);
+        // Its entries were zapped, and the kernel's are not inherited (`MADV_DONTFORK`): not
+        // counted as mapped here until it is guarded again (a fork's `forked_from` would
+        // count them as mapped in the child, and their conversion would replace them,
+        // splitting the folio).
+        gate.exposed.move_range(first, end, None);
+        gate.was_mapped.move_range(first, end, None);
+        true
+    }
+
+    /// Guards again every released block with a page in `runs` (bytes), before a conversion
+    /// to private zaps them (under the gate): registered in the guard's modes first, so a
+    /// fault after the zap is checked. Err: the blocks that could not be registered stay
+    /// released and the conversion fails (nothing of it has changed yet).
+    fn reguard_released(
+        &self,
+        gate: &mut Gate,
+        guard: &Guard,
+        runs: &[(u64, u64)],
+    ) -> KernelResult<()> {
+        if gate.released.is_empty() {
+            return Ok(());
+        }
+        let hit: Vec<(u64, usize)> = gate
+            .released
+            .iter()
+            .filter(|&&(b, _)| {
+                let (bs, be) = (b * super::HUGE_SIZE, (b + 1) * super::HUGE_SIZE);
+                runs.iter().any(|&(s, e)| s < be && bs < e)
+            })
+            .copied()
+            .collect();
+        Self::reguard_blocks(gate, guard, hit)
+    }
+
+    /// Guards again the released blocks `hit` (under the gate): one registration for each
+    /// run of blocks adjacent in memory (a 1 GiB run is one call, not 512), none for a block
+    /// a fork's prepare handler guarded already; then they are forgotten as released.
+    fn reguard_blocks(gate: &mut Gate, guard: &Guard, hit: Vec<(u64, usize)>) -> KernelResult<()> {
+        let hs = super::HUGE_SIZE as usize;
+        let (mut todo, done): (Vec<Block>, Vec<Block>) = hit
+            .into_iter()
+            .partition(|&(_, a)| super::guard::released_state(a) == Some(false));
+        for (b, a) in done {
+            Self::forget_released(gate, b, a);
+        }
+        todo.sort_unstable_by_key(|&(_, a)| a);
+        let mut i = 0;
+        while i < todo.len() {
+            let mut j = i + 1;
+            while j < todo.len() && todo[j].1 == todo[j - 1].1 + hs {
+                j += 1;
+            }
+            guard.reguard_own(todo[i].1, (j - i) * hs)?;
+            for &(b, a) in &todo[i..j] {
+                Self::forget_released(gate, b, a);
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Forgets every block of this file recorded as released (the file goes).
+    pub(super) fn forget_all_released(&self) {
+        let gate = self.gate();
+        for &(_, a) in &gate.released {
+            super::guard::note_released(a, false);
+        }
+    }
+
+    /// Block `block` at `baddr` is guarded (again): no longer released, and counted as mapped
+    /// here (the kernel mapped any page of it; a fork now copies those entries).
+    fn forget_released(gate: &mut Gate, block: u64, baddr: usize) {
+        gate.released.remove(&(block, baddr));
+        super::guard::note_released(baddr, false);
+        gate.exposed
+            .insert_range(block * super::HUGE_PAGES, (block + 1) * super::HUGE_PAGES);
+    }
+
+    /// Guards again the released blocks of this process's host mapping `[addr, addr + len)`
+    /// (before the library moves or resizes it: a mapping with a released block is several
+    /// VMAs, which `mremap` refuses to move as one).
+    pub(super) fn reguard_mapping(&self, addr: usize, len: usize) -> KernelResult<()> {
+        let Some(guard) = self.guard() else {
+            return Ok(());
+        };
+        let mut gate = self.gate();
+        let hs = super::HUGE_SIZE as usize;
+        let hit: Vec<(u64, usize)> = gate
+            .released
+            .iter()
+            .filter(|&&(_, a)| a < addr.saturating_add(len) && addr < a + hs)
+            .copied()
+            .collect();
+        Self::reguard_blocks(&mut gate, guard, hit)
+    }
+
+    /// After an `munmap` (`to` None) or `mremap` of `[from, from + len)` in this process
+    /// (the guard's events): a released block it touched is guarded again wherever a part
+    /// of it is still mapped — at the old address, and, moved, at the new one where the
+    /// record still holds it — and forgotten (an `munmap` then a mapping of something else
+    /// there would otherwise be registered later). A part that cannot be registered keeps
+    /// the block recorded as released, so a conversion to private tries again (and fails).
+    pub(super) fn released_moved(&self, guard: &Guard, from: u64, len: u64, to: Option<u64>) {
+        let mut gate = self.gate();
+        let (Ok(from), Ok(len)) = (usize::try_from(from), usize::try_from(len)) else {
+            return;
+        };
+        let end = from.saturating_add(len);
+        let hs = super::HUGE_SIZE as usize;
+        let hit: Vec<(u64, usize)> = gate
+            .released
+            .iter()
+            .filter(|&&(_, a)| a < end && from < a + hs)
+            .copied()
+            .collect();
+        for (b, a) in hit {
+            if super::guard::released_state(a) != Some(false) {
+                // Guarded by a fork's prepare handler already: moved or unmapped as any
+                // guarded mapping.
+                Self::forget_released(&mut gate, b, a);
+                continue;
+            }
+            let mut ok = true;
+            if a < from {
+                ok &= guard.reguard_own(a, from - a).is_ok();
+            }
+            if end < a + hs {
+                ok &= guard.reguard_own(end, a + hs - end).is_ok();
+            }
+            if let Some(to) = to.and_then(|t| usize::try_from(t).ok()) {
+                let (ms, me) = (a.max(from), (a + hs).min(end));
+                let at = to + (ms - from);
+                let off = b * super::HUGE_SIZE + (ms - a) as u64;
+                if guard.own_maps(self, at, me - ms, off) {
+                    ok &= guard.reguard_own(at, me - ms).is_ok();
+                }
+            }
+            if ok {
+                Self::forget_released(&mut gate, b, a);
+            }
+        }
+    }
+
     /// A fork of an address space that maps this file: the child has a copy of its
     /// page-table entries. From this process (`own`), every page mapped here is now mapped
     /// elsewhere too; from another space, its pages are in `elsewhere` already.
@@ -295,6 +530,18 @@ impl Inner {
             return;
         }
         let mut gate = self.gate();
+        // Blocks the prepare handler guarded again before this fork: the child inherited
+        // their entries, so they count as mapped here (and so elsewhere, below). One it could
+        // not guard stayed released, and the child has nothing there.
+        let guarded: Vec<(u64, usize)> = gate
+            .released
+            .iter()
+            .filter(|&&(_, a)| super::guard::released_state(a) != Some(false))
+            .copied()
+            .collect();
+        for (b, a) in guarded {
+            Self::forget_released(&mut gate, b, a);
+        }
         let pages = self.size / PAGE_SIZE;
         for (a, b) in gate.exposed.range(0, pages) {
             gate.elsewhere.insert_range(a, b);
@@ -415,6 +662,8 @@ impl Inner {
         };
         guard.flush();
         let mut gate = self.gate();
+        // A released block is guarded again before anything of the conversion is done.
+        self.reguard_released(&mut gate, guard, runs)?;
         let replace_own = self.options.host_pages == super::HostPages::Replace;
         if !replace_own {
             for &(s, e) in runs {

@@ -982,6 +982,9 @@ impl Drop for Inner {
         if !self.in_own_space() {
             return;
         }
+        // Its released blocks are no longer this process's to guard again at a fork (no
+        // mapping of it is left: each holds the file).
+        self.forget_all_released();
         // Release: the memory leaves with the last reference to the file.
         if self.no_direct_map() || self.hooks.reclaim {
             let st = self

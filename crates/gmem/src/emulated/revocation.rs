@@ -372,7 +372,9 @@ impl MappingRegistry for EmulatedGuestMemfd {
         let Some(entry) = st.mappings.iter_mut().find(|m| m.id == id) else {
             return Err(Errno::EINVAL);
         };
-        // Under the state lock: no conversion runs while the mapping moves.
+        // Under the state lock: no conversion runs while the mapping moves. A block released
+        // to the kernel's faults is guarded again first (the mapping is one VMA again).
+        self.inner.reguard_mapping(entry.addr, entry.len)?;
         map.remap(new_len, may_move, at)?;
         entry.addr = map.as_ptr() as usize;
         entry.len = map.len();

@@ -381,6 +381,37 @@ impl Mmap {
         flags: libc::c_int,
         align: usize,
     ) -> KernelResult<Mmap> {
+        Self::new_aligned_prot(
+            fd,
+            offset,
+            len,
+            flags,
+            align,
+            libc::PROT_READ | libc::PROT_WRITE,
+        )
+    }
+
+    /// [`Mmap::new_inaccessible`] placed as a huge page-table entry needs it: the address is
+    /// congruent to `offset` modulo `align` (a power of two, a multiple of the page size), so
+    /// every `align`-aligned block of the file inside the mapping is `align`-aligned in memory.
+    pub fn new_inaccessible_aligned(
+        fd: Option<BorrowedFd<'_>>,
+        offset: u64,
+        len: usize,
+        flags: libc::c_int,
+        align: usize,
+    ) -> KernelResult<Mmap> {
+        Self::new_aligned_prot(fd, offset, len, flags, align, libc::PROT_NONE)
+    }
+
+    fn new_aligned_prot(
+        fd: Option<BorrowedFd<'_>>,
+        offset: u64,
+        len: usize,
+        flags: libc::c_int,
+        align: usize,
+        prot: libc::c_int,
+    ) -> KernelResult<Mmap> {
         if !align.is_power_of_two() || align % PAGE_SIZE as usize != 0 {
             return Err(Errno::EINVAL);
         }
@@ -396,20 +427,18 @@ impl Mmap {
             libc::PROT_NONE,
         )?;
         let start = reservation.as_ptr() as usize;
-        let at = start.next_multiple_of(align);
+        // `offset % align` past an aligned address: below `start + align`, so the mapping
+        // ends inside the reservation.
+        #[allow(clippy::cast_possible_truncation)] // Below `align`, a usize.
+        let at = start.next_multiple_of(align) - align + (offset % align as u64) as usize;
+        let at = if at < start { at + align } else { at };
         // The reservation is given up: the mapping below replaces part of it, the rest is
         // unmapped here.
         std::mem::forget(reservation);
         // SAFETY: [at, at + len_pages) lies inside the reservation made above, which nothing
         // else knows of and which was given up (forgotten) for this mapping.
         let placement = unsafe { Placement::replacing(at, len_pages) };
-        let mapped = Mmap::new_at(
-            placement,
-            fd,
-            offset,
-            flags,
-            libc::PROT_READ | libc::PROT_WRITE,
-        );
+        let mapped = Mmap::new_at(placement, fd, offset, flags, prot);
         let head = at - start;
         let tail_start = at + len_pages;
         let tail = start + room - tail_start;
@@ -746,8 +775,9 @@ impl Mmap {
 /// # Safety
 ///
 /// The range must be a `MAP_SHARED` mapping of a file of the caller's, or not mapped, and the
-/// advice one that only drops page-table entries there (`MADV_DONTNEED`): a shared file
-/// mapping loses no data by it.
+/// advice one that only drops page-table entries there (`MADV_DONTNEED`: a shared file
+/// mapping loses no data by it) or changes only how its VMAs are inherited or mapped
+/// (`MADV_DONTFORK`, `MADV_DOFORK`, `MADV_HUGEPAGE`, `MADV_NOHUGEPAGE`).
 pub(crate) unsafe fn madvise_range(
     addr: usize,
     len: usize,

@@ -91,6 +91,32 @@ pub const GUARD_FEATURES: u64 = UFFD_FEATURE_MISSING_SHMEM
 const GUARD_MODES: u64 =
     UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR | UFFDIO_REGISTER_MODE_WP;
 
+/// Registers `[addr, addr + len)` with userfaultfd `fd` in the guard's modes and makes it
+/// inherited by children again without `MADV_HUGEPAGE` — by system call only (no C library
+/// function another library may interpose, no allocation), for a fork handler. True if the
+/// registration succeeded.
+///
+/// # Safety
+/// `[addr, addr + len)` must be a `MAP_SHARED` shmem mapping of the caller's (the advices
+/// change only VMA flags; the registration touches no memory).
+pub(crate) unsafe fn reguard_raw(fd: libc::c_int, addr: u64, len: u64) -> bool {
+    let mut reg = uffdio_register {
+        range: uffdio_range { start: addr, len },
+        mode: GUARD_MODES,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_REGISTER reads and writes a `struct uffdio_register`; per the contract,
+    // the range is the caller's shared mapping and the advices change only its VMA flags.
+    unsafe {
+        if libc::syscall(libc::SYS_ioctl, fd, UFFDIO_REGISTER(), &mut reg) != 0 {
+            return false;
+        }
+        libc::syscall(libc::SYS_madvise, addr, len, libc::MADV_DOFORK);
+        libc::syscall(libc::SYS_madvise, addr, len, libc::MADV_NOHUGEPAGE);
+    }
+    true
+}
+
 /// One message of a userfaultfd.
 #[derive(Debug)]
 pub enum UffdEvent {
@@ -430,6 +456,22 @@ impl PoisonFd {
         let mut reg = uffdio_register {
             range: uffdio_range { start: addr, len },
             mode: self.modes.load(std::sync::atomic::Ordering::Relaxed),
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER reads and writes a `struct uffdio_register`; it does not
+        // touch the memory of the range.
+        check(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER(), &mut reg) }).map(drop)
+    }
+
+    /// Registers `[addr, addr + len)` in write-protect mode alone (after
+    /// [`PoisonFd::unregister`]: a range registered already keeps the modes it has). No page
+    /// is ever write-protected, so no fault of the range is an event: the kernel serves them
+    /// (a huge folio with one PMD), while `munmap`, `mremap` and `fork` of it still come as
+    /// events and the kernel's THP collapse still leaves its page table alone.
+    pub fn register_wp_only(&self, addr: u64, len: u64) -> KernelResult<()> {
+        let mut reg = uffdio_register {
+            range: uffdio_range { start: addr, len },
+            mode: UFFDIO_REGISTER_MODE_WP,
             ioctls: 0,
         };
         // SAFETY: UFFDIO_REGISTER reads and writes a `struct uffdio_register`; it does not
