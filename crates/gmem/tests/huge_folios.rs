@@ -689,6 +689,169 @@ fn released_blocks_race_conversions(rev: Revocation) {
     );
 }
 
+/// An inaccessible anonymous reservation of `len` bytes, its address 2 MiB-aligned (the
+/// reservation is `len + 2 MiB` long; the caller unmaps `(base, total)`).
+fn reserve(len: usize) -> (*mut libc::c_void, usize, usize) {
+    let block = (BLOCK * PS) as usize;
+    let total = len + block;
+    // SAFETY: a fresh inaccessible anonymous mapping.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            total,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(base, libc::MAP_FAILED);
+    (base, total, (base as usize).next_multiple_of(block))
+}
+
+/// Found in review: a mapping made from a released block by a raw `mremap` — a duplicate
+/// (old length 0, which also maps the next block), `MREMAP_DONTUNMAP` (the old mapping stays),
+/// two moves in a row before the first event is handled — inherits its write-protect-only
+/// registration, so the kernel would serve it unchecked. Each is registered again in the
+/// guard's modes (when its event is handled, and, failing that, by the next conversion's
+/// fail-closed step): a page private there faults in a fork child, a shared one reads.
+fn mappings_made_from_a_released_block_are_guarded(rev: Revocation) {
+    let block = (BLOCK * PS) as usize;
+    // SAFETY (for the closures): pages of mappings this test made and still holds.
+    let at = |base: usize, p: u64| (base + (p * PS) as usize) as *mut u8;
+    // A duplicate reaching past the released block into a block with a private page.
+    {
+        let f = huge(2, SHARED, rev);
+        let m = f.mmap(0, block, MapKind::Shared).unwrap();
+        for p in 0..BLOCK {
+            m.write_volatile((p * PS) as usize, &[p as u8; 8]).unwrap();
+        }
+        assert!(wait_released(m.as_ptr() as usize), "released");
+        f.set_private(BLOCK * PS, PS).unwrap();
+        // SAFETY: a duplicate (old length 0) of the live shared mapping `m`, twice as long,
+        // at an address the kernel picks; unmapped below.
+        let dup = unsafe { libc::mremap(m.as_ptr().cast(), 0, 2 * block, libc::MREMAP_MAYMOVE) };
+        assert_ne!(dup, libc::MAP_FAILED);
+        let dup = dup as usize;
+        // Any conversion first handles every event read (the duplicate's).
+        f.set_private(BLOCK * PS + PS, PS).unwrap();
+        assert!(
+            faults_in_child(at(dup, BLOCK), false),
+            "duplicate: private page 512"
+        );
+        assert!(
+            faults_in_child(at(dup, BLOCK + 1), true),
+            "duplicate: private page 513"
+        );
+        assert!(
+            !faults_in_child(at(dup, 5), false),
+            "duplicate: shared page 5"
+        );
+        assert_eq!(byte(&f, BLOCK), 0);
+        // SAFETY: the duplicate made above.
+        unsafe { libc::munmap(dup as *mut libc::c_void, 2 * block) };
+    }
+    // MREMAP_DONTUNMAP: the old mapping stays where it was.
+    {
+        let f = huge(1, SHARED, rev);
+        let m = f.mmap_all().unwrap();
+        for p in 0..BLOCK {
+            m.write_volatile((p * PS) as usize, &[p as u8; 8]).unwrap();
+        }
+        assert!(wait_released(m.as_ptr() as usize), "released");
+        let (base, total, target) = reserve(block);
+        // SAFETY: moves the live mapping `m` into the reservation, leaving the old range
+        // mapped (DONTUNMAP), so `m` still owns a mapping at its address.
+        let new = unsafe {
+            libc::mremap(
+                m.as_ptr().cast(),
+                block,
+                block,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP,
+                target as *mut libc::c_void,
+            )
+        };
+        assert_eq!(new as usize, target, "moved");
+        f.set_private(7 * PS, PS).unwrap();
+        assert!(
+            refused(&m, 7),
+            "DONTUNMAP: page 7 at the old address, in this process"
+        );
+        assert!(
+            faults_in_child(at(m.as_ptr() as usize, 7), false),
+            "old address, child"
+        );
+        assert!(faults_in_child(at(target, 7), false), "new address, child");
+        assert!(
+            !faults_in_child(at(target, 8), false),
+            "new address: shared page 8"
+        );
+        // SAFETY: the reservation, with the moved mapping in it.
+        unsafe { libc::munmap(base, total) };
+    }
+    // Two moves in a row.
+    {
+        let f = huge(1, SHARED, rev);
+        let m = f.mmap_all().unwrap();
+        for p in 0..BLOCK {
+            m.write_volatile((p * PS) as usize, &[p as u8; 8]).unwrap();
+        }
+        assert!(wait_released(m.as_ptr() as usize), "released");
+        let old = m.as_ptr();
+        let (b1, t1, first) = reserve(block);
+        let (b2, t2, second) = reserve(block);
+        // SAFETY: moves the live mapping `m` into the first reservation, then into the
+        // second; `m` is not used at its old address afterwards (forgotten below), where this
+        // test puts memory of its own at once.
+        unsafe {
+            let r = libc::mremap(
+                old.cast(),
+                block,
+                block,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                first as *mut libc::c_void,
+            );
+            assert_eq!(r as usize, first);
+            let r = libc::mremap(
+                first as *mut libc::c_void,
+                block,
+                block,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                second as *mut libc::c_void,
+            );
+            assert_eq!(r as usize, second);
+        }
+        // SAFETY: an anonymous mapping where the old one was (NOREPLACE).
+        let mine = unsafe {
+            libc::mmap(
+                old.cast(),
+                block,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        f.set_private(7 * PS, PS).unwrap();
+        assert!(faults_in_child(at(second, 7), false), "moved twice: page 7");
+        assert!(
+            !faults_in_child(at(second, 8), false),
+            "moved twice: shared page 8"
+        );
+        assert_eq!(byte(&f, 7), 7);
+        // SAFETY: the reservations (one holds the moved mapping) and the memory put at the
+        // old address; `m` no longer owns its range.
+        unsafe {
+            libc::munmap(b1, t1);
+            libc::munmap(b2, t2);
+            if mine != libc::MAP_FAILED {
+                libc::munmap(mine, block);
+            }
+        }
+        std::mem::forget(m);
+    }
+}
+
 /// A file of huge folios needs a size that is a multiple of 2 MiB (EINVAL), checked before
 /// anything is asked of the host.
 fn the_size_must_be_a_multiple_of_2mib() {
@@ -734,7 +897,11 @@ fn main() {
         the_size_must_be_a_multiple_of_2mib,
     )];
     let guard = needs(&[gmem::emulated::GUARD_NEEDS]);
-    let per_rev: [Case; 12] = [
+    let per_rev: [Case; 13] = [
+        (
+            "mappings_made_from_a_released_block_are_guarded",
+            mappings_made_from_a_released_block_are_guarded,
+        ),
         (
             "released_blocks_race_conversions",
             released_blocks_race_conversions,

@@ -99,6 +99,7 @@ extern "C" fn release() {
 
 extern "C" fn child() {
     release();
+    super::guard::forget_own_uffd();
     forget_private_fds();
     if INHERITS_HOST_MAPPINGS.load(Ordering::Relaxed)
         && !(peer::die_with_parent(FORKING_PID.load(Ordering::Relaxed))

@@ -200,25 +200,58 @@ impl Space {
 /// *prepare* handler guarded them again ([`reguard_for_fork`]) — the file's gate, which knows
 /// them as released, learns it at its next look ([`released_state`]). Process-wide and
 /// outside the gates because the prepare handler may take no file's lock.
-static RELEASED: Mutex<BTreeMap<usize, bool>> = Mutex::new(BTreeMap::new());
+static RELEASED: Mutex<BTreeMap<usize, Released>> = Mutex::new(BTreeMap::new());
+
+/// A released block in [`RELEASED`]: the file's inode and the block's offset (checked against
+/// what is mapped at the address before it is registered again), and whether the fork
+/// *prepare* handler guarded it again.
+#[derive(Clone, Copy)]
+struct Released {
+    inode: u64,
+    offset: u64,
+    guarded: bool,
+}
 
 /// The guard's own userfaultfd (-1 until the guard starts), for [`reguard_for_fork`].
 static OWN_UFFD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
-/// Whether the block at `addr` is released (`Some(false)`), was guarded again by a fork
-/// (`Some(true)`), or is not known as released (`None`).
-pub(super) fn released_state(addr: usize) -> Option<bool> {
-    lock(&RELEASED).get(&addr).copied()
+/// Whether the block of the file with inode `inode` at `addr` is released (`Some(false)`),
+/// was guarded again by a fork (`Some(true)`), or is not known as released (`None`).
+pub(super) fn released_state(addr: usize, inode: u64) -> Option<bool> {
+    lock(&RELEASED)
+        .get(&addr)
+        .filter(|r| r.inode == inode)
+        .map(|r| r.guarded)
 }
 
-/// Records the block at `addr` as released (`true`) or forgets it (`false`).
-pub(super) fn note_released(addr: usize, released: bool) {
+/// Records the block at `addr` (of the file with inode `inode`, at `offset`) as released.
+pub(super) fn note_released(addr: usize, inode: u64, offset: u64) {
+    lock(&RELEASED).insert(
+        addr,
+        Released {
+            inode,
+            offset,
+            guarded: false,
+        },
+    );
+}
+
+/// Forgets the released block of the file with inode `inode` at `addr` (guarded again, or
+/// unmapped); another file's block recorded at that address since stays.
+pub(super) fn note_guarded(addr: usize, inode: u64) {
     let mut t = lock(&RELEASED);
-    if released {
-        t.insert(addr, false);
-    } else {
+    if t.get(&addr).is_some_and(|r| r.inode == inode) {
         t.remove(&addr);
     }
+}
+
+/// In a fork child (its *child* handler): the guard's descriptor is not the child's (its
+/// number is the hole file there), and the child has no guard: its own forks guard nothing
+/// and take no lock the parent's guard may have held at the fork (found in review: the child
+/// could inherit [`RELEASED`] locked by the parent's server thread, and its first `fork`
+/// waited for ever).
+pub(super) fn forget_own_uffd() {
+    OWN_UFFD.store(-1, Ordering::Relaxed);
 }
 
 /// From the fork *prepare* handler (the fork lock held exclusively: no conversion, no
@@ -233,12 +266,30 @@ pub(super) fn reguard_for_fork() {
         return;
     }
     let mut t = lock(&RELEASED);
-    for (&addr, guarded) in t.iter_mut() {
+    for (&addr, r) in t.iter_mut() {
+        if r.guarded {
+            continue;
+        }
+        // What is mapped there is checked first (`PROCMAP_QUERY`, system calls only): an
+        // unmap whose event is not handled yet leaves the address recorded, and whatever was
+        // mapped there since must not be registered with the guard (found in review). Where
+        // the kernel cannot say (before 6.11), the block is registered again as recorded.
+        let len = super::HUGE_SIZE;
+        let ours = match sys::vma_at(addr as u64) {
+            Ok(Some(v)) => {
+                v.start <= addr as u64
+                    && v.end >= addr as u64 + len
+                    && v.inode == r.inode
+                    && v.offset + (addr as u64 - v.start) == r.offset
+            }
+            Ok(None) => false,
+            Err(_) => true,
+        };
         // SAFETY: a released block of a host mapping of this process (a `MAP_SHARED` shmem
-        // mapping), as recorded under its file's gate after its events were handled.
+        // mapping of the file recorded with it, just checked where the kernel can say so).
         #[allow(unsafe_code)]
-        if !*guarded && unsafe { sys::uffd::reguard_raw(fd, addr as u64, super::HUGE_SIZE) } {
-            *guarded = true;
+        if ours && unsafe { sys::uffd::reguard_raw(fd, addr as u64, len) } {
+            r.guarded = true;
         }
     }
 }
@@ -453,7 +504,14 @@ impl Guard {
 
     /// Forgets the host mapping at `addr` (about to be unmapped).
     pub(super) fn unregister(&self, addr: usize) {
-        lock(&self.own.ranges).remove(&addr);
+        let gone = lock(&self.own.ranges).remove(&addr);
+        // Its released blocks are forgotten now, not at the unmap's event: a fork before the
+        // event is handled would register whatever is mapped there by then (found in review).
+        if let Some(r) = gone {
+            if let Some(file) = r.file.upgrade() {
+                file.released_unmapped_now(addr, r.len);
+            }
+        }
     }
 
     /// Serves another address space from now on: a process the file was handed to sent its
@@ -957,6 +1015,12 @@ impl Guard {
             return;
         }
         if len == 0 {
+            // A duplicate: recorded from the kernel's maps, and registered whole where it maps
+            // a file whose blocks may be released (a duplicate of a released block inherits its
+            // write-protect-only registration: found in review).
+            drop(ranges);
+            self.reconcile_own(to, to.saturating_add(1));
+            self.register_new_extent(to);
             return;
         }
         // Moved: the part of each range inside [from, from + len) now starts at `to`; then
@@ -969,6 +1033,35 @@ impl Guard {
         self.reconcile_own(to, to.saturating_add(len));
         for file in self.live_files() {
             file.released_moved(self, from as u64, len as u64, Some(to as u64));
+        }
+        // A growth's new part (`len` is the old length) inherits the registration of the
+        // mapping it grew from: registered whole again where that could be a released
+        // block's write-protect-only one.
+        self.register_new_extent(to);
+    }
+
+    /// After a duplicate or a move to `to` in this process: the recorded mapping holding `to`,
+    /// if it maps a file whose blocks may be released, is guarded again whole
+    /// ([`Guard::reguard_own`]; it was recorded by [`Guard::reconcile_own`] from the kernel's
+    /// maps): a copy of a released block inherits its write-protect-only registration and its
+    /// `MADV_DONTFORK`.
+    fn register_new_extent(&self, to: usize) {
+        let found = {
+            let ranges = lock(&self.own.ranges);
+            ranges
+                .range(..=to)
+                .next_back()
+                .filter(|(&s, r)| to < s + r.len)
+                .map(|(&s, r)| (s, r.len, r.file.clone(), r.offset))
+        };
+        let Some((s, len, file, offset)) = found else {
+            return;
+        };
+        let Some(file) = file.upgrade() else {
+            return;
+        };
+        if file.may_release() && self.kernel_maps(s, len, file.ino, offset) {
+            let _ = self.reguard_own(s, len);
         }
     }
 
@@ -1086,6 +1179,51 @@ impl Guard {
             && r.offset + (addr - s) as u64 == offset
     }
 
+    /// Whether the kernel maps `[addr, addr + len)` of this process as one mapping of the file
+    /// with inode `inode`, at file offset `offset` for `addr` (`PROCMAP_QUERY`; before Linux
+    /// 6.11, `/proc/self/maps`). The guard's record may be late (an unmap's event not yet
+    /// handled, another mapping made there since): a release zaps and re-registers, which
+    /// must never reach another mapping (found in review: a late fault released an anonymous
+    /// mapping made at a recorded address, and zeroed it).
+    pub(super) fn kernel_maps(&self, addr: usize, len: usize, inode: u64, offset: u64) -> bool {
+        let (a, l) = (addr as u64, len as u64);
+        let fits = |s: u64, e: u64, off: u64, ino: u64| {
+            s <= a && e >= a + l && ino == inode && off + (a - s) == offset
+        };
+        match sys::vma_at(a) {
+            Ok(Some(v)) => fits(v.start, v.end, v.offset, v.inode),
+            Ok(None) => false,
+            Err(_) => std::fs::read_to_string("/proc/self/maps").is_ok_and(|maps| {
+                maps.lines()
+                    .filter_map(maps_line)
+                    .any(|(s, e, off, ino)| fits(s as u64, e as u64, off, ino))
+            }),
+        }
+    }
+
+    /// Registers in the guard's modes every part of this process's recorded host mappings of
+    /// `file` that maps file bytes `[start, end)`: a conversion's fail-closed step for a file
+    /// whose blocks were released, so that whatever the bookkeeping of released blocks might
+    /// miss is checked again before the conversion zaps it (the review that found the
+    /// mappings made from a released block by `mremap` advised it). A VMA registered already
+    /// is skipped by the kernel: one system call per mapping. At the recorded addresses, as
+    /// the zap that follows (every event read is handled first). Err: a registration failed.
+    pub(super) fn register_own_file(&self, file: &Inner, start: u64, end: u64) -> KernelResult<()> {
+        let ranges = lock(&self.own.ranges);
+        for (&addr, r) in ranges.iter() {
+            if !std::ptr::eq(r.file.as_ptr(), file) {
+                continue;
+            }
+            let (s, e) = (start.max(r.offset), end.min(r.offset + r.len as u64));
+            if s < e {
+                self.own
+                    .uffd
+                    .register_range(addr as u64 + (s - r.offset), e - s)?;
+            }
+        }
+        Ok(())
+    }
+
     /// *Releases* the 2 MiB block of this process's host mapping at `addr` (2 MiB-aligned,
     /// recorded as a mapping of a wholly shared block of a file of huge folios; the caller
     /// holds the file's gate): its faults are the kernel's from now on, which maps the
@@ -1129,6 +1267,13 @@ impl Guard {
             if uffd.register_range(addr as u64, len as u64).is_ok() {
                 return undo(e);
             }
+            // Neither registration found the block: another thread moved or unmapped it in
+            // the moment it was unregistered, with no event (found in review). It is not
+            // recorded as released; the record is made what the kernel maps, so that the next
+            // conversion's fail-closed step ([`Guard::register_own_file`]) registers and zaps
+            // it wherever it went (its pages are all shared until then).
+            self.reconcile_own(0, usize::MAX);
+            return Err(e);
         }
         Ok(())
     }

@@ -75,6 +75,9 @@ pub(super) struct Gate {
     /// Blocks of this process's host mappings the guard released to the kernel (see
     /// [`Inner::try_release`]): (block index, address of the block in the mapping).
     pub(super) released: BTreeSet<(u64, usize)>,
+    /// Whether a block of this file was ever released: its conversions to private then
+    /// register its host mappings over the runs first ([`Guard::register_own_file`]).
+    pub(super) ever_released: bool,
     /// The pipe [`Inner::replace_pages`] holds pages in (made on first use, kept).
     pipe: Option<sys::HoldPipe>,
 }
@@ -98,6 +101,7 @@ impl Gate {
             markers: BTreeSet::new(),
             sigbus: BTreeSet::new(),
             released: BTreeSet::new(),
+            ever_released: false,
             pipe: None,
         }
     }
@@ -251,10 +255,10 @@ impl Inner {
             if let Some(guard) = self.guard() {
                 let (block, baddr) = block_of(addr, offset);
                 if gate.released.contains(&(block, baddr))
-                    && super::guard::released_state(baddr) != Some(false)
+                    && super::guard::released_state(baddr, self.ino) != Some(false)
                 {
                     // Guarded again by a fork since: known as guarded from now on.
-                    Self::forget_released(&mut gate, block, baddr);
+                    self.forget_released(&mut gate, block, baddr);
                 }
                 if gate.released.contains(&(block, baddr))
                     || self.try_release(&mut gate, guard, block, baddr)
@@ -325,7 +329,7 @@ impl Inner {
     /// host mappings: huge folios, host pages zapped (with `HostPages::Replace` every page
     /// the host maps must be counted), and not NO_DIRECT_MAP (every host page is handed out
     /// at its fault).
-    fn may_release(&self) -> bool {
+    pub(super) fn may_release(&self) -> bool {
         self.options.folio_size == super::FolioSize::Huge
             && self.options.host_pages == super::HostPages::Zap
             && !self.no_direct_map()
@@ -358,6 +362,7 @@ impl Inner {
             || boff + len > self.size
             || !gate.attrs.range_is(first, end, false)
             || !guard.own_maps(self, baddr, len as usize, boff)
+            || !guard.kernel_maps(baddr, len as usize, self.ino, boff)
         {
             return false;
         }
@@ -378,7 +383,8 @@ impl Inner {
             return false;
         }
         gate.released.insert((block, baddr));
-        super::guard::note_released(baddr, true);
+        gate.ever_released = true;
+        super::guard::note_released(baddr, self.ino, boff);
         // Its entries were zapped, and the kernel's are not inherited (`MADV_DONTFORK`): not
         // counted as mapped here until it is guarded again (a fork's `forked_from` would
         // count them as mapped in the child, and their conversion would replace them,
@@ -410,49 +416,78 @@ impl Inner {
             })
             .copied()
             .collect();
-        Self::reguard_blocks(gate, guard, hit)
+        self.reguard_blocks(gate, guard, hit)
     }
 
     /// Guards again the released blocks `hit` (under the gate): one registration for each
-    /// run of blocks adjacent in memory (a 1 GiB run is one call, not 512), none for a block
-    /// a fork's prepare handler guarded already; then they are forgotten as released.
-    fn reguard_blocks(gate: &mut Gate, guard: &Guard, hit: Vec<(u64, usize)>) -> KernelResult<()> {
+    /// run of blocks adjacent in the file and in memory (a 1 GiB run is one call, not 512),
+    /// where the kernel maps that run as recorded (a block whose mapping has gone meanwhile is
+    /// only forgotten; the conversion's fail-closed step registers whatever the record holds);
+    /// then they are forgotten as released. Every block is registered, also one a fork's
+    /// prepare handler guarded already (idempotent; "not in the process-wide table" must not
+    /// be read as "guarded": found in review).
+    fn reguard_blocks(
+        &self,
+        gate: &mut Gate,
+        guard: &Guard,
+        mut hit: Vec<Block>,
+    ) -> KernelResult<()> {
         let hs = super::HUGE_SIZE as usize;
-        let (mut todo, done): (Vec<Block>, Vec<Block>) = hit
-            .into_iter()
-            .partition(|&(_, a)| super::guard::released_state(a) == Some(false));
-        for (b, a) in done {
-            Self::forget_released(gate, b, a);
-        }
-        todo.sort_unstable_by_key(|&(_, a)| a);
+        hit.sort_unstable_by_key(|&(_, a)| a);
         let mut i = 0;
-        while i < todo.len() {
+        while i < hit.len() {
             let mut j = i + 1;
-            while j < todo.len() && todo[j].1 == todo[j - 1].1 + hs {
+            while j < hit.len() && hit[j].1 == hit[j - 1].1 + hs && hit[j].0 == hit[j - 1].0 + 1 {
                 j += 1;
             }
-            guard.reguard_own(todo[i].1, (j - i) * hs)?;
-            for &(b, a) in &todo[i..j] {
-                Self::forget_released(gate, b, a);
+            let (b0, a0) = hit[i];
+            if guard.kernel_maps(a0, (j - i) * hs, self.ino, b0 * super::HUGE_SIZE) {
+                guard.reguard_own(a0, (j - i) * hs)?;
+            } else {
+                for &(b, a) in &hit[i..j] {
+                    if guard.kernel_maps(a, hs, self.ino, b * super::HUGE_SIZE) {
+                        guard.reguard_own(a, hs)?;
+                    }
+                }
+            }
+            for &(b, a) in &hit[i..j] {
+                self.forget_released(gate, b, a);
             }
             i = j;
         }
         Ok(())
     }
 
+    /// The released blocks of this process's host mapping `[addr, addr + len)` are forgotten
+    /// (the library is about to unmap it): not at the unmap's event, which a fork could come
+    /// before (its prepare handler would register whatever is mapped there by then).
+    pub(super) fn released_unmapped_now(&self, addr: usize, len: usize) {
+        let mut gate = self.gate();
+        let gone: Vec<Block> = gate
+            .released
+            .iter()
+            .filter(|&&(_, a)| a >= addr && a < addr.saturating_add(len))
+            .copied()
+            .collect();
+        for (b, a) in gone {
+            gate.released.remove(&(b, a));
+            super::guard::note_guarded(a, self.ino);
+        }
+    }
+
     /// Forgets every block of this file recorded as released (the file goes).
     pub(super) fn forget_all_released(&self) {
         let gate = self.gate();
         for &(_, a) in &gate.released {
-            super::guard::note_released(a, false);
+            super::guard::note_guarded(a, self.ino);
         }
     }
 
     /// Block `block` at `baddr` is guarded (again): no longer released, and counted as mapped
     /// here (the kernel mapped any page of it; a fork now copies those entries).
-    fn forget_released(gate: &mut Gate, block: u64, baddr: usize) {
+    fn forget_released(&self, gate: &mut Gate, block: u64, baddr: usize) {
         gate.released.remove(&(block, baddr));
-        super::guard::note_released(baddr, false);
+        super::guard::note_guarded(baddr, self.ino);
         gate.exposed
             .insert_range(block * super::HUGE_PAGES, (block + 1) * super::HUGE_PAGES);
     }
@@ -472,7 +507,7 @@ impl Inner {
             .filter(|&&(_, a)| a < addr.saturating_add(len) && addr < a + hs)
             .copied()
             .collect();
-        Self::reguard_blocks(&mut gate, guard, hit)
+        self.reguard_blocks(&mut gate, guard, hit)
     }
 
     /// After an `munmap` (`to` None) or `mremap` of `[from, from + len)` in this process
@@ -495,29 +530,37 @@ impl Inner {
             .copied()
             .collect();
         for (b, a) in hit {
-            if super::guard::released_state(a) != Some(false) {
+            if super::guard::released_state(a, self.ino) != Some(false) {
                 // Guarded by a fork's prepare handler already: moved or unmapped as any
                 // guarded mapping.
-                Self::forget_released(&mut gate, b, a);
+                self.forget_released(&mut gate, b, a);
                 continue;
             }
+            let boff = b * super::HUGE_SIZE;
+            // Registered again wherever the kernel still maps a part of the block as it was:
+            // the part left at the old address (a partial unmap or move, or all of it after
+            // `MREMAP_DONTUNMAP`, which leaves the old mapping in place: found in review), and
+            // the moved part at its new one. Only there: what else is mapped at these
+            // addresses by now is not registered.
             let mut ok = true;
+            let mut again = |at: usize, n: usize, off: u64| {
+                if n > 0 && guard.kernel_maps(at, n, self.ino, off) {
+                    ok &= guard.reguard_own(at, n).is_ok();
+                }
+            };
+            again(a, hs, boff);
             if a < from {
-                ok &= guard.reguard_own(a, from - a).is_ok();
+                again(a, from - a, boff);
             }
             if end < a + hs {
-                ok &= guard.reguard_own(end, a + hs - end).is_ok();
+                again(end, a + hs - end, boff + (end - a) as u64);
             }
             if let Some(to) = to.and_then(|t| usize::try_from(t).ok()) {
                 let (ms, me) = (a.max(from), (a + hs).min(end));
-                let at = to + (ms - from);
-                let off = b * super::HUGE_SIZE + (ms - a) as u64;
-                if guard.own_maps(self, at, me - ms, off) {
-                    ok &= guard.reguard_own(at, me - ms).is_ok();
-                }
+                again(to + (ms - from), me - ms, boff + (ms - a) as u64);
             }
             if ok {
-                Self::forget_released(&mut gate, b, a);
+                self.forget_released(&mut gate, b, a);
             }
         }
     }
@@ -536,11 +579,11 @@ impl Inner {
         let guarded: Vec<(u64, usize)> = gate
             .released
             .iter()
-            .filter(|&&(_, a)| super::guard::released_state(a) != Some(false))
+            .filter(|&&(_, a)| super::guard::released_state(a, self.ino) != Some(false))
             .copied()
             .collect();
         for (b, a) in guarded {
-            Self::forget_released(&mut gate, b, a);
+            self.forget_released(&mut gate, b, a);
         }
         let pages = self.size / PAGE_SIZE;
         for (a, b) in gate.exposed.range(0, pages) {
@@ -662,8 +705,15 @@ impl Inner {
         };
         guard.flush();
         let mut gate = self.gate();
-        // A released block is guarded again before anything of the conversion is done.
+        // A released block is guarded again before anything of the conversion is done, and
+        // (fail closed) every host mapping of the file over the runs is registered in the
+        // guard's modes, whatever the bookkeeping of released blocks missed.
         self.reguard_released(&mut gate, guard, runs)?;
+        if gate.ever_released {
+            for &(s, e) in runs {
+                guard.register_own_file(self, s, e)?;
+            }
+        }
         let replace_own = self.options.host_pages == super::HostPages::Replace;
         if !replace_own {
             for &(s, e) in runs {

@@ -237,6 +237,87 @@ const MPOL_F_ADDR: libc::c_ulong = 2;
 /// mapping is ENOMEM before the file is asked.
 pub const TASK_SIZE: u64 = (1 << 47) - PAGE_SIZE;
 
+/// What `PROCMAP_QUERY` (Linux 6.11+) says of the VMA of this process holding an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmaAt {
+    /// First byte of the VMA.
+    pub start: u64,
+    /// One past its last byte.
+    pub end: u64,
+    /// File offset at `start`.
+    pub offset: u64,
+    /// Inode of the file it maps (0: none).
+    pub inode: u64,
+}
+
+/// `struct procmap_query` of `linux/fs.h`.
+#[repr(C)]
+#[derive(Default)]
+struct ProcmapQuery {
+    size: u64,
+    query_flags: u64,
+    query_addr: u64,
+    vma_start: u64,
+    vma_end: u64,
+    vma_flags: u64,
+    vma_page_size: u64,
+    vma_offset: u64,
+    inode: u64,
+    dev_major: u32,
+    dev_minor: u32,
+    vma_name_size: u32,
+    build_id_size: u32,
+    vma_name_addr: u64,
+    build_id_addr: u64,
+}
+
+/// `_IOWR('f', 17, struct procmap_query)`.
+const PROCMAP_QUERY: u64 =
+    (3 << 30) | ((std::mem::size_of::<ProcmapQuery>() as u64) << 16) | (0x66 << 8) | 17;
+
+/// The VMA of this process holding `addr` (`Ok(None)`: nothing is mapped there), by
+/// `PROCMAP_QUERY` on `/proc/self/maps` — system calls only (`openat`, `ioctl`, `close`), no
+/// allocation, nothing an interposer sees, so a fork handler may call it. ENOTTY before Linux
+/// 6.11.
+pub fn vma_at(addr: u64) -> KernelResult<Option<VmaAt>> {
+    let path = c"/proc/self/maps";
+    // SAFETY: openat of a NUL-terminated path; the descriptor is closed below.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    let mut q = ProcmapQuery {
+        size: std::mem::size_of::<ProcmapQuery>() as u64,
+        query_addr: addr,
+        ..ProcmapQuery::default()
+    };
+    // SAFETY: PROCMAP_QUERY reads and writes a `struct procmap_query` (no name or build id
+    // asked for: their sizes are 0); `fd` is the descriptor opened above, closed after.
+    let (r, errno) = unsafe {
+        let r = libc::syscall(libc::SYS_ioctl, fd, PROCMAP_QUERY, &mut q);
+        let errno = Errno::last();
+        libc::syscall(libc::SYS_close, fd);
+        (r, errno)
+    };
+    match r {
+        0 => Ok(Some(VmaAt {
+            start: q.vma_start,
+            end: q.vma_end,
+            offset: q.vma_offset,
+            inode: q.inode,
+        })),
+        _ if errno == Errno(libc::ENOENT) => Ok(None),
+        _ => Err(errno),
+    }
+}
+
 /// `mmap(2)`'s generic checks, which answer before any file's own, in do_mmap's order: a zero
 /// length or an unaligned offset is EINVAL; a length that overflows when rounded up to pages
 /// or exceeds the user address space is ENOMEM; for a fixed address (`addr`), a range ending
