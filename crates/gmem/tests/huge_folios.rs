@@ -852,6 +852,53 @@ fn mappings_made_from_a_released_block_are_guarded(rev: Revocation) {
     }
 }
 
+/// Found in the second review: a raw `mremap` that grows a mapping in place makes no event,
+/// and a released block at its end gives the new part write-protect-only registration (the
+/// kernel's, unchecked, and `MADV_DONTFORK`). The next conversion of the file asks the kernel
+/// where its mappings end, records the growth and registers it: a page private there faults
+/// in a fork child (without it the child has nothing there: SIGSEGV, and this process reads
+/// the page).
+fn a_released_block_grown_in_place_is_guarded(rev: Revocation) {
+    let block = (BLOCK * PS) as usize;
+    let f = huge(2, SHARED, rev);
+    let (base, total, at) = reserve(2 * block);
+    // SAFETY: `[at, at + block)` lies in the reservation made above, which nothing else uses.
+    let place = unsafe { gmem::os::Placement::replacing(at, block) };
+    let m = f.mmap_fixed(place, 0, MapKind::Shared).unwrap();
+    assert_eq!(m.as_ptr() as usize, at);
+    for p in 0..BLOCK {
+        m.write_volatile((p * PS) as usize, &[p as u8; 8]).unwrap();
+    }
+    assert!(wait_released(at), "released");
+    f.set_private(BLOCK * PS, PS).unwrap();
+    // SAFETY: frees the reservation's part after the mapping (ours), then grows the live
+    // mapping `m` into it in place (no MREMAP_MAYMOVE: the address stays); the whole range
+    // is unmapped below and `m` forgotten.
+    let grown = unsafe {
+        libc::munmap((at + block) as *mut libc::c_void, block);
+        libc::mremap(at as *mut libc::c_void, block, 2 * block, 0)
+    };
+    assert_eq!(grown as usize, at, "grown in place");
+    f.set_private(BLOCK * PS + PS, PS).unwrap();
+    let page = |p: u64| (at + (p * PS) as usize) as *mut u8;
+    assert!(
+        faults_in_child(page(BLOCK), false),
+        "grown part: private page 512"
+    );
+    assert!(
+        faults_in_child(page(BLOCK + 1), true),
+        "grown part: private page 513"
+    );
+    assert!(
+        !faults_in_child(page(BLOCK + 2), false),
+        "grown part: shared page 514"
+    );
+    assert_eq!(byte(&f, BLOCK + 1), 0);
+    // SAFETY: the reservation, with the grown mapping in it; `m` no longer owns its range.
+    unsafe { libc::munmap(base, total) };
+    std::mem::forget(m);
+}
+
 /// A file of huge folios needs a size that is a multiple of 2 MiB (EINVAL), checked before
 /// anything is asked of the host.
 fn the_size_must_be_a_multiple_of_2mib() {
@@ -897,7 +944,11 @@ fn main() {
         the_size_must_be_a_multiple_of_2mib,
     )];
     let guard = needs(&[gmem::emulated::GUARD_NEEDS]);
-    let per_rev: [Case; 13] = [
+    let per_rev: [Case; 14] = [
+        (
+            "a_released_block_grown_in_place_is_guarded",
+            a_released_block_grown_in_place_is_guarded,
+        ),
         (
             "mappings_made_from_a_released_block_are_guarded",
             mappings_made_from_a_released_block_are_guarded,

@@ -283,7 +283,10 @@ pub(super) fn reguard_for_fork() {
                     && v.offset + (addr as u64 - v.start) == r.offset
             }
             Ok(None) => false,
-            Err(_) => true,
+            // The kernel cannot say (before 6.11): registered as recorded. Any other failure
+            // (no descriptor left): not registered — the block stays `MADV_DONTFORK`, so the
+            // child has nothing there (found in review).
+            Err(e) => e == Errno(libc::ENOTTY) || e == Errno(libc::EINVAL),
         };
         // SAFETY: a released block of a host mapping of this process (a `MAP_SHARED` shmem
         // mapping of the file recorded with it, just checked where the kernel can say so).
@@ -375,6 +378,11 @@ impl Guard {
         let epoll = Epoll::new()?;
         super::fork::track_fd(uffd.raw_fd());
         OWN_UFFD.store(uffd.raw_fd(), Ordering::Relaxed);
+        // The kernel's answer to "what is mapped here" for released blocks, one `ioctl` a
+        // question (best effort: without it each question opens the file).
+        if let Ok(maps) = sys::keep_maps_fd() {
+            super::fork::track_fd(maps);
+        }
         super::fork::track_fd(epoll.raw_fd());
         // The fork link: the serving end is private (recorded), the asking end is what
         // children inherit.
@@ -1179,6 +1187,11 @@ impl Guard {
             && r.offset + (addr - s) as u64 == offset
     }
 
+    /// Whether an event (fork, remap, unmap) has been read but not yet handled.
+    pub(super) fn events_pending(&self) -> bool {
+        self.events_handled.load(Ordering::SeqCst) < self.events_queued.load(Ordering::SeqCst)
+    }
+
     /// Whether the kernel maps `[addr, addr + len)` of this process as one mapping of the file
     /// with inode `inode`, at file offset `offset` for `addr` (`PROCMAP_QUERY`; before Linux
     /// 6.11, `/proc/self/maps`). The guard's record may be late (an unmap's event not yet
@@ -1209,10 +1222,26 @@ impl Guard {
     /// is skipped by the kernel: one system call per mapping. At the recorded addresses, as
     /// the zap that follows (every event read is handled first). Err: a registration failed.
     pub(super) fn register_own_file(&self, file: &Inner, start: u64, end: u64) -> KernelResult<()> {
-        let ranges = lock(&self.own.ranges);
-        for (&addr, r) in ranges.iter() {
+        let mut ranges = lock(&self.own.ranges);
+        for (&addr, r) in ranges.iter_mut() {
             if !std::ptr::eq(r.file.as_ptr(), file) {
                 continue;
+            }
+            // A mapping grown in place by a raw `mremap` makes no event (a released block at
+            // its end gave the new part write-protect-only registration: found in review): the
+            // kernel is asked where the mapping ends now, and the record follows.
+            let last = (addr + r.len - 1) as u64;
+            if let Ok(Some(v)) = sys::vma_at(last) {
+                let at_last = r.offset + r.len as u64 - 1;
+                if v.inode == file.ino && v.end > last + 1 && v.offset + (last - v.start) == at_last
+                {
+                    #[allow(clippy::cast_possible_truncation)] // An address range: a usize.
+                    let grown = (v.end - addr as u64) as usize;
+                    // The new part is guarded whole (and inherited by children again: it took
+                    // the released block's `MADV_DONTFORK`).
+                    self.reguard_own(addr + r.len, grown - r.len)?;
+                    r.len = grown;
+                }
             }
             let (s, e) = (start.max(r.offset), end.min(r.offset + r.len as u64));
             if s < e {

@@ -78,6 +78,12 @@ pub(super) struct Gate {
     /// Whether a block of this file was ever released: its conversions to private then
     /// register its host mappings over the runs first ([`Guard::register_own_file`]).
     pub(super) ever_released: bool,
+    /// While the library remaps a host mapping of the file: no block is released (its
+    /// mapping must stay one VMA until `mremap` is done; found in review).
+    pub(super) no_release: bool,
+    /// VMAs charged to the process's budget for the released blocks (each splits its
+    /// mapping like a hole).
+    released_charge: usize,
     /// The pipe [`Inner::replace_pages`] holds pages in (made on first use, kept).
     pipe: Option<sys::HoldPipe>,
 }
@@ -102,6 +108,8 @@ impl Gate {
             sigbus: BTreeSet::new(),
             released: BTreeSet::new(),
             ever_released: false,
+            no_release: false,
+            released_charge: 0,
             pipe: None,
         }
     }
@@ -358,7 +366,11 @@ impl Inner {
     ) -> bool {
         let (first, end) = (block * super::HUGE_PAGES, (block + 1) * super::HUGE_PAGES);
         let (boff, len) = (block * super::HUGE_SIZE, super::HUGE_SIZE);
-        if baddr % super::HUGE_SIZE as usize != 0
+        // Not while the library remaps the mapping; not past the VMA budget (a released
+        // block splits its mapping like a hole).
+        if gate.no_release
+            || !super::vma_budget::room(1, false)
+            || baddr % super::HUGE_SIZE as usize != 0
             || boff + len > self.size
             || !gate.attrs.range_is(first, end, false)
             || !guard.own_maps(self, baddr, len as usize, boff)
@@ -379,10 +391,19 @@ impl Inner {
         let Ok(_no_fork) = super::fork::FORK_LOCK.try_read() else {
             return false;
         };
+        // Nor while an event read is not yet handled: a fork's, whose child may hold copies of
+        // the block's 4 KiB entries that `forked_from` must count from `exposed`, which a
+        // release clears (found in review). Checked under the fork lock: a fork whose event is
+        // not read yet still holds it, and no fork starts while it is held here.
+        if guard.events_pending() {
+            return false;
+        }
         if !whole || guard.release_own_block(baddr).is_err() {
             return false;
         }
         gate.released.insert((block, baddr));
+        let n = gate.released.len();
+        super::vma_budget::charge(&mut gate.released_charge, n);
         gate.ever_released = true;
         super::guard::note_released(baddr, self.ino, boff);
         // Its entries were zapped, and the kernel's are not inherited (`MADV_DONTFORK`): not
@@ -473,20 +494,26 @@ impl Inner {
             gate.released.remove(&(b, a));
             super::guard::note_guarded(a, self.ino);
         }
+        let n = gate.released.len();
+        super::vma_budget::charge(&mut gate.released_charge, n);
     }
 
     /// Forgets every block of this file recorded as released (the file goes).
     pub(super) fn forget_all_released(&self) {
-        let gate = self.gate();
+        let mut gate = self.gate();
         for &(_, a) in &gate.released {
             super::guard::note_guarded(a, self.ino);
         }
+        gate.released.clear();
+        super::vma_budget::charge(&mut gate.released_charge, 0);
     }
 
     /// Block `block` at `baddr` is guarded (again): no longer released, and counted as mapped
     /// here (the kernel mapped any page of it; a fork now copies those entries).
     fn forget_released(&self, gate: &mut Gate, block: u64, baddr: usize) {
         gate.released.remove(&(block, baddr));
+        let n = gate.released.len();
+        super::vma_budget::charge(&mut gate.released_charge, n);
         super::guard::note_guarded(baddr, self.ino);
         gate.exposed
             .insert_range(block * super::HUGE_PAGES, (block + 1) * super::HUGE_PAGES);
@@ -500,6 +527,8 @@ impl Inner {
             return Ok(());
         };
         let mut gate = self.gate();
+        // No release until the library's `mremap` is done ([`Inner::release_allowed_again`]).
+        gate.no_release = true;
         let hs = super::HUGE_SIZE as usize;
         let hit: Vec<(u64, usize)> = gate
             .released
@@ -508,6 +537,13 @@ impl Inner {
             .copied()
             .collect();
         self.reguard_blocks(&mut gate, guard, hit)
+    }
+
+    /// The library's `mremap` of a host mapping is done: blocks may be released again.
+    pub(super) fn release_allowed_again(&self) {
+        if self.guard().is_some() {
+            self.gate().no_release = false;
+        }
     }
 
     /// After an `munmap` (`to` None) or `mremap` of `[from, from + len)` in this process

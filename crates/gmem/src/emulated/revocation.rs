@@ -374,8 +374,12 @@ impl MappingRegistry for EmulatedGuestMemfd {
         };
         // Under the state lock: no conversion runs while the mapping moves. A block released
         // to the kernel's faults is guarded again first (the mapping is one VMA again).
-        self.inner.reguard_mapping(entry.addr, entry.len)?;
-        map.remap(new_len, may_move, at)?;
+        let remapped = self
+            .inner
+            .reguard_mapping(entry.addr, entry.len)
+            .and_then(|()| map.remap(new_len, may_move, at));
+        self.inner.release_allowed_again();
+        remapped?;
         entry.addr = map.as_ptr() as usize;
         entry.len = map.len();
         if let Some(g) = self.inner.guard() {

@@ -275,13 +275,19 @@ struct ProcmapQuery {
 const PROCMAP_QUERY: u64 =
     (3 << 30) | ((std::mem::size_of::<ProcmapQuery>() as u64) << 16) | (0x66 << 8) | 17;
 
-/// The VMA of this process holding `addr` (`Ok(None)`: nothing is mapped there), by
-/// `PROCMAP_QUERY` on `/proc/self/maps` — system calls only (`openat`, `ioctl`, `close`), no
-/// allocation, nothing an interposer sees, so a fork handler may call it. ENOTTY before Linux
-/// 6.11.
-pub fn vma_at(addr: u64) -> KernelResult<Option<VmaAt>> {
+/// A descriptor of `/proc/self/maps` kept open for [`vma_at`] (-1: none).
+static MAPS_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Opens `/proc/self/maps` once and keeps it for [`vma_at`] (the query then costs one
+/// `ioctl`, ≈ 0.7 µs, instead of ≈ 5 µs with its own open and close). Returns the descriptor
+/// (the caller records it as private: a fork child must not query this process's layout).
+pub fn keep_maps_fd() -> KernelResult<libc::c_int> {
+    let kept = MAPS_FD.load(std::sync::atomic::Ordering::Relaxed);
+    if kept >= 0 {
+        return Ok(kept);
+    }
     let path = c"/proc/self/maps";
-    // SAFETY: openat of a NUL-terminated path; the descriptor is closed below.
+    // SAFETY: openat of a NUL-terminated path; the descriptor is kept for the process's life.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_openat,
@@ -290,20 +296,52 @@ pub fn vma_at(addr: u64) -> KernelResult<Option<VmaAt>> {
             libc::O_RDONLY | libc::O_CLOEXEC,
         )
     };
+    let fd = libc::c_int::try_from(fd).map_err(|_| Errno::last())?;
     if fd < 0 {
         return Err(Errno::last());
     }
+    MAPS_FD.store(fd, std::sync::atomic::Ordering::Relaxed);
+    Ok(fd)
+}
+
+/// The VMA of this process holding `addr` (`Ok(None)`: nothing is mapped there), by
+/// `PROCMAP_QUERY` on `/proc/self/maps` (the descriptor [`keep_maps_fd`] keeps, or one opened
+/// and closed for the query) — system calls only, no allocation, nothing an interposer sees,
+/// so a fork handler may call it. ENOTTY before Linux 6.11.
+pub fn vma_at(addr: u64) -> KernelResult<Option<VmaAt>> {
+    let kept = MAPS_FD.load(std::sync::atomic::Ordering::Relaxed);
+    let fd = if kept >= 0 {
+        i64::from(kept)
+    } else {
+        let path = c"/proc/self/maps";
+        // SAFETY: openat of a NUL-terminated path; the descriptor is closed below.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat,
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(Errno::last());
+        }
+        fd
+    };
     let mut q = ProcmapQuery {
         size: std::mem::size_of::<ProcmapQuery>() as u64,
         query_addr: addr,
         ..ProcmapQuery::default()
     };
     // SAFETY: PROCMAP_QUERY reads and writes a `struct procmap_query` (no name or build id
-    // asked for: their sizes are 0); `fd` is the descriptor opened above, closed after.
+    // asked for: their sizes are 0); `fd` is the kept descriptor or the one opened above,
+    // closed after.
     let (r, errno) = unsafe {
         let r = libc::syscall(libc::SYS_ioctl, fd, PROCMAP_QUERY, &mut q);
         let errno = Errno::last();
-        libc::syscall(libc::SYS_close, fd);
+        if kept < 0 {
+            libc::syscall(libc::SYS_close, fd);
+        }
         (r, errno)
     };
     match r {
