@@ -221,6 +221,10 @@ impl ThpSwitch {
 
     /// Switches for the run of the test binary `who`, if it may and needs to.
     pub fn for_this_run(who: &'static str) -> Option<ThpSwitch> {
+        // The arguments are read first: a bad one (or `--help`) ends the process there, and
+        // must not leave the host switched (found: `-- a b` exited with the setting left at
+        // "advise").
+        let _ = Arguments::from_args();
         if gmem::host::huge_folios().is_ok()
             || std::env::var("GMEM_THP_SWITCH").as_deref() == Ok("0")
         {
