@@ -1189,7 +1189,28 @@ impl Guard {
 
     /// Whether an event (fork, remap, unmap) has been read but not yet handled.
     pub(super) fn events_pending(&self) -> bool {
+        // Under the slots' lock, as in `flush`: the reader reads an event and counts it under
+        // it, and the read itself lets the forking thread go on (found in review: between the
+        // two, a release saw no fork pending).
+        let _slots = lock(&self.slots);
         self.events_handled.load(Ordering::SeqCst) < self.events_queued.load(Ordering::SeqCst)
+    }
+
+    /// Whether a recorded host mapping of `file` in this process other than the one at
+    /// `except` maps any of the file's bytes `[start, end)`.
+    pub(super) fn own_maps_elsewhere(
+        &self,
+        file: &Inner,
+        except: usize,
+        start: u64,
+        end: u64,
+    ) -> bool {
+        lock(&self.own.ranges).iter().any(|(&addr, r)| {
+            addr != except
+                && std::ptr::eq(r.file.as_ptr(), file)
+                && r.offset < end
+                && start < r.offset + r.len as u64
+        })
     }
 
     /// Whether the kernel maps `[addr, addr + len)` of this process as one mapping of the file
@@ -1223,17 +1244,28 @@ impl Guard {
     /// the zap that follows (every event read is handled first). Err: a registration failed.
     pub(super) fn register_own_file(&self, file: &Inner, start: u64, end: u64) -> KernelResult<()> {
         let mut ranges = lock(&self.own.ranges);
+        let starts: Vec<usize> = ranges.keys().copied().collect();
         for (&addr, r) in ranges.iter_mut() {
             if !std::ptr::eq(r.file.as_ptr(), file) {
                 continue;
             }
+            // The next recorded mapping: a VMA reaching into it is not a growth (adjacent
+            // released blocks merge into one VMA across records: found in review).
+            let next = starts
+                .iter()
+                .copied()
+                .find(|&a| a > addr)
+                .unwrap_or(usize::MAX);
             // A mapping grown in place by a raw `mremap` makes no event (a released block at
             // its end gave the new part write-protect-only registration: found in review): the
             // kernel is asked where the mapping ends now, and the record follows.
             let last = (addr + r.len - 1) as u64;
             if let Ok(Some(v)) = sys::vma_at(last) {
                 let at_last = r.offset + r.len as u64 - 1;
-                if v.inode == file.ino && v.end > last + 1 && v.offset + (last - v.start) == at_last
+                if v.inode == file.ino
+                    && v.end > last + 1
+                    && v.end <= next as u64
+                    && v.offset + (last - v.start) == at_last
                 {
                     #[allow(clippy::cast_possible_truncation)] // An address range: a usize.
                     let grown = (v.end - addr as u64) as usize;
@@ -1276,16 +1308,16 @@ impl Guard {
         // a fault may map), DONTNEED drops page-table entries only (the block is wholly
         // shared: no data is lost).
         unsafe {
-            sys::madvise_range(addr, len, libc::MADV_DONTFORK)?;
-            let _ = sys::madvise_range(addr, len, libc::MADV_HUGEPAGE);
-            let _ = sys::madvise_range(addr, len, libc::MADV_DONTNEED);
+            sys::madvise_raw(addr, len, libc::MADV_DONTFORK)?;
+            let _ = sys::madvise_raw(addr, len, libc::MADV_HUGEPAGE);
+            let _ = sys::madvise_raw(addr, len, libc::MADV_DONTNEED);
         }
         let uffd = &self.own.uffd;
         let undo = |e: Errno| {
             // SAFETY: as above; the block is inherited again, registered as it was.
             unsafe {
-                let _ = sys::madvise_range(addr, len, libc::MADV_DOFORK);
-                let _ = sys::madvise_range(addr, len, libc::MADV_NOHUGEPAGE);
+                let _ = sys::madvise_raw(addr, len, libc::MADV_DOFORK);
+                let _ = sys::madvise_raw(addr, len, libc::MADV_NOHUGEPAGE);
             }
             Err(e)
         };
@@ -1320,8 +1352,8 @@ impl Guard {
         // this process: a `MAP_SHARED` mapping of a file of the caller's; both advices
         // change only VMA flags.
         unsafe {
-            let _ = sys::madvise_range(addr, len, libc::MADV_DOFORK);
-            let _ = sys::madvise_range(addr, len, libc::MADV_NOHUGEPAGE);
+            let _ = sys::madvise_raw(addr, len, libc::MADV_DOFORK);
+            let _ = sys::madvise_raw(addr, len, libc::MADV_NOHUGEPAGE);
         }
         Ok(())
     }

@@ -262,15 +262,16 @@ impl Inner {
         if space.own && self.may_release() {
             if let Some(guard) = self.guard() {
                 let (block, baddr) = block_of(addr, offset);
-                if gate.released.contains(&(block, baddr))
-                    && super::guard::released_state(baddr, self.ino) != Some(false)
-                {
-                    // Guarded again by a fork since: known as guarded from now on.
+                if gate.released.contains(&(block, baddr)) {
+                    // A fault here: the block was registered in the guard's modes at the time
+                    // (by a fork's prepare handler, a conversion's fail-closed step, or a
+                    // partial failure), or the fault was queued before the release. Either
+                    // way it is known as guarded from now on and released again below, if it
+                    // may be: never only woken (a block registered but recorded as released
+                    // made its faulting thread loop for ever: found in review).
                     self.forget_released(&mut gate, block, baddr);
                 }
-                if gate.released.contains(&(block, baddr))
-                    || self.try_release(&mut gate, guard, block, baddr)
-                {
+                if self.try_release(&mut gate, guard, block, baddr) {
                     // The retry is the kernel's fault: one PMD for the whole block.
                     let _ = space.uffd.wake(addr, PAGE_SIZE);
                     return;
@@ -409,8 +410,12 @@ impl Inner {
         // Its entries were zapped, and the kernel's are not inherited (`MADV_DONTFORK`): not
         // counted as mapped here until it is guarded again (a fork's `forked_from` would
         // count them as mapped in the child, and their conversion would replace them,
-        // splitting the folio).
-        gate.exposed.move_range(first, end, None);
+        // splitting the folio) — unless another host mapping of this process maps part of
+        // the block: `exposed` is per page, not per mapping, and that mapping's entries are
+        // a fork child's too (found in review).
+        if !guard.own_maps_elsewhere(self, baddr, boff, boff + len) {
+            gate.exposed.move_range(first, end, None);
+        }
         gate.was_mapped.move_range(first, end, None);
         true
     }
@@ -464,15 +469,18 @@ impl Inner {
             let (b0, a0) = hit[i];
             if guard.kernel_maps(a0, (j - i) * hs, self.ino, b0 * super::HUGE_SIZE) {
                 guard.reguard_own(a0, (j - i) * hs)?;
+                for &(b, a) in &hit[i..j] {
+                    self.forget_released(gate, b, a);
+                }
             } else {
+                // Each on its own, forgotten as soon as it is registered (a failure part-way
+                // must not leave a registered block recorded as released: found in review).
                 for &(b, a) in &hit[i..j] {
                     if guard.kernel_maps(a, hs, self.ino, b * super::HUGE_SIZE) {
                         guard.reguard_own(a, hs)?;
                     }
+                    self.forget_released(gate, b, a);
                 }
-            }
-            for &(b, a) in &hit[i..j] {
-                self.forget_released(gate, b, a);
             }
             i = j;
         }

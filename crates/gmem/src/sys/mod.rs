@@ -888,6 +888,21 @@ impl Mmap {
     }
 }
 
+/// [`madvise_range`] by system call (not through the C library, whose `madvise` an
+/// interposer such as `gmem exec`'s may take locks in): for the guard's server thread, which
+/// may hold the fork lock shared while it calls it.
+///
+/// # Safety
+/// As [`madvise_range`].
+pub(crate) unsafe fn madvise_raw(addr: usize, len: usize, advice: libc::c_int) -> KernelResult<()> {
+    // SAFETY: per the function's contract.
+    if unsafe { libc::syscall(libc::SYS_madvise, addr, len, advice) } == 0 {
+        Ok(())
+    } else {
+        Err(Errno::last())
+    }
+}
+
 /// `madvise(advice)` on `[addr, addr + len)`, a range of this process's address space that no
 /// [`Mmap`] of the caller's stands for (a mapping the guard follows by address).
 ///
