@@ -899,6 +899,82 @@ fn a_released_block_grown_in_place_is_guarded(rev: Revocation) {
     std::mem::forget(m);
 }
 
+/// Found in the third review: releasing a block cleared the count of pages mapped in this
+/// process for the whole block, although another host mapping of the file still mapped some
+/// of them at 4 KiB; a fork child copies those entries, and a conversion to private then left
+/// it its copy. Here a small mapping of part of the block maps page 3 before the block is
+/// released through the whole mapping; the whole mapping is then split (`mprotect` of one
+/// page), so the fork's prepare handler cannot guard the block again; the child reads page 3
+/// through the small mapping, and after page 3 is made private it must fault there.
+fn a_release_keeps_what_another_mapping_maps(rev: Revocation) {
+    let f = huge(1, SHARED, rev);
+    let small = f.mmap(0, (16 * PS) as usize, MapKind::Shared).unwrap();
+    assert_eq!(
+        read_page(&small, 3),
+        0,
+        "page 3 mapped through the small mapping"
+    );
+    let m = f.mmap_all().unwrap();
+    for p in 0..BLOCK {
+        m.write_volatile((p * PS) as usize, &[p as u8; 8]).unwrap();
+    }
+    assert!(wait_released(m.as_ptr() as usize), "released");
+    // SAFETY: changes the protection of one page of the live mapping `m` (read-only; this
+    // test does not write there again): the mapping is split, the block no longer one VMA.
+    let r = unsafe {
+        libc::mprotect(
+            m.as_ptr().add((100 * PS) as usize).cast(),
+            PS as usize,
+            libc::PROT_READ,
+        )
+    };
+    assert_eq!(r, 0);
+    let (mut to_child, mut from_child) = ([0; 2], [0; 2]);
+    // SAFETY: two pipes, their descriptors written into the arrays.
+    unsafe {
+        assert_eq!(libc::pipe(to_child.as_mut_ptr()), 0);
+        assert_eq!(libc::pipe(from_child.as_mut_ptr()), 0);
+    }
+    let at3 = small.as_ptr().wrapping_add((3 * PS) as usize);
+    // SAFETY: fork(2); the child reads page 3 through the small mapping, says so, waits,
+    // reads it again (a fault kills it) and leaves with _exit: system calls and volatile
+    // reads only.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: as above.
+        unsafe {
+            let first = std::ptr::read_volatile(at3);
+            libc::write(from_child[1], [first].as_ptr().cast(), 1);
+            let mut b = [0u8];
+            libc::read(to_child[0], b.as_mut_ptr().cast(), 1);
+            std::ptr::read_volatile(at3);
+            libc::_exit(0);
+        }
+    }
+    let mut b = [0u8];
+    // SAFETY: reads one byte from the child's pipe into `b`.
+    let n = unsafe { libc::read(from_child[0], b.as_mut_ptr().cast(), 1) };
+    assert_eq!(n, 1);
+    assert_eq!(b[0], 3, "the child read the shared page 3");
+    f.set_private(3 * PS, PS).unwrap();
+    // SAFETY: tells the child to read again; reaps it; closes the pipes.
+    let status = unsafe {
+        libc::write(to_child[1], [1u8].as_ptr().cast(), 1);
+        let mut status = 0;
+        libc::waitpid(pid, &mut status, 0);
+        for fd in to_child.into_iter().chain(from_child) {
+            libc::close(fd);
+        }
+        status
+    };
+    assert!(
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGBUS,
+        "the child read page 3 after it became private (status {status:#x})"
+    );
+    assert!(refused(&small, 3), "and this process");
+}
+
 /// A file of huge folios needs a size that is a multiple of 2 MiB (EINVAL), checked before
 /// anything is asked of the host.
 fn the_size_must_be_a_multiple_of_2mib() {
@@ -944,7 +1020,11 @@ fn main() {
         the_size_must_be_a_multiple_of_2mib,
     )];
     let guard = needs(&[gmem::emulated::GUARD_NEEDS]);
-    let per_rev: [Case; 14] = [
+    let per_rev: [Case; 15] = [
+        (
+            "a_release_keeps_what_another_mapping_maps",
+            a_release_keeps_what_another_mapping_maps,
+        ),
         (
             "a_released_block_grown_in_place_is_guarded",
             a_released_block_grown_in_place_is_guarded,
