@@ -418,12 +418,45 @@ fn a_mapping_at_a_chosen_address(rev: Revocation) {
     use gmem::os::Placement;
     let opts = EmulatedOptions::with_revocation(rev);
     let f = EmulatedGuestMemfd::create_with(4 * PS, SHARED, opts).unwrap();
+    // A two-page hole between two inaccessible pages of this test's own (other tests' threads
+    // map at the top of the address space all the time: a range found free there and let go
+    // was taken again before the placement, in a CI run 100 times in a row).
+    let ps = PS as usize;
     let (m, at) = (0..100)
         .find_map(|_| {
-            let at = free_range(4 * PS as usize) + PS as usize;
-            match f.mmap_fixed(Placement::vacant(at, 2 * PS as usize), PS, MapKind::Shared) {
-                Ok(m) => Some((m, at)),
-                Err(Errno(libc::EEXIST)) => None,
+            // SAFETY: a fresh inaccessible anonymous reservation of four pages, whose two
+            // middle pages are given back at once for the placement; the outer pages are
+            // unmapped below (after a failed try, or at the end of the test).
+            let base = unsafe {
+                let b = libc::mmap(
+                    std::ptr::null_mut(),
+                    4 * ps,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                );
+                assert_ne!(b, libc::MAP_FAILED);
+                libc::munmap(b.cast::<u8>().add(ps).cast(), 2 * ps);
+                b as usize
+            };
+            let at = base + ps;
+            let outer = move || {
+                // SAFETY: the outer pages of the reservation made above.
+                unsafe {
+                    libc::munmap(base as *mut libc::c_void, ps);
+                    libc::munmap((base + 3 * ps) as *mut libc::c_void, ps);
+                }
+            };
+            match f.mmap_fixed(Placement::vacant(at, 2 * ps), PS, MapKind::Shared) {
+                Ok(m) => {
+                    outer();
+                    Some((m, at))
+                }
+                Err(Errno(libc::EEXIST)) => {
+                    outer();
+                    None
+                }
                 Err(e) => panic!("{opts:?}: {e}"),
             }
         })
