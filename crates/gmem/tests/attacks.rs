@@ -21,6 +21,9 @@ use gmem::{
 };
 use gmem_testkit::{needs, test_unless, Trial};
 
+mod common;
+use common::faults_in_child as faults_at;
+
 const PS: u64 = PAGE_SIZE;
 const PAGE: usize = PAGE_SIZE as usize;
 const PAGES: u64 = 8;
@@ -151,37 +154,6 @@ fn dontneed_does_not_clear_the_guard(k: Kind) {
         assert_eq!(madvise_raw(&m, 0, PAGES as usize * PAGE, advice), 0);
         refused(&f, &m, 1);
         assert_eq!(look(&m, 2), Some(0x42), "a shared neighbour");
-    }
-}
-
-/// Whether a one-byte read (or write) at `addr` of this process faults, tried in a fork
-/// child (which the guard serves as it serves this process): true for SIGBUS.
-fn faults_at(addr: *mut u8, write: bool) -> bool {
-    // SAFETY: fork(2); the child only touches `addr` and leaves with _exit (or dies of the
-    // fault).
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0);
-    if pid == 0 {
-        // SAFETY: a volatile access to one byte the caller names in a mapping of this
-        // process; a fault kills the child, which is what is asked.
-        unsafe {
-            if write {
-                std::ptr::write_volatile(addr, 0xEE);
-            } else {
-                std::ptr::read_volatile(addr);
-            }
-            libc::_exit(0);
-        }
-    }
-    let mut status = 0;
-    // SAFETY: reaps our own child.
-    unsafe { libc::waitpid(pid, &mut status, 0) };
-    if libc::WIFSIGNALED(status) {
-        assert_eq!(libc::WTERMSIG(status), libc::SIGBUS, "status {status:#x}");
-        true
-    } else {
-        assert_eq!(status, 0);
-        false
     }
 }
 

@@ -15,6 +15,9 @@ use gmem::{
 };
 use gmem_testkit::{needs, test, test_unless, Trial};
 
+mod common;
+use common::faults_in_child;
+
 const PS: u64 = PAGE_SIZE;
 
 /// Held by each case of this binary while it runs ([`main`]).
@@ -389,37 +392,6 @@ fn a_mapping_with_a_released_block_moves(rev: Revocation) {
     assert!(refused(&m, 2 * BLOCK), "past the file's end");
 }
 
-/// Whether an access to `addr` in a fork child faulted (SIGBUS; the child's SIGSEGV, where it
-/// has nothing mapped, fails the test).
-fn faults_in_child(addr: *mut u8, write: bool) -> bool {
-    // SAFETY: fork(2); the child only touches `addr` and leaves with _exit (or dies of the
-    // fault).
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0);
-    if pid == 0 {
-        // SAFETY: a volatile access to one byte of a mapping of this process; a fault kills
-        // the child, which is what is asked.
-        unsafe {
-            if write {
-                std::ptr::write_volatile(addr, 0xEE);
-            } else {
-                std::ptr::read_volatile(addr);
-            }
-            libc::_exit(0);
-        }
-    }
-    let mut status = 0;
-    // SAFETY: reaps our own child.
-    unsafe { libc::waitpid(pid, &mut status, 0) };
-    if libc::WIFSIGNALED(status) {
-        assert_eq!(libc::WTERMSIG(status), libc::SIGBUS, "status {status:#x}");
-        true
-    } else {
-        assert_eq!(status, 0);
-        false
-    }
-}
-
 /// A released block moved by a raw `mremap` (not through the library) is guarded again at
 /// its new address when its event is handled: a page made private afterwards refuses a fork
 /// child there (which inherits the block again), and a shared one reads. Without that, the
@@ -505,6 +477,50 @@ fn a_fork_child_inherits_a_released_block_guarded(rev: Revocation) {
     }
 }
 
+/// A fork child reads the byte at `addr` (reported back), waits while this process runs
+/// `between`, and reads it again (a fault kills it): returns the first byte and the child's
+/// wait status.
+fn read_in_child_around(addr: *mut u8, between: impl FnOnce()) -> (u8, libc::c_int) {
+    let (mut to_child, mut from_child) = ([0; 2], [0; 2]);
+    // SAFETY: two pipes, their descriptors written into the arrays.
+    unsafe {
+        assert_eq!(libc::pipe(to_child.as_mut_ptr()), 0);
+        assert_eq!(libc::pipe(from_child.as_mut_ptr()), 0);
+    }
+    // SAFETY: fork(2); the child reads `addr`, says what it read, waits for the parent,
+    // reads `addr` again (a fault kills it) and leaves with _exit: system calls and volatile
+    // reads only.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: as above.
+        unsafe {
+            let first = std::ptr::read_volatile(addr);
+            libc::write(from_child[1], [first].as_ptr().cast(), 1);
+            let mut b = [0u8];
+            libc::read(to_child[0], b.as_mut_ptr().cast(), 1);
+            std::ptr::read_volatile(addr);
+            libc::_exit(0);
+        }
+    }
+    let mut b = [0u8];
+    // SAFETY: reads one byte from the child's pipe into `b`.
+    let n = unsafe { libc::read(from_child[0], b.as_mut_ptr().cast(), 1) };
+    assert_eq!(n, 1);
+    between();
+    // SAFETY: tells the child to read again; reaps it; closes the pipes made above.
+    let status = unsafe {
+        libc::write(to_child[1], [1u8].as_ptr().cast(), 1);
+        let mut status = 0;
+        libc::waitpid(pid, &mut status, 0);
+        for fd in to_child.into_iter().chain(from_child) {
+            libc::close(fd);
+        }
+        status
+    };
+    (b[0], status)
+}
+
 /// One run of [`a_fork_child_inherits_a_released_block_guarded`]; `split`: part of the
 /// block was punched first, so its folio is 4 KiB pages and the kernel maps the block with
 /// 4 KiB entries, which the fork copies into the child (a child that got them so, not
@@ -512,7 +528,6 @@ fn a_fork_child_inherits_a_released_block_guarded(rev: Revocation) {
 fn fork_child_of_a_released_block(rev: Revocation, split: bool) {
     let f = huge(1, SHARED, rev);
     let m = f.mmap_all().unwrap();
-    let block = (BLOCK * PS) as usize;
     for p in 0..BLOCK {
         m.write_volatile((p * PS) as usize, &[p as u8; 8]).unwrap();
     }
@@ -532,41 +547,10 @@ fn fork_child_of_a_released_block(rev: Revocation, split: bool) {
         !faults_in_child(at(7), false),
         "a shared page, in a fork child"
     );
-    let (mut to_child, mut from_child) = ([0; 2], [0; 2]);
-    // SAFETY: two pipes, their descriptors written into the arrays.
-    unsafe {
-        assert_eq!(libc::pipe(to_child.as_mut_ptr()), 0);
-        assert_eq!(libc::pipe(from_child.as_mut_ptr()), 0);
-    }
-    // SAFETY: fork(2); the child reads page 9, says so, waits for the parent, reads page 9
-    // and page 10 again (a fault kills it), and leaves with _exit: system calls and volatile
-    // reads only.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0);
-    if pid == 0 {
-        // SAFETY: as above.
-        unsafe {
-            let first = std::ptr::read_volatile(at(9));
-            libc::write(from_child[1], [first].as_ptr().cast(), 1);
-            let mut b = [0u8];
-            libc::read(to_child[0], b.as_mut_ptr().cast(), 1);
-            std::ptr::read_volatile(at(if b[0] == 9 { 9 } else { 10 }));
-            libc::_exit(0);
-        }
-    }
-    let mut b = [0u8];
-    // SAFETY: reads one byte from the child's pipe into `b`.
-    let n = unsafe { libc::read(from_child[0], b.as_mut_ptr().cast(), 1) };
-    assert_eq!(n, 1);
-    assert_eq!(b[0], 9, "the child read the shared page 9");
-    f.set_private(9 * PS, 2 * PS).unwrap();
-    // SAFETY: tells the child to read page 9 again; reaps it.
-    let status = unsafe {
-        libc::write(to_child[1], [9u8].as_ptr().cast(), 1);
-        let mut status = 0;
-        libc::waitpid(pid, &mut status, 0);
-        status
-    };
+    let (first, status) = read_in_child_around(at(9), || {
+        f.set_private(9 * PS, 2 * PS).unwrap();
+    });
+    assert_eq!(first, 9, "the child read the shared page 9");
     assert!(
         libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGBUS,
         "split {split}: the child read page 9 after it became private (status {status:#x})"
@@ -577,13 +561,6 @@ fn fork_child_of_a_released_block(rev: Revocation, split: bool) {
     );
     assert!(refused(&m, 9) && refused(&m, 10), "and in this process");
     assert_eq!(byte(&f, 9), 9, "split {split}");
-    // SAFETY: the pipes' descriptors, made above.
-    unsafe {
-        for fd in to_child.into_iter().chain(from_child) {
-            libc::close(fd);
-        }
-    }
-    let _ = block;
 }
 
 /// Released blocks under racing conversions: accessor threads read random pages of a host
@@ -929,45 +906,11 @@ fn a_release_keeps_what_another_mapping_maps(rev: Revocation) {
         )
     };
     assert_eq!(r, 0);
-    let (mut to_child, mut from_child) = ([0; 2], [0; 2]);
-    // SAFETY: two pipes, their descriptors written into the arrays.
-    unsafe {
-        assert_eq!(libc::pipe(to_child.as_mut_ptr()), 0);
-        assert_eq!(libc::pipe(from_child.as_mut_ptr()), 0);
-    }
     let at3 = small.as_ptr().wrapping_add((3 * PS) as usize);
-    // SAFETY: fork(2); the child reads page 3 through the small mapping, says so, waits,
-    // reads it again (a fault kills it) and leaves with _exit: system calls and volatile
-    // reads only.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0);
-    if pid == 0 {
-        // SAFETY: as above.
-        unsafe {
-            let first = std::ptr::read_volatile(at3);
-            libc::write(from_child[1], [first].as_ptr().cast(), 1);
-            let mut b = [0u8];
-            libc::read(to_child[0], b.as_mut_ptr().cast(), 1);
-            std::ptr::read_volatile(at3);
-            libc::_exit(0);
-        }
-    }
-    let mut b = [0u8];
-    // SAFETY: reads one byte from the child's pipe into `b`.
-    let n = unsafe { libc::read(from_child[0], b.as_mut_ptr().cast(), 1) };
-    assert_eq!(n, 1);
-    assert_eq!(b[0], 3, "the child read the shared page 3");
-    f.set_private(3 * PS, PS).unwrap();
-    // SAFETY: tells the child to read again; reaps it; closes the pipes.
-    let status = unsafe {
-        libc::write(to_child[1], [1u8].as_ptr().cast(), 1);
-        let mut status = 0;
-        libc::waitpid(pid, &mut status, 0);
-        for fd in to_child.into_iter().chain(from_child) {
-            libc::close(fd);
-        }
-        status
-    };
+    let (first, status) = read_in_child_around(at3, || {
+        f.set_private(3 * PS, PS).unwrap();
+    });
+    assert_eq!(first, 3, "the child read the shared page 3");
     assert!(
         libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGBUS,
         "the child read page 3 after it became private (status {status:#x})"

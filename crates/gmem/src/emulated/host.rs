@@ -114,6 +114,13 @@ impl Gate {
         }
     }
 
+    /// Charges the VMA budget for the blocks now released (each splits its mapping like a
+    /// hole).
+    fn charge_released(&mut self) {
+        let n = self.released.len();
+        super::vma_budget::charge(&mut self.released_charge, n);
+    }
+
     /// The (page, space, address) entries of `set` with a page in `[first, end)`.
     fn in_pages(set: &BTreeSet<(u64, u64, u64)>, first: u64, end: u64) -> Vec<(u64, u64, u64)> {
         set.range((first, 0, 0)..(end, 0, 0)).copied().collect()
@@ -403,8 +410,7 @@ impl Inner {
             return false;
         }
         gate.released.insert((block, baddr));
-        let n = gate.released.len();
-        super::vma_budget::charge(&mut gate.released_charge, n);
+        gate.charge_released();
         gate.ever_released = true;
         super::guard::note_released(baddr, self.ino, boff);
         // Its entries were zapped, and the kernel's are not inherited (`MADV_DONTFORK`): not
@@ -502,8 +508,7 @@ impl Inner {
             gate.released.remove(&(b, a));
             super::guard::note_guarded(a, self.ino);
         }
-        let n = gate.released.len();
-        super::vma_budget::charge(&mut gate.released_charge, n);
+        gate.charge_released();
     }
 
     /// Forgets every block of this file recorded as released (the file goes).
@@ -513,15 +518,14 @@ impl Inner {
             super::guard::note_guarded(a, self.ino);
         }
         gate.released.clear();
-        super::vma_budget::charge(&mut gate.released_charge, 0);
+        gate.charge_released();
     }
 
     /// Block `block` at `baddr` is guarded (again): no longer released, and counted as mapped
     /// here (the kernel mapped any page of it; a fork now copies those entries).
     fn forget_released(&self, gate: &mut Gate, block: u64, baddr: usize) {
         gate.released.remove(&(block, baddr));
-        let n = gate.released.len();
-        super::vma_budget::charge(&mut gate.released_charge, n);
+        gate.charge_released();
         super::guard::note_guarded(baddr, self.ino);
         gate.exposed
             .insert_range(block * super::HUGE_PAGES, (block + 1) * super::HUGE_PAGES);

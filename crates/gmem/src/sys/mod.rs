@@ -286,8 +286,17 @@ pub fn keep_maps_fd() -> KernelResult<libc::c_int> {
     if kept >= 0 {
         return Ok(kept);
     }
+    // Kept for the process's life.
+    let fd = libc::c_int::try_from(open_proc_maps()?).map_err(|_| Errno::last())?;
+    MAPS_FD.store(fd, std::sync::atomic::Ordering::Relaxed);
+    Ok(fd)
+}
+
+/// `openat("/proc/self/maps")` by system call (no allocation, nothing an interposer sees):
+/// the new descriptor, which the caller closes or keeps.
+fn open_proc_maps() -> KernelResult<i64> {
     let path = c"/proc/self/maps";
-    // SAFETY: openat of a NUL-terminated path; the descriptor is kept for the process's life.
+    // SAFETY: openat of a NUL-terminated path; the caller owns the descriptor.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_openat,
@@ -296,11 +305,9 @@ pub fn keep_maps_fd() -> KernelResult<libc::c_int> {
             libc::O_RDONLY | libc::O_CLOEXEC,
         )
     };
-    let fd = libc::c_int::try_from(fd).map_err(|_| Errno::last())?;
     if fd < 0 {
         return Err(Errno::last());
     }
-    MAPS_FD.store(fd, std::sync::atomic::Ordering::Relaxed);
     Ok(fd)
 }
 
@@ -310,23 +317,11 @@ pub fn keep_maps_fd() -> KernelResult<libc::c_int> {
 /// so a fork handler may call it. ENOTTY before Linux 6.11.
 pub fn vma_at(addr: u64) -> KernelResult<Option<VmaAt>> {
     let kept = MAPS_FD.load(std::sync::atomic::Ordering::Relaxed);
+    // The kept descriptor, or one opened here and closed below.
     let fd = if kept >= 0 {
         i64::from(kept)
     } else {
-        let path = c"/proc/self/maps";
-        // SAFETY: openat of a NUL-terminated path; the descriptor is closed below.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat,
-                libc::AT_FDCWD,
-                path.as_ptr(),
-                libc::O_RDONLY | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(Errno::last());
-        }
-        fd
+        open_proc_maps()?
     };
     let mut q = ProcmapQuery {
         size: std::mem::size_of::<ProcmapQuery>() as u64,
