@@ -1,7 +1,7 @@
 //! `gmem probe`: what this host offers guest_memfd, and which backend provides each feature.
 //!
 //! `--json` prints one object with the keys `version`, `kernel_release`, `kvm`,
-//! `kvm_access`, `userfaultfd`, `shmem_thp`, `huge_folios`, `nr_hugepages`, `max_map_count` and
+//! `kvm_access`, `userfaultfd`, `shmem_thp`, `huge_folios`, `hugetlb`, `nr_hugepages`, `max_map_count` and
 //! `features`;
 //! see [`to_json`] and docs/json.md. `GMEM_KVM_DEV` probes another device path than
 //! `/dev/kvm`.
@@ -118,6 +118,12 @@ pub fn to_json(r: &HostReport) -> Value {
             Ok(setting) => json!({"available": true, "setting": setting}),
             Err(why) => json!({"available": false, "error": why.to_string()}),
         },
+        "hugetlb": {
+            "offered": false,
+            "reason": gmem::host::HUGETLB_NOT_OFFERED,
+            "reserved_2m": gmem::host::hugetlb_pages().reserved,
+            "free_2m": gmem::host::hugetlb_pages().free,
+        },
         "nr_hugepages": r.nr_hugepages,
         "max_map_count": r.max_map_count,
         "features": r.features.iter().map(|f| json!({
@@ -223,6 +229,13 @@ fn print_text(r: &HostReport, dev: &std::path::Path, access: &Result<(), KvmProb
         ),
         Err(why) => println!("huge folios       unavailable: {why}"),
     }
+    let pool = gmem::host::hugetlb_pages();
+    println!(
+        "hugetlb folios    not offered (host: {} of 2048 kB reserved, {} free): {}",
+        opt(pool.reserved),
+        opt(pool.free),
+        gmem::host::HUGETLB_NOT_OFFERED
+    );
     // The filter the first emulated file installs: one is made (and dropped) to see it.
     let _ = gmem::EmulatedGuestMemfd::create(
         gmem::PAGE_SIZE,

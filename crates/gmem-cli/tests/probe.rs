@@ -30,6 +30,7 @@ fn probe_json_has_the_documented_keys() {
         "kvm",
         "userfaultfd",
         "shmem_thp",
+        "hugetlb",
         "nr_hugepages",
         "max_map_count",
         "features",

@@ -225,6 +225,38 @@ pub fn huge_folios() -> Result<String, Missing> {
     }
 }
 
+/// Why an emulated file is never backed by hugetlb pages, whatever the host reserves
+/// (DESIGN.md, "Huge folios": measured on 6.18, and asserted by `tests/huge_folios.rs`).
+pub const HUGETLB_NOT_OFFERED: &str =
+    "a hugetlbfs mapping is faulted, guarded and zapped only a whole huge page at a time \
+     (UFFDIO_CONTINUE, UFFDIO_POISON, MADV_DONTNEED and mprotect of 4 KiB inside it answer \
+     EINVAL), so SIGBUS could not stay exact to the 4 KiB page of a mixed folio without the \
+     kernel's split; 2 MiB folios are shmem THP";
+
+/// The host's 2 MiB hugetlb pages (`/sys/kernel/mm/hugepages/hugepages-2048kB`), read now;
+/// `None` where a count cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HugetlbPages {
+    /// `nr_hugepages`: pages reserved in the pool.
+    pub reserved: Option<u64>,
+    /// `free_hugepages`: pages of the pool not in use.
+    pub free: Option<u64>,
+}
+
+/// What the host reserves in 2 MiB hugetlb pages (reported by `gmem probe` beside
+/// [`HUGETLB_NOT_OFFERED`]).
+pub fn hugetlb_pages() -> HugetlbPages {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-2048kB/{name}"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    };
+    HugetlbPages {
+        reserved: read("nr_hugepages"),
+        free: read("free_hugepages"),
+    }
+}
+
 fn offered_names(features: u64) -> String {
     if features == 0 {
         "none".to_string()

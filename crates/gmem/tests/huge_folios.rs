@@ -952,6 +952,136 @@ fn remap_is_eopnotsupp() {
     assert_eq!(r.err(), Some(Errno::EOPNOTSUPP));
 }
 
+/// Why no file is hugetlb-backed (`gmem::host::HUGETLB_NOT_OFFERED`): in a mapping of a
+/// hugetlb file the kernel maps, guards, zaps and protects only whole huge pages — the
+/// guard's `UFFDIO_CONTINUE` and `MADV_DONTNEED`, and `mprotect`, of 4 KiB inside one answer
+/// EINVAL — so the shared pages of a mixed folio could not stay mapped while its private
+/// ones raise SIGBUS. If a kernel ever accepts these, this fails: the decision is to be
+/// revisited.
+fn hugetlb_mappings_are_guarded_only_whole() {
+    const HUGE: usize = 2 << 20;
+    const MFD_HUGE_2MB: libc::c_uint = 21 << 26;
+    // SAFETY: a valid NUL-terminated name and flags; the result is checked.
+    let fd =
+        unsafe { libc::memfd_create(c"gmem-hugetlb".as_ptr(), libc::MFD_HUGETLB | MFD_HUGE_2MB) };
+    assert!(
+        fd >= 0,
+        "memfd_create(MFD_HUGETLB): {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: our own descriptor, owned from here.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    // SAFETY: our descriptor; the size is one huge page.
+    assert_eq!(unsafe { libc::ftruncate(raw, HUGE as libc::off_t) }, 0);
+    // SAFETY: a new shared mapping of our file, unmapped at the end of this function.
+    let at = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            HUGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            raw,
+            0,
+        )
+    };
+    assert_ne!(at, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+    let page = (at as usize + PS as usize) as *mut libc::c_void;
+    // SAFETY: the mapping is ours; the huge page is the pool page reserved for this run.
+    unsafe { at.cast::<u8>().write_volatile(1) };
+    let einval = |rc: libc::c_int, what: &str| {
+        let e = std::io::Error::last_os_error();
+        assert_eq!(
+            (rc, e.raw_os_error()),
+            (-1, Some(libc::EINVAL)),
+            "{what}: {e}"
+        );
+    };
+    // SAFETY: 4 KiB inside our own mapping; the kernel refuses it (the point of the test).
+    einval(
+        unsafe { libc::madvise(page, PS as usize, libc::MADV_DONTNEED) },
+        "MADV_DONTNEED of 4 KiB",
+    );
+    // SAFETY: as above.
+    einval(
+        unsafe { libc::mprotect(page, PS as usize, libc::PROT_NONE) },
+        "mprotect of 4 KiB",
+    );
+    // The guard's operation: minor-mode registration, then a 4 KiB UFFDIO_CONTINUE.
+    // SAFETY: the userfaultfd system call with flags only; the result is checked.
+    let u = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
+    if u >= 0 {
+        // SAFETY: a new descriptor of ours.
+        let u = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(u as i32) };
+        let u = std::os::fd::AsRawFd::as_raw_fd(&u);
+        const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
+        const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
+        const UFFDIO_CONTINUE: libc::c_ulong = 0xC020_AA07;
+        const FEATURE_MINOR_HUGETLBFS: u64 = 1 << 9;
+        const MODE_MINOR: u64 = 1 << 2;
+        let mut api = [0xAAu64, FEATURE_MINOR_HUGETLBFS, 0];
+        // SAFETY: UFFDIO_API with a struct uffdio_api of ours (api, features, ioctls).
+        let rc = unsafe { libc::ioctl(u, UFFDIO_API, api.as_mut_ptr()) };
+        assert_eq!(rc, 0, "UFFDIO_API");
+        let mut reg = [at as u64, HUGE as u64, MODE_MINOR, 0];
+        // SAFETY: UFFDIO_REGISTER with a struct uffdio_register of ours over our mapping.
+        let rc = unsafe { libc::ioctl(u, UFFDIO_REGISTER, reg.as_mut_ptr()) };
+        assert_eq!(rc, 0, "UFFDIO_REGISTER");
+        let mut cont = [page as u64, PS, 0, 0];
+        // SAFETY: UFFDIO_CONTINUE with a struct uffdio_continue of ours inside our mapping.
+        einval(
+            unsafe { libc::ioctl(u, UFFDIO_CONTINUE, cont.as_mut_ptr()) },
+            "UFFDIO_CONTINUE of 4 KiB",
+        );
+    }
+    // SAFETY: our mapping, not used after.
+    assert_eq!(unsafe { libc::munmap(at, HUGE) }, 0);
+}
+
+/// One 2 MiB hugetlb page for this run: there already, free, or reserved here as root and
+/// given back when dropped (said on standard error); `Err(why)` where none can be had.
+struct HugetlbPage {
+    gave: Option<String>,
+}
+
+impl HugetlbPage {
+    const POOL: &'static str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+
+    fn for_this_run() -> Result<HugetlbPage, String> {
+        let pool = gmem::host::hugetlb_pages();
+        if pool.free.is_some_and(|f| f > 0) {
+            return Ok(HugetlbPage { gave: None });
+        }
+        let was = std::fs::read_to_string(Self::POOL)
+            .map_err(|e| format!("no 2 MiB hugetlb pool ({}: {e})", Self::POOL))?;
+        let n: u64 = was
+            .trim()
+            .parse()
+            .map_err(|_| format!("{}: {was:?}", Self::POOL))?;
+        if std::fs::write(Self::POOL, (n + 1).to_string()).is_err() {
+            return Err("no free 2 MiB hugetlb page, and not root to reserve one".into());
+        }
+        let page = HugetlbPage {
+            gave: Some(was.trim().to_string()),
+        };
+        if gmem::host::hugetlb_pages().free.is_some_and(|f| f > 0) {
+            eprintln!("huge_folios: one 2 MiB hugetlb page reserved for this run (root), given back at its end");
+            Ok(page)
+        } else {
+            Err("the kernel reserved no 2 MiB hugetlb page (memory too fragmented)".into())
+        }
+    }
+}
+
+impl Drop for HugetlbPage {
+    fn drop(&mut self) {
+        if let Some(was) = &self.gave {
+            let _ = std::fs::write(Self::POOL, was);
+            eprintln!("huge_folios: the hugetlb pool put back to {was} pages");
+        }
+    }
+}
+
 /// A test run under the guard: its name and function.
 type Case = (&'static str, fn(Revocation));
 
@@ -1037,5 +1167,14 @@ fn main() {
         }));
     }
     trials.push(test("remap_is_eopnotsupp", remap_is_eopnotsupp));
-    gmem_testkit::run_then(trials, move || drop(switch))
+    let hugetlb = HugetlbPage::for_this_run();
+    trials.push(test_unless(
+        "hugetlb_mappings_are_guarded_only_whole",
+        hugetlb.as_ref().err().cloned(),
+        hugetlb_mappings_are_guarded_only_whole,
+    ));
+    gmem_testkit::run_then(trials, move || {
+        drop(hugetlb);
+        drop(switch)
+    })
 }
