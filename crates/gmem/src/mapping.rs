@@ -96,7 +96,11 @@ pub(crate) fn map_view(
 ) -> KernelResult<Mmap> {
     // No fork between the mapping and its MADV_DONTFORK.
     let _quiet = private.then(crate::emulated::fork_quiet);
-    let map = if huge {
+    // A private view is one of gmem's own (the emulated file's): mapped and recorded as such
+    // under one hold of the record's lock, so the guard, which reads the kernel's maps under
+    // it, never takes it for a host mapping (`sys::OWN_VIEWS`).
+    let mut views = private.then(crate::sys::own_views);
+    let mut map = if huge {
         let map = Mmap::new_aligned(Some(fd), offset, len, flags, HUGE_ALIGN)?;
         map.madvise(0, len, libc::MADV_HUGEPAGE)?;
         map
@@ -108,6 +112,9 @@ pub(crate) fn map_view(
     // fork; DESIGN.md said they were not inherited, and they were).
     if private {
         map.madvise(0, len, libc::MADV_DONTFORK)?;
+    }
+    if let Some(v) = views.as_mut() {
+        map.record_own_view(v);
     }
     Ok(map)
 }

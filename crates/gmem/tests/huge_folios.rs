@@ -255,6 +255,14 @@ fn replacing_a_page_of_a_huge_folio_keeps_its_content(rev: Revocation) {
 /// by children, `dc`; registered for write-protect alone, `uw` without `ui` or `um`): its
 /// faults are the kernel's, which maps a huge folio there with one PMD when it can.
 fn released_at(addr: usize) -> bool {
+    let f = vm_flags_at(addr);
+    f.iter().any(|f| f == "dc")
+        && f.iter().any(|f| f == "uw")
+        && !f.iter().any(|f| f == "ui" || f == "um")
+}
+
+/// The `VmFlags` of this process's VMA holding `addr` (`/proc/self/smaps`; empty if none).
+fn vm_flags_at(addr: usize) -> Vec<String> {
     let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
     let mut inside = false;
     for line in smaps.lines() {
@@ -267,15 +275,11 @@ fn released_at(addr: usize) -> bool {
         }
         if inside {
             if let Some(flags) = line.strip_prefix("VmFlags:") {
-                let f: Vec<&str> = flags.split_whitespace().collect();
-                return f.contains(&"dc")
-                    && f.contains(&"uw")
-                    && !f.contains(&"ui")
-                    && !f.contains(&"um");
+                return flags.split_whitespace().map(str::to_string).collect();
             }
         }
     }
-    false
+    Vec::new()
 }
 
 /// Waits (at most 2 s) until the block at `addr` is released: the guard releases it while
@@ -370,6 +374,42 @@ fn a_wholly_shared_block_is_mapped_huge_on_the_host(rev: Revocation) {
         m.mmap().is_huge_mapped(0, block).unwrap(),
         "shared again: one PMD"
     );
+}
+
+/// gmem's own views of a file (the guest view here) map it as a host mapping does, same
+/// inode and offsets, but are never taken for one: after a fork, whose event makes the
+/// guard's record what the kernel's maps say, a conversion of a file that released a block
+/// registers its host mappings over the run (the fail-closed step), and registered the guest
+/// view too — gmem's own access to the private page through it then raised SIGBUS and killed
+/// the process (found by the stress test of huge folios, two files converting at once).
+fn gmem_views_are_never_taken_for_host_mappings(rev: Revocation) {
+    let f = huge(1, SHARED, rev);
+    let m = f.mmap_all().unwrap();
+    let at = m.as_ptr() as usize;
+    for p in 0..BLOCK {
+        m.write_volatile((p * PS) as usize, &[p as u8; 8]).unwrap();
+    }
+    assert!(wait_released(at), "the block released");
+    let view = f.guest_view().unwrap().as_ptr() as usize;
+    // A fork (the child exits at once): its event rebuilds the record from the kernel's maps.
+    // SAFETY: the child calls only _exit.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: ends the child at once.
+        unsafe { libc::_exit(0) };
+    }
+    assert!(pid > 0);
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    f.set_private(5 * PS, PS).unwrap();
+    let flags = vm_flags_at(view + (5 * PS) as usize);
+    assert!(
+        !flags.iter().any(|f| f.starts_with('u')),
+        "the guest view is registered with a userfaultfd: {flags:?}"
+    );
+    assert_eq!(byte(&f, 5), 5, "the guest reads its private page");
+    assert!(refused(&m, 5), "the host does not");
 }
 
 /// A mapping with a released block is resized (and possibly moved) by `HostMapping::mremap`:
@@ -1093,7 +1133,11 @@ fn main() {
         the_size_must_be_a_multiple_of_2mib,
     )];
     let guard = needs(&[gmem::emulated::GUARD_NEEDS]);
-    let per_rev: [Case; 15] = [
+    let per_rev: [Case; 16] = [
+        (
+            "gmem_views_are_never_taken_for_host_mappings",
+            gmem_views_are_never_taken_for_host_mappings,
+        ),
         (
             "a_release_keeps_what_another_mapping_maps",
             a_release_keeps_what_another_mapping_maps,

@@ -14,7 +14,12 @@
 //! Variants: every revocation mechanism (the guard; Remap, where only the owner's threads
 //! access, since without the guard other processes do not share the file) × every file kind
 //! (plain and NO_DIRECT_MAP files on the software-protected and pKVM platforms, plain files on
-//! SNP and TDX, which refuse NO_DIRECT_MAP).
+//! SNP and TDX, which refuse NO_DIRECT_MAP), and files of 2 MiB folios under the guard on every
+//! platform (each tracked page stands for 16 file pages; whole blocks are made shared at times,
+//! so the owner's host mapping releases them to the kernel's PMD faults and the next conversion
+//! to private must guard them again). As root, where `shmem_enabled` is `never`, the binary sets
+//! `advise` for its run and puts it back (`gmem_testkit::ThpSwitch`); without 2 MiB folios those
+//! variants are ignored with the reason.
 //!
 //! Invariants checked, in every process:
 //! - an access made while its page was private for the whole access faults (SIGBUS at the
@@ -92,6 +97,10 @@ struct State {
     /// How many writers the run has (the owner's threads alone without other processes):
     /// page `p` is written by writer `p % writers`.
     writers: AtomicU64,
+    /// File pages per tracked page (0 read as 1): tracked page `p` stands for the file's
+    /// pages `[p * stride, (p + 1) * stride)`, which are converted together; 16 for files of
+    /// 2 MiB folios (64 tracked pages: two blocks).
+    stride: AtomicU64,
 }
 
 impl State {
@@ -166,6 +175,7 @@ fn access_loop(m: &HostMapping, s: &State, w: u64, bound: Duration) {
     }
     let c = &s.counts[w as usize];
     let writers = s.writers.load(SeqCst).max(1);
+    let stride = s.stride.load(SeqCst).max(1);
     let mut r = rng(w * 7919 + 11);
     let mut counter = 0u8;
     while !s.stop.load(SeqCst) && started.elapsed() < bound {
@@ -177,10 +187,12 @@ fn access_loop(m: &HostMapping, s: &State, w: u64, bound: Duration) {
             r(NPAGES)
         };
         let pi = p as usize;
-        let own = p % writers == w;
+        // Writes (and the model) at the stripe's first page; reads anywhere in it.
+        let within = if write { 0 } else { r(stride) };
+        let own = p % writers == w && within == 0;
         let g0 = s.gen[pi].load(SeqCst);
         let was_private = s.private[pi].load(SeqCst);
-        let off = (p * PS) as usize;
+        let off = ((p * stride + within) * PS) as usize;
         let fault = if write {
             counter = counter.wrapping_add(1).max(1);
             m.probe_write(off, 1, counter).unwrap().fault()
@@ -393,9 +405,16 @@ fn converter(
         if now >= bound || (now >= deadline && enough(s, &out, others)) {
             break;
         }
-        let first = r(NPAGES);
-        let n = (r(8) + 1).min(NPAGES - first);
-        let to_private = r(2) == 1;
+        let stride = s.stride.load(SeqCst).max(1);
+        let per_block = (512 / stride).max(1);
+        let (first, n, to_private) = if stride > 1 && r(8) == 0 {
+            // A 2 MiB block wholly shared (its host mapping may then be released to the
+            // kernel's PMD faults, and guarded again by the next conversion to private).
+            (r(NPAGES / per_block) * per_block, per_block, false)
+        } else {
+            let first = r(NPAGES);
+            (first, (r(8) + 1).min(NPAGES - first), r(2) == 1)
+        };
         let pages = first as usize..(first + n) as usize;
         for p in pages.clone() {
             let odd = s.gen[p].fetch_add(1, SeqCst) + 1;
@@ -405,8 +424,8 @@ fn converter(
             }
         }
         let mut a = kvm_memory_attributes2::new(
-            first * PS,
-            n * PS,
+            first * stride * PS,
+            n * stride * PS,
             if to_private {
                 KVM_MEMORY_ATTRIBUTE_PRIVATE
             } else {
@@ -432,7 +451,7 @@ fn converter(
         // The guest touches half of what became private (assigns it on SNP, accepts it on
         // TDX, removes it from the direct map on NO_DIRECT_MAP files).
         if to_private && r(2) == 0 {
-            f.guest_fault(first * PS, n * PS).unwrap();
+            f.guest_fault(first * stride * PS, n * stride * PS).unwrap();
             out.guest_faults += 1;
             for p in pages {
                 out.assigned[p] = true;
@@ -457,9 +476,14 @@ fn stress_file(name: &str, opts: EmulatedOptions, extra_flags: u64) {
     // inherited and the file is not handed on).
     let others = opts.revocation != Revocation::Remap;
     let run = run_time();
+    let stride = if opts.folio_size == FolioSize::Huge {
+        HUGE_STRIDE
+    } else {
+        1
+    };
     let f = Arc::new(
         EmulatedGuestMemfd::create_with(
-            NPAGES * PS,
+            NPAGES * stride * PS,
             GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED | extra_flags,
             opts,
         )
@@ -475,6 +499,7 @@ fn stress_file(name: &str, opts: EmulatedOptions, extra_flags: u64) {
     let _stop = StopOnDrop(s);
     s.writers
         .store(if others { WRITERS } else { OWNER_THREADS }, SeqCst);
+    s.stride.store(stride, SeqCst);
 
     // The second process, which receives the file over a Unix socket.
     let dir = gmem_testkit::TempDir::new(&format!("gmem-stress-{name}")).unwrap();
@@ -558,11 +583,11 @@ fn stress_file(name: &str, opts: EmulatedOptions, extra_flags: u64) {
             s.epoch[p].store(u64::MAX, SeqCst);
         }
     }
-    f.set_shared(0, NPAGES * PS).unwrap();
+    f.set_shared(0, NPAGES * stride * PS).unwrap();
     let (mut checked, mut changed) = (0, 0);
     for p in 0..N {
         let mut b = [0u8];
-        f.read_at(p as u64 * PS, &mut b).unwrap();
+        f.read_at(p as u64 * stride * PS, &mut b).unwrap();
         let want = s.model[p].load(SeqCst);
         if s.epoch[p].load(SeqCst) <= s.wgen[p].load(SeqCst) {
             assert_eq!(b[0], want, "{name}: page {p}: a write was lost");
@@ -633,6 +658,39 @@ fn variant(name: &str, platform: PlatformKind, no_direct_map: bool, revocation: 
     stress_file(name, opts, flags(no_direct_map));
 }
 
+/// File pages per tracked page in a file of 2 MiB folios: 64 tracked pages are two blocks.
+const HUGE_STRIDE: u64 = 16;
+
+/// A file of 2 MiB folios (`FolioSize::Huge`, under the guard: Remap refuses them) on
+/// `platform`: besides conversions of a few tracked pages (16 file pages each: parts of a
+/// folio), whole blocks are made shared at times, so the owner's host mapping releases them
+/// to the kernel's PMD faults and each later conversion to private must guard them again.
+fn huge_variant(name: &str, platform: PlatformKind, no_direct_map: bool) {
+    let opts = EmulatedOptions {
+        platform,
+        folio_size: FolioSize::Huge,
+        ..mode("guard")
+    };
+    stress_file(name, opts, flags(no_direct_map));
+}
+
+/// Every variant of 2 MiB folios: `(name, platform, NO_DIRECT_MAP)`.
+const HUGE_VARIANTS: [(&str, PlatformKind, bool); 5] = [
+    (
+        "stress_sw_huge_guard",
+        PlatformKind::SoftwareProtected,
+        false,
+    ),
+    (
+        "stress_sw_huge_no_direct_map_guard",
+        PlatformKind::SoftwareProtected,
+        true,
+    ),
+    ("stress_pkvm_huge_guard", PlatformKind::Pkvm, false),
+    ("stress_snp_huge_guard", PlatformKind::Snp, false),
+    ("stress_tdx_huge_guard", PlatformKind::Tdx, false),
+];
+
 fn flags(no_direct_map: bool) -> u64 {
     if no_direct_map {
         GUEST_MEMFD_FLAG_NO_DIRECT_MAP
@@ -692,7 +750,8 @@ fn main() {
         stress_second_process(&path, &fd);
         return;
     }
-    let trials = VARIANTS
+    let switch = gmem_testkit::ThpSwitch::for_this_run("stress");
+    let mut trials: Vec<_> = VARIANTS
         .iter()
         .map(|&(name, platform, ndm, revocation)| {
             let needs = mode(revocation).revocation.needs(flags(ndm));
@@ -703,5 +762,14 @@ fn main() {
             )
         })
         .collect();
-    gmem_testkit::run(trials)
+    for &(name, platform, ndm) in &HUGE_VARIANTS {
+        let needs = mode("guard").revocation.needs(flags(ndm));
+        let why = needs
+            .and_then(|n| gmem_testkit::needs(&[n]))
+            .or_else(|| gmem_testkit::needs(&[gmem::host::Feature::HugeFolios]));
+        trials.push(gmem_testkit::test_unless(name, why, move || {
+            huge_variant(name, platform, ndm)
+        }));
+    }
+    gmem_testkit::run_then(trials, move || drop(switch))
 }

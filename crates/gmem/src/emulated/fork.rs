@@ -45,7 +45,11 @@ static QUIET: RwLock<()> = RwLock::new(());
 
 static HANDLERS: Once = Once::new();
 
-type Held = (RwLockWriteGuard<'static, ()>, RwLockWriteGuard<'static, ()>);
+type Held = (
+    RwLockWriteGuard<'static, ()>,
+    RwLockWriteGuard<'static, ()>,
+    std::sync::MutexGuard<'static, std::collections::BTreeMap<usize, usize>>,
+);
 
 thread_local! {
     static HELD: RefCell<Option<Held>> = const { RefCell::new(None) };
@@ -86,7 +90,10 @@ extern "C" fn prepare() {
     // Released blocks of huge-folio files are guarded again, so the child inherits them
     // (system calls only: `guard::reguard_for_fork`).
     super::guard::reguard_for_fork();
-    HELD.with(|h| *h.borrow_mut() = Some((fork, quiet)));
+    // The record of gmem's own views, last: its holders take no other lock (a view is made
+    // under `QUIET`, taken above), and the child must not inherit it held.
+    let views = crate::sys::own_views();
+    HELD.with(|h| *h.borrow_mut() = Some((fork, quiet, views)));
     FORKING_PID.store(peer::getpid_raw(), Ordering::Relaxed);
 }
 

@@ -963,13 +963,16 @@ impl Guard {
     fn reconcile_own(&self, lo: usize, hi: usize) {
         let files = lock(&self.files);
         let mut ranges = lock(&self.own.ranges);
+        // gmem's own views map the same files: never host mappings (read under their lock,
+        // so no view is made or unmapped while the maps are read).
+        let views = sys::own_views();
         let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
             return;
         };
         let live: Vec<(usize, usize, u64, Weak<Inner>)> = maps
             .lines()
             .filter_map(maps_line)
-            .filter(|&(s, e, _, _)| s < hi && e > lo)
+            .filter(|&(s, e, _, _)| s < hi && e > lo && !sys::is_own_view(&views, s, e))
             .filter_map(|(s, e, off, ino)| {
                 let f = files.get(&ino)?;
                 (f.strong_count() > 0).then(|| (s, e, off, f.clone()))

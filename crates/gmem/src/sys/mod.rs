@@ -220,6 +220,40 @@ pub struct Mmap {
     /// the child does not have, and dropping it there unmaps nothing (found in review: it
     /// unmapped whatever the child had put there since).
     only_in: std::sync::atomic::AtomicU64,
+    /// Recorded in [`OWN_VIEWS`] ([`Mmap::record_own_view`]): forgotten there when dropped.
+    own_view: bool,
+}
+
+/// gmem's own views of memory files in this process (guest view, direct map, their windows,
+/// the short-lived mapping of one block): start → end. They map a memory file as a host
+/// mapping does, same inode and offsets, so the guard, when it makes its record of host
+/// mappings what `/proc/self/maps` says, must leave these out: one taken for a host mapping
+/// was registered with the guard's userfaultfd by a conversion's fail-closed step, and gmem's
+/// own access to a private page through it then raised SIGBUS (found by the stress test of
+/// huge folios). A view is mapped and recorded, and unmapped and forgotten, under this lock,
+/// which the guard holds while it reads the maps, so it never sees one without the other;
+/// the fork *prepare* handler takes it last, so a child never inherits it held.
+static OWN_VIEWS: std::sync::Mutex<std::collections::BTreeMap<usize, usize>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// The lock of gmem's own views (see [`OWN_VIEWS`]), for [`Mmap::record_own_view`],
+/// [`is_own_view`] and the fork handlers.
+pub fn own_views() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<usize, usize>> {
+    OWN_VIEWS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Whether `[start, end)` overlaps one of gmem's own views in `views` (the held lock).
+pub fn is_own_view(
+    views: &std::collections::BTreeMap<usize, usize>,
+    start: usize,
+    end: usize,
+) -> bool {
+    views
+        .range(..end)
+        .next_back()
+        .is_some_and(|(_, &e)| e > start)
 }
 
 // SAFETY: a `Mmap` is an address range, not a reference into Rust-managed memory; every access
@@ -481,6 +515,7 @@ impl Mmap {
             ptr,
             len,
             only_in: std::sync::atomic::AtomicU64::new(0),
+            own_view: false,
         })
     }
 
@@ -651,7 +686,17 @@ impl Mmap {
             ptr,
             len,
             only_in: std::sync::atomic::AtomicU64::new(0),
+            own_view: false,
         })
+    }
+
+    /// Records this mapping as one of gmem's own views of a memory file, never a host
+    /// mapping ([`OWN_VIEWS`]; `views` is its lock, held since before the mapping was made);
+    /// it is forgotten there when dropped, under the same lock as its `munmap`.
+    pub fn record_own_view(&mut self, views: &mut std::collections::BTreeMap<usize, usize>) {
+        let start = self.ptr.as_ptr() as usize;
+        views.insert(start, start + self.len);
+        self.own_view = true;
     }
 
     /// Start of the mapping.
@@ -927,8 +972,13 @@ impl Drop for Mmap {
             // A fork child's copy of a mapping it did not inherit: nothing of it is ours.
             return;
         }
+        // Forgotten as a view under the lock its `munmap` is made under (see `OWN_VIEWS`).
+        let mut views = self.own_view.then(own_views);
         // SAFETY: the range was mapped by `Mmap::new` and is unmapped exactly once, here.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        if let Some(v) = views.as_mut() {
+            v.remove(&(self.ptr.as_ptr() as usize));
+        }
     }
 }
 
