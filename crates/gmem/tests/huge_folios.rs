@@ -376,6 +376,60 @@ fn a_wholly_shared_block_is_mapped_huge_on_the_host(rev: Revocation) {
     );
 }
 
+/// The host's working set at 2 MiB: a conversion back to shared releases at once the first
+/// block of the run that the host had mapped huge when the run was made private (its next
+/// touch is the kernel's PMD fault, no guard fault), and only that one: the others are
+/// released at their first guard fault, and a block the host had not mapped is not released.
+/// Made private again, each refuses the host at once, exact to the page.
+fn a_block_mapped_huge_is_released_at_the_conversion_back(rev: Revocation) {
+    let f = huge(3, SHARED, rev);
+    let m = f.mmap_all().unwrap();
+    let block = (BLOCK * PS) as usize;
+    let at = m.as_ptr() as usize;
+    // Blocks 1 and 2 mapped huge by the host; block 0 not touched.
+    for p in BLOCK..3 * BLOCK {
+        m.write_volatile((p * PS) as usize, &[(p % 251) as u8; 8])
+            .unwrap();
+    }
+    assert!(wait_released(at + block) && wait_released(at + 2 * block));
+    assert!(!released_at(at), "block 0, never touched");
+    f.set_private(0, 3 * BLOCK * PS).unwrap();
+    assert!(
+        !released_at(at + block) && !released_at(at + 2 * block),
+        "private: guarded"
+    );
+    assert!(refused(&m, BLOCK + 3) && refused(&m, 2 * BLOCK + 7));
+    f.set_shared(0, 3 * BLOCK * PS).unwrap();
+    assert!(
+        released_at(at + block),
+        "the run's first block the host had mapped huge: released by the conversion"
+    );
+    assert!(
+        !released_at(at + 2 * block),
+        "the run's second one: not yet"
+    );
+    assert!(!released_at(at), "block 0: the host had not mapped it");
+    assert_eq!(read_page(&m, BLOCK + 9), ((BLOCK + 9) % 251) as u8);
+    assert!(
+        m.mmap().is_huge_mapped(block, block).unwrap(),
+        "block 1: one PMD, from the kernel's fault"
+    );
+    assert_eq!(read_page(&m, 2 * BLOCK + 9), ((2 * BLOCK + 9) % 251) as u8);
+    assert!(wait_released(at + 2 * block), "block 2: at its guard fault");
+    // Private again, one page of the block released by the conversion: guarded first.
+    f.set_private((BLOCK + 5) * PS, PS).unwrap();
+    assert!(
+        refused(&m, BLOCK + 5),
+        "made private after an eager release"
+    );
+    assert_eq!(
+        byte(&f, BLOCK + 5),
+        ((BLOCK + 5) % 251) as u8,
+        "the guest's content"
+    );
+    assert_eq!(read_page(&m, BLOCK + 6), ((BLOCK + 6) % 251) as u8);
+}
+
 /// gmem's own views of a file (the guest view here) map it as a host mapping does, same
 /// inode and offsets, but are never taken for one: after a fork, whose event makes the
 /// guard's record what the kernel's maps say, a conversion of a file that released a block
@@ -1133,10 +1187,14 @@ fn main() {
         the_size_must_be_a_multiple_of_2mib,
     )];
     let guard = needs(&[gmem::emulated::GUARD_NEEDS]);
-    let per_rev: [Case; 16] = [
+    let per_rev: [Case; 17] = [
         (
             "gmem_views_are_never_taken_for_host_mappings",
             gmem_views_are_never_taken_for_host_mappings,
+        ),
+        (
+            "a_block_mapped_huge_is_released_at_the_conversion_back",
+            a_block_mapped_huge_is_released_at_the_conversion_back,
         ),
         (
             "a_release_keeps_what_another_mapping_maps",

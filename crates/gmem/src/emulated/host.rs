@@ -75,6 +75,10 @@ pub(super) struct Gate {
     /// Blocks of this process's host mappings the guard released to the kernel (see
     /// [`Inner::try_release`]): (block index, address of the block in the mapping).
     pub(super) released: BTreeSet<(u64, usize)>,
+    /// Released blocks that a conversion to private guarded again (the host's working set at
+    /// 2 MiB, as [`Gate::was_mapped`] is at 4 KiB): a conversion back to shared releases the
+    /// first of each run at once, and a guard fault releases the others.
+    pub(super) was_released: BTreeSet<(u64, usize)>,
     /// Whether a block of this file was ever released: its conversions to private then
     /// register its host mappings over the runs first ([`Guard::register_own_file`]).
     pub(super) ever_released: bool,
@@ -107,6 +111,7 @@ impl Gate {
             markers: BTreeSet::new(),
             sigbus: BTreeSet::new(),
             released: BTreeSet::new(),
+            was_released: BTreeSet::new(),
             ever_released: false,
             no_release: false,
             released_charge: 0,
@@ -360,10 +365,9 @@ impl Inner {
     /// an unmap or remap event touching it ([`Inner::released_moved`]), and by the fork
     /// *prepare* handler, so that a fork child inherits it guarded
     /// ([`super::guard::reguard_for_fork`]; a raw `clone` child, which runs no handler, does
-    /// not inherit it: `MADV_DONTFORK`). Released at a guard fault only, never by a
-    /// conversion to shared (measured: releasing again at every conversion to shared made
-    /// the first-page round trip 3.5× its floor and the 1 GiB round trip 6.6× instead of
-    /// 205× faster than with 4 KiB folios). Only this process's mappings: other address
+    /// not inherit it: `MADV_DONTFORK`). Released at a guard fault, and by a conversion to
+    /// shared for the first block of each run the host had mapped huge
+    /// ([`Inner::release_first_blocks`]). Only this process's mappings: other address
     /// spaces are served at 4 KiB. False: nothing changed.
     pub(super) fn try_release(
         &self,
@@ -410,6 +414,7 @@ impl Inner {
             return false;
         }
         gate.released.insert((block, baddr));
+        gate.was_released.remove(&(block, baddr));
         gate.charge_released();
         gate.ever_released = true;
         super::guard::note_released(baddr, self.ino, boff);
@@ -435,9 +440,9 @@ impl Inner {
         gate: &mut Gate,
         guard: &Guard,
         runs: &[(u64, u64)],
-    ) -> KernelResult<()> {
+    ) -> KernelResult<Vec<Block>> {
         if gate.released.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let hit: Vec<(u64, usize)> = gate
             .released
@@ -448,7 +453,8 @@ impl Inner {
             })
             .copied()
             .collect();
-        self.reguard_blocks(gate, guard, hit)
+        self.reguard_blocks(gate, guard, hit.clone())?;
+        Ok(hit)
     }
 
     /// Guards again the released blocks `hit` (under the gate): one registration for each
@@ -508,6 +514,8 @@ impl Inner {
             gate.released.remove(&(b, a));
             super::guard::note_guarded(a, self.ino);
         }
+        gate.was_released
+            .retain(|&(_, a)| !(a >= addr && a < addr.saturating_add(len)));
         gate.charge_released();
     }
 
@@ -518,6 +526,7 @@ impl Inner {
             super::guard::note_guarded(a, self.ino);
         }
         gate.released.clear();
+        gate.was_released.clear();
         gate.charge_released();
     }
 
@@ -571,6 +580,8 @@ impl Inner {
         };
         let end = from.saturating_add(len);
         let hs = super::HUGE_SIZE as usize;
+        gate.was_released
+            .retain(|&(_, a)| !(a < end && from < a + hs));
         let hit: Vec<(u64, usize)> = gate
             .released
             .iter()
@@ -756,7 +767,7 @@ impl Inner {
         // A released block is guarded again before anything of the conversion is done, and
         // (fail closed) every host mapping of the file over the runs is registered in the
         // guard's modes, whatever the bookkeeping of released blocks missed.
-        self.reguard_released(&mut gate, guard, runs)?;
+        let reguarded = self.reguard_released(&mut gate, guard, runs)?;
         if gate.ever_released {
             for &(s, e) in runs {
                 guard.register_own_file(self, s, e)?;
@@ -801,6 +812,14 @@ impl Inner {
             // Markers left on private pages stay: the pages are private again.
             gate.attrs.set_range(first, end, true);
         }
+        // The blocks released in this shared period are the working set at 2 MiB; those
+        // remembered from before it and not released since are forgotten.
+        let in_runs = |&(b, _): &Block| {
+            let (bs, be) = (b * super::HUGE_SIZE, (b + 1) * super::HUGE_SIZE);
+            runs.iter().any(|&(s, e)| s < be && bs < e)
+        };
+        gate.was_released.retain(|b| !in_runs(b));
+        gate.was_released.extend(reguarded);
         Ok(())
     }
 
@@ -836,6 +855,12 @@ impl Inner {
             let (first, end) = pages_of(s, e - s);
             gate.own_markers.move_range(first, end, None);
         }
+        // The first block of each run that the host had mapped huge when it was made private
+        // is released again at once (best effort: a block not released faults through the
+        // guard, which releases it); the others at their first guard fault.
+        if !gate.was_released.is_empty() {
+            self.release_first_blocks(&mut gate, guard, runs);
+        }
         // The first page of each run of the host's working set comes back at once (best
         // effort: a page not mapped here faults through the guard as any other); the rest
         // stays remembered, for the fault-around of the guard's next fault there.
@@ -853,6 +878,27 @@ impl Inner {
             self.map_over_markers(guard, runs, Markers::Private);
         }
         Ok(())
+    }
+
+    /// Releases again, at a conversion to shared of `runs` (bytes), the first block of each
+    /// run that was released when it was last made private ([`Gate::was_released`]), as the
+    /// first page of each run of the 4 KiB working set is mapped back: the host's next touch
+    /// is then the kernel's PMD fault, not a guard fault (≈ 46 µs here) that releases it.
+    /// One per run: releasing every block at every conversion to shared made the 1 GiB
+    /// round trip 6.6× instead of 110× faster than with 4 KiB folios.
+    fn release_first_blocks(&self, gate: &mut Gate, guard: &Guard, runs: &[(u64, u64)]) {
+        for &(s, e) in runs {
+            let first = gate
+                .was_released
+                .iter()
+                .filter(|&&(b, _)| b * super::HUGE_SIZE >= s && (b + 1) * super::HUGE_SIZE <= e)
+                .min_by_key(|&&(b, _)| b)
+                .copied();
+            if let Some((block, baddr)) = first {
+                gate.was_released.remove(&(block, baddr));
+                self.try_release(gate, guard, block, baddr);
+            }
+        }
     }
 
     /// Maps the file's pages over the markers of kind `which` left in other address spaces
