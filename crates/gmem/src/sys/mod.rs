@@ -220,7 +220,7 @@ pub struct Mmap {
     /// the child does not have, and dropping it there unmaps nothing (found in review: it
     /// unmapped whatever the child had put there since).
     only_in: std::sync::atomic::AtomicU64,
-    /// Recorded in [`OWN_VIEWS`] ([`Mmap::record_own_view`]): forgotten there when dropped.
+    /// Recorded in `OWN_VIEWS` (`Mmap::record_own_view`): forgotten there when dropped.
     own_view: bool,
 }
 
@@ -236,8 +236,8 @@ pub struct Mmap {
 static OWN_VIEWS: std::sync::Mutex<std::collections::BTreeMap<usize, usize>> =
     std::sync::Mutex::new(std::collections::BTreeMap::new());
 
-/// The lock of gmem's own views (see [`OWN_VIEWS`]), for [`Mmap::record_own_view`],
-/// [`is_own_view`] and the fork handlers.
+/// The lock of gmem's own views (a process-wide table, `OWN_VIEWS` in this module), for
+/// `Mmap::record_own_view`, `is_own_view` and the fork handlers.
 pub fn own_views() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<usize, usize>> {
     OWN_VIEWS
         .lock()
@@ -691,8 +691,8 @@ impl Mmap {
     }
 
     /// Records this mapping as one of gmem's own views of a memory file, never a host
-    /// mapping ([`OWN_VIEWS`]; `views` is its lock, held since before the mapping was made);
-    /// it is forgotten there when dropped, under the same lock as its `munmap`.
+    /// mapping (`OWN_VIEWS`; `views` is its lock, `own_views`, held since before the mapping
+    /// was made); it is forgotten there when dropped, under the same lock as its `munmap`.
     pub fn record_own_view(&mut self, views: &mut std::collections::BTreeMap<usize, usize>) {
         let start = self.ptr.as_ptr() as usize;
         views.insert(start, start + self.len);
