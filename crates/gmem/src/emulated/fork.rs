@@ -45,11 +45,7 @@ static QUIET: RwLock<()> = RwLock::new(());
 
 static HANDLERS: Once = Once::new();
 
-type Held = (
-    RwLockWriteGuard<'static, ()>,
-    RwLockWriteGuard<'static, ()>,
-    std::sync::MutexGuard<'static, std::collections::BTreeMap<usize, usize>>,
-);
+type Held = (RwLockWriteGuard<'static, ()>, RwLockWriteGuard<'static, ()>);
 
 thread_local! {
     static HELD: RefCell<Option<Held>> = const { RefCell::new(None) };
@@ -88,12 +84,11 @@ extern "C" fn prepare() {
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     // Released blocks of huge-folio files are guarded again, so the child inherits them
-    // (system calls only: `guard::reguard_for_fork`).
-    super::guard::reguard_for_fork();
-    // The record of gmem's own views, last: its holders take no other lock (a view is made
-    // under `QUIET`, taken above), and the child must not inherit it held.
-    let views = crate::sys::own_views();
-    HELD.with(|h| *h.borrow_mut() = Some((fork, quiet, views)));
+    // (system calls only: `guard::reguard_for_fork`), never one of gmem's views made at a
+    // released block's old address (their table is read under its lock, held only here:
+    // not across the fork, which waits for the guard's reader).
+    super::guard::reguard_for_fork(&crate::sys::own_views());
+    HELD.with(|h| *h.borrow_mut() = Some((fork, quiet)));
     FORKING_PID.store(peer::getpid_raw(), Ordering::Relaxed);
 }
 
@@ -106,6 +101,7 @@ extern "C" fn release() {
 
 extern "C" fn child() {
     release();
+    crate::sys::own_views_forget_in_child();
     super::guard::forget_own_uffd();
     forget_private_fds();
     if INHERITS_HOST_MAPPINGS.load(Ordering::Relaxed)

@@ -260,7 +260,7 @@ pub(super) fn forget_own_uffd() {
 /// block is `MADV_DONTFORK`: the child would have nothing there). System calls only, no
 /// allocation. A block that cannot be registered stays released and the child does not
 /// inherit it (SIGSEGV there, never an unguarded page).
-pub(super) fn reguard_for_fork() {
+pub(super) fn reguard_for_fork(views: &BTreeMap<usize, usize>) {
     let fd = OWN_UFFD.load(Ordering::Relaxed);
     if fd < 0 {
         return;
@@ -275,6 +275,10 @@ pub(super) fn reguard_for_fork() {
         // mapped there since must not be registered with the guard (found in review). Where
         // the kernel cannot say (before 6.11), the block is registered again as recorded.
         let len = super::HUGE_SIZE;
+        // One of gmem's own views made there since maps the file alike: never registered.
+        if sys::is_own_view(views, addr, addr + len as usize) {
+            continue;
+        }
         let ours = match sys::vma_at(addr as u64) {
             Ok(Some(v)) => {
                 v.start <= addr as u64
@@ -932,12 +936,18 @@ impl Guard {
             Some(0) => return None,
             Some(t) => format!("/proc/{t}/maps"),
         };
+        // This process's views of its files are never host mappings (read under their lock,
+        // as in `reconcile_own`): a fault in one gets a marker, never a record.
+        let views = space.own.then(sys::own_views);
         let maps = std::fs::read_to_string(path).ok()?;
         let files = lock(&self.files);
         let (s, e, off, ino) = maps
             .lines()
             .filter_map(maps_line)
             .find(|&(s, e, _, _)| s <= addr && addr < e)?;
+        if views.as_ref().is_some_and(|v| sys::is_own_view(v, s, e)) {
+            return None;
+        }
         let file = files.get(&ino)?.upgrade()?;
         space.keep(&file);
         lock(&space.ranges).insert(
@@ -1223,6 +1233,12 @@ impl Guard {
     /// must never reach another mapping (found in review: a late fault released an anonymous
     /// mapping made at a recorded address, and zeroed it).
     pub(super) fn kernel_maps(&self, addr: usize, len: usize, inode: u64, offset: u64) -> bool {
+        // One of gmem's own views maps the file with the same inode and offsets: never a host
+        // mapping (found in review: a late event's re-registration could take a view made at
+        // a host mapping's old address for it, and a fork child then inherited its entries).
+        if sys::is_own_view(&sys::own_views(), addr, addr.saturating_add(len)) {
+            return false;
+        }
         let (a, l) = (addr as u64, len as u64);
         let fits = |s: u64, e: u64, off: u64, ino: u64| {
             s <= a && e >= a + l && ino == inode && off + (a - s) == offset
@@ -1252,6 +1268,11 @@ impl Guard {
             if !std::ptr::eq(r.file.as_ptr(), file) {
                 continue;
             }
+            // A record whose mapping has gone, with one of gmem's own views made there since
+            // (its unmap event not handled yet): the view is not registered.
+            if sys::is_own_view(&sys::own_views(), addr, addr + r.len) {
+                continue;
+            }
             // The next recorded mapping: a VMA reaching into it is not a growth (adjacent
             // released blocks merge into one VMA across records: found in review).
             let next = starts
@@ -1269,6 +1290,7 @@ impl Guard {
                     && v.end > last + 1
                     && v.end <= next as u64
                     && v.offset + (last - v.start) == at_last
+                    && !sys::is_own_view(&sys::own_views(), addr, v.end as usize)
                 {
                     #[allow(clippy::cast_possible_truncation)] // An address range: a usize.
                     let grown = (v.end - addr as u64) as usize;

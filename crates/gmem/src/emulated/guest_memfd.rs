@@ -355,8 +355,31 @@ impl EmulatedGuestMemfd {
             a.error_offset = a.offset;
             return Err(Errno::ENOMEM);
         }
+        // §2.4 step 4b: the platform takes back each present page of a range made shared.
+        // Platforms without the hook do no per-page work. Run by the host side past its last
+        // failure and before a host access can see the range shared (the kernel holds the
+        // invalidate lock across the arch hook).
+        let inner = &self.inner;
+        let mut platform_to_shared = || {
+            if to_private || !inner.hooks.make_shared {
+                return;
+            }
+            if inner
+                .options
+                .hook_placement
+                .private_filter(inner.platform.kind())
+            {
+                // v8 TDX: the invalidation's private filter reaches the pages that were
+                // private, i.e. the changing runs.
+                for &(s, e) in &changing {
+                    inner.make_shared_range(s / PAGE_SIZE, e / PAGE_SIZE);
+                }
+            } else {
+                inner.make_shared_range(first, end);
+            }
+        };
         // Host access (§2.4 step 3a): one call to the host side ([`super::host`]).
-        let host = self.host_convert(&mut st, &changing, to_private);
+        let host = self.host_convert(&mut st, &changing, to_private, &mut platform_to_shared);
         if let Err(e) = host {
             a.error_offset = a.offset;
             return Err(if e == Errno::EAGAIN {
@@ -373,20 +396,6 @@ impl EmulatedGuestMemfd {
         self.inner.guest_view.zap_changed(&changing);
         // Failure markers of the changed pages go (the pages change hands).
         self.inner.clear_failure_markers(first, end);
-        // §2.4 step 4b: the platform takes back each present page of a range made shared.
-        // Platforms without the hook do no per-page work here.
-        if !to_private && self.inner.hooks.make_shared {
-            let placement = self.inner.options.hook_placement;
-            if placement.private_filter(self.inner.platform.kind()) {
-                // v8 TDX: the invalidation's private filter reaches the pages that were
-                // private, i.e. the changing runs.
-                for &(s, e) in &changing {
-                    self.inner.make_shared_range(s / PAGE_SIZE, e / PAGE_SIZE);
-                }
-            } else {
-                self.inner.make_shared_range(first, end);
-            }
-        }
         Ok(())
     }
 }

@@ -191,18 +191,33 @@ impl super::EmulatedGuestMemfd {
     /// pages leave every address space before the new attributes are recorded there, to
     /// shared the markers left anywhere are replaced by the pages. Remap mode revokes or
     /// restores the runs in this process's mappings. On failure nothing is changed.
+    ///
+    /// `platform_to_shared` is the platform's make-shared work on the range (the content
+    /// rule: TDX zeroes, SNP scrambles), called once if the conversion is to shared and gets
+    /// past its last failure: under the guard, before any host access can see a page as
+    /// shared — the kernel holds the invalidate lock across the arch hook, so a host fault
+    /// in between waits and then sees the new content, never the private one (found in
+    /// review: a host thread, or a fork child served by the guard, read the guest's private
+    /// content between the attribute change and the hook).
     pub(super) fn host_convert(
         &self,
         st: &mut super::State,
         changing: &[(u64, u64)],
         to_private: bool,
+        platform_to_shared: &mut dyn FnMut(),
     ) -> KernelResult<()> {
         match &self.inner.mechanism {
             Mechanism::Guard(_) if to_private => self.inner.host_to_private(changing),
-            Mechanism::Guard(_) => self.inner.host_to_shared(changing),
+            Mechanism::Guard(_) => self.inner.host_to_shared(changing, platform_to_shared),
             // A received file's conversions are its owner's.
             Mechanism::Served(_) => Err(Errno::EOPNOTSUPP),
-            Mechanism::Remap => self.remap_convert(st, changing, to_private),
+            Mechanism::Remap => {
+                self.remap_convert(st, changing, to_private)?;
+                if !to_private {
+                    platform_to_shared();
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -826,7 +841,16 @@ impl Inner {
     /// A conversion's host side, to shared: record the attributes in the gate, clear this
     /// process's markers (`MADV_DONTNEED` on the pages that have one), map this process's
     /// working set again and map the pages over the markers left in another address space. `Err` only from this process's zap, with the gate's attributes put back.
-    pub(super) fn host_to_shared(&self, runs: &[(u64, u64)]) -> KernelResult<()> {
+    ///
+    /// `platform_to_shared` runs under the gate once nothing can fail any more, before any
+    /// page is mapped back: host faults on the range wait for it (gmem's views, through which
+    /// it works, are never registered with the guard: nothing under the gate waits for a
+    /// fault).
+    pub(super) fn host_to_shared(
+        &self,
+        runs: &[(u64, u64)],
+        platform_to_shared: &mut dyn FnMut(),
+    ) -> KernelResult<()> {
         let Some(guard) = self.guard() else {
             return Err(Errno::EOPNOTSUPP);
         };
@@ -855,6 +879,8 @@ impl Inner {
             let (first, end) = pages_of(s, e - s);
             gate.own_markers.move_range(first, end, None);
         }
+        // Past the last failure, before anything is mapped back: the platform's content rule.
+        platform_to_shared();
         // The first block of each run that the host had mapped huge when it was made private
         // is released again at once (best effort: a block not released faults through the
         // guard, which releases it); the others at their first guard fault.

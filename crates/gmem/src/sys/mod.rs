@@ -227,21 +227,96 @@ pub struct Mmap {
 /// gmem's own views of memory files in this process (guest view, direct map, their windows,
 /// the short-lived mapping of one block): start → end. They map a memory file as a host
 /// mapping does, same inode and offsets, so the guard, when it makes its record of host
-/// mappings what `/proc/self/maps` says, must leave these out: one taken for a host mapping
-/// was registered with the guard's userfaultfd by a conversion's fail-closed step, and gmem's
-/// own access to a private page through it then raised SIGBUS (found by the stress test of
-/// huge folios). A view is mapped and recorded, and unmapped and forgotten, under this lock,
-/// which the guard holds while it reads the maps, so it never sees one without the other;
-/// the fork *prepare* handler takes it last, so a child never inherits it held.
-static OWN_VIEWS: std::sync::Mutex<std::collections::BTreeMap<usize, usize>> =
-    std::sync::Mutex::new(std::collections::BTreeMap::new());
+/// mappings what `/proc/self/maps` says (or asks the kernel what is mapped at a recorded
+/// address), must leave these out: one taken for a host mapping was registered with the
+/// guard's userfaultfd by a conversion's fail-closed step, and gmem's own access to a private
+/// page through it then raised SIGBUS (found by the stress test of huge folios). A view is
+/// mapped and recorded, and unmapped and forgotten, under this lock, which the guard holds
+/// while it reads the maps, so it never sees one without the other.
+///
+/// A lock of its own, not a `Mutex`: a fork may come while another thread holds it (the
+/// prepare handler does not hold it across `fork`, which would let the guard's server wait on
+/// a fork that waits on the guard's reader: found in review), and the child, which has none
+/// of the views (each is `MADV_DONTFORK`), starts from an empty table with the lock free
+/// ([`own_views_forget_in_child`]).
+static OWN_VIEWS: OwnViews = OwnViews {
+    locked: std::sync::atomic::AtomicBool::new(false),
+    map: std::cell::UnsafeCell::new(std::collections::BTreeMap::new()),
+};
 
-/// The lock of gmem's own views (a process-wide table, `OWN_VIEWS` in this module), for
-/// `Mmap::record_own_view`, `is_own_view` and the fork handlers.
-pub fn own_views() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<usize, usize>> {
+/// The table of gmem's own views and its lock (see `OWN_VIEWS`).
+struct OwnViews {
+    locked: std::sync::atomic::AtomicBool,
+    map: std::cell::UnsafeCell<std::collections::BTreeMap<usize, usize>>,
+}
+
+// SAFETY: `map` is reached only through an `OwnViewsGuard`, which holds `locked` (acquired
+// with Acquire, released with Release), or by the fork child handler, when the child has one
+// thread.
+unsafe impl Sync for OwnViews {}
+
+/// The table of gmem's own views, held (see `OWN_VIEWS`).
+pub struct OwnViewsGuard(());
+
+impl std::ops::Deref for OwnViewsGuard {
+    type Target = std::collections::BTreeMap<usize, usize>;
+    fn deref(&self) -> &Self::Target {
+        // SAFETY: this guard holds the lock: no other reference to the map exists.
+        unsafe { &*OWN_VIEWS.map.get() }
+    }
+}
+
+impl std::ops::DerefMut for OwnViewsGuard {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        // SAFETY: as above, and `&mut self` makes this the only reference through the guard.
+        unsafe { &mut *OWN_VIEWS.map.get() }
+    }
+}
+
+impl Drop for OwnViewsGuard {
+    fn drop(&mut self) {
+        OWN_VIEWS
+            .locked
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Takes the lock of gmem's own views (a process-wide table, `OWN_VIEWS` in this module), for
+/// `Mmap::record_own_view`, `is_own_view` and the fork prepare handler. Its holders take no
+/// other lock and wait on nothing; a waiter yields.
+pub fn own_views() -> OwnViewsGuard {
+    while OWN_VIEWS
+        .locked
+        .compare_exchange_weak(
+            false,
+            true,
+            std::sync::atomic::Ordering::Acquire,
+            std::sync::atomic::Ordering::Relaxed,
+        )
+        .is_err()
+    {
+        std::thread::yield_now();
+    }
+    OwnViewsGuard(())
+}
+
+/// In a fork child (from its fork handler, one thread, no allocation): the table of gmem's
+/// own views is empty (the child inherits none of them: each is `MADV_DONTFORK`) and its lock
+/// free, whatever another thread of the parent was doing with it at the fork. The parent's
+/// copy of the map is left as it is (a thread may have been changing it: not freed).
+pub fn own_views_forget_in_child() {
+    // SAFETY: the child has one thread and no guard exists in it (a guard of the forking
+    // thread is not held across fork); replacing the map leaks the old nodes, never frees
+    // memory another thread could be using.
+    unsafe {
+        std::mem::forget(std::ptr::replace(
+            OWN_VIEWS.map.get(),
+            std::collections::BTreeMap::new(),
+        ));
+    }
     OWN_VIEWS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .locked
+        .store(false, std::sync::atomic::Ordering::Release);
 }
 
 /// Whether `[start, end)` overlaps one of gmem's own views in `views` (the held lock).
