@@ -893,6 +893,29 @@ impl Guard {
             let _ = space.uffd.wake(page, PAGE_SIZE);
             return;
         }
+        // A fault in one of gmem's own views: registered by a race (a record made stale by a
+        // raw `munmap` whose event is not handled yet, a view mapped into the hole, then a
+        // registration at the recorded address). A view is never a host mapping: it is
+        // unregistered whole (which wakes the faulting thread, whose retry is the view's
+        // plain fault) and the stale record there forgotten — never served or refused by
+        // the gate, which gmem's own access may be holding (the platform's make-shared hook
+        // works through the views under it: found in review, a deadlock).
+        if space.own {
+            let view = {
+                let views = sys::own_views();
+                views
+                    .range(..=addr)
+                    .next_back()
+                    .filter(|&(_, &e)| e > addr)
+                    .map(|(&s, &e)| (s, e))
+            };
+            if let Some((s, e)) = view {
+                let _ = space.uffd.unregister(s as u64, (e - s) as u64);
+                cut(&mut lock(&space.ranges), s, e);
+                let _ = space.uffd.wake(page, PAGE_SIZE);
+                return;
+            }
+        }
         // This process's mappings are gmem's records, and what `/proc/self/maps` says of an
         // address they miss (a duplicate made by a raw `mremap`); a recorded fork child's are
         // its record alone (an address it misses, a part grown in place, is refused: its
@@ -936,18 +959,26 @@ impl Guard {
             Some(0) => return None,
             Some(t) => format!("/proc/{t}/maps"),
         };
-        // This process's views of its files are never host mappings (read under their lock,
-        // as in `reconcile_own`): a fault in one gets a marker, never a record.
-        let views = space.own.then(sys::own_views);
-        let maps = std::fs::read_to_string(path).ok()?;
+        // This process's views of its files are never host mappings (the maps read under
+        // their lock, as in `reconcile_own`, which is let go before any other lock is taken:
+        // `reconcile_own` and `register_own_file` take it after the records' lock; found in
+        // review): a fault in one gets a marker, never a record.
+        let (s, e, off, ino) = {
+            let views = space.own.then(sys::own_views);
+            let maps = std::fs::read_to_string(path).ok()?;
+            let line = maps
+                .lines()
+                .filter_map(maps_line)
+                .find(|&(s, e, _, _)| s <= addr && addr < e)?;
+            if views
+                .as_ref()
+                .is_some_and(|v| sys::is_own_view(v, line.0, line.1))
+            {
+                return None;
+            }
+            line
+        };
         let files = lock(&self.files);
-        let (s, e, off, ino) = maps
-            .lines()
-            .filter_map(maps_line)
-            .find(|&(s, e, _, _)| s <= addr && addr < e)?;
-        if views.as_ref().is_some_and(|v| sys::is_own_view(v, s, e)) {
-            return None;
-        }
         let file = files.get(&ino)?.upgrade()?;
         space.keep(&file);
         lock(&space.ranges).insert(
@@ -1266,11 +1297,6 @@ impl Guard {
         let starts: Vec<usize> = ranges.keys().copied().collect();
         for (&addr, r) in ranges.iter_mut() {
             if !std::ptr::eq(r.file.as_ptr(), file) {
-                continue;
-            }
-            // A record whose mapping has gone, with one of gmem's own views made there since
-            // (its unmap event not handled yet): the view is not registered.
-            if sys::is_own_view(&sys::own_views(), addr, addr + r.len) {
                 continue;
             }
             // The next recorded mapping: a VMA reaching into it is not a growth (adjacent

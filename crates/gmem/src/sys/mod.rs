@@ -283,7 +283,8 @@ impl Drop for OwnViewsGuard {
 
 /// Takes the lock of gmem's own views (a process-wide table, `OWN_VIEWS` in this module), for
 /// `Mmap::record_own_view`, `is_own_view` and the fork prepare handler. Its holders take no
-/// other lock and wait on nothing; a waiter yields.
+/// other lock (it is taken after the guard's records, never before) and wait on nothing but
+/// system calls on memory; a waiter yields.
 pub fn own_views() -> OwnViewsGuard {
     while OWN_VIEWS
         .locked
@@ -304,10 +305,13 @@ pub fn own_views() -> OwnViewsGuard {
 /// own views is empty (the child inherits none of them: each is `MADV_DONTFORK`) and its lock
 /// free, whatever another thread of the parent was doing with it at the fork. The parent's
 /// copy of the map is left as it is (a thread may have been changing it: not freed).
-pub fn own_views_forget_in_child() {
-    // SAFETY: the child has one thread and no guard exists in it (a guard of the forking
-    // thread is not held across fork); replacing the map leaks the old nodes, never frees
-    // memory another thread could be using.
+///
+/// # Safety
+/// Only in a fork child's fork handler: the process has one thread, and no `OwnViewsGuard`
+/// is alive in it.
+pub unsafe fn own_views_forget_in_child() {
+    // SAFETY: the caller's contract: one thread, no guard alive; replacing the map leaks
+    // the old nodes, never frees memory another thread could be using.
     unsafe {
         std::mem::forget(std::ptr::replace(
             OWN_VIEWS.map.get(),
