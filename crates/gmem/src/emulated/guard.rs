@@ -1294,6 +1294,12 @@ impl Guard {
     /// the zap that follows (every event read is handled first). Err: a registration failed.
     pub(super) fn register_own_file(&self, file: &Inner, start: u64, end: u64) -> KernelResult<()> {
         let mut ranges = lock(&self.own.ranges);
+        // gmem's own views are never registered, not even where a stale record covers one:
+        // their table is held across the registrations (after the records' lock, as
+        // everywhere), so no view is made or unmapped in between (found in review: a view
+        // registered here would make the platform's make-shared hook, which touches views
+        // under the gate, wait for a fault the server cannot serve without the gate).
+        let views = sys::own_views();
         let starts: Vec<usize> = ranges.keys().copied().collect();
         for (&addr, r) in ranges.iter_mut() {
             if !std::ptr::eq(r.file.as_ptr(), file) {
@@ -1316,7 +1322,7 @@ impl Guard {
                     && v.end > last + 1
                     && v.end <= next as u64
                     && v.offset + (last - v.start) == at_last
-                    && !sys::is_own_view(&sys::own_views(), addr, v.end as usize)
+                    && !sys::is_own_view(&views, addr + r.len, v.end as usize)
                 {
                     #[allow(clippy::cast_possible_truncation)] // An address range: a usize.
                     let grown = (v.end - addr as u64) as usize;
@@ -1328,9 +1334,23 @@ impl Guard {
             }
             let (s, e) = (start.max(r.offset), end.min(r.offset + r.len as u64));
             if s < e {
-                self.own
-                    .uffd
-                    .register_range(addr as u64 + (s - r.offset), e - s)?;
+                // The parts of `[lo, hi)` outside every view, registered.
+                let (mut lo, hi) = (
+                    addr + (s - r.offset) as usize,
+                    addr + (e - r.offset) as usize,
+                );
+                for (&vs, &ve) in views.range(..hi) {
+                    if ve <= lo {
+                        continue;
+                    }
+                    if vs > lo {
+                        self.own.uffd.register_range(lo as u64, (vs - lo) as u64)?;
+                    }
+                    lo = lo.max(ve);
+                }
+                if lo < hi {
+                    self.own.uffd.register_range(lo as u64, (hi - lo) as u64)?;
+                }
             }
         }
         Ok(())

@@ -236,23 +236,30 @@ pub struct Mmap {
 ///
 /// A lock of its own, not a `Mutex`: a fork may come while another thread holds it (the
 /// prepare handler does not hold it across `fork`, which would let the guard's server wait on
-/// a fork that waits on the guard's reader: found in review), and the child, which has none
-/// of the views (each is `MADV_DONTFORK`), starts from an empty table with the lock free
-/// ([`own_views_forget_in_child`]).
+/// a fork that waits on the guard's reader: found in review), and a child — made by `fork` or
+/// by a raw `clone` or `_Fork`, which run no fork handler — has none of the views (each is
+/// `MADV_DONTFORK`): a table whose address space is not this one (`peer::address_space`, a
+/// token in a `MADV_WIPEONFORK` page) is taken as empty and its lock as free, by the first
+/// caller in the new address space (found in review: a raw `clone` child that made a file of
+/// its own had its host mapping, placed where a parent's view had been, taken for that view).
 static OWN_VIEWS: OwnViews = OwnViews {
+    space: std::sync::atomic::AtomicU64::new(0),
     locked: std::sync::atomic::AtomicBool::new(false),
     map: std::cell::UnsafeCell::new(std::collections::BTreeMap::new()),
 };
 
 /// The table of gmem's own views and its lock (see `OWN_VIEWS`).
 struct OwnViews {
+    /// The address space the table describes (its token with the low bit clear), or that
+    /// token with the low bit set while the table is being emptied for it.
+    space: std::sync::atomic::AtomicU64,
     locked: std::sync::atomic::AtomicBool,
     map: std::cell::UnsafeCell<std::collections::BTreeMap<usize, usize>>,
 }
 
 // SAFETY: `map` is reached only through an `OwnViewsGuard`, which holds `locked` (acquired
-// with Acquire, released with Release), or by the fork child handler, when the child has one
-// thread.
+// with Acquire, released with Release) while `space` names this address space, or by the one
+// thread that moved `space` to its "being emptied" value, which no other thread locks under.
 unsafe impl Sync for OwnViews {}
 
 /// The table of gmem's own views, held (see `OWN_VIEWS`).
@@ -284,43 +291,44 @@ impl Drop for OwnViewsGuard {
 /// Takes the lock of gmem's own views (a process-wide table, `OWN_VIEWS` in this module), for
 /// `Mmap::record_own_view`, `is_own_view` and the fork prepare handler. Its holders take no
 /// other lock (it is taken after the guard's records, never before) and wait on nothing but
-/// system calls on memory; a waiter yields.
+/// system calls on memory; a waiter yields. In a new address space the table is emptied
+/// first (see `OWN_VIEWS`).
 pub fn own_views() -> OwnViewsGuard {
-    while OWN_VIEWS
-        .locked
-        .compare_exchange_weak(
-            false,
-            true,
-            std::sync::atomic::Ordering::Acquire,
-            std::sync::atomic::Ordering::Relaxed,
-        )
-        .is_err()
-    {
+    use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+    let me = peer::address_space() & !1;
+    let emptying = me | 1;
+    loop {
+        let v = OWN_VIEWS.space.load(Acquire);
+        if v == me {
+            if OWN_VIEWS
+                .locked
+                .compare_exchange_weak(false, true, Acquire, Relaxed)
+                .is_ok()
+            {
+                return OwnViewsGuard(());
+            }
+        } else if v != emptying
+            && OWN_VIEWS
+                .space
+                .compare_exchange(v, emptying, AcqRel, Relaxed)
+                .is_ok()
+        {
+            // Another address space's table (this process is its child) or none yet: no
+            // thread of this address space locks it until `space` names it (above).
+            // SAFETY: the only reference to the map now (see the `Sync` impl); the old nodes
+            // are leaked, never freed (a thread of the parent may have been changing them).
+            unsafe {
+                std::mem::forget(std::ptr::replace(
+                    OWN_VIEWS.map.get(),
+                    std::collections::BTreeMap::new(),
+                ));
+            }
+            OWN_VIEWS.locked.store(false, Release);
+            OWN_VIEWS.space.store(me, Release);
+            continue;
+        }
         std::thread::yield_now();
     }
-    OwnViewsGuard(())
-}
-
-/// In a fork child (from its fork handler, one thread, no allocation): the table of gmem's
-/// own views is empty (the child inherits none of them: each is `MADV_DONTFORK`) and its lock
-/// free, whatever another thread of the parent was doing with it at the fork. The parent's
-/// copy of the map is left as it is (a thread may have been changing it: not freed).
-///
-/// # Safety
-/// Only in a fork child's fork handler: the process has one thread, and no `OwnViewsGuard`
-/// is alive in it.
-pub unsafe fn own_views_forget_in_child() {
-    // SAFETY: the caller's contract: one thread, no guard alive; replacing the map leaks
-    // the old nodes, never frees memory another thread could be using.
-    unsafe {
-        std::mem::forget(std::ptr::replace(
-            OWN_VIEWS.map.get(),
-            std::collections::BTreeMap::new(),
-        ));
-    }
-    OWN_VIEWS
-        .locked
-        .store(false, std::sync::atomic::Ordering::Release);
 }
 
 /// Whether `[start, end)` overlaps one of gmem's own views in `views` (the held lock).
