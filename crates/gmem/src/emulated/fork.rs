@@ -101,6 +101,12 @@ extern "C" fn release() {
 
 extern "C" fn child() {
     release();
+    // SAFETY: a fork child's handler: one thread, and no guard of the views table alive
+    // (the prepare handler let its own go before the fork).
+    #[allow(unsafe_code)]
+    unsafe {
+        crate::sys::own_views_forget_in_child();
+    }
     super::guard::forget_own_uffd();
     forget_private_fds();
     if INHERITS_HOST_MAPPINGS.load(Ordering::Relaxed)

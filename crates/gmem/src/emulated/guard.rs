@@ -1339,17 +1339,37 @@ impl Guard {
                     addr + (s - r.offset) as usize,
                     addr + (e - r.offset) as usize,
                 );
+                // A piece with nothing mapped in it (a stale record's, cut by a view made
+                // in its hole) is EINVAL to the kernel: nothing there to guard (found in
+                // review: the conversion failed).
+                let register = |a: usize, b: usize| match self
+                    .own
+                    .uffd
+                    .register_range(a as u64, (b - a) as u64)
+                {
+                    Err(e)
+                        if e == Errno(libc::EINVAL)
+                            && match sys::vma_at_or_above(a as u64) {
+                                Ok(None) => true,
+                                Ok(Some(v)) => v.start >= b as u64,
+                                Err(_) => false,
+                            } =>
+                    {
+                        Ok(())
+                    }
+                    r => r,
+                };
                 for (&vs, &ve) in views.range(..hi) {
                     if ve <= lo {
                         continue;
                     }
                     if vs > lo {
-                        self.own.uffd.register_range(lo as u64, (vs - lo) as u64)?;
+                        register(lo, vs)?;
                     }
                     lo = lo.max(ve);
                 }
                 if lo < hi {
-                    self.own.uffd.register_range(lo as u64, (hi - lo) as u64)?;
+                    register(lo, hi)?;
                 }
             }
         }

@@ -250,8 +250,8 @@ static OWN_VIEWS: OwnViews = OwnViews {
 
 /// The table of gmem's own views and its lock (see `OWN_VIEWS`).
 struct OwnViews {
-    /// The address space the table describes (its token with the low bit clear), or that
-    /// token with the low bit set while the table is being emptied for it.
+    /// The address space the table describes (its token), or the token's complement while
+    /// the table is being emptied for it.
     space: std::sync::atomic::AtomicU64,
     locked: std::sync::atomic::AtomicBool,
     map: std::cell::UnsafeCell<std::collections::BTreeMap<usize, usize>>,
@@ -294,9 +294,11 @@ impl Drop for OwnViewsGuard {
 /// system calls on memory; a waiter yields. In a new address space the table is emptied
 /// first (see `OWN_VIEWS`).
 pub fn own_views() -> OwnViewsGuard {
+    // (Not the low bit as a flag: two pids that differ in it — the tokens where no
+    // `MADV_WIPEONFORK` page can be had — named one table: found in review.)
     use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
-    let me = peer::address_space() & !1;
-    let emptying = me | 1;
+    let me = peer::address_space();
+    let emptying = !me;
     loop {
         let v = OWN_VIEWS.space.load(Acquire);
         if v == me {
@@ -329,6 +331,31 @@ pub fn own_views() -> OwnViewsGuard {
         }
         std::thread::yield_now();
     }
+}
+
+/// In a fork child (from its fork handler, one thread, no allocation): the table of gmem's
+/// own views is emptied for this address space and its lock freed at once — a second line
+/// beside the token, which a program's `MADV_KEEPONFORK` on the token's page would defeat.
+/// The parent's copy of the map is left as it is (a thread may have been changing it).
+///
+/// # Safety
+/// Only in a fork child's fork handler: the process has one thread, and no `OwnViewsGuard`
+/// is alive in it.
+pub unsafe fn own_views_forget_in_child() {
+    // SAFETY: the caller's contract: one thread, no guard alive; replacing the map leaks
+    // the old nodes, never frees memory another thread could be using.
+    unsafe {
+        std::mem::forget(std::ptr::replace(
+            OWN_VIEWS.map.get(),
+            std::collections::BTreeMap::new(),
+        ));
+    }
+    OWN_VIEWS
+        .locked
+        .store(false, std::sync::atomic::Ordering::Release);
+    OWN_VIEWS
+        .space
+        .store(peer::address_space(), std::sync::atomic::Ordering::Release);
 }
 
 /// Whether `[start, end)` overlaps one of gmem's own views in `views` (the held lock).
@@ -437,6 +464,18 @@ fn open_proc_maps() -> KernelResult<i64> {
 /// and closed for the query) — system calls only, no allocation, nothing an interposer sees,
 /// so a fork handler may call it. ENOTTY before Linux 6.11.
 pub fn vma_at(addr: u64) -> KernelResult<Option<VmaAt>> {
+    vma_query(addr, 0)
+}
+
+/// The first VMA of this process that holds `addr` or lies above it (`Ok(None)`: none), as
+/// [`vma_at`] (`PROCMAP_QUERY_COVERING_OR_NEXT_VMA`).
+pub fn vma_at_or_above(addr: u64) -> KernelResult<Option<VmaAt>> {
+    /// `PROCMAP_QUERY_COVERING_OR_NEXT_VMA` of `linux/fs.h` (0x01–0x08 ask for permissions).
+    const COVERING_OR_NEXT_VMA: u64 = 0x10;
+    vma_query(addr, COVERING_OR_NEXT_VMA)
+}
+
+fn vma_query(addr: u64, query_flags: u64) -> KernelResult<Option<VmaAt>> {
     let kept = MAPS_FD.load(std::sync::atomic::Ordering::Relaxed);
     // The kept descriptor, or one opened here and closed below.
     let fd = if kept >= 0 {
@@ -446,6 +485,7 @@ pub fn vma_at(addr: u64) -> KernelResult<Option<VmaAt>> {
     };
     let mut q = ProcmapQuery {
         size: std::mem::size_of::<ProcmapQuery>() as u64,
+        query_flags,
         query_addr: addr,
         ..ProcmapQuery::default()
     };
@@ -1404,4 +1444,30 @@ fn pagemap_all_huge(start: u64, end: u64) -> KernelResult<bool> {
     // over the whole range: the walk must have reached its end (a range with no VMA reports
     // nothing and ends the walk early).
     Ok(n == 0 && arg.walk_end >= end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `vma_at` answers for the VMA holding an address, `vma_at_or_above` also for the next
+    /// one above a hole, and nothing above the last.
+    #[test]
+    fn vma_queries_find_the_holding_and_the_next_vma() {
+        let len = 3 * PAGE_SIZE as usize;
+        let m = Mmap::new(None, 0, len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS).unwrap();
+        let base = m.as_ptr() as u64;
+        // SAFETY: the middle page of our own anonymous mapping; nothing refers into it.
+        let rc =
+            unsafe { libc::munmap((base + PAGE_SIZE) as *mut libc::c_void, PAGE_SIZE as usize) };
+        assert_eq!(rc, 0);
+        match vma_at(base + PAGE_SIZE) {
+            Err(e) if e == Errno(libc::ENOTTY) => return, // before Linux 6.11
+            r => assert_eq!(r.unwrap(), None, "a hole"),
+        }
+        let next = vma_at_or_above(base + PAGE_SIZE).unwrap().unwrap();
+        assert_eq!(next.start, base + 2 * PAGE_SIZE, "the VMA above the hole");
+        assert_eq!(vma_at(base).unwrap().unwrap().start, base);
+        assert_eq!(vma_at_or_above(TASK_SIZE - PAGE_SIZE).unwrap(), None);
+    }
 }

@@ -117,18 +117,21 @@ pub(crate) fn recv_with_fds(
 /// `clone` that runs no fork handler, in a new pid namespace or not) finds zero-filled, and so
 /// makes a new token. A `CLONE_VM` child shares the address space, and so the token: gmem's
 /// decisions "is this the process that made the file" are decisions about an address space.
-/// Where the page cannot be had, the token is the pid (asked every time).
+/// Where the page cannot be had, the token is the pid (asked every time), and stays so for
+/// the life of the process: the first call decides, once, for every thread (a token that
+/// changed within one address space would let gmem's table of views be emptied under its
+/// holders: found in review).
 pub(crate) fn address_space() -> u64 {
     use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
     // The page, installed once without blocking (a fork while another thread is in here must
     // not leave the child waiting on a half-made initialisation): every racer makes a page,
-    // one wins, the others unmap theirs.
+    // one wins, the others unmap theirs. A racer that could not make one offers the pid
+    // instead (`PID_ONLY`); whichever offer wins holds for the process.
     static CELL: AtomicPtr<AtomicU64> = AtomicPtr::new(std::ptr::null_mut());
+    let pid_only: *mut AtomicU64 = std::ptr::without_provenance_mut(1);
     let mut cell = CELL.load(Ordering::Acquire);
     if cell.is_null() {
-        let Some(new) = wipe_on_fork_cell() else {
-            return u64::from(std::process::id());
-        };
+        let new = wipe_on_fork_cell().unwrap_or(pid_only);
         cell = match CELL.compare_exchange(
             std::ptr::null_mut(),
             new,
@@ -137,11 +140,16 @@ pub(crate) fn address_space() -> u64 {
         ) {
             Ok(_) => new,
             Err(winner) => {
-                // SAFETY: `new` is the page this call mapped and nothing else refers to.
-                unsafe { libc::munmap(new.cast(), crate::sys::PAGE_SIZE as usize) };
+                if new != pid_only {
+                    // SAFETY: `new` is the page this call mapped and nothing else refers to.
+                    unsafe { libc::munmap(new.cast(), crate::sys::PAGE_SIZE as usize) };
+                }
                 winner
             }
         };
+    }
+    if cell == pid_only {
+        return u64::from(std::process::id());
     }
     // SAFETY: `cell` points into a page mapped for the life of the process (never unmapped
     // once installed), page-aligned, accessed only through this atomic.
