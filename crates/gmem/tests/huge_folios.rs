@@ -499,19 +499,7 @@ fn a_raw_mremap_of_a_released_block_is_guarded(rev: Revocation) {
     }
     assert!(wait_released(m.as_ptr() as usize), "released");
     let old = m.as_ptr();
-    // SAFETY: a fresh inaccessible reservation, twice the block, for the move's target.
-    let room = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            2 * block,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(room, libc::MAP_FAILED);
-    let target = (room as usize).next_multiple_of(block);
+    let (room, room_len, target) = reserve(block);
     // SAFETY: moves the live mapping `m` (one VMA: the whole mapping is the released block)
     // into the reservation made above, 2 MiB-aligned; `m` is not used at its old address
     // afterwards, where this test puts memory of its own at once.
@@ -526,18 +514,7 @@ fn a_raw_mremap_of_a_released_block_is_guarded(rev: Revocation) {
     };
     assert_eq!(new as usize, target, "moved");
     let new = new.cast::<u8>();
-    // SAFETY: an anonymous mapping where the old one was (NOREPLACE: if another thread took
-    // the range, nothing is mapped and the range stays theirs).
-    let mine = unsafe {
-        libc::mmap(
-            old.cast(),
-            block,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-            -1,
-            0,
-        )
-    };
+    let mine = anon_at(old.cast(), block);
     f.set_private(7 * PS, PS).unwrap();
     // SAFETY: page 7 of the moved mapping.
     let at = |p: u64| unsafe { new.add((p * PS) as usize) };
@@ -553,7 +530,7 @@ fn a_raw_mremap_of_a_released_block_is_guarded(rev: Revocation) {
     // address goes too (if it was made), and `m`, which no longer owns its range, is
     // forgotten.
     unsafe {
-        libc::munmap(room, 2 * block);
+        libc::munmap(room, room_len);
         if mine != libc::MAP_FAILED {
             libc::munmap(mine, block);
         }
@@ -760,6 +737,23 @@ fn released_blocks_race_conversions(rev: Revocation) {
     );
 }
 
+/// Anonymous memory of this test's own at `addr` (`MAP_FIXED_NOREPLACE`: if another thread
+/// took the range, nothing is mapped, the range stays theirs, and `MAP_FAILED` is returned),
+/// where a moved mapping was: what a program would put there next.
+fn anon_at(addr: *mut libc::c_void, len: usize) -> *mut libc::c_void {
+    // SAFETY: NOREPLACE maps nothing over anything mapped; the result is the caller's.
+    unsafe {
+        libc::mmap(
+            addr,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    }
+}
+
 /// An inaccessible anonymous reservation of `len` bytes, its address 2 MiB-aligned (the
 /// reservation is `len + 2 MiB` long; the caller unmaps `(base, total)`).
 fn reserve(len: usize) -> (*mut libc::c_void, usize, usize) {
@@ -892,17 +886,7 @@ fn mappings_made_from_a_released_block_are_guarded(rev: Revocation) {
             );
             assert_eq!(r as usize, second);
         }
-        // SAFETY: an anonymous mapping where the old one was (NOREPLACE).
-        let mine = unsafe {
-            libc::mmap(
-                old.cast(),
-                block,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-                -1,
-                0,
-            )
-        };
+        let mine = anon_at(old.cast(), block);
         f.set_private(7 * PS, PS).unwrap();
         assert!(faults_in_child(at(second, 7), false), "moved twice: page 7");
         assert!(

@@ -959,25 +959,13 @@ impl Guard {
             Some(0) => return None,
             Some(t) => format!("/proc/{t}/maps"),
         };
-        // This process's views of its files are never host mappings (the maps read under
-        // their lock, as in `reconcile_own`, which is let go before any other lock is taken:
-        // `reconcile_own` and `register_own_file` take it after the records' lock; found in
-        // review): a fault in one gets a marker, never a record.
-        let (s, e, off, ino) = {
-            let views = space.own.then(sys::own_views);
-            let maps = std::fs::read_to_string(path).ok()?;
-            let line = maps
-                .lines()
-                .filter_map(maps_line)
-                .find(|&(s, e, _, _)| s <= addr && addr < e)?;
-            if views
-                .as_ref()
-                .is_some_and(|v| sys::is_own_view(v, line.0, line.1))
-            {
-                return None;
-            }
-            line
-        };
+        // (A fault in one of this process's own views never gets here: `fault` unregisters
+        // the view first.)
+        let maps = std::fs::read_to_string(path).ok()?;
+        let (s, e, off, ino) = maps
+            .lines()
+            .filter_map(maps_line)
+            .find(|&(s, e, _, _)| s <= addr && addr < e)?;
         let files = lock(&self.files);
         let file = files.get(&ino)?.upgrade()?;
         space.keep(&file);

@@ -459,7 +459,7 @@ impl Inner {
         if gate.released.is_empty() {
             return Ok(Vec::new());
         }
-        let hit: Vec<(u64, usize)> = gate
+        let mut hit: Vec<(u64, usize)> = gate
             .released
             .iter()
             .filter(|&&(b, _)| {
@@ -468,7 +468,7 @@ impl Inner {
             })
             .copied()
             .collect();
-        self.reguard_blocks(gate, guard, hit.clone())?;
+        self.reguard_blocks(gate, guard, &mut hit)?;
         Ok(hit)
     }
 
@@ -483,7 +483,7 @@ impl Inner {
         &self,
         gate: &mut Gate,
         guard: &Guard,
-        mut hit: Vec<Block>,
+        hit: &mut [Block],
     ) -> KernelResult<()> {
         let hs = super::HUGE_SIZE as usize;
         hit.sort_unstable_by_key(|&(_, a)| a);
@@ -566,13 +566,13 @@ impl Inner {
         // No release until the library's `mremap` is done ([`Inner::release_allowed_again`]).
         gate.no_release = true;
         let hs = super::HUGE_SIZE as usize;
-        let hit: Vec<(u64, usize)> = gate
+        let mut hit: Vec<(u64, usize)> = gate
             .released
             .iter()
             .filter(|&&(_, a)| a < addr.saturating_add(len) && addr < a + hs)
             .copied()
             .collect();
-        self.reguard_blocks(&mut gate, guard, hit)
+        self.reguard_blocks(&mut gate, guard, &mut hit)
     }
 
     /// The library's `mremap` of a host mapping is done: blocks may be released again.
