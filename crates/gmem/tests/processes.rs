@@ -490,6 +490,184 @@ fn a_fork_child_does_not_outlive_the_owner() {
     assert!(!alive(), "the fork child {pid} outlived its owner");
 }
 
+/// The environment variables that make this test binary the owner and the receiver of
+/// [`a_receiver_outlives_its_owner`], naming the socket.
+const ORPHAN_OWNER: &str = "GMEM_ORPHAN_OWNER";
+const ORPHAN_RECEIVER: &str = "GMEM_ORPHAN_RECEIVER";
+
+/// The owner of [`a_receiver_outlives_its_owner`]: makes a file (page 1 private), hands it to
+/// the process that connects, waits until that process and its fork child are served, and
+/// dies by SIGKILL (no handler, no destructor runs).
+fn orphan_owner(path: &std::ffi::OsStr) {
+    let f = file(EmulatedOptions::with_revocation(gmem::Revocation::Guard));
+    let m = f.mmap_all().unwrap();
+    m.write_volatile(0, &vec![0xaa; PAGES as usize * PS])
+        .unwrap();
+    f.set_private(PAGE_SIZE, PAGE_SIZE).unwrap();
+    let listener = UnixListener::bind(path).unwrap();
+    let (mut s, _) = listener.accept().unwrap();
+    f.send_to(&s).unwrap();
+    // The receiver forked and converted page 3 through this process: both spaces served.
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).unwrap();
+    assert!(f.wait_for_peers(2, Duration::from_secs(5)) >= 2);
+    // SAFETY: kills this process.
+    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+}
+
+/// The receiver of [`a_receiver_outlives_its_owner`]; each step prints its outcome, and a
+/// failed one exits with its number.
+fn orphan_receiver(path: &std::ffi::OsStr) {
+    let started = std::time::Instant::now();
+    let mut s = loop {
+        match UnixStream::connect(path) {
+            Ok(s) => break s,
+            Err(_) if started.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("connect: {e}"),
+        }
+    };
+    let f = EmulatedGuestMemfd::receive(&s).unwrap();
+    let m = f.mmap_all().unwrap();
+    let other = f.mmap_all().unwrap();
+    let step = |n: i32, ok: bool, what: &str| {
+        println!("{n} {what}: {}", if ok { "ok" } else { "FAILED" });
+        if !ok {
+            std::process::exit(n);
+        }
+    };
+    step(
+        1,
+        look(&m, 0) == Some(0xaa),
+        "page 0 read while the owner lives",
+    );
+    step(2, look(&m, 1).is_none(), "private page 1 refused");
+    // A fork child that reads page 3 (made private after the fork) by system call once told.
+    let (mut go_r, mut go_w) = UnixStream::pair().unwrap();
+    // SAFETY: fork(2); the child only reads a byte, reads its mapping by system call into a
+    // pipe and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        drop(go_w);
+        let mut b = [0u8; 1];
+        let _ = go_r.read_exact(&mut b);
+        // SAFETY: a kernel-mode read of one byte of the inherited mapping into a pipe
+        // (EFAULT while refused), then _exit.
+        unsafe {
+            let mut p = [0i32; 2];
+            libc::pipe(p.as_mut_ptr());
+            let n = libc::write(p[1], m.mmap().as_ptr().add(3 * PS).cast(), 1);
+            libc::_exit(if n == 1 { 1 } else { 0 });
+        }
+    }
+    drop(go_r);
+    step(
+        3,
+        f.set_private(3 * PAGE_SIZE, PAGE_SIZE).is_ok(),
+        "page 3 made private",
+    );
+    s.write_all(b"F").unwrap();
+    // The owner dies: the end of its stream.
+    let mut b = [0u8; 1];
+    step(
+        4,
+        matches!(s.read(&mut b), Ok(0) | Err(_)),
+        "the owner has gone",
+    );
+    step(
+        5,
+        look(&m, 0) == Some(0xaa),
+        "page 0, mapped before, still read",
+    );
+    step(6, look(&m, 1).is_none(), "private page 1 still refused");
+    step(7, look(&m, 3).is_none(), "private page 3 refused");
+    // No one knows the attributes any more: a page not mapped here before is refused too,
+    // and the access returns (it waited for ever on the owner's guard before).
+    step(
+        8,
+        look(&m, 2).is_none(),
+        "page 2, never mapped here, refused",
+    );
+    step(
+        9,
+        f.set_shared(PAGE_SIZE, PAGE_SIZE).map_err(|e| e.errno) == Err(gmem::Errno::EOPNOTSUPP),
+        "a conversion answers EOPNOTSUPP",
+    );
+    go_w.write_all(&[1]).unwrap();
+    let mut status = 0;
+    // SAFETY: reaps our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    step(
+        10,
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the fork child refused page 3",
+    );
+    // munmap and fork are events the owner's guard used to read: they return.
+    drop(other);
+    step(11, true, "munmap returned");
+    // SAFETY: fork(2); the child leaves at once.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: ends the child.
+        unsafe { libc::_exit(0) };
+    }
+    // SAFETY: reaps it.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    step(12, pid > 0, "fork returned");
+}
+
+/// Found when a stress run's owner crashed: the processes it had handed the file to waited
+/// for ever — at their next fault on a page not mapped yet, their `munmap`, their `fork` —
+/// on a userfaultfd only the dead owner's guard had read, and a fork child of theirs, whose
+/// userfaultfd only the owner held, read the private pages once the owner's death closed it.
+/// Here the owner dies by SIGKILL after handing the file on: within 30 s the receiver has
+/// read what it had mapped, been refused everything else (no one knows the attributes any
+/// more: fail closed), had its `munmap` and `fork` return, and its fork child was refused a
+/// page made private after the fork.
+fn a_receiver_outlives_its_owner() {
+    use std::os::unix::process::CommandExt;
+    let dir = gmem_testkit::TempDir::new("gmem-orphan").unwrap();
+    let path = dir.join("sock");
+    let exe = std::env::current_exe().unwrap();
+    let mut owner = std::process::Command::new(&exe)
+        .env(ORPHAN_OWNER, &path)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut receiver = std::process::Command::new(&exe)
+        .env(ORPHAN_RECEIVER, &path)
+        .stdout(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = receiver.try_wait().unwrap() {
+            break Some(st);
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let pgid = libc::pid_t::try_from(receiver.id()).unwrap();
+    if status.is_none() {
+        // SAFETY: kills the receiver's process group (its probes and fork children too).
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        let _ = receiver.wait();
+    }
+    let _ = owner.kill();
+    let _ = owner.wait();
+    let mut out = String::new();
+    if let Some(mut o) = receiver.stdout.take() {
+        let _ = o.read_to_string(&mut out);
+    }
+    let status = status.unwrap_or_else(|| panic!("the receiver hung after:\n{out}"));
+    assert!(status.success(), "the receiver failed ({status}):\n{out}");
+}
+
 fn main() {
     if std::env::var_os(DYING_OWNER).is_some() {
         dying_owner();
@@ -497,6 +675,14 @@ fn main() {
     }
     if let Some(path) = std::env::var_os(SECOND_PROCESS) {
         second_process(&path);
+        return;
+    }
+    if let Some(path) = std::env::var_os(ORPHAN_OWNER) {
+        orphan_owner(&path);
+        return;
+    }
+    if let Some(path) = std::env::var_os(ORPHAN_RECEIVER) {
+        orphan_receiver(&path);
         return;
     }
     if std::env::var_os(REAPER_PROCESS).is_some() {
@@ -536,6 +722,11 @@ fn main() {
         "a_fork_child_does_not_outlive_the_owner",
         &[gmem::emulated::GUARD_NEEDS],
         a_fork_child_does_not_outlive_the_owner,
+    ));
+    trials.push(gmem_testkit::test_needing(
+        "a_receiver_outlives_its_owner",
+        &[gmem::emulated::GUARD_NEEDS],
+        a_receiver_outlives_its_owner,
     ));
     trials.push(gmem_testkit::test_needing(
         "a_grandchild_follows_too",

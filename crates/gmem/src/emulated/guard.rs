@@ -134,6 +134,10 @@ pub(super) struct Space {
     /// those read, whether a change of the space's mappings is read but not yet reflected in
     /// the records ([`Guard::settled`]).
     handled: std::sync::atomic::AtomicU64,
+    /// A received file's process and its descendants: this process's end of that process's
+    /// custody stream, over which the userfaultfds of its descendants' spaces are handed to
+    /// it as they come (it serves them once this process has gone: `orphan`).
+    custody: std::sync::OnceLock<Arc<super::fork::PrivateStream>>,
 }
 
 impl std::fmt::Debug for Space {
@@ -156,6 +160,7 @@ impl Space {
             keep: Mutex::new(Vec::new()),
             dead: AtomicBool::new(false),
             handled: std::sync::atomic::AtomicU64::new(0),
+            custody: std::sync::OnceLock::new(),
         }
     }
 
@@ -567,10 +572,17 @@ impl Guard {
     }
 
     /// [`Guard::add_space`] for a process `file` was handed to: the file stays alive while
-    /// that process's address space does.
-    pub(super) fn add_space_keeping(&self, uffd: PoisonFd, file: &Arc<Inner>) -> KernelResult<()> {
+    /// that process's address space does; `custody`, this process's end of its custody
+    /// stream.
+    pub(super) fn add_space_keeping(
+        &self,
+        uffd: PoisonFd,
+        file: &Arc<Inner>,
+        custody: super::fork::PrivateStream,
+    ) -> KernelResult<()> {
         let space = self.add_space(uffd, false)?;
         space.keep(file);
+        let _ = space.custody.set(Arc::new(custody));
         Ok(())
     }
 
@@ -833,7 +845,21 @@ impl Guard {
                         }
                     }
                 }
+                // A descendant of a received file's process: that process is given the
+                // child's userfaultfd too (without waiting; one it does not take is not
+                // kept), so that the child is still served once this process has gone.
+                let custody = space.custody.get().cloned();
+                if let Some(s) = custody.as_ref().and_then(|c| c.get()) {
+                    let _ = sys::peer::send_with_fds_nonblocking(
+                        std::os::fd::AsFd::as_fd(s),
+                        &super::orphan::CUSTODY_RECORD,
+                        &[child.as_fd()],
+                    );
+                }
                 if let Ok(new) = self.add_space(child, space.recorded) {
+                    if let Some(c) = custody {
+                        let _ = new.custody.set(c);
+                    }
                     for r in ranges.values() {
                         if let Some(f) = r.file.upgrade() {
                             new.keep(&f);

@@ -20,6 +20,11 @@
 //! the hole file in their place). Once the owner has gone, a receiver's conversions answer
 //! EOPNOTSUPP (the trust boundary's "owner death").
 //!
+//! The first message carries a third descriptor, one end of the *custody* stream (private at
+//! both ends too): the owner hands the receiver the userfaultfd of each of the receiver's
+//! descendants as it learns of it, and the receiver's `gmem-orphan` thread serves them all,
+//! with its own, once the owner has gone ([`super::orphan`]).
+//!
 //! A fork (or clone) child of the owner holds, in the kernel's model, every descriptor the
 //! owner had at the fork, and may convert with any of them. Its copy of a file asks the owner
 //! over the *fork link*, a datagram socket pair made with the guard: the child inherits one
@@ -41,7 +46,7 @@ use crate::sys::{peer, PoisonFd};
 use crate::uapi::kvm_memory_attributes2;
 use crate::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 
-const MAGIC: u64 = u64::from_le_bytes(*b"GMEMFD03");
+const MAGIC: u64 = u64::from_le_bytes(*b"GMEMFD04");
 const REPLY: u64 = u64::from_le_bytes(*b"GMEMUF02");
 const HEADER: usize = 24;
 /// A conversion request over the link: offset, size, attributes, flags.
@@ -189,15 +194,30 @@ impl EmulatedGuestMemfd {
                 super::fork::PrivateStream::track(b, &quiet),
             )
         };
-        let Some(theirs_s) = theirs.get() else {
+        // The custody stream, over which the receiver is given the userfaultfds of its fork
+        // children as they come (it serves them once this process has gone: `orphan`).
+        let (custody, their_custody) = {
+            let quiet = super::fork::quiet();
+            let (a, b) = UnixStream::pair().map_err(|e| io_errno(&e))?;
+            (
+                super::fork::PrivateStream::track(a, &quiet),
+                super::fork::PrivateStream::track(b, &quiet),
+            )
+        };
+        let (Some(theirs_s), Some(their_custody_s)) = (theirs.get(), their_custody.get()) else {
             return Err(Errno::EBADF);
         };
         peer::send_with_fds(
             socket.as_fd(),
             &header,
-            &[self.inner.memfd.as_fd(), theirs_s.as_fd()],
+            &[
+                self.inner.memfd.as_fd(),
+                theirs_s.as_fd(),
+                their_custody_s.as_fd(),
+            ],
         )?;
         drop(theirs);
+        drop(their_custody);
         let (reply, mut fds) = recv_record::<8>(socket, 1)?;
         if word(&reply, 0) != REPLY || fds.len() != 1 {
             return Err(Errno(libc::EPROTO));
@@ -214,7 +234,7 @@ impl EmulatedGuestMemfd {
         uffd.ensure_initialised();
         // Private from now on: a fork child of this process does not keep it.
         super::fork::track_uffd(&uffd);
-        guard.add_space_keeping(uffd, &self.inner)?;
+        guard.add_space_keeping(uffd, &self.inner, custody)?;
         let owner = self.clone();
         std::thread::Builder::new()
             .name("gmem-link".into())
@@ -294,16 +314,20 @@ impl EmulatedGuestMemfd {
     /// mappings the sender's guard serves. EPROTO for anything that is not such a message;
     /// the errno of `userfaultfd()` where this process can have none.
     pub fn receive(socket: &UnixStream) -> KernelResult<EmulatedGuestMemfd> {
-        let (header, mut fds) = recv_record::<HEADER>(socket, 2)?;
+        let (header, mut fds) = recv_record::<HEADER>(socket, 3)?;
         let (magic, size, flags) = (word(&header, 0), word(&header, 8), word(&header, 16));
-        if magic != MAGIC || fds.len() != 2 {
+        if magic != MAGIC || fds.len() != 3 {
             return Err(Errno(libc::EPROTO));
         }
+        let custody = fds.pop().ok_or(Errno(libc::EPROTO))?;
         let link = fds.pop().ok_or(Errno(libc::EPROTO))?;
         let memfd = fds.pop().ok_or(Errno(libc::EPROTO))?;
-        let link = {
+        let (link, custody) = {
             let quiet = super::fork::quiet();
-            super::fork::PrivateStream::track(UnixStream::from(link), &quiet)
+            (
+                super::fork::PrivateStream::track(UnixStream::from(link), &quiet),
+                super::fork::PrivateStream::track(UnixStream::from(custody), &quiet),
+            )
         };
         // Recorded at once, so that a fork child of this process does not keep it (a fork in
         // the instant since `recvmsg` returned is the one not covered).
@@ -320,20 +344,44 @@ impl EmulatedGuestMemfd {
             super::fork::track_fd(uffd.raw_fd());
             uffd
         };
+        // The orphan watch's copy of it (served by the watch once the owner has gone).
+        let watched = {
+            let _quiet = super::fork::quiet();
+            match peer::dup_low(uffd.as_fd()) {
+                Ok(fd) => {
+                    super::fork::track_fd(fd.as_raw_fd());
+                    PoisonFd::adopt(fd)
+                }
+                Err(e) => {
+                    drop(_quiet);
+                    super::fork::close_private_uffd(uffd);
+                    return Err(e);
+                }
+            }
+        };
         let reply = REPLY.to_le_bytes();
         if let Err(e) = peer::send_with_fds(socket.as_fd(), &reply, &[uffd.as_fd()]) {
             super::fork::close_private_uffd(uffd);
+            super::fork::close_private_uffd(watched);
             return Err(e);
         }
         // A follower keeps only the flags that say what the host may do; platform models and
         // the direct map are the owner's.
         let flags = flags & (GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED);
-        Self::build(
+        let file = match Self::build(
             memfd,
             size,
             flags,
             EmulatedOptions::default(),
             Some((uffd, link)),
-        )
+        ) {
+            Ok(f) => f,
+            Err(e) => {
+                super::fork::close_private_uffd(watched);
+                return Err(e);
+            }
+        };
+        super::orphan::watch(watched, custody)?;
+        Ok(file)
     }
 }

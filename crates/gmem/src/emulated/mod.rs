@@ -52,6 +52,7 @@ mod guard;
 mod guest_memfd;
 mod handoff;
 mod host;
+mod orphan;
 mod page_state;
 mod pins;
 mod populate;

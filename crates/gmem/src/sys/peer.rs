@@ -11,6 +11,24 @@ pub(crate) fn send_with_fds(
     data: &[u8],
     fds: &[BorrowedFd<'_>],
 ) -> KernelResult<()> {
+    sendmsg_fds(sock, data, fds, libc::MSG_NOSIGNAL)
+}
+
+/// [`send_with_fds`] without waiting (`MSG_DONTWAIT`): EAGAIN where the socket has no room.
+pub(crate) fn send_with_fds_nonblocking(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> KernelResult<()> {
+    sendmsg_fds(sock, data, fds, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+}
+
+fn sendmsg_fds(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+    flags: libc::c_int,
+) -> KernelResult<()> {
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let bytes = std::mem::size_of_val(raw.as_slice());
     let bytes32 = u32::try_from(bytes).map_err(|_| Errno::EINVAL)?;
@@ -41,7 +59,7 @@ pub(crate) fn send_with_fds(
     }
     loop {
         // SAFETY: `msg` and everything it points at are valid for the call.
-        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, flags) };
         if n >= 0 {
             return if n as usize == data.len() {
                 Ok(())
@@ -387,6 +405,15 @@ pub(crate) fn close_raw(fd: OwnedFd) {
     let raw = fd.into_raw_fd();
     // SAFETY: `raw` was owned (taken out of its `OwnedFd` above) and is closed once.
     unsafe { libc::syscall(libc::SYS_close, raw) };
+}
+
+/// `poll(2)` of `fds` for up to `timeout_ms` (-1: no limit): how many have events (their
+/// `revents`), 0 on timeout; EINTR is an error like any other.
+pub(crate) fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> KernelResult<usize> {
+    let n = libc::nfds_t::try_from(fds.len()).map_err(|_| Errno::EINVAL)?;
+    // SAFETY: `fds` is `n` valid `pollfd`s, written by the kernel only within the slice.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), n, timeout_ms) };
+    usize::try_from(r).map_err(|_| Errno::last())
 }
 
 /// `fcntl(fd, F_DUPFD_CLOEXEC, 0)`: a duplicate at the lowest free number.
