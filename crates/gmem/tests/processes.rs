@@ -496,8 +496,8 @@ const ORPHAN_OWNER: &str = "GMEM_ORPHAN_OWNER";
 const ORPHAN_RECEIVER: &str = "GMEM_ORPHAN_RECEIVER";
 
 /// The owner of [`a_receiver_outlives_its_owner`]: makes a file (page 1 private), hands it to
-/// the process that connects, waits until that process and its fork child are served, and
-/// dies by SIGKILL (no handler, no destructor runs).
+/// the process that connects, answers once that process and its fork child are served, and
+/// waits to be stopped and killed by the test.
 fn orphan_owner(path: &std::ffi::OsStr) {
     let f = file(EmulatedOptions::with_revocation(gmem::Revocation::Guard));
     let m = f.mmap_all().unwrap();
@@ -511,8 +511,21 @@ fn orphan_owner(path: &std::ffi::OsStr) {
     let mut b = [0u8; 1];
     s.read_exact(&mut b).unwrap();
     assert!(f.wait_for_peers(2, Duration::from_secs(5)) >= 2);
-    // SAFETY: kills this process.
-    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    s.write_all(b"K").unwrap();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// A line to the test on standard output and its answer on standard input, by system call
+/// (no allocation: a fork in another thread may hold the allocator's locks meanwhile).
+fn orphan_ask(line: &[u8]) {
+    let mut b = [0u8; 1];
+    // SAFETY: write(2) and read(2) of valid buffers.
+    unsafe {
+        libc::write(1, line.as_ptr().cast(), line.len());
+        libc::read(0, b.as_mut_ptr().cast(), 1);
+    }
 }
 
 /// The receiver of [`a_receiver_outlives_its_owner`]; each step prints its outcome, and a
@@ -543,7 +556,8 @@ fn orphan_receiver(path: &std::ffi::OsStr) {
         "page 0 read while the owner lives",
     );
     step(2, look(&m, 1).is_none(), "private page 1 refused");
-    // A fork child that reads page 3 (made private after the fork) by system call once told.
+    // A fork child that reads page 3 (made private after the fork) by system call once told:
+    // exit 0 if refused with EFAULT.
     let (mut go_r, mut go_w) = UnixStream::pair().unwrap();
     // SAFETY: fork(2); the child only reads a byte, reads its mapping by system call into a
     // pipe and leaves with _exit.
@@ -557,9 +571,12 @@ fn orphan_receiver(path: &std::ffi::OsStr) {
         // (EFAULT while refused), then _exit.
         unsafe {
             let mut p = [0i32; 2];
-            libc::pipe(p.as_mut_ptr());
+            if libc::pipe(p.as_mut_ptr()) != 0 {
+                libc::_exit(2);
+            }
             let n = libc::write(p[1], m.mmap().as_ptr().add(3 * PS).cast(), 1);
-            libc::_exit(if n == 1 { 1 } else { 0 });
+            let efault = n < 0 && *libc::__errno_location() == libc::EFAULT;
+            libc::_exit(if efault { 0 } else { 1 });
         }
     }
     drop(go_r);
@@ -569,64 +586,114 @@ fn orphan_receiver(path: &std::ffi::OsStr) {
         "page 3 made private",
     );
     s.write_all(b"F").unwrap();
-    // The owner dies: the end of its stream.
     let mut b = [0u8; 1];
+    s.read_exact(&mut b).unwrap();
+    // The owner is stopped: a fork here waits in the kernel for its event to be read, holding
+    // the fork handlers' and the allocator's locks; the owner is then killed, and only this
+    // process can read it.
+    orphan_ask(b"stop the owner\n");
+    let forked = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
+    let forker = {
+        let forked = forked.clone();
+        std::thread::spawn(move || {
+            // SAFETY: fork(2); the child leaves at once.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                // SAFETY: ends the child.
+                unsafe { libc::_exit(0) };
+            }
+            forked.store(pid, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    orphan_ask(b"kill the owner\n");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while forked.load(std::sync::atomic::Ordering::SeqCst) == 0
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pid2 = forked.load(std::sync::atomic::Ordering::SeqCst);
     step(
         4,
+        pid2 > 0,
+        "a fork waiting on the owner when it died returned",
+    );
+    let _ = forker.join();
+    let mut status = 0;
+    // SAFETY: reaps our own child.
+    unsafe { libc::waitpid(pid2, &mut status, 0) };
+    step(
+        5,
         matches!(s.read(&mut b), Ok(0) | Err(_)),
         "the owner has gone",
     );
     step(
-        5,
+        6,
         look(&m, 0) == Some(0xaa),
         "page 0, mapped before, still read",
     );
-    step(6, look(&m, 1).is_none(), "private page 1 still refused");
-    step(7, look(&m, 3).is_none(), "private page 3 refused");
+    step(7, look(&m, 1).is_none(), "private page 1 still refused");
+    step(8, look(&m, 3).is_none(), "private page 3 refused");
     // No one knows the attributes any more: a page not mapped here before is refused too,
     // and the access returns (it waited for ever on the owner's guard before).
     step(
-        8,
+        9,
         look(&m, 2).is_none(),
         "page 2, never mapped here, refused",
     );
     step(
-        9,
+        10,
         f.set_shared(PAGE_SIZE, PAGE_SIZE).map_err(|e| e.errno) == Err(gmem::Errno::EOPNOTSUPP),
         "a conversion answers EOPNOTSUPP",
     );
     go_w.write_all(&[1]).unwrap();
-    let mut status = 0;
     // SAFETY: reaps our own child.
     unsafe { libc::waitpid(pid, &mut status, 0) };
     step(
-        10,
+        11,
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "the fork child refused page 3",
+        "the fork child was refused page 3 (EFAULT)",
     );
-    // munmap and fork are events the owner's guard used to read: they return.
+    // munmap and fork are events the owner's guard used to read: they return, and a child
+    // forked now is refused a page it had not mapped.
     drop(other);
-    step(11, true, "munmap returned");
-    // SAFETY: fork(2); the child leaves at once.
+    step(12, true, "munmap returned");
+    // SAFETY: fork(2); the child reads page 5 by system call and leaves.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
-        // SAFETY: ends the child.
-        unsafe { libc::_exit(0) };
+        // SAFETY: as above.
+        unsafe {
+            let mut p = [0i32; 2];
+            if libc::pipe(p.as_mut_ptr()) != 0 {
+                libc::_exit(2);
+            }
+            let n = libc::write(p[1], m.mmap().as_ptr().add(5 * PS).cast(), 1);
+            let efault = n < 0 && *libc::__errno_location() == libc::EFAULT;
+            libc::_exit(if efault { 0 } else { 1 });
+        }
     }
     // SAFETY: reaps it.
     unsafe { libc::waitpid(pid, &mut status, 0) };
-    step(12, pid > 0, "fork returned");
+    step(
+        13,
+        pid > 0 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "fork returned, and its child was refused page 5 (EFAULT)",
+    );
 }
 
 /// Found when a stress run's owner crashed: the processes it had handed the file to waited
 /// for ever — at their next fault on a page not mapped yet, their `munmap`, their `fork` —
 /// on a userfaultfd only the dead owner's guard had read, and a fork child of theirs, whose
 /// userfaultfd only the owner held, read the private pages once the owner's death closed it.
-/// Here the owner dies by SIGKILL after handing the file on: within 30 s the receiver has
-/// read what it had mapped, been refused everything else (no one knows the attributes any
-/// more: fail closed), had its `munmap` and `fork` return, and its fork child was refused a
-/// page made private after the fork.
+/// Here the owner is stopped while the receiver forks (the fork waits in the kernel for its
+/// event to be read, holding the fork handlers' and the allocator's locks) and then killed:
+/// within 30 s the fork has returned, the receiver has read what it had mapped and been
+/// refused everything else (no one knows the attributes any more: fail closed), its `munmap`
+/// and another `fork` have returned, and its fork children were refused a page made private
+/// after their fork and a page never mapped.
 fn a_receiver_outlives_its_owner() {
+    use std::io::BufRead;
     use std::os::unix::process::CommandExt;
     let dir = gmem_testkit::TempDir::new("gmem-orphan").unwrap();
     let path = dir.join("sock");
@@ -638,12 +705,43 @@ fn a_receiver_outlives_its_owner() {
         .unwrap();
     let mut receiver = std::process::Command::new(&exe)
         .env(ORPHAN_RECEIVER, &path)
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .process_group(0)
         .spawn()
         .unwrap();
+    let owner_pid = libc::pid_t::try_from(owner.id()).unwrap();
+    let mut input = receiver.stdin.take().unwrap();
+    let output = receiver.stdout.take().unwrap();
+    // The receiver's lines, read by a thread (the test bounds the whole run).
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(output).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
     let started = std::time::Instant::now();
+    let mut out = String::new();
     let status = loop {
+        while let Ok(line) = rx.try_recv() {
+            if line == "stop the owner" {
+                // SAFETY: stops our own child and waits until it has stopped.
+                unsafe {
+                    libc::kill(owner_pid, libc::SIGSTOP);
+                    libc::waitpid(owner_pid, std::ptr::null_mut(), libc::WUNTRACED);
+                }
+                let _ = input.write_all(b"g");
+            } else if line == "kill the owner" {
+                let _ = owner.kill();
+                let _ = owner.wait();
+                let _ = input.write_all(b"g");
+            }
+            out.push_str(&line);
+            out.push('\n');
+        }
         if let Some(st) = receiver.try_wait().unwrap() {
             break Some(st);
         }
@@ -660,9 +758,10 @@ fn a_receiver_outlives_its_owner() {
     }
     let _ = owner.kill();
     let _ = owner.wait();
-    let mut out = String::new();
-    if let Some(mut o) = receiver.stdout.take() {
-        let _ = o.read_to_string(&mut out);
+    std::thread::sleep(Duration::from_millis(50));
+    while let Ok(line) = rx.try_recv() {
+        out.push_str(&line);
+        out.push('\n');
     }
     let status = status.unwrap_or_else(|| panic!("the receiver hung after:\n{out}"));
     assert!(status.success(), "the receiver failed ({status}):\n{out}");

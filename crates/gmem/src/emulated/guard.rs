@@ -69,6 +69,11 @@ struct Slots {
     read: Vec<u64>,
     /// Holds on the slot's events ([`Guard::hold`]): not read while any is held.
     held: Vec<u32>,
+    /// The raw custody stream of each slot's space (-1: none): a received file's process and
+    /// its descendants, to which the reader hands each fork child's userfaultfd as it reads
+    /// the fork event (`orphan`). Valid while the slot is: the space holds the stream, and
+    /// the slot is emptied before the space goes.
+    custody: Vec<libc::c_int>,
 }
 
 /// The events of one address space held unread ([`Guard::hold`]); let go on drop. Holds
@@ -428,6 +433,7 @@ impl Guard {
                 generation: vec![0; MAX_SPACES],
                 read: vec![0; MAX_SPACES],
                 held: vec![0; MAX_SPACES],
+                custody: vec![-1; MAX_SPACES],
             }),
             events_queued: std::sync::atomic::AtomicU64::new(0),
             events_handled: std::sync::atomic::AtomicU64::new(0),
@@ -533,8 +539,17 @@ impl Guard {
 
     /// Serves another address space from now on: a process the file was handed to sent its
     /// userfaultfd.
-    pub(super) fn add_space(&self, uffd: PoisonFd, recorded: bool) -> KernelResult<Arc<Space>> {
+    pub(super) fn add_space(
+        &self,
+        uffd: PoisonFd,
+        recorded: bool,
+        custody: Option<Arc<super::fork::PrivateStream>>,
+    ) -> KernelResult<Arc<Space>> {
         let raw = std::os::fd::AsRawFd::as_raw_fd(&uffd.as_fd());
+        let custody_fd = custody
+            .as_ref()
+            .and_then(|c| c.get())
+            .map_or(-1, std::os::fd::AsRawFd::as_raw_fd);
         let id = {
             let mut slots = lock(&self.slots);
             let Some(slot) = (1..MAX_SPACES).find(|&i| slots.fds[i] < 0) else {
@@ -549,9 +564,13 @@ impl Guard {
             slots.fds[slot] = raw;
             slots.read[slot] = 0;
             slots.held[slot] = 0;
+            slots.custody[slot] = custody_fd;
             (u64::from(slots.generation[slot]) << 32) | slot as u64
         };
         let space = Arc::new(Space::new(id, uffd, false, recorded));
+        if let Some(c) = custody {
+            let _ = space.custody.set(c);
+        }
         lock(&self.spaces).insert(id, space.clone());
         if let Err(e) = self.epoll.add(space.uffd.as_fd(), id) {
             // Not served: its slot and record go, its descriptor stays open and recorded
@@ -562,6 +581,9 @@ impl Guard {
                 #[allow(clippy::cast_possible_truncation)]
                 let slot = (id & 0xffff_ffff) as usize;
                 if let Some(fd) = slots.fds.get_mut(slot) {
+                    *fd = -1;
+                }
+                if let Some(fd) = slots.custody.get_mut(slot) {
                     *fd = -1;
                 }
             }
@@ -580,9 +602,8 @@ impl Guard {
         file: &Arc<Inner>,
         custody: super::fork::PrivateStream,
     ) -> KernelResult<()> {
-        let space = self.add_space(uffd, false)?;
+        let space = self.add_space(uffd, false, Some(Arc::new(custody)))?;
         space.keep(file);
-        let _ = space.custody.set(Arc::new(custody));
         Ok(())
     }
 
@@ -658,9 +679,15 @@ impl Guard {
                 slots.read[slot] += 1;
             }
             // A child's userfaultfd is private from the moment the read installed it (an
-            // atomic bit: the reader takes no C library lock).
+            // atomic bit: the reader takes no C library lock). A descendant of a received
+            // file's process: that process is handed a copy at once (allocation-free, without
+            // waiting; one it has no room for is not kept), so that the child is still served
+            // once this process has gone (`orphan`).
             if let Some(fd) = msg.fork_fd() {
                 super::fork::track_fd(fd);
+                if let Some(&c) = slots.custody.get(slot).filter(|&&c| c >= 0) {
+                    let _ = sys::peer::send_fd_nonblocking(c, &super::orphan::CUSTODY_RECORD, fd);
+                }
             }
             drop(slots);
             self.push(token, msg);
@@ -774,7 +801,7 @@ impl Guard {
                     // A fork in a space no longer served: the child lives, and closing its
                     // descriptor would unregister its mappings; it is served from now on,
                     // with an empty record (its layout is unknown: every access refused).
-                    let _ = self.add_space(child, true);
+                    let _ = self.add_space(child, true, None);
                 }
                 if event {
                     self.events_handled.fetch_add(1, Ordering::SeqCst);
@@ -845,21 +872,10 @@ impl Guard {
                         }
                     }
                 }
-                // A descendant of a received file's process: that process is given the
-                // child's userfaultfd too (without waiting; one it does not take is not
-                // kept), so that the child is still served once this process has gone.
+                // A descendant of a received file's process: its descendants' userfaultfds
+                // go to that process too (the reader handed it this one).
                 let custody = space.custody.get().cloned();
-                if let Some(s) = custody.as_ref().and_then(|c| c.get()) {
-                    let _ = sys::peer::send_with_fds_nonblocking(
-                        std::os::fd::AsFd::as_fd(s),
-                        &super::orphan::CUSTODY_RECORD,
-                        &[child.as_fd()],
-                    );
-                }
-                if let Ok(new) = self.add_space(child, space.recorded) {
-                    if let Some(c) = custody {
-                        let _ = new.custody.set(c);
-                    }
+                if let Ok(new) = self.add_space(child, space.recorded, custody) {
                     for r in ranges.values() {
                         if let Some(f) = r.file.upgrade() {
                             new.keep(&f);
@@ -1493,6 +1509,7 @@ impl Guard {
             let slot = (space.id & 0xffff_ffff) as usize;
             if slots.generation.get(slot).map(|&g| u64::from(g)) == Some(space.id >> 32) {
                 slots.fds[slot] = -1;
+                slots.custody[slot] = -1;
             }
         }
         lock(&self.spaces).remove(&space.id);

@@ -11,24 +11,6 @@ pub(crate) fn send_with_fds(
     data: &[u8],
     fds: &[BorrowedFd<'_>],
 ) -> KernelResult<()> {
-    sendmsg_fds(sock, data, fds, libc::MSG_NOSIGNAL)
-}
-
-/// [`send_with_fds`] without waiting (`MSG_DONTWAIT`): EAGAIN where the socket has no room.
-pub(crate) fn send_with_fds_nonblocking(
-    sock: BorrowedFd<'_>,
-    data: &[u8],
-    fds: &[BorrowedFd<'_>],
-) -> KernelResult<()> {
-    sendmsg_fds(sock, data, fds, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
-}
-
-fn sendmsg_fds(
-    sock: BorrowedFd<'_>,
-    data: &[u8],
-    fds: &[BorrowedFd<'_>],
-    flags: libc::c_int,
-) -> KernelResult<()> {
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let bytes = std::mem::size_of_val(raw.as_slice());
     let bytes32 = u32::try_from(bytes).map_err(|_| Errno::EINVAL)?;
@@ -59,7 +41,7 @@ fn sendmsg_fds(
     }
     loop {
         // SAFETY: `msg` and everything it points at are valid for the call.
-        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, flags) };
+        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
         if n >= 0 {
             return if n as usize == data.len() {
                 Ok(())
@@ -72,6 +54,104 @@ fn sendmsg_fds(
             return Err(e);
         }
     }
+}
+
+/// Sends `data` with one descriptor `fd` attached on socket `sock`, without waiting
+/// (`MSG_DONTWAIT`) and without SIGPIPE. Allocates nothing and takes no C library lock: the
+/// guard's reader calls it while a fork may hold the allocator's locks.
+pub(crate) fn send_fd_nonblocking(sock: RawFd, data: &[u8], fd: RawFd) -> KernelResult<()> {
+    let mut cbuf = [0u64; 4];
+    let bytes = std::mem::size_of::<RawFd>() as u32;
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid value of this plain C struct.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is a pure computation.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(bytes) } as usize;
+    if msg.msg_controllen > std::mem::size_of_val(&cbuf) {
+        return Err(Errno::EINVAL);
+    }
+    // SAFETY: `msg` points at `cbuf`, room for one header and one descriptor (checked above);
+    // CMSG_FIRSTHDR/CMSG_DATA stay inside it.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        if c.is_null() {
+            return Err(Errno::EINVAL);
+        }
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(bytes) as usize;
+        libc::CMSG_DATA(c).cast::<RawFd>().write_unaligned(fd);
+    }
+    // SAFETY: `msg` and everything it points at are valid for the call.
+    let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        Err(Errno::last())
+    } else if n as usize != data.len() {
+        Err(Errno(libc::EMSGSIZE))
+    } else {
+        Ok(())
+    }
+}
+
+/// Receives up to `data.len()` bytes and at most one descriptor sent with them (close-on-exec)
+/// on socket `sock`: (bytes, descriptor); 0 bytes and none at the end of a stream.
+/// Allocates nothing and takes no C library lock. EMSGSIZE if a descriptor was sent but could
+/// not be installed (the kernel closes it).
+pub(crate) fn recv_fd(sock: RawFd, data: &mut [u8]) -> KernelResult<(usize, Option<OwnedFd>)> {
+    let mut cbuf = [0u64; 4];
+    let bytes = std::mem::size_of::<RawFd>() as u32;
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid value of this plain C struct.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is a pure computation.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(bytes) } as usize;
+    if msg.msg_controllen > std::mem::size_of_val(&cbuf) {
+        return Err(Errno::EINVAL);
+    }
+    let n = loop {
+        // SAFETY: `msg` and its buffers are valid for the call.
+        let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = Errno::last();
+        if e != Errno::EINTR {
+            return Err(e);
+        }
+    };
+    let mut fd = None;
+    // SAFETY: the kernel filled the control buffer; CMSG_FIRSTHDR/NXTHDR walk it within
+    // `msg_controllen`, and an SCM_RIGHTS payload holds descriptors it installed in this
+    // process, which nobody else owns (at most one fits).
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET
+                && (*c).cmsg_type == libc::SCM_RIGHTS
+                && (*c).cmsg_len as usize >= libc::CMSG_LEN(bytes) as usize
+            {
+                let raw = libc::CMSG_DATA(c).cast::<RawFd>().read_unaligned();
+                fd = Some(OwnedFd::from_raw_fd(raw));
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(Errno(libc::EMSGSIZE));
+    }
+    Ok((n, fd))
 }
 
 /// Receives up to `data.len()` bytes (how many is returned; 0 at end of stream) and the
