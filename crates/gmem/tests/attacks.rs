@@ -1677,6 +1677,12 @@ fn main() {
         guarded()
             .into_iter()
             .filter(|k| k.opts.platform == PlatformKind::Tdx)
+            .chain([kind(
+                "tdx_remap",
+                PlatformKind::Tdx,
+                Revocation::Remap,
+                false,
+            )])
             .collect(),
         a_conversion_to_shared_shows_no_private_content,
     );

@@ -214,7 +214,10 @@ impl super::EmulatedGuestMemfd {
             Mechanism::Remap => {
                 self.remap_convert(st, changing, to_private)?;
                 if !to_private {
+                    // The hook runs with the range still inaccessible to the host, which
+                    // is given it only afterwards.
                     platform_to_shared();
+                    self.open_restored(st, changing);
                 }
                 Ok(())
             }

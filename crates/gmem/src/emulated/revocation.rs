@@ -193,6 +193,29 @@ impl EmulatedGuestMemfd {
     /// up to the hard limit, past it ENOMEM (the whole hole can still be converted back: that
     /// frees VMAs).
     pub(super) fn restore(&self, m: &mut MappingEntry, start: u64, end: u64) -> KernelResult<()> {
+        self.restore_with(m, start, end, libc::PROT_READ | libc::PROT_WRITE)
+    }
+
+    /// [`Self::restore`], the file mapped back inaccessible (`PROT_NONE`: an access faults,
+    /// SIGSEGV) until [`Self::open_restored`]: for a conversion to shared whose platform hook
+    /// changes the content, which must run before the host can read a page of the range
+    /// (trust boundary 14, closed).
+    pub(super) fn restore_closed(
+        &self,
+        m: &mut MappingEntry,
+        start: u64,
+        end: u64,
+    ) -> KernelResult<()> {
+        self.restore_with(m, start, end, libc::PROT_NONE)
+    }
+
+    fn restore_with(
+        &self,
+        m: &mut MappingEntry,
+        start: u64,
+        end: u64,
+        prot: libc::c_int,
+    ) -> KernelResult<()> {
         let Some((_, len)) = m.window(start, end) else {
             return Ok(());
         };
@@ -210,7 +233,7 @@ impl EmulatedGuestMemfd {
             if hs < ps && pe < he && !vma_budget::room(1, true) {
                 return Err(Errno::ENOMEM);
             }
-            vma_budget::with_reserve(|| self.unhole(m, ps, pe))?;
+            vma_budget::with_reserve(|| self.unhole(m, ps, pe, prot))?;
         }
         if any_hole {
             vma_budget::refill();
@@ -218,13 +241,19 @@ impl EmulatedGuestMemfd {
         Ok(())
     }
 
-    /// Maps the memory file over hole piece `[hs, he)` of `m`.
-    pub(super) fn unhole(&self, m: &mut MappingEntry, hs: u64, he: u64) -> KernelResult<()> {
+    /// Maps the memory file over hole piece `[hs, he)` of `m`, with protection `prot`.
+    pub(super) fn unhole(
+        &self,
+        m: &mut MappingEntry,
+        hs: u64,
+        he: u64,
+        prot: libc::c_int,
+    ) -> KernelResult<()> {
         let Some((off, len)) = m.window(hs, he) else {
             return Ok(());
         };
         let map = m.mmap()?;
-        map.map_fixed(off, len, self.inner.memfd.as_fd(), hs)?;
+        map.map_fixed_prot(off, len, self.inner.memfd.as_fd(), hs, prot)?;
         no_thp(&map, off, len)?;
         map.madvise(off, len, libc::MADV_DONTFORK)?;
         m.remove_hole(hs, he);
@@ -243,6 +272,10 @@ impl EmulatedGuestMemfd {
         type RunOp = fn(&EmulatedGuestMemfd, &mut MappingEntry, u64, u64) -> KernelResult<()>;
         let (op, undo): (RunOp, RunOp) = if to_private {
             (Self::revoke, Self::restore)
+        } else if self.inner.hooks.make_shared {
+            // The platform's make-shared hook (TDX zeroes, SNP scrambles) runs after this,
+            // past the last failure: until it has, the range stays inaccessible here.
+            (Self::restore_closed, Self::revoke_forced)
         } else {
             (Self::restore, Self::revoke_forced)
         };
@@ -256,6 +289,31 @@ impl EmulatedGuestMemfd {
             );
         }
         Ok(())
+    }
+
+    /// Remap mode, after a conversion to shared restored `runs` closed
+    /// ([`Self::restore_closed`]) and the platform's hook ran: makes them readable and
+    /// writable in every host mapping of this process. Past the conversion's point of no
+    /// return, so nothing can be rolled back: a window whose `mprotect` fails (ENOMEM merging
+    /// the pieces with their neighbours, which takes no new VMA) stays inaccessible — refused,
+    /// never granted; mapping the file again there would need `MADV_DONTFORK` again, which
+    /// could fail in turn and leave a fork child the mapping.
+    pub(super) fn open_restored(&self, st: &mut State, runs: &[(u64, u64)]) {
+        if !self.inner.hooks.make_shared {
+            return;
+        }
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        for m in &mut st.mappings {
+            let Ok(map) = m.mmap() else {
+                continue;
+            };
+            for &(s, e) in runs {
+                let Some((off, len)) = m.window(s, e) else {
+                    continue;
+                };
+                let _ = map.protect_range(off, len, rw);
+            }
+        }
     }
 
     /// Applies `op` to every run in every mapping; on failure, undoes what was done with

@@ -750,6 +750,14 @@ impl Mmap {
         pagemap_all_huge(start, start + len as u64)
     }
 
+    /// `mprotect` of `[off, off + len)` of this mapping (EINVAL outside it).
+    pub fn protect_range(&self, off: usize, len: usize, prot: libc::c_int) -> KernelResult<()> {
+        self.check_range(off, len)?;
+        // SAFETY: the range lies inside this mapping, which this object owns and into which no
+        // Rust reference exists (module documentation).
+        check(unsafe { libc::mprotect(self.ptr.as_ptr().add(off).cast(), len, prot) }).map(drop)
+    }
+
     /// `mprotect` of the whole mapping.
     pub fn protect(&self, prot: libc::c_int) -> KernelResult<()> {
         // SAFETY: the range is this mapping's own; no Rust reference points into it (module
@@ -883,6 +891,18 @@ impl Mmap {
         fd: BorrowedFd<'_>,
         fd_off: u64,
     ) -> KernelResult<()> {
+        self.map_fixed_prot(off, len, fd, fd_off, libc::PROT_READ | libc::PROT_WRITE)
+    }
+
+    /// [`Mmap::map_fixed`] with protection `prot`.
+    pub fn map_fixed_prot(
+        &self,
+        off: usize,
+        len: usize,
+        fd: BorrowedFd<'_>,
+        fd_off: u64,
+        prot: libc::c_int,
+    ) -> KernelResult<()> {
         self.check_range(off, len)?;
         let fd_off = libc::off_t::try_from(fd_off).map_err(|_| Errno::EINVAL)?;
         // SAFETY: MAP_FIXED over a range inside this mapping, which this object owns and into
@@ -891,7 +911,7 @@ impl Mmap {
             libc::mmap(
                 self.ptr.as_ptr().add(off).cast(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
+                prot,
                 libc::MAP_SHARED | libc::MAP_FIXED,
                 fd.as_raw_fd(),
                 fd_off,
