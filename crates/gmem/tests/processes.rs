@@ -588,19 +588,84 @@ fn orphan_receiver(path: &std::ffi::OsStr) {
     s.write_all(b"F").unwrap();
     let mut b = [0u8; 1];
     s.read_exact(&mut b).unwrap();
+    // A descendant forked while this process cannot take hand-overs (stopped by the test):
+    // a fork child forks 400 children that exit (the custody stream holds about 280
+    // records; the owner keeps the rest and sends them again) and then one that stays, D,
+    // which reads private page 3 by system call once told (after the owner's death).
+    let (mut probe_r, mut probe_w) = UnixStream::pair().unwrap();
+    let (mut done_r, mut done_w) = UnixStream::pair().unwrap();
+    // SAFETY: fork(2); the child only forks, uses its sockets and standard streams by system
+    // call, and leaves with _exit.
+    let cpid = unsafe { libc::fork() };
+    assert!(cpid >= 0);
+    if cpid == 0 {
+        drop(probe_w);
+        drop(done_r);
+        orphan_ask(b"stop the receiver\n");
+        // SAFETY: fork(2) and waitpid(2) of our own children, which leave at once or probe
+        // and leave; the rest is system calls on valid buffers.
+        unsafe {
+            for _ in 0..400 {
+                let p = libc::fork();
+                if p == 0 {
+                    libc::_exit(0);
+                }
+                libc::waitpid(p, std::ptr::null_mut(), 0);
+            }
+            let d = libc::fork();
+            if d == 0 {
+                let mut b = [0u8; 1];
+                let _ = probe_r.read_exact(&mut b);
+                let mut p = [0i32; 2];
+                if libc::pipe(p.as_mut_ptr()) != 0 {
+                    libc::_exit(2);
+                }
+                let n = libc::write(p[1], m.mmap().as_ptr().add(3 * PS).cast(), 1);
+                let efault = n < 0 && *libc::__errno_location() == libc::EFAULT;
+                libc::_exit(if efault { 0 } else { 1 });
+            }
+            let line = b"continue the receiver\n";
+            libc::write(1, line.as_ptr().cast(), line.len());
+            let _ = done_w.write_all(&[1]);
+            let mut status = 0;
+            libc::waitpid(d, &mut status, 0);
+            libc::_exit(if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                3
+            });
+        }
+    }
+    drop(probe_r);
+    drop(done_w);
+    done_r.read_exact(&mut b).unwrap();
+    // The owner's server tries the kept hand-overs again every 10 ms, as this process's
+    // thread drains the stream: a second is ample.
+    step(31, look(&m, 4) == Some(0xaa), "shared page 4 read");
+    std::thread::sleep(Duration::from_secs(1));
     // The owner is stopped: a fork here waits in the kernel for its event to be read, holding
     // the fork handlers' and the allocator's locks; the owner is then killed, and only this
     // process can read it.
     orphan_ask(b"stop the owner\n");
     let forked = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
+    let at3 = m.mmap().as_ptr() as usize + 3 * PS;
     let forker = {
         let forked = forked.clone();
         std::thread::spawn(move || {
-            // SAFETY: fork(2); the child leaves at once.
+            // SAFETY: fork(2); the child reads private page 3 (never mapped here) by system
+            // call, exits 0 if refused with EFAULT, and leaves with _exit.
             let pid = unsafe { libc::fork() };
             if pid == 0 {
-                // SAFETY: ends the child.
-                unsafe { libc::_exit(0) };
+                // SAFETY: as above.
+                unsafe {
+                    let mut p = [0i32; 2];
+                    if libc::pipe(p.as_mut_ptr()) != 0 {
+                        libc::_exit(2);
+                    }
+                    let n = libc::write(p[1], at3 as *const libc::c_void, 1);
+                    let efault = n < 0 && *libc::__errno_location() == libc::EFAULT;
+                    libc::_exit(if efault { 0 } else { 1 });
+                }
             }
             forked.store(pid, std::sync::atomic::Ordering::SeqCst);
         })
@@ -625,40 +690,54 @@ fn orphan_receiver(path: &std::ffi::OsStr) {
     unsafe { libc::waitpid(pid2, &mut status, 0) };
     step(
         5,
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "its child was refused private page 3 (EFAULT)",
+    );
+    step(
+        6,
         matches!(s.read(&mut b), Ok(0) | Err(_)),
         "the owner has gone",
     );
     step(
-        6,
+        7,
         look(&m, 0) == Some(0xaa),
         "page 0, mapped before, still read",
     );
-    step(7, look(&m, 1).is_none(), "private page 1 still refused");
-    step(8, look(&m, 3).is_none(), "private page 3 refused");
+    step(8, look(&m, 1).is_none(), "private page 1 still refused");
+    step(9, look(&m, 3).is_none(), "private page 3 refused");
     // No one knows the attributes any more: a page not mapped here before is refused too,
     // and the access returns (it waited for ever on the owner's guard before).
     step(
-        9,
+        10,
         look(&m, 2).is_none(),
         "page 2, never mapped here, refused",
     );
     step(
-        10,
+        11,
         f.set_shared(PAGE_SIZE, PAGE_SIZE).map_err(|e| e.errno) == Err(gmem::Errno::EOPNOTSUPP),
         "a conversion answers EOPNOTSUPP",
+    );
+    probe_w.write_all(&[1]).unwrap();
+    let mut status = 0;
+    // SAFETY: reaps our own child.
+    unsafe { libc::waitpid(cpid, &mut status, 0) };
+    step(
+        32,
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "a descendant forked while this process was stopped was refused page 3 (EFAULT)",
     );
     go_w.write_all(&[1]).unwrap();
     // SAFETY: reaps our own child.
     unsafe { libc::waitpid(pid, &mut status, 0) };
     step(
-        11,
+        12,
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "the fork child was refused page 3 (EFAULT)",
     );
     // munmap and fork are events the owner's guard used to read: they return, and a child
     // forked now is refused a page it had not mapped.
     drop(other);
-    step(12, true, "munmap returned");
+    step(13, true, "munmap returned");
     // SAFETY: fork(2); the child reads page 5 by system call and leaves.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
@@ -676,7 +755,7 @@ fn orphan_receiver(path: &std::ffi::OsStr) {
     // SAFETY: reaps it.
     unsafe { libc::waitpid(pid, &mut status, 0) };
     step(
-        13,
+        14,
         pid > 0 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "fork returned, and its child was refused page 5 (EFAULT)",
     );
@@ -727,7 +806,19 @@ fn a_receiver_outlives_its_owner() {
     let mut out = String::new();
     let status = loop {
         while let Ok(line) = rx.try_recv() {
-            if line == "stop the owner" {
+            if line == "stop the receiver" {
+                let pid = libc::pid_t::try_from(receiver.id()).unwrap();
+                // SAFETY: stops our own child and waits until it has stopped.
+                unsafe {
+                    libc::kill(pid, libc::SIGSTOP);
+                    libc::waitpid(pid, std::ptr::null_mut(), libc::WUNTRACED);
+                }
+                let _ = input.write_all(b"g");
+            } else if line == "continue the receiver" {
+                let pid = libc::pid_t::try_from(receiver.id()).unwrap();
+                // SAFETY: continues our own child.
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+            } else if line == "stop the owner" {
                 // SAFETY: stops our own child and waits until it has stopped.
                 unsafe {
                     libc::kill(owner_pid, libc::SIGSTOP);

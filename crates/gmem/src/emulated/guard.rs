@@ -74,7 +74,15 @@ struct Slots {
     /// the fork event (`orphan`). Valid while the slot is: the space holds the stream, and
     /// the slot is emptied before the space goes.
     custody: Vec<libc::c_int>,
+    /// Hand-overs the reader could not send (the custody stream full: a receiver that does
+    /// not read, stopped or slow), as (the slot's token, a private duplicate of the child's
+    /// userfaultfd), retried by the server ([`Guard::retry_custody`]). Never grows past the
+    /// [`PENDING`] reserved at the start: beyond it a hand-over is lost.
+    pending: Vec<(u64, libc::c_int)>,
 }
+
+/// Failed hand-overs kept for another try at most.
+const PENDING: usize = 256;
 
 /// The events of one address space held unread ([`Guard::hold`]); let go on drop. Holds
 /// count (the server and a conversion may hold the same space at once: found in review, a
@@ -327,6 +335,8 @@ pub(super) struct Guard {
     /// on (a fault found through `/proc` records its range before the page is mapped).
     events_queued: std::sync::atomic::AtomicU64,
     events_handled: std::sync::atomic::AtomicU64,
+    /// Whether [`Slots::pending`] holds a hand-over to try again.
+    pending_custody: AtomicBool,
     queue: Mutex<Queue>,
     /// Signalled when the queue gains a message (the server waits) or room (the reader).
     queued: std::sync::Condvar,
@@ -387,6 +397,10 @@ impl Guard {
         fds.resize(MAX_SPACES, -1);
         let mut items = std::collections::VecDeque::new();
         items.try_reserve_exact(QUEUE).map_err(|_| Errno::ENOMEM)?;
+        let mut pending = Vec::new();
+        pending
+            .try_reserve_exact(PENDING)
+            .map_err(|_| Errno::ENOMEM)?;
         let quiet = super::fork::quiet();
         let (uffd, kernel_faults) = PoisonFd::guard()?;
         let epoll = Epoll::new()?;
@@ -434,9 +448,11 @@ impl Guard {
                 read: vec![0; MAX_SPACES],
                 held: vec![0; MAX_SPACES],
                 custody: vec![-1; MAX_SPACES],
+                pending,
             }),
             events_queued: std::sync::atomic::AtomicU64::new(0),
             events_handled: std::sync::atomic::AtomicU64::new(0),
+            pending_custody: AtomicBool::new(false),
             queue: Mutex::new(Queue { items }),
             queued: std::sync::Condvar::new(),
             room: std::sync::Condvar::new(),
@@ -686,7 +702,19 @@ impl Guard {
             if let Some(fd) = msg.fork_fd() {
                 super::fork::track_fd(fd);
                 if let Some(&c) = slots.custody.get(slot).filter(|&&c| c >= 0) {
-                    let _ = sys::peer::send_fd_nonblocking(c, &super::orphan::CUSTODY_RECORD, fd);
+                    let sent =
+                        sys::peer::send_fd_nonblocking(c, &super::orphan::CUSTODY_RECORD, fd);
+                    // Kept for the server to try again (a duplicate: the child's descriptor
+                    // is the server's to close with its space).
+                    if sent.is_err() && slots.pending.len() < slots.pending.capacity() {
+                        // `fd` was installed by the read above and is open until the server
+                        // handles the message.
+                        if let Ok(dup) = sys::peer::dup_raw(fd) {
+                            super::fork::track_fd(dup);
+                            slots.pending.push((token, dup));
+                            self.pending_custody.store(true, Ordering::SeqCst);
+                        }
+                    }
                 }
             }
             drop(slots);
@@ -779,9 +807,15 @@ impl Guard {
                     if let Some(item) = q.items.pop_front() {
                         break Some(item);
                     }
+                    // Every 10 ms while a hand-over waits to be sent again.
+                    let wait = if self.pending_custody.load(Ordering::SeqCst) {
+                        10
+                    } else {
+                        SWEEP_MS
+                    };
                     let (g, timeout) = self
                         .queued
-                        .wait_timeout(q, std::time::Duration::from_millis(SWEEP_MS))
+                        .wait_timeout(q, std::time::Duration::from_millis(wait))
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
                     q = g;
                     if timeout.timed_out() {
@@ -806,6 +840,9 @@ impl Guard {
                 if event {
                     self.events_handled.fetch_add(1, Ordering::SeqCst);
                 }
+            }
+            if self.pending_custody.load(Ordering::SeqCst) {
+                self.retry_custody();
             }
             if last_sweep.elapsed().as_millis() >= u128::from(SWEEP_MS) {
                 last_sweep = std::time::Instant::now();
@@ -1513,6 +1550,38 @@ impl Guard {
             }
         }
         lock(&self.spaces).remove(&space.id);
+    }
+
+    /// Sends again the hand-overs the reader could not (the custody stream full); each is
+    /// dropped once sent, once its space's slot is gone, or on an error other than running
+    /// out of room.
+    fn retry_custody(&self) {
+        let mut slots = lock(&self.slots);
+        let mut i = 0;
+        while i < slots.pending.len() {
+            let (token, dup) = slots.pending[i];
+            #[allow(clippy::cast_possible_truncation)]
+            let slot = (token & 0xffff_ffff) as usize;
+            let live = slots.generation.get(slot).map(|&g| u64::from(g)) == Some(token >> 32);
+            let custody = slots.custody.get(slot).copied().unwrap_or(-1);
+            // Still no room (EAGAIN), or too many descriptors in flight (ETOOMANYREFS): kept.
+            let keep = live
+                && custody >= 0
+                && matches!(
+                    sys::peer::send_fd_nonblocking(custody, &super::orphan::CUSTODY_RECORD, dup),
+                    Err(e) if e == Errno::EAGAIN || e == Errno(libc::ETOOMANYREFS)
+                );
+            if keep {
+                i += 1;
+            } else {
+                slots.pending.swap_remove(i);
+                super::fork::untrack_fd(dup);
+                // The duplicate made by the reader, owned by this entry alone.
+                sys::peer::close_raw_fd(dup);
+            }
+        }
+        self.pending_custody
+            .store(!slots.pending.is_empty(), Ordering::SeqCst);
     }
 
     /// Drops the spaces whose address space has gone (their files' references go with them).

@@ -381,7 +381,7 @@ impl EmulatedGuestMemfd {
                 return Err(e);
             }
         };
-        super::orphan::watch(watched, custody, std::sync::Arc::downgrade(&file.inner))?;
+        super::orphan::watch(watched, custody)?;
         Ok(file)
     }
 }

@@ -27,14 +27,15 @@
 //! for its event to be read, which only this thread can do once the owner has gone (found in
 //! review: a `fork::quiet` or a `malloc` here hung such a fork for ever). Everything it needs
 //! is allocated by [`watch`]; a descriptor beyond [`MAX_HELD`] is kept open and not served
-//! (its faults wait: refused, never granted).
+//! (its faults wait: refused, never granted). It lives as long as the process, idle once
+//! nothing is left to serve: its copy of the receiver's userfaultfd may be the last one, and
+//! closing it would unregister whatever the receiver still maps of the file by a raw system
+//! call (found in review: an exit once the file was dropped did that).
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::Weak;
 use std::time::{Duration, Instant};
 
 use super::fork::PrivateStream;
-use super::Inner;
 use crate::error::{Errno, KernelResult};
 use crate::sys::{peer, PoisonFd, UffdEvent, PAGE_SIZE};
 
@@ -106,26 +107,23 @@ struct Watch {
     held: Held,
     polled: Vec<libc::pollfd>,
     custody: PrivateStream,
-    /// The received file: while it lives (or a descendant does) the thread stays.
-    file: Weak<Inner>,
     /// The start of the address range whose waiting faults are woken at the takeover.
     wake_from: u64,
 }
 
 /// Starts the thread that watches the owner of a received file: `own` is a duplicate of the
 /// receiver's userfaultfd (recorded as private), `custody` this process's end of the custody
-/// stream, `file` the received file. ENOMEM or EAGAIN if what it needs cannot be had (both
-/// descriptors are closed then).
-pub(super) fn watch(own: PoisonFd, custody: PrivateStream, file: Weak<Inner>) -> KernelResult<()> {
+/// stream. ENOMEM or EAGAIN if what it needs cannot be had (both descriptors are closed
+/// then).
+pub(super) fn watch(own: PoisonFd, custody: PrivateStream) -> KernelResult<()> {
     let mut entries = Vec::new();
     let mut polled = Vec::new();
-    let reserved =
-        entries.try_reserve_exact(MAX_HELD).is_ok() && polled.try_reserve_exact(MAX_HELD).is_ok();
-    let mut held = Held(entries);
-    held.push(own);
-    if !reserved {
+    if entries.try_reserve_exact(MAX_HELD).is_err() || polled.try_reserve_exact(MAX_HELD).is_err() {
+        super::fork::close_private_uffd(own);
         return Err(Errno::ENOMEM);
     }
+    let mut held = Held(entries);
+    held.push(own);
     let wake_from = std::fs::read_to_string("/proc/sys/vm/mmap_min_addr")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
@@ -136,7 +134,6 @@ pub(super) fn watch(own: PoisonFd, custody: PrivateStream, file: Weak<Inner>) ->
         held,
         polled,
         custody,
-        file,
         wake_from,
     };
     std::thread::Builder::new()
@@ -146,8 +143,7 @@ pub(super) fn watch(own: PoisonFd, custody: PrivateStream, file: Weak<Inner>) ->
         .map_err(|_| Errno::EAGAIN)
 }
 
-/// Keeps what comes over the custody stream until it ends, then serves; ends once the file
-/// and every descendant have gone.
+/// Keeps what comes over the custody stream until it ends, then serves.
 fn run(mut w: Watch) {
     let Some(s) = w.custody.get() else {
         return;
@@ -160,7 +156,15 @@ fn run(mut w: Watch) {
             events: libc::POLLIN,
             revents: 0,
         }];
-        let ready = peer::poll(&mut p, 1000).unwrap_or(0) > 0;
+        let ready = match peer::poll(&mut p, 1000) {
+            Ok(n) => n > 0,
+            Err(e) => {
+                if e != Errno::EINTR {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                false
+            }
+        };
         let revents = p[0].revents;
         if ready && revents & libc::POLLIN != 0 {
             let mut rec = [0u8; CUSTODY_RECORD.len()];
@@ -180,11 +184,6 @@ fn run(mut w: Watch) {
         if last_sweep.elapsed() >= SWEEP {
             last_sweep = Instant::now();
             w.held.sweep();
-            // Nothing left to serve: the file is gone here (no host mapping of it is left)
-            // and no descendant lives.
-            if w.file.strong_count() == 0 && w.held.0.len() == 1 {
-                return;
-            }
         }
     }
     serve(&mut w);
@@ -211,13 +210,20 @@ fn wake_all(uffd: &PoisonFd, from: u64) {
     }
 }
 
-/// Serves every kept userfaultfd, fail-closed, until the file and every descendant have gone.
-fn serve(w: &mut Watch) {
-    // Records still in the stream (sent before the owner's end closed).
+/// Serves every kept userfaultfd, fail-closed, for the life of the process.
+fn serve(w: &mut Watch) -> ! {
+    // Records still in the stream (sent before the owner's end closed), to its end: a record
+    // whose descriptor could not be installed is skipped, not the ones after it.
     if let Some(s) = w.custody.get() {
         let mut rec = [0u8; CUSTODY_RECORD.len()];
-        while let Ok((_, Some(fd))) = peer::recv_fd(s.as_raw_fd(), &mut rec) {
-            keep(&mut w.held, fd);
+        loop {
+            match peer::recv_fd(s.as_raw_fd(), &mut rec) {
+                Ok((_, Some(fd))) => keep(&mut w.held, fd),
+                Ok((0, None)) => break,
+                Ok((_, None)) => {}
+                Err(e) if e == Errno(libc::EMSGSIZE) || e == Errno::EINTR => {}
+                Err(_) => break,
+            }
         }
     }
     for e in &w.held.0 {
@@ -247,9 +253,6 @@ fn serve(w: &mut Watch) {
         if last_sweep.elapsed() >= SWEEP {
             last_sweep = Instant::now();
             w.held.sweep();
-            if w.file.strong_count() == 0 && w.held.0.len() == 1 {
-                return;
-            }
         }
     }
 }

@@ -100,7 +100,8 @@ pub(crate) fn send_fd_nonblocking(sock: RawFd, data: &[u8], fd: RawFd) -> Kernel
 }
 
 /// Receives up to `data.len()` bytes and at most one descriptor sent with them (close-on-exec)
-/// on socket `sock`: (bytes, descriptor); 0 bytes and none at the end of a stream.
+/// on socket `sock`: (bytes, descriptor); 0 bytes and none at the end of a stream; any further
+/// descriptor of the message (up to three more fit the buffer) is closed by system call.
 /// Allocates nothing and takes no C library lock. EMSGSIZE if a descriptor was sent but could
 /// not be installed (the kernel closes it).
 pub(crate) fn recv_fd(sock: RawFd, data: &mut [u8]) -> KernelResult<(usize, Option<OwnedFd>)> {
@@ -138,17 +139,25 @@ pub(crate) fn recv_fd(sock: RawFd, data: &mut [u8]) -> KernelResult<(usize, Opti
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&msg);
         while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET
-                && (*c).cmsg_type == libc::SCM_RIGHTS
-                && (*c).cmsg_len as usize >= libc::CMSG_LEN(bytes) as usize
-            {
-                let raw = libc::CMSG_DATA(c).cast::<RawFd>().read_unaligned();
-                fd = Some(OwnedFd::from_raw_fd(raw));
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let payload = ((*c).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize);
+                let p = libc::CMSG_DATA(c).cast::<RawFd>();
+                for i in 0..payload / std::mem::size_of::<RawFd>() {
+                    let raw = p.add(i).read_unaligned();
+                    if fd.is_none() {
+                        fd = Some(OwnedFd::from_raw_fd(raw));
+                    } else {
+                        libc::syscall(libc::SYS_close, raw);
+                    }
+                }
             }
             c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
     if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        if let Some(fd) = fd {
+            close_raw(fd);
+        }
         return Err(Errno(libc::EMSGSIZE));
     }
     Ok((n, fd))
@@ -494,6 +503,25 @@ pub(crate) fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> KernelR
     // SAFETY: `fds` is `n` valid `pollfd`s, written by the kernel only within the slice.
     let r = unsafe { libc::poll(fds.as_mut_ptr(), n, timeout_ms) };
     usize::try_from(r).map_err(|_| Errno::last())
+}
+
+/// `fcntl(fd, F_DUPFD_CLOEXEC, 0)` of a raw descriptor: the duplicate's number, which the
+/// caller owns (and closes with [`close_raw_fd`]). Allocates nothing.
+pub(crate) fn dup_raw(fd: RawFd) -> KernelResult<RawFd> {
+    // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor; it touches no memory.
+    let r = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if r < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Closes raw descriptor `fd`, which the caller owns, by system call (never an interposed C
+/// library function).
+pub(crate) fn close_raw_fd(fd: RawFd) {
+    // SAFETY: close(2) touches no memory; the caller owns `fd`.
+    unsafe { libc::syscall(libc::SYS_close, fd) };
 }
 
 /// `fcntl(fd, F_DUPFD_CLOEXEC, 0)`: a duplicate at the lowest free number.
