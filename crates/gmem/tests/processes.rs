@@ -589,9 +589,16 @@ fn orphan_receiver(path: &std::ffi::OsStr) {
     let mut b = [0u8; 1];
     s.read_exact(&mut b).unwrap();
     // A descendant forked while this process cannot take hand-overs (stopped by the test):
-    // a fork child forks 400 children that exit (the custody stream holds about 280
-    // records; the owner keeps the rest and sends them again) and then one that stays, D,
-    // which reads private page 3 by system call once told (after the owner's death).
+    // a fork child forks children that exit, 100 more than the custody stream holds (about
+    // 766 bytes a record of the socket's buffer: 278 here; the owner keeps the rest and
+    // sends them again), and then one that stays, D, which reads private page 3 by system
+    // call once told (after the owner's death).
+    let fill = std::fs::read_to_string("/proc/sys/net/core/wmem_default")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(212_992)
+        / 766
+        + 100;
     let (mut probe_r, mut probe_w) = UnixStream::pair().unwrap();
     let (mut done_r, mut done_w) = UnixStream::pair().unwrap();
     // SAFETY: fork(2); the child only forks, uses its sockets and standard streams by system
@@ -605,7 +612,7 @@ fn orphan_receiver(path: &std::ffi::OsStr) {
         // SAFETY: fork(2) and waitpid(2) of our own children, which leave at once or probe
         // and leave; the rest is system calls on valid buffers.
         unsafe {
-            for _ in 0..400 {
+            for _ in 0..fill.min(3000) {
                 let p = libc::fork();
                 if p == 0 {
                     libc::_exit(0);

@@ -164,7 +164,9 @@ pub(super) fn track_fd(fd: RawFd) -> bool {
     }
 }
 
-/// Forgets `fd` (the caller holds [`quiet`] until it is closed).
+/// Forgets `fd` (the caller holds [`quiet`] until it is closed — except the guard's server
+/// and a receiver's orphan thread, which may take no lock: a fork child that copies such a
+/// descriptor in between has it replaced by kind, as every userfaultfd it did not make).
 pub(super) fn untrack_fd(fd: RawFd) {
     if let Ok(n) = usize::try_from(fd) {
         if n < TRACKED {

@@ -50,6 +50,9 @@ pub(super) const OWN_SPACE: u64 = 0;
 /// How often the server looks for address spaces that have gone (ms).
 const SWEEP_MS: u64 = 1000;
 
+/// How often the server sends again the hand-overs it keeps (ms).
+const RETRY_MS: u64 = 10;
+
 /// Address spaces served at once at most (a slot each; a slot is reused once its space has
 /// gone). A child beyond it is not served: its first access to a host mapping waits for
 /// ever (refused, never granted).
@@ -75,10 +78,29 @@ struct Slots {
     /// the slot is emptied before the space goes.
     custody: Vec<libc::c_int>,
     /// Hand-overs the reader could not send (the custody stream full: a receiver that does
-    /// not read, stopped or slow), as (the slot's token, a private duplicate of the child's
-    /// userfaultfd), retried by the server ([`Guard::retry_custody`]). Never grows past the
-    /// [`PENDING`] reserved at the start: beyond it a hand-over is lost.
-    pending: Vec<(u64, libc::c_int)>,
+    /// not read, stopped or slow), retried by the server ([`Guard::retry_custody`]). Never
+    /// grows past the [`PENDING`] reserved at the start: beyond it a hand-over is lost.
+    pending: Vec<Pending>,
+}
+
+/// A hand-over to send again: the token of the space whose stream it goes to (the forking
+/// space's until the server serves the child, then the child's own: a child outlives its
+/// parent), the child's userfaultfd as the read installed it (which names it until then),
+/// and a private duplicate of it, which the entry owns.
+#[derive(Clone, Copy)]
+struct Pending {
+    token: u64,
+    child: libc::c_int,
+    dup: libc::c_int,
+}
+
+/// Whether a failed hand-over is worth sending again: the stream full, too many descriptors
+/// in flight, or the kernel short of memory for the moment.
+fn retryable(e: Errno) -> bool {
+    e == Errno::EAGAIN
+        || e == Errno(libc::ETOOMANYREFS)
+        || e == Errno(libc::ENOBUFS)
+        || e == Errno::ENOMEM
 }
 
 /// Failed hand-overs kept for another try at most.
@@ -706,12 +728,17 @@ impl Guard {
                         sys::peer::send_fd_nonblocking(c, &super::orphan::CUSTODY_RECORD, fd);
                     // Kept for the server to try again (a duplicate: the child's descriptor
                     // is the server's to close with its space).
-                    if sent.is_err() && slots.pending.len() < slots.pending.capacity() {
+                    if sent.is_err_and(retryable) && slots.pending.len() < slots.pending.capacity()
+                    {
                         // `fd` was installed by the read above and is open until the server
                         // handles the message.
                         if let Ok(dup) = sys::peer::dup_raw(fd) {
                             super::fork::track_fd(dup);
-                            slots.pending.push((token, dup));
+                            slots.pending.push(Pending {
+                                token,
+                                child: fd,
+                                dup,
+                            });
                             self.pending_custody.store(true, Ordering::SeqCst);
                         }
                     }
@@ -800,6 +827,7 @@ impl Guard {
     /// spaces that have gone.
     fn serve(&self) {
         let mut last_sweep = std::time::Instant::now();
+        let mut last_retry = std::time::Instant::now();
         loop {
             let next = {
                 let mut q = lock(&self.queue);
@@ -809,7 +837,7 @@ impl Guard {
                     }
                     // Every 10 ms while a hand-over waits to be sent again.
                     let wait = if self.pending_custody.load(Ordering::SeqCst) {
-                        10
+                        RETRY_MS
                     } else {
                         SWEEP_MS
                     };
@@ -841,7 +869,12 @@ impl Guard {
                     self.events_handled.fetch_add(1, Ordering::SeqCst);
                 }
             }
-            if self.pending_custody.load(Ordering::SeqCst) {
+            // By time, not per message: a receiver that stays stopped costs one failing send
+            // per round (the stream's first), every 10 ms.
+            if self.pending_custody.load(Ordering::SeqCst)
+                && last_retry.elapsed().as_millis() >= u128::from(RETRY_MS)
+            {
+                last_retry = std::time::Instant::now();
                 self.retry_custody();
             }
             if last_sweep.elapsed().as_millis() >= u128::from(SWEEP_MS) {
@@ -912,7 +945,12 @@ impl Guard {
                 // A descendant of a received file's process: its descendants' userfaultfds
                 // go to that process too (the reader handed it this one).
                 let custody = space.custody.get().cloned();
+                let child_fd = child.raw_fd();
+                let kept = custody.is_some();
                 if let Ok(new) = self.add_space(child, space.recorded, custody) {
+                    if kept {
+                        self.rekey_pending(space.id, child_fd, new.id);
+                    }
                     for r in ranges.values() {
                         if let Some(f) = r.file.upgrade() {
                             new.keep(&f);
@@ -1552,32 +1590,77 @@ impl Guard {
         lock(&self.spaces).remove(&space.id);
     }
 
-    /// Sends again the hand-overs the reader could not (the custody stream full); each is
-    /// dropped once sent, once its space's slot is gone, or on an error other than running
-    /// out of room.
+    /// Sends again the hand-overs the reader could not (the custody stream full). An entry
+    /// goes once sent, once the slot it is keyed to is gone, or on an error that is not
+    /// worth another try; a stream that is still full is not tried again this round (each
+    /// costs a failing `sendmsg`, under the slots' lock the reader needs).
     fn retry_custody(&self) {
+        let mut slots = lock(&self.slots);
+        let mut full = [-1; 8];
+        let mut i = 0;
+        while i < slots.pending.len() {
+            let p = slots.pending[i];
+            #[allow(clippy::cast_possible_truncation)]
+            let slot = (p.token & 0xffff_ffff) as usize;
+            let live = slots.generation.get(slot).map(|&g| u64::from(g)) == Some(p.token >> 32);
+            let custody = slots.custody.get(slot).copied().unwrap_or(-1);
+            if live && custody >= 0 && full.contains(&custody) {
+                i += 1;
+                continue;
+            }
+            let outcome = if live && custody >= 0 {
+                sys::peer::send_fd_nonblocking(custody, &super::orphan::CUSTODY_RECORD, p.dup)
+            } else {
+                Err(Errno(libc::EPIPE))
+            };
+            match outcome {
+                Err(e) if retryable(e) => {
+                    match full.iter_mut().find(|c| **c < 0) {
+                        Some(c) => *c = custody,
+                        None => break,
+                    }
+                    i += 1;
+                }
+                _ => {
+                    slots.pending.swap_remove(i);
+                    Self::close_pending(p);
+                }
+            }
+        }
+        self.pending_custody
+            .store(!slots.pending.is_empty(), Ordering::SeqCst);
+    }
+
+    /// Keys the kept hand-over of `child` (the descriptor a fork event of space `parent`
+    /// installed) to the child's own space `new`, which holds the same custody stream: the
+    /// child outlives its parent's slot.
+    fn rekey_pending(&self, parent: u64, child: libc::c_int, new: u64) {
+        let mut slots = lock(&self.slots);
+        for p in &mut slots.pending {
+            if p.token == parent && p.child == child {
+                p.token = new;
+            }
+        }
+    }
+
+    /// Forgets and closes the duplicate a kept hand-over owns (no lock: a fork child that got
+    /// it in between has it replaced by kind, as for a dropped space).
+    fn close_pending(p: Pending) {
+        super::fork::untrack_fd(p.dup);
+        sys::peer::close_raw_fd(p.dup);
+    }
+
+    /// Drops the kept hand-overs of children that have gone (checked every sweep).
+    fn prune_pending(&self) {
         let mut slots = lock(&self.slots);
         let mut i = 0;
         while i < slots.pending.len() {
-            let (token, dup) = slots.pending[i];
-            #[allow(clippy::cast_possible_truncation)]
-            let slot = (token & 0xffff_ffff) as usize;
-            let live = slots.generation.get(slot).map(|&g| u64::from(g)) == Some(token >> 32);
-            let custody = slots.custody.get(slot).copied().unwrap_or(-1);
-            // Still no room (EAGAIN), or too many descriptors in flight (ETOOMANYREFS): kept.
-            let keep = live
-                && custody >= 0
-                && matches!(
-                    sys::peer::send_fd_nonblocking(custody, &super::orphan::CUSTODY_RECORD, dup),
-                    Err(e) if e == Errno::EAGAIN || e == Errno(libc::ETOOMANYREFS)
-                );
-            if keep {
+            let p = slots.pending[i];
+            if sys::uffd_space_alive(p.dup) {
                 i += 1;
             } else {
                 slots.pending.swap_remove(i);
-                super::fork::untrack_fd(dup);
-                // The duplicate made by the reader, owned by this entry alone.
-                sys::peer::close_raw_fd(dup);
+                Self::close_pending(p);
             }
         }
         self.pending_custody
@@ -1586,6 +1669,9 @@ impl Guard {
 
     /// Drops the spaces whose address space has gone (their files' references go with them).
     fn sweep(&self) {
+        if self.pending_custody.load(Ordering::SeqCst) {
+            self.prune_pending();
+        }
         let spaces: Vec<Arc<Space>> = lock(&self.spaces).values().cloned().collect();
         for s in spaces {
             if !s.alive() {

@@ -45,9 +45,12 @@ pub(super) const CUSTODY_RECORD: [u8; 8] = *b"GMEMCUST";
 /// How often address spaces that have gone are dropped.
 const SWEEP: Duration = Duration::from_secs(1);
 
-/// Userfaultfds one thread serves at most (the receiver's own and its descendants'), as the
-/// guard's address spaces.
-const MAX_HELD: usize = 4096;
+/// Userfaultfds one thread serves at most (the receiver's own and its descendants' that live
+/// at once): about 32 KiB of tables per received file.
+const MAX_HELD: usize = 1024;
+
+/// The thread's stack: it calls nothing deep (system calls, no formatting).
+const STACK: usize = 128 << 10;
 
 /// One kept userfaultfd; `parked`: it reported an error or a hang-up without a message, and
 /// is kept open (closing a live space's userfaultfd would unregister its mappings) but no
@@ -138,6 +141,7 @@ pub(super) fn watch(own: PoisonFd, custody: PrivateStream) -> KernelResult<()> {
     };
     std::thread::Builder::new()
         .name("gmem-orphan".into())
+        .stack_size(STACK)
         .spawn(move || run(w))
         .map(drop)
         .map_err(|_| Errno::EAGAIN)
@@ -156,7 +160,9 @@ fn run(mut w: Watch) {
             events: libc::POLLIN,
             revents: 0,
         }];
-        let ready = match peer::poll(&mut p, 1000) {
+        // Woken every second only while there are descendants to sweep.
+        let timeout = if w.held.0.len() > 1 { 1000 } else { -1 };
+        let ready = match peer::poll(&mut p, timeout) {
             Ok(n) => n > 0,
             Err(e) => {
                 if e != Errno::EINTR {
@@ -237,7 +243,8 @@ fn serve(w: &mut Watch) -> ! {
             events: libc::POLLIN,
             revents: 0,
         }));
-        let r = peer::poll(&mut w.polled, 1000);
+        let timeout = if w.held.0.len() > 1 { 1000 } else { -1 };
+        let r = peer::poll(&mut w.polled, timeout);
         if r.is_ok_and(|n| n > 0) {
             for i in 0..w.polled.len() {
                 let revents = w.polled[i].revents;

@@ -16,8 +16,8 @@ pub(crate) mod seccomp;
 pub(crate) mod uffd;
 
 pub use uffd::{
-    read_uffd_msg, userfaultfd_features, userfaultfd_kernel_faults, FaultEvent, PoisonFd,
-    RawUffdMsg, UffdEvent,
+    read_uffd_msg, uffd_space_alive, userfaultfd_features, userfaultfd_kernel_faults, FaultEvent,
+    PoisonFd, RawUffdMsg, UffdEvent,
 };
 
 use std::ffi::CStr;

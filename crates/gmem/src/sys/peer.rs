@@ -100,8 +100,8 @@ pub(crate) fn send_fd_nonblocking(sock: RawFd, data: &[u8], fd: RawFd) -> Kernel
 }
 
 /// Receives up to `data.len()` bytes and at most one descriptor sent with them (close-on-exec)
-/// on socket `sock`: (bytes, descriptor); 0 bytes and none at the end of a stream; any further
-/// descriptor of the message (up to three more fit the buffer) is closed by system call.
+/// on socket `sock`: (bytes, descriptor); 0 bytes and none at the end of a stream; a second
+/// descriptor of the message (the most the buffer takes) is closed by system call.
 /// Allocates nothing and takes no C library lock. EMSGSIZE if a descriptor was sent but could
 /// not be installed (the kernel closes it).
 pub(crate) fn recv_fd(sock: RawFd, data: &mut [u8]) -> KernelResult<(usize, Option<OwnedFd>)> {
@@ -508,13 +508,13 @@ pub(crate) fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> KernelR
 /// `fcntl(fd, F_DUPFD_CLOEXEC, 0)` of a raw descriptor: the duplicate's number, which the
 /// caller owns (and closes with [`close_raw_fd`]). Allocates nothing.
 pub(crate) fn dup_raw(fd: RawFd) -> KernelResult<RawFd> {
-    // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor; it touches no memory.
-    let r = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if r < 0 {
-        Err(Errno::last())
-    } else {
-        Ok(r)
-    }
+    // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor; it touches no memory. By system call,
+    // never an interposed C library function (the guard's reader calls it).
+    let r = unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_DUPFD_CLOEXEC, 0) };
+    RawFd::try_from(r)
+        .ok()
+        .filter(|&r| r >= 0)
+        .ok_or_else(Errno::last)
 }
 
 /// Closes raw descriptor `fd`, which the caller owns, by system call (never an interposed C

@@ -201,6 +201,22 @@ impl RawUffdMsg {
     }
 }
 
+/// [`PoisonFd::space_alive`] of a raw userfaultfd `fd` (a descriptor the caller keeps open).
+pub fn uffd_space_alive(fd: libc::c_int) -> bool {
+    let mut wp = crate::uapi::uffdio_writeprotect {
+        range: uffdio_range {
+            start: 0x10000,
+            len: super::PAGE_SIZE,
+        },
+        mode: 0,
+    };
+    // SAFETY: UFFDIO_WRITEPROTECT reads a `struct uffdio_writeprotect`; mode 0 only resolves
+    // write protection, which gmem never sets (on a descriptor that is no userfaultfd the
+    // kernel refuses the request and touches nothing).
+    let r = unsafe { libc::ioctl(fd, crate::uapi::UFFDIO_WRITEPROTECT(), &mut wp) };
+    !(r < 0 && Errno::last() == Errno(libc::ESRCH))
+}
+
 /// Reads one message from userfaultfd `fd` without blocking: `None` if there is none. Makes
 /// no allocation and takes no C library lock (a `read(2)`), so it may run while another
 /// thread is inside `fork`.
@@ -424,23 +440,7 @@ impl PoisonFd {
     /// `UFFDIO_ZEROPAGE`, used before, answers EINVAL first on 6.18, alive or not: found in
     /// review — no space was ever found gone.)
     pub fn space_alive(&self) -> bool {
-        let mut wp = crate::uapi::uffdio_writeprotect {
-            range: uffdio_range {
-                start: 0x10000,
-                len: super::PAGE_SIZE,
-            },
-            mode: 0,
-        };
-        // SAFETY: UFFDIO_WRITEPROTECT reads a `struct uffdio_writeprotect`; mode 0 only
-        // resolves write protection, which gmem never sets.
-        let r = unsafe {
-            libc::ioctl(
-                self.fd.as_raw_fd(),
-                crate::uapi::UFFDIO_WRITEPROTECT(),
-                &mut wp,
-            )
-        };
-        !(r < 0 && Errno::last() == Errno(libc::ESRCH))
+        uffd_space_alive(self.fd.as_raw_fd())
     }
 
     /// `UFFDIO_UNREGISTER` of `[addr, addr + len)`.
