@@ -895,10 +895,12 @@ impl Inner {
         // stays remembered, for the fault-around of the guard's next fault there.
         for &(s, e) in runs {
             let (first, end) = pages_of(s, e - s);
-            for (a, _) in gate.was_mapped.range(first, end) {
+            let mut from = first;
+            while let Some((a, b)) = gate.was_mapped.first_in(from, end) {
                 guard.premap_own(self, a * PAGE_SIZE, (a + 1) * PAGE_SIZE);
                 gate.exposed.insert(a);
                 gate.was_mapped.move_range(a, a + 1, None);
+                from = b;
             }
         }
         let elsewhere = !gate.markers.is_empty();

@@ -155,7 +155,8 @@ impl RunSet {
         self.insert_range(page, page + 1);
     }
 
-    /// Adds `[first, end)`, merged with the runs it touches.
+    /// Adds `[first, end)`, merged with the runs it touches. Allocates only the entry it adds
+    /// (none where it extends a run that starts at or before `first`).
     pub(super) fn insert_range(&mut self, mut first: u64, mut end: u64) {
         if first >= end {
             return;
@@ -166,12 +167,9 @@ impl RunSet {
                 end = end.max(b);
             }
         }
-        let inside: Vec<(u64, u64)> = self
-            .runs
-            .range(first..=end)
-            .map(|(&a, &b)| (a, b))
-            .collect();
-        for (a, b) in inside {
+        // The runs starting inside (first, end] are swallowed (the one at `first` is
+        // replaced below).
+        while let Some((&a, &b)) = self.runs.range(first + 1..=end).next() {
             self.runs.remove(&a);
             end = end.max(b);
         }
@@ -193,33 +191,39 @@ impl RunSet {
         out
     }
 
-    /// Removes the members of `[first, end)` and adds them to `to`.
-    pub(super) fn move_range(&mut self, first: u64, end: u64, to: Option<&mut RunSet>) {
-        let hit = self.range(first, end);
-        if hit.is_empty() {
+    /// The first run inside `[first, end)`, cut to it (no allocation).
+    pub(super) fn first_in(&self, first: u64, end: u64) -> Option<(u64, u64)> {
+        if first >= end {
+            return None;
+        }
+        if let Some((a, b)) = self.run_of(first) {
+            return Some((a.max(first), b.min(end)));
+        }
+        let (&a, &b) = self.runs.range(first + 1..end).next()?;
+        Some((a, b.min(end)))
+    }
+
+    /// Removes the members of `[first, end)` and adds them to `to`. Allocates nothing but
+    /// what `to` gains and the remainders of runs cut at the edges.
+    pub(super) fn move_range(&mut self, first: u64, end: u64, mut to: Option<&mut RunSet>) {
+        if first >= end {
             return;
         }
-        // The runs cut at both edges: what lies outside `[first, end)` stays.
+        // A run reaching into the range from the left: cut at `first`.
         if let Some((a, b)) = self.run_of(first) {
-            self.runs.remove(&a);
             if a < first {
                 self.runs.insert(a, first);
-            }
-            if b > first {
                 self.runs.insert(first, b);
             }
         }
-        let keys: Vec<u64> = self.runs.range(first..end).map(|(&a, _)| a).collect();
-        for a in keys {
-            if let Some(b) = self.runs.remove(&a) {
-                if b > end {
-                    self.runs.insert(end, b);
-                }
+        // Every run starting inside the range: taken out, its part past `end` put back.
+        while let Some((&a, &b)) = self.runs.range(first..end).next() {
+            self.runs.remove(&a);
+            if b > end {
+                self.runs.insert(end, b);
             }
-        }
-        if let Some(t) = to {
-            for (a, b) in hit {
-                t.insert_range(a, b);
+            if let Some(t) = to.as_deref_mut() {
+                t.insert_range(a, b.min(end));
             }
         }
     }
@@ -595,13 +599,21 @@ mod tests {
                     }
                     for (x, y) in [(0, 310), (a, d), (c, b), (a + 1, b)] {
                         assert_eq!(r.range(x, y), w.range(x, y), "range [{x},{y})");
+                        assert_eq!(
+                            r.first_in(x, y),
+                            w.range(x, y).first().copied(),
+                            "first_in [{x},{y})"
+                        );
                     }
-                    let runs: Vec<(u64, u64)> = r.runs.iter().map(|(&a, &b)| (a, b)).collect();
-                    assert!(
-                        runs.windows(2).all(|w| w[0].1 < w[1].0),
-                        "maximal: {runs:?}"
-                    );
-                    assert!(runs.iter().all(|&(a, b)| a < b), "no empty run");
+                    for set in [&r, &rm] {
+                        let runs: Vec<(u64, u64)> =
+                            set.runs.iter().map(|(&a, &b)| (a, b)).collect();
+                        assert!(
+                            runs.windows(2).all(|w| w[0].1 < w[1].0),
+                            "maximal: {runs:?}"
+                        );
+                        assert!(runs.iter().all(|&(a, b)| a < b), "no empty run");
+                    }
                 }
             }
         }
