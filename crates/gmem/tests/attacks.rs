@@ -1647,6 +1647,49 @@ fn a_raw_clone_child_is_guarded(k: Kind) {
     );
 }
 
+/// Found in review: under Remap a host mapping is kept from fork children (`MADV_DONTFORK`),
+/// since nothing would guard theirs; `MADV_DOFORK` through the safe API — the mapping's
+/// `madvise` or its `mmap()` — undid that, and a fork child then read pages made private
+/// after the fork. It answers EOPNOTSUPP, and a fork child has no mapping there; `protect`
+/// and `protect_range` through `mmap()` answer EOPNOTSUPP too.
+fn dofork_gives_no_fork_child_a_remap_mapping(k: Kind) {
+    let f = file(&k);
+    let m = f.mmap_all().unwrap();
+    m.write_volatile(2 * PAGE, &[0x52]).unwrap();
+    for r in [
+        m.madvise(0, m.len(), libc::MADV_DOFORK),
+        m.mmap().madvise(0, m.len(), libc::MADV_DOFORK),
+    ] {
+        assert_eq!(r, Err(gmem::Errno::EOPNOTSUPP));
+    }
+    // Nor can its protection or what it maps be changed through it (a range kept `PROT_NONE`
+    // over private content while a conversion's hook runs must stay so).
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    assert_eq!(m.mmap().protect(rw), Err(gmem::Errno::EOPNOTSUPP));
+    assert_eq!(
+        m.mmap().protect_range(0, PAGE, rw),
+        Err(gmem::Errno::EOPNOTSUPP)
+    );
+    let addr = m.mmap().as_ptr() as usize + 2 * PAGE;
+    let (pid, mut s) = fork_with(move |mut s| {
+        let mut b = [0u8];
+        if s.write_all(&[1]).is_err() || s.read_exact(&mut b).is_err() {
+            return 3;
+        }
+        // Private by now: absent here (EFAULT), never its content.
+        match kernel_read(addr) {
+            None => 0,
+            Some(_) => 1,
+        }
+    });
+    let mut b = [0u8];
+    s.read_exact(&mut b).unwrap();
+    f.set_private(2 * PS, PS).unwrap();
+    f.guest_write(2 * PS, &[0x99]).unwrap();
+    s.write_all(&[1]).unwrap();
+    assert_eq!(wait(pid), 0, "1: the fork child read the page made private");
+}
+
 fn main() {
     let guard = needs(&[GUARD_NEEDS]);
     let mut trials: Vec<Trial> = Vec::new();
@@ -1671,6 +1714,11 @@ fn main() {
         "dontneed_does_not_clear_the_guard",
         all(),
         dontneed_does_not_clear_the_guard,
+    );
+    add(
+        "dofork_gives_no_fork_child_a_remap_mapping",
+        vec![remap()],
+        dofork_gives_no_fork_child_a_remap_mapping,
     );
     add(
         "a_conversion_to_shared_shows_no_private_content",

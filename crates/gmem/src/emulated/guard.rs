@@ -1674,10 +1674,22 @@ impl Guard {
         }
         let spaces: Vec<Arc<Space>> = lock(&self.spaces).values().cloned().collect();
         for s in spaces {
-            if !s.alive() {
+            // Not while an event read from it waits in the queue (found in review: a fork
+            // event of a descendant that had exited then found no space, and its child got
+            // no custody stream — nor its kept hand-over, dropped with the parent's slot).
+            if !s.alive() && !self.events_unhandled(&s) {
                 self.drop_space(&s);
             }
         }
+    }
+
+    /// Whether an event read from `space`'s userfaultfd is not handled yet (queued).
+    fn events_unhandled(&self, space: &Space) -> bool {
+        let slots = lock(&self.slots);
+        #[allow(clippy::cast_possible_truncation)]
+        let slot = (space.id & 0xffff_ffff) as usize;
+        slots.generation.get(slot).map(|&g| u64::from(g)) == Some(space.id >> 32)
+            && slots.read[slot] != space.handled.load(Ordering::SeqCst)
     }
 }
 

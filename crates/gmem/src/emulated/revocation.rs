@@ -165,7 +165,13 @@ impl EmulatedGuestMemfd {
         // The window lies inside the mapping. The hole file is empty, so every access to the
         // new mapping is past its end: SIGBUS.
         let map = m.mmap()?;
-        map.map_fixed(off, len, self.inner.hole.as_fd(), s)?;
+        map.map_fixed_any(
+            off,
+            len,
+            self.inner.hole.as_fd(),
+            s,
+            libc::PROT_READ | libc::PROT_WRITE,
+        )?;
         no_thp(&map, off, len)?;
         map.madvise(off, len, libc::MADV_DONTFORK)?;
         m.add_hole(s, s + len as u64);
@@ -253,7 +259,7 @@ impl EmulatedGuestMemfd {
             return Ok(());
         };
         let map = m.mmap()?;
-        map.map_fixed_prot(off, len, self.inner.memfd.as_fd(), hs, prot)?;
+        map.map_fixed_any(off, len, self.inner.memfd.as_fd(), hs, prot)?;
         no_thp(&map, off, len)?;
         map.madvise(off, len, libc::MADV_DONTFORK)?;
         m.remove_hole(hs, he);
@@ -311,7 +317,7 @@ impl EmulatedGuestMemfd {
                 let Some((off, len)) = m.window(s, e) else {
                     continue;
                 };
-                let _ = map.protect_range(off, len, rw);
+                let _ = map.protect_range_any(off, len, rw);
             }
         }
     }
@@ -394,7 +400,8 @@ impl EmulatedGuestMemfd {
         }
         // Every private page is refused: the mapping (made inaccessible by the caller) may
         // now be read and written. Under the lock, so no conversion sees it half-made.
-        if let Err(e) = map.protect(libc::PROT_READ | libc::PROT_WRITE) {
+        map.keep_from_users();
+        if let Err(e) = map.protect_any(libc::PROT_READ | libc::PROT_WRITE) {
             self.inner.forget_mapping(entry.addr);
             return Err(e);
         }

@@ -220,6 +220,9 @@ pub struct Mmap {
     /// the child does not have, and dropping it there unmaps nothing (found in review: it
     /// unmapped whatever the child had put there since).
     only_in: std::sync::atomic::AtomicU64,
+    /// A host mapping of an emulated file ([`Mmap::keep_from_users`]): what it maps is gmem's
+    /// to change, so the public `protect`, `protect_range` and `map_fixed*` refuse it.
+    kept: std::sync::atomic::AtomicBool,
     /// Recorded in `OWN_VIEWS` (`Mmap::record_own_view`): forgotten there when dropped.
     own_view: bool,
 }
@@ -642,6 +645,7 @@ impl Mmap {
             ptr,
             len,
             only_in: std::sync::atomic::AtomicU64::new(0),
+            kept: std::sync::atomic::AtomicBool::new(false),
             own_view: false,
         })
     }
@@ -750,16 +754,52 @@ impl Mmap {
         pagemap_all_huge(start, start + len as u64)
     }
 
-    /// `mprotect` of `[off, off + len)` of this mapping (EINVAL outside it).
+    /// Marks this mapping as a host mapping of an emulated file: from now on the public
+    /// [`Mmap::protect`], [`Mmap::protect_range`], [`Mmap::map_fixed`] and
+    /// [`Mmap::map_fixed_prot`] answer EOPNOTSUPP on it. A host mapping's [`Mmap`] is
+    /// reachable through `HostMapping::mmap`, and under Remap a range of it is kept
+    /// `PROT_NONE` over private content while a conversion to shared runs its platform hook
+    /// (found in review: a program could have opened it with `protect`).
+    pub(crate) fn keep_from_users(&self) {
+        self.kept.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn refuse_if_kept(&self) -> KernelResult<()> {
+        if self.kept.load(std::sync::atomic::Ordering::Relaxed) {
+            Err(Errno::EOPNOTSUPP)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// `mprotect` of `[off, off + len)` of this mapping (EINVAL outside it; EOPNOTSUPP on a
+    /// host mapping of an emulated file).
     pub fn protect_range(&self, off: usize, len: usize, prot: libc::c_int) -> KernelResult<()> {
+        self.refuse_if_kept()?;
+        self.protect_range_any(off, len, prot)
+    }
+
+    /// [`Mmap::protect_range`] on any mapping (gmem's own use).
+    pub(crate) fn protect_range_any(
+        &self,
+        off: usize,
+        len: usize,
+        prot: libc::c_int,
+    ) -> KernelResult<()> {
         self.check_range(off, len)?;
         // SAFETY: the range lies inside this mapping, which this object owns and into which no
         // Rust reference exists (module documentation).
         check(unsafe { libc::mprotect(self.ptr.as_ptr().add(off).cast(), len, prot) }).map(drop)
     }
 
-    /// `mprotect` of the whole mapping.
+    /// `mprotect` of the whole mapping (EOPNOTSUPP on a host mapping of an emulated file).
     pub fn protect(&self, prot: libc::c_int) -> KernelResult<()> {
+        self.refuse_if_kept()?;
+        self.protect_any(prot)
+    }
+
+    /// [`Mmap::protect`] on any mapping (gmem's own use).
+    pub(crate) fn protect_any(&self, prot: libc::c_int) -> KernelResult<()> {
         // SAFETY: the range is this mapping's own; no Rust reference points into it (module
         // documentation), and accesses through raw pointers are checked by their users.
         check(unsafe { libc::mprotect(self.ptr.as_ptr().cast(), self.len, prot) }).map(drop)
@@ -821,6 +861,7 @@ impl Mmap {
             ptr,
             len,
             only_in: std::sync::atomic::AtomicU64::new(0),
+            kept: std::sync::atomic::AtomicBool::new(false),
             own_view: false,
         })
     }
@@ -870,9 +911,16 @@ impl Mmap {
         Ok(())
     }
 
-    /// `madvise` on `[off, off + len)` of this mapping (EINVAL outside it).
+    /// `madvise` on `[off, off + len)` of this mapping (EINVAL outside it). EOPNOTSUPP for
+    /// `MADV_DOFORK` on a mapping gmem keeps from fork children (`MADV_DONTFORK`: a Remap
+    /// host mapping, whose fork children nothing would guard — found in review — or a view).
     pub fn madvise(&self, off: usize, len: usize, advice: libc::c_int) -> KernelResult<()> {
         self.check_range(off, len)?;
+        if advice == libc::MADV_DOFORK
+            && self.only_in.load(std::sync::atomic::Ordering::Relaxed) != 0
+        {
+            return Err(Errno::EOPNOTSUPP);
+        }
         if advice == libc::MADV_DONTFORK {
             self.only_in
                 .store(peer::address_space(), std::sync::atomic::Ordering::Relaxed);
@@ -883,7 +931,8 @@ impl Mmap {
     }
 
     /// Replaces `[off, off + len)` of this mapping with a read/write shared mapping of `fd` at
-    /// `fd_off` (`mmap(MAP_FIXED)` inside this mapping's own range; EINVAL outside it).
+    /// `fd_off` (`mmap(MAP_FIXED)` inside this mapping's own range; EINVAL outside it;
+    /// EOPNOTSUPP on a host mapping of an emulated file).
     pub fn map_fixed(
         &self,
         off: usize,
@@ -896,6 +945,19 @@ impl Mmap {
 
     /// [`Mmap::map_fixed`] with protection `prot`.
     pub fn map_fixed_prot(
+        &self,
+        off: usize,
+        len: usize,
+        fd: BorrowedFd<'_>,
+        fd_off: u64,
+        prot: libc::c_int,
+    ) -> KernelResult<()> {
+        self.refuse_if_kept()?;
+        self.map_fixed_any(off, len, fd, fd_off, prot)
+    }
+
+    /// [`Mmap::map_fixed_prot`] on any mapping (gmem's own use).
+    pub(crate) fn map_fixed_any(
         &self,
         off: usize,
         len: usize,
