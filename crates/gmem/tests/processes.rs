@@ -528,6 +528,23 @@ fn orphan_ask(line: &[u8]) {
     }
 }
 
+/// In a fork child: reads the byte at `addr` by system call (into a pipe) and leaves with
+/// exit code 0 if the kernel refused it with EFAULT, 1 if it read it, 2 without a pipe. Raw
+/// system calls only.
+fn efault_exit(addr: usize) -> ! {
+    // SAFETY: a pipe of this process's own; write(2) copies one byte from `addr` (EFAULT if it
+    // cannot, never a fault of this thread); then _exit.
+    unsafe {
+        let mut p = [0i32; 2];
+        if libc::pipe(p.as_mut_ptr()) != 0 {
+            libc::_exit(2);
+        }
+        let n = libc::write(p[1], addr as *const libc::c_void, 1);
+        let efault = n < 0 && *libc::__errno_location() == libc::EFAULT;
+        libc::_exit(if efault { 0 } else { 1 })
+    }
+}
+
 /// The receiver of [`a_receiver_outlives_its_owner`]; each step prints its outcome, and a
 /// failed one exits with its number.
 fn orphan_receiver(path: &std::ffi::OsStr) {
@@ -567,17 +584,8 @@ fn orphan_receiver(path: &std::ffi::OsStr) {
         drop(go_w);
         let mut b = [0u8; 1];
         let _ = go_r.read_exact(&mut b);
-        // SAFETY: a kernel-mode read of one byte of the inherited mapping into a pipe
-        // (EFAULT while refused), then _exit.
-        unsafe {
-            let mut p = [0i32; 2];
-            if libc::pipe(p.as_mut_ptr()) != 0 {
-                libc::_exit(2);
-            }
-            let n = libc::write(p[1], m.mmap().as_ptr().add(3 * PS).cast(), 1);
-            let efault = n < 0 && *libc::__errno_location() == libc::EFAULT;
-            libc::_exit(if efault { 0 } else { 1 });
-        }
+        // A kernel-mode read of one byte of the inherited mapping (EFAULT while refused).
+        efault_exit(m.mmap().as_ptr() as usize + 3 * PS)
     }
     drop(go_r);
     step(
@@ -623,13 +631,7 @@ fn orphan_receiver(path: &std::ffi::OsStr) {
             if d == 0 {
                 let mut b = [0u8; 1];
                 let _ = probe_r.read_exact(&mut b);
-                let mut p = [0i32; 2];
-                if libc::pipe(p.as_mut_ptr()) != 0 {
-                    libc::_exit(2);
-                }
-                let n = libc::write(p[1], m.mmap().as_ptr().add(3 * PS).cast(), 1);
-                let efault = n < 0 && *libc::__errno_location() == libc::EFAULT;
-                libc::_exit(if efault { 0 } else { 1 });
+                efault_exit(m.mmap().as_ptr() as usize + 3 * PS);
             }
             let line = b"continue the receiver\n";
             libc::write(1, line.as_ptr().cast(), line.len());
@@ -663,16 +665,7 @@ fn orphan_receiver(path: &std::ffi::OsStr) {
             // call, exits 0 if refused with EFAULT, and leaves with _exit.
             let pid = unsafe { libc::fork() };
             if pid == 0 {
-                // SAFETY: as above.
-                unsafe {
-                    let mut p = [0i32; 2];
-                    if libc::pipe(p.as_mut_ptr()) != 0 {
-                        libc::_exit(2);
-                    }
-                    let n = libc::write(p[1], at3 as *const libc::c_void, 1);
-                    let efault = n < 0 && *libc::__errno_location() == libc::EFAULT;
-                    libc::_exit(if efault { 0 } else { 1 });
-                }
+                efault_exit(at3)
             }
             forked.store(pid, std::sync::atomic::Ordering::SeqCst);
         })
@@ -748,16 +741,7 @@ fn orphan_receiver(path: &std::ffi::OsStr) {
     // SAFETY: fork(2); the child reads page 5 by system call and leaves.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
-        // SAFETY: as above.
-        unsafe {
-            let mut p = [0i32; 2];
-            if libc::pipe(p.as_mut_ptr()) != 0 {
-                libc::_exit(2);
-            }
-            let n = libc::write(p[1], m.mmap().as_ptr().add(5 * PS).cast(), 1);
-            let efault = n < 0 && *libc::__errno_location() == libc::EFAULT;
-            libc::_exit(if efault { 0 } else { 1 });
-        }
+        efault_exit(m.mmap().as_ptr() as usize + 5 * PS)
     }
     // SAFETY: reaps it.
     unsafe { libc::waitpid(pid, &mut status, 0) };

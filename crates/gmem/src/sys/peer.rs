@@ -56,6 +56,23 @@ pub(crate) fn send_with_fds(
     }
 }
 
+/// A `msghdr` for one buffer `iov` and a control buffer `cbuf` sized for one descriptor
+/// (`CMSG_SPACE` of one `int`; EINVAL if `cbuf` were smaller). The caller keeps both alive
+/// across the call it is used for.
+fn one_fd_header(iov: &mut libc::iovec, cbuf: &mut [u64; 4]) -> KernelResult<libc::msghdr> {
+    // SAFETY: an all-zero msghdr is a valid value of this plain C struct.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is a pure computation.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    if msg.msg_controllen > std::mem::size_of_val(cbuf) {
+        return Err(Errno::EINVAL);
+    }
+    Ok(msg)
+}
+
 /// Sends `data` with one descriptor `fd` attached on socket `sock`, without waiting
 /// (`MSG_DONTWAIT`) and without SIGPIPE. Allocates nothing and takes no C library lock: the
 /// guard's reader calls it while a fork may hold the allocator's locks.
@@ -66,16 +83,7 @@ pub(crate) fn send_fd_nonblocking(sock: RawFd, data: &[u8], fd: RawFd) -> Kernel
         iov_base: data.as_ptr().cast_mut().cast(),
         iov_len: data.len(),
     };
-    // SAFETY: an all-zero msghdr is a valid value of this plain C struct.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    // SAFETY: CMSG_SPACE is a pure computation.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(bytes) } as usize;
-    if msg.msg_controllen > std::mem::size_of_val(&cbuf) {
-        return Err(Errno::EINVAL);
-    }
+    let msg = one_fd_header(&mut iov, &mut cbuf)?;
     // SAFETY: `msg` points at `cbuf`, room for one header and one descriptor (checked above);
     // CMSG_FIRSTHDR/CMSG_DATA stay inside it.
     unsafe {
@@ -106,21 +114,11 @@ pub(crate) fn send_fd_nonblocking(sock: RawFd, data: &[u8], fd: RawFd) -> Kernel
 /// not be installed (the kernel closes it).
 pub(crate) fn recv_fd(sock: RawFd, data: &mut [u8]) -> KernelResult<(usize, Option<OwnedFd>)> {
     let mut cbuf = [0u64; 4];
-    let bytes = std::mem::size_of::<RawFd>() as u32;
     let mut iov = libc::iovec {
         iov_base: data.as_mut_ptr().cast(),
         iov_len: data.len(),
     };
-    // SAFETY: an all-zero msghdr is a valid value of this plain C struct.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    // SAFETY: CMSG_SPACE is a pure computation.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(bytes) } as usize;
-    if msg.msg_controllen > std::mem::size_of_val(&cbuf) {
-        return Err(Errno::EINVAL);
-    }
+    let mut msg = one_fd_header(&mut iov, &mut cbuf)?;
     let n = loop {
         // SAFETY: `msg` and its buffers are valid for the call.
         let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
