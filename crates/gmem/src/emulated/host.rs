@@ -892,15 +892,24 @@ impl Inner {
         }
         // The first page of each run of the host's working set comes back at once (best
         // effort: a page not mapped here faults through the guard as any other); the rest
-        // stays remembered, for the fault-around of the guard's next fault there.
+        // stays remembered, for the fault-around of the guard's next fault there. Only for
+        // runs no longer than the fault-around's largest window: there the premap spares the
+        // host the run's one guard fault (≈ 46 µs against ≈ 1 µs); a longer run takes several
+        // guard faults to walk anyway, and its premap — the first `UFFDIO_CONTINUE` after a
+        // large zap allocates a page table again, 13–20 µs — doubled the conversion of 1 GiB.
         for &(s, e) in runs {
             let (first, end) = pages_of(s, e - s);
             let mut from = first;
             while let Some((a, b)) = gate.was_mapped.first_in(from, end) {
+                from = b;
+                // The run within this conversion (a long run remembered from conversions of
+                // its pieces one by one still gets its first page back when one comes back).
+                if b - a > FAULT_AROUND_MAX {
+                    continue;
+                }
                 guard.premap_own(self, a * PAGE_SIZE, (a + 1) * PAGE_SIZE);
                 gate.exposed.insert(a);
                 gate.was_mapped.move_range(a, a + 1, None);
-                from = b;
             }
         }
         let elsewhere = !gate.markers.is_empty();
