@@ -1690,6 +1690,29 @@ fn dofork_gives_no_fork_child_a_remap_mapping(k: Kind) {
     assert_eq!(wait(pid), 0, "1: the fork child read the page made private");
 }
 
+/// Under the guard a program may change a host mapping's protection, as the kernel lets it
+/// on a guest_memfd mapping (only a Remap mapping refuses it): read-only, a shared page
+/// reads and refuses a write (SIGSEGV), a private page still raises SIGBUS; back to read and
+/// write, the shared page takes writes again.
+fn a_guarded_mapping_takes_mprotect(k: Kind) {
+    let f = file(&k);
+    let m = f.mmap_all().unwrap();
+    m.mmap().protect(libc::PROT_READ).unwrap();
+    assert_eq!(look(&m, 2), Some(0x42), "shared page, read-only");
+    let w = m.probe_write(2 * PAGE, 1, 0x77).unwrap();
+    assert!(
+        w.fault().is_some_and(|f| f.signal == libc::SIGSEGV),
+        "a write to a read-only page: {w:?}"
+    );
+    assert_eq!(look(&m, 1), None, "private page, read-only");
+    m.mmap()
+        .protect(libc::PROT_READ | libc::PROT_WRITE)
+        .unwrap();
+    m.write_volatile(2 * PAGE, &[0x77]).unwrap();
+    assert_eq!(look(&m, 2), Some(0x77));
+    assert_eq!(look(&m, 1), None, "private page, read and write again");
+}
+
 fn main() {
     let guard = needs(&[GUARD_NEEDS]);
     let mut trials: Vec<Trial> = Vec::new();
@@ -1714,6 +1737,11 @@ fn main() {
         "dontneed_does_not_clear_the_guard",
         all(),
         dontneed_does_not_clear_the_guard,
+    );
+    add(
+        "a_guarded_mapping_takes_mprotect",
+        guarded(),
+        a_guarded_mapping_takes_mprotect,
     );
     add(
         "dofork_gives_no_fork_child_a_remap_mapping",

@@ -400,7 +400,12 @@ impl EmulatedGuestMemfd {
         }
         // Every private page is refused: the mapping (made inaccessible by the caller) may
         // now be read and written. Under the lock, so no conversion sees it half-made.
-        map.keep_from_users();
+        // Under Remap, what the mapping maps and its protection are gmem's (holes, and ranges
+        // kept `PROT_NONE` while a conversion's hook runs); elsewhere a program may change its
+        // protection as the kernel lets it (the guard checks every fault whatever it is).
+        if matches!(self.inner.mechanism, Mechanism::Remap) {
+            map.keep_from_users();
+        }
         if let Err(e) = map.protect_any(libc::PROT_READ | libc::PROT_WRITE) {
             self.inner.forget_mapping(entry.addr);
             return Err(e);

@@ -220,8 +220,9 @@ pub struct Mmap {
     /// the child does not have, and dropping it there unmaps nothing (found in review: it
     /// unmapped whatever the child had put there since).
     only_in: std::sync::atomic::AtomicU64,
-    /// A host mapping of an emulated file ([`Mmap::keep_from_users`]): what it maps is gmem's
-    /// to change, so the public `protect`, `protect_range` and `map_fixed*` refuse it.
+    /// A host mapping of an emulated file in Remap mode ([`Mmap::keep_from_users`]): what it
+    /// maps is gmem's to change, so the public `protect`, `protect_range` and `map_fixed*`
+    /// refuse it.
     kept: std::sync::atomic::AtomicBool,
     /// Recorded in `OWN_VIEWS` (`Mmap::record_own_view`): forgotten there when dropped.
     own_view: bool,
@@ -754,7 +755,8 @@ impl Mmap {
         pagemap_all_huge(start, start + len as u64)
     }
 
-    /// Marks this mapping as a host mapping of an emulated file: from now on the public
+    /// Marks this mapping as a host mapping of an emulated file in Remap mode: from now on the
+    /// public
     /// [`Mmap::protect`], [`Mmap::protect_range`], [`Mmap::map_fixed`] and
     /// [`Mmap::map_fixed_prot`] answer EOPNOTSUPP on it. A host mapping's [`Mmap`] is
     /// reachable through `HostMapping::mmap`, and under Remap a range of it is kept
@@ -773,7 +775,7 @@ impl Mmap {
     }
 
     /// `mprotect` of `[off, off + len)` of this mapping (EINVAL outside it; EOPNOTSUPP on a
-    /// host mapping of an emulated file).
+    /// host mapping of an emulated file in Remap mode).
     pub fn protect_range(&self, off: usize, len: usize, prot: libc::c_int) -> KernelResult<()> {
         self.refuse_if_kept()?;
         self.protect_range_any(off, len, prot)
@@ -792,7 +794,8 @@ impl Mmap {
         check(unsafe { libc::mprotect(self.ptr.as_ptr().add(off).cast(), len, prot) }).map(drop)
     }
 
-    /// `mprotect` of the whole mapping (EOPNOTSUPP on a host mapping of an emulated file).
+    /// `mprotect` of the whole mapping (EOPNOTSUPP on a host mapping of an emulated file in
+    /// Remap mode).
     pub fn protect(&self, prot: libc::c_int) -> KernelResult<()> {
         self.refuse_if_kept()?;
         self.protect_any(prot)
@@ -932,7 +935,7 @@ impl Mmap {
 
     /// Replaces `[off, off + len)` of this mapping with a read/write shared mapping of `fd` at
     /// `fd_off` (`mmap(MAP_FIXED)` inside this mapping's own range; EINVAL outside it;
-    /// EOPNOTSUPP on a host mapping of an emulated file).
+    /// EOPNOTSUPP on a host mapping of an emulated file in Remap mode).
     pub fn map_fixed(
         &self,
         off: usize,
