@@ -288,6 +288,14 @@ pub(super) fn close_private_uffd(uffd: crate::sys::PoisonFd) {
     uffd.close_raw();
 }
 
+/// [`close_private_uffd`] without [`quiet`], for a thread that may take no lock (a receiver's
+/// orphan thread, which a fork may be waiting on): a fork child that copies the descriptor in
+/// between has it replaced by kind, as every userfaultfd it did not make.
+pub(super) fn close_private_uffd_unlocked(uffd: crate::sys::PoisonFd) {
+    untrack_fd(uffd.raw_fd());
+    uffd.close_raw();
+}
+
 /// Records a userfaultfd this process received or made as private (under [`quiet`]; one
 /// received by `recvmsg` was open, unrecorded, since that call returned).
 pub(super) fn track_uffd(uffd: &crate::sys::PoisonFd) {

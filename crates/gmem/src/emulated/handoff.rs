@@ -142,6 +142,17 @@ pub(super) fn serve_fork_link(
     }
 }
 
+/// A Unix stream socket pair, both ends private from the moment they exist (a fork child gets
+/// the hole file in their place).
+fn private_pair() -> KernelResult<(super::fork::PrivateStream, super::fork::PrivateStream)> {
+    let quiet = super::fork::quiet();
+    let (a, b) = UnixStream::pair().map_err(|e| io_errno(&e))?;
+    Ok((
+        super::fork::PrivateStream::track(a, &quiet),
+        super::fork::PrivateStream::track(b, &quiet),
+    ))
+}
+
 fn io_errno(e: &std::io::Error) -> Errno {
     Errno(e.raw_os_error().unwrap_or(libc::EIO))
 }
@@ -184,26 +195,11 @@ impl EmulatedGuestMemfd {
         header[0..8].copy_from_slice(&MAGIC.to_le_bytes());
         header[8..16].copy_from_slice(&self.inner.size.to_le_bytes());
         header[16..24].copy_from_slice(&self.inner.flags.to_le_bytes());
-        // The link the receiver converts through: both ends private from the moment they
-        // exist (the receiver's end is closed here once sent).
-        let (mine, theirs) = {
-            let quiet = super::fork::quiet();
-            let (a, b) = UnixStream::pair().map_err(|e| io_errno(&e))?;
-            (
-                super::fork::PrivateStream::track(a, &quiet),
-                super::fork::PrivateStream::track(b, &quiet),
-            )
-        };
-        // The custody stream, over which the receiver is given the userfaultfds of its fork
-        // children as they come (it serves them once this process has gone: `orphan`).
-        let (custody, their_custody) = {
-            let quiet = super::fork::quiet();
-            let (a, b) = UnixStream::pair().map_err(|e| io_errno(&e))?;
-            (
-                super::fork::PrivateStream::track(a, &quiet),
-                super::fork::PrivateStream::track(b, &quiet),
-            )
-        };
+        // The link the receiver converts through, and the custody stream, over which it is
+        // given the userfaultfds of its fork children as they come (it serves them once this
+        // process has gone: `orphan`). The receiver's ends are closed here once sent.
+        let (mine, theirs) = private_pair()?;
+        let (custody, their_custody) = private_pair()?;
         let (Some(theirs_s), Some(their_custody_s)) = (theirs.get(), their_custody.get()) else {
             return Err(Errno::EBADF);
         };

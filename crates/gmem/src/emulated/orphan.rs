@@ -80,17 +80,14 @@ impl Held {
     }
 
     /// Drops (closes) the userfaultfds whose address space has gone; the first, the
-    /// receiver's own, is kept. Forgotten, then closed, with no lock (a fork child that got
-    /// one in between holds a userfaultfd of a space that has gone, which can do nothing).
+    /// receiver's own, is kept.
     fn sweep(&mut self) {
         let mut i = 1;
         while i < self.0.len() {
             if self.0[i].uffd.space_alive() {
                 i += 1;
             } else {
-                let e = self.0.swap_remove(i);
-                super::fork::untrack_fd(e.uffd.raw_fd());
-                e.uffd.close_raw();
+                super::fork::close_private_uffd_unlocked(self.0.swap_remove(i).uffd);
             }
         }
     }
@@ -99,8 +96,7 @@ impl Held {
 impl Drop for Held {
     fn drop(&mut self) {
         for e in self.0.drain(..) {
-            super::fork::untrack_fd(e.uffd.raw_fd());
-            e.uffd.close_raw();
+            super::fork::close_private_uffd_unlocked(e.uffd);
         }
     }
 }

@@ -451,13 +451,7 @@ impl Inner {
         let (dm, off) = self.dm_page(index)?;
         // One page inside the direct map, which only gmem accesses, always under the `pages`
         // lock the caller holds.
-        dm.map_fixed_any(
-            off,
-            PAGE,
-            self.hole.as_fd(),
-            index * PAGE_SIZE,
-            libc::PROT_READ | libc::PROT_WRITE,
-        )
+        dm.map_fixed(off, PAGE, self.hole.as_fd(), index * PAGE_SIZE)
     }
 
     /// Maps the memory file back at page `index` of the direct map.
@@ -466,13 +460,7 @@ impl Inner {
         // As in `remove_from_direct_map`; a new mapping of the file is not inherited by fork
         // children, as the rest of the direct map is not (no fork in between).
         let _quiet = super::fork::quiet();
-        dm.map_fixed_any(
-            off,
-            PAGE,
-            self.memfd.as_fd(),
-            index * PAGE_SIZE,
-            libc::PROT_READ | libc::PROT_WRITE,
-        )?;
+        dm.map_fixed(off, PAGE, self.memfd.as_fd(), index * PAGE_SIZE)?;
         dm.madvise(off, PAGE, libc::MADV_DONTFORK)
     }
 

@@ -221,7 +221,7 @@ pub struct Mmap {
     /// unmapped whatever the child had put there since).
     only_in: std::sync::atomic::AtomicU64,
     /// A host mapping of an emulated file in Remap mode ([`Mmap::keep_from_users`]): what it
-    /// maps is gmem's to change, so the public `protect`, `protect_range` and `map_fixed*`
+    /// maps is gmem's to change, so the public `protect`, `protect_range` and `map_fixed`
     /// refuse it.
     kept: std::sync::atomic::AtomicBool,
     /// Recorded in `OWN_VIEWS` (`Mmap::record_own_view`): forgotten there when dropped.
@@ -756,9 +756,8 @@ impl Mmap {
     }
 
     /// Marks this mapping as a host mapping of an emulated file in Remap mode: from now on the
-    /// public
-    /// [`Mmap::protect`], [`Mmap::protect_range`], [`Mmap::map_fixed`] and
-    /// [`Mmap::map_fixed_prot`] answer EOPNOTSUPP on it. A host mapping's [`Mmap`] is
+    /// public [`Mmap::protect`], [`Mmap::protect_range`] and [`Mmap::map_fixed`] answer
+    /// EOPNOTSUPP on it. A host mapping's [`Mmap`] is
     /// reachable through `HostMapping::mmap`, and under Remap a range of it is kept
     /// `PROT_NONE` over private content while a conversion to shared runs its platform hook
     /// (found in review: a program could have opened it with `protect`).
@@ -943,23 +942,11 @@ impl Mmap {
         fd: BorrowedFd<'_>,
         fd_off: u64,
     ) -> KernelResult<()> {
-        self.map_fixed_prot(off, len, fd, fd_off, libc::PROT_READ | libc::PROT_WRITE)
-    }
-
-    /// [`Mmap::map_fixed`] with protection `prot`.
-    pub fn map_fixed_prot(
-        &self,
-        off: usize,
-        len: usize,
-        fd: BorrowedFd<'_>,
-        fd_off: u64,
-        prot: libc::c_int,
-    ) -> KernelResult<()> {
         self.refuse_if_kept()?;
-        self.map_fixed_any(off, len, fd, fd_off, prot)
+        self.map_fixed_any(off, len, fd, fd_off, libc::PROT_READ | libc::PROT_WRITE)
     }
 
-    /// [`Mmap::map_fixed_prot`] on any mapping (gmem's own use).
+    /// [`Mmap::map_fixed`] with protection `prot`, on any mapping (gmem's own use).
     pub(crate) fn map_fixed_any(
         &self,
         off: usize,

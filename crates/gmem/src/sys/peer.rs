@@ -5,43 +5,65 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 
 use crate::error::{Errno, KernelResult};
 
-/// Sends `data` with the descriptors `fds` attached (`SCM_RIGHTS`) on a Unix socket.
-pub(crate) fn send_with_fds(
-    sock: BorrowedFd<'_>,
-    data: &[u8],
-    fds: &[BorrowedFd<'_>],
-) -> KernelResult<()> {
-    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let bytes = std::mem::size_of_val(raw.as_slice());
-    let bytes32 = u32::try_from(bytes).map_err(|_| Errno::EINVAL)?;
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(bytes32) } as usize;
-    let mut cbuf = vec![0u64; space.div_ceil(8)];
+/// The most descriptors one message carries (`SCM_RIGHTS`): gmem's messages carry at most
+/// three (the handoff's memory file, link and custody stream).
+const MAX_FDS: usize = 4;
+
+/// A control buffer for [`MAX_FDS`] descriptors (`CMSG_SPACE(16)`: 32 bytes), aligned for a
+/// `cmsghdr`.
+type FdBuf = [u64; 4];
+
+/// A `msghdr` for one buffer `iov` and control buffer `cbuf`, with room for `nfds`
+/// descriptors (EINVAL past [`MAX_FDS`]). The caller keeps both alive across the call it is
+/// used for.
+fn fds_header(iov: &mut libc::iovec, cbuf: &mut FdBuf, nfds: usize) -> KernelResult<libc::msghdr> {
+    if nfds > MAX_FDS {
+        return Err(Errno::EINVAL);
+    }
+    // SAFETY: an all-zero msghdr is a valid value of this plain C struct.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    if nfds > 0 {
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE is a pure computation.
+        msg.msg_controllen =
+            unsafe { libc::CMSG_SPACE((nfds * std::mem::size_of::<RawFd>()) as u32) } as usize;
+        if msg.msg_controllen > std::mem::size_of_val(cbuf) {
+            return Err(Errno::EINVAL);
+        }
+    }
+    Ok(msg)
+}
+
+/// `sendmsg` of `data` with the descriptors `fds` attached (at most [`MAX_FDS`]), with
+/// `flags` (EINTR retried). Allocates nothing and takes no C library lock: the guard's
+/// reader calls it while a fork may hold the allocator's locks.
+fn sendmsg_fds(sock: RawFd, data: &[u8], fds: &[RawFd], flags: libc::c_int) -> KernelResult<()> {
+    let mut cbuf: FdBuf = [0; 4];
     let mut iov = libc::iovec {
         iov_base: data.as_ptr().cast_mut().cast(),
         iov_len: data.len(),
     };
-    // SAFETY: an all-zero msghdr is a valid value of this plain C struct.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space;
-    // SAFETY: `msg` points at a control buffer of `space` bytes, room for one header and
-    // `bytes` of descriptors; CMSG_FIRSTHDR/CMSG_DATA stay inside it.
-    unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        if c.is_null() {
-            return Err(Errno::EINVAL);
+    let msg = fds_header(&mut iov, &mut cbuf, fds.len())?;
+    if !fds.is_empty() {
+        let bytes = std::mem::size_of_val(fds);
+        // SAFETY: `msg` points at `cbuf`, room for one header and `fds` (checked by
+        // `fds_header`); CMSG_FIRSTHDR/CMSG_DATA stay inside it.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            if c.is_null() {
+                return Err(Errno::EINVAL);
+            }
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(bytes as u32) as usize;
+            std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), bytes);
         }
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(bytes32) as usize;
-        std::ptr::copy_nonoverlapping(raw.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), bytes);
     }
     loop {
         // SAFETY: `msg` and everything it points at are valid for the call.
-        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        let n = unsafe { libc::sendmsg(sock, &msg, flags) };
         if n >= 0 {
             return if n as usize == data.len() {
                 Ok(())
@@ -56,69 +78,23 @@ pub(crate) fn send_with_fds(
     }
 }
 
-/// A `msghdr` for one buffer `iov` and a control buffer `cbuf` sized for one descriptor
-/// (`CMSG_SPACE` of one `int`; EINVAL if `cbuf` were smaller). The caller keeps both alive
-/// across the call it is used for.
-fn one_fd_header(iov: &mut libc::iovec, cbuf: &mut [u64; 4]) -> KernelResult<libc::msghdr> {
-    // SAFETY: an all-zero msghdr is a valid value of this plain C struct.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    // SAFETY: CMSG_SPACE is a pure computation.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    if msg.msg_controllen > std::mem::size_of_val(cbuf) {
-        return Err(Errno::EINVAL);
-    }
-    Ok(msg)
-}
-
-/// Sends `data` with one descriptor `fd` attached on socket `sock`, without waiting
-/// (`MSG_DONTWAIT`) and without SIGPIPE. Allocates nothing and takes no C library lock: the
-/// guard's reader calls it while a fork may hold the allocator's locks.
-pub(crate) fn send_fd_nonblocking(sock: RawFd, data: &[u8], fd: RawFd) -> KernelResult<()> {
-    let mut cbuf = [0u64; 4];
-    let bytes = std::mem::size_of::<RawFd>() as u32;
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr().cast_mut().cast(),
-        iov_len: data.len(),
-    };
-    let msg = one_fd_header(&mut iov, &mut cbuf)?;
-    // SAFETY: `msg` points at `cbuf`, room for one header and one descriptor (checked above);
-    // CMSG_FIRSTHDR/CMSG_DATA stay inside it.
-    unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        if c.is_null() {
-            return Err(Errno::EINVAL);
-        }
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(bytes) as usize;
-        libc::CMSG_DATA(c).cast::<RawFd>().write_unaligned(fd);
-    }
-    // SAFETY: `msg` and everything it points at are valid for the call.
-    let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        Err(Errno::last())
-    } else if n as usize != data.len() {
-        Err(Errno(libc::EMSGSIZE))
-    } else {
-        Ok(())
-    }
-}
-
-/// Receives up to `data.len()` bytes and at most one descriptor sent with them (close-on-exec)
-/// on socket `sock`: (bytes, descriptor); 0 bytes and none at the end of a stream; a second
-/// descriptor of the message (the most the buffer takes) is closed by system call.
-/// Allocates nothing and takes no C library lock. EMSGSIZE if a descriptor was sent but could
-/// not be installed (the kernel closes it).
-pub(crate) fn recv_fd(sock: RawFd, data: &mut [u8]) -> KernelResult<(usize, Option<OwnedFd>)> {
-    let mut cbuf = [0u64; 4];
+/// `recvmsg` of up to `data.len()` bytes and at most `max` descriptors (close-on-exec):
+/// (bytes, the descriptors installed, how many), the caller owning each; 0 bytes and none at
+/// the end of a stream. Any further descriptor the kernel installed is closed by system call;
+/// EMSGSIZE (every descriptor closed) if the control data was cut (a descriptor that could
+/// not be installed). Allocates nothing and takes no C library lock.
+fn recvmsg_fds(
+    sock: RawFd,
+    data: &mut [u8],
+    max: usize,
+) -> KernelResult<(usize, [RawFd; MAX_FDS], usize)> {
+    let max = max.min(MAX_FDS);
+    let mut cbuf: FdBuf = [0; 4];
     let mut iov = libc::iovec {
         iov_base: data.as_mut_ptr().cast(),
         iov_len: data.len(),
     };
-    let mut msg = one_fd_header(&mut iov, &mut cbuf)?;
+    let mut msg = fds_header(&mut iov, &mut cbuf, max)?;
     let n = loop {
         // SAFETY: `msg` and its buffers are valid for the call.
         let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
@@ -130,90 +106,89 @@ pub(crate) fn recv_fd(sock: RawFd, data: &mut [u8]) -> KernelResult<(usize, Opti
             return Err(e);
         }
     };
-    let mut fd = None;
-    // SAFETY: the kernel filled the control buffer; CMSG_FIRSTHDR/NXTHDR walk it within
-    // `msg_controllen`, and an SCM_RIGHTS payload holds descriptors it installed in this
-    // process, which nobody else owns (at most one fits).
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let payload = ((*c).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize);
-                let p = libc::CMSG_DATA(c).cast::<RawFd>();
-                for i in 0..payload / std::mem::size_of::<RawFd>() {
-                    let raw = p.add(i).read_unaligned();
-                    if fd.is_none() {
-                        fd = Some(OwnedFd::from_raw_fd(raw));
-                    } else {
-                        libc::syscall(libc::SYS_close, raw);
+    let mut fds = [-1; MAX_FDS];
+    let mut count = 0;
+    if max > 0 {
+        // SAFETY: the kernel filled the control buffer; CMSG_FIRSTHDR/NXTHDR walk it within
+        // `msg_controllen`, and an SCM_RIGHTS payload holds whole descriptors it installed in
+        // this process, which nobody else owns.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let payload =
+                        ((*c).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize);
+                    let p = libc::CMSG_DATA(c).cast::<RawFd>();
+                    for i in 0..payload / std::mem::size_of::<RawFd>() {
+                        let raw = p.add(i).read_unaligned();
+                        if count < max {
+                            fds[count] = raw;
+                            count += 1;
+                        } else {
+                            close_raw_fd(raw);
+                        }
                     }
                 }
+                c = libc::CMSG_NXTHDR(&msg, c);
             }
-            c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
     if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        if let Some(fd) = fd {
-            close_raw(fd);
+        for &fd in &fds[..count] {
+            close_raw_fd(fd);
         }
         return Err(Errno(libc::EMSGSIZE));
     }
-    Ok((n, fd))
+    Ok((n, fds, count))
+}
+
+/// Sends `data` with the descriptors `fds` attached (`SCM_RIGHTS`, at most four) on a Unix
+/// socket.
+pub(crate) fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> KernelResult<()> {
+    let mut raw = [-1; MAX_FDS];
+    let raw = raw.get_mut(..fds.len()).ok_or(Errno::EINVAL)?;
+    for (r, f) in raw.iter_mut().zip(fds) {
+        *r = f.as_raw_fd();
+    }
+    sendmsg_fds(sock.as_raw_fd(), data, raw, libc::MSG_NOSIGNAL)
+}
+
+/// Sends `data` with one descriptor `fd` attached on socket `sock`, without waiting
+/// (`MSG_DONTWAIT`) and without SIGPIPE. Allocates nothing and takes no C library lock.
+pub(crate) fn send_fd_nonblocking(sock: RawFd, data: &[u8], fd: RawFd) -> KernelResult<()> {
+    sendmsg_fds(sock, data, &[fd], libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+}
+
+/// Receives up to `data.len()` bytes and at most one descriptor sent with them (close-on-exec)
+/// on socket `sock`: (bytes, descriptor); 0 bytes and none at the end of a stream. Allocates
+/// nothing and takes no C library lock. EMSGSIZE if a descriptor was sent but could not be
+/// installed (the kernel closes it).
+pub(crate) fn recv_fd(sock: RawFd, data: &mut [u8]) -> KernelResult<(usize, Option<OwnedFd>)> {
+    let (n, fds, count) = recvmsg_fds(sock, data, 1)?;
+    // SAFETY: a descriptor the kernel installed for this call, owned by nobody else.
+    Ok((
+        n,
+        (count > 0).then(|| unsafe { OwnedFd::from_raw_fd(fds[0]) }),
+    ))
 }
 
 /// Receives up to `data.len()` bytes (how many is returned; 0 at end of stream) and the
-/// descriptors sent with them by [`send_with_fds`] (at most `max_fds`).
+/// descriptors sent with them by [`send_with_fds`] (at most `max_fds`, at most four).
 pub(crate) fn recv_with_fds(
     sock: BorrowedFd<'_>,
     data: &mut [u8],
     max_fds: usize,
 ) -> KernelResult<(usize, Vec<OwnedFd>)> {
-    let bytes = u32::try_from(max_fds * std::mem::size_of::<RawFd>()).map_err(|_| Errno::EINVAL)?;
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(bytes) } as usize;
-    let mut cbuf = vec![0u64; space.div_ceil(8)];
-    let mut iov = libc::iovec {
-        iov_base: data.as_mut_ptr().cast(),
-        iov_len: data.len(),
-    };
-    // SAFETY: an all-zero msghdr is a valid value of this plain C struct.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space;
-    let n = loop {
-        // SAFETY: `msg` and its buffers are valid for the call.
-        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n >= 0 {
-            break n as usize;
-        }
-        let e = Errno::last();
-        if e != Errno::EINTR {
-            return Err(e);
-        }
-    };
-    let mut out = Vec::new();
-    // SAFETY: the kernel filled the control buffer; CMSG_FIRSTHDR/NXTHDR walk it within
-    // `msg_controllen`, and each SCM_RIGHTS payload holds whole descriptors it installed in
-    // this process, which nobody else owns.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let payload = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                let count = payload / std::mem::size_of::<RawFd>();
-                let p = libc::CMSG_DATA(c).cast::<RawFd>();
-                for i in 0..count {
-                    out.push(OwnedFd::from_raw_fd(p.add(i).read_unaligned()));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-    }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(Errno(libc::EMSGSIZE));
-    }
+    let (n, fds, count) = recvmsg_fds(sock.as_raw_fd(), data, max_fds)?;
+    // SAFETY: descriptors the kernel installed for this call, owned by nobody else.
+    let out = fds[..count]
+        .iter()
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
     Ok((n, out))
 }
 
