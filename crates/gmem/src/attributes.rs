@@ -343,6 +343,43 @@ impl AttributeStore {
         failed.map_or(Ok(out), Err)
     }
 
+    /// The runs of `[start, end)` whose attribute is not `private`, in bytes, into `out`
+    /// (cleared first): a conversion's changing runs. Grows `out` fallibly, so a caller that
+    /// keeps it allocates nothing once it has room (the conversion path keeps one per file).
+    pub fn try_runs_unlike(
+        &self,
+        start: u64,
+        end: u64,
+        private: bool,
+        out: &mut Vec<(u64, u64)>,
+    ) -> Result<(), std::collections::TryReserveError> {
+        out.clear();
+        let end = end.min(self.npages);
+        let mut failed = None;
+        if start < end {
+            runs(
+                &self.root,
+                0,
+                self.root_shift,
+                start,
+                end,
+                &mut |s, e, p| {
+                    let (s, e) = (s * PAGE_SIZE, e * PAGE_SIZE);
+                    match out.last_mut() {
+                        _ if p == private => {}
+                        Some(last) if last.1 == s => last.1 = e,
+                        _ if failed.is_some() => {}
+                        _ => match out.try_reserve(1) {
+                            Ok(()) => out.push((s, e)),
+                            Err(err) => failed = Some(err),
+                        },
+                    }
+                },
+            );
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
     /// `Err(AccessError::Private)` naming the first private byte of `[offset, offset + len)`.
     pub fn check_shared(&self, offset: u64, len: u64) -> Result<(), AccessError> {
         if len == 0 {
@@ -644,6 +681,29 @@ mod tests {
             }
         }
         assert_eq!(store.runs(0, model.len() as u64), expect);
+        // A conversion's changing runs, over the whole store and a piece of it, into a list
+        // that already holds something (it is cleared).
+        let n = model.len() as u64;
+        let mut got = vec![(1, 1)];
+        for (a, b) in [(0, n), (n / 3, (2 * n / 3 + 1).min(n))] {
+            for private in [false, true] {
+                let mut want: Vec<(u64, u64)> = Vec::new();
+                for i in a..b {
+                    if model[i as usize] == private {
+                        continue;
+                    }
+                    let (s, e) = (i * PAGE_SIZE, (i + 1) * PAGE_SIZE);
+                    match want.last_mut() {
+                        Some(last) if last.1 == s => last.1 = e,
+                        _ => want.push((s, e)),
+                    }
+                }
+                store
+                    .try_runs_unlike(a, b, private, &mut got)
+                    .expect("allocation");
+                assert_eq!(got, want, "[{a}, {b}) unlike {private}");
+            }
+        }
     }
 
     /// After `try_reserve`, an update allocates nothing, whatever the range and the tree it

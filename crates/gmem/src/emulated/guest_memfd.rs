@@ -298,6 +298,9 @@ impl GuestMemfd for EmulatedGuestMemfd {
     }
 }
 
+/// Changing runs a file keeps room for between conversions (16 KiB).
+const KEPT_RUNS: usize = 1024;
+
 impl EmulatedGuestMemfd {
     /// `KVM_SET_MEMORY_ATTRIBUTES` on the VM that owns the file, in per-VM tracking mode
     /// ([`AttributeTracking::PerVm`]; the VMM applies the VM's request to the files behind its
@@ -332,12 +335,37 @@ impl EmulatedGuestMemfd {
         let mut st = self.write_state();
         // The runs whose attribute changes; only they are revoked or restored, which keeps
         // rollback exact for mixed ranges. None: the whole range already has the attributes,
-        // and the request returns at once (§2.4 step 1).
-        // Allocated fallibly: ENOMEM with nothing changed, never an abort (issue 11 item 5).
-        let Ok(changing) = self.changing_runs(&st, first, end, to_private) else {
+        // and the request returns at once (§2.4 step 1). Into the file's kept list, grown
+        // fallibly: ENOMEM with nothing changed, never an abort (issue 11 item 5).
+        let mut changing = std::mem::take(&mut st.changing);
+        let result = self.convert_locked(&mut st, a, &mut changing, first, end, to_private);
+        // A long list (a fragmented range) is not kept: the next one is allocated again.
+        if changing.capacity() <= KEPT_RUNS {
+            st.changing = changing;
+        }
+        result
+    }
+
+    /// [`EmulatedGuestMemfd::convert`] under the file's state lock, with the list the
+    /// changing runs go into.
+    fn convert_locked(
+        &self,
+        st: &mut super::StateWrite<'_>,
+        a: &mut kvm_memory_attributes2,
+        changing: &mut Vec<(u64, u64)>,
+        first: u64,
+        end: u64,
+        to_private: bool,
+    ) -> KernelResult<()> {
+        if st
+            .attrs
+            .try_runs_unlike(first, end, to_private, changing)
+            .is_err()
+        {
             a.error_offset = a.offset;
             return Err(Errno::ENOMEM);
-        };
+        }
+        let changing: &[(u64, u64)] = changing;
         if changing.is_empty() {
             return Ok(());
         }
@@ -371,7 +399,7 @@ impl EmulatedGuestMemfd {
             {
                 // v8 TDX: the invalidation's private filter reaches the pages that were
                 // private, i.e. the changing runs.
-                for &(s, e) in &changing {
+                for &(s, e) in changing {
                     inner.make_shared_range(s / PAGE_SIZE, e / PAGE_SIZE);
                 }
             } else {
@@ -379,7 +407,7 @@ impl EmulatedGuestMemfd {
             }
         };
         // Host access (§2.4 step 3a): one call to the host side ([`super::host`]).
-        let host = self.host_convert(&mut st, &changing, to_private, &mut platform_to_shared);
+        let host = self.host_convert(st, changing, to_private, &mut platform_to_shared);
         if let Err(e) = host {
             a.error_offset = a.offset;
             return Err(if e == Errno::EAGAIN {
@@ -393,7 +421,7 @@ impl EmulatedGuestMemfd {
         // The guest's mappings of the changed pages go, as the kernel invalidates KVM's
         // (stage-2) mappings of a converted range: a guest view bound as a memslot has
         // KVM's MMU notifier zap its entries, and the guest's next access faults again.
-        self.inner.guest_view.zap_changed(&changing);
+        self.inner.guest_view.zap_changed(changing);
         // Failure markers of the changed pages go (the pages change hands).
         self.inner.clear_failure_markers(first, end);
         Ok(())
@@ -481,28 +509,6 @@ impl EmulatedGuestMemfd {
             inner: self.inner.clone(),
         });
         Ok(HostMapping::new(map, offset, Some((registry, id))))
-    }
-
-    /// The runs of pages `[first, end)` whose attribute differs from `to_private`, in bytes;
-    /// ENOMEM if the list cannot be allocated.
-    pub(super) fn changing_runs(
-        &self,
-        st: &super::State,
-        first: u64,
-        end: u64,
-        to_private: bool,
-    ) -> KernelResult<Vec<(u64, u64)>> {
-        let runs = st.attrs.try_runs(first, end).map_err(|_| Errno::ENOMEM)?;
-        let mut changing = Vec::new();
-        changing
-            .try_reserve_exact(runs.iter().filter(|r| r.2 != to_private).count())
-            .map_err(|_| Errno::ENOMEM)?;
-        changing.extend(
-            runs.into_iter()
-                .filter(|r| r.2 != to_private)
-                .map(|(s, e, _)| (s * PAGE_SIZE, e * PAGE_SIZE)),
-        );
-        Ok(changing)
     }
 
     /// Checks a host access and returns the shared lock that keeps it valid.

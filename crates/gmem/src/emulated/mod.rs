@@ -338,6 +338,9 @@ impl GuestMemfdBackend for EmulatedBackend {
 struct State {
     attrs: AttributeStore,
     mappings: Vec<MappingEntry>,
+    /// The changing runs of the conversion in progress (bytes): kept between conversions so
+    /// that the conversion path allocates nothing once it has room.
+    changing: Vec<(u64, u64)>,
 }
 
 /// How host access to private pages is refused, for one file.
@@ -671,6 +674,7 @@ impl EmulatedGuestMemfd {
             state: RwLock::new(State {
                 attrs: AttributeStore::new(size / PAGE_SIZE, private),
                 mappings: Vec::new(),
+                changing: Vec::new(),
             }),
             pins: pins::PinTable::default(),
             next_mapping_id: AtomicI64::new(1),
