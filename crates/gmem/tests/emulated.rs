@@ -496,10 +496,31 @@ fn a_mapping_at_a_chosen_address(rev: Revocation) {
         Some(Errno(libc::EEXIST)),
         "EEXIST before ENODEV"
     );
+    // A one-page hole between two inaccessible pages of this test's own, as above (a range
+    // found free and let go was taken again by another test's thread: a CI failure here).
     let r = (0..100)
         .map(|_| {
-            let free = Placement::vacant(free_range(PS as usize), PS as usize);
-            g.mmap_fixed(free, 0, MapKind::Shared).err()
+            // SAFETY: a fresh inaccessible anonymous reservation of three pages, whose middle
+            // page is given back at once for the placement, and whose outer pages are
+            // unmapped right after it.
+            unsafe {
+                let b = libc::mmap(
+                    std::ptr::null_mut(),
+                    3 * ps,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                );
+                assert_ne!(b, libc::MAP_FAILED);
+                libc::munmap(b.cast::<u8>().add(ps).cast(), ps);
+                let got = g
+                    .mmap_fixed(Placement::vacant(b as usize + ps, ps), 0, MapKind::Shared)
+                    .err();
+                libc::munmap(b, ps);
+                libc::munmap(b.cast::<u8>().add(2 * ps).cast(), ps);
+                got
+            }
         })
         .find(|e| *e != Some(Errno(libc::EEXIST)));
     assert_eq!(r, Some(Some(Errno::ENODEV)), "{opts:?}");
