@@ -32,8 +32,9 @@ use std::sync::MutexGuard;
 
 use std::sync::Arc;
 
+use super::chunk_map::ChunkMap;
 use super::guard::{Guard, Space};
-use super::page_state::{PageSet, RunSet};
+use super::page_state::{NoMemory, PageSet, RunSet};
 use super::{Inner, Mechanism};
 use crate::attributes::{pages_of, AttributeStore};
 use crate::error::{Errno, KernelResult};
@@ -78,7 +79,8 @@ pub(super) struct Gate {
     /// Released blocks that a conversion to private guarded again (the host's working set at
     /// 2 MiB, as [`Gate::was_mapped`] is at 4 KiB): a conversion back to shared releases the
     /// first of each run at once, and a guard fault releases the others.
-    pub(super) was_released: BTreeSet<(u64, usize)>,
+    /// (Changed on conversion paths: a map whose allocations are fallible.)
+    pub(super) was_released: ChunkMap<(u64, usize), ()>,
     /// Whether a block of this file was ever released: its conversions to private then
     /// register its host mappings over the runs first ([`Guard::register_own_file`]).
     pub(super) ever_released: bool,
@@ -102,16 +104,17 @@ impl Drop for Gate {
 
 impl Gate {
     pub(super) fn new(attrs: AttributeStore) -> Gate {
+        let npages = attrs.npages();
         Gate {
             attrs,
-            elsewhere: PageSet::default(),
+            elsewhere: PageSet::new(npages),
             exposed: RunSet::default(),
             was_mapped: RunSet::default(),
-            own_markers: PageSet::default(),
+            own_markers: PageSet::new(npages),
             markers: BTreeSet::new(),
             sigbus: BTreeSet::new(),
             released: BTreeSet::new(),
-            was_released: BTreeSet::new(),
+            was_released: ChunkMap::default(),
             ever_released: false,
             no_release: false,
             released_charge: 0,
@@ -271,7 +274,9 @@ impl Inner {
         if offset >= self.size || gate.attrs.is_private(page) {
             if poison(space, addr, ps) {
                 if space.own {
-                    gate.own_markers.insert(page);
+                    // Untracked (no memory for the record), the marker stays past a
+                    // conversion to shared: refused, never granted.
+                    let _ = gate.own_markers.try_insert(page);
                 } else {
                     gate.markers.insert((page, space.id, addr));
                 }
@@ -308,21 +313,36 @@ impl Inner {
                 }
             }
         }
+        // What is mapped is recorded first, whether or not the call gets to it: a call that
+        // stops part-way (a page of the window left the file) has mapped the pages before it,
+        // a conversion to private replaces only the pages counted elsewhere and, with
+        // `HostPages::Replace`, here (found in review: the faulting page stayed mapped,
+        // uncounted). A record that cannot be made (no memory) is a refusal: SIGBUS.
+        let mut end = page + 1;
+        if minor && space.own {
+            end = self.fault_around_end(&gate, page, room);
+        }
+        let recorded = if space.own {
+            gate.exposed
+                .try_insert_range(page, end)
+                .or_else(|_| {
+                    end = page + 1;
+                    gate.exposed.try_insert(page)
+                })
+                .is_ok()
+        } else {
+            gate.elsewhere.try_insert(page).is_ok()
+        };
+        if !recorded {
+            let _ = poison(space, addr, ps);
+            let _ = space.uffd.wake(addr, PAGE_SIZE);
+            return;
+        }
+        if space.own {
+            // A hint: what stays remembered is only mapped again if shared.
+            let _ = gate.was_mapped.try_move_range(page, end, None);
+        }
         let mapped = if minor {
-            let end = if space.own {
-                self.fault_around_end(&gate, page, room)
-            } else {
-                page + 1
-            };
-            if end > page + 1 {
-                // Every page of the window counts as mapped here, the faulting one included,
-                // whether or not the call got to it: a call that stops part-way (a page of
-                // the window left the file) has mapped the pages before it, and with
-                // `HostPages::Replace` a conversion to private takes away only the pages
-                // counted here (found in review: the faulting page stayed mapped, uncounted).
-                gate.exposed.insert_range(page, end);
-                gate.was_mapped.move_range(page, end, None);
-            }
             space
                 .uffd
                 .continue_page(addr, (end - page) * PAGE_SIZE)
@@ -352,15 +372,8 @@ impl Inner {
                 .zeropage(addr, PAGE_SIZE)
                 .or_else(|_| space.uffd.continue_page(addr, PAGE_SIZE))
         };
-        match mapped {
-            Ok(()) if !space.own => gate.elsewhere.insert(page),
-            Ok(()) => {
-                gate.exposed.insert(page);
-                gate.was_mapped.move_range(page, page + 1, None);
-            }
-            Err(_) => {
-                let _ = space.uffd.wake(addr, PAGE_SIZE);
-            }
+        if mapped.is_err() {
+            let _ = space.uffd.wake(addr, PAGE_SIZE);
         }
     }
 
@@ -442,10 +455,11 @@ impl Inner {
         // splitting the folio) — unless another host mapping of this process maps part of
         // the block: `exposed` is per page, not per mapping, and that mapping's entries are
         // a fork child's too (found in review).
+        // (Kept whole if a run cannot be cut: on the safe side, see `host_to_private`.)
         if !guard.own_maps_elsewhere(self, baddr, boff, boff + len) {
-            gate.exposed.move_range(first, end, None);
+            let _ = gate.exposed.try_move_range(first, end, None);
         }
-        gate.was_mapped.move_range(first, end, None);
+        let _ = gate.was_mapped.try_move_range(first, end, None);
         true
     }
 
@@ -533,7 +547,7 @@ impl Inner {
             super::guard::note_guarded(a, self.ino);
         }
         gate.was_released
-            .retain(|&(_, a)| !(a >= addr && a < addr.saturating_add(len)));
+            .retain(|&(_, a), ()| !(a >= addr && a < addr.saturating_add(len)));
         gate.charge_released();
     }
 
@@ -599,7 +613,7 @@ impl Inner {
         let end = from.saturating_add(len);
         let hs = super::HUGE_SIZE as usize;
         gate.was_released
-            .retain(|&(_, a)| !(a < end && from < a + hs));
+            .retain(|&(_, a), ()| !(a < end && from < a + hs));
         let hit: Vec<(u64, usize)> = gate
             .released
             .iter()
@@ -663,7 +677,8 @@ impl Inner {
             self.forget_released(&mut gate, b, a);
         }
         let pages = self.size / PAGE_SIZE;
-        for (a, b) in gate.exposed.range(0, pages) {
+        let gate = &mut *gate;
+        for (a, b) in gate.exposed.runs_in(0, pages) {
             gate.elsewhere.insert_range(a, b);
         }
     }
@@ -691,7 +706,7 @@ impl Inner {
         if parent_own {
             for &(addr, offset, len) in ranges {
                 let (first, end) = pages_of(offset, len as u64);
-                for (a, b) in gate.own_markers.range(first, end) {
+                for (a, b) in gate.own_markers.runs_in(first, end) {
                     for p in a..b {
                         copies.push((p, child, addr as u64 + (p * PAGE_SIZE - offset)));
                     }
@@ -802,31 +817,39 @@ impl Inner {
             let (first, end) = pages_of(s, e - s);
             // The pages mapped anywhere leave the file (a punch zaps them in every process);
             // the others have no page-table entry to zap, only markers, which stay right.
-            let mut mapped = gate.elsewhere.range(first, end);
-            if replace_own {
-                mapped.extend(gate.exposed.range(first, end));
-                mapped.sort_unstable();
-            }
-            let mut done = first;
-            for (a, b) in mapped {
-                let a = a.max(done);
-                if a < b {
-                    self.fail_after.injected_failure()?;
-                    self.replace_pages(&mut gate, a, b)?;
-                    done = b;
-                }
+            // The runs of both sets in order, a run at a time (no list is allocated).
+            let mut from = first;
+            loop {
+                let elsewhere = gate.elsewhere.first_in(from, end);
+                let here = if replace_own {
+                    gate.exposed.first_in(from, end)
+                } else {
+                    None
+                };
+                let (a, b) = match (elsewhere, here) {
+                    (Some(p), Some(q)) => std::cmp::min_by_key(p, q, |r| r.0),
+                    (Some(p), None) | (None, Some(p)) => p,
+                    (None, None) => break,
+                };
+                self.fail_after.injected_failure()?;
+                self.replace_pages(&mut gate, a, b)?;
+                from = b;
             }
         }
         let remember = !self.no_direct_map();
         for &(s, e) in runs {
             let (first, end) = pages_of(s, e - s);
-            gate.elsewhere.move_range(first, end, None);
+            // Past the point of no return: nothing here may fail. A set that cannot take
+            // pages out (no memory to split a run or stretch) keeps them, which for these is
+            // on the safe side (`elsewhere`, `exposed`: more pages replaced later; `was_mapped`:
+            // a hint checked against the attributes).
+            let _ = gate.elsewhere.try_remove_range(first, end);
             let gate = &mut *gate;
             // The working set is what was mapped in this shared period: pages remembered
             // before it and not touched since are forgotten.
-            gate.was_mapped.move_range(first, end, None);
+            let _ = gate.was_mapped.try_move_range(first, end, None);
             let to = remember.then_some(&mut gate.was_mapped);
-            gate.exposed.move_range(first, end, to);
+            let _ = gate.exposed.try_move_range(first, end, to);
             // Markers left on private pages stay: the pages are private again.
             gate.attrs.set_range(first, end, true);
         }
@@ -836,8 +859,11 @@ impl Inner {
             let (bs, be) = (b * super::HUGE_SIZE, (b + 1) * super::HUGE_SIZE);
             runs.iter().any(|&(s, e)| s < be && bs < e)
         };
-        gate.was_released.retain(|b| !in_runs(b));
-        gate.was_released.extend(reguarded);
+        gate.was_released.retain(|b, ()| !in_runs(b));
+        for block in reguarded {
+            // A hint (the block is released again at its first guard fault otherwise).
+            let _ = gate.was_released.try_insert(block, ());
+        }
         Ok(())
     }
 
@@ -865,7 +891,9 @@ impl Inner {
         }
         for &(s, e) in runs {
             let (first, end) = pages_of(s, e - s);
-            for (a, b) in gate.own_markers.range(first, end) {
+            let mut from = first;
+            while let Some((a, b)) = gate.own_markers.first_in(from, end) {
+                from = b;
                 let zapped = guard.zap_own(self, a * PAGE_SIZE, b * PAGE_SIZE, || {
                     self.fail_after.injected_failure()
                 });
@@ -880,7 +908,9 @@ impl Inner {
         }
         for &(s, e) in runs {
             let (first, end) = pages_of(s, e - s);
-            gate.own_markers.move_range(first, end, None);
+            // Without memory to split a stretch of them, the marks stay: a later conversion
+            // to shared zaps those pages again (nothing there to zap).
+            let _ = gate.own_markers.try_remove_range(first, end);
         }
         // Past the last failure, before anything is mapped back: the platform's content rule.
         platform_to_shared();
@@ -907,9 +937,13 @@ impl Inner {
                 if b - a > FAULT_AROUND_MAX {
                     continue;
                 }
+                // Counted as mapped here first (with `HostPages::Replace` only counted pages
+                // are replaced); a page that cannot be counted (no memory) is not mapped.
+                if gate.exposed.try_insert(a).is_err() {
+                    continue;
+                }
                 guard.premap_own(self, a * PAGE_SIZE, (a + 1) * PAGE_SIZE);
-                gate.exposed.insert(a);
-                gate.was_mapped.move_range(a, a + 1, None);
+                let _ = gate.was_mapped.try_move_range(a, a + 1, None);
             }
         }
         let elsewhere = !gate.markers.is_empty();
@@ -928,12 +962,12 @@ impl Inner {
     /// round trip 6.6× instead of 110× faster than with 4 KiB folios.
     fn release_first_blocks(&self, gate: &mut Gate, guard: &Guard, runs: &[(u64, u64)]) {
         for &(s, e) in runs {
+            // In order of block: the first found is the first of the run.
             let first = gate
                 .was_released
                 .iter()
-                .filter(|&&(b, _)| b * super::HUGE_SIZE >= s && (b + 1) * super::HUGE_SIZE <= e)
-                .min_by_key(|&&(b, _)| b)
-                .copied();
+                .map(|(k, ())| k)
+                .find(|&(b, _)| b * super::HUGE_SIZE >= s && (b + 1) * super::HUGE_SIZE <= e);
             if let Some((block, baddr)) = first {
                 gate.was_released.remove(&(block, baddr));
                 self.try_release(gate, guard, block, baddr);
@@ -954,37 +988,54 @@ impl Inner {
     /// answer EAGAIN, after which the hold is let go, the event handled, and the space tried
     /// again (for about 10 ms; a marker that cannot be replaced by then is forgotten, and
     /// that process keeps SIGBUS on the page: refused, never granted).
+    ///
+    /// Past a conversion's point of no return: its lists are allocated fallibly, and without
+    /// memory for them the markers stay (refused, never granted; a later conversion of the
+    /// page tries again). A page that cannot be counted in `elsewhere` is not mapped, and its
+    /// marker is forgotten as one not replaced in time is.
     fn map_over_markers(&self, guard: &Guard, runs: &[(u64, u64)], which: Markers) {
-        let in_runs = |gate: &Gate, space: Option<u64>| -> Vec<(u64, u64, u64)> {
+        let in_runs = |gate: &Gate, space: Option<u64>| -> Result<Vec<(u64, u64, u64)>, NoMemory> {
             let set = match which {
                 Markers::Private => &gate.markers,
                 Markers::FailedHandOut => &gate.sigbus,
             };
-            runs.iter()
-                .flat_map(|&(s, e)| {
-                    let (first, end) = pages_of(s, e - s);
-                    Gate::in_pages(set, first, end)
-                })
-                .filter(|m| space.is_none_or(|id| m.1 == id))
-                .collect()
+            let mut out = Vec::new();
+            for &(s, e) in runs {
+                let (first, end) = pages_of(s, e - s);
+                for &m in set.range((first, 0, 0)..(end, 0, 0)) {
+                    if space.is_none_or(|id| m.1 == id) {
+                        out.try_reserve(1)?;
+                        out.push(m);
+                    }
+                }
+            }
+            Ok(out)
         };
-        let mut spaces: Vec<u64> = in_runs(&self.gate(), None).iter().map(|m| m.1).collect();
-        spaces.sort_unstable();
-        spaces.dedup();
-        for id in spaces {
+        let Ok(mut spaces) = in_runs(&self.gate(), None) else {
+            return;
+        };
+        spaces.sort_unstable_by_key(|m| m.1);
+        spaces.dedup_by_key(|m| m.1);
+        for id in spaces.into_iter().map(|m| m.1) {
             let space = guard.space(id);
             for _ in 0..1000 {
                 let hold = space.as_ref().and_then(|sp| guard.hold(sp));
                 guard.flush();
                 let mut gate = self.gate();
                 let mut again = false;
-                for entry in in_runs(&gate, Some(id)) {
+                let Ok(entries) = in_runs(&gate, Some(id)) else {
+                    return;
+                };
+                for entry in entries {
                     // Never a page the gate says is private (a failed hand-out's marker is
-                    // cleared after conversions both ways: found in review), and a
-                    // NO_DIRECT_MAP page only once handed out, as a fault would.
+                    // cleared after conversions both ways: found in review), a NO_DIRECT_MAP
+                    // page only once handed out, as a fault would, and only a page counted
+                    // as mapped in another space first (the next conversion to private must
+                    // take it away; without memory for that, not mapped).
                     let allowed = !gate.attrs.is_private(entry.0)
                         && (which == Markers::Private
-                            || self.hand_out(entry.0 * PAGE_SIZE, PAGE_SIZE).is_ok());
+                            || self.hand_out(entry.0 * PAGE_SIZE, PAGE_SIZE).is_ok())
+                        && gate.elsewhere.try_insert(entry.0).is_ok();
                     let mapped = match (&space, &hold) {
                         (Some(sp), Some(_)) if allowed => map_over(sp, entry.2),
                         _ => Err(Errno::EINVAL),
@@ -997,9 +1048,6 @@ impl Inner {
                         Markers::Private => gate.markers.remove(&entry),
                         Markers::FailedHandOut => gate.sigbus.remove(&entry),
                     };
-                    if mapped.is_ok() && which == Markers::Private {
-                        gate.elsewhere.insert(entry.0);
-                    }
                 }
                 drop(gate);
                 drop(hold);
@@ -1009,7 +1057,10 @@ impl Inner {
                 std::thread::sleep(std::time::Duration::from_micros(10));
             }
             let mut gate = self.gate();
-            for entry in in_runs(&gate, Some(id)) {
+            let Ok(entries) = in_runs(&gate, Some(id)) else {
+                return;
+            };
+            for entry in entries {
                 match which {
                     Markers::Private => gate.markers.remove(&entry),
                     Markers::FailedHandOut => gate.sigbus.remove(&entry),
@@ -1023,9 +1074,11 @@ impl Inner {
     /// next conversion to shared.
     pub(super) fn forget_mapped(&self, first: u64, end: u64) {
         let mut gate = self.gate();
-        gate.exposed.move_range(first, end, None);
-        gate.elsewhere.move_range(first, end, None);
-        gate.was_mapped.move_range(first, end, None);
+        // A run set that cannot cut a run (no memory) keeps it whole: safe for both (see
+        // `host_to_private`), and the punch zaps every page anyway.
+        let _ = gate.exposed.try_move_range(first, end, None);
+        let _ = gate.elsewhere.try_remove_range(first, end);
+        let _ = gate.was_mapped.try_move_range(first, end, None);
     }
 
     /// Clears the markers failed hand-outs left on pages `[first, end)` (they leave the file or

@@ -45,6 +45,7 @@ use crate::uapi::{
     flag_names, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
 };
 
+mod chunk_map;
 mod fault_injection;
 mod folios;
 mod fork;
@@ -682,7 +683,7 @@ impl EmulatedGuestMemfd {
             fail_after: FaultInjection::off(),
             platform: options.platform.model(vm_key),
             hooks: options.platform.hooks(),
-            pages: Mutex::new(PageBits::default()),
+            pages: Mutex::new(PageBits::new(size / sys::PAGE_SIZE)),
             direct_map: FileView::new(options.folio_size == FolioSize::Huge),
             hook_log: OnceLock::new(),
             conversion_log: OnceLock::new(),
