@@ -378,8 +378,9 @@ impl EmulatedGuestMemfd {
             }
         }
         // The attributes are recorded past the point of no return: the nodes that needs are
-        // reserved now (ENOMEM with nothing changed).
-        if st.attrs.try_reserve().is_err() || self.inner.gate().attrs.try_reserve().is_err() {
+        // reserved now (ENOMEM with nothing changed); the host side reserves its copy's under
+        // its own lock, before it changes anything.
+        if st.attrs.try_reserve().is_err() {
             a.error_offset = a.offset;
             return Err(Errno::ENOMEM);
         }

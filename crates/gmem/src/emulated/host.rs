@@ -128,11 +128,12 @@ impl Gate {
         let n = self.released.len();
         super::vma_budget::charge(&mut self.released_charge, n);
     }
+}
 
-    /// The (page, space, address) entries of `set` with a page in `[first, end)`.
-    fn in_pages(set: &BTreeSet<(u64, u64, u64)>, first: u64, end: u64) -> Vec<(u64, u64, u64)> {
-        set.range((first, 0, 0)..(end, 0, 0)).copied().collect()
-    }
+/// The pages from the first run's start to the last one's end, of byte runs in order.
+pub(super) fn span_pages(runs: &[(u64, u64)]) -> Option<(u64, u64)> {
+    let (first, last) = (runs.first()?, runs.last()?);
+    Some((first.0 / PAGE_SIZE, last.1.div_ceil(PAGE_SIZE)))
 }
 
 /// A 2 MiB block of a file (its index) and its address in a host mapping of this process.
@@ -290,6 +291,8 @@ impl Inner {
             // faulter's retry would be served afresh, and succeed).
             if poison(space, addr, ps) {
                 gate.sigbus.insert((page, space.id, addr));
+                self.failure_markers
+                    .store(true, std::sync::atomic::Ordering::Release);
             }
             let _ = space.uffd.wake(addr, PAGE_SIZE);
             return;
@@ -797,6 +800,8 @@ impl Inner {
         };
         guard.flush();
         let mut gate = self.gate();
+        // The nodes recording the attributes take, past the point of no return (one update).
+        gate.attrs.try_reserve().map_err(|_| Errno::ENOMEM)?;
         // A released block is guarded again before anything of the conversion is done, and
         // (fail closed) every host mapping of the file over the runs is registered in the
         // guard's modes, whatever the bookkeeping of released blocks missed.
@@ -850,7 +855,12 @@ impl Inner {
             let _ = gate.was_mapped.try_move_range(first, end, None);
             let to = remember.then_some(&mut gate.was_mapped);
             let _ = gate.exposed.try_move_range(first, end, to);
-            // Markers left on private pages stay: the pages are private again.
+        }
+        // Markers left on private pages stay: the pages are private again. One update over
+        // the runs' span (the pages between them are private already): what the reserve
+        // covers by the store's own test (an update per run splits nodes only at the
+        // request's ends too, but that takes an argument).
+        if let Some((first, end)) = span_pages(runs) {
             gate.attrs.set_range(first, end, true);
         }
         // The blocks released in this shared period are the working set at 2 MiB; those
@@ -885,26 +895,22 @@ impl Inner {
         };
         guard.flush();
         let mut gate = self.gate();
-        for &(s, e) in runs {
-            let (first, end) = pages_of(s, e - s);
-            gate.attrs.set_range(first, end, false);
-        }
+        gate.attrs.try_reserve().map_err(|_| Errno::ENOMEM)?;
+        // This process's markers go first (the only step that can fail: then nothing has
+        // changed); no fault is served meanwhile, the gate being held.
         for &(s, e) in runs {
             let (first, end) = pages_of(s, e - s);
             let mut from = first;
             while let Some((a, b)) = gate.own_markers.first_in(from, end) {
                 from = b;
-                let zapped = guard.zap_own(self, a * PAGE_SIZE, b * PAGE_SIZE, || {
+                guard.zap_own(self, a * PAGE_SIZE, b * PAGE_SIZE, || {
                     self.fail_after.injected_failure()
-                });
-                if let Err(err) = zapped {
-                    for &(s, e) in runs {
-                        let (first, end) = pages_of(s, e - s);
-                        gate.attrs.set_range(first, end, true);
-                    }
-                    return Err(err);
-                }
+                })?;
             }
+        }
+        // One update over the runs' span (the pages between them are shared already).
+        if let Some((first, end)) = span_pages(runs) {
+            gate.attrs.set_range(first, end, false);
         }
         for &(s, e) in runs {
             let (first, end) = pages_of(s, e - s);
@@ -1087,19 +1093,40 @@ impl Inner {
         let Some(guard) = self.guard() else {
             return;
         };
-        if Gate::in_pages(&self.gate().sigbus, first, end).is_empty() {
+        // None was ever left (a flag, no lock): the common case.
+        if !self
+            .failure_markers
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return;
+        }
+        if self
+            .gate()
+            .sigbus
+            .range((first, 0, 0)..(end, 0, 0))
+            .next()
+            .is_none()
+        {
             return;
         }
         guard.flush();
         {
             let mut gate = self.gate();
-            for entry in Gate::in_pages(&gate.sigbus, first, end) {
-                let (_, space, addr) = entry;
-                if guard.own.id == space {
-                    gate.sigbus.remove(&entry);
-                    if let Ok(a) = usize::try_from(addr) {
-                        guard.zap_own_page(self, a);
+            // Collected fallibly (past a conversion's point of no return): without memory the
+            // markers stay, refused, never granted.
+            let mut own: Vec<(u64, u64, u64)> = Vec::new();
+            for &entry in gate.sigbus.range((first, 0, 0)..(end, 0, 0)) {
+                if entry.1 == guard.own.id {
+                    if own.try_reserve(1).is_err() {
+                        return;
                     }
+                    own.push(entry);
+                }
+            }
+            for entry in own {
+                gate.sigbus.remove(&entry);
+                if let Ok(a) = usize::try_from(entry.2) {
+                    guard.zap_own_page(self, a);
                 }
             }
         }

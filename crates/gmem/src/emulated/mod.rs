@@ -469,6 +469,9 @@ struct Inner {
     /// child knows the secrets of the files that existed at its fork, as it holds their
     /// descriptors in the kernel's model, and no other.
     fork_secret: [u8; 16],
+    /// Whether a failed host hand-out ever left a SIGBUS marker (set under the gate, never
+    /// cleared): without one, a conversion skips looking for them.
+    failure_markers: std::sync::atomic::AtomicBool,
 }
 
 /// A shared hold on a file's state (and on the fork lock, taken first, released last).
@@ -690,6 +693,7 @@ impl EmulatedGuestMemfd {
             owner_space: sys::peer::address_space(),
             owner_link: link.map(Mutex::new),
             fork_secret,
+            failure_markers: std::sync::atomic::AtomicBool::new(false),
         });
         // No mapping of the file can be made out of a host mapping without the guard
         // (`remap_file_pages`), here or in a child, from now on: installed with the first

@@ -285,14 +285,18 @@ impl EmulatedGuestMemfd {
         } else {
             (Self::restore, Self::revoke_forced)
         };
+        // The host side's copy of the attributes takes one update past the point of no
+        // return: its nodes are reserved first (ENOMEM with nothing changed).
+        self.inner
+            .gate()
+            .attrs
+            .try_reserve()
+            .map_err(|_| Errno::ENOMEM)?;
         self.apply_all(st, changing, op, undo)?;
-        let mut gate = self.inner.gate();
-        for &(s, e) in changing {
-            gate.attrs.set_range(
-                s / crate::sys::PAGE_SIZE,
-                e / crate::sys::PAGE_SIZE,
-                to_private,
-            );
+        // One update over the runs' span (the pages between them have the attributes
+        // already), which the reserve covers.
+        if let Some((first, end)) = super::host::span_pages(changing) {
+            self.inner.gate().attrs.set_range(first, end, to_private);
         }
         Ok(())
     }
