@@ -21,9 +21,16 @@ pub(super) struct ChunkMap<K, V> {
     chunks: Vec<Vec<(K, V)>>,
 }
 
+impl<K, V> ChunkMap<K, V> {
+    /// An empty map (allocates nothing; usable in a `static`).
+    pub(super) const fn new() -> Self {
+        ChunkMap { chunks: Vec::new() }
+    }
+}
+
 impl<K, V> Default for ChunkMap<K, V> {
     fn default() -> Self {
-        ChunkMap { chunks: Vec::new() }
+        ChunkMap::new()
     }
 }
 
@@ -34,7 +41,6 @@ impl<K: Ord + Copy, V: Copy> ChunkMap<K, V> {
     }
 
     /// The number of entries (O(chunks)).
-    #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.chunks.iter().map(Vec::len).sum()
     }
@@ -48,7 +54,6 @@ impl<K: Ord + Copy, V: Copy> ChunkMap<K, V> {
     }
 
     /// The value at `key`.
-    #[cfg(test)]
     pub(super) fn get(&self, key: &K) -> Option<V> {
         let c = self.chunks.get(self.chunk_for(key))?;
         c.binary_search_by(|e| e.0.cmp(key)).ok().map(|i| c[i].1)
@@ -153,6 +158,11 @@ impl<K: Ord + Copy, V: Copy> ChunkMap<K, V> {
     /// Every entry, in order.
     pub(super) fn iter(&self) -> impl Iterator<Item = (K, V)> + '_ {
         self.chunks.iter().flatten().copied()
+    }
+
+    /// Every entry, in order, its value to change in place.
+    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (&K, &mut V)> + '_ {
+        self.chunks.iter_mut().flatten().map(|e| (&e.0, &mut e.1))
     }
 
     /// Removes every entry.

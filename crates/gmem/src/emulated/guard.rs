@@ -36,6 +36,7 @@
 //! file's inode and the mapping's offset) at every fault. An address no record or file claims
 //! is never mapped: it gets a marker.
 
+use super::chunk_map::ChunkMap;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -240,7 +241,7 @@ impl Space {
 /// *prepare* handler guarded them again ([`reguard_for_fork`]) — the file's gate, which knows
 /// them as released, learns it at its next look ([`released_state`]). Process-wide and
 /// outside the gates because the prepare handler may take no file's lock.
-static RELEASED: Mutex<BTreeMap<usize, Released>> = Mutex::new(BTreeMap::new());
+static RELEASED: Mutex<ChunkMap<usize, Released>> = Mutex::new(ChunkMap::new());
 
 /// A released block in [`RELEASED`]: the file's inode and the block's offset (checked against
 /// what is mapped at the address before it is registered again), and whether the fork
@@ -264,16 +265,19 @@ pub(super) fn released_state(addr: usize, inode: u64) -> Option<bool> {
         .map(|r| r.guarded)
 }
 
-/// Records the block at `addr` (of the file with inode `inode`, at `offset`) as released.
-pub(super) fn note_released(addr: usize, inode: u64, offset: u64) {
-    lock(&RELEASED).insert(
-        addr,
-        Released {
-            inode,
-            offset,
-            guarded: false,
-        },
-    );
+/// Records the block at `addr` (of the file with inode `inode`, at `offset`) as released;
+/// false, with nothing recorded, without memory for it.
+pub(super) fn note_released(addr: usize, inode: u64, offset: u64) -> bool {
+    lock(&RELEASED)
+        .try_insert(
+            addr,
+            Released {
+                inode,
+                offset,
+                guarded: false,
+            },
+        )
+        .is_ok()
 }
 
 /// Forgets the released block of the file with inode `inode` at `addr` (guarded again, or
@@ -1405,7 +1409,12 @@ impl Guard {
         // registered here would make the platform's make-shared hook, which touches views
         // under the gate, wait for a fault the server cannot serve without the gate).
         let views = sys::own_views();
-        let starts: Vec<usize> = ranges.keys().copied().collect();
+        // Collected fallibly (a conversion's path, before its point of no return).
+        let mut starts: Vec<usize> = Vec::new();
+        starts
+            .try_reserve_exact(ranges.len())
+            .map_err(|_| Errno::ENOMEM)?;
+        starts.extend(ranges.keys().copied());
         for (&addr, r) in ranges.iter_mut() {
             if !std::ptr::eq(r.file.as_ptr(), file) {
                 continue;

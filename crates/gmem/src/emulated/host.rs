@@ -75,7 +75,7 @@ pub(super) struct Gate {
     pub(super) sigbus: BTreeSet<(u64, u64, u64)>,
     /// Blocks of this process's host mappings the guard released to the kernel (see
     /// [`Inner::try_release`]): (block index, address of the block in the mapping).
-    pub(super) released: BTreeSet<(u64, usize)>,
+    pub(super) released: ChunkMap<(u64, usize), ()>,
     /// Released blocks that a conversion to private guarded again (the host's working set at
     /// 2 MiB, as [`Gate::was_mapped`] is at 4 KiB): a conversion back to shared releases the
     /// first of each run at once, and a guard fault releases the others.
@@ -113,7 +113,7 @@ impl Gate {
             own_markers: PageSet::new(npages),
             markers: BTreeSet::new(),
             sigbus: BTreeSet::new(),
-            released: BTreeSet::new(),
+            released: ChunkMap::default(),
             was_released: ChunkMap::default(),
             ever_released: false,
             no_release: false,
@@ -300,7 +300,7 @@ impl Inner {
         if space.own && self.may_release() {
             if let Some(guard) = self.guard() {
                 let (block, baddr) = block_of(addr, offset);
-                if gate.released.contains(&(block, baddr)) {
+                if gate.released.get(&(block, baddr)).is_some() {
                     // A fault here: the block was registered in the guard's modes at the time
                     // (by a fork's prepare handler, a conversion's fail-closed step, or a
                     // partial failure), or the fault was queued before the release. Either
@@ -425,12 +425,17 @@ impl Inner {
             return false;
         }
         // Wholly in the file (a page the kernel's fault would allocate is allocated here, as
-        // every allocation of a block is: whole).
-        let whole = sys::data_runs(std::os::fd::AsFd::as_fd(&self.memfd), boff, boff + len)
-            .is_ok_and(|r| {
-                r.first()
-                    .is_some_and(|&(s, e)| s <= boff && e >= boff + len)
-            });
+        // every allocation of a block is: whole). Its first data run, without a list.
+        let mut first_run = None;
+        let _ = sys::for_each_data_run(
+            std::os::fd::AsFd::as_fd(&self.memfd),
+            boff,
+            boff + len,
+            |s, e| {
+                first_run.get_or_insert((s, e));
+            },
+        );
+        let whole = first_run.is_some_and(|(s, e)| s <= boff && e >= boff + len);
         // Not while a fork is under way (its prepare handler guarded every released block
         // for the child; one released now would be missing there): the server never waits
         // for the fork lock, it only tries it.
@@ -444,14 +449,27 @@ impl Inner {
         if guard.events_pending() {
             return false;
         }
-        if !whole || guard.release_own_block(baddr).is_err() {
+        if !whole {
             return false;
         }
-        gate.released.insert((block, baddr));
+        // Recorded first (a conversion to shared releases blocks past its point of no
+        // return: without memory for the records, the block stays guarded), and forgotten
+        // again if the release fails (no allocation).
+        if gate.released.try_insert((block, baddr), ()).is_err() {
+            return false;
+        }
+        if !super::guard::note_released(baddr, self.ino, boff) {
+            gate.released.remove(&(block, baddr));
+            return false;
+        }
+        if guard.release_own_block(baddr).is_err() {
+            gate.released.remove(&(block, baddr));
+            super::guard::note_guarded(baddr, self.ino);
+            return false;
+        }
         gate.was_released.remove(&(block, baddr));
         gate.charge_released();
         gate.ever_released = true;
-        super::guard::note_released(baddr, self.ino, boff);
         // Its entries were zapped, and the kernel's are not inherited (`MADV_DONTFORK`): not
         // counted as mapped here until it is guarded again (a fork's `forked_from` would
         // count them as mapped in the child, and their conversion would replace them,
@@ -479,15 +497,15 @@ impl Inner {
         if gate.released.is_empty() {
             return Ok(Vec::new());
         }
-        let mut hit: Vec<(u64, usize)> = gate
-            .released
-            .iter()
-            .filter(|&&(b, _)| {
-                let (bs, be) = (b * super::HUGE_SIZE, (b + 1) * super::HUGE_SIZE);
-                runs.iter().any(|&(s, e)| s < be && bs < e)
-            })
-            .copied()
-            .collect();
+        // Collected fallibly: ENOMEM, nothing changed.
+        let mut hit: Vec<(u64, usize)> = Vec::new();
+        for ((b, a), ()) in gate.released.iter() {
+            let (bs, be) = (b * super::HUGE_SIZE, (b + 1) * super::HUGE_SIZE);
+            if runs.iter().any(|&(s, e)| s < be && bs < e) {
+                hit.try_reserve(1).map_err(|_| Errno::ENOMEM)?;
+                hit.push((b, a));
+            }
+        }
         self.reguard_blocks(gate, guard, &mut hit)?;
         Ok(hit)
     }
@@ -514,6 +532,16 @@ impl Inner {
                 j += 1;
             }
             let (b0, a0) = hit[i];
+            // Counted as mapped here before they are guarded (`forget_released` then adds
+            // nothing, so allocates nothing): without memory, ENOMEM with these blocks still
+            // released, never a guarded block a fork would not count.
+            let pages = (
+                b0 * super::HUGE_PAGES,
+                (b0 + (j - i) as u64) * super::HUGE_PAGES,
+            );
+            gate.exposed
+                .try_insert_range(pages.0, pages.1)
+                .map_err(|_| Errno::ENOMEM)?;
             if guard.kernel_maps(a0, (j - i) * hs, self.ino, b0 * super::HUGE_SIZE) {
                 guard.reguard_own(a0, (j - i) * hs)?;
                 for &(b, a) in &hit[i..j] {
@@ -542,8 +570,8 @@ impl Inner {
         let gone: Vec<Block> = gate
             .released
             .iter()
-            .filter(|&&(_, a)| a >= addr && a < addr.saturating_add(len))
-            .copied()
+            .map(|(k, ())| k)
+            .filter(|&(_, a)| a >= addr && a < addr.saturating_add(len))
             .collect();
         for (b, a) in gone {
             gate.released.remove(&(b, a));
@@ -557,7 +585,7 @@ impl Inner {
     /// Forgets every block of this file recorded as released (the file goes).
     pub(super) fn forget_all_released(&self) {
         let mut gate = self.gate();
-        for &(_, a) in &gate.released {
+        for ((_, a), ()) in gate.released.iter() {
             super::guard::note_guarded(a, self.ino);
         }
         gate.released.clear();
@@ -589,8 +617,8 @@ impl Inner {
         let mut hit: Vec<(u64, usize)> = gate
             .released
             .iter()
-            .filter(|&&(_, a)| a < addr.saturating_add(len) && addr < a + hs)
-            .copied()
+            .map(|(k, ())| k)
+            .filter(|&(_, a)| a < addr.saturating_add(len) && addr < a + hs)
             .collect();
         self.reguard_blocks(&mut gate, guard, &mut hit)
     }
@@ -620,8 +648,8 @@ impl Inner {
         let hit: Vec<(u64, usize)> = gate
             .released
             .iter()
-            .filter(|&&(_, a)| a < end && from < a + hs)
-            .copied()
+            .map(|(k, ())| k)
+            .filter(|&(_, a)| a < end && from < a + hs)
             .collect();
         for (b, a) in hit {
             if super::guard::released_state(a, self.ino) != Some(false) {
@@ -673,8 +701,8 @@ impl Inner {
         let guarded: Vec<(u64, usize)> = gate
             .released
             .iter()
-            .filter(|&&(_, a)| super::guard::released_state(a, self.ino) != Some(false))
-            .copied()
+            .map(|(k, ())| k)
+            .filter(|&(_, a)| super::guard::released_state(a, self.ino) != Some(false))
             .collect();
         for (b, a) in guarded {
             self.forget_released(&mut gate, b, a);
