@@ -130,6 +130,25 @@ impl Gate {
     }
 }
 
+/// The pages from the first run's start to the last one's end, of byte runs in order: a
+/// conversion's changing runs, between which every page has the attributes asked for already
+/// (so one update over the span is the update of the runs; checked in debug builds against
+/// `attrs`, the copy about to be updated, for `private`).
+pub(super) fn span_pages_checked(
+    runs: &[(u64, u64)],
+    attrs: &AttributeStore,
+    private: bool,
+) -> Option<(u64, u64)> {
+    debug_assert!(
+        runs.windows(2).all(|w| {
+            let (gap_first, gap_end) = (w[0].1 / PAGE_SIZE, w[1].0 / PAGE_SIZE);
+            gap_first < gap_end && attrs.range_is(gap_first, gap_end, private)
+        }),
+        "changing runs {runs:?}: a gap without the attributes asked for"
+    );
+    span_pages(runs)
+}
+
 /// The pages from the first run's start to the last one's end, of byte runs in order.
 pub(super) fn span_pages(runs: &[(u64, u64)]) -> Option<(u64, u64)> {
     let (first, last) = (runs.first()?, runs.last()?);
@@ -888,7 +907,7 @@ impl Inner {
         // the runs' span (the pages between them are private already): what the reserve
         // covers by the store's own test (an update per run splits nodes only at the
         // request's ends too, but that takes an argument).
-        if let Some((first, end)) = span_pages(runs) {
+        if let Some((first, end)) = span_pages_checked(runs, &gate.attrs, true) {
             gate.attrs.set_range(first, end, true);
         }
         // The blocks released in this shared period are the working set at 2 MiB; those
@@ -905,9 +924,11 @@ impl Inner {
         Ok(())
     }
 
-    /// A conversion's host side, to shared: record the attributes in the gate, clear this
-    /// process's markers (`MADV_DONTNEED` on the pages that have one), map this process's
-    /// working set again and map the pages over the markers left in another address space. `Err` only from this process's zap, with the gate's attributes put back.
+    /// A conversion's host side, to shared: clear this process's markers (`MADV_DONTNEED` on
+    /// the pages that have one), record the attributes in the gate, map this process's
+    /// working set again and map the pages over the markers left in another address space.
+    /// `Err` (ENOMEM for the reserve, or from this process's zap) only before the attributes
+    /// are recorded: nothing to put back.
     ///
     /// `platform_to_shared` runs under the gate once nothing can fail any more, before any
     /// page is mapped back: host faults on the range wait for it (gmem's views, through which
@@ -937,7 +958,7 @@ impl Inner {
             }
         }
         // One update over the runs' span (the pages between them are shared already).
-        if let Some((first, end)) = span_pages(runs) {
+        if let Some((first, end)) = span_pages_checked(runs, &gate.attrs, false) {
             gate.attrs.set_range(first, end, false);
         }
         for &(s, e) in runs {

@@ -295,8 +295,11 @@ impl EmulatedGuestMemfd {
         self.apply_all(st, changing, op, undo)?;
         // One update over the runs' span (the pages between them have the attributes
         // already), which the reserve covers.
-        if let Some((first, end)) = super::host::span_pages(changing) {
-            self.inner.gate().attrs.set_range(first, end, to_private);
+        let mut gate = self.inner.gate();
+        if let Some((first, end)) =
+            super::host::span_pages_checked(changing, &gate.attrs, to_private)
+        {
+            gate.attrs.set_range(first, end, to_private);
         }
         Ok(())
     }
