@@ -37,6 +37,7 @@
 //! is never mapped: it gets a marker.
 
 use super::chunk_map::ChunkMap;
+use super::page_state::NoMemory;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -247,7 +248,7 @@ static RELEASED: Mutex<ChunkMap<usize, Released>> = Mutex::new(ChunkMap::new());
 /// what is mapped at the address before it is registered again), and whether the fork
 /// *prepare* handler guarded it again.
 #[derive(Clone, Copy)]
-struct Released {
+pub(super) struct Released {
     inode: u64,
     offset: u64,
     guarded: bool,
@@ -265,9 +266,14 @@ pub(super) fn released_state(addr: usize, inode: u64) -> Option<bool> {
         .map(|r| r.guarded)
 }
 
-/// Records the block at `addr` (of the file with inode `inode`, at `offset`) as released;
-/// false, with nothing recorded, without memory for it.
-pub(super) fn note_released(addr: usize, inode: u64, offset: u64) -> bool {
+/// Records the block at `addr` (of the file with inode `inode`, at `offset`) as released,
+/// returning the record it replaces (for [`restore_released`]); `Err`, with nothing
+/// recorded, without memory for it.
+pub(super) fn note_released(
+    addr: usize,
+    inode: u64,
+    offset: u64,
+) -> Result<Option<Released>, NoMemory> {
     lock(&RELEASED)
         .try_insert(
             addr,
@@ -277,7 +283,23 @@ pub(super) fn note_released(addr: usize, inode: u64, offset: u64) -> bool {
                 guarded: false,
             },
         )
-        .is_ok()
+        .map_err(|_| NoMemory)
+}
+
+/// Undoes [`note_released`] (the release failed): the record it replaced comes back, or
+/// none is left (no allocation: the key is there).
+pub(super) fn restore_released(addr: usize, old: Option<Released>) {
+    let mut t = lock(&RELEASED);
+    match old {
+        Some(r) => {
+            if let Some(v) = t.get_mut(&addr) {
+                *v = r;
+            }
+        }
+        None => {
+            t.remove(&addr);
+        }
+    }
 }
 
 /// Forgets the released block of the file with inode `inode` at `addr` (guarded again, or

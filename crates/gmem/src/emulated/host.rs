@@ -477,18 +477,23 @@ impl Inner {
         if gate.released.try_insert((block, baddr), ()).is_err() {
             return false;
         }
-        if !super::guard::note_released(baddr, self.ino, boff) {
+        let Ok(replaced) = super::guard::note_released(baddr, self.ino, boff) else {
             gate.released.remove(&(block, baddr));
             return false;
-        }
+        };
+        // Set before the release is tried: a release that fails part-way may leave the block
+        // unregistered where a raw `mremap` moved it, and the next conversion to private's
+        // fail-closed step (`register_own_file`, only for files that released a block) is
+        // what registers it wherever it went (found in review; pre-existing: it was set only
+        // on success).
+        gate.ever_released = true;
         if guard.release_own_block(baddr).is_err() {
             gate.released.remove(&(block, baddr));
-            super::guard::note_guarded(baddr, self.ino);
+            super::guard::restore_released(baddr, replaced);
             return false;
         }
         gate.was_released.remove(&(block, baddr));
         gate.charge_released();
-        gate.ever_released = true;
         // Its entries were zapped, and the kernel's are not inherited (`MADV_DONTFORK`): not
         // counted as mapped here until it is guarded again (a fork's `forked_from` would
         // count them as mapped in the child, and their conversion would replace them,
