@@ -312,37 +312,6 @@ impl AttributeStore {
         out
     }
 
-    /// [`AttributeStore::runs`] with fallible allocation: the conversion path returns ENOMEM
-    /// with nothing changed instead of aborting (near the process's VMA limit, malloc's `mmap`
-    /// for a large run list fails).
-    pub fn try_runs(
-        &self,
-        start: u64,
-        end: u64,
-    ) -> Result<Vec<(u64, u64, bool)>, std::collections::TryReserveError> {
-        let end = end.min(self.npages);
-        let mut out: Vec<(u64, u64, bool)> = Vec::new();
-        let mut failed = None;
-        if start < end {
-            runs(
-                &self.root,
-                0,
-                self.root_shift,
-                start,
-                end,
-                &mut |s, e, p| match out.last_mut() {
-                    Some(last) if last.1 == s && last.2 == p => last.1 = e,
-                    _ if failed.is_some() => {}
-                    _ => match out.try_reserve(1) {
-                        Ok(()) => out.push((s, e, p)),
-                        Err(err) => failed = Some(err),
-                    },
-                },
-            );
-        }
-        failed.map_or(Ok(out), Err)
-    }
-
     /// The runs of `[start, end)` whose attribute is not `private`, in bytes, into `out`
     /// (cleared first): a conversion's changing runs. Grows `out` fallibly, so a caller that
     /// keeps it allocates nothing once it has room (the conversion path keeps one per file).

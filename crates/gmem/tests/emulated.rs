@@ -410,6 +410,35 @@ fn free_range(len: usize) -> usize {
     r.as_ptr() as usize
 }
 
+/// Calls `place` with the address of a hole of `pages` pages between two inaccessible pages of
+/// this test's own (made at once, so no other thread's mapping can be there), and unmaps the
+/// two outer pages after it: whatever `place` mapped in the hole stays.
+fn in_a_hole<T>(pages: usize, place: impl FnOnce(usize) -> T) -> T {
+    let ps = PS as usize;
+    // SAFETY: a fresh inaccessible anonymous reservation of `pages + 2` pages, whose middle
+    // pages are given back at once for `place`.
+    let base = unsafe {
+        let b = libc::mmap(
+            std::ptr::null_mut(),
+            (pages + 2) * ps,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        );
+        assert_ne!(b, libc::MAP_FAILED);
+        libc::munmap(b.cast::<u8>().add(ps).cast(), pages * ps);
+        b as usize
+    };
+    let placed = place(base + ps);
+    // SAFETY: the outer pages of the reservation made above.
+    unsafe {
+        libc::munmap(base as *mut libc::c_void, ps);
+        libc::munmap((base + (pages + 1) * ps) as *mut libc::c_void, ps);
+    }
+    placed
+}
+
 /// `mmap_fixed`: the mapping lands where it was asked to, and is a host mapping like any other
 /// (shared writes seen, private pages SIGBUS there, every revocation mode); a vacant placement
 /// over an occupied range is EEXIST, an unaligned address EINVAL, and both come before the
@@ -418,47 +447,19 @@ fn a_mapping_at_a_chosen_address(rev: Revocation) {
     use gmem::os::Placement;
     let opts = EmulatedOptions::with_revocation(rev);
     let f = EmulatedGuestMemfd::create_with(4 * PS, SHARED, opts).unwrap();
-    // A two-page hole between two inaccessible pages of this test's own (other tests' threads
-    // map at the top of the address space all the time: a range found free there and let go
-    // was taken again before the placement, in a CI run 100 times in a row).
+    // In a hole of this test's own (other tests' threads map at the top of the address space
+    // all the time: a range found free there and let go was taken again before the placement,
+    // in a CI run 100 times in a row).
     let ps = PS as usize;
     let (m, at) = (0..100)
         .find_map(|_| {
-            // SAFETY: a fresh inaccessible anonymous reservation of four pages, whose two
-            // middle pages are given back at once for the placement; the outer pages are
-            // unmapped below (after a failed try, or at the end of the test).
-            let base = unsafe {
-                let b = libc::mmap(
-                    std::ptr::null_mut(),
-                    4 * ps,
-                    libc::PROT_NONE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                    -1,
-                    0,
-                );
-                assert_ne!(b, libc::MAP_FAILED);
-                libc::munmap(b.cast::<u8>().add(ps).cast(), 2 * ps);
-                b as usize
-            };
-            let at = base + ps;
-            let outer = move || {
-                // SAFETY: the outer pages of the reservation made above.
-                unsafe {
-                    libc::munmap(base as *mut libc::c_void, ps);
-                    libc::munmap((base + 3 * ps) as *mut libc::c_void, ps);
+            in_a_hole(2, |at| {
+                match f.mmap_fixed(Placement::vacant(at, 2 * ps), PS, MapKind::Shared) {
+                    Ok(m) => Some((m, at)),
+                    Err(Errno(libc::EEXIST)) => None,
+                    Err(e) => panic!("{opts:?}: {e}"),
                 }
-            };
-            match f.mmap_fixed(Placement::vacant(at, 2 * ps), PS, MapKind::Shared) {
-                Ok(m) => {
-                    outer();
-                    Some((m, at))
-                }
-                Err(Errno(libc::EEXIST)) => {
-                    outer();
-                    None
-                }
-                Err(e) => panic!("{opts:?}: {e}"),
-            }
+            })
         })
         .expect("a free range within 100 tries");
     assert_eq!(m.as_ptr() as usize, at);
@@ -496,31 +497,14 @@ fn a_mapping_at_a_chosen_address(rev: Revocation) {
         Some(Errno(libc::EEXIST)),
         "EEXIST before ENODEV"
     );
-    // A one-page hole between two inaccessible pages of this test's own, as above (a range
-    // found free and let go was taken again by another test's thread: a CI failure here).
+    // In a hole of this test's own, as above (a range found free and let go was taken again
+    // by another test's thread: a failure here).
     let r = (0..100)
         .map(|_| {
-            // SAFETY: a fresh inaccessible anonymous reservation of three pages, whose middle
-            // page is given back at once for the placement, and whose outer pages are
-            // unmapped right after it.
-            unsafe {
-                let b = libc::mmap(
-                    std::ptr::null_mut(),
-                    3 * ps,
-                    libc::PROT_NONE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                    -1,
-                    0,
-                );
-                assert_ne!(b, libc::MAP_FAILED);
-                libc::munmap(b.cast::<u8>().add(ps).cast(), ps);
-                let got = g
-                    .mmap_fixed(Placement::vacant(b as usize + ps, ps), 0, MapKind::Shared)
-                    .err();
-                libc::munmap(b, ps);
-                libc::munmap(b.cast::<u8>().add(2 * ps).cast(), ps);
-                got
-            }
+            in_a_hole(1, |at| {
+                g.mmap_fixed(Placement::vacant(at, ps), 0, MapKind::Shared)
+                    .err()
+            })
         })
         .find(|e| *e != Some(Errno(libc::EEXIST)));
     assert_eq!(r, Some(Some(Errno::ENODEV)), "{opts:?}");

@@ -134,7 +134,7 @@ impl Gate {
 /// conversion's changing runs, between which every page has the attributes asked for already
 /// (so one update over the span is the update of the runs; checked in debug builds against
 /// `attrs`, the copy about to be updated, for `private`).
-pub(super) fn span_pages_checked(
+pub(super) fn span_pages(
     runs: &[(u64, u64)],
     attrs: &AttributeStore,
     private: bool,
@@ -146,11 +146,6 @@ pub(super) fn span_pages_checked(
         }),
         "changing runs {runs:?}: a gap without the attributes asked for"
     );
-    span_pages(runs)
-}
-
-/// The pages from the first run's start to the last one's end, of byte runs in order.
-pub(super) fn span_pages(runs: &[(u64, u64)]) -> Option<(u64, u64)> {
     let (first, last) = (runs.first()?, runs.last()?);
     Some((first.0 / PAGE_SIZE, last.1.div_ceil(PAGE_SIZE)))
 }
@@ -912,7 +907,7 @@ impl Inner {
         // the runs' span (the pages between them are private already): what the reserve
         // covers by the store's own test (an update per run splits nodes only at the
         // request's ends too, but that takes an argument).
-        if let Some((first, end)) = span_pages_checked(runs, &gate.attrs, true) {
+        if let Some((first, end)) = span_pages(runs, &gate.attrs, true) {
             gate.attrs.set_range(first, end, true);
         }
         // The blocks released in this shared period are the working set at 2 MiB; those
@@ -963,7 +958,7 @@ impl Inner {
             }
         }
         // One update over the runs' span (the pages between them are shared already).
-        if let Some((first, end)) = span_pages_checked(runs, &gate.attrs, false) {
+        if let Some((first, end)) = span_pages(runs, &gate.attrs, false) {
             gate.attrs.set_range(first, end, false);
         }
         for &(s, e) in runs {

@@ -12,7 +12,7 @@ use super::{EmulatedGuestMemfd, Inner, Mechanism, State};
 use crate::attributes::pages_of;
 use crate::error::{Errno, KernelResult};
 use crate::mapping::MappingRegistry;
-use crate::sys::{Mmap, Placement, PAGE_SIZE};
+use crate::sys::{Mmap, Placement};
 
 #[derive(Debug)]
 pub(super) struct MappingEntry {
@@ -296,9 +296,7 @@ impl EmulatedGuestMemfd {
         // One update over the runs' span (the pages between them have the attributes
         // already), which the reserve covers.
         let mut gate = self.inner.gate();
-        if let Some((first, end)) =
-            super::host::span_pages_checked(changing, &gate.attrs, to_private)
-        {
+        if let Some((first, end)) = super::host::span_pages(changing, &gate.attrs, to_private) {
             gate.attrs.set_range(first, end, to_private);
         }
         Ok(())
@@ -397,11 +395,13 @@ impl EmulatedGuestMemfd {
                     .saturating_add(map.len() as u64)
                     .min(self.inner.size);
                 let (first, end) = pages_of(file_offset, file_end.saturating_sub(file_offset));
-                let runs = st.attrs.try_runs(first, end).map_err(|_| Errno::ENOMEM)?;
-                for (s, e, private) in runs {
-                    if private {
-                        self.revoke(&mut entry, s * PAGE_SIZE, e * PAGE_SIZE)?;
-                    }
+                // The private runs (bytes), as a conversion's changing runs are found.
+                let mut private = Vec::new();
+                st.attrs
+                    .try_runs_unlike(first, end, false, &mut private)
+                    .map_err(|_| Errno::ENOMEM)?;
+                for (s, e) in private {
+                    self.revoke(&mut entry, s, e)?;
                 }
             }
         }
